@@ -1,0 +1,1 @@
+"""One module per strategy; the public names are re-exported by optax_mtl."""

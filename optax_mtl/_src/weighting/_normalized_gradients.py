@@ -1,0 +1,83 @@
+"""Gradient normalisation: the sum of the unit-norm task gradients."""
+
+from typing import NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+
+
+class NormalizedGradientsState(NamedTuple):
+  """State of :func:`normalized_gradients`."""
+
+  weights: chex.Array  # f32[T], the weights applied last: 1/‖g_k‖.
+  num_skipped: chex.Array  # i32[], rejected steps.
+  gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+
+
+def normalized_gradients(
+    num_tasks: int,
+    *,
+    eps: float = 1e-12,
+    gramian_filter: base.GramianFilter = None,
+    update_weights_every: int = 1,
+) -> base.MultiTaskStrategy:
+  r"""Gradient normalisation: every task gradient scaled to unit norm.
+
+  .. math::
+    d = \sum_{k=1}^{T} \frac{g_k}{\lVert g_k \rVert},
+    \qquad w_k = \frac{1}{\sqrt{G_{kk}}}, \quad G = J J^\top.
+
+  A task whose gradient norm is below ``eps`` gets weight 0 (its gradient is
+  zero, so nothing is lost). A step with a non-finite loss or Gramian is
+  counted in ``num_skipped`` and the previous weights are applied.
+
+  Args:
+    num_tasks: the number of tasks T.
+    eps: norms at or below this are treated as zero.
+    gramian_filter: which parameters the norms are measured on (None: all),
+      a pytree of bools like the params or a callable ``params -> bools``.
+    update_weights_every: recompute the weights every n steps and reuse them
+      in between (those steps cost one backward pass).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.normalized_gradients(num_tasks=2)
+    >>> task_grads = jnp.array([[3.0, 4.0], [0.0, 2.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.ones(2))
+    >>> [round(u, 4) for u in update.tolist()]
+    [0.6, 1.8]
+
+  References:
+    Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss Balancing
+    in Deep Multitask Networks", ICML 2018 (the "gradient normalisation"
+    baseline); Sener & Koltun, "Multi-Task Learning as Multi-Objective
+    Optimization", NeurIPS 2018 (the ``l2`` normalisation).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  eps = base.check_in_range("eps", eps, 0.0)
+  base.check_positive_int("update_weights_every", update_weights_every)
+
+  def init():
+    return NormalizedGradientsState(
+        weights=jnp.ones((num_tasks,), jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32))
+
+  def rule(task_losses, state, gramian):
+    del task_losses
+    norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))
+    weights = jnp.where(norms > eps, 1.0 / jnp.where(norms > eps, norms, 1.0),
+                        0.0)
+    return weights, state
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
+      requires_positive_losses=False, gramian_filter=gramian_filter,
+      update_weights_every=update_weights_every))
