@@ -127,8 +127,8 @@ def check_in_range(
   if high is not None:
     bad |= value > high if high_inclusive else value >= high
   if bad:
-    left = "[" if low_inclusive else "("
-    right = "]" if high_inclusive else ")"
+    left = "[" if low_inclusive and low is not None else "("
+    right = "]" if high_inclusive and high is not None else ")"
     interval = (f"{left}{'-inf' if low is None else low}, "
                 f"{'inf' if high is None else high}{right}")
     raise ValueError(f"{name} must lie in {interval}, got {value!r}.")

@@ -1,0 +1,94 @@
+"""Dynamic Weight Average (DWA): favour the tasks whose loss falls slowest."""
+
+from typing import NamedTuple, Optional
+
+import chex
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+from optax_mtl._src.weighting import _loss_history
+
+
+class DwaState(NamedTuple):
+  """State of :func:`dwa`."""
+
+  weights: chex.Array  # f32[T], the weights applied last (ones at init).
+  num_skipped: chex.Array  # i32[], rejected steps.
+  loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
+
+
+def dwa(
+    num_tasks: int,
+    temperature: float = 2.0,
+    steps_per_epoch: Optional[int] = None,
+) -> base.MultiTaskStrategy:
+  r"""Dynamic Weight Average: weights from the rate at which each loss falls.
+
+  .. math::
+    w_k(t) = \frac{T \exp(r_k(t-1) / \tau)}
+                  {\sum_{i=1}^{T} \exp(r_i(t-1) / \tau)},
+    \qquad r_k(t-1) = \frac{L_k(t-1)}{L_k(t-2)},
+
+  and :math:`w_k = 1` until the rates exist. With ``steps_per_epoch=None``
+  (default) ``t`` counts steps and :math:`L_k(t-1), L_k(t-2)` are the losses
+  of the two previous steps (weights 1 on the first two steps). With
+  ``steps_per_epoch=n``, as in the paper, ``t`` counts epochs of ``n`` steps
+  and :math:`L_k` is the mean loss over an epoch: every step of epoch ``e``
+  uses the means of epochs ``e−1`` and ``e−2`` (weights 1 during the first
+  two epochs). The weights sum to ``T``.
+
+  A rejected step (a non-finite, zero or negative loss) never enters the
+  loss history: the previous state is kept, ``num_skipped`` is incremented
+  and the previous weights are applied again. Steps and epochs count
+  accepted steps only, so an epoch is ``n`` accepted steps (with rejected
+  steps the strategy's epochs end later than the data loader's, by the
+  number of rejections).
+
+  Args:
+    num_tasks: the number of tasks T.
+    temperature: the softmax temperature τ > 0 (larger is closer to equal
+      weights; the paper uses 2).
+    steps_per_epoch: None for per-step rates, or the number of steps per
+      epoch (an integer >= 1) for the paper's per-epoch rates.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.dwa(num_tasks=2, temperature=1.0)
+    >>> task_grads = jnp.eye(2)
+    >>> state = strategy.init(None)
+    >>> for losses in ([1.0, 1.0], [1.0, 2.0], [5.0, 5.0]):
+    ...   update, state = strategy.update(
+    ...       task_grads, state, task_losses=jnp.array(losses))
+    >>> [round(w, 4) for w in state.weights.tolist()]  # 2·softmax([1, 2])
+    [0.5379, 1.4621]
+
+  References:
+    Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
+    CVPR 2019 (Eq. 7).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  temperature = base.check_in_range("temperature", temperature, 0.0,
+                                    low_inclusive=False)
+  steps_per_epoch = base.check_positive_int("steps_per_epoch", steps_per_epoch,
+                                            allow_none=True)
+  steps_per_period = 1 if steps_per_epoch is None else steps_per_epoch
+
+  def init():
+    return DwaState(
+        weights=jnp.ones((num_tasks,), jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        loss_ratios=_loss_history.init_loss_ratios(num_tasks))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    weights = _loss_history.dwa_coefficients(state.loss_ratios, temperature)
+    return weights, state._replace(
+        loss_ratios=_loss_history.record_losses(
+            state.loss_ratios, task_losses, steps_per_period))
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule))

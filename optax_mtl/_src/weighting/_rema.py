@@ -1,0 +1,88 @@
+"""REMA loss weighting: EMA weighting scaled by the recent loss ratio."""
+
+from typing import NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+from optax_mtl._src.weighting import _loss_history
+
+
+class RemaState(NamedTuple):
+  """State of :func:`rema`."""
+
+  weights: chex.Array  # f32[T], the weights applied last (ones at init).
+  num_skipped: chex.Array  # i32[], rejected steps.
+  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
+  loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
+
+
+def rema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
+  r"""REMA loss weighting: the EMA weights times the last loss ratio.
+
+  .. math::
+    \tilde L_k(t) = \beta\, L_k(t) + (1 - \beta)\, \tilde L_k(t-1),
+    \qquad r_k(t) = \frac{L_k(t-1)}{L_k(t-2)},
+    \qquad w_k(t) = \frac{r_k(t)}{\tilde L_k(t)},
+
+  with :math:`\tilde L_k(1) = L_k(1)` and :math:`r_k = 1` until two earlier
+  steps exist (the first two accepted steps are weighted as by
+  :func:`optax_mtl.ema`). A task whose loss has recently stopped falling
+  (``r`` near or above 1) keeps a larger weight than one still improving
+  fast. Like EMA, the combined update does not change when one task's loss
+  (and gradient) is multiplied by a constant.
+
+  A rejected step (a non-finite, zero or negative loss) enters neither the
+  average nor the loss history: the previous state is kept, ``num_skipped``
+  is incremented and the previous weights are applied again. ``t`` counts
+  accepted steps only, so ``L(t−1)`` and ``L(t−2)`` are the losses of the
+  last two accepted steps.
+
+  Args:
+    num_tasks: the number of tasks T.
+    beta: the weight of the newest loss in the average, in (0, 1].
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.rema(num_tasks=2, beta=1.0)
+    >>> task_grads = jnp.eye(2)
+    >>> state = strategy.init(None)
+    >>> for losses in ([4.0, 1.0], [2.0, 1.0], [1.0, 1.0]):
+    ...   update, state = strategy.update(
+    ...       task_grads, state, task_losses=jnp.array(losses))
+    >>> state.weights.tolist()  # (2/4) / 1, (1/1) / 1
+    [0.5, 1.0]
+
+  References:
+    Lakkapragada, Sleiman, Surabhi & Wall, "Mitigating Negative Transfer in
+    Multi-Task Learning with Exponential Moving Average Loss Weighting
+    Strategies", AAAI 2023 student abstract, arXiv:2211.12999 (Eq. 2).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
+
+  def init():
+    return RemaState(
+        weights=jnp.ones((num_tasks,), jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        loss_average=_loss_history.init_loss_average(num_tasks),
+        loss_ratios=_loss_history.init_loss_ratios(num_tasks))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    ratios, _ = _loss_history.loss_ratios(state.loss_ratios)
+    loss_average = _loss_history.update_loss_average(
+        state.loss_average, task_losses, beta)
+    weights = ratios / loss_average.average
+    return weights, state._replace(
+        loss_average=loss_average,
+        loss_ratios=_loss_history.record_losses(
+            state.loss_ratios, task_losses, steps_per_period=1))
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule))

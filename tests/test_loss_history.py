@@ -1,0 +1,72 @@
+"""Tests of the loss statistics shared by ema, rema, dwema and dwa."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_mtl._src.weighting import _loss_history
+
+NUM_TASKS = 3
+
+
+def run_history(losses, steps_per_period, temperature=2.0):
+  """Records every row of ``losses``; returns per-step ratios and factors."""
+
+  @jax.jit
+  def run(losses):
+    def body(state, step_losses):
+      ratios, available = _loss_history.loss_ratios(state)
+      factors = _loss_history.dwa_coefficients(state, temperature)
+      state = _loss_history.record_losses(state, step_losses, steps_per_period)
+      return state, (ratios, available, factors)
+    return jax.lax.scan(body, _loss_history.init_loss_ratios(NUM_TASKS),
+                        losses)
+
+  return run(jnp.asarray(losses, jnp.float32))
+
+
+@pytest.mark.parametrize("steps_per_period", [1, 3])
+def test_ratios_and_dwa_factors_match_period_means(steps_per_period):
+  losses = np.random.default_rng(1).uniform(0.5, 2.0, (11, NUM_TASKS))
+  final, (ratios, available, factors) = run_history(losses, steps_per_period)
+  for step in range(len(losses)):
+    period = step // steps_per_period  # The period this step belongs to.
+    if period >= 2:
+      chunk = lambda p: losses[p * steps_per_period:(p + 1) * steps_per_period]
+      expected = chunk(period - 1).mean(0) / chunk(period - 2).mean(0)
+      softmax = np.exp(expected / 2.0) / np.exp(expected / 2.0).sum()
+      assert available[step]
+      np.testing.assert_allclose(ratios[step], expected, rtol=1e-5)
+      np.testing.assert_allclose(factors[step], NUM_TASKS * softmax,
+                                 rtol=1e-5)
+    else:
+      assert not available[step]
+      np.testing.assert_array_equal(ratios[step], np.ones(NUM_TASKS))
+      np.testing.assert_array_equal(factors[step], np.ones(NUM_TASKS))
+  assert int(final.num_periods) == len(losses) // steps_per_period
+  assert int(final.steps_in_period) == len(losses) % steps_per_period
+
+
+def test_long_period_mean_is_accurate_in_float32():
+  losses = np.random.default_rng(2).uniform(1.0, 1000.0, (4000, NUM_TASKS))
+  final, _ = run_history(losses, steps_per_period=2000)
+  np.testing.assert_allclose(final.last_mean, losses[2000:].mean(0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(final.before_last_mean, losses[:2000].mean(0),
+                             rtol=1e-5)
+
+
+def test_loss_average_starts_at_first_losses():
+  losses = np.array([[2.0, 4.0, 8.0], [4.0, 2.0, 8.0], [1.0, 1.0, 1.0]])
+  beta = 0.25
+  state = _loss_history.init_loss_average(NUM_TASKS)
+  update = jax.jit(_loss_history.update_loss_average, static_argnums=2)
+  expected = losses[0]
+  for step, step_losses in enumerate(losses):
+    state = update(state, jnp.asarray(step_losses, jnp.float32), beta)
+    if step:
+      expected = beta * step_losses + (1 - beta) * expected
+    np.testing.assert_allclose(state.average, expected, rtol=1e-6)
+    assert state.average.dtype == jnp.float32
+  assert int(state.num_steps) == len(losses)
