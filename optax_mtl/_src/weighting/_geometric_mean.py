@@ -1,0 +1,87 @@
+"""Geometric-mean loss: the gradient of the product of the task losses."""
+
+import math
+from typing import NamedTuple, Optional
+
+import chex
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+
+
+class GeometricMeanState(NamedTuple):
+  """State of :func:`geometric_mean`."""
+
+  weights: chex.Array  # f32[T], the weights applied last.
+  num_skipped: chex.Array  # i32[], steps with a non-finite or <= 0 loss.
+
+
+def geometric_mean(
+    num_tasks: int,
+    gamma: Optional[float] = None,
+) -> base.MultiTaskStrategy:
+  r"""Geometric-mean loss: the gradient of the product of the task losses.
+
+  .. math::
+    L = \Bigl(\prod_{k=1}^{T} L_k\Bigr)^{1/\gamma}, \qquad
+    w_k = \frac{\partial L}{\partial L_k}
+        = \frac{\bigl(\prod_{j} L_j\bigr)^{1/\gamma}}{\gamma\, L_k}
+        = \frac{1}{\gamma} \exp\Bigl(\frac{1}{\gamma}\sum_{j} \log L_j
+          - \log L_k\Bigr).
+
+  With the default ``gamma = T`` the loss is the geometric mean of the task
+  losses. The weights are computed in log space (the last form above), so
+  the product of many losses neither overflows nor underflows: with
+  ``gamma = T``, ``w_k ≤ max L / (T · L_k)``. Since
+  ``w_k L_k`` is the same for every task, every task contributes its relative
+  change ``∇L_k / L_k`` with one common factor ``L / γ``.
+
+  A step with a non-finite or non-positive loss, or whose weights themselves
+  lie outside the float32 range (with ``gamma = T`` only when
+  ``max L / min L > T · 3e38``; more easily for ``gamma < T``), is counted in
+  ``num_skipped`` and the previous weights are applied (``1/γ``, the weights
+  at unit losses, before the first accepted step).
+
+  Args:
+    num_tasks: the number of tasks T.
+    gamma: the root taken of the product, ``> 0``; None means ``num_tasks``.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.geometric_mean(num_tasks=2)
+    >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.array([1.0, 4.0]))
+    >>> [round(u, 4) for u in update.tolist()]  # sqrt(1 * 4) / (2 L_k)
+    [1.0, 0.25]
+
+  References:
+    Chennupati et al., "MultiNet++: Multi-Stream Feature Aggregation and
+    Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  if gamma is None:
+    gamma = float(num_tasks)
+  gamma = base.check_in_range("gamma", gamma, 0.0, low_inclusive=False)
+  if not math.isfinite(gamma):
+    raise ValueError(f"gamma must be finite, got {gamma!r}.")
+  log_gamma = math.log(gamma)
+
+  def init():
+    return GeometricMeanState(
+        weights=jnp.full((num_tasks,), 1.0 / gamma, jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    log_losses = jnp.log(task_losses)
+    log_weights = jnp.sum(log_losses) / gamma - log_gamma - log_losses
+    return jnp.exp(log_weights), state
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

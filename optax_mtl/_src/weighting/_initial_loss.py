@@ -1,0 +1,141 @@
+"""Initial-loss normalisation: each loss divided by its initial value."""
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from optax_mtl._src import base
+
+
+class InitialLossState(NamedTuple):
+  """State of :func:`initial_loss`."""
+
+  weights: chex.Array  # f32[T], the weights applied last: 1 / initial_losses.
+  num_skipped: chex.Array  # i32[], rejected steps (see initial_loss).
+  # f32[T], the reference losses L_k^prior: the given prior_losses, or the
+  # mean of the accepted losses measured so far (zeros before the first).
+  initial_losses: chex.Array
+  # i32[], accepted steps averaged into initial_losses (at most
+  # warmup_steps; equal to warmup_steps from the start when prior_losses is
+  # given).
+  num_measured: chex.Array
+
+
+def initial_loss(
+    num_tasks: int,
+    prior_losses: Optional[Any] = None,
+    warmup_steps: int = 1,
+) -> base.MultiTaskStrategy:
+  r"""Initial-loss normalisation: every loss divided by its initial value.
+
+  .. math::
+    L = \sum_{k=1}^{T} \frac{L_k}{L_k^{\text{prior}}},
+    \qquad w_k = \frac{1}{L_k^{\text{prior}}}.
+
+  The reference ``L_k^prior`` is either given (``prior_losses``, e.g.
+  ``log C`` for a C-class cross-entropy task, the loss of a uniform guess)
+  or measured: the mean of the losses of the first ``warmup_steps`` accepted
+  steps. While it is being measured the weights are one over the running mean
+  of the losses seen so far, so the first step already applies
+  ``w_k = 1 / L_k(1)``; from step ``warmup_steps`` on the weights stay fixed.
+  Either way the normalised losses start near 1, and a task's weight does not
+  depend on the unit its loss is measured in.
+
+  A step with a non-finite loss (when measuring: a non-finite or
+  non-positive loss, at every step, since the check is static) is counted in
+  ``num_skipped``; it is not measured (it does not count towards
+  ``warmup_steps``) and the previous weights are applied (ones before the
+  first accepted step). With ``prior_losses`` a zero or negative loss is
+  accepted: the weights do not depend on the losses.
+
+  Args:
+    num_tasks: the number of tasks T.
+    prior_losses: optional reference losses, shape ``(num_tasks,)``, finite
+      and positive. When given nothing is measured.
+    warmup_steps: the number of accepted steps whose mean losses become the
+      reference (only when ``prior_losses`` is None).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.initial_loss(num_tasks=2)
+    >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> state = strategy.init(None)
+    >>> update, state = strategy.update(
+    ...     task_grads, state, task_losses=jnp.array([0.5, 4.0]))
+    >>> update.tolist()
+    [2.0, 0.25]
+    >>> update, state = strategy.update(  # The weights are fixed now.
+    ...     task_grads, state, task_losses=jnp.array([0.1, 1.0]))
+    >>> update.tolist()
+    [2.0, 0.25]
+
+  References:
+    Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss Balancing
+    in Deep Multitask Networks", ICML 2018 (the loss ratio
+    ``L_k(t) / L_k(0)``, here used directly as the training objective).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  warmup_steps = base.check_positive_int("warmup_steps", warmup_steps)
+  if prior_losses is not None:
+    prior = _check_prior_losses(prior_losses, num_tasks)
+    if warmup_steps != 1:
+      raise ValueError(
+          "warmup_steps has no effect when prior_losses is given (nothing is "
+          f"measured); leave it at 1, got {warmup_steps!r}.")
+
+  def init():
+    if prior_losses is None:
+      return InitialLossState(
+          weights=jnp.ones((num_tasks,), jnp.float32),
+          num_skipped=jnp.zeros([], jnp.int32),
+          initial_losses=jnp.zeros((num_tasks,), jnp.float32),
+          num_measured=jnp.zeros([], jnp.int32))
+    return InitialLossState(
+        weights=1.0 / jnp.asarray(prior, jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        initial_losses=jnp.asarray(prior, jnp.float32),
+        num_measured=jnp.asarray(warmup_steps, jnp.int32))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    measuring = state.num_measured < warmup_steps
+    count = jnp.where(measuring, state.num_measured + 1, state.num_measured)
+    # Running mean: m_n = m_{n-1} + (L - m_{n-1}) / n.
+    step = (task_losses - state.initial_losses) / count.astype(jnp.float32)
+    initial_losses = jnp.where(measuring, state.initial_losses + step,
+                               state.initial_losses)
+    weights = 1.0 / initial_losses
+    return weights, state._replace(initial_losses=initial_losses,
+                                   num_measured=count)
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=prior_losses is None))
+
+
+def _check_prior_losses(prior_losses: Any, num_tasks: int) -> np.ndarray:
+  try:
+    prior = np.asarray(prior_losses, dtype=np.float64)
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+        f"prior_losses must be an array of {num_tasks} positive numbers, got "
+        f"{prior_losses!r}.") from error
+  if prior.shape != (num_tasks,):
+    raise ValueError(
+        f"prior_losses must have shape ({num_tasks},) (one loss per task), "
+        f"got shape {prior.shape}: {prior_losses!r}.")
+  with np.errstate(over="ignore", divide="ignore"):
+    prior32 = prior.astype(np.float32)
+    inverse32 = np.float32(1.0) / prior32
+  if not np.all(np.isfinite(prior) & (prior > 0) & np.isfinite(prior32)
+                & (prior32 > 0) & np.isfinite(inverse32)):
+    raise ValueError(
+        "prior_losses must be finite and positive (and so must their "
+        f"inverses in float32), got {prior_losses!r}.")
+  return prior

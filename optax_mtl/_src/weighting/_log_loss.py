@@ -1,0 +1,67 @@
+"""Dynamic (log) loss normalisation: the gradient of the sum of log-losses."""
+
+from typing import NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+
+
+class LogLossState(NamedTuple):
+  """State of :func:`log_loss`."""
+
+  weights: chex.Array  # f32[T], the weights applied last: 1 / L_k.
+  num_skipped: chex.Array  # i32[], steps with a non-finite or <= 0 loss.
+
+
+def log_loss(num_tasks: int) -> base.MultiTaskStrategy:
+  r"""Dynamic loss normalisation: the gradient of the sum of the log-losses.
+
+  .. math::
+    L = \sum_{k=1}^{T} \frac{L_k}{\operatorname{sg}(L_k)}, \qquad
+    \nabla L = \nabla \sum_{k=1}^{T} \log L_k, \qquad w_k = \frac{1}{L_k},
+
+  where ``sg`` is the stop-gradient. Every task contributes its *relative*
+  change, so the update does not change when a task's loss is measured in
+  other units (multiplied by a constant ``c > 0``).
+
+  A step with a non-finite or non-positive loss (the logarithm needs
+  ``L_k > 0``) is counted in ``num_skipped`` and the previous weights are
+  applied (ones before the first accepted step).
+
+  Args:
+    num_tasks: the number of tasks T.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.log_loss(num_tasks=2)
+    >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.array([0.5, 4.0]))
+    >>> update.tolist()
+    [2.0, 0.25]
+
+  References:
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (the
+    scale-invariant baseline ``Σ log L_k``); Lin et al., "Dual-Balancing for
+    Multi-Task Learning", 2023 (the log transformation of the losses).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+
+  def init():
+    return LogLossState(
+        weights=jnp.ones((num_tasks,), jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    return 1.0 / task_losses, state
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

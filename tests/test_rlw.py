@@ -1,0 +1,197 @@
+"""Tests of optax_mtl.rlw (Lin et al., TMLR 2022): w = softmax(z), z ~ N(0, I).
+
+The reference reproduces the documented key schedule with its own calls to
+jax.random (split the key, draw z with the second half) and applies the
+softmax in NumPy; distribution tests check the law of the weights.
+"""
+
+import functools
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import optax_mtl
+
+NUM_TASKS = 3
+NUM_PARAMS = 4
+NAN, INF = float("nan"), float("inf")
+# A scripted run: NaN and inf steps are rejected; the zero and the negative
+# losses are accepted (RLW never reads the values).
+LOSSES = np.array([
+    [2.0, 0.5, 10.0],
+    [1.5, 0.4, 8.0],
+    [NAN, 0.3, 7.0],
+    [1.2, 0.0, 6.0],
+    [1.0, 0.25, 5.0],
+    [0.8, -0.2, 4.5],
+    [0.7, 0.1, INF],
+    [0.6, 0.05, 4.0],
+], np.float32)
+GRADS = np.random.default_rng(0).normal(
+    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+NUM_REJECTED = 2
+
+
+def is_accepted(losses):
+  return bool(np.all(np.isfinite(losses)))
+
+
+def softmax(z):
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max())
+  return e / e.sum()
+
+
+def reference_weights(losses, seed):
+  """One fresh draw per accepted step; a rejected step draws nothing."""
+  key = jax.random.key(seed, impl="threefry2x32")
+  weights = np.full(NUM_TASKS, 1.0 / NUM_TASKS)
+  out = []
+  for step_losses in losses:
+    if is_accepted(step_losses):
+      key, draw_key = jax.random.split(key)
+      weights = softmax(jax.random.normal(draw_key, (NUM_TASKS,)))
+    out.append(weights)
+  return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40])
+def test_golden_values_optax_face(seed):
+  strategy = optax_mtl.rlw(NUM_TASKS, seed=seed)
+  update_fn = jax.jit(strategy.update)
+  state = strategy.init(None)
+  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  assert init_types.key == ((2,), jnp.uint32)
+  expected = reference_weights(LOSSES, seed)
+  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
+    previous_key = np.asarray(state.key)
+    update, state = update_fn(grads, state, task_losses=losses)
+    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-5)
+    np.testing.assert_allclose(update, expected[step] @ grads, rtol=1e-5,
+                               atol=1e-6)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+    # The key advances exactly on the accepted steps.
+    assert np.array_equal(state.key, previous_key) != is_accepted(losses)
+  assert int(state.num_skipped) == NUM_REJECTED
+
+
+def test_golden_values_value_and_grad_face():
+  directions = GRADS[0]  # f32[T, P]
+
+  def loss_fn(params, scripted_losses):
+    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
+    return scripted_losses * jnp.exp(directions @ params)
+
+  strategy = optax_mtl.rlw(NUM_TASKS, seed=3)
+  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  params = jnp.zeros(NUM_PARAMS)
+  state = strategy.init(params)
+  expected = reference_weights(LOSSES, 3)
+  for step, losses in enumerate(LOSSES):
+    (task_losses, grads), state = step_fn(params, state, losses)
+    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-5)
+    if is_accepted(losses):
+      np.testing.assert_allclose(task_losses, losses)
+      np.testing.assert_allclose(
+          grads, (expected[step] * losses) @ directions, rtol=1e-5, atol=1e-6)
+  assert int(state.num_skipped) == NUM_REJECTED
+
+
+def test_rejected_step_does_not_consume_a_draw():
+  strategy = optax_mtl.rlw(NUM_TASKS, seed=11)
+  update_fn = jax.jit(strategy.update)
+  grads = jnp.eye(NUM_TASKS)
+  ones = jnp.ones(NUM_TASKS)
+  _, clean = update_fn(grads, strategy.init(None), task_losses=ones)
+  _, state = update_fn(grads, strategy.init(None),
+                       task_losses=jnp.array([1.0, NAN, 1.0]))
+  _, state = update_fn(grads, state, task_losses=ones)
+  np.testing.assert_array_equal(state.weights, clean.weights)
+  np.testing.assert_array_equal(state.key, clean.key)
+  assert int(state.num_skipped) == 1
+
+
+@functools.lru_cache(maxsize=None)
+def scan_run(num_tasks, seed):
+  strategy = optax_mtl.rlw(num_tasks, seed=seed)
+
+  def run(losses):
+    def body(state, step_losses):
+      _, state = strategy.update(jnp.eye(num_tasks), state,
+                                 task_losses=step_losses)
+      return state, state.weights
+    return jax.lax.scan(body, strategy.init(None), losses)[1]
+
+  return jax.jit(run)
+
+
+def test_distribution_of_the_weights():
+  num_tasks, num_steps = 4, 4000
+  weights = np.asarray(
+      scan_run(num_tasks, 5)(np.ones((num_steps, num_tasks), np.float32)),
+      np.float64)
+  assert np.all(weights > 0)
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
+  # Exchangeable tasks: every task's mean weight is 1/T (std of a mean of
+  # 4000 draws is about 0.003).
+  np.testing.assert_allclose(weights.mean(0), 1.0 / num_tasks, atol=0.012)
+  # log w_i - log w_j = z_i - z_j ~ N(0, 2), independent across steps.
+  log_ratios = np.log(weights[:, :1]) - np.log(weights[:, 1:])
+  for column in log_ratios.T:
+    assert scipy.stats.kstest(column / np.sqrt(2.0), "norm").pvalue > 1e-3
+  np.testing.assert_allclose(log_ratios.var(0), 2.0, rtol=0.1)
+  lag_correlation = np.corrcoef(log_ratios[1:, 0], log_ratios[:-1, 0])[0, 1]
+  assert abs(lag_correlation) < 0.06
+  # Each task holds the largest weight a quarter of the time.
+  wins = np.bincount(np.argmax(weights, 1), minlength=num_tasks) / num_steps
+  np.testing.assert_allclose(wins, 1.0 / num_tasks, atol=0.03)
+
+
+def test_seeds_give_different_reproducible_draws():
+  losses = np.ones((5, NUM_TASKS), np.float32)
+  first = scan_run(NUM_TASKS, 0)(losses)
+  again = scan_run(NUM_TASKS, 0)(losses)
+  other = scan_run(NUM_TASKS, 1)(losses)
+  np.testing.assert_array_equal(first, again)
+  assert not np.allclose(first, other)
+  assert not np.allclose(first[0], first[1])
+
+
+wide_positive_losses = st.lists(
+    st.floats(-10.0, 10.0), min_size=4 * NUM_TASKS,
+    max_size=4 * NUM_TASKS).map(
+        lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
+            4, NUM_TASKS))
+
+
+@settings(max_examples=30, deadline=None)
+@given(losses=wide_positive_losses)
+def test_weights_finite_and_positive(losses):
+  weights = scan_run(NUM_TASKS, 0)(losses)
+  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  np.testing.assert_allclose(weights, reference_weights(losses, 0), rtol=1e-5)
+
+
+def test_many_tasks():
+  weights = scan_run(128, 0)(np.ones((2, 128), np.float32))
+  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
+    (dict(seed=1.5), r"seed must be an integer, got 1.5"),
+    (dict(seed="0"), r"seed must be an integer, got '0'"),
+    (dict(seed=True), r"seed must be an integer, got True"),
+    (dict(seed=2**70), r"seed must fit in a 64-bit integer, got 1180591620"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.rlw(**kwargs)

@@ -1,0 +1,261 @@
+"""Tests of optax_mtl.uncertainty (Kendall, Gal & Cipolla 2018).
+
+The reference simulates, in NumPy, the documented rule: the weights of step t
+are c_k exp(-s_k) with s before its update, then s takes one bias-corrected
+Adam step (Kingma & Ba 2015, Algorithm 1) on the gradient of the total loss
+Σ_k c_k exp(-s_k) L_k + ½ s_k.
+"""
+
+import functools
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+
+NUM_TASKS = 3
+NUM_PARAMS = 4
+NAN, INF = float("nan"), float("inf")
+# A scripted run with a NaN, a zero and an infinite loss (all rejected).
+LOSSES = np.array([
+    [2.0, 0.5, 10.0],
+    [1.5, 0.4, 8.0],
+    [NAN, 0.3, 7.0],
+    [1.2, 0.0, 6.0],
+    [1.0, 0.25, 5.0],
+    [0.8, 0.2, 4.5],
+    [0.7, 0.1, INF],
+    [0.6, 0.05, 4.0],
+], np.float32)
+GRADS = np.random.default_rng(0).normal(
+    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+NUM_REJECTED = 3
+
+
+def is_accepted(losses):
+  return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
+
+
+def total_loss_gradient(log_variances, losses, coefficients):
+  """∂/∂s_k of Σ_j c_j e^{-s_j} L_j + ½ s_j."""
+  return -coefficients * np.exp(-log_variances) * losses + 0.5
+
+
+def reference_run(losses, learning_rate, classification, initial_s):
+  """Weights and log-variances over a run, Adam written from the paper."""
+  beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+  coefficients = np.where(classification, 1.0, 0.5)
+  s = np.broadcast_to(np.asarray(initial_s, np.float64), (NUM_TASKS,)).copy()
+  m = np.zeros(NUM_TASKS)
+  v = np.zeros(NUM_TASKS)
+  t = 0
+  weights = coefficients * np.exp(-s)
+  out_weights, out_s = [], []
+  for step_losses in np.asarray(losses, np.float64):
+    if is_accepted(step_losses):
+      weights = coefficients * np.exp(-s)  # From s before its update.
+      g = total_loss_gradient(s, step_losses, coefficients)
+      t += 1
+      m = beta1 * m + (1 - beta1) * g
+      v = beta2 * v + (1 - beta2) * g**2
+      m_hat = m / (1 - beta1**t)
+      v_hat = v / (1 - beta2**t)
+      s = s - learning_rate * m_hat / (np.sqrt(v_hat) + epsilon)
+    out_weights.append(weights)
+    out_s.append(s.copy())
+  return np.array(out_weights), np.array(out_s), t
+
+
+CASES = [
+    dict(learning_rate=0.1, classification=False, initial_log_variances=0.0),
+    dict(learning_rate=0.05, classification=[True, False, True],
+         initial_log_variances=[0.0, 0.5, -0.3]),
+    dict(learning_rate=1e-2, classification=True, initial_log_variances=1.0),
+]
+
+
+def reference_for(case, losses=LOSSES):
+  classification = np.broadcast_to(case["classification"], (NUM_TASKS,))
+  return reference_run(losses, case["learning_rate"], classification,
+                       case["initial_log_variances"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_values_optax_face(case):
+  strategy = optax_mtl.uncertainty(NUM_TASKS, **case)
+  update_fn = jax.jit(strategy.update)
+  state = strategy.init(None)
+  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  expected_weights, expected_s, num_updates = reference_for(case)
+  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
+    update, state = update_fn(grads, state, task_losses=losses)
+    np.testing.assert_allclose(state.weights, expected_weights[step],
+                               rtol=1e-5)
+    # Adam divides by |ĝ|, so float32 rounding of a near-zero gradient shows
+    # in s at the level of learning_rate · 1e-5.
+    np.testing.assert_allclose(state.log_variances, expected_s[step],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(update, expected_weights[step] @ grads,
+                               rtol=1e-5, atol=1e-5)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+  assert int(state.num_skipped) == NUM_REJECTED
+  assert int(state.adam_count) == num_updates == len(LOSSES) - NUM_REJECTED
+
+
+def test_golden_values_value_and_grad_face():
+  case = CASES[1]
+  directions = GRADS[0]  # f32[T, P]
+
+  def loss_fn(params, scripted_losses):
+    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
+    return scripted_losses * jnp.exp(directions @ params)
+
+  strategy = optax_mtl.uncertainty(NUM_TASKS, **case)
+  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  params = jnp.zeros(NUM_PARAMS)
+  state = strategy.init(params)
+  expected_weights, expected_s, _ = reference_for(case)
+  for step, losses in enumerate(LOSSES):
+    (task_losses, grads), state = step_fn(params, state, losses)
+    np.testing.assert_allclose(state.weights, expected_weights[step],
+                               rtol=1e-5)
+    # Adam divides by |ĝ|, so float32 rounding of a near-zero gradient shows
+    # in s at the level of learning_rate · 1e-5.
+    np.testing.assert_allclose(state.log_variances, expected_s[step],
+                               rtol=1e-5, atol=1e-5)
+    if is_accepted(losses):
+      np.testing.assert_allclose(task_losses, losses)
+      np.testing.assert_allclose(
+          grads, (expected_weights[step] * losses) @ directions, rtol=1e-5,
+          atol=1e-5)
+  assert int(state.num_skipped) == NUM_REJECTED
+
+
+def test_gradient_is_that_of_the_total_loss():
+  """Model gradient = ∇_θ of the total loss at s before the update; and the
+  reference's ∂/∂s is the derivative of that same total loss."""
+  rng = np.random.default_rng(1)
+  inputs = rng.normal(size=(8, NUM_PARAMS)).astype(np.float32)
+  targets = rng.normal(size=(8, NUM_TASKS)).astype(np.float32)
+  params = jnp.asarray(rng.normal(size=(NUM_PARAMS, NUM_TASKS)), jnp.float32)
+  classification = np.array([True, False, False])
+  coefficients = np.where(classification, 1.0, 0.5).astype(np.float32)
+
+  def loss_fn(params, inputs, targets):
+    errors = jnp.mean((inputs @ params - targets) ** 2, axis=0)
+    return errors * jnp.array([1.0, 30.0, 0.1])
+
+  def total_loss(params, log_variances):
+    task_losses = loss_fn(params, inputs, targets)
+    return jnp.sum(coefficients * jnp.exp(-log_variances) * task_losses
+                   + 0.5 * log_variances)
+
+  strategy = optax_mtl.uncertainty(
+      NUM_TASKS, learning_rate=0.3, classification=tuple(classification),
+      initial_log_variances=[0.2, -0.4, 1.0])
+  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  state = strategy.init(params)
+  for _ in range(3):
+    s_before = state.log_variances
+    (task_losses, grads), state = step_fn(params, state, inputs, targets)
+    grad_params, grad_s = jax.grad(total_loss, argnums=(0, 1))(params,
+                                                              s_before)
+    np.testing.assert_allclose(grads, grad_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        total_loss_gradient(np.asarray(s_before), np.asarray(task_losses),
+                            coefficients), grad_s, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(state.log_variances, s_before)
+
+
+@functools.lru_cache(maxsize=None)
+def scan_run(learning_rate, classification):
+  strategy = optax_mtl.uncertainty(NUM_TASKS, learning_rate=learning_rate,
+                                   classification=classification)
+
+  def run(losses):
+    def body(state, step_losses):
+      _, state = strategy.update(jnp.eye(NUM_TASKS), state,
+                                 task_losses=step_losses)
+      return state, (state.weights, state.log_variances)
+    return jax.lax.scan(body, strategy.init(None), losses)[1]
+
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize("classification", [False, True])
+def test_log_variances_converge_to_log_of_twice_weighted_loss(classification):
+  """With constant losses ∂L/∂s = 0 at s_k = log(2 c_k L_k)."""
+  losses = np.array([0.01, 1.0, 50.0], np.float32)
+  _, log_variances = scan_run(0.05, classification)(
+      np.broadcast_to(losses, (3000, NUM_TASKS)))
+  coefficient = 1.0 if classification else 0.5
+  np.testing.assert_allclose(log_variances[-1],
+                             np.log(2 * coefficient * losses), atol=0.05)
+
+
+wide_positive_losses = st.lists(
+    st.floats(-10.0, 10.0), min_size=6 * NUM_TASKS,
+    max_size=6 * NUM_TASKS).map(
+        lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
+            6, NUM_TASKS))
+
+
+@settings(max_examples=30, deadline=None)
+@given(losses=wide_positive_losses)
+def test_weights_finite_and_positive(losses):
+  weights, log_variances = scan_run(0.1, False)(losses)
+  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  assert np.all(np.isfinite(log_variances))
+  expected_weights, expected_s, _ = reference_run(
+      losses, 0.1, np.zeros(NUM_TASKS, bool), 0.0)
+  # Float32 rounding of a near-zero ∂L/∂s, amplified by Adam's division.
+  np.testing.assert_allclose(weights, expected_weights, rtol=3e-5)
+  np.testing.assert_allclose(log_variances, expected_s, rtol=1e-5, atol=3e-5)
+
+
+def test_overflowing_update_is_rejected():
+  """A loss so large that (∂L/∂s)² overflows float32 leaves s unchanged."""
+  strategy = optax_mtl.uncertainty(NUM_TASKS)
+  state = strategy.init(None)
+  _, state = jax.jit(strategy.update)(
+      jnp.eye(NUM_TASKS), state,
+      task_losses=np.array([1.0, 1e30, 1.0], np.float32))
+  assert int(state.num_skipped) == 1
+  assert int(state.adam_count) == 0
+  np.testing.assert_array_equal(state.log_variances, 0.0)
+  np.testing.assert_array_equal(state.adam_nu, 0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
+    (dict(learning_rate=0.0),
+     r"learning_rate must lie in \(0.0, inf[)\]], got 0.0"),
+    (dict(learning_rate=-1e-3),
+     r"learning_rate must lie in \(0.0, inf[)\]], got -0.001"),
+    (dict(learning_rate=INF), r"learning_rate must be finite, got inf"),
+    (dict(learning_rate=None), r"learning_rate must be a real number, got None"),
+    (dict(classification=[True, False]),
+     r"classification must be a bool or a sequence of 3 bools.*"
+     r"got \[True, False\]"),
+    (dict(classification=[1, 0, 1]),
+     r"classification must be a bool .*got \[1, 0, 1\]"),
+    (dict(classification="yes"), r"classification must be a bool .*'yes'"),
+    (dict(initial_log_variances=[0.0, 1.0]),
+     r"initial_log_variances must be a number or have shape \(3,\).*"
+     r"got shape \(2,\)"),
+    (dict(initial_log_variances=NAN),
+     r"initial_log_variances must be finite.*got nan"),
+    (dict(initial_log_variances=[0.0, -200.0, 0.0]),
+     r"initial_log_variances must be finite.*got \[0.0, -200.0, 0.0\]"),
+    (dict(initial_log_variances="zero"),
+     r"initial_log_variances must be a number or a sequence.*'zero'"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.uncertainty(**kwargs)
