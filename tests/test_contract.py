@@ -118,10 +118,13 @@ def test_both_faces_agree(name):
     updates, optax_state = update(task_grads, optax_state, params,
                                   task_losses=face_losses)
     np.testing.assert_allclose(losses, face_losses, rtol=1e-6)
+    # The two faces build the Jacobian by different programs (vmap of the
+    # VJP and jacrev); float32 round-off, amplified by an ill-conditioned
+    # solve (Aligned-MTL's eigendecomposition), sets the tolerance.
     np.testing.assert_allclose(engine_state.weights, optax_state.weights,
-                               rtol=1e-4, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                         atol=1e-6),
+                               rtol=1e-3, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                         atol=1e-5),
                  grads, updates)
     params = jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
 

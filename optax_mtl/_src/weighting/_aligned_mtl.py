@@ -1,0 +1,151 @@
+"""Aligned-MTL: align the principal components of the task gradients."""
+
+from typing import NamedTuple, Optional, Sequence
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from optax_mtl._src import base
+
+
+class AlignedMtlState(NamedTuple):
+  """State of :func:`aligned_mtl`."""
+
+  weights: chex.Array  # f32[T], the weights applied last (B ω).
+  num_skipped: chex.Array  # i32[], rejected steps.
+  gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  rank: chex.Array  # i32[], eigenvalues of G kept (the rank R).
+  condition_number: chex.Array  # f32[], λ_max / λ_R over the kept ones.
+
+
+def _aligned_mtl_weights(gramian: chex.Array, preferences: chex.Array,
+                         eigenvalue_rtol: Optional[float]):
+  """``(B ω, rank, λ_max / λ_R)`` from the Gramian (any float dtype)."""
+  num_tasks = gramian.shape[0]
+  dtype = gramian.dtype
+  if eigenvalue_rtol is None:
+    eigenvalue_rtol = 10 * num_tasks * float(jnp.finfo(dtype).eps)
+  symmetric = 0.5 * (gramian + gramian.T)
+  eigenvalues, eigenvectors = jnp.linalg.eigh(symmetric)
+  largest = jnp.max(eigenvalues)
+  kept = eigenvalues > eigenvalue_rtol * largest
+  kept &= largest > 0
+  smallest_kept = jnp.min(jnp.where(kept, eigenvalues, jnp.inf))
+  inv_sqrt = jnp.where(kept, 1.0 / jnp.sqrt(jnp.where(kept, eigenvalues, 1.0)),
+                       0.0)
+  sigma = jnp.sqrt(jnp.where(jnp.any(kept), smallest_kept, 0.0))
+  # B = σ V Λ^{-1/2} Vᵀ over the kept eigenpairs.
+  b_matrix = sigma * (eigenvectors * inv_sqrt[None, :]) @ eigenvectors.T
+  weights = b_matrix @ preferences.astype(dtype)
+  rank = jnp.sum(kept).astype(jnp.int32)
+  condition = jnp.where(jnp.any(kept), largest / jnp.where(
+      jnp.any(kept), smallest_kept, 1.0), 1.0)
+  return weights, rank, condition
+
+
+def aligned_mtl(
+    num_tasks: int,
+    preferences: Optional[Sequence[float]] = None,
+    *,
+    eigenvalue_rtol: Optional[float] = None,
+    gramian_filter: base.GramianFilter = None,
+    update_weights_every: int = 1,
+) -> base.MultiTaskStrategy:
+  r"""Aligned-MTL: a well-conditioned update from the aligned gradients.
+
+  With the Gramian :math:`G = J J^\top = V \Lambda V^\top` (eigenvalues
+  :math:`\lambda_1 \ge \dots \ge \lambda_R > 0` kept, :math:`R` the rank)
+  and task preferences :math:`\omega` (default all ones), Algorithm 1 of the
+  paper is
+
+  .. math::
+    \sigma = \sqrt{\lambda_R}, \qquad
+    B = \sigma\, V \Lambda^{-1/2} V^\top
+      = \sigma\, V \operatorname{diag}\bigl(\lambda_1^{-1/2}, \dots,
+        \lambda_R^{-1/2}\bigr) V^\top, \qquad
+    \alpha = B \omega, \qquad d = J^\top \alpha.
+
+  The aligned gradients :math:`\hat J = B J` are orthogonal with equal
+  norms :math:`\sigma` (:math:`\hat J \hat J^\top = \sigma^2 V_R V_R^\top`),
+  so the update :math:`d = \hat J^\top \omega` has condition number one
+  along the span of the gradients. The weights do not change when all
+  gradients are scaled by the same factor.
+
+  Zero eigenvalues: an eigenvalue at or below ``eigenvalue_rtol`` times the
+  largest (default :math:`10 T \varepsilon` of the dtype, the rounding level
+  of :math:`G`) is dropped, i.e. :math:`\Lambda^{-1/2}` is the
+  pseudo-inverse square root and :math:`\lambda_R` the smallest kept one.
+  All-zero gradients give :math:`\alpha = 0`. ``state.rank`` and
+  ``state.condition_number`` (:math:`\lambda_1 / \lambda_R`) report what was
+  kept.
+
+  A step with a non-finite loss or Gramian is counted in ``num_skipped``;
+  the previous weights are applied.
+
+  Args:
+    num_tasks: the number of tasks T.
+    preferences: the task preferences :math:`\omega` (T positive numbers),
+      default all ones.
+    eigenvalue_rtol: relative threshold below which an eigenvalue of G is
+      treated as zero; None for :math:`10 T \varepsilon`.
+    gramian_filter: which parameters the Gramian is computed on (None: all),
+      a pytree of bools like the params or a callable ``params -> bools``.
+    update_weights_every: recompute the weights every n steps and reuse them
+      in between (those steps cost one backward pass).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.aligned_mtl(num_tasks=2)
+    >>> task_grads = jnp.array([[4.0, 0.0], [0.0, 1.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.ones(2))
+    >>> [round(w, 4) for w in state.weights.tolist()]
+    [0.25, 1.0]
+    >>> [round(u, 4) for u in update.tolist()]
+    [1.0, 1.0]
+
+  References:
+    Senushkin et al., "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  if preferences is None:
+    preference_values = np.ones((num_tasks,), np.float32)
+  else:
+    preference_values = np.asarray(preferences, np.float64)
+    if (preference_values.shape != (num_tasks,)
+        or not np.all(np.isfinite(preference_values))
+        or np.any(preference_values <= 0)):
+      raise ValueError(
+          f"preferences must be {num_tasks} positive finite numbers, got "
+          f"{preferences!r}.")
+    preference_values = preference_values.astype(np.float32)
+  if eigenvalue_rtol is not None:
+    eigenvalue_rtol = base.check_in_range(
+        "eigenvalue_rtol", eigenvalue_rtol, 0.0, 1.0, high_inclusive=False)
+  base.check_positive_int("update_weights_every", update_weights_every)
+
+  def init():
+    return AlignedMtlState(
+        weights=jnp.asarray(preference_values),
+        num_skipped=jnp.zeros([], jnp.int32),
+        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
+        rank=jnp.zeros([], jnp.int32),
+        condition_number=jnp.ones([], jnp.float32))
+
+  def rule(task_losses, state, gramian):
+    del task_losses
+    weights, rank, condition = _aligned_mtl_weights(
+        gramian, jnp.asarray(preference_values), eigenvalue_rtol)
+    return weights, state._replace(
+        rank=rank, condition_number=condition.astype(jnp.float32))
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
+      requires_positive_losses=False, gramian_filter=gramian_filter,
+      update_weights_every=update_weights_every))

@@ -1,0 +1,145 @@
+"""GradNorm: learnable loss weights that balance the task gradient norms."""
+
+from typing import NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+
+
+class GradnormState(NamedTuple):
+  """State of :func:`gradnorm`."""
+
+  weights: chex.Array  # f32[T], the weights applied last, w(t).
+  num_skipped: chex.Array  # i32[], rejected steps.
+  gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  loss_weights: chex.Array  # f32[T], learnt weights w(t+1), applied next.
+  initial_losses: chex.Array  # f32[T], L_i(0), the first accepted losses.
+  num_updates: chex.Array  # i32[], accepted weight updates so far.
+  gradnorm_loss: chex.Array  # f32[], L_grad of the last accepted step.
+
+
+def _gradnorm_step(loss_weights, task_losses, initial_losses, gramian, alpha,
+                   learning_rate, min_weight):
+  """One GradNorm update of the loss weights; returns (new weights, L_grad)."""
+  num_tasks = loss_weights.shape[0]
+  norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))  # ‖∇_W L_i‖.
+  weighted_norms = loss_weights * norms  # G_W^{(i)}.
+  loss_ratios = task_losses / initial_losses  # L̃_i.
+  relative_rates = loss_ratios / jnp.mean(loss_ratios)  # r_i.
+  # The target is a constant: no gradient flows through mean(G_W) or r_i.
+  targets = jnp.mean(weighted_norms) * relative_rates**alpha
+  gradnorm_loss = jnp.sum(jnp.abs(weighted_norms - targets))
+  weight_grads = jnp.sign(weighted_norms - targets) * norms
+  new_weights = jnp.maximum(loss_weights - learning_rate * weight_grads,
+                            min_weight)
+  new_weights = num_tasks * new_weights / jnp.sum(new_weights)
+  return new_weights, gradnorm_loss
+
+
+def gradnorm(
+    num_tasks: int,
+    alpha: float = 1.5,
+    learning_rate: float = 0.025,
+    *,
+    min_weight: float = 1e-3,
+    gramian_filter: base.GramianFilter = None,
+    update_weights_every: int = 1,
+) -> base.MultiTaskStrategy:
+  r"""GradNorm: loss weights learnt so that gradient norms follow the rates.
+
+  With :math:`G_W^{(i)} = w_i \lVert \nabla_W L_i \rVert = w_i
+  \sqrt{G_{ii}}` measured on the parameters :math:`W` selected by
+  ``gramian_filter`` (in the paper, the last shared layer),
+
+  .. math::
+    \tilde L_i = \frac{L_i(t)}{L_i(0)}, \quad
+    r_i = \frac{\tilde L_i}{\operatorname{mean}_j \tilde L_j}, \quad
+    L_\text{grad} = \sum_{i=1}^{T} \bigl| G_W^{(i)} -
+    \overline{G_W} \, r_i^{\alpha} \bigr|,
+
+  where the target :math:`\overline{G_W} r_i^\alpha` is a constant. The
+  weights take one gradient step :math:`w \leftarrow w - \eta\,
+  \partial L_\text{grad} / \partial w`, i.e.
+  :math:`w_i \leftarrow w_i - \eta \operatorname{sign}(G_W^{(i)} -
+  \overline{G_W} r_i^\alpha) \sqrt{G_{ii}}`, are floored at ``min_weight``
+  (so they stay positive) and renormalised to :math:`\sum_i w_i = T`.
+
+  Order: as in Algorithm 1 of the paper, step :math:`t` applies the weights
+  :math:`w(t)` it measured the norms with (``state.weights``) and stores the
+  updated :math:`w(t+1)` (``state.loss_weights``) for the next step. The
+  first step applies :math:`w = 1`. :math:`L_i(0)` is the losses of the first
+  accepted step.
+
+  The losses must be positive: a step with a zero, negative or non-finite
+  loss, or a non-finite Gramian, is counted in ``num_skipped``, the previous
+  weights are applied and nothing is learnt.
+
+  Args:
+    num_tasks: the number of tasks T.
+    alpha: the asymmetry :math:`\alpha \ge 0`; larger values pull the
+      gradient norms of slowly trained tasks up harder.
+    learning_rate: the step size :math:`\eta > 0` of the weight update.
+    min_weight: the floor applied to the weights before renormalising.
+    gramian_filter: the parameters :math:`W` the gradient norms are measured
+      on (None: all), a pytree of bools like the params or a callable
+      ``params -> bools``.
+    update_weights_every: recompute the weights every n steps and reuse them
+      in between (those steps cost one backward pass).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.gradnorm(num_tasks=2, learning_rate=0.1)
+    >>> task_grads = jnp.array([[3.0, 0.0], [0.0, 1.0]])
+    >>> state = strategy.init(None)
+    >>> update, state = strategy.update(
+    ...     task_grads, state, task_losses=jnp.array([1.0, 1.0]))
+    >>> update.tolist()  # The first step applies w = 1.
+    [3.0, 1.0]
+    >>> [round(w, 4) for w in state.loss_weights.tolist()]
+    [0.7778, 1.2222]
+
+  References:
+    Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks", ICML 2018.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  alpha = base.check_in_range("alpha", alpha, 0.0)
+  learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
+                                      low_inclusive=False)
+  min_weight = base.check_in_range("min_weight", min_weight, 0.0, 1.0,
+                                   low_inclusive=False, high_inclusive=False)
+  base.check_positive_int("update_weights_every", update_weights_every)
+
+  def init():
+    return GradnormState(
+        weights=jnp.ones((num_tasks,), jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
+        loss_weights=jnp.ones((num_tasks,), jnp.float32),
+        initial_losses=jnp.ones((num_tasks,), jnp.float32),
+        num_updates=jnp.zeros([], jnp.int32),
+        gradnorm_loss=jnp.zeros([], jnp.float32))
+
+  def rule(task_losses, state, gramian):
+    initial_losses = jnp.where(state.num_updates == 0, task_losses,
+                               state.initial_losses)
+    applied = state.loss_weights
+    new_weights, gradnorm_loss = _gradnorm_step(
+        applied, task_losses, initial_losses, gramian, alpha, learning_rate,
+        min_weight)
+    return applied, state._replace(
+        loss_weights=new_weights,
+        initial_losses=initial_losses,
+        num_updates=base.safe_increment(state.num_updates),
+        gradnorm_loss=gradnorm_loss)
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
+      requires_positive_losses=True, gramian_filter=gramian_filter,
+      update_weights_every=update_weights_every))

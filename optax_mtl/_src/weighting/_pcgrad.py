@@ -1,0 +1,138 @@
+"""PCGrad: project each task gradient off the gradients it conflicts with."""
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from optax_mtl._src import base
+
+
+class PcgradState(NamedTuple):
+  """State of :func:`pcgrad`."""
+
+  weights: chex.Array  # f32[T], the weights applied last (Σ_i a_i).
+  num_skipped: chex.Array  # i32[], rejected steps.
+  gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  rng_key: chex.Array  # u32[...], raw key data (jax.random.key_data).
+
+
+def _projection_coefficients(gramian: chex.Array,
+                             orders: chex.Array) -> chex.Array:
+  """Coefficients ``A`` (f32[T, T]) with ``g_i^PC = Σ_j A[i, j] g_j``.
+
+  Args:
+    gramian: f32[T, T], ``G = J Jᵀ``.
+    orders: i32[T, T]; row i is the order in which task i visits the tasks
+      (a permutation of 0..T-1; the entry equal to i is skipped).
+
+  Returns:
+    The coefficient matrix; the PCGrad weights are its column sums.
+  """
+  num_tasks = gramian.shape[0]
+  squared_norms = jnp.diag(gramian)
+  task_ids = jnp.arange(num_tasks)
+
+  def visit(position, coefficients):
+    other = orders[:, position]  # i32[T]: the task each row visits now.
+    # (g_i^PC · g_other) = a_iᵀ G e_other, for every i at once.
+    dots = jnp.sum(coefficients * gramian[:, other].T, axis=1)
+    other_norm2 = squared_norms[other]
+    project = (dots < 0) & (other != task_ids) & (other_norm2 > 0)
+    step = jnp.where(project, dots / jnp.where(project, other_norm2, 1.0), 0.0)
+    return coefficients.at[task_ids, other].add(-step)
+
+  return jax.lax.fori_loop(0, num_tasks, visit,
+                           jnp.eye(num_tasks, dtype=gramian.dtype))
+
+
+def _pcgrad_weights(gramian: chex.Array, orders: chex.Array) -> chex.Array:
+  """The PCGrad weights ``Σ_i a_i`` for fixed visiting orders."""
+  return jnp.sum(_projection_coefficients(gramian, orders), axis=0)
+
+
+def _random_orders(key: chex.Array, num_tasks: int) -> chex.Array:
+  """One independent random permutation of the tasks per task (i32[T, T])."""
+  keys = jax.random.split(key, num_tasks)
+  return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
+
+
+def pcgrad(
+    num_tasks: int,
+    seed: int = 0,
+    *,
+    gramian_filter: base.GramianFilter = None,
+    update_weights_every: int = 1,
+) -> base.MultiTaskStrategy:
+  r"""PCGrad ("gradient surgery"): conflicting components projected away.
+
+  For every task :math:`i`, starting from :math:`g_i^{PC} = g_i`, the other
+  tasks :math:`j \ne i` are visited in a random order and
+
+  .. math::
+    g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\lVert g_j
+    \rVert^2}\, g_j \quad \text{if } g_i^{PC} \cdot g_j < 0,
+    \qquad d = \sum_{i=1}^{T} g_i^{PC}.
+
+  Every :math:`g_i^{PC}` is a combination :math:`a_i^\top J` of the task
+  gradients, so the projections only need the Gramian
+  (:math:`g_i^{PC} \cdot g_j = a_i^\top G e_j`) and the weights are
+  :math:`w = \sum_i a_i`. Each task draws its own order, fresh at every
+  step, from a PRNG key kept in the state (``rng_key``, raw key data). A
+  task with a zero gradient is never projected onto.
+
+  A step with a non-finite loss or Gramian is counted in ``num_skipped``;
+  the previous weights are applied and the key is not advanced.
+
+  Args:
+    num_tasks: the number of tasks T.
+    seed: the seed of the random visiting orders.
+    gramian_filter: which parameters the projections are computed on (None:
+      all), a pytree of bools like the params or a callable
+      ``params -> bools``.
+    update_weights_every: recompute the weights every n steps and reuse them
+      in between (those steps cost one backward pass).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.pcgrad(num_tasks=2)
+    >>> task_grads = jnp.array([[1.0, 0.0], [-1.0, 1.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.ones(2))
+    >>> [round(u, 4) for u in update.tolist()]
+    [0.5, 1.5]
+    >>> [round(w, 4) for w in state.weights.tolist()]
+    [2.0, 1.5]
+
+  References:
+    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f"seed must be an integer, got {seed!r}.")
+  base.check_positive_int("update_weights_every", update_weights_every)
+
+  def init():
+    return PcgradState(
+        weights=jnp.ones((num_tasks,), jnp.float32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
+        rng_key=jax.random.key_data(jax.random.key(seed)))
+
+  def rule(task_losses, state, gramian):
+    del task_losses
+    key = jax.random.wrap_key_data(state.rng_key)
+    key, orders_key = jax.random.split(key)
+    orders = _random_orders(orders_key, num_tasks)
+    weights = _pcgrad_weights(gramian, orders)
+    return weights, state._replace(rng_key=jax.random.key_data(key))
+
+  return base.lift(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
+      requires_positive_losses=False, gramian_filter=gramian_filter,
+      update_weights_every=update_weights_every))

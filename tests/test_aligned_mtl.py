@@ -1,0 +1,157 @@
+"""Tests of optax_mtl.aligned_mtl against an SVD of the gradient matrix."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+from optax_mtl._src.weighting import _aligned_mtl
+
+JACOBIANS = {
+    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
+    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
+                 [-1.0, 0.3, 0.2, 1.0]],
+    "t4_rank2": [[1.0, -2.0, 0.5], [-0.5, 1.0, 1.0], [0.5, -1.0, 1.5],
+                 [-1.5, 3.0, 0.5]],
+    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
+    "t5_wide_rank": (np.random.default_rng(6).normal(size=(5, 3))
+                     * [1.0, 0.3, 0.05]).tolist(),
+    "t3_duplicate": [[2.0, -1.0, 0.0], [1.0, 1.5, 0.5], [1.0, 1.5, 0.5]],
+    "t3_zero": [[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
+}
+
+
+def aligned_reference(jacobian, preferences=None, rtol=1e-6):
+  """Algorithm 1 of Senushkin et al. (2023) via the SVD of J, float64.
+
+  J = U S Wᵀ, so G = J Jᵀ = U S² Uᵀ: V = U, λ = S², B = s_R U S⁻¹ Uᵀ over
+  the singular values kept (λ above rtol · λ_max).
+  """
+  jacobian = np.asarray(jacobian, np.float64)
+  num_tasks = jacobian.shape[0]
+  if preferences is None:
+    preferences = np.ones(num_tasks)
+  u, s, _ = np.linalg.svd(jacobian, full_matrices=False)
+  if s.max() == 0:
+    return np.zeros(num_tasks)
+  keep = s**2 > rtol * s.max()**2
+  u, s = u[:, keep], s[keep]
+  b_matrix = s.min() * (u / s) @ u.T
+  return b_matrix @ np.asarray(preferences, np.float64)
+
+
+b_columns = jax.jit(jax.vmap(
+    lambda gramian, preferences: _aligned_mtl._aligned_mtl_weights(
+        gramian, preferences, None)[0], in_axes=(None, 0)))
+
+
+@functools.lru_cache(maxsize=None)
+def make_update(num_tasks, preferences=None):
+  strategy = optax_mtl.aligned_mtl(num_tasks, preferences)
+  return strategy, jax.jit(strategy.update)
+
+
+def aligned_weights(jacobian, preferences=None):
+  jacobian = jnp.asarray(jacobian, jnp.float32)
+  strategy, update = make_update(jacobian.shape[0], preferences)
+  combined, state = update(jacobian, strategy.init(None),
+                           task_losses=jnp.ones(jacobian.shape[0]))
+  return np.asarray(state.weights), np.asarray(combined), state
+
+
+@pytest.mark.parametrize("name", sorted(JACOBIANS))
+def test_golden_values(name):
+  jacobian = np.asarray(JACOBIANS[name])
+  weights, combined, state = aligned_weights(jacobian)
+  expected = aligned_reference(jacobian)
+  np.testing.assert_allclose(weights, expected, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(combined, expected @ jacobian, rtol=2e-4,
+                             atol=2e-5)
+  assert int(state.rank) == np.linalg.matrix_rank(jacobian)
+
+
+def test_preferences():
+  jacobian = np.asarray(JACOBIANS["t3_mixed"])
+  preferences = (1.0, 2.0, 0.5)
+  weights, _, _ = aligned_weights(jacobian, preferences)
+  np.testing.assert_allclose(weights,
+                             aligned_reference(jacobian, preferences),
+                             rtol=2e-4)
+
+
+def test_two_task_golden_value():
+  weights, combined, state = aligned_weights([[4.0, 0.0], [0.0, 1.0]])
+  np.testing.assert_allclose(weights, [0.25, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(combined, [1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(state.condition_number, 16.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["t3_mixed", "t5_random", "t4_rank2"])
+def test_aligned_gradients_are_orthogonal_with_equal_norms(name):
+  jacobian = np.asarray(JACOBIANS[name])
+  gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float32)
+  # B from the rule: the weights for the preferences e_k are B e_k.
+  num_tasks = jacobian.shape[0]
+  b_matrix = np.asarray(b_columns(gramian, jnp.eye(num_tasks))).T
+  aligned = b_matrix.T @ jacobian  # Rows: the aligned task gradients.
+  rank = np.linalg.matrix_rank(jacobian)
+  eigenvalues = np.linalg.eigvalsh(np.asarray(gramian, np.float64))
+  smallest = np.sort(eigenvalues)[-rank]
+  u = np.linalg.svd(jacobian, full_matrices=False)[0][:, :rank]
+  np.testing.assert_allclose(aligned @ aligned.T, smallest * u @ u.T,
+                             atol=1e-4 * eigenvalues.max())
+
+
+def test_permutation_equivariance_and_scale_invariance():
+  jacobian = np.asarray(JACOBIANS["t5_random"])
+  perm = np.random.default_rng(0).permutation(5)
+  weights, _, _ = aligned_weights(jacobian)
+  permuted, _, _ = aligned_weights(jacobian[perm])
+  np.testing.assert_allclose(permuted, weights[perm], rtol=1e-4)
+  for scale in (1e-10, 1e-3, 1e5, 1e10):
+    scaled, _, _ = aligned_weights(jacobian * scale)
+    np.testing.assert_allclose(scaled, weights, rtol=1e-4)
+
+
+def test_zero_and_duplicated_gradients_give_finite_weights():
+  weights, combined, state = aligned_weights(np.zeros((3, 2)))
+  np.testing.assert_array_equal(weights, np.zeros(3))
+  np.testing.assert_array_equal(combined, np.zeros(2))
+  assert int(state.rank) == 0
+  weights, _, _ = aligned_weights(JACOBIANS["t3_duplicate"])
+  assert np.all(np.isfinite(weights))
+  np.testing.assert_allclose(weights[1], weights[2], rtol=1e-5)
+
+
+def test_value_and_grad_with_gramian_filter():
+  shared = np.asarray(JACOBIANS["t3_mixed"], np.float32)
+  head = np.array([[5.0], [0.0], [-1.0]], np.float32)
+  strategy = optax_mtl.aligned_mtl(
+      3, gramian_filter=lambda params: {"shared": True, "head": False})
+
+  def loss_fn(params):
+    return jnp.asarray(shared) @ params["shared"] + (
+        jnp.asarray(head) @ params["head"]) + 10.0
+
+  params = {"shared": jnp.ones(4), "head": jnp.ones(1)}
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  (_, grads), state = step(params, strategy.init(params))
+  expected = aligned_reference(shared)
+  np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
+  np.testing.assert_allclose(grads["head"], expected @ head, rtol=2e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), "num_tasks"),
+    (dict(num_tasks=2, preferences=(1.0,)), "preferences"),
+    (dict(num_tasks=2, preferences=(1.0, -1.0)), "preferences"),
+    (dict(num_tasks=2, eigenvalue_rtol=1.0), "eigenvalue_rtol"),
+    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.aligned_mtl(**kwargs)

@@ -1,0 +1,162 @@
+"""Tests of optax_mtl.imtl_g against the paper's formula on the gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+
+JACOBIANS = {
+    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
+    "t2_scaled": [[10.0, 0.0], [-1.0, 1.0]],
+    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
+                 [-1.0, 0.3, 0.2, 1.0]],
+    "t4_rank3": [[3.0, -2.0, 0.5, 0.0], [-0.5, 1.0, 1.0, 0.0],
+                 [0.5, 0.25, 1.5, 1.0], [2.0, -0.75, 2.5, 1.0]],
+    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
+    "t3_duplicate": [[2.0, -1.0], [1.0, 1.5], [1.0, 1.5]],
+    "t3_zero": [[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
+}
+
+
+def imtl_g_reference(jacobian, eps=1e-8):
+  """IMTL-G (Liu et al. 2021, Eq. for α) on the explicit gradients, float64.
+
+  Task 1 of the paper is the task with the largest norm; zero gradients are
+  dropped (α = 0); rank deficiency uses the pseudo-inverse.
+  """
+  jacobian = np.asarray(jacobian, np.float64)
+  num_tasks = jacobian.shape[0]
+  norms = np.linalg.norm(jacobian, axis=1)
+  alpha = np.zeros(num_tasks)
+  if norms.max() == 0:
+    return alpha
+  anchor = int(np.argmax(norms))
+  others = [k for k in range(num_tasks)
+            if k != anchor and norms[k] > eps * norms.max()]
+  alpha[anchor] = 1.0
+  if not others:
+    return alpha
+  units = jacobian / np.where(norms > 0, norms, 1.0)[:, None]
+  d = np.stack([jacobian[anchor] - jacobian[k] for k in others])
+  u = np.stack([units[anchor] - units[k] for k in others])
+  rest = jacobian[anchor] @ u.T @ np.linalg.pinv(d @ u.T, rcond=1e-10)
+  alpha[others] = rest
+  alpha[anchor] = 1.0 - rest.sum()
+  return alpha
+
+
+@functools.lru_cache(maxsize=None)
+def make_update(num_tasks):
+  strategy = optax_mtl.imtl_g(num_tasks)
+  return strategy, jax.jit(strategy.update)
+
+
+def imtl_weights(jacobian):
+  jacobian = jnp.asarray(jacobian, jnp.float32)
+  strategy, update = make_update(jacobian.shape[0])
+  combined, state = update(jacobian, strategy.init(None),
+                           task_losses=jnp.ones(jacobian.shape[0]))
+  return np.asarray(state.weights), np.asarray(combined)
+
+
+@pytest.mark.parametrize("name", sorted(JACOBIANS))
+def test_golden_values(name):
+  jacobian = np.asarray(JACOBIANS[name])
+  weights, combined = imtl_weights(jacobian)
+  expected = imtl_g_reference(jacobian)
+  np.testing.assert_allclose(weights, expected, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(combined, expected @ jacobian, rtol=2e-4,
+                             atol=2e-5)
+  np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["t2_conflict", "t3_mixed", "t5_random",
+                                  "t4_rank3"])
+def test_equal_projections_on_unit_gradients(name):
+  jacobian = np.asarray(JACOBIANS[name])
+  _, combined = imtl_weights(jacobian)
+  units = jacobian / np.linalg.norm(jacobian, axis=1, keepdims=True)
+  projections = units @ combined
+  np.testing.assert_allclose(projections, projections[0], rtol=1e-4)
+
+
+def test_two_task_golden_value():
+  # g1 = (2, 0), g2 = (0, 1): 2 α1 = α2 and α1 + α2 = 1.
+  weights, combined = imtl_weights([[2.0, 0.0], [0.0, 1.0]])
+  np.testing.assert_allclose(weights, [1 / 3, 2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(combined, [2 / 3, 2 / 3], rtol=1e-6)
+
+
+def test_permutation_equivariance():
+  jacobian = np.asarray(JACOBIANS["t5_random"])
+  perm = np.random.default_rng(0).permutation(5)
+  weights, _ = imtl_weights(jacobian)
+  permuted, _ = imtl_weights(jacobian[perm])
+  np.testing.assert_allclose(permuted, weights[perm], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1e-3, 1e4, 1e10])
+def test_weights_do_not_depend_on_the_common_scale(scale):
+  jacobian = np.asarray(JACOBIANS["t3_mixed"])
+  weights, _ = imtl_weights(jacobian)
+  scaled, _ = imtl_weights(jacobian * scale)
+  np.testing.assert_allclose(scaled, weights, rtol=1e-4)
+
+
+def test_duplicated_gradients_share_their_weight():
+  weights, _ = imtl_weights(JACOBIANS["t3_duplicate"])
+  assert np.all(np.isfinite(weights))
+  np.testing.assert_allclose(weights[1], weights[2], rtol=1e-5)
+  # Same update as with the duplicate merged into one task.
+  merged = imtl_g_reference(np.asarray(JACOBIANS["t3_duplicate"])[:2])
+  np.testing.assert_allclose(weights[0], merged[0], rtol=1e-4)
+
+
+def test_zero_gradients():
+  weights, _ = imtl_weights(JACOBIANS["t3_zero"])
+  assert weights[1] == 0.0
+  weights, combined = imtl_weights(np.zeros((3, 4)))
+  np.testing.assert_array_equal(weights, np.zeros(3))
+  np.testing.assert_array_equal(combined, np.zeros(4))
+
+
+def test_single_task():
+  weights, combined = imtl_weights([[1.0, -2.0]])
+  np.testing.assert_array_equal(weights, [1.0])
+  np.testing.assert_array_equal(combined, [1.0, -2.0])
+
+
+def test_value_and_grad_with_gramian_filter():
+  shared = np.asarray(JACOBIANS["t3_mixed"], np.float32)
+  head = np.array([[5.0], [0.0], [-1.0]], np.float32)
+  strategy = optax_mtl.imtl_g(3, gramian_filter={"shared": True,
+                                                  "head": False})
+
+  def loss_fn(params):
+    return jnp.asarray(shared) @ params["shared"] + (
+        jnp.asarray(head) @ params["head"]) + 10.0
+
+  params = {"shared": jnp.ones(4), "head": jnp.ones(1)}
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  (_, grads), state = step(params, strategy.init(params))
+  expected = imtl_g_reference(shared)
+  np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
+  np.testing.assert_allclose(grads["shared"], expected @ shared, rtol=2e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(grads["head"], expected @ head, rtol=2e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), "num_tasks"),
+    (dict(num_tasks=2, eps=-1.0), "eps"),
+    (dict(num_tasks=2, eps=1.0), "eps"),
+    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.imtl_g(**kwargs)

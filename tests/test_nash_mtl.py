@@ -1,0 +1,242 @@
+"""Tests of optax_mtl.nash_mtl: the Newton solver against SciPy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+import optax_mtl
+from optax_mtl._src.weighting import _nash_mtl
+
+solve = jax.jit(_nash_mtl._solve_nash, static_argnums=(1, 2))
+
+
+def nash_reference(jacobian):
+  """α > 0 with G α = 1/α (Navon et al. 2022, Eq. 3.2) by SciPy, float64.
+
+  In the variables u = log α, a trust-region Newton minimisation of
+  ``½ αᵀGα − Σ log α`` (convex in α), polished by a root finder on
+  ``α ⊙ Gα − 1``. Returns α and the reference's own residual.
+  """
+  jacobian = np.asarray(jacobian, np.float64)
+  gramian = jacobian @ jacobian.T
+  num_tasks = gramian.shape[0]
+  start = np.log(1.0 / np.sqrt(np.diag(gramian)))
+
+  def objective(u):
+    alpha = np.exp(u)
+    return 0.5 * alpha @ gramian @ alpha - np.sum(u)
+
+  def residual(u):
+    alpha = np.exp(u)
+    return alpha * (gramian @ alpha) - 1.0
+
+  def jacobian_of_residual(u):
+    alpha = np.exp(u)
+    return (np.diag(alpha * (gramian @ alpha))
+            + alpha[:, None] * gramian * alpha[None, :])
+
+  first = scipy.optimize.minimize(
+      objective, start, jac=residual, hess=jacobian_of_residual,
+      method="trust-exact", options=dict(gtol=1e-12, maxiter=2000))
+  polished = scipy.optimize.root(residual, first.x, jac=jacobian_of_residual,
+                                 method="hybr", options=dict(xtol=1e-15))
+  assert num_tasks == polished.x.shape[0]
+  return np.exp(polished.x), np.max(np.abs(residual(polished.x)))
+
+
+def random_jacobian(rng, num_tasks, condition, scale):
+  """J = U diag(s) Wᵀ with cond(G) = condition and ‖J‖₂ = scale."""
+  num_params = num_tasks + 3
+  u, _ = np.linalg.qr(rng.normal(size=(num_tasks, num_tasks)))
+  w, _ = np.linalg.qr(rng.normal(size=(num_params, num_tasks)))
+  singular_values = np.logspace(0, -0.5 * np.log10(condition), num_tasks)
+  return scale * (u * rng.permutation(singular_values)) @ w.T
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 8, 16, 64])
+def test_solver_matches_scipy_in_float64(num_tasks):
+  rng = np.random.default_rng(num_tasks)
+  with jax.enable_x64(True):
+    for condition in (1.0, 1e3, 1e6):
+      for scale in (1e-10, 1.0, 1e10):
+        jacobian = random_jacobian(rng, num_tasks, condition, scale)
+        expected, reference_residual = nash_reference(jacobian)
+        assert reference_residual < 1e-9
+        gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float64)
+        solution = solve(gramian, 100, 1e-12)
+        assert solution.weights.dtype == jnp.float64
+        assert bool(solution.converged), (condition, scale)
+        assert float(solution.gap) <= 1e-12
+        np.testing.assert_allclose(solution.weights, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 5, 16, 64])
+def test_solver_matches_scipy_in_float32(num_tasks):
+  rng = np.random.default_rng(100 + num_tasks)
+  for condition in (1.0, 1e2):
+    for scale in (1e-10, 1.0, 1e10):
+      jacobian = random_jacobian(rng, num_tasks, condition, scale)
+      jacobian = jacobian.astype(np.float32)
+      expected, _ = nash_reference(jacobian)
+      solution = solve(jnp.asarray(jacobian @ jacobian.T), 50, 1e-5)
+      assert bool(solution.converged)
+      assert int(solution.iterations) <= 20
+      np.testing.assert_allclose(solution.weights, expected, rtol=1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def make_update(num_tasks, **kwargs):
+  strategy = optax_mtl.nash_mtl(num_tasks, **kwargs)
+  return strategy, jax.jit(strategy.update)
+
+
+def nash_step(jacobian, **kwargs):
+  jacobian = jnp.asarray(jacobian, jnp.float32)
+  strategy, update = make_update(jacobian.shape[0], **kwargs)
+  combined, state = update(jacobian, strategy.init(None),
+                           task_losses=jnp.ones(jacobian.shape[0]))
+  return np.asarray(state.weights), np.asarray(combined), state
+
+
+FIXED_JACOBIANS = {
+    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
+    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
+                 [-1.0, 0.3, 0.2, 1.0]],
+    "t5_rank4": np.random.default_rng(4).normal(size=(5, 4)).tolist(),
+    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_JACOBIANS))
+def test_golden_values_and_the_update_norm(name):
+  jacobian = np.asarray(FIXED_JACOBIANS[name])
+  solution = solve(jnp.asarray(jacobian @ jacobian.T, jnp.float32), 50, 1e-5)
+  weights = np.asarray(solution.weights, np.float64)
+  expected, _ = nash_reference(jacobian)
+  np.testing.assert_allclose(weights, expected, rtol=1e-4)
+  # Every task's utility g_i · d is 1/α_i, so ‖d‖² = T.
+  combined = weights @ jacobian
+  np.testing.assert_allclose(jacobian @ combined, 1.0 / weights, rtol=1e-4)
+  np.testing.assert_allclose(combined @ combined, jacobian.shape[0],
+                             rtol=1e-4)
+  assert bool(solution.converged)
+  assert 0 < int(solution.iterations) <= 50
+  assert float(solution.gap) <= 1e-5
+
+
+def test_optax_face_golden_value_and_diagnostics():
+  jacobian = np.asarray(FIXED_JACOBIANS["t3_mixed"])
+  weights, combined, state = nash_step(jacobian)
+  expected, _ = nash_reference(jacobian)
+  np.testing.assert_allclose(weights, expected, rtol=1e-4)
+  np.testing.assert_allclose(combined, expected @ jacobian, rtol=1e-4,
+                             atol=1e-5)
+  assert bool(state.solver_converged)
+  assert 0 < int(state.solver_iterations) <= 50
+  assert 0.0 <= float(state.solver_gap) <= 1e-5
+  assert state.solver_gap.dtype == jnp.float32
+
+
+def test_orthogonal_gradients():
+  weights, _, state = nash_step([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0],
+                                 [0.0, 0.0, 4.0]])
+  np.testing.assert_allclose(weights, [0.5, 2.0, 0.25], rtol=1e-6)
+  assert int(state.solver_iterations) == 0
+
+
+def test_permutation_equivariance_and_scaling():
+  jacobian = np.asarray(FIXED_JACOBIANS["t5_random"])
+  perm = np.random.default_rng(0).permutation(5)
+  weights, _, _ = nash_step(jacobian)
+  permuted, _, _ = nash_step(jacobian[perm])
+  np.testing.assert_allclose(permuted, weights[perm], rtol=1e-4)
+  for scale in (1e-10, 1e-3, 1e4, 1e10):
+    scaled, combined, _ = nash_step(jacobian * scale)
+    np.testing.assert_allclose(scaled * scale, weights, rtol=1e-4)
+    np.testing.assert_allclose(combined @ combined, 5.0, rtol=1e-4)
+
+
+def test_zero_gradient_gets_zero_weight():
+  jacobian = np.array([[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]])
+  weights, _, state = nash_step(jacobian)
+  assert weights[1] == 0.0
+  expected, _ = nash_reference(jacobian[[0, 2]])
+  np.testing.assert_allclose(weights[[0, 2]], expected, rtol=1e-4)
+  assert bool(state.solver_converged)
+  weights, combined, _ = nash_step(np.zeros((3, 2)))
+  np.testing.assert_array_equal(weights, np.zeros(3))
+  np.testing.assert_array_equal(combined, np.zeros(2))
+
+
+def test_duplicated_gradients():
+  # g1 = g2: the solution exists (α1 = α2 = 1/√2 here).
+  jacobian = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+  weights, combined, _ = nash_step(jacobian)
+  np.testing.assert_allclose(weights, [0.5**0.5, 0.5**0.5, 1.0], rtol=1e-5)
+  np.testing.assert_allclose(jacobian @ combined, 1.0 / weights, rtol=1e-5)
+
+
+def test_opposite_gradients_have_no_solution_but_stay_finite():
+  jacobian = np.array([[1.0, 2.0], [-1.0, -2.0], [0.0, 0.0]])
+  weights, combined, state = nash_step(jacobian)
+  assert np.all(np.isfinite(weights)) and weights[2] == 0.0
+  # Weights grow until the relative residual (≈ 1/β²) is below tol.
+  assert np.all(weights * np.sqrt(5.0) < 10 / np.sqrt(1e-5))
+  assert np.linalg.norm(combined) < 1e-3 * weights[0] * np.sqrt(5.0)
+  assert int(state.num_skipped) == 0
+
+
+def test_max_norm_clips_the_update():
+  jacobian = np.asarray(FIXED_JACOBIANS["t3_mixed"])
+  free, _, _ = nash_step(jacobian)
+  weights, combined, _ = nash_step(jacobian, max_norm=1.0)
+  np.testing.assert_allclose(np.linalg.norm(combined), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(weights, free / np.sqrt(3.0), rtol=1e-5)
+
+
+def test_unconverged_solve_is_reported():
+  rng = np.random.default_rng(7)
+  jacobian = random_jacobian(rng, 8, 1e4, 1.0)
+  _, _, state = nash_step(jacobian, max_iters=1)
+  assert int(state.solver_iterations) == 1
+  assert not bool(state.solver_converged)
+  assert float(state.solver_gap) > 1e-5
+
+
+def test_update_weights_every_and_both_faces():
+  jacobian = np.asarray(FIXED_JACOBIANS["t3_mixed"], np.float32)
+  strategy = optax_mtl.nash_mtl(3, update_weights_every=2)
+
+  def loss_fn(params, data_scale):
+    return data_scale * (jnp.asarray(jacobian) @ params) + 10.0
+
+  params = jnp.ones(4)
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  state = strategy.init(params)
+  (_, grads), state = step(params, state, 1.0)
+  expected, _ = nash_reference(jacobian)
+  np.testing.assert_allclose(state.weights, expected, rtol=1e-4)
+  np.testing.assert_allclose(grads, expected @ jacobian, rtol=1e-4, atol=1e-5)
+  # The second step reuses the weights although the gradients doubled.
+  (_, grads), state = step(params, state, 2.0)
+  np.testing.assert_allclose(state.weights, expected, rtol=1e-4)
+  np.testing.assert_allclose(grads, 2.0 * expected @ jacobian, rtol=1e-4,
+                             atol=1e-5)
+  (_, grads), state = step(params, state, 2.0)
+  np.testing.assert_allclose(state.weights, expected / 2.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), "num_tasks"),
+    (dict(num_tasks=2, max_iters=0), "max_iters"),
+    (dict(num_tasks=2, tol=0.0), "tol"),
+    (dict(num_tasks=2, max_norm=-1.0), "max_norm"),
+    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.nash_mtl(**kwargs)
