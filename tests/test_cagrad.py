@@ -1,0 +1,179 @@
+"""Tests of optax_mtl.cagrad (Liu et al. 2021)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+
+# A scripted sequence of small Jacobians [T=3, 4]. (A zero task gradient
+# makes the update ambiguous, 0/0 in Algorithm 1; see test_special_cases.)
+JACOBIANS = np.array([
+    [[1.0, 0.0, 0.5, 0.0], [-0.5, 1.0, 0.0, 0.2], [0.3, -0.4, 1.0, 0.0]],
+    [[2.0, 1.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [1.2, 1.6, 0.5, 0.0]],
+    [[0.2, 0.0, -0.3, 0.0], [1.0, -1.0, 0.5, 2.0], [-1.0, 0.5, 0.0, 1.0]],
+    [[1.0, 2.0, 0.0, 0.0], [-1.0, -2.0, 0.5, 0.0], [0.0, 1.0, 1.0, 0.0]],
+])
+
+
+def golden_section(function, low, high, iterations=80):
+  ratio = (np.sqrt(5) - 1) / 2
+  for _ in range(iterations):
+    left, right = high - ratio * (high - low), low + ratio * (high - low)
+    if function(left) <= function(right):
+      high = right
+    else:
+      low = left
+  return (low + high) / 2
+
+
+def numpy_cagrad(jacobian, c, rescale=False):
+  """The paper's Eq. 4 minimised over the 3-simplex, then Algorithm 1."""
+  mean_gradient = jacobian.mean(axis=0)
+  radius = c * np.linalg.norm(mean_gradient)  # √φ.
+
+  def dual(weights):
+    combined = weights @ jacobian
+    return combined @ mean_gradient + radius * np.linalg.norm(combined)
+
+  def best_given_first(first):  # Convex in `first` (partial minimisation).
+    second = golden_section(
+        lambda t: dual(np.array([first, t, 1 - first - t])), 0.0, 1 - first)
+    return np.array([first, second, 1 - first - second])
+
+  first = golden_section(lambda a: dual(best_given_first(a)), 0.0, 1.0)
+  weights = best_given_first(first)
+  norm = np.linalg.norm(weights @ jacobian)
+  combined = mean_gradient + (radius / norm if norm > 0 else 0) * (
+      weights @ jacobian)
+  return combined / (1 + c**2) if rescale else combined
+
+
+@pytest.mark.parametrize("c, rescale", [(0.5, False), (0.9, True)])
+def test_golden_values_over_a_scripted_sequence(c, rescale):
+  strategy = optax_mtl.cagrad(num_tasks=3, c=c, rescale=rescale)
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  for jacobian in JACOBIANS:
+    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
+                             task_losses=jnp.ones(3))
+    expected = numpy_cagrad(jacobian, c, rescale)
+    np.testing.assert_allclose(combined, expected, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(state.weights) @ jacobian, expected,
+                               atol=2e-4, rtol=1e-3)
+    assert bool(state.solver_converged)
+
+
+def test_primal_optimality_certificate():
+  # d solves max_d min_i g_iᵀd s.t. ‖d - g_0‖ <= c‖g_0‖: feasible, and its
+  # value min_i g_iᵀd meets the dual value at w (strong duality).
+  strategy = optax_mtl.cagrad(num_tasks=5, c=0.4, tol=1e-7, max_iters=2000)
+  update = jax.jit(strategy.update)
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    jacobian = rng.normal(size=(5, 8))
+    combined, state = update(jnp.asarray(jacobian, jnp.float32),
+                             strategy.init(None), task_losses=jnp.ones(5))
+    direction = np.asarray(combined, np.float64)
+    mean_gradient = jacobian.mean(axis=0)
+    radius = 0.4 * np.linalg.norm(mean_gradient)
+    assert np.linalg.norm(direction - mean_gradient) <= radius * (1 + 1e-4)
+    # The dual point w is recovered from the weights 1/T + (√φ/‖g_w‖) w.
+    dual_weights = np.asarray(state.weights, np.float64) - 1 / 5
+    dual_weights /= dual_weights.sum()
+    combined_w = dual_weights @ jacobian
+    dual_value = combined_w @ mean_gradient + radius * np.linalg.norm(
+        combined_w)
+    primal_value = np.min(jacobian @ direction)
+    scale = np.max(np.sum(jacobian**2, axis=1))
+    assert primal_value >= dual_value - 1e-4 * scale
+
+
+def test_special_cases():
+  rng = np.random.default_rng(1)
+  jacobian = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  # c = 0: the mean gradient.
+  strategy = optax_mtl.cagrad(num_tasks=3, c=0.0)
+  combined, state = strategy.update(jacobian, strategy.init(None),
+                                    task_losses=jnp.ones(3))
+  np.testing.assert_allclose(combined, jacobian.mean(axis=0), rtol=1e-5,
+                             atol=1e-6)
+  # rescale divides the paper's update by 1 + c².
+  plain = optax_mtl.cagrad(num_tasks=3, c=0.7)
+  scaled = optax_mtl.cagrad(num_tasks=3, c=0.7, rescale=True)
+  d_plain, _ = plain.update(jacobian, plain.init(None), task_losses=jnp.ones(3))
+  d_scaled, _ = scaled.update(jacobian, scaled.init(None),
+                              task_losses=jnp.ones(3))
+  np.testing.assert_allclose(d_scaled, d_plain / 1.49, rtol=1e-5)
+  # Identical gradients: d = (1 + c) g.
+  same = jnp.tile(jacobian[:1], (3, 1))
+  d_same, _ = plain.update(same, plain.init(None), task_losses=jnp.ones(3))
+  np.testing.assert_allclose(d_same, 1.7 * same[0], rtol=1e-5)
+  # A zero task gradient: the dual optimum has g_w = 0, and the update is the
+  # mean gradient, which is primal optimal (min_i g_iᵀd = 0 = g_1ᵀd).
+  zero_task = jacobian.at[0].set(0.0).at[1].set(jnp.abs(jacobian[1])).at[
+      2].set(jnp.abs(jacobian[2]))
+  d_zero, state = plain.update(zero_task, plain.init(None),
+                               task_losses=jnp.ones(3))
+  np.testing.assert_allclose(d_zero, zero_task.mean(axis=0), rtol=1e-5)
+  assert np.all(np.asarray(zero_task @ d_zero) >= 0)
+
+
+def test_permutation_invariance_and_scaling():
+  rng = np.random.default_rng(2)
+  jacobian = rng.normal(size=(4, 3))
+  strategy = optax_mtl.cagrad(num_tasks=4)
+  update = jax.jit(strategy.update)
+
+  def direction(matrix):
+    return np.asarray(update(jnp.asarray(matrix, jnp.float32),
+                             strategy.init(None), task_losses=jnp.ones(4))[0])
+
+  order = rng.permutation(4)
+  np.testing.assert_allclose(direction(jacobian[order]), direction(jacobian),
+                             atol=1e-4)
+  for factor in (1e-5, 1e5):  # d(κJ) = κ d(J).
+    np.testing.assert_allclose(direction(factor * jacobian),
+                               factor * direction(jacobian),
+                               rtol=1e-3, atol=1e-4 * factor)
+
+
+def test_both_faces_agree():
+  jacobian = JACOBIANS[0].astype(np.float32)
+  strategy = optax_mtl.cagrad(num_tasks=3)
+  loss_fn = lambda params: jnp.ones(3) + jnp.asarray(jacobian) @ params
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  params = jnp.zeros(4)
+  (losses, grads), state = step(params, strategy.init(params))
+  update, optax_state = jax.jit(strategy.update)(
+      jnp.asarray(jacobian), strategy.init(params), task_losses=losses)
+  np.testing.assert_allclose(grads, update, atol=1e-6)
+  np.testing.assert_allclose(state.weights, optax_state.weights, atol=1e-6)
+  np.testing.assert_allclose(grads, numpy_cagrad(JACOBIANS[0], 0.5),
+                             atol=2e-4)
+
+
+def test_accepts_any_loss_sign_and_keeps_state_types():
+  strategy = optax_mtl.cagrad(num_tasks=2)
+  assert strategy.weighting.requires_positive_losses is False
+  state = strategy.init(None)
+  assert isinstance(state, optax_mtl.CagradState)
+  _, new_state = strategy.update(jnp.eye(2), state,
+                                 task_losses=jnp.array([-1.0, 0.0]))
+  assert int(new_state.num_skipped) == 0
+  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
+      lambda x: x.dtype, state)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_tasks": 0}, "num_tasks"),
+    ({"num_tasks": 2, "c": -0.1}, "c"),
+    ({"num_tasks": 2, "rescale": 1}, "rescale"),
+    ({"num_tasks": 2, "max_iters": 0}, "max_iters"),
+    ({"num_tasks": 2, "tol": -1.0}, "tol"),
+    ({"num_tasks": 2, "update_weights_every": 0}, "update_weights_every"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.cagrad(**kwargs)

@@ -1,0 +1,178 @@
+"""Tests of optax_mtl.mgda (Sener & Koltun 2018)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+
+# A scripted sequence of small Jacobians [T=3, 4]: conflicting, aligned,
+# one zero gradient, very different scales.
+JACOBIANS = np.array([
+    [[1.0, 0.0, 0.5, 0.0], [-0.5, 1.0, 0.0, 0.2], [0.3, -0.4, 1.0, 0.0]],
+    [[2.0, 1.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [1.2, 1.6, -0.5, 0.0]],
+    [[0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 0.5, 2.0], [-1.0, 0.5, 0.0, 1.0]],
+    [[100.0, 0.0, 5.0, 0.0], [0.0, 0.01, 0.0, 0.02], [3.0, -2.0, 1.0, 0.0]],
+])
+LOSSES = np.array([[1.0, 2.0, 0.5], [0.7, 1.5, 0.4], [0.5, 1.2, 0.3],
+                   [0.4, 1.0, 0.3]])
+
+
+def numpy_min_norm(gramian):
+  """argmin_{w ∈ Δ} wᵀGw by enumerating the faces (KKT on each support)."""
+  num_tasks = len(gramian)
+  best, best_value = None, np.inf
+  for size in range(1, num_tasks + 1):
+    for support in itertools.combinations(range(num_tasks), size):
+      support = list(support)
+      system = np.zeros((size + 1, size + 1))
+      system[:size, :size] = gramian[np.ix_(support, support)]
+      system[:size, size] = -1.0
+      system[size, :size] = 1.0
+      rhs = np.zeros(size + 1)
+      rhs[size] = 1.0
+      solution = np.linalg.lstsq(system, rhs, rcond=None)[0][:size]
+      if solution.min() < -1e-12 or abs(solution.sum() - 1) > 1e-9:
+        continue
+      weights = np.zeros(num_tasks)
+      weights[support] = solution
+      value = weights @ gramian @ weights
+      if value < best_value - 1e-15:
+        best, best_value = weights, value
+  return best
+
+
+def numpy_mgda(jacobian, losses, normalization):
+  """Weights of Σ w_k g_k from the paper's formula with the normalisation."""
+  norms = np.linalg.norm(jacobian, axis=1)
+  inverse_norms = np.where(norms > 1e-12, 1 / np.where(norms > 0, norms, 1), 0)
+  scales = {"none": np.ones(len(losses)), "l2": inverse_norms,
+            "loss": 1 / losses, "loss+": inverse_norms / losses}[normalization]
+  scaled = jacobian * scales[:, None]
+  return numpy_min_norm(scaled @ scaled.T) * scales
+
+
+def linear_loss(jacobian, offsets):
+  return lambda params: jnp.asarray(offsets) + jnp.asarray(jacobian) @ params
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_golden_values_over_a_scripted_sequence(normalization):
+  strategy = optax_mtl.mgda(num_tasks=3, normalization=normalization)
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  for jacobian, losses in zip(JACOBIANS, LOSSES):
+    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
+                             task_losses=jnp.asarray(losses, jnp.float32))
+    expected = numpy_mgda(jacobian, losses, normalization)
+    np.testing.assert_allclose(state.weights, expected, atol=2e-4,
+                               rtol=2e-3)
+    np.testing.assert_allclose(combined, expected @ jacobian, atol=2e-3,
+                               rtol=2e-3)
+    assert bool(state.solver_converged)
+    assert state.solver_iterations.dtype == jnp.int32
+  assert int(state.num_skipped) == 0
+
+
+def test_kkt_conditions_and_common_descent():
+  # d = Σ w_k g_k on the simplex: g_kᵀd >= ‖d‖² for all k, = where w_k > 0.
+  strategy = optax_mtl.mgda(num_tasks=5, tol=1e-7, max_iters=2000)
+  update = jax.jit(strategy.update)
+  rng = np.random.default_rng(0)
+  for _ in range(8):
+    jacobian = rng.normal(size=(5, 7))
+    combined, state = update(jnp.asarray(jacobian, jnp.float32),
+                             strategy.init(None), task_losses=jnp.ones(5))
+    weights = np.asarray(state.weights, np.float64)
+    np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-6)
+    assert weights.min() >= 0
+    direction = np.asarray(combined, np.float64)
+    scale = np.max(np.sum(jacobian**2, axis=1))
+    products = jacobian @ direction
+    squared = direction @ direction
+    assert np.all(products >= squared - 1e-4 * scale)
+    np.testing.assert_allclose(products[weights > 1e-3], squared,
+                               atol=1e-3 * scale)
+
+
+def test_permutation_invariance_and_scaling():
+  rng = np.random.default_rng(1)
+  jacobian = rng.normal(size=(4, 3))
+  strategy = optax_mtl.mgda(num_tasks=4, tol=1e-7, max_iters=2000)
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+
+  def weights_of(matrix):
+    return np.asarray(update(jnp.asarray(matrix, jnp.float32), state,
+                             task_losses=jnp.ones(4))[1].weights)
+
+  order = rng.permutation(4)
+  np.testing.assert_allclose(weights_of(jacobian[order]),
+                             weights_of(jacobian)[order], atol=1e-4)
+  # Scaling every gradient by κ scales d by κ: the weights stay.
+  for factor in (1e-5, 1e5):
+    np.testing.assert_allclose(weights_of(factor * jacobian),
+                               weights_of(jacobian), atol=1e-4)
+
+
+@pytest.mark.parametrize("normalization", ["none", "loss+"])
+def test_both_faces_agree(normalization):
+  jacobian = JACOBIANS[0].astype(np.float32)
+  offsets = LOSSES[0].astype(np.float32)
+  strategy = optax_mtl.mgda(num_tasks=3, normalization=normalization)
+  step = jax.jit(optax_mtl.value_and_grad(linear_loss(jacobian, offsets),
+                                          strategy))
+  params = jnp.zeros(4)
+  (losses, grads), state = step(params, strategy.init(params))
+  update, optax_state = jax.jit(strategy.update)(
+      jnp.asarray(jacobian), strategy.init(params), task_losses=losses)
+  np.testing.assert_allclose(grads, update, atol=1e-5)
+  np.testing.assert_allclose(state.weights, optax_state.weights, atol=1e-6)
+  expected = numpy_mgda(jacobian.astype(np.float64), offsets, normalization)
+  np.testing.assert_allclose(state.weights, expected, atol=2e-4, rtol=2e-3)
+
+
+def test_positive_losses_needed_only_by_loss_normalisations():
+  for normalization, needed in (("none", False), ("l2", False),
+                                ("loss", True), ("loss+", True)):
+    strategy = optax_mtl.mgda(num_tasks=2, normalization=normalization)
+    assert strategy.weighting.requires_positive_losses is needed
+  strategy = optax_mtl.mgda(num_tasks=2, normalization="loss")
+  state = strategy.init(None)
+  _, state = strategy.update(jnp.eye(2), state, task_losses=jnp.ones(2))
+  _, rejected = strategy.update(jnp.eye(2), state,
+                                task_losses=jnp.array([1.0, -1.0]))
+  assert int(rejected.num_skipped) == 1
+  np.testing.assert_allclose(rejected.weights, state.weights)
+
+
+def test_state_and_periodic_recomputation():
+  strategy = optax_mtl.mgda(num_tasks=3, update_weights_every=2)
+  state = strategy.init(None)
+  update = jax.jit(strategy.update)
+  _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32), state,
+                    task_losses=jnp.ones(3))
+  first = np.asarray(state.weights)
+  _, state = update(jnp.asarray(JACOBIANS[1], jnp.float32), state,
+                    task_losses=jnp.ones(3))
+  np.testing.assert_allclose(state.weights, first)  # Reused, not solved.
+  state = optax_mtl.mgda(num_tasks=3).init(None)
+  assert isinstance(state, optax_mtl.MgdaState)
+  assert state.solver_gap.dtype == jnp.float32
+  assert state.solver_converged.dtype == jnp.bool_
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_tasks": 0}, "num_tasks"),
+    ({"num_tasks": 2, "max_iters": 0}, "max_iters"),
+    ({"num_tasks": 2, "tol": -1.0}, "tol"),
+    ({"num_tasks": 2, "normalization": "l1"}, "normalization"),
+    ({"num_tasks": 2, "eps": -1.0}, "eps"),
+    ({"num_tasks": 2, "update_weights_every": 0}, "update_weights_every"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optax_mtl.mgda(**kwargs)
