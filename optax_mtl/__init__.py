@@ -7,30 +7,120 @@ params=None, *, task_losses)`` combines per-task gradients, and
 that computes only what the strategy needs.
 """
 
+from optax_mtl import metrics
 from optax_mtl._src.base import MultiTaskStrategy
 from optax_mtl._src.base import Needs
 from optax_mtl._src.base import PeriodicState
 from optax_mtl._src.base import Weighting
+from optax_mtl._src.diagnostics import diagnostics
 from optax_mtl._src.engine import value_and_grad
+from optax_mtl._src.solvers import SolverResult
+from optax_mtl._src.solvers import project_simplex
+from optax_mtl._src.solvers import solve_cagrad
+from optax_mtl._src.solvers import solve_dual_cone_qp
+from optax_mtl._src.solvers import solve_min_norm
 from optax_mtl._src.tree import cosine_matrix
 from optax_mtl._src.tree import gramian
+from optax_mtl._src.weighting._aligned_mtl import AlignedMtlState
+from optax_mtl._src.weighting._aligned_mtl import aligned_mtl
+from optax_mtl._src.weighting._cagrad import CagradState
+from optax_mtl._src.weighting._cagrad import cagrad
+from optax_mtl._src.weighting._dualproj import DualprojState
+from optax_mtl._src.weighting._dualproj import dualproj
+from optax_mtl._src.weighting._dwa import DwaState
+from optax_mtl._src.weighting._dwa import dwa
+from optax_mtl._src.weighting._dwema import DwemaState
+from optax_mtl._src.weighting._dwema import dwema
+from optax_mtl._src.weighting._ema import EmaState
+from optax_mtl._src.weighting._ema import ema
 from optax_mtl._src.weighting._equal import EqualState
 from optax_mtl._src.weighting._equal import equal
+from optax_mtl._src.weighting._geometric_mean import GeometricMeanState
+from optax_mtl._src.weighting._geometric_mean import geometric_mean
+from optax_mtl._src.weighting._gradnorm import GradnormState
+from optax_mtl._src.weighting._gradnorm import gradnorm
+from optax_mtl._src.weighting._imtl_g import ImtlGState
+from optax_mtl._src.weighting._imtl_g import imtl_g
+from optax_mtl._src.weighting._initial_loss import InitialLossState
+from optax_mtl._src.weighting._initial_loss import initial_loss
+from optax_mtl._src.weighting._lbtw import LbtwState
+from optax_mtl._src.weighting._lbtw import lbtw
+from optax_mtl._src.weighting._log_loss import LogLossState
+from optax_mtl._src.weighting._log_loss import log_loss
+from optax_mtl._src.weighting._mgda import MgdaState
+from optax_mtl._src.weighting._mgda import mgda
+from optax_mtl._src.weighting._nash_mtl import NashMtlState
+from optax_mtl._src.weighting._nash_mtl import nash_mtl
 from optax_mtl._src.weighting._normalized_gradients import NormalizedGradientsState
 from optax_mtl._src.weighting._normalized_gradients import normalized_gradients
+from optax_mtl._src.weighting._pcgrad import PcgradState
+from optax_mtl._src.weighting._pcgrad import pcgrad
+from optax_mtl._src.weighting._rema import RemaState
+from optax_mtl._src.weighting._rema import rema
+from optax_mtl._src.weighting._rlw import RlwState
+from optax_mtl._src.weighting._rlw import rlw
+from optax_mtl._src.weighting._uncertainty import UncertaintyState
+from optax_mtl._src.weighting._uncertainty import uncertainty
+from optax_mtl._src.weighting._upgrad import UpgradState
+from optax_mtl._src.weighting._upgrad import upgrad
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AlignedMtlState",
+    "CagradState",
+    "DualprojState",
+    "DwaState",
+    "DwemaState",
+    "EmaState",
     "EqualState",
+    "GeometricMeanState",
+    "GradnormState",
+    "ImtlGState",
+    "InitialLossState",
+    "LbtwState",
+    "LogLossState",
+    "MgdaState",
     "MultiTaskStrategy",
+    "NashMtlState",
     "Needs",
     "NormalizedGradientsState",
+    "PcgradState",
     "PeriodicState",
+    "RemaState",
+    "RlwState",
+    "SolverResult",
+    "UncertaintyState",
+    "UpgradState",
     "Weighting",
+    "aligned_mtl",
+    "cagrad",
     "cosine_matrix",
+    "diagnostics",
+    "dualproj",
+    "dwa",
+    "dwema",
+    "ema",
     "equal",
+    "geometric_mean",
+    "gradnorm",
     "gramian",
+    "imtl_g",
+    "initial_loss",
+    "lbtw",
+    "log_loss",
+    "metrics",
+    "mgda",
+    "nash_mtl",
     "normalized_gradients",
+    "pcgrad",
+    "project_simplex",
+    "rema",
+    "rlw",
+    "solve_cagrad",
+    "solve_dual_cone_qp",
+    "solve_min_norm",
+    "uncertainty",
+    "upgrad",
     "value_and_grad",
 )

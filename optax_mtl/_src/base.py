@@ -55,8 +55,8 @@ class Needs(enum.Enum):
 WeightRule = Callable[[chex.Array, Any, Optional[chex.Array]], tuple[chex.Array, Any]]
 
 # Which parameters enter the Gramian: None (all), a pytree of bools shaped
-# like the params, or a callable (path, leaf) -> bool.
-GramianFilter = Union[None, Any, Callable[[Any, chex.Array], bool]]
+# like the params, or a callable params -> pytree of bools.
+GramianFilter = Union[None, Any, Callable[[Any], Any]]
 
 
 class Weighting(NamedTuple):

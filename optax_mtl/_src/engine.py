@@ -96,20 +96,19 @@ def value_and_grad(
   num_tasks = weighting.num_tasks
   needs_gramian = weighting.needs is base.Needs.GRAMIAN
 
-  def mean_over_devices(x):
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
   def step(params, state, *args):
+    devices = _DeviceAverage(axis_name)
+    task_loss_fn = devices.wrap(loss_fn, has_aux)
     representation_vjp = None
     if encoder_fn is None:
-      full_loss = lambda p: loss_fn(p, *args)
+      full_loss = lambda p: task_loss_fn(p, *args)
       out, vjp_fn, aux = _vjp(full_loss, (params,), has_aux)
     else:
       # One forward pass through the encoder; the heads' VJP gives both the
       # parameter cotangent and the representation cotangent.
       representation, encoder_vjp = jax.vjp(
           lambda p: encoder_fn(p, *args), params)
-      out, heads_vjp, aux = _vjp(lambda p, z: loss_fn(p, z, *args),
+      out, heads_vjp, aux = _vjp(lambda p, z: task_loss_fn(p, z, *args),
                                  (params, representation), has_aux)
       representation_vjp = lambda cotangent: heads_vjp(cotangent)[1]
 
@@ -119,11 +118,11 @@ def value_and_grad(
         return (jax.tree.map(jnp.add, params_part, encoder_part),)
 
     base.check_task_losses(out, num_tasks)
-    task_losses = mean_over_devices(out)
+    task_losses = devices.mean(out)
     losses32 = jax.lax.stop_gradient(task_losses.astype(jnp.float32))
 
     def backward(weights):
-      return mean_over_devices(vjp_fn(weights.astype(out.dtype))[0])
+      return devices.mean(vjp_fn(weights.astype(out.dtype))[0])
 
     if not needs_gramian:
       weights, new_state = base.apply_rule(weighting, losses32, state)
@@ -133,15 +132,15 @@ def value_and_grad(
       def recompute(state):
         if representation_vjp is not None:
           gramian = _representation_gramian(representation_vjp, num_tasks,
-                                            out.dtype, axis_name)
+                                            out.dtype, devices)
         elif gramian_mode == "low_memory":
           # pylint: disable-next=undefined-variable (set when no encoder_fn)
           mask = tree_lib.filter_mask(weighting.gramian_filter, params, params)
           gramian = _low_memory_gramian(full_loss, vjp_fn, params, mask,
                                         num_tasks, out.dtype, has_aux,
-                                        axis_name)
+                                        devices)
         else:
-          jacobian = mean_over_devices(
+          jacobian = devices.mean(
               jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0])
           mask = tree_lib.filter_mask(weighting.gramian_filter, params,
                                       jacobian)
@@ -170,14 +169,12 @@ def value_and_grad(
 
 
 def _low_memory_gramian(full_loss, vjp_fn, params, mask, num_tasks, dtype,
-                        has_aux, axis_name):
+                        has_aux, devices):
   """``G = J Jᵀ`` one column at a time: ``g_i = Jᵀe_i``, then ``J g_i``."""
 
   def column(index):
     unit = jax.nn.one_hot(index, num_tasks, dtype=dtype)
-    task_grad = vjp_fn(unit)[0]
-    if axis_name is not None:
-      task_grad = jax.lax.pmean(task_grad, axis_name)
+    task_grad = devices.mean(vjp_fn(unit)[0])
     tangent = jax.tree.map(
         lambda g, keep: g if keep else jnp.zeros_like(g), task_grad, mask)
     if has_aux:
@@ -185,9 +182,7 @@ def _low_memory_gramian(full_loss, vjp_fn, params, mask, num_tasks, dtype,
                                   has_aux=True)
     else:
       _, gram_column = jax.jvp(full_loss, (params,), (tangent,))
-    if axis_name is not None:
-      gram_column = jax.lax.pmean(gram_column, axis_name)
-    return gram_column.astype(jnp.float32)
+    return devices.mean(gram_column).astype(jnp.float32)
 
   gramian = jax.lax.map(column, jnp.arange(num_tasks))
   return 0.5 * (gramian + gramian.T)
@@ -201,14 +196,68 @@ def _vjp(fun, primals, has_aux):
   return out, vjp_fn, None
 
 
-def _representation_gramian(representation_vjp, num_tasks, dtype, axis_name):
+def _representation_gramian(representation_vjp, num_tasks, dtype, devices):
   """Gramian of the per-task gradients w.r.t. the shared representation."""
   rep_jacobian = jax.vmap(representation_vjp)(jnp.eye(num_tasks, dtype=dtype))
-  gramian = tree_lib.gramian(rep_jacobian)
-  if axis_name is not None:
-    # Each device holds the gradient of its own loss with respect to its own
-    # slice of the representation; the global loss is the mean over n
-    # devices, so the global Gramian is Σ_devices G_local / n².
-    num_devices = jax.lax.psum(1, axis_name)
-    gramian = jax.lax.psum(gramian, axis_name) / num_devices**2
-  return gramian
+  return devices.sum_gramian(tree_lib.gramian(rep_jacobian))
+
+
+class _DeviceAverage:
+  """Averages over the data axis of ``shard_map`` / ``pmap``, if one is named.
+
+  The global loss is the mean of the devices' local losses. Two regimes:
+
+  * the local losses are typed as varying over the axis (``shard_map`` with
+    its default ``check_vma=True``): the loss function is wrapped in
+    ``pmean``, so its VJP already yields the global gradients of the
+    replicated parameters (AD sums their cotangents over devices) and
+    nothing is averaged afterwards;
+  * otherwise (``check_vma=False``, ``pmap``): losses, gradients, Jacobians
+    and Gramian columns are ``pmean``-ed explicitly after the fact.
+  """
+
+  def __init__(self, axis_name):
+    self.axis_name = axis_name
+    self.averaged_inside = False
+
+  def wrap(self, loss_fn, has_aux):
+    if self.axis_name is None:
+      return loss_fn
+
+    def averaged(*args):
+      out = loss_fn(*args)
+      losses = out[0] if has_aux else out
+      if self.axis_name in _varying_axes(losses):
+        self.averaged_inside = True
+        losses = jax.lax.pmean(losses, self.axis_name)
+      return (losses, out[1]) if has_aux else losses
+
+    return averaged
+
+  def mean(self, tree):
+    if self.axis_name is None or self.averaged_inside:
+      return tree
+    return jax.lax.pmean(tree, self.axis_name)
+
+  def sum_gramian(self, local_gramian):
+    """The Gramian of representation gradients, summed over devices."""
+    if self.axis_name is None:
+      return local_gramian
+    total = jax.lax.psum(local_gramian, self.axis_name)
+    if self.averaged_inside:
+      # Each local gradient already carries the 1/n of the global mean.
+      return total
+    # The local gradients are those of the local losses: the global loss is
+    # their mean over n devices, so the global Gramian is Σ G_local / n².
+    num_devices = jax.lax.psum(1, self.axis_name)
+    return total / num_devices**2
+
+
+def _varying_axes(value) -> frozenset:
+  """The mesh axes over which ``value`` is typed as varying (shard_map)."""
+  aval = jax.typeof(value)
+  varying = getattr(aval, "vma", None)  # jax < 0.10.
+  if varying is None:
+    manual_axis_type = getattr(aval, "manual_axis_type", None)
+    varying = getattr(manual_axis_type, "varying", None)
+  return frozenset(varying or ())

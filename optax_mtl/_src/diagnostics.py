@@ -1,0 +1,183 @@
+"""Logging: a flat dict of scalars from every optax_mtl state in a tree."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Fields every strategy state has (see optax_mtl._src.base).
+_REQUIRED_FIELDS = ("weights", "num_skipped")
+# Integer or boolean fields worth logging; other integer fields (step
+# counters of a statistic) are left out.
+_LOGGED_DISCRETE_FIELDS = ("num_skipped", "solver_iterations",
+                           "solver_converged", "steps_since_update")
+
+
+def is_strategy_state(node: Any) -> bool:
+  """Whether ``node`` is the state of an optax_mtl strategy.
+
+  Every strategy state is a NamedTuple with the fields ``weights`` and
+  ``num_skipped`` (this includes :class:`optax_mtl.PeriodicState`).
+  """
+  fields = getattr(type(node), "_fields", None)
+  return (isinstance(node, tuple) and fields is not None
+          and all(name in fields for name in _REQUIRED_FIELDS))
+
+
+def _unwrap(tree: Any) -> Any:
+  """Replaces wrapped values (e.g. ``flax.nnx`` variables) by their arrays."""
+  is_wrapper = lambda x: callable(getattr(x, "get_value", None))
+  return jax.tree.map(lambda x: x.get_value() if is_wrapper(x) else x, tree,
+                      is_leaf=is_wrapper)
+
+
+def _path_name(path: Sequence[Any]) -> str:
+  parts = []
+  for entry in path:
+    for attribute in ("name", "key", "idx"):
+      if hasattr(entry, attribute):
+        parts.append(str(getattr(entry, attribute)))
+        break
+    else:
+      parts.append(str(entry).strip(".[]'\""))
+  return "/".join(parts)
+
+
+def _task_labels(num_tasks: int, task_names: Optional[Sequence[str]]):
+  if task_names is None:
+    return [str(index) for index in range(num_tasks)]
+  if len(task_names) != num_tasks:
+    raise ValueError(
+        f"task_names must name the {num_tasks} tasks of the strategy, got "
+        f"{len(task_names)} names: {list(task_names)!r}.")
+  return [str(name) for name in task_names]
+
+
+def _state_statistics(state: Any, prefix: str,
+                      task_names: Optional[Sequence[str]]) -> dict[str, chex.Array]:
+  """Flattens one strategy state (and any strategy state nested in it)."""
+  num_tasks = jnp.shape(state.weights)[0]
+  labels = _task_labels(num_tasks, task_names)
+  out: dict[str, chex.Array] = {}
+
+  def add_leaf(name: str, leaf: chex.Array):
+    leaf = jnp.asarray(leaf)
+    field = name.rsplit("/", 1)[-1]
+    if name == "gradient_cosines":
+      rows, cols = np.triu_indices(num_tasks, k=1)
+      for row, col in zip(rows.tolist(), cols.tolist()):
+        out[f"{prefix}gradient_cosines/{labels[row]}_{labels[col]}"] = (
+            leaf[row, col].astype(jnp.float32))
+      off_diagonal = leaf[rows, cols].astype(jnp.float32)
+      if num_tasks > 1:
+        out[f"{prefix}gradient_cosines/min"] = jnp.min(off_diagonal)
+        out[f"{prefix}gradient_conflicts"] = jnp.sum(
+            off_diagonal < 0).astype(jnp.int32)
+      return
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      leaf = leaf.astype(jnp.float32)
+    elif field in _LOGGED_DISCRETE_FIELDS:
+      leaf = leaf.astype(jnp.int32)
+    else:
+      return  # Internal counters (e.g. steps of a running average), keys.
+    if leaf.shape == ():
+      out.setdefault(f"{prefix}{name}", leaf)
+    elif leaf.shape == (num_tasks,):
+      for index, label in enumerate(labels):
+        out.setdefault(f"{prefix}{name}/{label}", leaf[index])
+      if name == "weights":
+        out[f"{prefix}weights/sum"] = jnp.sum(leaf)
+
+  def walk(node: Any, name: str):
+    fields = getattr(type(node), "_fields", None)
+    if isinstance(node, tuple) and fields is not None:
+      for field in fields:
+        child = getattr(node, field)
+        # A nested strategy state (the inner state of a PeriodicState)
+        # shares the outer keys: its weights are the ones applied.
+        child_name = name if is_strategy_state(child) else (
+            f"{name}/{field}" if name else field)
+        walk(child, child_name)
+      return
+    leaves = jax.tree_util.tree_leaves_with_path(node)
+    for path, leaf in leaves:
+      suffix = _path_name(path)
+      add_leaf(f"{name}/{suffix}" if suffix else name, leaf)
+
+  walk(state, "")
+  return out
+
+
+def diagnostics(
+    state: Any,
+    *,
+    prefix: str = "mtl",
+    task_names: Optional[Sequence[str]] = None,
+) -> dict[str, chex.Array]:
+  """Flat dict of scalars describing every optax_mtl strategy state in a tree.
+
+  Finds every strategy state inside ``state``: a bare strategy state, a
+  :class:`optax_mtl.PeriodicState`, or one nested inside an optimizer state
+  (``optax.chain``, ``optax.MultiSteps``, ``optax.apply_if_finite``,
+  ``flax.nnx.Optimizer.opt_state``, a dict ...). For each it reports, as
+  scalar arrays keyed ``"<prefix>/<statistic>[/<task>]"``:
+
+  * ``weights/<task>`` (float32) and ``weights/sum``: the weights applied
+    last;
+  * ``num_skipped`` (int32): the steps rejected so far;
+  * ``gradient_cosines/<i>_<j>`` for ``i < j``, ``gradient_cosines/min`` and
+    ``gradient_conflicts`` (the number of pairs with a negative cosine), for
+    strategies that read the Gramian;
+  * ``solver_iterations`` (int32), ``solver_gap`` (float32) and
+    ``solver_converged`` (int32, 0 or 1) for strategies with a solver;
+  * ``steps_since_update`` for strategies that recompute their weights every
+    n steps;
+  * every other float statistic of the state that is a scalar or has one
+    value per task (e.g. ``loss_average/average/<task>``), keyed by its path
+    in the state.
+
+  The dict holds only scalars, so each entry can go to any logger as it is
+  (``writer.add_scalar(key, value, step)``). It is a pure function of the
+  state: call it inside a jitted step and return it with the losses. When the
+  tree holds more than one strategy state, each key gets the state's path in
+  the tree after the prefix.
+
+  Args:
+    state: any pytree holding optax_mtl strategy states.
+    prefix: prepended to every key, followed by ``/`` (``""``: no prefix).
+    task_names: optional names of the tasks, used instead of their indices.
+
+  Returns:
+    A dict from ``str`` to scalar ``jax.Array``; empty if ``state`` holds no
+    strategy state.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_mtl
+    >>> tx = optax.chain(optax_mtl.equal(num_tasks=2), optax.sgd(0.1))
+    >>> opt_state = tx.init(jnp.zeros(3))
+    >>> logs = optax_mtl.diagnostics(opt_state, task_names=["depth", "seg"])
+    >>> sorted(logs)
+    ['mtl/num_skipped', 'mtl/weights/depth', 'mtl/weights/seg', 'mtl/weights/sum']
+    >>> float(logs["mtl/weights/sum"])
+    2.0
+  """
+  prefix = f"{prefix}/" if prefix else ""
+  state = _unwrap(state)
+  found = [
+      (path, node)
+      for path, node in jax.tree_util.tree_flatten_with_path(
+          state, is_leaf=is_strategy_state)[0]
+      if is_strategy_state(node)
+  ]
+  out: dict[str, chex.Array] = {}
+  for path, node in found:
+    where = _path_name(path) if len(found) > 1 else ""
+    out.update(_state_statistics(
+        node, f"{prefix}{where}/" if where else prefix, task_names))
+  return out
