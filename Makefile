@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 optax_mtl tests
+	$(PY) -m pytest -n 2 --dist loadfile optax_mtl tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -1,10 +1,8 @@
 """One contract over every strategy that optax_mtl exports.
 
-Strategies are discovered from ``optax_mtl.__all__``, so a new strategy is
-covered the moment it is exported.
+Strategies are discovered from ``optax_mtl.__all__`` (tests/strategy_cases.py),
+so a new strategy is covered the moment it is exported.
 """
-
-import inspect
 
 from flax import nnx
 import jax
@@ -14,24 +12,12 @@ import optax
 import pytest
 
 import optax_mtl
+from tests import strategy_cases
 
 NUM_TASKS = 3
 
 
-def discover_strategies():
-  names = []
-  for name in optax_mtl.__all__:
-    factory = getattr(optax_mtl, name)
-    if inspect.isclass(factory) or not callable(factory):
-      continue
-    if "num_tasks" not in inspect.signature(factory).parameters:
-      continue
-    if isinstance(factory(num_tasks=NUM_TASKS), optax_mtl.MultiTaskStrategy):
-      names.append(name)
-  return names
-
-
-STRATEGIES = discover_strategies()
+STRATEGIES = strategy_cases.names()
 
 
 def test_every_strategy_is_discovered():
@@ -74,7 +60,7 @@ def assert_same_structure_and_dtypes(a, b):
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_optax_face_contract(name):
-  strategy = getattr(optax_mtl, name)(num_tasks=NUM_TASKS)
+  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
   state = strategy.init(PARAMS)
   assert state.weights.shape == (NUM_TASKS,)
   assert state.weights.dtype == jnp.float32
@@ -107,7 +93,7 @@ def test_optax_face_contract(name):
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_both_faces_agree(name):
   """value_and_grad gives the optax face's weights and combined gradient."""
-  strategy = getattr(optax_mtl, name)(num_tasks=NUM_TASKS)
+  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
   step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
   update = jax.jit(strategy.update)
   params = PARAMS
@@ -131,7 +117,7 @@ def test_both_faces_agree(name):
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_rejected_losses_do_not_poison_the_state(name):
-  strategy = getattr(optax_mtl, name)(num_tasks=NUM_TASKS)
+  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
   update = jax.jit(strategy.update)
   task_grads, losses = task_grads_and_losses(PARAMS)
   _, state = update(task_grads, strategy.init(PARAMS), PARAMS,
@@ -153,7 +139,7 @@ def test_rejected_losses_do_not_poison_the_state(name):
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_chains_and_wrappers(name):
-  strategy = getattr(optax_mtl, name)(num_tasks=NUM_TASKS)
+  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
   optimizers = {
       "chain": optax.chain(strategy, optax.adam(1e-2)),
       # apply_if_finite returns zeros shaped like its input when it rejects
@@ -203,7 +189,7 @@ def nnx_task_losses(model, inputs, targets):
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_trains_a_flax_nnx_model(name):
-  strategy = getattr(optax_mtl, name)(num_tasks=NUM_TASKS)
+  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
   model = MultiTaskModel(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.chain(strategy, optax.adam(1e-2)),
                             wrt=nnx.Param)
