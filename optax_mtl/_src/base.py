@@ -25,7 +25,8 @@ State conventions (checked by the contract test over every strategy):
   (int32[]), ``solver_gap`` (float32[]) and ``solver_converged`` (bool[]).
 
 The guard (:func:`apply_rule`) fills ``weights`` and ``gradient_cosines``;
-rules only update their own statistics.
+rules only update their own statistics. :func:`convention_fields` gives the
+initial values of these conventional fields to every strategy's ``init``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
   return value
 
 
+def check_solver_options(max_iters: Any, tol: Any) -> tuple[int, float | None]:
+  """Checks a solver's ``max_iters`` (>= 1) and ``tol`` (>= 0 or None)."""
+  max_iters = check_positive_int("max_iters", max_iters)
+  if tol is not None:
+    tol = check_in_range("tol", tol, 0.0)
+  return max_iters, tol
+
+
 def check_task_losses(task_losses: Any, num_tasks: int) -> jax.Array:
   """Returns the losses as float32[T]; raises at trace time on a bad shape."""
   shape = jnp.shape(task_losses)
@@ -155,6 +164,46 @@ def check_task_losses(task_losses: Any, num_tasks: int) -> jax.Array:
 
 def safe_increment(count: chex.Array) -> chex.Array:
   return optax.safe_increment(count)
+
+
+# --------------------------------------------------------------------------
+# The conventional state fields, shared by every strategy's init.
+# --------------------------------------------------------------------------
+
+
+def convention_fields(
+    num_tasks: int,
+    initial_weights: Union[float, chex.Array] = 1.0,
+    *,
+    gramian: bool = False,
+    solver: bool = False,
+) -> dict[str, jax.Array]:
+  """The initial values of the conventional state fields, as a dict.
+
+  Used as ``SomeState(**convention_fields(num_tasks, ...), own_field=...)``.
+
+  Args:
+    num_tasks: T.
+    initial_weights: a scalar or a float32[T] array, the initial ``weights``.
+    gramian: also return ``gradient_cosines`` (the identity), for strategies
+      that read the Gramian.
+    solver: also return ``solver_iterations`` (0), ``solver_gap`` (0.0) and
+      ``solver_converged`` (True), for strategies with an iterative solver.
+
+  Returns:
+    ``weights`` f32[T] and ``num_skipped`` i32[] (0), plus the optional fields.
+  """
+  fields = dict(
+      weights=jnp.full((num_tasks,), initial_weights, jnp.float32),
+      num_skipped=jnp.zeros([], jnp.int32))
+  if gramian:
+    fields.update(gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32))
+  if solver:
+    fields.update(
+        solver_iterations=jnp.zeros([], jnp.int32),
+        solver_gap=jnp.zeros([], jnp.float32),
+        solver_converged=jnp.asarray(True))
+  return fields
 
 
 # --------------------------------------------------------------------------

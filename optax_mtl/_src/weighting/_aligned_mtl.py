@@ -132,9 +132,7 @@ def aligned_mtl(
 
   def init():
     return AlignedMtlState(
-        weights=jnp.asarray(preference_values),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
+        **base.convention_fields(num_tasks, preference_values, gramian=True),
         rank=jnp.zeros([], jnp.int32),
         condition_number=jnp.ones([], jnp.float32))
 

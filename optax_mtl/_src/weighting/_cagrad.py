@@ -86,20 +86,13 @@ def cagrad(
   c = base.check_in_range("c", c, 0.0)
   if not isinstance(rescale, bool):
     raise ValueError(f"rescale must be a bool, got {rescale!r}.")
-  max_iters = base.check_positive_int("max_iters", max_iters)
-  if tol is not None:
-    tol = base.check_in_range("tol", tol, 0.0)
+  max_iters, tol = base.check_solver_options(max_iters, tol)
   base.check_positive_int("update_weights_every", update_weights_every)
   factor = 1.0 / (1.0 + c**2) if rescale else 1.0
 
   def init():
-    return CagradState(
-        weights=jnp.full((num_tasks,), factor / num_tasks, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
-        solver_iterations=jnp.zeros([], jnp.int32),
-        solver_gap=jnp.zeros([], jnp.float32),
-        solver_converged=jnp.asarray(True))
+    return CagradState(**base.convention_fields(
+        num_tasks, factor / num_tasks, gramian=True, solver=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

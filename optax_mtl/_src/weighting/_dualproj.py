@@ -71,19 +71,12 @@ def dualproj(
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  max_iters = base.check_positive_int("max_iters", max_iters)
-  if tol is not None:
-    tol = base.check_in_range("tol", tol, 0.0)
+  max_iters, tol = base.check_solver_options(max_iters, tol)
   base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return DualprojState(
-        weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
-        solver_iterations=jnp.zeros([], jnp.int32),
-        solver_gap=jnp.zeros([], jnp.float32),
-        solver_converged=jnp.asarray(True))
+    return DualprojState(**base.convention_fields(
+        num_tasks, 1.0 / num_tasks, gramian=True, solver=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

@@ -79,8 +79,7 @@ def dwa(
 
   def init():
     return DwaState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
+        **base.convention_fields(num_tasks),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 
   def rule(task_losses, state, gramian):

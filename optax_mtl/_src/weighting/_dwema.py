@@ -77,8 +77,7 @@ def dwema(
 
   def init():
     return DwemaState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
+        **base.convention_fields(num_tasks),
         loss_average=_loss_history.init_loss_average(num_tasks),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 

@@ -67,8 +67,7 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
 
   def init():
     return EmaState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
+        **base.convention_fields(num_tasks),
         loss_average=_loss_history.init_loss_average(num_tasks))
 
   def rule(task_losses, state, gramian):

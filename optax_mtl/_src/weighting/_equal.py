@@ -47,9 +47,7 @@ def equal(num_tasks: int, mean: bool = False) -> base.MultiTaskStrategy:
   value = 1.0 / num_tasks if mean else 1.0
 
   def init():
-    return EqualState(
-        weights=jnp.full((num_tasks,), value, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32))
+    return EqualState(**base.convention_fields(num_tasks, value))
 
   def rule(task_losses, state, gramian):
     del gramian

@@ -72,9 +72,7 @@ def geometric_mean(
   log_gamma = math.log(gamma)
 
   def init():
-    return GeometricMeanState(
-        weights=jnp.full((num_tasks,), 1.0 / gamma, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32))
+    return GeometricMeanState(**base.convention_fields(num_tasks, 1.0 / gamma))
 
   def rule(task_losses, state, gramian):
     del gramian

@@ -118,9 +118,7 @@ def gradnorm(
 
   def init():
     return GradnormState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
+        **base.convention_fields(num_tasks, gramian=True),
         loss_weights=jnp.ones((num_tasks,), jnp.float32),
         initial_losses=jnp.ones((num_tasks,), jnp.float32),
         num_updates=jnp.zeros([], jnp.int32),

@@ -133,10 +133,8 @@ def imtl_g(
   base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return ImtlGState(
-        weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32))
+    return ImtlGState(**base.convention_fields(
+        num_tasks, 1.0 / num_tasks, gramian=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

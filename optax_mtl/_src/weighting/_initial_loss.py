@@ -92,13 +92,12 @@ def initial_loss(
   def init():
     if prior_losses is None:
       return InitialLossState(
-          weights=jnp.ones((num_tasks,), jnp.float32),
-          num_skipped=jnp.zeros([], jnp.int32),
+          **base.convention_fields(num_tasks),
           initial_losses=jnp.zeros((num_tasks,), jnp.float32),
           num_measured=jnp.zeros([], jnp.int32))
     return InitialLossState(
-        weights=1.0 / jnp.asarray(prior, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
+        **base.convention_fields(
+            num_tasks, 1.0 / jnp.asarray(prior, jnp.float32)),
         initial_losses=jnp.asarray(prior, jnp.float32),
         num_measured=jnp.asarray(warmup_steps, jnp.int32))
 

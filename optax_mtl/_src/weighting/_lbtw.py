@@ -82,8 +82,7 @@ def lbtw(
 
   def init():
     return LbtwState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
+        **base.convention_fields(num_tasks),
         reference_losses=jnp.ones((num_tasks,), jnp.float32),
         steps_in_epoch=jnp.zeros([], jnp.int32))
 

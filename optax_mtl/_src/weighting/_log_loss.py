@@ -54,9 +54,7 @@ def log_loss(num_tasks: int) -> base.MultiTaskStrategy:
   num_tasks = base.check_num_tasks(num_tasks)
 
   def init():
-    return LogLossState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32))
+    return LogLossState(**base.convention_fields(num_tasks))
 
   def rule(task_losses, state, gramian):
     del gramian

@@ -90,9 +90,7 @@ def mgda(
     "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  max_iters = base.check_positive_int("max_iters", max_iters)
-  if tol is not None:
-    tol = base.check_in_range("tol", tol, 0.0)
+  max_iters, tol = base.check_solver_options(max_iters, tol)
   if normalization not in NORMALIZATIONS:
     raise ValueError(
         f"normalization must be one of {NORMALIZATIONS}, got "
@@ -101,13 +99,8 @@ def mgda(
   base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return MgdaState(
-        weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
-        solver_iterations=jnp.zeros([], jnp.int32),
-        solver_gap=jnp.zeros([], jnp.float32),
-        solver_converged=jnp.asarray(True))
+    return MgdaState(**base.convention_fields(
+        num_tasks, 1.0 / num_tasks, gramian=True, solver=True))
 
   def rule(task_losses, state, gramian):
     scales = task_scales(normalization, task_losses, gramian, eps)

@@ -220,13 +220,8 @@ def nash_mtl(
   base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return NashMtlState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
-        solver_iterations=jnp.zeros([], jnp.int32),
-        solver_gap=jnp.zeros([], jnp.float32),
-        solver_converged=jnp.ones([], jnp.bool_))
+    return NashMtlState(**base.convention_fields(
+        num_tasks, gramian=True, solver=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

@@ -66,9 +66,7 @@ def normalized_gradients(
 
   def init():
     return NormalizedGradientsState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32))
+        **base.convention_fields(num_tasks, gramian=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

@@ -119,9 +119,7 @@ def pcgrad(
 
   def init():
     return PcgradState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        gradient_cosines=jnp.eye(num_tasks, dtype=jnp.float32),
+        **base.convention_fields(num_tasks, gramian=True),
         rng_key=jax.random.key_data(jax.random.key(seed)))
 
   def rule(task_losses, state, gramian):

@@ -70,10 +70,8 @@ def rlw(num_tasks: int, seed: int = 0) -> base.MultiTaskStrategy:
         f"seed must fit in a 64-bit integer, got {seed!r}.") from error
 
   def init():
-    return RlwState(
-        weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        key=key_data)
+    return RlwState(**base.convention_fields(num_tasks, 1.0 / num_tasks),
+                    key=key_data)
 
   def rule(task_losses, state, gramian):
     del task_losses, gramian

@@ -108,8 +108,8 @@ def uncertainty(
     zeros = jnp.zeros((num_tasks,), jnp.float32)
     log_variances = jnp.asarray(initial_s, jnp.float32)
     return UncertaintyState(
-        weights=jnp.asarray(coefficients) * jnp.exp(-log_variances),
-        num_skipped=jnp.zeros([], jnp.int32),
+        **base.convention_fields(
+            num_tasks, jnp.asarray(coefficients) * jnp.exp(-log_variances)),
         log_variances=log_variances,
         adam_mu=zeros,
         adam_nu=zeros,
