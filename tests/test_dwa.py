@@ -5,40 +5,18 @@ import functools
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import optax_mtl
+from tests import loss_weighting_harness as harness
 
-NUM_TASKS = 3
-NUM_PARAMS = 4
-NAN, INF = float("nan"), float("inf")
-# A scripted run of 14 steps, 11 accepted: a rejected first step, a NaN step
-# and a negative-loss step. With 2 or 3 steps per epoch it spans 4-6 epochs.
-LOSSES = np.array([
-    [INF, 1.0, 1.0],
-    [2.0, 0.5, 10.0],
-    [1.5, 0.6, 8.0],
-    [NAN, 0.4, 7.0],
-    [1.2, 0.3, 9.0],
-    [1.0, 0.35, 6.0],
-    [0.9, -0.1, 5.5],
-    [0.8, 0.25, 5.0],
-    [0.85, 0.2, 4.0],
-    [0.7, 0.22, 4.5],
-    [0.6, 0.18, 3.0],
-    [0.65, 0.15, 3.2],
-    [0.5, 0.16, 2.5],
-    [0.45, 0.12, 2.6],
-], np.float32)
-GRADS = np.random.default_rng(0).normal(
-    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
-
-
-def is_accepted(losses):
-  return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
+NUM_TASKS = harness.NUM_TASKS
+NAN = harness.NAN
+LOSSES = harness.EPOCHS
+GRADS = harness.scripted_grads(LOSSES)
+is_accepted = harness.is_accepted
 
 
 def reference_weights(losses, temperature, steps_per_epoch):
@@ -71,20 +49,12 @@ def reference_weights(losses, temperature, steps_per_epoch):
 @pytest.mark.parametrize("temperature, steps_per_epoch", [
     (2.0, None), (0.5, None), (2.0, 1), (0.5, 2), (1.0, 3)])
 def test_golden_values_optax_face(temperature, steps_per_epoch):
-  strategy = optax_mtl.dwa(NUM_TASKS, temperature=temperature,
-                           steps_per_epoch=steps_per_epoch)
-  update_fn = jax.jit(strategy.update)
-  state = strategy.init(None)
-  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
   expected = reference_weights(LOSSES, temperature, steps_per_epoch)
   # The scripted run must reach rates that differ from 1.
   assert np.ptp(expected[-1]) > 1e-2
-  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
-    update, state = update_fn(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-5)
-    np.testing.assert_allclose(update, expected[step] @ grads, rtol=1e-5,
-                               atol=1e-6)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+  state = harness.check_optax_face(
+      optax_mtl.dwa(NUM_TASKS, temperature=temperature,
+                    steps_per_epoch=steps_per_epoch), LOSSES, GRADS, expected)
   assert int(state.num_skipped) == 3
   epochs = 11 // (1 if steps_per_epoch is None else steps_per_epoch)
   assert int(state.loss_ratios.num_periods) == epochs
@@ -92,50 +62,26 @@ def test_golden_values_optax_face(temperature, steps_per_epoch):
 
 @pytest.mark.parametrize("steps_per_epoch", [None, 2])
 def test_golden_values_value_and_grad_face(steps_per_epoch):
-  directions = GRADS[0]  # f32[T, P]
-
-  def loss_fn(params, scripted_losses):
-    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
-    return scripted_losses * jnp.exp(directions @ params)
-
-  strategy = optax_mtl.dwa(NUM_TASKS, steps_per_epoch=steps_per_epoch)
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  params = jnp.zeros(NUM_PARAMS)
-  state = strategy.init(params)
-  expected = reference_weights(LOSSES, 2.0, steps_per_epoch)
-  for step, losses in enumerate(LOSSES):
-    (task_losses, grads), state = step_fn(params, state, losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-5)
-    if is_accepted(losses):
-      np.testing.assert_allclose(task_losses, losses)
-      np.testing.assert_allclose(
-          grads, (expected[step] * losses) @ directions, rtol=1e-5, atol=1e-6)
+  state = harness.check_value_and_grad_face(
+      optax_mtl.dwa(NUM_TASKS, steps_per_epoch=steps_per_epoch), LOSSES,
+      GRADS[0], reference_weights(LOSSES, 2.0, steps_per_epoch))
   assert int(state.num_skipped) == 3
 
 
 @functools.lru_cache(maxsize=None)
 def scan_weights(steps_per_epoch):
   """A jitted run over a whole sequence, compiled once per configuration."""
-  strategy = optax_mtl.dwa(NUM_TASKS, steps_per_epoch=steps_per_epoch)
-
-  def run(losses):
-    def body(state, step_losses):
-      grads = jnp.ones((NUM_TASKS, 2))
-      _, state = strategy.update(grads, state, task_losses=step_losses)
-      return state, state.weights
-    return jax.lax.scan(body, strategy.init(None), losses)[1]
-
-  return jax.jit(run)
+  return harness.scan_states(
+      optax_mtl.dwa(NUM_TASKS, steps_per_epoch=steps_per_epoch),
+      jnp.ones((NUM_TASKS, 2)))
 
 
 @settings(max_examples=30, deadline=None)
-@given(losses=st.lists(st.floats(0.1, 10.0), min_size=6 * NUM_TASKS,
-                       max_size=6 * NUM_TASKS),
+@given(losses=harness.uniform_losses(6, 0.1, 10.0),
        steps_per_epoch=st.sampled_from([None, 2]))
 def test_weights_finite_positive_and_sum_to_num_tasks(losses, steps_per_epoch):
-  losses = np.array(losses, np.float32).reshape(6, NUM_TASKS)
   weights = scan_weights(steps_per_epoch)(losses)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  harness.assert_finite_and_positive(weights)
   np.testing.assert_allclose(weights.sum(-1), NUM_TASKS, rtol=1e-5)
 
 
@@ -151,6 +97,4 @@ def test_weights_finite_positive_and_sum_to_num_tasks(losses, steps_per_epoch):
     (dict(num_tasks=-1), r"num_tasks must be an integer >= 1, got -1"),
 ])
 def test_hyperparameter_errors(kwargs, message):
-  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.dwa(**kwargs)
+  harness.check_rejects(optax_mtl.dwa, kwargs, message)

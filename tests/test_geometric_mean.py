@@ -5,35 +5,22 @@ import functools
 
 from hypothesis import given
 from hypothesis import settings
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import optax_mtl
+from tests import loss_weighting_harness as harness
 
-NUM_TASKS = 3
-NUM_PARAMS = 4
-NAN, INF = float("nan"), float("inf")
+NUM_TASKS = harness.NUM_TASKS
+NUM_PARAMS = harness.NUM_PARAMS
+NAN, INF = harness.NAN, harness.INF
 # A scripted run with a NaN, a zero and an infinite loss (all rejected).
-LOSSES = np.array([
-    [2.0, 0.5, 10.0],
-    [1.5, 0.4, 8.0],
-    [NAN, 0.3, 7.0],
-    [1.2, 0.0, 6.0],
-    [1.0, 0.25, 5.0],
-    [0.8, 0.2, 4.5],
-    [0.7, 0.1, INF],
-    [0.6, 0.05, 4.0],
-], np.float32)
-GRADS = np.random.default_rng(0).normal(
-    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+LOSSES = harness.REJECTED_IN_MIDDLE
+GRADS = harness.scripted_grads(LOSSES)
 NUM_REJECTED = 3
-
-
-def is_accepted(losses):
-  return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
+is_accepted = harness.is_accepted
 
 
 def reference_weights(losses, gamma):
@@ -50,39 +37,17 @@ def reference_weights(losses, gamma):
 
 @pytest.mark.parametrize("gamma", [None, 1.0, 2.5])
 def test_golden_values_optax_face(gamma):
-  strategy = optax_mtl.geometric_mean(NUM_TASKS, gamma=gamma)
-  update_fn = jax.jit(strategy.update)
-  state = strategy.init(None)
-  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-  expected = reference_weights(LOSSES, NUM_TASKS if gamma is None else gamma)
-  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
-    update, state = update_fn(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=2e-6)
-    np.testing.assert_allclose(update, expected[step] @ grads, rtol=1e-5,
-                               atol=1e-6)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+  state = harness.check_optax_face(
+      optax_mtl.geometric_mean(NUM_TASKS, gamma=gamma), LOSSES, GRADS,
+      reference_weights(LOSSES, NUM_TASKS if gamma is None else gamma),
+      weights_rtol=2e-6)
   assert int(state.num_skipped) == NUM_REJECTED
 
 
 def test_golden_values_value_and_grad_face():
-  directions = GRADS[0]  # f32[T, P]
-
-  def loss_fn(params, scripted_losses):
-    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
-    return scripted_losses * jnp.exp(directions @ params)
-
-  strategy = optax_mtl.geometric_mean(NUM_TASKS)
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  params = jnp.zeros(NUM_PARAMS)
-  state = strategy.init(params)
-  expected = reference_weights(LOSSES, NUM_TASKS)
-  for step, losses in enumerate(LOSSES):
-    (task_losses, grads), state = step_fn(params, state, losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=2e-6)
-    if is_accepted(losses):
-      np.testing.assert_allclose(task_losses, losses)
-      np.testing.assert_allclose(
-          grads, (expected[step] * losses) @ directions, rtol=1e-5, atol=1e-6)
+  state = harness.check_value_and_grad_face(
+      optax_mtl.geometric_mean(NUM_TASKS), LOSSES, GRADS[0],
+      reference_weights(LOSSES, NUM_TASKS), weights_rtol=2e-6)
   assert int(state.num_skipped) == NUM_REJECTED
 
 
@@ -144,40 +109,24 @@ def test_many_tasks_neither_overflow_nor_underflow(losses):
 
 @functools.lru_cache(maxsize=None)
 def scan_run(num_tasks):
-  strategy = optax_mtl.geometric_mean(num_tasks)
-
-  def run(losses):
-    def body(state, step_losses):
-      _, state = strategy.update(jnp.eye(num_tasks), state,
-                                 task_losses=step_losses)
-      return state, state.weights
-    return jax.lax.scan(body, strategy.init(None), losses)[1]
-
-  return jax.jit(run)
-
-
-def wide_positive_losses(num_tasks):
-  return st.lists(
-      st.floats(-10.0, 10.0), min_size=3 * num_tasks,
-      max_size=3 * num_tasks).map(
-          lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
-              3, num_tasks))
+  return harness.scan_states(optax_mtl.geometric_mean(num_tasks),
+                             jnp.eye(num_tasks))
 
 
 @settings(max_examples=30, deadline=None)
-@given(losses=wide_positive_losses(NUM_TASKS))
+@given(losses=harness.wide_positive_losses(3))
 def test_weights_finite_and_positive(losses):
   weights = scan_run(NUM_TASKS)(losses)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  harness.assert_finite_and_positive(weights)
   np.testing.assert_allclose(weights, reference_weights(losses, NUM_TASKS),
                              rtol=1e-4)
 
 
 @settings(max_examples=10, deadline=None)
-@given(losses=wide_positive_losses(128))
+@given(losses=harness.wide_positive_losses(3, 128))
 def test_weights_finite_and_positive_many_tasks(losses):
   weights = scan_run(128)(losses)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  harness.assert_finite_and_positive(weights)
   # Every task contributes the same w_k L_k = (Π_j L_j)^(1/T) / T.
   contributions = weights * losses
   np.testing.assert_allclose(
@@ -203,6 +152,4 @@ def test_gamma_too_small_for_the_product_is_rejected():
     (dict(gamma="2"), r"gamma must be a real number, got '2'"),
 ])
 def test_hyperparameter_errors(kwargs, message):
-  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.geometric_mean(**kwargs)
+  harness.check_rejects(optax_mtl.geometric_mean, kwargs, message)

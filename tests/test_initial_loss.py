@@ -12,23 +12,12 @@ import numpy as np
 import pytest
 
 import optax_mtl
+from tests import loss_weighting_harness as harness
 
-NUM_TASKS = 3
-NUM_PARAMS = 4
-NAN, INF = float("nan"), float("inf")
-# A scripted run with a NaN, a zero and an infinite loss in the middle.
-LOSSES = np.array([
-    [2.0, 0.5, 10.0],
-    [1.5, 0.4, 8.0],
-    [NAN, 0.3, 7.0],
-    [1.2, 0.0, 6.0],
-    [1.0, 0.25, 5.0],
-    [0.8, 0.2, 4.5],
-    [0.7, 0.1, INF],
-    [0.6, 0.05, 4.0],
-], np.float32)
-GRADS = np.random.default_rng(0).normal(
-    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+NUM_TASKS = harness.NUM_TASKS
+NAN = harness.NAN
+LOSSES = harness.REJECTED_IN_MIDDLE
+GRADS = harness.scripted_grads(LOSSES)
 # log C for tasks with C = 10, 2 and 100 classes.
 PRIOR = np.log([10.0, 2.0, 100.0])
 
@@ -37,8 +26,7 @@ def is_finite(losses):
   return bool(np.all(np.isfinite(losses)))
 
 
-def is_positive(losses):
-  return is_finite(losses) and bool(np.all(losses > 0))
+is_positive = harness.is_accepted
 
 
 def reference_measured(losses, warmup_steps):
@@ -59,19 +47,15 @@ def reference_measured(losses, warmup_steps):
 
 @pytest.mark.parametrize("warmup_steps", [1, 3, 10])
 def test_golden_values_optax_face_measured(warmup_steps):
-  strategy = optax_mtl.initial_loss(NUM_TASKS, warmup_steps=warmup_steps)
-  update_fn = jax.jit(strategy.update)
-  state = strategy.init(None)
-  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
   expected, skipped, measured = reference_measured(LOSSES, warmup_steps)
-  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
-    update, state = update_fn(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-6)
+
+  def check_initial_losses(step, unused_previous_state, state):
     np.testing.assert_allclose(state.initial_losses, 1.0 / expected[step],
                                rtol=1e-6)
-    np.testing.assert_allclose(update, expected[step] @ grads, rtol=1e-5,
-                               atol=1e-6)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+
+  state = harness.check_optax_face(
+      optax_mtl.initial_loss(NUM_TASKS, warmup_steps=warmup_steps), LOSSES,
+      GRADS, expected, weights_rtol=1e-6, check_step=check_initial_losses)
   assert int(state.num_skipped) == skipped == 3
   assert int(state.num_measured) == measured
 
@@ -86,69 +70,39 @@ def test_first_step_weights_are_inverse_first_losses():
 
 def test_golden_values_optax_face_prior():
   strategy = optax_mtl.initial_loss(NUM_TASKS, prior_losses=PRIOR)
-  update_fn = jax.jit(strategy.update)
-  state = strategy.init(None)
   expected = 1.0 / PRIOR
-  np.testing.assert_allclose(state.weights, expected, rtol=1e-6)
-  for losses, grads in zip(LOSSES, GRADS):
-    update, state = update_fn(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected, rtol=1e-6)
-    np.testing.assert_allclose(update, expected @ grads, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(strategy.init(None).weights, expected, rtol=1e-6)
+  state = harness.check_optax_face(
+      strategy, LOSSES, GRADS, np.broadcast_to(expected, LOSSES.shape),
+      weights_rtol=1e-6)
   # Only the non-finite steps are rejected: the zero loss is fine here.
   assert int(state.num_skipped) == sum(not is_finite(l) for l in LOSSES) == 2
   np.testing.assert_allclose(state.initial_losses, PRIOR, rtol=1e-6)
 
 
 def test_golden_values_value_and_grad_face():
-  directions = GRADS[0]  # f32[T, P]
-
-  def loss_fn(params, scripted_losses):
-    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
-    return scripted_losses * jnp.exp(directions @ params)
-
-  strategy = optax_mtl.initial_loss(NUM_TASKS, warmup_steps=3)
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  params = jnp.zeros(NUM_PARAMS)
-  state = strategy.init(params)
   expected, skipped, _ = reference_measured(LOSSES, 3)
-  for step, losses in enumerate(LOSSES):
-    (task_losses, grads), state = step_fn(params, state, losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-6)
-    if is_positive(losses):
-      np.testing.assert_allclose(task_losses, losses)
-      np.testing.assert_allclose(
-          grads, (expected[step] * losses) @ directions, rtol=1e-5, atol=1e-6)
+  state = harness.check_value_and_grad_face(
+      optax_mtl.initial_loss(NUM_TASKS, warmup_steps=3), LOSSES, GRADS[0],
+      expected, accepted=is_positive, weights_rtol=1e-6)
   assert int(state.num_skipped) == skipped
 
 
 @functools.lru_cache(maxsize=None)
 def scan_run(warmup_steps):
   """A jitted run over a whole sequence, compiled once per warmup."""
-  strategy = optax_mtl.initial_loss(NUM_TASKS, warmup_steps=warmup_steps)
-
-  def run(losses, grads):
-    def body(state, inputs):
-      update, state = strategy.update(inputs[1], state, task_losses=inputs[0])
-      return state, (update, state.weights)
-    return jax.lax.scan(body, strategy.init(None), (losses, grads))[1]
-
-  return jax.jit(run)
+  return harness.scan_updates(
+      optax_mtl.initial_loss(NUM_TASKS, warmup_steps=warmup_steps))
 
 
-SEQUENCE_SHAPE = (5, NUM_TASKS)
-wide_positive_losses = st.lists(
-    st.floats(-10.0, 10.0), min_size=5 * NUM_TASKS,
-    max_size=5 * NUM_TASKS).map(
-        lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
-            SEQUENCE_SHAPE))
+wide_positive_losses = harness.wide_positive_losses(5)
 
 
 @settings(max_examples=30, deadline=None)
 @given(losses=wide_positive_losses)
 def test_weights_finite_and_positive(losses):
-  grads = np.ones(SEQUENCE_SHAPE + (2,), np.float32)
-  _, weights = scan_run(3)(losses, grads)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  weights = harness.weights_with_unit_grads(scan_run(3), losses)
+  harness.assert_finite_and_positive(weights)
   expected, _, _ = reference_measured(losses, 3)
   np.testing.assert_allclose(weights, expected, rtol=1e-5)
 
@@ -157,16 +111,8 @@ def test_weights_finite_and_positive(losses):
 @given(losses=wide_positive_losses, log_scale=st.floats(-3.0, 3.0),
        task=st.integers(0, NUM_TASKS - 1), seed=st.integers(0, 2**16))
 def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
-  grads = np.random.default_rng(seed).normal(
-      size=SEQUENCE_SHAPE + (2,)).astype(np.float32)
-  factor = np.ones(NUM_TASKS, np.float32)
-  factor[task] = 10.0 ** log_scale
-  updates, weights = scan_run(3)(losses, grads)
-  scaled_updates, _ = scan_run(3)(losses * factor,
-                                  grads * factor[None, :, None])
-  # Float tolerance relative to the size of the terms of Σ_k w_k g_k.
-  term_size = np.einsum("sk,skp->sp", np.abs(weights), np.abs(grads))
-  assert np.all(np.abs(scaled_updates - updates) <= 1e-5 * term_size)
+  harness.check_invariant_to_scaling_one_task(
+      scan_run(3), losses, 10.0 ** log_scale, task, seed, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -188,9 +134,7 @@ def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
      r"warmup_steps has no effect .*got 4"),
 ])
 def test_hyperparameter_errors(kwargs, message):
-  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.initial_loss(**kwargs)
+  harness.check_rejects(optax_mtl.initial_loss, kwargs, message)
 
 
 def test_prior_accepts_arrays_and_log_num_classes():

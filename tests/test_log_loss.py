@@ -9,28 +9,15 @@ import numpy as np
 import pytest
 
 import optax_mtl
+from tests import loss_weighting_harness as harness
 
-NUM_TASKS = 3
-NUM_PARAMS = 4
-NAN, INF = float("nan"), float("inf")
+NUM_TASKS = harness.NUM_TASKS
+NUM_PARAMS = harness.NUM_PARAMS
 # A scripted run with a NaN, a zero and an infinite loss (all rejected).
-LOSSES = np.array([
-    [2.0, 0.5, 10.0],
-    [1.5, 0.4, 8.0],
-    [NAN, 0.3, 7.0],
-    [1.2, 0.0, 6.0],
-    [1.0, 0.25, 5.0],
-    [0.8, 0.2, 4.5],
-    [0.7, 0.1, INF],
-    [0.6, 0.05, 4.0],
-], np.float32)
-GRADS = np.random.default_rng(0).normal(
-    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+LOSSES = harness.REJECTED_IN_MIDDLE
+GRADS = harness.scripted_grads(LOSSES)
 NUM_REJECTED = 3
-
-
-def is_accepted(losses):
-  return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
+is_accepted = harness.is_accepted
 
 
 def reference_weights(losses):
@@ -45,41 +32,22 @@ def reference_weights(losses):
 
 
 STRATEGY = optax_mtl.log_loss(NUM_TASKS)
-UPDATE_FN = jax.jit(STRATEGY.update)
 
 
 def test_golden_values_optax_face():
-  state = STRATEGY.init(None)
-  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-  expected = reference_weights(LOSSES)
-  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
-    update, state = UPDATE_FN(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-6)
-    np.testing.assert_allclose(update, expected[step] @ grads, rtol=1e-5,
-                               atol=1e-6)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+  state = harness.check_optax_face(STRATEGY, LOSSES, GRADS,
+                                   reference_weights(LOSSES),
+                                   weights_rtol=1e-6)
   assert int(state.num_skipped) == NUM_REJECTED
 
 
 def test_golden_values_value_and_grad_face():
   directions = GRADS[0]  # f32[T, P]
-
-  def loss_fn(params, scripted_losses):
-    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
-    return scripted_losses * jnp.exp(directions @ params)
-
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, STRATEGY))
-  params = jnp.zeros(NUM_PARAMS)
-  state = STRATEGY.init(params)
-  expected = reference_weights(LOSSES)
-  for step, losses in enumerate(LOSSES):
-    (task_losses, grads), state = step_fn(params, state, losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-6)
-    if is_accepted(losses):
-      np.testing.assert_allclose(task_losses, losses)
+  state = harness.check_value_and_grad_face(
+      STRATEGY, LOSSES, directions, reference_weights(LOSSES),
+      weights_rtol=1e-6,
       # Σ_k (1/L_k) L_k d_k = Σ_k d_k: the gradient of Σ log L_k.
-      np.testing.assert_allclose(grads, directions.sum(0), rtol=1e-5,
-                                 atol=1e-6)
+      expected_grads=lambda step, losses: directions.sum(0))
   assert int(state.num_skipped) == NUM_REJECTED
 
 
@@ -101,28 +69,15 @@ def test_gradient_equals_gradient_of_sum_of_logs():
   np.testing.assert_allclose(grads, expected, rtol=1e-5, atol=1e-6)
 
 
-def run(losses, grads):
-  def body(state, inputs):
-    update, state = STRATEGY.update(inputs[1], state, task_losses=inputs[0])
-    return state, (update, state.weights)
-  return jax.lax.scan(body, STRATEGY.init(None), (losses, grads))[1]
-
-
-RUN = jax.jit(run)
-SEQUENCE_SHAPE = (4, NUM_TASKS)
-wide_positive_losses = st.lists(
-    st.floats(-10.0, 10.0), min_size=4 * NUM_TASKS,
-    max_size=4 * NUM_TASKS).map(
-        lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
-            SEQUENCE_SHAPE))
+RUN = harness.scan_updates(STRATEGY)
+wide_positive_losses = harness.wide_positive_losses(4)
 
 
 @settings(max_examples=30, deadline=None)
 @given(losses=wide_positive_losses)
 def test_weights_finite_and_positive(losses):
-  grads = np.ones(SEQUENCE_SHAPE + (2,), np.float32)
-  _, weights = RUN(losses, grads)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  weights = harness.weights_with_unit_grads(RUN, losses)
+  harness.assert_finite_and_positive(weights)
   np.testing.assert_allclose(weights, 1.0 / losses.astype(np.float64),
                              rtol=1e-6)
 
@@ -131,15 +86,8 @@ def test_weights_finite_and_positive(losses):
 @given(losses=wide_positive_losses, log_scale=st.floats(-3.0, 3.0),
        task=st.integers(0, NUM_TASKS - 1), seed=st.integers(0, 2**16))
 def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
-  grads = np.random.default_rng(seed).normal(
-      size=SEQUENCE_SHAPE + (2,)).astype(np.float32)
-  factor = np.ones(NUM_TASKS, np.float32)
-  factor[task] = 10.0 ** log_scale
-  updates, weights = RUN(losses, grads)
-  scaled_updates, _ = RUN(losses * factor, grads * factor[None, :, None])
-  # Float tolerance relative to the size of the terms of Σ_k w_k g_k.
-  term_size = np.einsum("sk,skp->sp", np.abs(weights), np.abs(grads))
-  assert np.all(np.abs(scaled_updates - updates) <= 1e-5 * term_size)
+  harness.check_invariant_to_scaling_one_task(
+      RUN, losses, 10.0 ** log_scale, task, seed, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_tasks, message", [
@@ -148,5 +96,5 @@ def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
     (True, r"num_tasks must be an integer >= 1, got True"),
 ])
 def test_hyperparameter_errors(num_tasks, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.log_loss(num_tasks)
+  harness.check_rejects(optax_mtl.log_loss, dict(num_tasks=num_tasks),
+                        message)

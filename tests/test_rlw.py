@@ -9,7 +9,6 @@ import functools
 
 from hypothesis import given
 from hypothesis import settings
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,24 +16,15 @@ import pytest
 import scipy.stats
 
 import optax_mtl
+from tests import loss_weighting_harness as harness
 
-NUM_TASKS = 3
-NUM_PARAMS = 4
-NAN, INF = float("nan"), float("inf")
+NUM_TASKS = harness.NUM_TASKS
+NAN = harness.NAN
 # A scripted run: NaN and inf steps are rejected; the zero and the negative
 # losses are accepted (RLW never reads the values).
-LOSSES = np.array([
-    [2.0, 0.5, 10.0],
-    [1.5, 0.4, 8.0],
-    [NAN, 0.3, 7.0],
-    [1.2, 0.0, 6.0],
-    [1.0, 0.25, 5.0],
-    [0.8, -0.2, 4.5],
-    [0.7, 0.1, INF],
-    [0.6, 0.05, 4.0],
-], np.float32)
-GRADS = np.random.default_rng(0).normal(
-    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+LOSSES = harness.REJECTED_IN_MIDDLE.copy()
+LOSSES[5, 1] = -0.2
+GRADS = harness.scripted_grads(LOSSES)
 NUM_REJECTED = 2
 
 
@@ -64,42 +54,24 @@ def reference_weights(losses, seed):
 @pytest.mark.parametrize("seed", [0, 7, 2**40])
 def test_golden_values_optax_face(seed):
   strategy = optax_mtl.rlw(NUM_TASKS, seed=seed)
-  update_fn = jax.jit(strategy.update)
-  state = strategy.init(None)
-  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  init_types = harness.shapes_and_dtypes(strategy.init(None))
   assert init_types.key == ((2,), jnp.uint32)
-  expected = reference_weights(LOSSES, seed)
-  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
-    previous_key = np.asarray(state.key)
-    update, state = update_fn(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-5)
-    np.testing.assert_allclose(update, expected[step] @ grads, rtol=1e-5,
-                               atol=1e-6)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+
+  def check_key(step, previous_state, state):
     # The key advances exactly on the accepted steps.
-    assert np.array_equal(state.key, previous_key) != is_accepted(losses)
+    assert (np.array_equal(state.key, previous_state.key)
+            != is_accepted(LOSSES[step]))
+
+  state = harness.check_optax_face(strategy, LOSSES, GRADS,
+                                   reference_weights(LOSSES, seed),
+                                   check_step=check_key)
   assert int(state.num_skipped) == NUM_REJECTED
 
 
 def test_golden_values_value_and_grad_face():
-  directions = GRADS[0]  # f32[T, P]
-
-  def loss_fn(params, scripted_losses):
-    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
-    return scripted_losses * jnp.exp(directions @ params)
-
-  strategy = optax_mtl.rlw(NUM_TASKS, seed=3)
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  params = jnp.zeros(NUM_PARAMS)
-  state = strategy.init(params)
-  expected = reference_weights(LOSSES, 3)
-  for step, losses in enumerate(LOSSES):
-    (task_losses, grads), state = step_fn(params, state, losses)
-    np.testing.assert_allclose(state.weights, expected[step], rtol=1e-5)
-    if is_accepted(losses):
-      np.testing.assert_allclose(task_losses, losses)
-      np.testing.assert_allclose(
-          grads, (expected[step] * losses) @ directions, rtol=1e-5, atol=1e-6)
+  state = harness.check_value_and_grad_face(
+      optax_mtl.rlw(NUM_TASKS, seed=3), LOSSES, GRADS[0],
+      reference_weights(LOSSES, 3), accepted=is_accepted)
   assert int(state.num_skipped) == NUM_REJECTED
 
 
@@ -119,16 +91,8 @@ def test_rejected_step_does_not_consume_a_draw():
 
 @functools.lru_cache(maxsize=None)
 def scan_run(num_tasks, seed):
-  strategy = optax_mtl.rlw(num_tasks, seed=seed)
-
-  def run(losses):
-    def body(state, step_losses):
-      _, state = strategy.update(jnp.eye(num_tasks), state,
-                                 task_losses=step_losses)
-      return state, state.weights
-    return jax.lax.scan(body, strategy.init(None), losses)[1]
-
-  return jax.jit(run)
+  return harness.scan_states(optax_mtl.rlw(num_tasks, seed=seed),
+                             jnp.eye(num_tasks))
 
 
 def test_distribution_of_the_weights():
@@ -163,24 +127,20 @@ def test_seeds_give_different_reproducible_draws():
   assert not np.allclose(first[0], first[1])
 
 
-wide_positive_losses = st.lists(
-    st.floats(-10.0, 10.0), min_size=4 * NUM_TASKS,
-    max_size=4 * NUM_TASKS).map(
-        lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
-            4, NUM_TASKS))
+wide_positive_losses = harness.wide_positive_losses(4)
 
 
 @settings(max_examples=30, deadline=None)
 @given(losses=wide_positive_losses)
 def test_weights_finite_and_positive(losses):
   weights = scan_run(NUM_TASKS, 0)(losses)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  harness.assert_finite_and_positive(weights)
   np.testing.assert_allclose(weights, reference_weights(losses, 0), rtol=1e-5)
 
 
 def test_many_tasks():
   weights = scan_run(128, 0)(np.ones((2, 128), np.float32))
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  harness.assert_finite_and_positive(weights)
   np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
 
 
@@ -192,6 +152,4 @@ def test_many_tasks():
     (dict(seed=2**70), r"seed must fit in a 64-bit integer, got 1180591620"),
 ])
 def test_hyperparameter_errors(kwargs, message):
-  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.rlw(**kwargs)
+  harness.check_rejects(optax_mtl.rlw, kwargs, message)

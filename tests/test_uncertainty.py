@@ -10,35 +10,22 @@ import functools
 
 from hypothesis import given
 from hypothesis import settings
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import optax_mtl
+from tests import loss_weighting_harness as harness
 
-NUM_TASKS = 3
-NUM_PARAMS = 4
-NAN, INF = float("nan"), float("inf")
+NUM_TASKS = harness.NUM_TASKS
+NUM_PARAMS = harness.NUM_PARAMS
+NAN, INF = harness.NAN, harness.INF
 # A scripted run with a NaN, a zero and an infinite loss (all rejected).
-LOSSES = np.array([
-    [2.0, 0.5, 10.0],
-    [1.5, 0.4, 8.0],
-    [NAN, 0.3, 7.0],
-    [1.2, 0.0, 6.0],
-    [1.0, 0.25, 5.0],
-    [0.8, 0.2, 4.5],
-    [0.7, 0.1, INF],
-    [0.6, 0.05, 4.0],
-], np.float32)
-GRADS = np.random.default_rng(0).normal(
-    size=(len(LOSSES), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+LOSSES = harness.REJECTED_IN_MIDDLE
+GRADS = harness.scripted_grads(LOSSES)
 NUM_REJECTED = 3
-
-
-def is_accepted(losses):
-  return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
+is_accepted = harness.is_accepted
 
 
 def total_loss_gradient(log_variances, losses, coefficients):
@@ -85,54 +72,36 @@ def reference_for(case, losses=LOSSES):
                        case["initial_log_variances"])
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_golden_values_optax_face(case):
-  strategy = optax_mtl.uncertainty(NUM_TASKS, **case)
-  update_fn = jax.jit(strategy.update)
-  state = strategy.init(None)
-  init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-  expected_weights, expected_s, num_updates = reference_for(case)
-  for step, (losses, grads) in enumerate(zip(LOSSES, GRADS)):
-    update, state = update_fn(grads, state, task_losses=losses)
-    np.testing.assert_allclose(state.weights, expected_weights[step],
-                               rtol=1e-5)
+def log_variances_check(expected_s):
+  """A per-step check of the state's log-variances s against the reference."""
+
+  def check(step, unused_previous_state, state):
     # Adam divides by |ĝ|, so float32 rounding of a near-zero gradient shows
     # in s at the level of learning_rate · 1e-5.
     np.testing.assert_allclose(state.log_variances, expected_s[step],
                                rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(update, expected_weights[step] @ grads,
-                               rtol=1e-5, atol=1e-5)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+
+  return check
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_values_optax_face(case):
+  expected_weights, expected_s, num_updates = reference_for(case)
+  state = harness.check_optax_face(
+      optax_mtl.uncertainty(NUM_TASKS, **case), LOSSES, GRADS,
+      expected_weights, update_atol=1e-5,
+      check_step=log_variances_check(expected_s))
   assert int(state.num_skipped) == NUM_REJECTED
   assert int(state.adam_count) == num_updates == len(LOSSES) - NUM_REJECTED
 
 
 def test_golden_values_value_and_grad_face():
   case = CASES[1]
-  directions = GRADS[0]  # f32[T, P]
-
-  def loss_fn(params, scripted_losses):
-    # Equals scripted_losses at params = 0; gradient L_k · directions[k].
-    return scripted_losses * jnp.exp(directions @ params)
-
-  strategy = optax_mtl.uncertainty(NUM_TASKS, **case)
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  params = jnp.zeros(NUM_PARAMS)
-  state = strategy.init(params)
   expected_weights, expected_s, _ = reference_for(case)
-  for step, losses in enumerate(LOSSES):
-    (task_losses, grads), state = step_fn(params, state, losses)
-    np.testing.assert_allclose(state.weights, expected_weights[step],
-                               rtol=1e-5)
-    # Adam divides by |ĝ|, so float32 rounding of a near-zero gradient shows
-    # in s at the level of learning_rate · 1e-5.
-    np.testing.assert_allclose(state.log_variances, expected_s[step],
-                               rtol=1e-5, atol=1e-5)
-    if is_accepted(losses):
-      np.testing.assert_allclose(task_losses, losses)
-      np.testing.assert_allclose(
-          grads, (expected_weights[step] * losses) @ directions, rtol=1e-5,
-          atol=1e-5)
+  state = harness.check_value_and_grad_face(
+      optax_mtl.uncertainty(NUM_TASKS, **case), LOSSES, GRADS[0],
+      expected_weights, grads_atol=1e-5,
+      check_step=log_variances_check(expected_s))
   assert int(state.num_skipped) == NUM_REJECTED
 
 
@@ -174,17 +143,11 @@ def test_gradient_is_that_of_the_total_loss():
 
 @functools.lru_cache(maxsize=None)
 def scan_run(learning_rate, classification):
-  strategy = optax_mtl.uncertainty(NUM_TASKS, learning_rate=learning_rate,
-                                   classification=classification)
-
-  def run(losses):
-    def body(state, step_losses):
-      _, state = strategy.update(jnp.eye(NUM_TASKS), state,
-                                 task_losses=step_losses)
-      return state, (state.weights, state.log_variances)
-    return jax.lax.scan(body, strategy.init(None), losses)[1]
-
-  return jax.jit(run)
+  return harness.scan_states(
+      optax_mtl.uncertainty(NUM_TASKS, learning_rate=learning_rate,
+                            classification=classification),
+      jnp.eye(NUM_TASKS),
+      outputs=lambda state: (state.weights, state.log_variances))
 
 
 @pytest.mark.parametrize("classification", [False, True])
@@ -198,18 +161,14 @@ def test_log_variances_converge_to_log_of_twice_weighted_loss(classification):
                              np.log(2 * coefficient * losses), atol=0.05)
 
 
-wide_positive_losses = st.lists(
-    st.floats(-10.0, 10.0), min_size=6 * NUM_TASKS,
-    max_size=6 * NUM_TASKS).map(
-        lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
-            6, NUM_TASKS))
+wide_positive_losses = harness.wide_positive_losses(6)
 
 
 @settings(max_examples=30, deadline=None)
 @given(losses=wide_positive_losses)
 def test_weights_finite_and_positive(losses):
   weights, log_variances = scan_run(0.1, False)(losses)
-  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  harness.assert_finite_and_positive(weights)
   assert np.all(np.isfinite(log_variances))
   expected_weights, expected_s, _ = reference_run(
       losses, 0.1, np.zeros(NUM_TASKS, bool), 0.0)
@@ -256,6 +215,4 @@ def test_overflowing_update_is_rejected():
      r"initial_log_variances must be a number or a sequence.*'zero'"),
 ])
 def test_hyperparameter_errors(kwargs, message):
-  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.uncertainty(**kwargs)
+  harness.check_rejects(optax_mtl.uncertainty, kwargs, message)

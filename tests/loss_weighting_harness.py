@@ -1,0 +1,230 @@
+"""Scaffolding shared by the tests of the loss-weighting strategies.
+
+The tests of ema, rema, dwema, dwa, lbtw, initial_loss, log_loss,
+geometric_mean, uncertainty and rlw (``from tests import
+loss_weighting_harness``) drive their strategy the same ways: through a
+scripted run on both faces (``strategy.update`` and
+``optax_mtl.value_and_grad``), through a jitted ``lax.scan`` for the hypothesis
+properties, and through the eager hyperparameter checks. This module holds
+those drivers and the scripted runs; the NumPy reference of each paper's rule,
+and so the expected values, stay in each test file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+
+NUM_TASKS = 3
+NUM_PARAMS = 4
+NAN, INF = float("nan"), float("inf")
+
+# A scripted run: a rejected first step (so "first" means first accepted),
+# a NaN step and a zero-loss step in the middle.
+REJECTED_FIRST_STEP = np.array([
+    [INF, 1.0, 1.0],
+    [2.0, 0.5, 10.0],
+    [1.5, 0.6, 8.0],
+    [NAN, 0.4, 7.0],
+    [1.2, 0.3, 9.0],
+    [1.0, 0.35, 6.0],
+    [0.9, 0.0, 5.5],
+    [0.8, 0.25, 5.0],
+    [0.85, 0.2, 4.0],
+    [0.7, 0.22, 4.5],
+], np.float32)
+REJECTED_FIRST_STEP.setflags(write=False)
+
+# A scripted run of 14 steps, 11 accepted: a rejected first step, a NaN step
+# and a negative-loss step. With 2 or 3 steps per epoch it spans 4-6 epochs.
+# Its first ten steps are REJECTED_FIRST_STEP with a negative loss at step 6.
+EPOCHS = np.concatenate([REJECTED_FIRST_STEP, np.array([
+    [0.6, 0.18, 3.0],
+    [0.65, 0.15, 3.2],
+    [0.5, 0.16, 2.5],
+    [0.45, 0.12, 2.6],
+], np.float32)])
+EPOCHS[6, 1] = -0.1
+EPOCHS.setflags(write=False)
+
+# A scripted run with a NaN, a zero and an infinite loss in the middle.
+REJECTED_IN_MIDDLE = np.array([
+    [2.0, 0.5, 10.0],
+    [1.5, 0.4, 8.0],
+    [NAN, 0.3, 7.0],
+    [1.2, 0.0, 6.0],
+    [1.0, 0.25, 5.0],
+    [0.8, 0.2, 4.5],
+    [0.7, 0.1, INF],
+    [0.6, 0.05, 4.0],
+], np.float32)
+REJECTED_IN_MIDDLE.setflags(write=False)
+
+StepCheck = Callable[[int, Any, Any], None]
+
+
+def scripted_grads(losses: np.ndarray) -> np.ndarray:
+  """Fixed task gradients f32[S, T, P] for a scripted run of S steps."""
+  return np.random.default_rng(0).normal(
+      size=(len(losses), NUM_TASKS, NUM_PARAMS)).astype(np.float32)
+
+
+def is_accepted(losses: np.ndarray) -> bool:
+  """Whether a step's losses pass the usual guard: finite and positive."""
+  return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
+
+
+def shapes_and_dtypes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
+
+def check_optax_face(strategy, losses, grads, expected_weights, *,
+                     weights_rtol: float = 1e-5, update_atol: float = 1e-6,
+                     check_step: StepCheck | None = None):
+  """Steps the jitted ``strategy.update`` through a scripted run.
+
+  At every step the weights must match ``expected_weights[step]``, the update
+  must be ``expected_weights[step] @ grads[step]`` and the state must keep the
+  shapes and dtypes of ``strategy.init``; ``check_step(step, previous_state,
+  state)`` adds the strategy's own checks. Returns the final state.
+  """
+  update_fn = jax.jit(strategy.update)
+  state = strategy.init(None)
+  init_types = shapes_and_dtypes(state)
+  for step, (step_losses, step_grads) in enumerate(zip(losses, grads)):
+    previous_state = state
+    update, state = update_fn(step_grads, state, task_losses=step_losses)
+    np.testing.assert_allclose(state.weights, expected_weights[step],
+                               rtol=weights_rtol)
+    np.testing.assert_allclose(update, expected_weights[step] @ step_grads,
+                               rtol=1e-5, atol=update_atol)
+    assert shapes_and_dtypes(state) == init_types
+    if check_step is not None:
+      check_step(step, previous_state, state)
+  return state
+
+
+def check_value_and_grad_face(
+    strategy, losses, directions, expected_weights, *,
+    accepted: Callable[[np.ndarray], bool] = is_accepted,
+    weights_rtol: float = 1e-5, grads_atol: float = 1e-6,
+    expected_grads: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    check_step: StepCheck | None = None):
+  """Steps ``optax_mtl.value_and_grad`` (jitted) through a scripted run.
+
+  The model is ``L_k(θ) = scripted_L_k · exp(directions[k] · θ)`` at θ = 0, so
+  the task losses are the scripted ones and ∇L_k = L_k · directions[k]. At
+  every step the weights must match ``expected_weights[step]``; on accepted
+  steps the task losses must be the scripted ones and the gradient
+  ``expected_grads(step, losses)`` (by default Σ_k w_k L_k directions[k]).
+  Returns the final state.
+  """
+  def loss_fn(params, scripted_losses):
+    return scripted_losses * jnp.exp(directions @ params)
+
+  if expected_grads is None:
+    expected_grads = lambda step, step_losses: (
+        (expected_weights[step] * step_losses) @ directions)
+  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  params = jnp.zeros(directions.shape[-1])
+  state = strategy.init(params)
+  for step, step_losses in enumerate(losses):
+    previous_state = state
+    (task_losses, grads), state = step_fn(params, state, step_losses)
+    np.testing.assert_allclose(state.weights, expected_weights[step],
+                               rtol=weights_rtol)
+    if check_step is not None:
+      check_step(step, previous_state, state)
+    if accepted(step_losses):
+      np.testing.assert_allclose(task_losses, step_losses)
+      np.testing.assert_allclose(grads, expected_grads(step, step_losses),
+                                 rtol=1e-5, atol=grads_atol)
+  return state
+
+
+def scan_updates(strategy):
+  """A jitted run ``(losses f32[S, T], grads f32[S, T, P]) -> (updates
+  f32[S, P], weights f32[S, T])`` over a whole sequence, compiled once."""
+
+  def run(losses, grads):
+    def body(state, inputs):
+      update, state = strategy.update(inputs[1], state, task_losses=inputs[0])
+      return state, (update, state.weights)
+    return jax.lax.scan(body, strategy.init(None), (losses, grads))[1]
+
+  return jax.jit(run)
+
+
+def scan_states(strategy, grads, outputs=lambda state: state.weights):
+  """A jitted run ``losses f32[S, T] -> outputs(state)`` per step, with the
+  same task gradients ``grads`` at every step, compiled once."""
+
+  def run(losses):
+    def body(state, step_losses):
+      _, state = strategy.update(grads, state, task_losses=step_losses)
+      return state, outputs(state)
+    return jax.lax.scan(body, strategy.init(None), losses)[1]
+
+  return jax.jit(run)
+
+
+def uniform_losses(num_steps: int, low: float, high: float,
+                   num_tasks: int = NUM_TASKS):
+  """Hypothesis strategy: f32[num_steps, num_tasks] losses in [low, high]."""
+  return st.lists(
+      st.floats(low, high), min_size=num_steps * num_tasks,
+      max_size=num_steps * num_tasks).map(
+          lambda xs: np.array(xs, np.float32).reshape(num_steps, num_tasks))
+
+
+def wide_positive_losses(num_steps: int, num_tasks: int = NUM_TASKS):
+  """Hypothesis strategy: losses 10^u, u in [-10, 10], f32[steps, tasks]."""
+  return st.lists(
+      st.floats(-10.0, 10.0), min_size=num_steps * num_tasks,
+      max_size=num_steps * num_tasks).map(
+          lambda xs: (10.0 ** np.array(xs)).astype(np.float32).reshape(
+              num_steps, num_tasks))
+
+
+def assert_finite_and_positive(weights):
+  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+
+
+def weights_with_unit_grads(run, losses):
+  """The weights f32[S, T] of a :func:`scan_updates` run whose task gradients
+  are all ones f32[S, T, 2]."""
+  grads = np.ones(losses.shape + (2,), np.float32)
+  _, weights = run(losses, grads)
+  return weights
+
+
+def check_invariant_to_scaling_one_task(run, losses, scale, task, seed, *,
+                                        rtol: float, atol: float = 0.0):
+  """Scaling task ``task``'s loss and gradient by ``scale`` keeps the update.
+
+  ``run`` is a :func:`scan_updates` run; the gradients are random f32[S, T, 2]
+  from ``seed``. The float tolerance is relative to the size of the terms of
+  Σ_k w_k g_k: |Δupdate| ≤ rtol · Σ_k |w_k| |g_k| + atol.
+  """
+  grads = np.random.default_rng(seed).normal(
+      size=losses.shape + (2,)).astype(np.float32)
+  factor = np.ones(losses.shape[-1], np.float32)
+  factor[task] = scale
+  updates, weights = run(losses, grads)
+  scaled_updates, _ = run(losses * factor, grads * factor[None, :, None])
+  term_size = np.einsum("sk,skp->sp", np.abs(weights), np.abs(grads))
+  assert np.all(np.abs(scaled_updates - updates) <= rtol * term_size + atol)
+
+
+def check_rejects(factory, kwargs, message):
+  """``factory(num_tasks=NUM_TASKS, **kwargs)`` raises ValueError(message)."""
+  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    factory(**kwargs)
