@@ -98,6 +98,23 @@ def memory_bytes(compiled) -> Optional[int]:
              + analysis.output_size_in_bytes)
 
 
+def flops(compiled) -> Optional[float]:
+  """XLA's count of floating-point operations of one step (or None).
+
+  Deterministic, unlike a timing: it shows what a step computes (one
+  backward pass, a Jacobian, a Gramian) without the machine's noise.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per device.
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
 def _time_once(compiled, args, n) -> float:
   start = time.perf_counter()
   jax.block_until_ready(compiled(*args, jnp.asarray(n, jnp.int32)))
@@ -179,9 +196,11 @@ def run_speed(
       args = (compiled, (params, state, batch))
       baselines[key] = {"args": args,
                         "n": _steps_for(*args, cfg["target_seconds"]),
-                        "memory": memory_bytes(compiled)}
+                        "memory": memory_bytes(compiled),
+                        "flops": flops(compiled)}
     out["baselines"][str(t)] = {
-        key: {"memory_bytes": b["memory"]} for key, b in baselines.items()}
+        key: {"memory_bytes": b["memory"], "flops": b["flops"]}
+        for key, b in baselines.items()}
 
     for name in names:
       entry: dict[str, Any] = {}
@@ -209,10 +228,15 @@ def run_speed(
               base["args"], args, base["n"], n, rounds)
           plain = baselines["plain"]
           ratio_plain, plain_s, _ = _paired_ratio(
-              plain["args"], args, plain["n"], n, max(3, rounds // 2))
+              plain["args"], args, plain["n"], n, rounds)
           entry.update(ratio_equal=ratio, ratio_plain=ratio_plain,
                        baseline_ms=base_s * 1e3, plain_ms=plain_s * 1e3,
                        step_ms=step_s * 1e3)
+        reference_flops = baselines["jacobian" if gramian else "plain"][
+            "flops"]
+        step_flops = flops(compiled)
+        if reference_flops and step_flops:
+          entry["flops_ratio"] = step_flops / reference_flops
         reference = baselines["jacobian" if gramian else "plain"]["memory"]
         if reference and entry["memory_bytes"]:
           entry["memory_ratio"] = entry["memory_bytes"] / reference

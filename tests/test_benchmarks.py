@@ -19,6 +19,7 @@ import benchmarks
 from benchmarks import __main__ as cli
 from benchmarks import data as data_lib
 from benchmarks import problems
+from benchmarks import publish
 from benchmarks import report
 from benchmarks import runner
 from benchmarks import speed
@@ -149,6 +150,16 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   assert entry["kind"] == "gramian" and entry["ratio_jacobian"] > 0
   assert entry["memory_bytes"] > 0 and entry["memory_low_memory_bytes"] > 0
   assert speed_result["strategies"]["equal"]["2"]["ratio_plain"] > 0
+  # Publishing: RESULTS.md with the requirement summary, plots alongside.
+  published = tmp_path / "published"
+  published.mkdir()
+  results_md = publish.publish(str(tmp_path), destination=published)
+  text = results_md.read_text()
+  assert "## Requirements at a glance" in text
+  assert "/1 strategies within 1.05" in text  # equal, the one loss-only.
+  assert "/1 within 1.10" in text  # normalized_gradients.
+  assert "## Speed and memory" in text and "](results/speed.png)" in text
+  assert (published / "results" / "speed.png").exists()
 
 
 def test_cli_parsing():

@@ -1,0 +1,104 @@
+"""Publishes a results folder as ``benchmarks/RESULTS.md``.
+
+``python -m benchmarks.publish [RESULTS_DIR]`` (default ``bench_results``)
+copies the report's plots to ``benchmarks/results/`` and writes
+``benchmarks/RESULTS.md``: a summary of the speed and memory requirements,
+computed from ``results.json``, followed by the report itself.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+
+HERE = pathlib.Path(__file__).parent
+LOSS_TARGET = 1.05  # Issue: loss-only step within 5 % of jax.value_and_grad.
+GRAMIAN_TARGET = 1.10  # Issue: Gramian step ≤ 1.10 × the Jacobian-only step.
+
+
+def speed_summary(speed: dict) -> list[str]:
+  """Markdown lines checking the step-time and memory targets."""
+  tasks = [str(t) for t in speed["num_tasks"]]
+  loss_rows, gramian_rows = [], []
+  for name, by_tasks in speed["strategies"].items():
+    entries = [by_tasks.get(t, {}) for t in tasks]
+    if any("error" in e for e in entries) or not entries[0]:
+      continue
+    flop_ratios = [e.get("flops_ratio", float("nan")) for e in entries]
+    if entries[0]["kind"] == "losses":
+      loss_rows.append((name, [e["ratio_plain"] for e in entries],
+                        flop_ratios))
+    else:
+      gramian_rows.append((name, [e["ratio_jacobian"] for e in entries],
+                           [e["memory_low_memory_bytes"] / 2**20
+                            for e in entries], flop_ratios))
+  lines = ["## Requirements at a glance", "",
+           f"Computed from `results.json` of this run (T = {', '.join(tasks)}"
+           "; time ratios are medians over interleaved rounds within one "
+           "run).", ""]
+  if loss_rows:
+    worst = max((max(r), n) for n, r, _ in loss_rows)
+    within = sum(all(x <= LOSS_TARGET for x in r) for _, r, _ in loss_rows)
+    flop_ratios = [x for _, _, f in loss_rows for x in f]
+    lines.append(
+        f"- Loss-only strategies ÷ plain `jax.value_and_grad` of the summed "
+        f"losses: {within}/{len(loss_rows)} strategies within "
+        f"{LOSS_TARGET:.2f} at every T; worst {worst[0]:.2f} ({worst[1]}). "
+        f"Floating-point operations per step (XLA's count, noise-free): "
+        f"{min(flop_ratios):.3f}–{max(flop_ratios):.3f} × plain.")
+  if gramian_rows:
+    within = [n for n, r, _, _ in gramian_rows
+              if all(x <= GRAMIAN_TARGET for x in r)]
+    over = [f"{n} ({', '.join(f'{x:.2f}' for x in r)})"
+            for n, r, _, _ in gramian_rows if n not in within]
+    flop_columns = list(zip(*[f for _, _, _, f in gramian_rows]))
+    lines.append(
+        "- Gramian strategies, floating-point operations ÷ the "
+        "Jacobian-only step (XLA's count; a solver's loop body is counted "
+        "once): " + ", ".join(
+            f"T={t}: {min(col):.3f}–{max(col):.3f}"
+            for t, col in zip(tasks, flop_columns)) + ".")
+    lines.append(
+        f"- Gramian strategies ÷ the Jacobian-only step: {len(within)}/"
+        f"{len(gramian_rows)} within {GRAMIAN_TARGET:.2f} at every T"
+        + (f"; over it somewhere: {'; '.join(over)}." if over else "."))
+    low = [m for _, _, m, _ in gramian_rows]
+    lines.append(
+        "- `gramian_mode=\"low_memory\"` peak memory (MiB, at T = "
+        f"{', '.join(tasks)}): from "
+        f"{', '.join(f'{min(col):.2f}' for col in zip(*low))} (least) to "
+        f"{', '.join(f'{max(col):.2f}' for col in zip(*low))} (most) over "
+        "the strategies; the Jacobian mode needs "
+        + ", ".join(f"{speed['strategies'][gramian_rows[0][0]][t]['memory_bytes'] / 2**20:.2f}"
+                    for t in tasks) + ".")
+  return lines + [""]
+
+
+def publish(results_dir: str = "bench_results",
+            destination: pathlib.Path = HERE) -> pathlib.Path:
+  """Writes ``destination/RESULTS.md`` and ``destination/results/*.png``."""
+  source = pathlib.Path(results_dir)
+  destination = pathlib.Path(destination)
+  results = json.loads((source / "results.json").read_text())
+  report = (source / "report.md").read_text()
+  plots = destination / "results"
+  plots.mkdir(exist_ok=True)
+  for png in sorted(source.glob("*.png")):
+    shutil.copy(png, plots / png.name)
+    report = report.replace(f"]({png.name})", f"](results/{png.name})")
+  title, _, body = report.partition("\n")
+  lines = [title.replace("report", "results"), "",
+           "The latest quick suite (`make bench`), published with "
+           "`python -m benchmarks.publish`; plots in `benchmarks/results/`.",
+           ""]
+  if "speed" in results:
+    lines += speed_summary(results["speed"])
+  out = destination / "RESULTS.md"
+  out.write_text("\n".join(lines) + body)
+  return out
+
+
+if __name__ == "__main__":
+  print(publish(*sys.argv[1:2]))
