@@ -243,7 +243,7 @@ def apply_rule(
 def reuse_weights(weighting: Weighting, state: PeriodicState):
   """The cheap step of a periodic strategy: the previous weights again."""
   del weighting
-  steps = (state.steps_since_update + 1)
+  steps = state.steps_since_update + 1
   return state.weights, state._replace(steps_since_update=steps)
 
 
