@@ -1,7 +1,5 @@
 """Tests of optax_mtl.aligned_mtl against an SVD of the gradient matrix."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,19 +7,15 @@ import pytest
 
 import optax_mtl
 from optax_mtl._src.weighting import _aligned_mtl
+from tests import gramian_harness
 
-JACOBIANS = {
-    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
-    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
-                 [-1.0, 0.3, 0.2, 1.0]],
-    "t4_rank2": [[1.0, -2.0, 0.5], [-0.5, 1.0, 1.0], [0.5, -1.0, 1.5],
-                 [-1.5, 3.0, 0.5]],
-    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
-    "t5_wide_rank": (np.random.default_rng(6).normal(size=(5, 3))
-                     * [1.0, 0.3, 0.05]).tolist(),
-    "t3_duplicate": [[2.0, -1.0, 0.0], [1.0, 1.5, 0.5], [1.0, 1.5, 0.5]],
-    "t3_zero": [[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
-}
+JACOBIANS = gramian_harness.fixed_jacobians(
+    "t2_conflict", "t3_mixed", "t4_rank2", "t5_random",
+    t5_wide_rank=(np.random.default_rng(6).normal(size=(5, 3))
+                  * [1.0, 0.3, 0.05]).tolist(),
+    t3_duplicate=[[2.0, -1.0, 0.0], [1.0, 1.5, 0.5], [1.0, 1.5, 0.5]],
+    t3_zero=[[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
+)
 
 
 def aligned_reference(jacobian, preferences=None, rtol=1e-6):
@@ -48,18 +42,9 @@ b_columns = jax.jit(jax.vmap(
         gramian, preferences, None)[0], in_axes=(None, 0)))
 
 
-@functools.lru_cache(maxsize=None)
-def make_update(num_tasks, preferences=None):
-  strategy = optax_mtl.aligned_mtl(num_tasks, preferences)
-  return strategy, jax.jit(strategy.update)
-
-
 def aligned_weights(jacobian, preferences=None):
-  jacobian = jnp.asarray(jacobian, jnp.float32)
-  strategy, update = make_update(jacobian.shape[0], preferences)
-  combined, state = update(jacobian, strategy.init(None),
-                           task_losses=jnp.ones(jacobian.shape[0]))
-  return np.asarray(state.weights), np.asarray(combined), state
+  return gramian_harness.single_step(optax_mtl.aligned_mtl, jacobian,
+                                     preferences)
 
 
 @pytest.mark.parametrize("name", sorted(JACOBIANS))
@@ -127,31 +112,24 @@ def test_zero_and_duplicated_gradients_give_finite_weights():
 
 
 def test_value_and_grad_with_gramian_filter():
-  shared = np.asarray(JACOBIANS["t3_mixed"], np.float32)
-  head = np.array([[5.0], [0.0], [-1.0]], np.float32)
-  strategy = optax_mtl.aligned_mtl(
-      3, gramian_filter=lambda params: {"shared": True, "head": False})
-
-  def loss_fn(params):
-    return jnp.asarray(shared) @ params["shared"] + (
-        jnp.asarray(head) @ params["head"]) + 10.0
-
-  params = {"shared": jnp.ones(4), "head": jnp.ones(1)}
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  (_, grads), state = step(params, strategy.init(params))
+  shared = gramian_harness.FILTER_SHARED_JACOBIAN
+  head = gramian_harness.FILTER_HEAD_JACOBIAN
+  grads, state = gramian_harness.filtered_value_and_grad_step(
+      optax_mtl.aligned_mtl(
+          3, gramian_filter=lambda params: {"shared": True, "head": False}))
   expected = aligned_reference(shared)
   np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
   np.testing.assert_allclose(grads["head"], expected @ head, rtol=2e-4,
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), "num_tasks"),
-    (dict(num_tasks=2, preferences=(1.0,)), "preferences"),
-    (dict(num_tasks=2, preferences=(1.0, -1.0)), "preferences"),
-    (dict(num_tasks=2, eigenvalue_rtol=1.0), "eigenvalue_rtol"),
-    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             (dict(num_tasks=2, preferences=(1.0,)),
+                              "preferences"),
+                             (dict(num_tasks=2, preferences=(1.0, -1.0)),
+                              "preferences"),
+                             (dict(num_tasks=2, eigenvalue_rtol=1.0),
+                              "eigenvalue_rtol")))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.aligned_mtl(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.aligned_mtl, kwargs, message)

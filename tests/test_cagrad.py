@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import optax_mtl
+from tests import gramian_harness
 
 # A scripted sequence of small Jacobians [T=3, 4]. (A zero task gradient
 # makes the update ambiguous, 0/0 in Algorithm 1; see test_special_cases.)
@@ -123,57 +124,34 @@ def test_special_cases():
 def test_permutation_invariance_and_scaling():
   rng = np.random.default_rng(2)
   jacobian = rng.normal(size=(4, 3))
-  strategy = optax_mtl.cagrad(num_tasks=4)
-  update = jax.jit(strategy.update)
-
-  def direction(matrix):
-    return np.asarray(update(jnp.asarray(matrix, jnp.float32),
-                             strategy.init(None), task_losses=jnp.ones(4))[0])
+  direction = gramian_harness.direction_fn(optax_mtl.cagrad(num_tasks=4), 4)
 
   order = rng.permutation(4)
   np.testing.assert_allclose(direction(jacobian[order]), direction(jacobian),
                              atol=1e-4)
-  for factor in (1e-5, 1e5):  # d(κJ) = κ d(J).
-    np.testing.assert_allclose(direction(factor * jacobian),
-                               factor * direction(jacobian),
-                               rtol=1e-3, atol=1e-4 * factor)
+  gramian_harness.check_positively_homogeneous(  # d(κJ) = κ d(J).
+      direction, jacobian, rtol=1e-3, atol_per_factor=1e-4)
 
 
 def test_both_faces_agree():
   jacobian = JACOBIANS[0].astype(np.float32)
-  strategy = optax_mtl.cagrad(num_tasks=3)
-  loss_fn = lambda params: jnp.ones(3) + jnp.asarray(jacobian) @ params
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  params = jnp.zeros(4)
-  (losses, grads), state = step(params, strategy.init(params))
-  update, optax_state = jax.jit(strategy.update)(
-      jnp.asarray(jacobian), strategy.init(params), task_losses=losses)
-  np.testing.assert_allclose(grads, update, atol=1e-6)
-  np.testing.assert_allclose(state.weights, optax_state.weights, atol=1e-6)
+  grads, _ = gramian_harness.check_both_faces_agree(
+      optax_mtl.cagrad(num_tasks=3), jacobian,
+      gramian_harness.linear_loss(jacobian, np.ones(3)), jnp.zeros(4),
+      grads_tolerance=dict(atol=1e-6), weights_tolerance=dict(atol=1e-6))
   np.testing.assert_allclose(grads, numpy_cagrad(JACOBIANS[0], 0.5),
                              atol=2e-4)
 
 
 def test_accepts_any_loss_sign_and_keeps_state_types():
-  strategy = optax_mtl.cagrad(num_tasks=2)
-  assert strategy.weighting.requires_positive_losses is False
-  state = strategy.init(None)
-  assert isinstance(state, optax_mtl.CagradState)
-  _, new_state = strategy.update(jnp.eye(2), state,
-                                 task_losses=jnp.array([-1.0, 0.0]))
-  assert int(new_state.num_skipped) == 0
-  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
-      lambda x: x.dtype, state)
+  gramian_harness.check_accepts_any_loss_sign_and_keeps_state_types(
+      optax_mtl.cagrad, optax_mtl.CagradState)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_tasks": 0}, "num_tasks"),
-    ({"num_tasks": 2, "c": -0.1}, "c"),
-    ({"num_tasks": 2, "rescale": 1}, "rescale"),
-    ({"num_tasks": 2, "max_iters": 0}, "max_iters"),
-    ({"num_tasks": 2, "tol": -1.0}, "tol"),
-    ({"num_tasks": 2, "update_weights_every": 0}, "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             ({"num_tasks": 2, "c": -0.1}, "c"),
+                             ({"num_tasks": 2, "rescale": 1}, "rescale"),
+                             *gramian_harness.SOLVER_ERRORS))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.cagrad(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.cagrad, kwargs, message)

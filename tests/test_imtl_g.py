@@ -1,25 +1,19 @@
 """Tests of optax_mtl.imtl_g against the paper's formula on the gradients."""
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import optax_mtl
+from tests import gramian_harness
 
-JACOBIANS = {
-    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
-    "t2_scaled": [[10.0, 0.0], [-1.0, 1.0]],
-    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
-                 [-1.0, 0.3, 0.2, 1.0]],
-    "t4_rank3": [[3.0, -2.0, 0.5, 0.0], [-0.5, 1.0, 1.0, 0.0],
-                 [0.5, 0.25, 1.5, 1.0], [2.0, -0.75, 2.5, 1.0]],
-    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
-    "t3_duplicate": [[2.0, -1.0], [1.0, 1.5], [1.0, 1.5]],
-    "t3_zero": [[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
-}
+JACOBIANS = gramian_harness.fixed_jacobians(
+    "t2_conflict", "t3_mixed", "t5_random",
+    t2_scaled=[[10.0, 0.0], [-1.0, 1.0]],
+    t4_rank3=[[3.0, -2.0, 0.5, 0.0], [-0.5, 1.0, 1.0, 0.0],
+              [0.5, 0.25, 1.5, 1.0], [2.0, -0.75, 2.5, 1.0]],
+    t3_duplicate=[[2.0, -1.0], [1.0, 1.5], [1.0, 1.5]],
+    t3_zero=[[2.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
+)
 
 
 def imtl_g_reference(jacobian, eps=1e-8):
@@ -49,18 +43,10 @@ def imtl_g_reference(jacobian, eps=1e-8):
   return alpha
 
 
-@functools.lru_cache(maxsize=None)
-def make_update(num_tasks):
-  strategy = optax_mtl.imtl_g(num_tasks)
-  return strategy, jax.jit(strategy.update)
-
-
 def imtl_weights(jacobian):
-  jacobian = jnp.asarray(jacobian, jnp.float32)
-  strategy, update = make_update(jacobian.shape[0])
-  combined, state = update(jacobian, strategy.init(None),
-                           task_losses=jnp.ones(jacobian.shape[0]))
-  return np.asarray(state.weights), np.asarray(combined)
+  weights, combined, _ = gramian_harness.single_step(optax_mtl.imtl_g,
+                                                     jacobian)
+  return weights, combined
 
 
 @pytest.mark.parametrize("name", sorted(JACOBIANS))
@@ -131,18 +117,10 @@ def test_single_task():
 
 
 def test_value_and_grad_with_gramian_filter():
-  shared = np.asarray(JACOBIANS["t3_mixed"], np.float32)
-  head = np.array([[5.0], [0.0], [-1.0]], np.float32)
-  strategy = optax_mtl.imtl_g(3, gramian_filter={"shared": True,
-                                                  "head": False})
-
-  def loss_fn(params):
-    return jnp.asarray(shared) @ params["shared"] + (
-        jnp.asarray(head) @ params["head"]) + 10.0
-
-  params = {"shared": jnp.ones(4), "head": jnp.ones(1)}
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  (_, grads), state = step(params, strategy.init(params))
+  shared = gramian_harness.FILTER_SHARED_JACOBIAN
+  head = gramian_harness.FILTER_HEAD_JACOBIAN
+  grads, state = gramian_harness.filtered_value_and_grad_step(
+      optax_mtl.imtl_g(3, gramian_filter={"shared": True, "head": False}))
   expected = imtl_g_reference(shared)
   np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
   np.testing.assert_allclose(grads["shared"], expected @ shared, rtol=2e-4,
@@ -151,12 +129,9 @@ def test_value_and_grad_with_gramian_filter():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), "num_tasks"),
-    (dict(num_tasks=2, eps=-1.0), "eps"),
-    (dict(num_tasks=2, eps=1.0), "eps"),
-    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             (dict(num_tasks=2, eps=-1.0), "eps"),
+                             (dict(num_tasks=2, eps=1.0), "eps")))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.imtl_g(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.imtl_g, kwargs, message)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import optax_mtl
+from tests import gramian_harness
 
 # A scripted sequence of small Jacobians [T=3, 4]: conflicting, aligned,
 # one zero gradient, very different scales.
@@ -53,10 +54,6 @@ def numpy_mgda(jacobian, losses, normalization):
             "loss": 1 / losses, "loss+": inverse_norms / losses}[normalization]
   scaled = jacobian * scales[:, None]
   return numpy_min_norm(scaled @ scaled.T) * scales
-
-
-def linear_loss(jacobian, offsets):
-  return lambda params: jnp.asarray(offsets) + jnp.asarray(jacobian) @ params
 
 
 @pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
@@ -122,15 +119,10 @@ def test_permutation_invariance_and_scaling():
 def test_both_faces_agree(normalization):
   jacobian = JACOBIANS[0].astype(np.float32)
   offsets = LOSSES[0].astype(np.float32)
-  strategy = optax_mtl.mgda(num_tasks=3, normalization=normalization)
-  step = jax.jit(optax_mtl.value_and_grad(linear_loss(jacobian, offsets),
-                                          strategy))
-  params = jnp.zeros(4)
-  (losses, grads), state = step(params, strategy.init(params))
-  update, optax_state = jax.jit(strategy.update)(
-      jnp.asarray(jacobian), strategy.init(params), task_losses=losses)
-  np.testing.assert_allclose(grads, update, atol=1e-5)
-  np.testing.assert_allclose(state.weights, optax_state.weights, atol=1e-6)
+  _, state = gramian_harness.check_both_faces_agree(
+      optax_mtl.mgda(num_tasks=3, normalization=normalization), jacobian,
+      gramian_harness.linear_loss(jacobian, offsets), jnp.zeros(4),
+      grads_tolerance=dict(atol=1e-5), weights_tolerance=dict(atol=1e-6))
   expected = numpy_mgda(jacobian.astype(np.float64), offsets, normalization)
   np.testing.assert_allclose(state.weights, expected, atol=2e-4, rtol=2e-3)
 
@@ -165,14 +157,11 @@ def test_state_and_periodic_recomputation():
   assert state.solver_converged.dtype == jnp.bool_
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_tasks": 0}, "num_tasks"),
-    ({"num_tasks": 2, "max_iters": 0}, "max_iters"),
-    ({"num_tasks": 2, "tol": -1.0}, "tol"),
-    ({"num_tasks": 2, "normalization": "l1"}, "normalization"),
-    ({"num_tasks": 2, "eps": -1.0}, "eps"),
-    ({"num_tasks": 2, "update_weights_every": 0}, "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             *gramian_harness.SOLVER_ERRORS,
+                             ({"num_tasks": 2, "normalization": "l1"},
+                              "normalization"),
+                             ({"num_tasks": 2, "eps": -1.0}, "eps")))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.mgda(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.mgda, kwargs, message)

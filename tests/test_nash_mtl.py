@@ -1,7 +1,5 @@
 """Tests of optax_mtl.nash_mtl: the Newton solver against SciPy."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +8,7 @@ import scipy.optimize
 
 import optax_mtl
 from optax_mtl._src.weighting import _nash_mtl
+from tests import gramian_harness
 
 solve = jax.jit(_nash_mtl._solve_nash, static_argnums=(1, 2))
 
@@ -88,27 +87,14 @@ def test_solver_matches_scipy_in_float32(num_tasks):
       np.testing.assert_allclose(solution.weights, expected, rtol=1e-3)
 
 
-@functools.lru_cache(maxsize=None)
-def make_update(num_tasks, **kwargs):
-  strategy = optax_mtl.nash_mtl(num_tasks, **kwargs)
-  return strategy, jax.jit(strategy.update)
-
-
 def nash_step(jacobian, **kwargs):
-  jacobian = jnp.asarray(jacobian, jnp.float32)
-  strategy, update = make_update(jacobian.shape[0], **kwargs)
-  combined, state = update(jacobian, strategy.init(None),
-                           task_losses=jnp.ones(jacobian.shape[0]))
-  return np.asarray(state.weights), np.asarray(combined), state
+  return gramian_harness.single_step(optax_mtl.nash_mtl, jacobian, **kwargs)
 
 
-FIXED_JACOBIANS = {
-    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
-    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
-                 [-1.0, 0.3, 0.2, 1.0]],
-    "t5_rank4": np.random.default_rng(4).normal(size=(5, 4)).tolist(),
-    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
-}
+FIXED_JACOBIANS = gramian_harness.fixed_jacobians(
+    "t2_conflict", "t3_mixed", "t5_random",
+    t5_rank4=np.random.default_rng(4).normal(size=(5, 4)).tolist(),
+)
 
 
 @pytest.mark.parametrize("name", sorted(FIXED_JACOBIANS))
@@ -230,13 +216,10 @@ def test_update_weights_every_and_both_faces():
   np.testing.assert_allclose(state.weights, expected / 2.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), "num_tasks"),
-    (dict(num_tasks=2, max_iters=0), "max_iters"),
-    (dict(num_tasks=2, tol=0.0), "tol"),
-    (dict(num_tasks=2, max_norm=-1.0), "max_norm"),
-    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             (dict(num_tasks=2, max_iters=0), "max_iters"),
+                             (dict(num_tasks=2, tol=0.0), "tol"),
+                             (dict(num_tasks=2, max_norm=-1.0), "max_norm")))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.nash_mtl(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.nash_mtl, kwargs, message)

@@ -7,20 +7,16 @@ import pytest
 
 import optax_mtl
 from optax_mtl._src.weighting import _pcgrad
+from tests import gramian_harness
 
 # Fixed Jacobians (rows are task gradients): conflicting, rank-deficient,
 # duplicated and zero gradients, T = 2..5.
-JACOBIANS = {
-    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
-    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
-                 [-1.0, 0.3, 0.2, 1.0]],
-    "t4_rank2": [[1.0, -2.0, 0.5], [-0.5, 1.0, 1.0], [0.5, -1.0, 1.5],
-                 [-1.5, 3.0, 0.5]],
-    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
-    "t3_duplicate": [[1.0, -1.0], [1.0, -1.0], [-0.5, 2.0]],
-    "t3_zero": [[1.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
-    "t2_opposite": [[1.0, 2.0], [-1.0, -2.0]],
-}
+JACOBIANS = gramian_harness.fixed_jacobians(
+    "t2_conflict", "t3_mixed", "t4_rank2", "t5_random",
+    t3_duplicate=[[1.0, -1.0], [1.0, -1.0], [-0.5, 2.0]],
+    t3_zero=[[1.0, -1.0], [0.0, 0.0], [-0.5, 2.0]],
+    t2_opposite=[[1.0, 2.0], [-1.0, -2.0]],
+)
 
 
 def pcgrad_reference(jacobian, orders):
@@ -97,18 +93,12 @@ def test_optax_face_uses_the_orders_drawn_from_its_key():
 def test_both_faces_agree():
   jacobian = np.asarray(JACOBIANS["t4_rank2"], np.float32)
   num_tasks = jacobian.shape[0]
-  strategy = optax_mtl.pcgrad(num_tasks, seed=1)
-
-  def loss_fn(params):
-    return jnp.asarray(jacobian) @ params + 10.0
-
-  params = jnp.ones(jacobian.shape[1])
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  (losses, grads), state = step(params, strategy.init(params))
-  combined, optax_state = jax.jit(strategy.update)(
-      jnp.asarray(jacobian), strategy.init(params), task_losses=losses)
-  np.testing.assert_allclose(grads, combined, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state.weights, optax_state.weights, rtol=1e-6)
+  gramian_harness.check_both_faces_agree(
+      optax_mtl.pcgrad(num_tasks, seed=1), jacobian,
+      gramian_harness.linear_loss(jacobian, 10.0),
+      jnp.ones(jacobian.shape[1]),
+      grads_tolerance=dict(rtol=1e-5, atol=1e-6),
+      weights_tolerance=dict(rtol=1e-6))
 
 
 def test_two_tasks_are_permutation_invariant_and_scale_invariant():
@@ -173,11 +163,8 @@ def test_update_weights_every_reuses_the_weights():
   np.testing.assert_array_equal(state.weights, first)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), "num_tasks"),
-    (dict(num_tasks=2, seed=1.5), "seed"),
-    (dict(num_tasks=2, update_weights_every=0), "update_weights_every"),
-])
+@pytest.mark.parametrize("kwargs, message",
+                         gramian_harness.hyperparameter_errors(
+                             (dict(num_tasks=2, seed=1.5), "seed")))
 def test_hyperparameter_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_mtl.pcgrad(**kwargs)
+  gramian_harness.check_rejects(optax_mtl.pcgrad, kwargs, message)

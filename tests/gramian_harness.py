@@ -1,0 +1,217 @@
+"""Scaffolding shared by the tests of the gradient-balancing strategies.
+
+The tests of mgda, upgrad, dualproj, cagrad, pcgrad, gradnorm, imtl_g,
+nash_mtl and aligned_mtl (``from tests import gramian_harness``) drive their
+strategy the same ways: one jitted ``strategy.update`` on a fixed Jacobian,
+both faces (``strategy.update`` and ``optax_mtl.value_and_grad``) on a linear
+``loss_fn``, permutation and scaling of the Jacobian, a ``gramian_filter``
+that keeps a head out of the Gramian, and the eager hyperparameter checks.
+This module holds those drivers and the fixed Jacobians; the NumPy reference
+of each paper's rule, and so the expected values and tolerances, stay in each
+test file.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+
+# Fixed Jacobians (rows are task gradients) used by several test files.
+FIXED_JACOBIANS = {
+    "t2_conflict": [[1.0, 0.0, 0.5], [-0.8, 0.6, 0.1]],
+    "t3_mixed": [[1.0, 2.0, 0.0, -1.0], [0.5, -1.0, 1.0, 0.0],
+                 [-1.0, 0.3, 0.2, 1.0]],
+    "t4_rank2": [[1.0, -2.0, 0.5], [-0.5, 1.0, 1.0], [0.5, -1.0, 1.5],
+                 [-1.5, 3.0, 0.5]],
+    "t5_random": np.random.default_rng(5).normal(size=(5, 6)).tolist(),
+}
+
+
+def fixed_jacobians(*names: str, **extra: Any) -> dict[str, Any]:
+  """The named entries of FIXED_JACOBIANS plus a file's own Jacobians."""
+  return {**{name: FIXED_JACOBIANS[name] for name in names}, **extra}
+
+
+# A scripted sequence of small Jacobians [T=3, 4] for the dual-cone rules
+# (upgrad, dualproj): conflicting, aligned, one zero gradient, very different
+# scales, two opposite gradients.
+DUAL_CONE_JACOBIANS = np.array([
+    [[1.0, 0.0, 0.5, 0.0], [-0.5, 1.0, 0.0, 0.2], [0.3, -0.4, 1.0, 0.0]],
+    [[2.0, 1.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [1.2, 1.6, 0.5, 0.0]],
+    [[0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 0.5, 2.0], [-1.0, 0.5, 0.0, 1.0]],
+    [[100.0, 0.0, 5.0, 0.0], [0.0, 0.01, 0.0, 0.02], [-3.0, -2.0, 1.0, 0.0]],
+    [[1.0, 2.0, 0.0, 0.0], [-1.0, -2.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]],
+])
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_update(factory: Callable[..., Any], num_tasks: int, *args: Any,
+                  **kwargs: Any):
+  """``factory(num_tasks, *args, **kwargs)`` and its jitted update, cached."""
+  strategy = factory(num_tasks, *args, **kwargs)
+  return strategy, jax.jit(strategy.update)
+
+
+def single_step(factory: Callable[..., Any], jacobian, *args: Any,
+                **kwargs: Any):
+  """One jitted update from a fresh state with unit losses.
+
+  Returns the weights and the combined gradient as NumPy arrays, and the new
+  state.
+  """
+  jacobian = jnp.asarray(jacobian, jnp.float32)
+  strategy, update = jitted_update(factory, jacobian.shape[0], *args,
+                                   **kwargs)
+  combined, state = update(jacobian, strategy.init(None),
+                           task_losses=jnp.ones(jacobian.shape[0]))
+  return np.asarray(state.weights), np.asarray(combined), state
+
+
+def linear_loss(jacobian, offsets):
+  """The task losses ``offsets + J params``: their Jacobian is ``J``."""
+  return lambda params: jnp.asarray(offsets) + jnp.asarray(jacobian) @ params
+
+
+def check_both_faces_agree(strategy, jacobian, loss_fn, params, *,
+                           grads_tolerance, weights_tolerance):
+  """``value_and_grad`` and ``strategy.update`` give the same step.
+
+  ``loss_fn(params)`` must have the Jacobian ``jacobian``. The tolerances are
+  keyword arguments of ``np.testing.assert_allclose``. Returns the gradient
+  and the state of the ``value_and_grad`` face.
+  """
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  (losses, grads), state = step(params, strategy.init(params))
+  update, optax_state = jax.jit(strategy.update)(
+      jnp.asarray(jacobian), strategy.init(params), task_losses=losses)
+  np.testing.assert_allclose(grads, update, **grads_tolerance)
+  np.testing.assert_allclose(state.weights, optax_state.weights,
+                             **weights_tolerance)
+  return grads, state
+
+
+def check_accepts_any_loss_sign_and_keeps_state_types(factory, state_type):
+  """Negative and zero losses are accepted; state dtypes never change."""
+  strategy = factory(num_tasks=2)
+  assert strategy.weighting.requires_positive_losses is False
+  state = strategy.init(None)
+  assert isinstance(state, state_type)
+  _, new_state = strategy.update(jnp.eye(2), state,
+                                 task_losses=jnp.array([-1.0, 0.0]))
+  assert int(new_state.num_skipped) == 0
+  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
+      lambda x: x.dtype, state)
+
+
+def direction_fn(strategy, num_tasks):
+  """The combined gradient of one jitted update from a fresh state."""
+  update = jax.jit(strategy.update)
+
+  def direction(matrix):
+    return np.asarray(update(jnp.asarray(matrix, jnp.float32),
+                             strategy.init(None),
+                             task_losses=jnp.ones(num_tasks))[0])
+
+  return direction
+
+
+def check_positively_homogeneous(direction, jacobian, *, rtol,
+                                 atol_per_factor):
+  """d(κJ) = κ d(J) for κ = 1e-5 and 1e5, up to atol_per_factor * κ."""
+  for factor in (1e-5, 1e5):
+    np.testing.assert_allclose(direction(factor * jacobian),
+                               factor * direction(jacobian),
+                               rtol=rtol, atol=atol_per_factor * factor)
+
+
+def check_scripted_dual_cone_directions(strategy, reference):
+  """Golden directions and weights (d = Jᵀw) over DUAL_CONE_JACOBIANS.
+
+  Returns the final state.
+  """
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  for jacobian in DUAL_CONE_JACOBIANS:
+    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
+                             task_losses=jnp.ones(3))
+    expected = reference(jacobian)
+    scale = np.max(np.linalg.norm(jacobian, axis=1))
+    np.testing.assert_allclose(combined, expected, atol=1e-5 * scale,
+                               rtol=1e-4)
+    # The weights, too: d = Jᵀw.
+    np.testing.assert_allclose(np.asarray(state.weights) @ jacobian, expected,
+                               atol=1e-5 * scale, rtol=1e-4)
+    assert bool(state.solver_converged)
+  return state
+
+
+def check_non_conflicting_and_mean_when_no_conflict(strategy, check_state):
+  """Jd >= 0 on random Jacobians [6, 3|10]; d = mean when G >= 0.
+
+  ``check_state(state)`` adds a file's own assertions on each random step.
+  """
+  update = jax.jit(strategy.update)
+  rng = np.random.default_rng(0)
+  for width in (3, 10):
+    for _ in range(4):
+      jacobian = rng.normal(size=(6, width)).astype(np.float32)
+      combined, state = update(jnp.asarray(jacobian), strategy.init(None),
+                               task_losses=jnp.ones(6))
+      scale = np.max(np.sum(jacobian**2, axis=1))
+      assert np.all(jacobian @ np.asarray(combined) >= -1e-5 * scale)
+      check_state(state)
+  # No two gradients conflict (G >= 0): every g_i is in the cone, d = mean.
+  jacobian = np.abs(rng.normal(size=(6, 5))).astype(np.float32)
+  combined, _ = update(jnp.asarray(jacobian), strategy.init(None),
+                       task_losses=jnp.ones(6))
+  np.testing.assert_allclose(combined, jacobian.mean(axis=0), rtol=1e-5)
+
+
+# The shared and head Jacobians of the gramian_filter tests, and the head's
+# task gradients, which the filter keeps out of the Gramian.
+FILTER_SHARED_JACOBIAN = np.asarray(FIXED_JACOBIANS["t3_mixed"], np.float32)
+FILTER_HEAD_JACOBIAN = np.array([[5.0], [0.0], [-1.0]], np.float32)
+
+
+def filtered_value_and_grad_step(strategy):
+  """One ``value_and_grad`` step on a shared block and a filtered-out head.
+
+  The losses are ``FILTER_SHARED_JACOBIAN @ shared + FILTER_HEAD_JACOBIAN @
+  head + 10``. Returns the gradients and the state.
+  """
+
+  def loss_fn(params):
+    return jnp.asarray(FILTER_SHARED_JACOBIAN) @ params["shared"] + (
+        jnp.asarray(FILTER_HEAD_JACOBIAN) @ params["head"]) + 10.0
+
+  params = {"shared": jnp.ones(4), "head": jnp.ones(1)}
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  (_, grads), state = step(params, strategy.init(params))
+  return grads, state
+
+
+# Hyperparameter errors shared by every strategy, and by the solver ones.
+NUM_TASKS_ERROR = ({"num_tasks": 0}, "num_tasks")
+UPDATE_WEIGHTS_EVERY_ERROR = ({"num_tasks": 2, "update_weights_every": 0},
+                              "update_weights_every")
+SOLVER_ERRORS = (({"num_tasks": 2, "max_iters": 0}, "max_iters"),
+                 ({"num_tasks": 2, "tol": -1.0}, "tol"))
+
+
+def hyperparameter_errors(*cases):
+  """(kwargs, message) pairs: num_tasks, then ``cases``, then
+  update_weights_every."""
+  return [NUM_TASKS_ERROR, *cases, UPDATE_WEIGHTS_EVERY_ERROR]
+
+
+def check_rejects(factory, kwargs, message):
+  """``factory(**kwargs)`` raises ValueError(message)."""
+  with pytest.raises(ValueError, match=message):
+    factory(**kwargs)
