@@ -240,9 +240,8 @@ def apply_rule(
   return _guarded_rule(weighting, task_losses, state, gramian)
 
 
-def reuse_weights(weighting: Weighting, state: PeriodicState):
+def reuse_weights(state: PeriodicState):
   """The cheap step of a periodic strategy: the previous weights again."""
-  del weighting
   steps = state.steps_since_update + 1
   return state.weights, state._replace(steps_since_update=steps)
 
@@ -322,18 +321,21 @@ def lift(weighting: Weighting) -> MultiTaskStrategy:
           f"({num_tasks},)), got None.")
     task_losses = check_task_losses(task_losses, num_tasks)
     tree_lib.check_task_axis(task_grads, num_tasks, "task_grads")
-    gramian = None
-    if weighting.needs is Needs.GRAMIAN:
-      mask = tree_lib.filter_mask(weighting.gramian_filter, params, task_grads)
-      gramian = tree_lib.gramian(task_grads, mask)
+
+    def recompute(state):
+      gramian = None
+      if weighting.needs is Needs.GRAMIAN:
+        mask = tree_lib.filter_mask(weighting.gramian_filter, params,
+                                    task_grads)
+        gramian = tree_lib.gramian(task_grads, mask)
+      return apply_rule(weighting, task_losses, state, gramian)
+
     if weighting.update_weights_every > 1:
+      # The Gramian is computed only on the steps that recompute weights.
       weights, new_state = jax.lax.cond(
-          is_due(weighting, state),
-          lambda s: apply_rule(weighting, task_losses, s, gramian),
-          lambda s: reuse_weights(weighting, s),
-          state)
+          is_due(weighting, state), recompute, reuse_weights, state)
     else:
-      weights, new_state = apply_rule(weighting, task_losses, state, gramian)
+      weights, new_state = recompute(state)
     return tree_lib.combine(weights, task_grads), new_state
 
   strategy = MultiTaskStrategy(init_fn, update_fn)

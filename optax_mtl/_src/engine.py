@@ -152,7 +152,7 @@ def value_and_grad(
         return weights, new_state, backward(weights)
 
       def reuse(state):
-        weights, new_state = base.reuse_weights(weighting, state)
+        weights, new_state = base.reuse_weights(state)
         return weights, new_state, backward(weights)
 
       if weighting.update_weights_every > 1:
