@@ -36,10 +36,14 @@ def speed_summary(speed: dict) -> list[str]:
       gramian_rows.append((name, [e["ratio_jacobian"] for e in entries],
                            [e["memory_low_memory_bytes"] / 2**20
                             for e in entries], flop_ratios))
+  noise = [speed["baselines"][t].get("noise", float("nan")) for t in tasks]
   lines = ["## Requirements at a glance", "",
            f"Computed from `results.json` of this run (T = {', '.join(tasks)}"
-           "; time ratios are medians over interleaved rounds within one "
-           "run).", ""]
+           "; a time ratio is the fastest step of the strategy ÷ the fastest "
+           f"step of the baseline over {speed['config']['rounds']} "
+           "interleaved rounds within one run). Noise floor of this run, the "
+           "plain step compiled twice and timed against itself: "
+           + ", ".join(f"{x:.3f}" for x in noise) + ".", ""]
   if loss_rows:
     worst = max((max(r), n) for n, r, _, _ in loss_rows)
     within = sum(all(x <= LOSS_TARGET for x in r)

@@ -233,7 +233,8 @@ def _speed_markdown(speed: dict, image: Optional[str]) -> list[str]:
            "Loss-only strategies: ratio to the `equal` step and to a plain "
            "`jax.value_and_grad` of the summed losses. Gramian strategies: "
            "ratio to the Jacobian-only step (vmap of the VJP, summed). "
-           "Median over interleaved rounds, jitted, after warm-up. Memory: "
+           "Fastest step over interleaved rounds, ÷ the baseline's fastest, "
+           "jitted, after warm-up. Memory: "
            "compiled `memory_analysis()` temp + argument + output, MiB.", ""]
   header = ("| strategy | kind | " + " | ".join(f"time ratio T={t}"
                                               for t in ts)

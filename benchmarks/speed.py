@@ -13,10 +13,15 @@ and divide by a baseline timed in the same round:
   XLA:CPU): what every Gramian strategy has to pay at least.
 
 Method: every step runs inside one jitted ``lax.fori_loop`` of n steps (n is
-a runtime argument, so no recompilation), after a warm-up call; each round
-times the baseline and the strategy back to back, and the reported ratio is
-the median over rounds of the per-round ratios, so that slow drifts of a
-shared machine cancel. Peak memory is the compiled executable's
+a runtime argument, so no recompilation) that keeps the losses it saw, as a
+training step that logs them does. For each T, every baseline and every
+strategy is compiled and warmed up, then all are timed in turn, ``rounds``
+times over (interleaved, so that a slow spell of the shared machine hits all
+alike). A ratio is the fastest step of the candidate ÷ the fastest step of
+the baseline: noise only ever adds time, so the minimum over rounds is the
+estimate of a step's own cost. ``ratio_median`` (the median of the
+per-round ratios) is kept as a second estimator, and the plain step compiled
+twice gives the run's noise floor (``baselines[T]["noise"]``). Peak memory is the compiled executable's
 ``memory_analysis()``: temp + argument + output bytes (deterministic on
 CPU), also for ``gramian_mode="low_memory"``.
 """
@@ -24,7 +29,7 @@ CPU), also for ``gramian_mode="low_memory"``.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +42,7 @@ from benchmarks.problems import _common
 
 DEFAULT_NUM_TASKS = (2, 10, 40)
 CONFIG = dict(input_dim=64, hidden=256, depth=2, batch_size=256,
-              target_seconds=0.05, rounds=9, learning_rate=1e-4)
+              target_seconds=0.1, rounds=15, learning_rate=1e-4)
 
 
 def num_units(names: Sequence[str], num_tasks: Sequence[int]) -> int:
@@ -66,24 +71,26 @@ def make_model(num_tasks: int, config: Optional[dict] = None):
 
 
 def _loop(step: Callable, learning_rate: float):
-  """jit of ``n`` steps ``(params, state) -> (params, state)``; n traced."""
+  """jit of ``n`` steps ``(params, state) -> (params, state, logged)``.
+
+  ``step(params, state, batch) -> (task_losses, grads, state)``. The loop
+  keeps the sum of the losses it saw, as a training step that logs its
+  losses does: otherwise XLA drops the forward's loss reduction from the
+  plain baseline (its value unused) but not from a strategy (whose weights
+  read it), and the comparison would not be like for like. ``n`` is traced.
+  """
 
   def run(params, state, batch, n):
     def body(_, carry):
-      params, state = carry
-      grads, state = step(params, state, batch)
+      params, state, logged = carry
+      task_losses, grads, state = step(params, state, batch)
       params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
-      return params, state
+      return params, state, logged + jnp.sum(task_losses)
 
-    return jax.lax.fori_loop(0, n, body, (params, state))
+    return jax.lax.fori_loop(0, n, body,
+                             (params, state, jnp.zeros((), jnp.float32)))
 
   return jax.jit(run)
-
-
-def _compiled(step, learning_rate, params, state, batch):
-  compiled = _loop(step, learning_rate).lower(
-      params, state, batch, jnp.asarray(1, jnp.int32)).compile()
-  return compiled
 
 
 def memory_bytes(compiled) -> Optional[int]:
@@ -121,23 +128,51 @@ def _time_once(compiled, args, n) -> float:
   return time.perf_counter() - start
 
 
-def _paired_ratio(baseline, candidate, n_base, n_cand, rounds):
-  """Median over rounds of (candidate step time / baseline step time)."""
-  ratios, base_times, cand_times = [], [], []
-  for _ in range(rounds):
-    t_base = _time_once(*baseline, n_base) / n_base
-    t_cand = _time_once(*candidate, n_cand) / n_cand
-    ratios.append(t_cand / t_base)
-    base_times.append(t_base)
-    cand_times.append(t_cand)
-  return (float(np.median(ratios)), float(np.median(base_times)),
-          float(np.median(cand_times)))
+class _Timed(NamedTuple):
+  """A compiled loop, its arguments and the steps per timing."""
+
+  compiled: Any
+  args: tuple
+  steps: int
 
 
-def _steps_for(compiled, args, target_seconds) -> int:
+def _timed(step, learning_rate, params, state, batch, target_seconds):
+  compiled = _loop(step, learning_rate).lower(
+      params, state, batch, jnp.asarray(1, jnp.int32)).compile()
+  args = (params, state, batch)
   _time_once(compiled, args, 1)  # warm-up
   single = _time_once(compiled, args, 1)
-  return int(np.clip(target_seconds / max(single, 1e-6), 1, 2000))
+  steps = int(np.clip(target_seconds / max(single, 1e-6), 1, 2000))
+  return _Timed(compiled, args, steps)
+
+
+def _interleaved_step_times(timed: dict[str, _Timed],
+                            rounds: int) -> dict[str, np.ndarray]:
+  """Seconds per step of every loop, ``rounds`` times, taken in turn.
+
+  Every round times every loop once, one after the other, so that a slow
+  spell of a shared machine hits all of them alike.
+  """
+  times = {key: [] for key in timed}
+  for _ in range(rounds):
+    for key, entry in timed.items():
+      times[key].append(
+          _time_once(entry.compiled, entry.args, entry.steps) / entry.steps)
+  return {key: np.asarray(value) for key, value in times.items()}
+
+
+def _ratio(times, candidate: str, baseline: str) -> float:
+  """Fastest step of ``candidate`` ÷ fastest step of ``baseline``.
+
+  On a shared machine noise only ever adds time, so the fastest of many
+  interleaved rounds is the best estimate of a step's own cost.
+  """
+  return float(np.min(times[candidate]) / np.min(times[baseline]))
+
+
+def _median_ratio(times, candidate: str, baseline: str) -> float:
+  """Median over rounds of the per-round ratio (the second estimator)."""
+  return float(np.median(times[candidate] / times[baseline]))
 
 
 def run_speed(
@@ -146,33 +181,40 @@ def run_speed(
     config: Optional[dict] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict[str, Any]:
-  """Times every strategy against its baseline; returns a JSON-able dict.
+  """Times every strategy against its baselines; returns a JSON-able dict.
+
+  For each T, every baseline and every strategy is compiled first, then all
+  are timed in ``rounds`` interleaved rounds (:func:`_ratio`).
 
   Returns:
-    ``{"config", "num_tasks", "baselines": {T: {...}}, "strategies":
-    {name: {T: {"kind", "ratio_equal", "ratio_plain" | "ratio_jacobian",
-    "step_ms", "memory_bytes", "memory_ratio", "memory_low_memory_bytes"}}}}``
+    ``{"config", "num_tasks", "baselines": {T: {name: {"memory_bytes",
+    "flops", "step_ms"}, "noise": plain_again ÷ plain}}, "strategies":
+    {name: {T: {"kind", "ratio_equal", "ratio_plain", "ratio_by_hand" |
+    "ratio_jacobian", "ratio_median", "flops_ratio", "step_ms",
+    "memory_bytes", "memory_ratio", "memory_low_memory_bytes"}}}}``
     (T as a string key).
   """
   cfg = dict(CONFIG, **(config or {}))
   progress = progress or (lambda label: None)
-  lr, rounds = cfg["learning_rate"], cfg["rounds"]
+  lr, rounds, target = (cfg["learning_rate"], cfg["rounds"],
+                        cfg["target_seconds"])
   out: dict[str, Any] = {"config": cfg, "num_tasks": list(num_tasks),
                          "baselines": {}, "strategies": {}}
   for t in num_tasks:
     params, loss_fn, batch = make_model(t, cfg)
 
     def plain_step(params, state, batch):
-      _, grads = jax.value_and_grad(lambda p: jnp.sum(loss_fn(p, batch)))(
+      loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_fn(p, batch)))(
           params)
-      return grads, state
+      return loss, grads, state
 
     def by_hand_step(params, state, batch):
       # Loss weighting written by hand (log_loss: w = 1/L, data-dependent):
       # the cost any weights computed from this step's losses carry, with
       # no optax_mtl code in the step.
       task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-      return vjp_fn(1.0 / jax.lax.stop_gradient(task_losses))[0], state
+      grads = vjp_fn(1.0 / jax.lax.stop_gradient(task_losses))[0]
+      return task_losses, grads, state
 
     def jacobian_step(params, state, batch):
       task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
@@ -180,80 +222,75 @@ def run_speed(
       # A dot with ones, not jnp.sum(j, axis=0): on XLA:CPU the reduction
       # over the leading axis is about 2x slower than the dot (measured).
       ones = jnp.ones((t,), task_losses.dtype)
-      return jax.tree.map(lambda j: jnp.tensordot(ones, j, axes=1),
-                          jacobian), state
+      return task_losses, jax.tree.map(
+          lambda j: jnp.tensordot(ones, j, axes=1), jacobian), state
 
     def strategy_step(strategy, mode="jacobian"):
       value_and_grad = optax_mtl.value_and_grad(loss_fn, strategy,
                                                 gramian_mode=mode)
 
       def step(params, state, batch):
-        (_, grads), state = value_and_grad(params, state, batch)
-        return grads, state
+        (task_losses, grads), state = value_and_grad(params, state, batch)
+        return task_losses, grads, state
 
       return step
 
-    baselines = {}
     equal = strategies_lib.make("equal", t)
-    for key, step, state in (
-        ("plain", plain_step, ()),
-        ("by_hand", by_hand_step, ()),
-        ("jacobian", jacobian_step, ()),
-        ("equal", strategy_step(equal), equal.init(params))):
-      compiled = _compiled(step, lr, params, state, batch)
-      args = (compiled, (params, state, batch))
-      baselines[key] = {"args": args,
-                        "n": _steps_for(*args, cfg["target_seconds"]),
-                        "memory": memory_bytes(compiled),
-                        "flops": flops(compiled)}
-    out["baselines"][str(t)] = {
-        key: {"memory_bytes": b["memory"], "flops": b["flops"]}
-        for key, b in baselines.items()}
-
+    timed = {
+        # plain_again is plain compiled a second time: its ratio to plain is
+        # this run's noise floor.
+        key: _timed(step, lr, params, state, batch, target)
+        for key, step, state in (
+            ("plain", plain_step, ()), ("plain_again", plain_step, ()),
+            ("by_hand", by_hand_step, ()), ("jacobian", jacobian_step, ()),
+            ("equal", strategy_step(equal), equal.init(params)))}
+    baseline_keys = tuple(timed)
+    entries: dict[str, dict[str, Any]] = {}
     for name in names:
       entry: dict[str, Any] = {}
+      entries[name] = entry
       try:
         strategy = strategies_lib.make(name, t)
         state = strategy.init(params)
         gramian = strategies_lib.needs_gramian(strategy)
-        compiled = _compiled(strategy_step(strategy), lr, params, state, batch)
-        args = (compiled, (params, state, batch))
-        n = _steps_for(*args, cfg["target_seconds"])
         entry["kind"] = "gramian" if gramian else "losses"
-        entry["memory_bytes"] = memory_bytes(compiled)
+        timed[name] = _timed(strategy_step(strategy), lr, params, state,
+                             batch, target)
         if gramian:
-          base = baselines["jacobian"]
-          ratio, base_s, step_s = _paired_ratio(
-              (base["args"][0], base["args"][1]), args, base["n"], n, rounds)
-          entry.update(ratio_jacobian=ratio, baseline_ms=base_s * 1e3,
-                       step_ms=step_s * 1e3)
-          low = _compiled(strategy_step(strategy, "low_memory"), lr, params,
-                          state, batch)
+          low = _loop(strategy_step(strategy, "low_memory"), lr).lower(
+              params, state, batch, jnp.asarray(1, jnp.int32)).compile()
           entry["memory_low_memory_bytes"] = memory_bytes(low)
+      except Exception as error:  # pylint: disable=broad-except
+        entry["error"] = f"{type(error).__name__}: {error}"[:300]
+
+    times = _interleaved_step_times(timed, rounds)
+    out["baselines"][str(t)] = {
+        key: {"memory_bytes": memory_bytes(timed[key].compiled),
+              "flops": flops(timed[key].compiled),
+              "step_ms": float(np.min(times[key])) * 1e3}
+        for key in baseline_keys}
+    out["baselines"][str(t)]["noise"] = _ratio(times, "plain_again", "plain")
+    for name, entry in entries.items():
+      if "error" not in entry:
+        gramian = entry["kind"] == "gramian"
+        reference = "jacobian" if gramian else "plain"
+        compiled = timed[name].compiled
+        entry["step_ms"] = float(np.min(times[name])) * 1e3
+        entry["ratio_median"] = _median_ratio(times, name, reference)
+        if gramian:
+          entry["ratio_jacobian"] = _ratio(times, name, "jacobian")
         else:
-          base = baselines["equal"]
-          ratio, base_s, step_s = _paired_ratio(
-              base["args"], args, base["n"], n, rounds)
-          plain = baselines["plain"]
-          ratio_plain, plain_s, _ = _paired_ratio(
-              plain["args"], args, plain["n"], n, rounds)
-          by_hand = baselines["by_hand"]
-          ratio_by_hand, _, _ = _paired_ratio(
-              by_hand["args"], args, by_hand["n"], n, rounds)
-          entry.update(ratio_equal=ratio, ratio_plain=ratio_plain,
-                       ratio_by_hand=ratio_by_hand,
-                       baseline_ms=base_s * 1e3, plain_ms=plain_s * 1e3,
-                       step_ms=step_s * 1e3)
-        reference_flops = baselines["jacobian" if gramian else "plain"][
-            "flops"]
+          entry.update(ratio_equal=_ratio(times, name, "equal"),
+                       ratio_plain=_ratio(times, name, "plain"),
+                       ratio_by_hand=_ratio(times, name, "by_hand"))
+        entry["memory_bytes"] = memory_bytes(compiled)
+        reference_flops = out["baselines"][str(t)][reference]["flops"]
         step_flops = flops(compiled)
         if reference_flops and step_flops:
           entry["flops_ratio"] = step_flops / reference_flops
-        reference = baselines["jacobian" if gramian else "plain"]["memory"]
-        if reference and entry["memory_bytes"]:
-          entry["memory_ratio"] = entry["memory_bytes"] / reference
-      except Exception as error:  # pylint: disable=broad-except
-        entry["error"] = f"{type(error).__name__}: {error}"[:300]
+        reference_memory = out["baselines"][str(t)][reference]["memory_bytes"]
+        if reference_memory and entry["memory_bytes"]:
+          entry["memory_ratio"] = entry["memory_bytes"] / reference_memory
       out["strategies"].setdefault(name, {})[str(t)] = entry
       progress(f"speed T={t}/{name}")
   return out
