@@ -197,6 +197,43 @@ def test_dual_cone_qp_matches_scipy_float64():
                             ATOL_64, f"T={num_tasks} {kind}")
 
 
+DUAL_CONE_WARM_64 = jax.jit(functools.partial(solvers.solve_dual_cone_qp,
+                                              max_iters=500, tol=1e-11))
+
+
+def test_dual_cone_qp_warm_start_matches_scipy_float64():
+  # A guess only moves the start of the search: from the exact solution no
+  # iteration is left; from a perturbed one, a random one, or one that is
+  # infeasible, the optimum is the same as SciPy's.
+  rng = np.random.default_rng(11)
+  with jax.enable_x64(True):
+    for num_tasks, kind, gramian in instances(seed=11):
+      context = f"T={num_tasks} {kind}"
+      lower = rng.normal(size=num_tasks)
+      reference = scipy_dual_cone_qp(gramian, lower)
+      cold = DUAL_CONE_64(jnp.asarray(gramian), jnp.asarray(lower))
+      exact = DUAL_CONE_WARM_64(jnp.asarray(gramian), jnp.asarray(lower),
+                                warm_start=cold.weights)
+      assert int(exact.iterations) == 0, context
+      guesses = {
+          "exact": np.asarray(cold.weights),
+          "perturbed": np.asarray(cold.weights) * rng.uniform(
+              0.5, 1.5, num_tasks),
+          "random": lower + rng.exponential(size=num_tasks) * (
+              rng.random(num_tasks) < 0.5),
+          "all free": lower + 1.0}
+      for name, guess in guesses.items():
+        result = DUAL_CONE_WARM_64(jnp.asarray(gramian), jnp.asarray(lower),
+                                   warm_start=jnp.asarray(guess))
+        solution = np.asarray(result.weights)
+        assert bool(result.converged), (context, name, float(result.gap))
+        assert np.all(solution >= lower - 1e-12), (context, name)
+        assert np.all(normalised(gramian) @ solution >= -1e-10), (context,
+                                                                  name)
+        assert_same_objective(solution @ normalised(gramian) @ solution,
+                              reference, 1e-6, ATOL_64, f"{context} {name}")
+
+
 def test_cagrad_matches_scipy_float64():
   rng = np.random.default_rng(2)
   with jax.enable_x64(True):
@@ -352,6 +389,8 @@ def test_project_simplex_matches_scipy():
     (lambda: solvers.solve_dual_cone_qp(jnp.eye(3), jnp.ones(2)), "lower"),
     (lambda: solvers.solve_dual_cone_qp(jnp.eye(3), jnp.ones(3),
                                         max_iters=True), "max_iters"),
+    (lambda: solvers.solve_dual_cone_qp(jnp.eye(3), jnp.ones(3),
+                                        warm_start=jnp.ones(2)), "warm_start"),
     (lambda: solvers.solve_cagrad(jnp.eye(3), -0.5), "c"),
     (lambda: solvers.solve_cagrad(jnp.eye(3), 0.5, tol=float("nan")), "tol"),
     (lambda: solvers.project_simplex(jnp.ones((2, 2))), "vector"),

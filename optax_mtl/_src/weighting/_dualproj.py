@@ -38,7 +38,8 @@ def dualproj(
   the closest direction to the mean gradient that conflicts with no task:
   ``J d = G w ≥ 0`` (Quinton & Rey 2024). The box-constrained QP on the
   Gramian is solved by
-  :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`. Scaling every gradient
+  :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`, warm-started from the
+  previous step's weights (its previous solution). Scaling every gradient
   by the same factor scales ``d`` by it (the weights do not change).
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped`` and
@@ -82,7 +83,7 @@ def dualproj(
     del task_losses
     mean = jnp.full((num_tasks,), 1.0 / num_tasks, gramian.dtype)
     result = solvers.solve_dual_cone_qp(gramian, mean, max_iters=max_iters,
-                                        tol=tol)
+                                        tol=tol, warm_start=state.weights)
     return result.weights.astype(jnp.float32), state._replace(
         solver_iterations=result.iterations.astype(jnp.int32),
         solver_gap=result.gap.astype(jnp.float32),

@@ -19,6 +19,7 @@ class UpgradState(NamedTuple):
   solver_iterations: chex.Array  # i32[], most active-set iterations of the T.
   solver_gap: chex.Array  # f32[], largest final residual of the T problems.
   solver_converged: chex.Array  # bool[], all T problems converged.
+  solutions: chex.Array  # f32[T, T], row i: v^(i) of the last step.
 
 
 def upgrad(
@@ -41,8 +42,11 @@ def upgrad(
   equals the mean gradient when no two gradients conflict; and it is linear
   under scaling: with the gradients scaled by ``c_i > 0``, ``d`` becomes
   ``(1/T) Σ c_i Π(g_i)``. The T box-constrained QPs on the Gramian are solved
-  together (``vmap``) by :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`;
-  the diagnostics report the worst of them.
+  together (``vmap``) by :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`,
+  each warm-started from its solution of the previous step (kept in
+  ``solutions``): when the Gramian changes little, the active sets do not
+  change and no iteration is needed. The diagnostics report the worst of the
+  T problems.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped`` and
   the previous weights are applied again; zero and negative losses are fine.
@@ -78,17 +82,20 @@ def upgrad(
   base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return UpgradState(**base.convention_fields(
-        num_tasks, 1.0 / num_tasks, gramian=True, solver=True))
+    return UpgradState(
+        **base.convention_fields(num_tasks, 1.0 / num_tasks, gramian=True,
+                                 solver=True),
+        solutions=jnp.eye(num_tasks, dtype=jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
     results = jax.vmap(
-        lambda lower: solvers.solve_dual_cone_qp(
-            gramian, lower, max_iters=max_iters, tol=tol))(
-                jnp.eye(num_tasks, dtype=gramian.dtype))
+        lambda lower, guess: solvers.solve_dual_cone_qp(
+            gramian, lower, max_iters=max_iters, tol=tol, warm_start=guess))(
+                jnp.eye(num_tasks, dtype=gramian.dtype), state.solutions)
     weights = jnp.mean(results.weights, axis=0)
     return weights.astype(jnp.float32), state._replace(
+        solutions=results.weights.astype(jnp.float32),
         solver_iterations=jnp.max(results.iterations).astype(jnp.int32),
         solver_gap=jnp.max(results.gap).astype(jnp.float32),
         solver_converged=jnp.all(results.converged))
