@@ -270,9 +270,10 @@ def solve_dual_cone_qp(
   training step, whose Gramian is close), the tasks with ``v_k > u_k`` are
   taken as the starting free set. The equality-constrained problem is solved
   on it once; when that solution is feasible the active-set iterations start
-  from there (and none are needed when it is also optimal), otherwise from
-  the empty free set, as without a guess. A guess changes only where the
-  search starts, never the optimality test it has to pass.
+  from there (and none are needed when it is also optimal), otherwise they
+  start from the guess itself with the step back to feasibility. A guess
+  changes only where the search starts, never the optimality test it has to
+  pass.
 
   Args:
     gramian: ``G``, shape [T, T], symmetric positive semi-definite.
@@ -388,14 +389,21 @@ def solve_dual_cone_qp(
       raise ValueError(f"warm_start must have shape ({num_tasks},), got "
                        f"{warm_start.shape}.")
     guess = warm_start / row_scales - lower
-    guessed_free = guess > 100 * jnp.finfo(dtype).eps * size_of(guess)
+    guessed_free = (guess > 10 * jnp.finfo(dtype).eps * size_of(guess)) & (
+        jnp.isfinite(guess))
     trial = solve_on(guessed_free)
-    usable = jnp.all(jnp.where(guessed_free, trial > 0, True)) & jnp.all(
-        jnp.isfinite(trial))
-    slack = jnp.where(usable, trial, slack)
-    free = jnp.where(usable, guessed_free, free)
+    usable = jnp.all(jnp.where(guessed_free, trial > 0, True))
+    # Feasible and optimal on the guessed free set: done. Feasible: iterate
+    # from there. Not feasible: start from the guess itself (feasible,
+    # zero off the free set) and step towards that solution as Lawson and
+    # Hanson's inner loop does.
+    slack = jnp.where(usable, trial, jnp.where(guessed_free, guess, 0.0))
+    free = guessed_free
+    backtracking = ~usable
     done = usable & is_optimal(slack, free)
-  start = (slack, free, jnp.asarray(False), jnp.zeros([], jnp.int32), done)
+  else:
+    backtracking = jnp.asarray(False)
+  start = (slack, free, backtracking, jnp.zeros([], jnp.int32), done)
   slack, _, _, iterations, _ = jax.lax.while_loop(cond, body, start)
   gap = residual(slack)
   return SolverResult((slack + lower) * row_scales, iterations, gap,
