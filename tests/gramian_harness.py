@@ -152,6 +152,24 @@ def check_scripted_dual_cone_directions(strategy, reference):
   return state
 
 
+def check_warm_start_repeats(strategy, jacobian):
+  """The same Jacobian twice: the second solve starts from the first's
+  solution (kept in the state), needs no iteration and gives the same update.
+
+  Returns ``(first update, state after the first step)``.
+  """
+  update = jax.jit(strategy.update)
+  losses = jnp.ones(len(jacobian))
+  first, first_state = update(jnp.asarray(jacobian, jnp.float32),
+                              strategy.init(None), task_losses=losses)
+  assert int(first_state.solver_iterations) > 0
+  again, state = update(jnp.asarray(jacobian, jnp.float32), first_state,
+                        task_losses=losses)
+  assert int(state.solver_iterations) == 0 and bool(state.solver_converged)
+  np.testing.assert_allclose(again, first, atol=1e-6)
+  return first, first_state
+
+
 def check_non_conflicting_and_mean_when_no_conflict(strategy, check_state):
   """Jd >= 0 on random Jacobians [6, 3|10]; d = mean when G >= 0.
 

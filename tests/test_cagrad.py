@@ -133,6 +133,13 @@ def test_permutation_invariance_and_scaling():
       direction, jacobian, rtol=1e-3, atol_per_factor=1e-4)
 
 
+def test_warm_start_from_the_solution_of_the_last_step():
+  first, _ = gramian_harness.check_warm_start_repeats(
+      optax_mtl.cagrad(num_tasks=3), JACOBIANS[0])
+  np.testing.assert_allclose(first, numpy_cagrad(JACOBIANS[0], 0.5),
+                             atol=1e-5)
+
+
 def test_both_faces_agree():
   jacobian = JACOBIANS[0].astype(np.float32)
   grads, _ = gramian_harness.check_both_faces_agree(

@@ -234,6 +234,49 @@ def test_dual_cone_qp_warm_start_matches_scipy_float64():
                               reference, 1e-6, ATOL_64, f"{context} {name}")
 
 
+MIN_NORM_WARM_64 = jax.jit(functools.partial(solvers.solve_min_norm,
+                                             max_iters=20000, tol=1e-13))
+CAGRAD_WARM_64 = jax.jit(functools.partial(solvers.solve_cagrad,
+                                           max_iters=20000, tol=1e-13))
+
+
+def test_frank_wolfe_warm_start_matches_scipy_float64():
+  # From the exact solution no iteration is left; from any other guess (a
+  # perturbed solution, a random point off the simplex, a non-finite one)
+  # the optimum is the same as SciPy's.
+  rng = np.random.default_rng(12)
+  with jax.enable_x64(True):
+    for num_tasks, kind, gramian in instances(seed=12, count=12,
+                                              sizes=(5, 16, 64)):
+      c = float(rng.uniform(0.1, 0.9))
+      cases = (
+          ("min_norm", MIN_NORM_64, MIN_NORM_WARM_64, (),
+           lambda w: w @ normalised(gramian) @ w, scipy_min_norm(gramian)),
+          ("cagrad", CAGRAD_64, CAGRAD_WARM_64, (c,),
+           lambda w: cagrad_objective(normalised(gramian), c, w),
+           scipy_cagrad(gramian, c)))
+      for name, cold_solver, warm_solver, args, objective, reference in cases:
+        context = f"{name} T={num_tasks} {kind}"
+        cold = cold_solver(jnp.asarray(gramian), *args)
+        exact = warm_solver(jnp.asarray(gramian), *args,
+                            warm_start=cold.weights)
+        if bool(cold.converged):  # (64 ill-conditioned tasks may not.)
+          assert int(exact.iterations) == 0, context
+        guesses = {
+            "perturbed": np.asarray(cold.weights) * rng.uniform(
+                0.5, 1.5, num_tasks),
+            "random": rng.normal(size=num_tasks),
+            "non-finite": np.full(num_tasks, np.nan)}
+        for guess_name, guess in guesses.items():
+          result = warm_solver(jnp.asarray(gramian), *args,
+                               warm_start=jnp.asarray(guess))
+          weights = np.asarray(result.weights)
+          np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-12)
+          assert weights.min() >= 0.0, (context, guess_name)
+          assert_same_objective(objective(weights), reference, 1e-6, ATOL_64,
+                                f"{context} {guess_name}")
+
+
 def test_cagrad_matches_scipy_float64():
   rng = np.random.default_rng(2)
   with jax.enable_x64(True):
@@ -391,6 +434,8 @@ def test_project_simplex_matches_scipy():
                                         max_iters=True), "max_iters"),
     (lambda: solvers.solve_dual_cone_qp(jnp.eye(3), jnp.ones(3),
                                         warm_start=jnp.ones(2)), "warm_start"),
+    (lambda: solvers.solve_min_norm(jnp.eye(3), warm_start=jnp.ones(4)),
+     "warm_start"),
     (lambda: solvers.solve_cagrad(jnp.eye(3), -0.5), "c"),
     (lambda: solvers.solve_cagrad(jnp.eye(3), 0.5, tol=float("nan")), "tol"),
     (lambda: solvers.project_simplex(jnp.ones((2, 2))), "vector"),

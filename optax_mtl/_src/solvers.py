@@ -77,6 +77,30 @@ def _check_iterations(max_iters, tol, dtype):
 # --------------------------------------------------------------------------
 
 
+def _check_warm_start(warm_start, num_tasks: int, dtype) -> chex.Array:
+  warm_start = jnp.asarray(warm_start, dtype)
+  if warm_start.shape != (num_tasks,):
+    raise ValueError(f"warm_start must have shape ({num_tasks},), got "
+                     f"{warm_start.shape}.")
+  return warm_start
+
+
+def _simplex_start(num_tasks: int, dtype, warm_start) -> chex.Array:
+  """The Frank-Wolfe solvers' start: the uniform weights, or a guess.
+
+  A guess (e.g. the previous training step's solution) is projected onto
+  the simplex; a non-finite guess falls back to the uniform weights.
+  """
+  uniform = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+  if warm_start is None:
+    return uniform
+  warm_start = _check_warm_start(warm_start, num_tasks, dtype)
+  finite = jnp.all(jnp.isfinite(warm_start))
+  return jnp.where(finite,
+                   project_simplex(jnp.where(finite, warm_start, uniform)),
+                   uniform)
+
+
 def project_simplex(vector: chex.Array) -> chex.Array:
   r"""Euclidean projection onto the probability simplex (exact, no loop).
 
@@ -126,6 +150,7 @@ def solve_min_norm(
     *,
     max_iters: int = 500,
     tol: Optional[float] = None,
+    warm_start: Optional[chex.Array] = None,
 ) -> SolverResult:
   r"""Weights of the min-norm point of the convex hull of the task gradients.
 
@@ -139,7 +164,8 @@ def solve_min_norm(
   * ``T = 1``: ``w = [1]``; ``T = 2``: the closed form
     ``w_1 = clip((G_22 - G_12) / (G_11 + G_22 - 2 G_12), 0, 1)``.
   * ``T > 2``: pairwise Frank-Wolfe with exact line search (Lacoste-Julien &
-    Jaggi 2015), started at the uniform weights. Each step moves weight from
+    Jaggi 2015), started at the uniform weights or at ``warm_start``
+    projected onto the simplex (e.g. the previous step's solution). Each step moves weight from
     the active task of largest ``(Gw)_k`` to the task of smallest ``(Gw)_k``
     by the exact minimiser of the quadratic along that edge; it converges
     linearly on the simplex, where plain Frank-Wolfe slows down on
@@ -153,6 +179,7 @@ def solve_min_norm(
     gramian: ``G``, shape [T, T], symmetric positive semi-definite.
     max_iters: the most Frank-Wolfe iterations.
     tol: the duality gap to reach; None: 1e-6 (float32) or 1e-12 (float64).
+    warm_start: None, or a guess of ``w*``, shape [T] (used when T > 2).
 
   Returns:
     A :class:`SolverResult` whose ``weights`` lie on the simplex.
@@ -173,6 +200,7 @@ def solve_min_norm(
   gramian = _normalise(gramian)
   dtype = gramian.dtype
   tol = _check_iterations(max_iters, tol, dtype)
+  start = _simplex_start(num_tasks, dtype, warm_start)
   zero_iterations = jnp.zeros([], jnp.int32)
   if num_tasks == 1:
     return SolverResult(jnp.ones((1,), dtype), zero_iterations,
@@ -216,7 +244,6 @@ def solve_min_norm(
         jnp.where(drop, 0.0, weights[away] - step))
     return weights, iteration + 1, gap_of(weights)
 
-  start = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
   weights, iterations, gap = jax.lax.while_loop(
       cond, body, (start, zero_iterations, gap_of(start)))
   return SolverResult(weights, iterations, gap, gap <= tol)
@@ -384,10 +411,7 @@ def solve_dual_cone_qp(
   free = jnp.zeros((num_tasks,), bool)
   done = jnp.asarray(False)
   if warm_start is not None:
-    warm_start = jnp.asarray(warm_start, dtype)
-    if warm_start.shape != (num_tasks,):
-      raise ValueError(f"warm_start must have shape ({num_tasks},), got "
-                       f"{warm_start.shape}.")
+    warm_start = _check_warm_start(warm_start, num_tasks, dtype)
     guess = warm_start / row_scales - lower
     guessed_free = (guess > 10 * jnp.finfo(dtype).eps * size_of(guess)) & (
         jnp.isfinite(guess))
@@ -421,6 +445,7 @@ def solve_cagrad(
     *,
     max_iters: int = 500,
     tol: Optional[float] = None,
+    warm_start: Optional[chex.Array] = None,
 ) -> SolverResult:
   r"""The dual problem of CAGrad, written on the Gramian.
 
@@ -432,7 +457,8 @@ def solve_cagrad(
 
   with ``g_w = Jᵀw``, ``g_0 = Jᵀm`` the mean gradient (``m = 1/T``) and
   ``φ = c² ‖g_0‖²`` (Liu et al. 2021, Eq. 4). Solved by pairwise Frank-Wolfe
-  with exact line search from the uniform weights: along an edge
+  with exact line search from the uniform weights, or from ``warm_start``
+  projected onto the simplex: along an edge
   ``w + γ(e_s - e_v)`` the objective is ``αγ + √φ √(Aγ² + 2Bγ + C)``, whose
   minimiser has a closed form. The loop stops when the Frank-Wolfe duality gap
   ``∇h(w)ᵀ(w - e_s) ≥ h(w) - h*`` (on ``G / max_k G_kk``) is at most ``tol``.
@@ -443,6 +469,7 @@ def solve_cagrad(
       number, or a scalar array under ``jit``).
     max_iters: the most Frank-Wolfe iterations.
     tol: the duality gap to reach; None: 1e-6 (float32) or 1e-12 (float64).
+    warm_start: None, or a guess of ``w*``, shape [T].
 
   Returns:
     A :class:`SolverResult` whose ``weights`` ``w*`` lie on the simplex.
@@ -524,6 +551,7 @@ def solve_cagrad(
   if num_tasks == 1:
     return SolverResult(jnp.ones((1,), dtype), jnp.zeros([], jnp.int32),
                         jnp.zeros([], dtype), jnp.asarray(True))
+  start = _simplex_start(num_tasks, dtype, warm_start)
   weights, iterations, gap = jax.lax.while_loop(
-      cond, body, (mean, jnp.zeros([], jnp.int32), gap_of(mean)))
+      cond, body, (start, jnp.zeros([], jnp.int32), gap_of(start)))
   return SolverResult(weights, iterations, gap, gap <= tol)

@@ -18,6 +18,7 @@ class CagradState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
   solver_gap: chex.Array  # f32[], final Frank-Wolfe duality gap.
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
+  solution: chex.Array  # f32[T], the solver's w* of the last step.
 
 
 def cagrad(
@@ -42,7 +43,8 @@ def cagrad(
   ``g_w = Σ_k w_k g_k`` and ``w`` the solution of the dual problem
   ``min_{w ∈ Δ} g_wᵀ g_0 + √φ ‖g_w‖``, solved on the Gramian by
   :func:`~optax_mtl._src.solvers.solve_cagrad` (Liu et al. 2021, Eq. 4 and
-  Algorithm 1). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``, divided
+  Algorithm 1), warm-started from the last step's ``w`` (kept in
+  ``solution``). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``, divided
   by ``1 + c²`` with ``rescale=True``. The default (``rescale=False``) is the
   paper's update; ``rescale=True`` is the authors' code (their ``rescale=1``),
   which keeps the update's length comparable to ``g_0`` across values of
@@ -91,15 +93,18 @@ def cagrad(
   factor = 1.0 / (1.0 + c**2) if rescale else 1.0
 
   def init():
-    return CagradState(**base.convention_fields(
-        num_tasks, factor / num_tasks, gramian=True, solver=True))
+    return CagradState(
+        **base.convention_fields(num_tasks, factor / num_tasks, gramian=True,
+                                 solver=True),
+        solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
     mean = jnp.full((num_tasks,), 1.0 / num_tasks, gramian.dtype)
     if c == 0.0:
       return (mean * factor).astype(jnp.float32), state
-    result = solvers.solve_cagrad(gramian, c, max_iters=max_iters, tol=tol)
+    result = solvers.solve_cagrad(gramian, c, max_iters=max_iters, tol=tol,
+                                  warm_start=state.solution)
     # The ratio √φ / ‖g_w‖ is scale-free: measure it on G / max_k G_kk.
     scale = jnp.max(jnp.diag(gramian))
     normalised = gramian / jnp.where(scale > 0, scale, 1.0)
@@ -110,6 +115,7 @@ def cagrad(
     ratio = jnp.where(positive, radius / jnp.where(positive, norm, 1.0), 0.0)
     weights = factor * (mean + ratio * result.weights)
     return weights.astype(jnp.float32), state._replace(
+        solution=result.weights.astype(jnp.float32),
         solver_iterations=result.iterations.astype(jnp.int32),
         solver_gap=result.gap.astype(jnp.float32),
         solver_converged=result.converged)

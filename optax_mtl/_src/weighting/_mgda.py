@@ -20,6 +20,7 @@ class MgdaState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
   solver_gap: chex.Array  # f32[], final Frank-Wolfe duality gap.
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
+  solution: chex.Array  # f32[T], the solver's w* of the last step.
 
 
 def mgda(
@@ -47,7 +48,8 @@ def mgda(
   tasks unless it is zero (a Pareto-stationary point): ``g_kᵀ d ≥ ‖d‖²`` for
   every task with ``α_k > 0`` (KKT). The problem is solved by
   :func:`~optax_mtl._src.solvers.solve_min_norm` (closed form for two tasks,
-  pairwise Frank-Wolfe with exact line search otherwise). A gradient of norm
+  pairwise Frank-Wolfe with exact line search otherwise, warm-started from
+  the last step's solution, kept in ``solution``). A gradient of norm
   at most ``eps`` gets ``s_k = 0`` under the ``l2`` normalisations.
 
   With the Gramian of the gradients with respect to a shared representation
@@ -99,15 +101,19 @@ def mgda(
   base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return MgdaState(**base.convention_fields(
-        num_tasks, 1.0 / num_tasks, gramian=True, solver=True))
+    return MgdaState(
+        **base.convention_fields(num_tasks, 1.0 / num_tasks, gramian=True,
+                                 solver=True),
+        solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
     scales = task_scales(normalization, task_losses, gramian, eps)
     scaled = scales[:, None] * gramian * scales[None, :]
-    result = solvers.solve_min_norm(scaled, max_iters=max_iters, tol=tol)
+    result = solvers.solve_min_norm(scaled, max_iters=max_iters, tol=tol,
+                                    warm_start=state.solution)
     weights = (result.weights * scales).astype(jnp.float32)
     return weights, state._replace(
+        solution=result.weights.astype(jnp.float32),
         solver_iterations=result.iterations.astype(jnp.int32),
         solver_gap=result.gap.astype(jnp.float32),
         solver_converged=result.converged)
