@@ -115,7 +115,6 @@ def test_permutation_invariance_and_scaling():
                                weights_of(jacobian), atol=1e-4)
 
 
-
 def test_warm_start_from_the_solution_of_the_last_step():
   first, state = gramian_harness.check_warm_start_repeats(
       optax_mtl.mgda(num_tasks=3), JACOBIANS[0])
@@ -123,6 +122,7 @@ def test_warm_start_from_the_solution_of_the_last_step():
       state.solution, numpy_min_norm(JACOBIANS[0] @ JACOBIANS[0].T),
       atol=1e-5)
   np.testing.assert_allclose(first, state.solution @ JACOBIANS[0], atol=1e-5)
+
 
 @pytest.mark.parametrize("normalization", ["none", "loss+"])
 def test_both_faces_agree(normalization):
