@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override every problem's training steps")
   parser.add_argument("--no-speed", action="store_true",
                       help="skip the step time / memory benchmark")
+  parser.add_argument("--speed-only", action="store_true",
+                      help="run only the step time / memory benchmark (e.g. "
+                           "on an accelerator)")
   parser.add_argument("--speed-tasks", default=None,
                       help="comma-separated task counts for the speed "
                            "benchmark (default 2,10,40)")
@@ -75,7 +78,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   if args.strategies is not None:
     args.strategies = [s.strip() for s in args.strategies.split(",")
                        if s.strip()]
-  if args.problems is None:
+  if args.speed_only:
+    if args.no_speed or args.problems:
+      raise SystemExit("--speed-only excludes --no-speed and --problem.")
+    args.problems = []
+  elif args.problems is None:
     args.problems = list(suite["problems"])
     if args.data_dir is not None:
       from benchmarks.data import available_real_problems  # pylint: disable=import-outside-toplevel

@@ -176,6 +176,9 @@ def test_cli_parsing():
   assert cli.parse_args(["--suite", "full"]).seeds == [0, 1, 2, 3, 4]
   args = cli.parse_args(["--data-dir", FIXTURES])
   assert args.problems[-1] == "pcba"  # pcba.csv present, no CelebA images
+  assert cli.parse_args(["--speed-only"]).problems == []
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--speed-only", "--no-speed"])
   with pytest.raises(SystemExit):
     cli.parse_args(["--problem", "nope"])
   with pytest.raises(SystemExit):
