@@ -318,6 +318,22 @@ def test_solvers_match_scipy_float32():
                           scipy_cagrad(scale, 0.5), 1e-3, 1e-5, context)
 
 
+
+def test_dual_cone_qp_converges_in_float32_on_forty_tasks():
+  # UPGrad's T problems on one float32 Gramian of every kind (rank-deficient,
+  # duplicated and zero gradients, ill-conditioned): all converge, finite,
+  # and the direction conflicts with no task beyond float32 round-off.
+  solve_all = jax.jit(jax.vmap(solvers.solve_dual_cone_qp,
+                               in_axes=(None, 0)))
+  for num_tasks, kind, gramian in instances(seed=13, sizes=(40,)):
+    gramian32 = jnp.asarray(gramian, jnp.float32)
+    result = solve_all(gramian32, jnp.eye(num_tasks, dtype=jnp.float32))
+    solutions = np.asarray(result.weights, np.float64)
+    assert np.all(np.isfinite(solutions)), kind
+    assert bool(np.all(result.converged)), kind
+    scale = normalised(np.asarray(gramian32, np.float64))
+    assert np.all(scale @ solutions.T >= -1e-4), kind
+
 @pytest.mark.parametrize("exponent", [-10, 10])
 def test_weights_do_not_depend_on_the_scale(exponent):
   rng = np.random.default_rng(4)
