@@ -17,14 +17,15 @@ Method: every step runs inside one jitted ``lax.fori_loop`` of n steps (n is
 a runtime argument, so no recompilation) that keeps the losses it saw, as a
 training step that logs them does; timings start after a few warm-up steps,
 from the state they reached (a step in training, not the first one, whose
-solvers have no previous solution to start from). For each T, every baseline and every
-strategy is compiled and warmed up, then all are timed in turn, ``rounds``
-times over (interleaved, so that a slow spell of the shared machine hits all
-alike). A ratio is the fastest step of the candidate ÷ the fastest step of
-the baseline: noise only ever adds time, so the minimum over rounds is the
-estimate of a step's own cost. ``ratio_median`` (the median of the
-per-round ratios) is kept as a second estimator, and the plain step compiled
-twice gives the run's noise floor (``baselines[T]["noise"]``). Peak memory is the compiled executable's
+solvers have no previous solution to start from). For each T, every
+baseline and every strategy is compiled and warmed up, then all are timed
+in turn, ``rounds`` times over (interleaved, so that a slow spell of the
+shared machine hits all alike). A ratio is the fastest step of the
+candidate ÷ the fastest step of the baseline: noise only ever adds time, so
+the minimum over rounds is the estimate of a step's own cost.
+``ratio_median`` (the median of the per-round ratios) is kept as a second
+estimator, and the plain step compiled twice gives the run's noise floor
+(``baselines[T]["noise"]``). Peak memory is the compiled executable's
 ``memory_analysis()``: temp + argument + output bytes (deterministic on
 CPU), also for ``gramian_mode="low_memory"``.
 """
@@ -85,8 +86,9 @@ def _loop(step: Callable, learning_rate: float):
   """jit of ``n`` steps ``(params, state) -> (params, state, logged)``.
 
   ``step(params, state, batch) -> (task_losses, grads, state)``; step i
-  takes minibatch ``i mod num_batches`` of ``batches``. The loop keeps the sum of the losses it saw, as a training step that logs its
-  losses does: otherwise XLA drops the forward's loss reduction from the
+  takes minibatch ``i mod num_batches`` of ``batches``. The loop keeps the
+  sum of the losses it saw, as a training step that logs its losses does:
+  otherwise XLA drops the forward's loss reduction from the
   plain baseline (its value unused) but not from a strategy (whose weights
   read it), and the comparison would not be like for like. ``n`` is traced.
   """

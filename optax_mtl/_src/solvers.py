@@ -165,11 +165,11 @@ def solve_min_norm(
     ``w_1 = clip((G_22 - G_12) / (G_11 + G_22 - 2 G_12), 0, 1)``.
   * ``T > 2``: pairwise Frank-Wolfe with exact line search (Lacoste-Julien &
     Jaggi 2015), started at the uniform weights or at ``warm_start``
-    projected onto the simplex (e.g. the previous step's solution). Each step moves weight from
-    the active task of largest ``(Gw)_k`` to the task of smallest ``(Gw)_k``
-    by the exact minimiser of the quadratic along that edge; it converges
-    linearly on the simplex, where plain Frank-Wolfe slows down on
-    ill-conditioned Gramians.
+    projected onto the simplex (e.g. the previous step's solution). Each
+    step moves weight from the active task of largest ``(Gw)_k`` to the
+    task of smallest ``(Gw)_k`` by the exact minimiser of the quadratic
+    along that edge; it converges linearly on the simplex, where plain
+    Frank-Wolfe slows down on ill-conditioned Gramians.
 
   The loop stops when the Frank-Wolfe duality gap
   ``2 (wᵀGw - min_k (Gw)_k) ≥ f(w) - f*`` (on ``G / max_k G_kk``) is at most
@@ -282,8 +282,8 @@ def solve_dual_cone_qp(
   the matrix plus ``T·eps`` on its unit diagonal, so that a singular block
   of duplicated or dependent gradients still factorises) refined twice
   against the exact matrix, with the interpolation step back to feasibility
-  when a free variable turns negative. It ends in finitely many steps; ``max_iters`` bounds it under
-  ``jit``.
+  when a free variable turns negative. It ends in finitely many steps;
+  ``max_iters`` bounds it under ``jit``.
 
   The cone does not change when a row of ``J`` is rescaled, so the problem
   is solved with unit rows (``G`` replaced by the cosine matrix ``D G D``,
