@@ -372,16 +372,20 @@ def solve_dual_cone_qp(
       solution = solution + solve(target - _matvec(matrix, solution))
     return jnp.where(free, solution, 0.0)
 
+  def entering_task(slack, free):
+    """The bound task of most negative gradient, and whether none is."""
+    candidates = jnp.where(free, -jnp.inf, -gradient_of(slack))
+    entering = jnp.argmax(candidates)
+    return entering, candidates[entering] <= tol * size_of(slack)
+
   def cond(carry):
     _, _, _, iteration, done = carry
     return (iteration < max_iters) & ~done
 
   def body(carry):
     slack, free, backtracking, iteration, _ = carry
-    gradient = gradient_of(slack)
-    candidates = jnp.where(free, -jnp.inf, -gradient)
-    entering = jnp.argmax(candidates)
-    optimal = ~backtracking & (candidates[entering] <= tol * size_of(slack))
+    entering, kkt = entering_task(slack, free)
+    optimal = ~backtracking & kkt
     free = jnp.where(backtracking | optimal, free,
                      free.at[entering].set(True))
     trial = solve_on(free)
@@ -408,11 +412,6 @@ def solve_dual_cone_qp(
     new_free = jnp.where(stalled, free.at[entering].set(False), new_free)
     return (new_slack, new_free, ~feasible & ~done, iteration + 1, done)
 
-  def is_optimal(slack, free):
-    gradient = gradient_of(slack)
-    return jnp.max(jnp.where(free, -jnp.inf, -gradient)) <= tol * size_of(
-        slack)
-
   slack = jnp.zeros((num_tasks,), dtype)
   free = jnp.zeros((num_tasks,), bool)
   done = jnp.asarray(False)
@@ -430,7 +429,7 @@ def solve_dual_cone_qp(
     slack = jnp.where(usable, trial, jnp.where(guessed_free, guess, 0.0))
     free = guessed_free
     backtracking = ~usable
-    done = usable & is_optimal(slack, free)
+    done = usable & entering_task(slack, free)[1]
   else:
     backtracking = jnp.asarray(False)
   start = (slack, free, backtracking, jnp.zeros([], jnp.int32), done)
