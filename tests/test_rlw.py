@@ -1,8 +1,9 @@
 """Tests of optax_mtl.rlw (Lin et al., TMLR 2022): w = softmax(z), z ~ N(0, I).
 
-The reference reproduces the documented key schedule with its own calls to
-jax.random (split the key, draw z with the second half) and applies the
-softmax in NumPy; distribution tests check the law of the weights.
+The reference draws the documented stream with its own calls to
+jax.lax.rng_bit_generator (Threefry, T words per accepted step), maps the
+words to normals with SciPy's normal quantile and applies the softmax in
+NumPy; distribution tests check the law of the weights.
 """
 
 import functools
@@ -16,6 +17,7 @@ import pytest
 import scipy.stats
 
 import optax_mtl
+from optax_mtl._src.weighting import _rlw as rlw_module
 from tests import loss_weighting_harness as harness
 
 NUM_TASKS = harness.NUM_TASKS
@@ -38,24 +40,42 @@ def softmax(z):
   return e / e.sum()
 
 
+def initial_key(seed):
+  seed %= 2**64
+  return jnp.array([seed % 2**32, seed // 2**32, 0, 0], jnp.uint32)
+
+
+def draw_words(key, num_words):
+  return jax.lax.rng_bit_generator(
+      key, (num_words,), jnp.uint32,
+      algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)
+
+
+def normals(words):
+  """Φ⁻¹ at the midpoint of the 2**23 bins given by each word's top 23 bits."""
+  bins = np.asarray(words, np.uint64) // 2**9
+  return scipy.stats.norm.ppf((bins + 0.5) / 2**23)
+
+
 def reference_weights(losses, seed):
   """One fresh draw per accepted step; a rejected step draws nothing."""
-  key = jax.random.key(seed, impl="threefry2x32")
+  key = initial_key(seed)
   weights = np.full(NUM_TASKS, 1.0 / NUM_TASKS)
   out = []
   for step_losses in losses:
     if is_accepted(step_losses):
-      key, draw_key = jax.random.split(key)
-      weights = softmax(jax.random.normal(draw_key, (NUM_TASKS,)))
+      key, words = draw_words(key, NUM_TASKS)
+      weights = softmax(normals(words))
     out.append(weights)
   return np.array(out)
 
 
-@pytest.mark.parametrize("seed", [0, 7, 2**40])
+@pytest.mark.parametrize("seed", [0, 7, 2**40, -3, 2**64 - 1])
 def test_golden_values_optax_face(seed):
   strategy = optax_mtl.rlw(NUM_TASKS, seed=seed)
   init_types = harness.shapes_and_dtypes(strategy.init(None))
-  assert init_types.key == ((2,), jnp.uint32)
+  assert init_types.key == ((4,), jnp.uint32)
+  np.testing.assert_array_equal(strategy.init(None).key, initial_key(seed))
 
   def check_key(step, previous_state, state):
     # The key advances exactly on the accepted steps.
@@ -87,6 +107,23 @@ def test_rejected_step_does_not_consume_a_draw():
   np.testing.assert_array_equal(state.weights, clean.weights)
   np.testing.assert_array_equal(state.key, clean.key)
   assert int(state.num_skipped) == 1
+
+
+def test_accepted_steps_read_one_stream():
+  """Step after step, the draws are consecutive words of one stream."""
+  num_tasks, num_steps = 4, 6
+  weights = scan_run(num_tasks, 9)(np.ones((num_steps, num_tasks), np.float32))
+  _, words = draw_words(initial_key(9), num_steps * num_tasks)
+  expected = [softmax(z) for z in normals(words).reshape(num_steps, num_tasks)]
+  np.testing.assert_allclose(weights, expected, rtol=1e-5)
+
+
+def test_normals_stay_finite_at_the_extreme_words():
+  words = jnp.array([0, 2**9 - 1, 2**31, 2**32 - 1], jnp.uint32)
+  z = np.asarray(rlw_module.standard_normal(words), np.float64)
+  np.testing.assert_allclose(z, normals(words), rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(z)) and np.max(np.abs(z)) < 5.3
+  assert z[0] == z[1] == -z[3]
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,6 +187,8 @@ def test_many_tasks():
     (dict(seed="0"), r"seed must be an integer, got '0'"),
     (dict(seed=True), r"seed must be an integer, got True"),
     (dict(seed=2**70), r"seed must fit in a 64-bit integer, got 1180591620"),
+    (dict(seed=2**64), r"seed must fit in a 64-bit integer, got 1844674407"),
+    (dict(seed=-2**63 - 1), r"seed must fit in a 64-bit integer, got -92233720"),
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.rlw, kwargs, message)
