@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--speed-tasks", default=None,
                       help="comma-separated task counts for the speed "
                            "benchmark (default 2,10,40)")
+  parser.add_argument("--speed-batch", type=int, default=None,
+                      help="minibatch size of the speed model (default "
+                           "256); a larger batch makes every step longer")
   return parser
 
 
@@ -89,6 +92,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       args.problems += available_real_problems(args.data_dir)
   if args.speed_tasks is not None:
     args.speed_tasks = [int(t) for t in args.speed_tasks.split(",")]
+  if args.speed_batch is not None and args.speed_batch < 1:
+    raise SystemExit(f"--speed-batch must be >= 1, got {args.speed_batch}.")
   return args
 
 
@@ -169,8 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress=progress)
   speed_result = None
   if not args.no_speed:
+    speed_config = ({} if args.speed_batch is None
+                    else {"batch_size": args.speed_batch})
     speed_result = speed.run_speed(names, num_tasks=speed_tasks,
-                                   progress=progress)
+                                   config=speed_config, progress=progress)
   meta = {
       "command": "python -m benchmarks " + " ".join(
           sys.argv[1:] if argv is None else list(argv)),

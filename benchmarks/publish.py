@@ -1,9 +1,12 @@
 """Publishes a results folder as ``benchmarks/RESULTS.md``.
 
-``python -m benchmarks.publish [RESULTS_DIR]`` (default ``bench_results``)
-copies the report's plots to ``benchmarks/results/`` and writes
-``benchmarks/RESULTS.md``: a summary of the speed and memory requirements,
-computed from ``results.json``, followed by the report itself.
+``python -m benchmarks.publish [RESULTS_DIR [SPEED_DIR ...]]`` (default
+``bench_results``) copies the report's plots to ``benchmarks/results/`` and
+writes ``benchmarks/RESULTS.md``: a summary of the speed and memory
+requirements, computed from ``results.json``, followed by the report itself.
+Each further ``SPEED_DIR`` (a run of ``python -m benchmarks --speed-only``:
+a repeat, or another ``--speed-batch``) adds the same summary of its own
+run at the end, under the command that produced it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ import sys
 HERE = pathlib.Path(__file__).parent
 LOSS_TARGET = 1.05  # Issue: loss-only step within 5 % of jax.value_and_grad.
 GRAMIAN_TARGET = 1.10  # Issue: Gramian step ≤ 1.10 × the Jacobian-only step.
+
+
+def worst_loss_ratio(speed: dict) -> tuple[float, str, str] | None:
+  """``(ratio, strategy, T)``: the largest loss-only step ÷ plain of a run."""
+  ratios = [(entry["ratio_plain"], name, t)
+            for name, by_tasks in speed["strategies"].items()
+            for t, entry in by_tasks.items()
+            if entry.get("kind") == "losses" and "ratio_plain" in entry]
+  return max(ratios) if ratios else None
 
 
 def speed_summary(speed: dict) -> list[str]:
@@ -45,19 +57,37 @@ def speed_summary(speed: dict) -> list[str]:
            "plain step compiled twice and timed against itself: "
            + ", ".join(f"{x:.3f}" for x in noise) + ".", ""]
   if loss_rows:
-    worst = max((max(r), n) for n, r, _, _ in loss_rows)
+    worst = worst_loss_ratio(speed)
     within = sum(all(x <= LOSS_TARGET for x in r)
                  for _, r, _, _ in loss_rows)
     flop_ratios = [x for _, _, f, _ in loss_rows for x in f]
     by_hand = [x for _, _, _, h in loss_rows for x in h]
+    ratio_columns = list(zip(*[r for _, r, _, _ in loss_rows]))
+    baselines = [speed["baselines"][t] for t in tasks]
+    hand_vs_plain = [b["by_hand"]["step_ms"] / b["plain"]["step_ms"]
+                     for b in baselines]
+    added_us = [[(speed["strategies"][n][t]["step_ms"]
+                  - b["plain"]["step_ms"]) * 1e3 for n, _, _, _ in loss_rows]
+                for t, b in zip(tasks, baselines)]
     lines.append(
         f"- Loss-only strategies ÷ plain `jax.value_and_grad` of the summed "
         f"losses: {within}/{len(loss_rows)} strategies within "
         f"{LOSS_TARGET:.2f} at every T; worst {worst[0]:.2f} ({worst[1]}). "
+        "Per T: " + ", ".join(
+            f"T={t}: {min(col):.2f}–{max(col):.2f}"
+            for t, col in zip(tasks, ratio_columns)) + ". Time added per "
+        "step (µs; the plain step takes " + ", ".join(
+            f"{b['plain']['step_ms'] * 1e3:.0f}" for b in baselines)
+        + " µs): " + ", ".join(
+            f"T={t}: {min(col):+.0f} to {max(col):+.0f}"
+            for t, col in zip(tasks, added_us)) + ". "
         f"Floating-point operations per step (XLA's count, noise-free): "
-        f"{min(flop_ratios):.3f}–{max(flop_ratios):.3f} × plain. Against "
-        f"the same data-dependent weighting written by hand (a VJP with "
-        f"cotangent 1/L, no optax_mtl code): {min(by_hand):.2f}–"
+        f"{min(flop_ratios):.3f}–{max(flop_ratios):.3f} × plain.")
+    lines.append(
+        "- The same data-dependent weighting written by hand (a VJP with "
+        "cotangent 1/L, no optax_mtl code) ÷ plain: " + ", ".join(
+            f"T={t}: {x:.2f}" for t, x in zip(tasks, hand_vs_plain))
+        + f"; the strategies ÷ that by-hand step: {min(by_hand):.2f}–"
         f"{max(by_hand):.2f}.")
   if gramian_rows:
     within = [n for n, r, _, _ in gramian_rows
@@ -88,7 +118,8 @@ def speed_summary(speed: dict) -> list[str]:
 
 
 def publish(results_dir: str = "bench_results",
-            destination: pathlib.Path = HERE) -> pathlib.Path:
+            destination: pathlib.Path = HERE,
+            speed_dirs: tuple[str, ...] = ()) -> pathlib.Path:
   """Writes ``destination/RESULTS.md`` and ``destination/results/*.png``."""
   source = pathlib.Path(results_dir)
   destination = pathlib.Path(destination)
@@ -104,12 +135,27 @@ def publish(results_dir: str = "bench_results",
            "The latest quick suite (`make bench`), published with "
            "`python -m benchmarks.publish`; plots in `benchmarks/results/`.",
            ""]
+  extras = [json.loads((pathlib.Path(d) / "results.json").read_text())
+            for d in speed_dirs]
   if "speed" in results:
     lines += speed_summary(results["speed"])
+  if extras:
+    worst = [worst_loss_ratio(r["speed"])
+             for r in [results] * ("speed" in results) + extras]
+    lines[-1:] = [
+        "- Worst loss-only strategy ÷ plain in each run of this file (this "
+        "run first, then the further speed runs at the end, in order): " + ", ".join(
+            f"{w[0]:.3f} ({w[1]}, T={w[2]})" for w in worst if w) + ".", ""]
+  further = ["", "## Further speed runs", ""] if extras else []
+  for extra in extras:
+    config = extra["speed"]["config"]
+    further += [f"### `{extra['meta']['command']}` (minibatch "
+                f"{config['batch_size']})", ""] + speed_summary(extra["speed"])[2:]
   out = destination / "RESULTS.md"
-  out.write_text("\n".join(lines) + body)
+  out.write_text("\n".join(lines) + body.rstrip("\n") + "\n"
+                 + "\n".join(further))
   return out
 
 
 if __name__ == "__main__":
-  print(publish(*sys.argv[1:2]))
+  print(publish(*sys.argv[1:2], speed_dirs=tuple(sys.argv[2:])))

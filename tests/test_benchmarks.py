@@ -158,6 +158,14 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   assert "## Requirements at a glance" in text
   assert "/1 strategies within 1.05" in text  # equal, the one loss-only.
   assert "/1 within 1.10" in text  # normalized_gradients.
+  # A further speed-only folder adds its own summary under its command.
+  text = publish.publish(str(tmp_path), destination=published,
+                         speed_dirs=(str(tmp_path),)).read_text()
+  assert "## Further speed runs\n\n### `test` (minibatch 4)\n\nComputed from" in text
+  assert text.count("/1 strategies within 1.05") == 2
+  worst_line = next(line for line in text.splitlines()
+                    if line.startswith("- Worst loss-only strategy"))
+  assert worst_line.count("(equal, T=2)") == 2
   assert "## Speed and memory" in text and "](results/speed.png)" in text
   assert (published / "results" / "speed.png").exists()
 
@@ -177,6 +185,10 @@ def test_cli_parsing():
   args = cli.parse_args(["--data-dir", FIXTURES])
   assert args.problems[-1] == "pcba"  # pcba.csv present, no CelebA images
   assert cli.parse_args(["--speed-only"]).problems == []
+  assert cli.parse_args([]).speed_batch is None
+  assert cli.parse_args(["--speed-batch", "1024"]).speed_batch == 1024
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--speed-batch", "0"])
   with pytest.raises(SystemExit):
     cli.parse_args(["--speed-only", "--no-speed"])
   with pytest.raises(SystemExit):
