@@ -144,13 +144,15 @@ def publish(results_dir: str = "bench_results",
              for r in [results] * ("speed" in results) + extras]
     lines[-1:] = [
         "- Worst loss-only strategy ÷ plain in each run of this file (this "
-        "run first, then the further speed runs at the end, in order): " + ", ".join(
-            f"{w[0]:.3f} ({w[1]}, T={w[2]})" for w in worst if w) + ".", ""]
+        "run first, then the further speed runs at the end, in order): "
+        + ", ".join(f"{w[0]:.3f} ({w[1]}, T={w[2]})" for w in worst if w)
+        + ".", ""]
   further = ["", "## Further speed runs", ""] if extras else []
   for extra in extras:
     config = extra["speed"]["config"]
-    further += [f"### `{extra['meta']['command']}` (minibatch "
-                f"{config['batch_size']})", ""] + speed_summary(extra["speed"])[2:]
+    heading = (f"### `{extra['meta']['command']}` (minibatch "
+               f"{config['batch_size']})")
+    further += [heading, ""] + speed_summary(extra["speed"])[2:]
   out = destination / "RESULTS.md"
   out.write_text("\n".join(lines) + body.rstrip("\n") + "\n"
                  + "\n".join(further))

@@ -161,7 +161,8 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   # A further speed-only folder adds its own summary under its command.
   text = publish.publish(str(tmp_path), destination=published,
                          speed_dirs=(str(tmp_path),)).read_text()
-  assert "## Further speed runs\n\n### `test` (minibatch 4)\n\nComputed from" in text
+  assert ("## Further speed runs\n\n### `test` (minibatch 4)\n\n"
+          "Computed from") in text
   assert text.count("/1 strategies within 1.05") == 2
   worst_line = next(line for line in text.splitlines()
                     if line.startswith("- Worst loss-only strategy"))
