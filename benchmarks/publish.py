@@ -140,8 +140,8 @@ def publish(results_dir: str = "bench_results",
   if "speed" in results:
     lines += speed_summary(results["speed"])
   if extras:
-    worst = [worst_loss_ratio(r["speed"])
-             for r in [results] * ("speed" in results) + extras]
+    runs = ([results] if "speed" in results else []) + extras
+    worst = [worst_loss_ratio(run["speed"]) for run in runs]
     lines[-1:] = [
         "- Worst loss-only strategy ÷ plain in each run of this file (this "
         "run first, then the further speed runs at the end, in order): "

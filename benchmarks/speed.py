@@ -155,9 +155,13 @@ class _Timed(NamedTuple):
 _WARM_UP_STEPS = 5
 
 
-def _timed(step, learning_rate, params, state, batches, target_seconds):
-  compiled = _loop(step, learning_rate).lower(
+def _compile(step, learning_rate, params, state, batches):
+  return _loop(step, learning_rate).lower(
       params, state, batches, jnp.asarray(1, jnp.int32)).compile()
+
+
+def _timed(step, learning_rate, params, state, batches, target_seconds):
+  compiled = _compile(step, learning_rate, params, state, batches)
   # Warm-up, and the timings start from a state in training (a strategy's
   # first step may differ: a solver without a warm start, a first EMA).
   params, state, _ = compiled(params, state, batches,
@@ -279,8 +283,8 @@ def run_speed(
         timed[name] = _timed(strategy_step(strategy), lr, params, state,
                              batches, target)
         if gramian:
-          low = _loop(strategy_step(strategy, "low_memory"), lr).lower(
-              params, state, batches, jnp.asarray(1, jnp.int32)).compile()
+          low = _compile(strategy_step(strategy, "low_memory"), lr, params,
+                         state, batches)
           entry["memory_low_memory_bytes"] = memory_bytes(low)
       except Exception as error:  # pylint: disable=broad-except
         entry["error"] = f"{type(error).__name__}: {error}"[:300]

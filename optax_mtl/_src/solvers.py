@@ -96,9 +96,8 @@ def _simplex_start(num_tasks: int, dtype, warm_start) -> chex.Array:
     return uniform
   warm_start = _check_warm_start(warm_start, num_tasks, dtype)
   finite = jnp.all(jnp.isfinite(warm_start))
-  return jnp.where(finite,
-                   project_simplex(jnp.where(finite, warm_start, uniform)),
-                   uniform)
+  # The uniform weights lie on the simplex: projecting them changes nothing.
+  return project_simplex(jnp.where(finite, warm_start, uniform))
 
 
 def project_simplex(vector: chex.Array) -> chex.Array:
