@@ -10,11 +10,16 @@ that computes only what the strategy needs.
 from optax_mtl import metrics
 from optax_mtl._src.base import MultiTaskStrategy
 from optax_mtl._src.base import Needs
-from optax_mtl._src.base import PeriodicState
 from optax_mtl._src.base import Weighting
+from optax_mtl._src.base import common_state_fields
 from optax_mtl._src.diagnostics import diagnostics
 from optax_mtl._src.engine import value_and_grad
 from optax_mtl._src.solvers import SolverResult
+from optax_mtl._src.step import RecomputeEveryState
+from optax_mtl._src.step import as_gradient_transformation
+from optax_mtl._src.step import recompute_every
+from optax_mtl._src.step import weighting_of
+from optax_mtl._src.step import with_shared_parameters
 from optax_mtl._src.solvers import project_simplex
 from optax_mtl._src.solvers import solve_cagrad
 from optax_mtl._src.solvers import solve_dual_cone_qp
@@ -86,7 +91,7 @@ __all__ = (
     "Needs",
     "NormalizedGradientsState",
     "PcgradState",
-    "PeriodicState",
+    "RecomputeEveryState",
     "RemaState",
     "RlwState",
     "SolverResult",
@@ -94,7 +99,9 @@ __all__ = (
     "UpgradState",
     "Weighting",
     "aligned_mtl",
+    "as_gradient_transformation",
     "cagrad",
+    "common_state_fields",
     "cosine_matrix",
     "diagnostics",
     "dualproj",
@@ -116,6 +123,7 @@ __all__ = (
     "pcgrad",
     "project_simplex",
     "rema",
+    "recompute_every",
     "rlw",
     "solve_cagrad",
     "solve_dual_cone_qp",
@@ -123,4 +131,6 @@ __all__ = (
     "uncertainty",
     "upgrad",
     "value_and_grad",
+    "weighting_of",
+    "with_shared_parameters",
 )

@@ -4,8 +4,8 @@ The tests of mgda, upgrad, dualproj, cagrad, pcgrad, gradnorm, imtl_g,
 nash_mtl and aligned_mtl (``from tests import gramian_harness``) drive their
 strategy the same ways: one jitted ``strategy.update`` on a fixed Jacobian,
 both faces (``strategy.update`` and ``optax_mtl.value_and_grad``) on a linear
-``loss_fn``, permutation and scaling of the Jacobian, a ``gramian_filter``
-that keeps a head out of the Gramian, and the eager hyperparameter checks.
+``loss_fn``, permutation and scaling of the Jacobian, shared parameters
+that keep a head out of the Gramian, and the eager hyperparameter checks.
 This module holds those drivers and the fixed Jacobians; the NumPy reference
 of each paper's rule, and so the expected values and tolerances, stay in each
 test file.
@@ -100,7 +100,6 @@ def check_both_faces_agree(strategy, jacobian, loss_fn, params, *,
 def check_accepts_any_loss_sign_and_keeps_state_types(factory, state_type):
   """Negative and zero losses are accepted; state dtypes never change."""
   strategy = factory(num_tasks=2)
-  assert strategy.weighting.requires_positive_losses is False
   state = strategy.init(None)
   assert isinstance(state, state_type)
   _, new_state = strategy.update(jnp.eye(2), state,
@@ -192,7 +191,7 @@ def check_non_conflicting_and_mean_when_no_conflict(strategy, check_state):
   np.testing.assert_allclose(combined, jacobian.mean(axis=0), rtol=1e-5)
 
 
-# The shared and head Jacobians of the gramian_filter tests, and the head's
+# The shared and head Jacobians of the shared-parameter tests, and the head's
 # task gradients, which the filter keeps out of the Gramian.
 FILTER_SHARED_JACOBIAN = np.asarray(FIXED_JACOBIANS["t3_mixed"], np.float32)
 FILTER_HEAD_JACOBIAN = np.array([[5.0], [0.0], [-1.0]], np.float32)
@@ -210,23 +209,21 @@ def filtered_value_and_grad_step(strategy):
         jnp.asarray(FILTER_HEAD_JACOBIAN) @ params["head"]) + 10.0
 
   params = {"shared": jnp.ones(4), "head": jnp.ones(1)}
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  step = jax.jit(optax_mtl.value_and_grad(
+      loss_fn, strategy, shared={"shared": True, "head": False}))
   (_, grads), state = step(params, strategy.init(params))
   return grads, state
 
 
 # Hyperparameter errors shared by every strategy, and by the solver ones.
 NUM_TASKS_ERROR = ({"num_tasks": 0}, "num_tasks")
-UPDATE_WEIGHTS_EVERY_ERROR = ({"num_tasks": 2, "update_weights_every": 0},
-                              "update_weights_every")
 SOLVER_ERRORS = (({"num_tasks": 2, "max_iters": 0}, "max_iters"),
                  ({"num_tasks": 2, "tol": -1.0}, "tol"))
 
 
 def hyperparameter_errors(*cases):
-  """(kwargs, message) pairs: num_tasks, then ``cases``, then
-  update_weights_every."""
-  return [NUM_TASKS_ERROR, *cases, UPDATE_WEIGHTS_EVERY_ERROR]
+  """(kwargs, message) pairs: num_tasks, then ``cases``."""
+  return [NUM_TASKS_ERROR, *cases]
 
 
 def check_rejects(factory, kwargs, message):

@@ -115,7 +115,7 @@ def factory_of(name: str, num_tasks: int = NUM_TASKS) -> Factory:
 
 
 def needs_gramian(strategy: optax_mtl.MultiTaskStrategy) -> bool:
-  return strategy.weighting.needs is optax_mtl.Needs.GRAMIAN
+  return optax_mtl.weighting_of(strategy).needs is optax_mtl.Needs.GRAMIAN
 
 
 def state_dtypes(state: Any) -> Any:

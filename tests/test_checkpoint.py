@@ -129,8 +129,9 @@ def test_resumed_run_equals_uninterrupted_run(runs, name):
 
 
 def test_training_step_face_and_periodic_state_round_trip(tmp_path):
-  """value_and_grad's own strategy state, a PeriodicState, and adam's state."""
-  strategy = optax_mtl.normalized_gradients(NUM_TASKS, update_weights_every=2)
+  """value_and_grad's own strategy state, a RecomputeEveryState, and adam's."""
+  strategy = optax_mtl.recompute_every(
+      optax_mtl.normalized_gradients(NUM_TASKS), 2)
   optimizer = optax.adam(1e-2)
   value_and_grad = optax_mtl.value_and_grad(task_losses_fn, strategy)
 
@@ -160,7 +161,7 @@ def test_training_step_face_and_periodic_state_round_trip(tmp_path):
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh(2))
   state = checkpointer.restore(tmp_path / "ckpt", target)
   checkpointer.close()
-  assert isinstance(state["strategy"], optax_mtl.PeriodicState)
+  assert isinstance(state["strategy"], optax_mtl.RecomputeEveryState)
   assert isinstance(state["strategy"].inner,
                     optax_mtl.NormalizedGradientsState)
   for index in range(RESUME_AT, NUM_STEPS):

@@ -105,9 +105,10 @@ def test_finds_the_state_inside_optimizer_states():
 
 
 def test_periodic_state_reports_the_inner_statistics():
-  strategy = optax_mtl.normalized_gradients(NUM_TASKS, update_weights_every=2)
+  strategy = optax_mtl.recompute_every(
+      optax_mtl.normalized_gradients(NUM_TASKS), 2)
   state = _two_steps(strategy)
-  assert isinstance(state, optax_mtl.PeriodicState)
+  assert isinstance(state, optax_mtl.RecomputeEveryState)
   logs = optax_mtl.diagnostics(state)
   assert logs["mtl/steps_since_update"] == 2
   np.testing.assert_array_equal(logs["mtl/weights/1"], state.weights[1])

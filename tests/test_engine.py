@@ -69,7 +69,8 @@ class GramState(NamedTuple):
   calls: jax.Array  # How often the rule ran.
 
 
-def RecordGramian(weights, gramian_filter=None, update_weights_every=1):
+def RecordGramian(weights, shared=None, recompute_every=1,
+                  weight_task_specific=False):
   """A test strategy with fixed weights whose state records the Gramian."""
   weights = jnp.asarray(weights, jnp.float32)
 
@@ -82,10 +83,15 @@ def RecordGramian(weights, gramian_filter=None, update_weights_every=1):
     del task_losses
     return weights, state._replace(gramian=gramian, calls=state.calls + 1)
 
-  return base.lift(base.Weighting(
-      num_tasks=NUM_TASKS, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+  strategy = optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
+      num_tasks=NUM_TASKS, needs=optax_mtl.Needs.GRAMIAN, init=init, rule=rule,
+      requires_positive_losses=False))
+  if shared is not None:
+    strategy = optax_mtl.with_shared_parameters(
+        strategy, shared, weight_task_specific=weight_task_specific)
+  if recompute_every > 1:
+    strategy = optax_mtl.recompute_every(strategy, recompute_every)
+  return strategy
 
 
 WEIGHTS = np.array([0.5, 2.0, -1.0])
@@ -109,30 +115,48 @@ def test_gramian_and_combined_gradient_match_jacrev(problem, mode):
   np.testing.assert_allclose(state.weights, WEIGHTS)
 
 
-@pytest.mark.parametrize("mode", ["jacobian", "low_memory"])
-def test_gramian_filter_restricts_to_shared_params(problem, mode):
+@pytest.mark.parametrize("mode", ["jacobian", "low_memory", "periodic"])
+@pytest.mark.parametrize("weight_task_specific", [False, True])
+def test_shared_parameters_restrict_the_gramian(problem, mode,
+                                                weight_task_specific):
   params, inputs, targets = problem
   shared = lambda p: {k: jax.tree.map(lambda _: k != "heads", v)
                       for k, v in p.items()}
-  strategy = RecordGramian(WEIGHTS, gramian_filter=shared)
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy, gramian_mode=mode))
+  strategy = RecordGramian(WEIGHTS, shared=shared,
+                           recompute_every=2 if mode == "periodic" else 1,
+                           weight_task_specific=weight_task_specific)
+  step = jax.jit(optax_mtl.value_and_grad(
+      loss_fn, strategy,
+      gramian_mode="jacobian" if mode == "periodic" else mode))
   (_, grads), state = step(params, strategy.init(params), inputs, targets)
   jacobian = reference_jacobian_matrix(params, inputs, targets,
                                        keep=lambda path: "heads" not in path)
   np.testing.assert_allclose(state.gramian, jacobian @ jacobian.T, rtol=1e-4,
                              atol=1e-6)
-  # The combined gradient still covers every parameter, heads included.
+  # Shared parameters get Σ w_k ∇L_k; the heads their own task's gradient
+  # (or w_k ∇L_k with weight_task_specific).
   full = reference_jacobian_matrix(params, inputs, targets)
+  is_head = np.concatenate([
+      np.full(np.size(leaf), "heads" in jax.tree_util.keystr(path))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params)])
+  head_weights = WEIGHTS if weight_task_specific else np.ones(NUM_TASKS)
+  expected = np.where(is_head, head_weights @ full, WEIGHTS @ full)
   flat_grads = np.concatenate(
       [np.ravel(leaf) for leaf in jax.tree.leaves(grads)])
-  np.testing.assert_allclose(flat_grads, WEIGHTS @ full, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(flat_grads, expected, rtol=1e-4, atol=1e-6)
+  for head in range(NUM_TASKS):
+    own = jax.grad(lambda p: loss_fn(p, inputs, targets)[head])(params)
+    expected_head = own["heads"][head] * (
+        WEIGHTS[head] if weight_task_specific else 1.0)
+    np.testing.assert_allclose(grads["heads"][head], expected_head,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_optax_face_gramian_and_filter_match_engine(problem):
   params, inputs, targets = problem
   shared = {k: jax.tree.map(lambda _: k != "heads", v)
             for k, v in params.items()}
-  strategy = RecordGramian(WEIGHTS, gramian_filter=shared)
+  strategy = RecordGramian(WEIGHTS, shared=shared, weight_task_specific=True)
   task_grads = jax.jacrev(loss_fn)(params, inputs, targets)
   update, state = jax.jit(strategy.update)(
       task_grads, strategy.init(params), params,
@@ -221,12 +245,12 @@ def test_low_memory_with_aux(problem):
                              atol=1e-6)
 
 
-def test_update_weights_every_reuses_weights_between_updates(problem):
+def test_recompute_every_reuses_weights_between_updates(problem):
   params, inputs, targets = problem
-  strategy = RecordGramian(WEIGHTS, update_weights_every=3)
+  strategy = RecordGramian(WEIGHTS, recompute_every=3)
   step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
   state = strategy.init(params)
-  assert isinstance(state, optax_mtl.PeriodicState)
+  assert isinstance(state, optax_mtl.RecomputeEveryState)
   full = reference_jacobian_matrix(params, inputs, targets)
   calls = []
   for _ in range(7):
@@ -262,7 +286,7 @@ def test_wrong_number_of_tasks_raises_at_trace_time(problem):
   with pytest.raises(ValueError, match=r"shape \(2,\).*got shape \(3,\)"):
     strategy.update(jax.tree.map(lambda g: g[:2], task_grads),
                     strategy.init(params), task_losses=jnp.ones(3))
-  with pytest.raises(ValueError, match="task_losses"):
+  with pytest.raises(TypeError, match="task_losses"):
     strategy.update(jax.tree.map(lambda g: g[:2], task_grads),
                     strategy.init(params))
 
@@ -274,10 +298,11 @@ def test_bad_arguments_raise():
     optax_mtl.value_and_grad(loss_fn, optax.adam(1e-3))
   with pytest.raises(ValueError, match=r"num_tasks must be .* got 0"):
     optax_mtl.equal(0)
-  with pytest.raises(ValueError, match="update_weights_every"):
-    optax_mtl.normalized_gradients(3, update_weights_every=0)
-  with pytest.raises(ValueError, match="gramian_filter"):
-    strategy = optax_mtl.normalized_gradients(2, gramian_filter=[True])
+  with pytest.raises(ValueError, match="every must be an integer >= 1, got 0"):
+    optax_mtl.recompute_every(optax_mtl.normalized_gradients(3), 0)
+  with pytest.raises(ValueError, match="shared must be a pytree of bools"):
+    strategy = optax_mtl.with_shared_parameters(
+        optax_mtl.normalized_gradients(2), [True])
     strategy.update({"a": jnp.ones((2, 3)), "b": jnp.ones((2, 1))},
                     strategy.init(None), task_losses=jnp.ones(2))
 

@@ -193,9 +193,9 @@ def test_unconverged_solve_is_reported():
   assert float(state.solver_gap) > 1e-5
 
 
-def test_update_weights_every_and_both_faces():
+def test_recompute_every_and_both_faces():
   jacobian = np.asarray(FIXED_JACOBIANS["t3_mixed"], np.float32)
-  strategy = optax_mtl.nash_mtl(3, update_weights_every=2)
+  strategy = optax_mtl.recompute_every(optax_mtl.nash_mtl(3), 2)
 
   def loss_fn(params, data_scale):
     return data_scale * (jnp.asarray(jacobian) @ params) + 10.0

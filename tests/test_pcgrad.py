@@ -152,9 +152,9 @@ def test_rejected_step_keeps_the_key():
   np.testing.assert_array_equal(new_state.rng_key, state.rng_key)
 
 
-def test_update_weights_every_reuses_the_weights():
+def test_recompute_every_reuses_the_weights():
   jacobian = jnp.asarray(JACOBIANS["t3_mixed"], jnp.float32)
-  strategy = optax_mtl.pcgrad(3, update_weights_every=2)
+  strategy = optax_mtl.recompute_every(optax_mtl.pcgrad(3), 2)
   update = jax.jit(strategy.update)
   state = strategy.init(None)
   _, state = update(jacobian, state, task_losses=jnp.ones(3))

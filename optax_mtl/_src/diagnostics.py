@@ -21,11 +21,15 @@ def is_strategy_state(node: Any) -> bool:
   """Whether ``node`` is the state of an optax_mtl strategy.
 
   Every strategy state is a NamedTuple with the fields ``weights`` and
-  ``num_skipped`` (this includes :class:`optax_mtl.PeriodicState`).
+  ``num_skipped``, or a wrapper state (:class:`optax_mtl.RecomputeEveryState`)
+  around one in its field ``inner``.
   """
   fields = getattr(type(node), "_fields", None)
-  return (isinstance(node, tuple) and fields is not None
-          and all(name in fields for name in _REQUIRED_FIELDS))
+  if not isinstance(node, tuple) or fields is None:
+    return False
+  if all(name in fields for name in _REQUIRED_FIELDS):
+    return True
+  return "inner" in fields and is_strategy_state(node.inner)
 
 
 def _unwrap(tree: Any) -> Any:
@@ -97,7 +101,7 @@ def _state_statistics(state: Any, prefix: str,
     if isinstance(node, tuple) and fields is not None:
       for field in fields:
         child = getattr(node, field)
-        # A nested strategy state (the inner state of a PeriodicState)
+        # A nested strategy state (the inner state of a RecomputeEveryState)
         # shares the outer keys: its weights are the ones applied.
         child_name = name if is_strategy_state(child) else (
             f"{name}/{field}" if name else field)
@@ -121,7 +125,7 @@ def diagnostics(
   """Flat dict of scalars describing every optax_mtl strategy state in a tree.
 
   Finds every strategy state inside ``state``: a bare strategy state, a
-  :class:`optax_mtl.PeriodicState`, or one nested inside an optimizer state
+  :class:`optax_mtl.RecomputeEveryState`, or one nested inside an optimizer state
   (``optax.chain``, ``optax.MultiSteps``, ``optax.apply_if_finite``,
   ``flax.nnx.Optimizer.opt_state``, a dict ...). For each it reports, as
   scalar arrays keyed ``"<prefix>/<statistic>[/<task>]"``:

@@ -29,19 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step as step_lib
 from optax_mtl._src import tree as tree_lib
 
 GRAMIAN_MODES = ("jacobian", "low_memory")
-
-
-def _weighting_of(strategy: Any) -> base.Weighting:
-  weighting = getattr(strategy, "weighting", None)
-  if not isinstance(weighting, base.Weighting):
-    raise ValueError(
-        "strategy must be an optax_mtl strategy (e.g. optax_mtl.ema(3)), got "
-        f"{type(strategy).__name__}. Chain it with an optimizer only on the "
-        "optax face; value_and_grad takes the strategy itself.")
-  return weighting
 
 
 def value_and_grad(
@@ -49,11 +40,21 @@ def value_and_grad(
     strategy: base.MultiTaskStrategy,
     has_aux: bool = False,
     *,
+    shared: Any = None,
     gramian_mode: str = "jacobian",
     encoder_fn: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
 ) -> Callable[..., Any]:
   """Makes a training step that balances the tasks of ``loss_fn``.
+
+  Like ``jax.value_and_grad`` of the summed losses, but the tasks are
+  weighted by the strategy, and only what the strategy needs is computed.
+
+  Gradient rules: under a loss-weighting strategy every parameter receives
+  ``Σ_k w_k ∇L_k``. Under a strategy that reads the Gramian, with ``shared``
+  declared (here or by :func:`optax_mtl.with_shared_parameters`), the shared
+  parameters receive ``Σ_k w_k ∇L_k`` and every other parameter its own
+  task's gradient, unweighted (as torchjd and LibMTL do).
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` returns the per-task losses, shape
@@ -62,13 +63,18 @@ def value_and_grad(
       *args)``.
     strategy: an optax_mtl strategy, e.g. ``optax_mtl.ema(num_tasks=3)``.
     has_aux: whether ``loss_fn`` returns ``(task_losses, aux)``.
+    shared: which parameters all tasks share, for strategies that read the
+      Gramian (see :func:`optax_mtl.with_shared_parameters`): a pytree of
+      bools like the params (or a prefix of it), or a callable
+      ``params -> bools``. None keeps the strategy's own declaration (by
+      default every parameter is shared).
     gramian_mode: for strategies that read the Gramian, ``"jacobian"``
       (default: hold the per-task Jacobian, fastest) or ``"low_memory"``
       (Gram-vector products, never holds the Jacobian).
     encoder_fn: optional ``encoder_fn(params, *args) -> representation``. When
       given, Gramian strategies read the Gramian of the per-task gradients
       with respect to the representation (MGDA-UB, Sener & Koltun 2018)
-      instead of the parameters.
+      instead of the parameters: about the cost of one backward pass.
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis:
       the losses and gradients (and the Jacobian or Gramian) are averaged
       over it, so every device holds the same strategy state.
@@ -89,83 +95,123 @@ def value_and_grad(
     >>> losses.tolist(), grads.tolist()
     ([12.0, 3.0], [10.0, 10.0, 10.0])
   """
-  weighting = _weighting_of(strategy)
+  weighting, options = step_lib.strategy_parts(strategy)
+  if shared is not None:
+    options = options._replace(shared=shared)
   if gramian_mode not in GRAMIAN_MODES:
     raise ValueError(
         f"gramian_mode must be one of {GRAMIAN_MODES}, got {gramian_mode!r}.")
+  has_aux = base.check_bool("has_aux", has_aux)
   num_tasks = weighting.num_tasks
   needs_gramian = weighting.needs is base.Needs.GRAMIAN
 
   def step(params, state, *args):
+    if not jax.tree.leaves(params):
+      raise ValueError("params has no array leaves: nothing to differentiate.")
     devices = _DeviceAverage(axis_name)
-    task_loss_fn = devices.wrap(loss_fn, has_aux)
-    representation_vjp = None
+    task_loss_fn = devices.wrap(_checked_output(loss_fn, has_aux), has_aux)
     if encoder_fn is None:
       full_loss = lambda p: task_loss_fn(p, *args)
       out, vjp_fn, aux = _vjp(full_loss, (params,), has_aux)
+      representation_vjp = None
     else:
-      # One forward pass through the encoder; the heads' VJP gives both the
-      # parameter cotangent and the representation cotangent.
-      representation, encoder_vjp = jax.vjp(
-          lambda p: encoder_fn(p, *args), params)
-      out, heads_vjp, aux = _vjp(lambda p, z: task_loss_fn(p, z, *args),
-                                 (params, representation), has_aux)
-      representation_vjp = lambda cotangent: heads_vjp(cotangent)[1]
-
-      def vjp_fn(cotangent):
-        params_part, representation_part = heads_vjp(cotangent)
-        (encoder_part,) = encoder_vjp(representation_part)
-        return (jax.tree.map(jnp.add, params_part, encoder_part),)
-
+      full_loss = None
+      out, vjp_fn, aux, representation_vjp = _encoder_vjp(
+          encoder_fn, task_loss_fn, params, args, has_aux)
     base.check_task_losses(out, num_tasks)
     task_losses = devices.mean(out)
-    losses32 = jax.lax.stop_gradient(task_losses.astype(jnp.float32))
+    losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
 
     def backward(weights):
       return devices.mean(vjp_fn(weights.astype(out.dtype))[0])
 
+    def jacobian():
+      return devices.mean(
+          jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0])
+
     if not needs_gramian:
-      weights, new_state = base.apply_rule(weighting, losses32, state)
+      weights, new_state = step_lib.weights_step(weighting, options, losses32,
+                                                 state)
       grads = backward(weights)
     else:
-
-      def recompute(state):
-        if representation_vjp is not None:
-          gramian = _representation_gramian(representation_vjp, num_tasks,
-                                            out.dtype, devices)
-        elif gramian_mode == "low_memory":
-          # pylint: disable-next=undefined-variable (set when no encoder_fn)
-          mask = tree_lib.filter_mask(weighting.gramian_filter, params, params)
-          gramian = _low_memory_gramian(full_loss, vjp_fn, params, mask,
-                                        num_tasks, out.dtype, has_aux,
-                                        devices)
-        else:
-          jacobian = devices.mean(
-              jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0])
-          mask = tree_lib.filter_mask(weighting.gramian_filter, params,
-                                      jacobian)
-          weights, new_state = base.apply_rule(
-              weighting, losses32, state, tree_lib.gramian(jacobian, mask))
-          return weights, new_state, tree_lib.combine(weights, jacobian)
-        weights, new_state = base.apply_rule(weighting, losses32, state,
-                                             gramian)
-        return weights, new_state, backward(weights)
-
-      def reuse(state):
-        weights, new_state = base.reuse_weights(state)
-        return weights, new_state, backward(weights)
-
-      if weighting.update_weights_every > 1:
-        weights, new_state, grads = jax.lax.cond(
-            base.is_due(weighting, state), recompute, reuse, state)
+      shared_mask = tree_lib.shared_mask(options.shared, params)
+      own_gradients = None if options.weight_task_specific else shared_mask
+      if (representation_vjp is None and gramian_mode == "jacobian"
+          and options.recompute_every == 1):
+        # Hold J once: the Gramian and the combination Jᵀw both read it.
+        task_grads = jacobian()
+        weights, new_state = step_lib.weights_step(
+            weighting, options, losses32, state,
+            lambda: tree_lib.gramian(task_grads, shared_mask))
+        grads = tree_lib.combine(weights, task_grads, own_gradients)
       else:
-        weights, new_state, grads = recompute(state)
+        if representation_vjp is not None:
+          gramian_fn = lambda: _representation_gramian(
+              representation_vjp, num_tasks, out.dtype, devices)
+        elif gramian_mode == "low_memory":
+          gramian_fn = lambda: _low_memory_gramian(
+              full_loss, vjp_fn, params, shared_mask, num_tasks, out.dtype,
+              has_aux, devices)
+        else:
+          gramian_fn = lambda: tree_lib.gramian(jacobian(), shared_mask)
+        weights, new_state = step_lib.weights_step(
+            weighting, options, losses32, state, gramian_fn)
+        grads = backward(weights)
+        if own_gradients is not None and not all(
+            jax.tree.leaves(own_gradients)):
+          unweighted = backward(jnp.ones_like(weights))
+          grads = jax.tree.map(lambda keep, g, u: g if keep else u,
+                               own_gradients, grads, unweighted)
 
     if has_aux:
       return ((task_losses, aux), grads), new_state
     return (task_losses, grads), new_state
 
   return step
+
+
+def _checked_output(loss_fn, has_aux):
+  """``loss_fn`` with a clear error when its output does not fit ``has_aux``."""
+
+  def checked(*args):
+    out = loss_fn(*args)
+    if not has_aux and isinstance(out, (tuple, list)):
+      raise ValueError(
+          "loss_fn returned a tuple of "
+          f"{len(out)} items; if it returns (task_losses, aux), pass "
+          "has_aux=True.")
+    if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise ValueError(
+          "with has_aux=True, loss_fn must return (task_losses, aux), got "
+          f"{type(out).__name__}.")
+    return out
+
+  return checked
+
+
+def _encoder_vjp(encoder_fn, task_loss_fn, params, args, has_aux):
+  """One forward pass through the encoder, then the heads.
+
+  Returns ``(out, vjp_fn, aux, representation_vjp)``: ``vjp_fn`` maps a
+  cotangent of the losses to the full parameter gradient, and
+  ``representation_vjp`` to the gradient with respect to the representation.
+  """
+  representation, encoder_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
+  out, heads_vjp, aux = _vjp(lambda p, z: task_loss_fn(p, z, *args),
+                             (params, representation), has_aux)
+
+  def vjp_fn(cotangent):
+    params_part, representation_part = heads_vjp(cotangent)
+    (encoder_part,) = encoder_vjp(representation_part)
+    return (jax.tree.map(_add_cotangents, params_part, encoder_part),)
+
+  return out, vjp_fn, aux, lambda cotangent: heads_vjp(cotangent)[1]
+
+
+def _add_cotangents(a, b):
+  if not jnp.issubdtype(a.dtype, jnp.inexact):
+    return a  # float0: an integer parameter.
+  return a + b
 
 
 def _low_memory_gramian(full_loss, vjp_fn, params, mask, num_tasks, dtype,
@@ -176,13 +222,15 @@ def _low_memory_gramian(full_loss, vjp_fn, params, mask, num_tasks, dtype,
     unit = jax.nn.one_hot(index, num_tasks, dtype=dtype)
     task_grad = devices.mean(vjp_fn(unit)[0])
     tangent = jax.tree.map(
-        lambda g, keep: g if keep else jnp.zeros_like(g), task_grad, mask)
+        lambda g, keep: g if keep or not jnp.issubdtype(g.dtype, jnp.inexact)
+        else jnp.zeros_like(g), task_grad, mask)
     if has_aux:
       _, gram_column, _ = jax.jvp(full_loss, (params,), (tangent,),
                                   has_aux=True)
     else:
       _, gram_column = jax.jvp(full_loss, (params,), (tangent,))
-    return devices.mean(gram_column).astype(jnp.float32)
+    column_dtype = jnp.promote_types(dtype, jnp.float32)
+    return devices.mean(gram_column).astype(column_dtype)
 
   gramian = jax.lax.map(column, jnp.arange(num_tasks))
   return 0.5 * (gramian + gramian.T)

@@ -7,6 +7,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_task_axis(task_tree: Any, num_tasks: int, name: str) -> None:
@@ -22,38 +23,56 @@ def check_task_axis(task_tree: Any, num_tasks: int, name: str) -> None:
           f"leaf, got shape {shape} at {jax.tree_util.keystr(path)}.")
 
 
-def filter_mask(gramian_filter: Any, params: Any, task_grads: Any) -> Any:
-  """Resolves a Gramian filter into a pytree of bools shaped like task_grads.
+def shared_mask(shared: Any, params: Any) -> Any:
+  """Resolves a declaration of the shared parameters into a mask of bools.
 
   Args:
-    gramian_filter: None (every parameter), a pytree of bools with the
-      structure of the params, or a callable ``params -> pytree of bools``.
-    params: the parameters, or None (the optax face may not receive them).
-    task_grads: the per-task gradients, leading task axis.
+    shared: None (every parameter is shared), a pytree of bools with the
+      structure of ``params`` or a prefix of it (as ``optax.masked``
+      accepts: ``{"trunk": True, "heads": False}`` for nested params), or a
+      callable ``params -> such a pytree``.
+    params: the parameters (or any pytree with their structure).
 
   Returns:
-    A pytree of Python bools with the structure of ``task_grads``.
+    A pytree of Python bools with the structure of ``params``.
+
+  Raises:
+    ValueError: the mask's structure is not a prefix of the params', a leaf
+      is not a bool, or no parameter is shared.
   """
-  if gramian_filter is None:
-    return jax.tree.map(lambda _: True, task_grads)
-  if callable(gramian_filter):
-    if params is None:
-      params = jax.tree.map(lambda g: g[0], task_grads)
-    gramian_filter = gramian_filter(params)
-  grads_def = jax.tree.structure(task_grads)
-  mask_leaves = jax.tree.leaves(gramian_filter)
-  if len(mask_leaves) != grads_def.num_leaves:
+  if shared is None:
+    return jax.tree.map(lambda _: True, params)
+  if callable(shared):
+    shared = shared(params)
+  def is_flag(leaf):
+    return isinstance(leaf, (bool, np.bool_))
+  try:
+    mask = jax.tree.map(
+        lambda flag, subtree: jax.tree.map(lambda _: flag, subtree), shared,
+        params, is_leaf=lambda x: is_flag(x) or x is None)
+  except ValueError as error:
     raise ValueError(
-        "gramian_filter must give one bool per parameter leaf "
-        f"({grads_def.num_leaves} leaves), got {len(mask_leaves)} leaves.")
-  mask = jax.tree.unflatten(grads_def, [bool(m) for m in mask_leaves])
+        "shared must be a pytree of bools with the structure of the params "
+        f"({jax.tree.structure(params)}) or a prefix of it, got "
+        f"{jax.tree.structure(shared)}.") from error
+  flags = jax.tree.leaves(shared)
+  bad = [flag for flag in flags if not is_flag(flag)]
+  if bad:
+    raise ValueError(
+        f"shared must hold Python bools (one per parameter or subtree), got "
+        f"{bad[0]!r}.")
+  mask = jax.tree.map(bool, mask)
   if not any(jax.tree.leaves(mask)):
-    raise ValueError("gramian_filter selects no parameter at all.")
+    raise ValueError("shared selects no parameter at all.")
   return mask
 
 
 def gramian(task_grads: Any, mask: Any = None) -> chex.Array:
-  """Returns ``G = J Jᵀ`` (float32[T, T]) summed leaf by leaf.
+  """Returns ``G = J Jᵀ`` ([T, T]) summed leaf by leaf.
+
+  The Gramian is float32, or float64 when a leaf is float64. Leaves that are
+  not floating point (the ``float0`` gradients of integer parameters) are
+  left out.
 
   Args:
     task_grads: a pytree whose leaves have a leading task axis of size T.
@@ -63,27 +82,47 @@ def gramian(task_grads: Any, mask: Any = None) -> chex.Array:
   leaves = jax.tree.leaves(task_grads)
   mask_leaves = ([True] * len(leaves) if mask is None
                  else jax.tree.leaves(mask))
+  kept = [leaf for leaf, keep in zip(leaves, mask_leaves)
+          if keep and _is_inexact(leaf)]
   num_tasks = leaves[0].shape[0]
-  total = jnp.zeros((num_tasks, num_tasks), jnp.float32)
-  for leaf, keep in zip(leaves, mask_leaves):
-    if not keep:
-      continue
+  dtype = jnp.result_type(jnp.float32, *[leaf.dtype for leaf in kept])
+  total = jnp.zeros((num_tasks, num_tasks), dtype)
+  for leaf in kept:
     flat = jnp.reshape(leaf, (num_tasks, -1))
     total += jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=dtype)
   return total
 
 
-def combine(weights: chex.Array, task_grads: Any) -> Any:
-  """Returns ``Σ_k weights[k] · task_grads[k]``, each leaf in its own dtype."""
+def _is_inexact(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
-  def weighted_sum(leaf):
-    summed = jnp.tensordot(weights.astype(jnp.float32), leaf, axes=1,
+
+def combine(weights: chex.Array, task_grads: Any, shared: Any = None) -> Any:
+  """Returns ``Σ_k weights[k] · task_grads[k]``, each leaf in its own dtype.
+
+  Args:
+    weights: [T].
+    task_grads: a pytree whose leaves have a leading task axis of size T.
+    shared: an optional pytree of bools (same structure): the leaves marked
+      False (task-specific parameters) receive the unweighted sum
+      ``Σ_k task_grads[k]`` instead, i.e. their own task's gradient.
+  """
+  if shared is None:
+    shared = jax.tree.map(lambda _: True, task_grads)
+
+  def weighted_sum(leaf, is_shared):
+    if not _is_inexact(leaf):
+      return leaf[0]  # The float0 gradient of an integer parameter.
+    leaf_weights = weights if is_shared else jnp.ones_like(weights)
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    summed = jnp.tensordot(leaf_weights.astype(dtype), leaf, axes=1,
                            precision=jax.lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=dtype)
     return summed.astype(leaf.dtype)
 
-  return jax.tree.map(weighted_sum, task_grads)
+  return jax.tree.map(weighted_sum, task_grads, shared)
 
 
 def cosine_matrix(gramian_matrix: chex.Array) -> chex.Array:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class AlignedMtlState(NamedTuple):
@@ -49,8 +50,6 @@ def aligned_mtl(
     preferences: Optional[Sequence[float]] = None,
     *,
     eigenvalue_rtol: Optional[float] = None,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""Aligned-MTL: a well-conditioned update from the aligned gradients.
 
@@ -89,10 +88,6 @@ def aligned_mtl(
       default all ones.
     eigenvalue_rtol: relative threshold below which an eigenvalue of G is
       treated as zero; None for :math:`10 T \varepsilon`.
-    gramian_filter: which parameters the Gramian is computed on (None: all),
-      a pytree of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -128,11 +123,10 @@ def aligned_mtl(
   if eigenvalue_rtol is not None:
     eigenvalue_rtol = base.check_in_range(
         "eigenvalue_rtol", eigenvalue_rtol, 0.0, 1.0, high_inclusive=False)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
     return AlignedMtlState(
-        **base.convention_fields(num_tasks, preference_values, gramian=True),
+        **base.common_state_fields(num_tasks, preference_values, gramian=True),
         rank=jnp.zeros([], jnp.int32),
         condition_number=jnp.ones([], jnp.float32))
 
@@ -143,7 +137,6 @@ def aligned_mtl(
     return weights, state._replace(
         rank=rank, condition_number=condition.astype(jnp.float32))
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

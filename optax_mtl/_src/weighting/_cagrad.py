@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
+from optax_mtl._src import step
 
 
 class CagradState(NamedTuple):
@@ -28,8 +29,6 @@ def cagrad(
     rescale: bool = False,
     max_iters: int = 1000,
     tol: Optional[float] = 1e-6,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""CAGrad: conflict-averse gradient descent.
 
@@ -62,10 +61,6 @@ def cagrad(
     max_iters: the most Frank-Wolfe iterations per step.
     tol: the Frank-Wolfe duality gap at which to stop, on the Gramian
       divided by its largest diagonal entry (None: 1e-6 in float32).
-    gramian_filter: which parameters enter the Gramian (None: all), a pytree
-      of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -89,13 +84,12 @@ def cagrad(
   if not isinstance(rescale, bool):
     raise ValueError(f"rescale must be a bool, got {rescale!r}.")
   max_iters, tol = base.check_solver_options(max_iters, tol)
-  base.check_positive_int("update_weights_every", update_weights_every)
   factor = 1.0 / (1.0 + c**2) if rescale else 1.0
 
   def init():
     return CagradState(
-        **base.convention_fields(num_tasks, factor / num_tasks, gramian=True,
-                                 solver=True),
+        **base.common_state_fields(num_tasks, factor / num_tasks, gramian=True,
+                                   solver=True),
         solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -120,7 +114,6 @@ def cagrad(
         solver_gap=result.gap.astype(jnp.float32),
         solver_converged=result.converged)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
+from optax_mtl._src import step
 
 
 class DualprojState(NamedTuple):
@@ -25,8 +26,6 @@ def dualproj(
     *,
     max_iters: int = 200,
     tol: Optional[float] = 1e-6,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""DualProj: the mean gradient projected onto the dual cone of the rows.
 
@@ -50,10 +49,6 @@ def dualproj(
     max_iters: the most active-set iterations per step.
     tol: the projected-gradient residual at which to stop, on the Gramian
       divided by its largest diagonal entry (None: 1e-6 in float32).
-    gramian_filter: which parameters enter the Gramian (None: all), a pytree
-      of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -73,10 +68,9 @@ def dualproj(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   max_iters, tol = base.check_solver_options(max_iters, tol)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return DualprojState(**base.convention_fields(
+    return DualprojState(**base.common_state_fields(
         num_tasks, 1.0 / num_tasks, gramian=True, solver=True))
 
   def rule(task_losses, state, gramian):
@@ -89,7 +83,6 @@ def dualproj(
         solver_gap=result.gap.astype(jnp.float32),
         solver_converged=result.converged)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

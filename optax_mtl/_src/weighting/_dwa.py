@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
 
@@ -79,7 +80,7 @@ def dwa(
 
   def init():
     return DwaState(
-        **base.convention_fields(num_tasks),
+        **base.common_state_fields(num_tasks),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 
   def rule(task_losses, state, gramian):
@@ -89,5 +90,6 @@ def dwa(
         loss_ratios=_loss_history.record_losses(
             state.loss_ratios, task_losses, steps_per_period))
 
-  return base.lift(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule))
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

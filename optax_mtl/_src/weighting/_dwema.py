@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
 
@@ -77,7 +78,7 @@ def dwema(
 
   def init():
     return DwemaState(
-        **base.convention_fields(num_tasks),
+        **base.common_state_fields(num_tasks),
         loss_average=_loss_history.init_loss_average(num_tasks),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 
@@ -93,5 +94,6 @@ def dwema(
         loss_ratios=_loss_history.record_losses(
             state.loss_ratios, task_losses, steps_per_period=1))
 
-  return base.lift(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule))
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

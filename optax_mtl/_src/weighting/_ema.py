@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
 
@@ -67,7 +68,7 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
 
   def init():
     return EmaState(
-        **base.convention_fields(num_tasks),
+        **base.common_state_fields(num_tasks),
         loss_average=_loss_history.init_loss_average(num_tasks))
 
   def rule(task_losses, state, gramian):
@@ -77,5 +78,6 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
     weights = 1.0 / loss_average.average
     return weights, state._replace(loss_average=loss_average)
 
-  return base.lift(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule))
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

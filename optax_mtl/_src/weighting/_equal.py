@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class EqualState(NamedTuple):
@@ -47,12 +48,12 @@ def equal(num_tasks: int, mean: bool = False) -> base.MultiTaskStrategy:
   value = 1.0 / num_tasks if mean else 1.0
 
   def init():
-    return EqualState(**base.convention_fields(num_tasks, value))
+    return EqualState(**base.common_state_fields(num_tasks, value))
 
   def rule(task_losses, state, gramian):
     del gramian
     return jnp.full_like(task_losses, value), state
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=False))

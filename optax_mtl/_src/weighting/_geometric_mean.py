@@ -7,6 +7,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class GeometricMeanState(NamedTuple):
@@ -72,7 +73,7 @@ def geometric_mean(
   log_gamma = math.log(gamma)
 
   def init():
-    return GeometricMeanState(**base.convention_fields(num_tasks, 1.0 / gamma))
+    return GeometricMeanState(**base.common_state_fields(num_tasks, 1.0 / gamma))
 
   def rule(task_losses, state, gramian):
     del gramian
@@ -80,6 +81,6 @@ def geometric_mean(
     log_weights = jnp.sum(log_losses) / gamma - log_gamma - log_losses
     return jnp.exp(log_weights), state
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=True))

@@ -4,8 +4,10 @@ from typing import NamedTuple
 
 import chex
 import jax.numpy as jnp
+import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class GradnormState(NamedTuple):
@@ -44,14 +46,13 @@ def gradnorm(
     learning_rate: float = 0.025,
     *,
     min_weight: float = 1e-3,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""GradNorm: loss weights learnt so that gradient norms follow the rates.
 
   With :math:`G_W^{(i)} = w_i \lVert \nabla_W L_i \rVert = w_i
   \sqrt{G_{ii}}` measured on the parameters :math:`W` selected by
-  ``gramian_filter`` (in the paper, the last shared layer),
+  ``optax_mtl.with_shared_parameters`` (in the paper, the last shared
+  layer),
 
   .. math::
     \tilde L_i = \frac{L_i(t)}{L_i(0)}, \quad
@@ -82,11 +83,6 @@ def gradnorm(
       gradient norms of slowly trained tasks up harder.
     learning_rate: the step size :math:`\eta > 0` of the weight update.
     min_weight: the floor applied to the weights before renormalising.
-    gramian_filter: the parameters :math:`W` the gradient norms are measured
-      on (None: all), a pytree of bools like the params or a callable
-      ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -114,11 +110,10 @@ def gradnorm(
                                       low_inclusive=False)
   min_weight = base.check_in_range("min_weight", min_weight, 0.0, 1.0,
                                    low_inclusive=False, high_inclusive=False)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
     return GradnormState(
-        **base.convention_fields(num_tasks, gramian=True),
+        **base.common_state_fields(num_tasks, gramian=True),
         loss_weights=jnp.ones((num_tasks,), jnp.float32),
         initial_losses=jnp.ones((num_tasks,), jnp.float32),
         num_updates=jnp.zeros([], jnp.int32),
@@ -134,10 +129,9 @@ def gradnorm(
     return applied, state._replace(
         loss_weights=new_weights,
         initial_losses=initial_losses,
-        num_updates=base.safe_increment(state.num_updates),
+        num_updates=optax.safe_increment(state.num_updates),
         gradnorm_loss=gradnorm_loss)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=True, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=True))

@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class ImtlGState(NamedTuple):
@@ -72,8 +73,6 @@ def imtl_g(
     num_tasks: int,
     *,
     eps: float = 1e-8,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""IMTL-G: the update whose projections on all unit gradients are equal.
 
@@ -105,10 +104,6 @@ def imtl_g(
   Args:
     num_tasks: the number of tasks T.
     eps: relative threshold below which a gradient counts as zero.
-    gramian_filter: which parameters the Gramian is computed on (None: all),
-      a pytree of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -130,10 +125,9 @@ def imtl_g(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return ImtlGState(**base.convention_fields(
+    return ImtlGState(**base.common_state_fields(
         num_tasks, 1.0 / num_tasks, gramian=True))
 
   def rule(task_losses, state, gramian):
@@ -142,7 +136,6 @@ def imtl_g(
       return jnp.ones((1,), jnp.float32), state
     return _imtl_g_weights(gramian, eps), state
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class InitialLossState(NamedTuple):
@@ -92,11 +93,11 @@ def initial_loss(
   def init():
     if prior_losses is None:
       return InitialLossState(
-          **base.convention_fields(num_tasks),
+          **base.common_state_fields(num_tasks),
           initial_losses=jnp.zeros((num_tasks,), jnp.float32),
           num_measured=jnp.zeros([], jnp.int32))
     return InitialLossState(
-        **base.convention_fields(
+        **base.common_state_fields(
             num_tasks, 1.0 / jnp.asarray(prior, jnp.float32)),
         initial_losses=jnp.asarray(prior, jnp.float32),
         num_measured=jnp.asarray(warmup_steps, jnp.int32))
@@ -113,7 +114,7 @@ def initial_loss(
     return weights, state._replace(initial_losses=initial_losses,
                                    num_measured=count)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=prior_losses is None))
 

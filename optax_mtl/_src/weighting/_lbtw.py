@@ -4,8 +4,10 @@ from typing import NamedTuple, Optional
 
 import chex
 import jax.numpy as jnp
+import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class LbtwState(NamedTuple):
@@ -82,7 +84,7 @@ def lbtw(
 
   def init():
     return LbtwState(
-        **base.convention_fields(num_tasks),
+        **base.common_state_fields(num_tasks),
         reference_losses=jnp.ones((num_tasks,), jnp.float32),
         steps_in_epoch=jnp.zeros([], jnp.int32))
 
@@ -94,12 +96,13 @@ def lbtw(
     if normalize:
       weights = num_tasks * weights / jnp.sum(weights)
     if steps_per_epoch is None:
-      steps = base.safe_increment(state.steps_in_epoch)
+      steps = optax.safe_increment(state.steps_in_epoch)
     else:
       steps = (state.steps_in_epoch + 1) % steps_per_epoch
     return weights, state._replace(
         reference_losses=reference.astype(jnp.float32),
         steps_in_epoch=steps.astype(jnp.int32))
 
-  return base.lift(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule))
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class LogLossState(NamedTuple):
@@ -54,12 +55,12 @@ def log_loss(num_tasks: int) -> base.MultiTaskStrategy:
   num_tasks = base.check_num_tasks(num_tasks)
 
   def init():
-    return LogLossState(**base.convention_fields(num_tasks))
+    return LogLossState(**base.common_state_fields(num_tasks))
 
   def rule(task_losses, state, gramian):
     del gramian
     return 1.0 / task_losses, state
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=True))

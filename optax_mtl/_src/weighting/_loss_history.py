@@ -21,6 +21,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax_mtl._src import base
 
@@ -47,7 +48,7 @@ def update_loss_average(
                       beta * task_losses + (1.0 - beta) * state.average)
   return LossAverageState(
       average=average.astype(jnp.float32),
-      num_steps=base.safe_increment(state.num_steps))
+      num_steps=optax.safe_increment(state.num_steps))
 
 
 class LossRatioState(NamedTuple):
@@ -101,7 +102,7 @@ def record_losses(
       last_mean=jnp.where(complete, mean, state.last_mean).astype(jnp.float32),
       before_last_mean=jnp.where(complete, state.last_mean,
                                  state.before_last_mean).astype(jnp.float32),
-      num_periods=jnp.where(complete, base.safe_increment(state.num_periods),
+      num_periods=jnp.where(complete, optax.safe_increment(state.num_periods),
                             state.num_periods).astype(jnp.int32))
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
+from optax_mtl._src import step
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -30,8 +31,6 @@ def mgda(
     tol: Optional[float] = 1e-6,
     normalization: str = "none",
     eps: float = 1e-12,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""MGDA: the min-norm point of the convex hull of the task gradients.
 
@@ -66,10 +65,6 @@ def mgda(
       Gramian divided by its largest diagonal entry (None: 1e-6 in float32).
     normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
     eps: gradient norms at or below this count as zero (``l2``, ``loss+``).
-    gramian_filter: which parameters enter the Gramian (None: all), a pytree
-      of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -98,12 +93,11 @@ def mgda(
         f"normalization must be one of {NORMALIZATIONS}, got "
         f"{normalization!r}.")
   eps = base.check_in_range("eps", eps, 0.0)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
     return MgdaState(
-        **base.convention_fields(num_tasks, 1.0 / num_tasks, gramian=True,
-                                 solver=True),
+        **base.common_state_fields(num_tasks, 1.0 / num_tasks, gramian=True,
+                                   solver=True),
         solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -118,11 +112,9 @@ def mgda(
         solver_gap=result.gap.astype(jnp.float32),
         solver_converged=result.converged)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=normalization in ("loss", "loss+"),
-      gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=normalization in ("loss", "loss+")))
 
 
 def task_scales(normalization: str, task_losses: chex.Array,

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 # Step sizes tried by the line search, as fractions of the largest one.
 _NUM_STEP_SIZES = 24
@@ -133,9 +134,6 @@ def nash_mtl(
     max_iters: int = 50,
     tol: float = 1e-5,
     max_norm: Optional[float] = None,
-    *,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""Nash-MTL: the update as the Nash bargaining solution of the tasks.
 
@@ -187,10 +185,6 @@ def nash_mtl(
     tol: the relative residual at which the solver stops.
     max_norm: optional bound on the norm of the combined update (on the
       parameters of the Gramian); None for no bound.
-    gramian_filter: which parameters the Gramian is computed on (None: all),
-      a pytree of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass); the paper's speed-up.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -217,10 +211,9 @@ def nash_mtl(
   if max_norm is not None:
     max_norm = base.check_in_range("max_norm", max_norm, 0.0,
                                    low_inclusive=False)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
-    return NashMtlState(**base.convention_fields(
+    return NashMtlState(**base.common_state_fields(
         num_tasks, gramian=True, solver=True))
 
   def rule(task_losses, state, gramian):
@@ -237,7 +230,6 @@ def nash_mtl(
         solver_gap=solution.gap.astype(jnp.float32),
         solver_converged=solution.converged)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class NormalizedGradientsState(NamedTuple):
@@ -20,8 +21,6 @@ def normalized_gradients(
     num_tasks: int,
     *,
     eps: float = 1e-12,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""Gradient normalisation: every task gradient scaled to unit norm.
 
@@ -36,10 +35,6 @@ def normalized_gradients(
   Args:
     num_tasks: the number of tasks T.
     eps: norms at or below this are treated as zero.
-    gramian_filter: which parameters the norms are measured on (None: all),
-      a pytree of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -62,11 +57,10 @@ def normalized_gradients(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   eps = base.check_in_range("eps", eps, 0.0)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
     return NormalizedGradientsState(
-        **base.convention_fields(num_tasks, gramian=True))
+        **base.common_state_fields(num_tasks, gramian=True))
 
   def rule(task_losses, state, gramian):
     del task_losses
@@ -75,7 +69,6 @@ def normalized_gradients(
                         0.0)
     return weights, state
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 
 class PcgradState(NamedTuple):
@@ -61,9 +62,6 @@ def _random_orders(key: chex.Array, num_tasks: int) -> chex.Array:
 def pcgrad(
     num_tasks: int,
     seed: int = 0,
-    *,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""PCGrad ("gradient surgery"): conflicting components projected away.
 
@@ -88,11 +86,6 @@ def pcgrad(
   Args:
     num_tasks: the number of tasks T.
     seed: the seed of the random visiting orders.
-    gramian_filter: which parameters the projections are computed on (None:
-      all), a pytree of bools like the params or a callable
-      ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -115,11 +108,10 @@ def pcgrad(
   num_tasks = base.check_num_tasks(num_tasks)
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise ValueError(f"seed must be an integer, got {seed!r}.")
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
     return PcgradState(
-        **base.convention_fields(num_tasks, gramian=True),
+        **base.common_state_fields(num_tasks, gramian=True),
         rng_key=jax.random.key_data(jax.random.key(seed)))
 
   def rule(task_losses, state, gramian):
@@ -130,7 +122,6 @@ def pcgrad(
     weights = _pcgrad_weights(gramian, orders)
     return weights, state._replace(rng_key=jax.random.key_data(key))
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

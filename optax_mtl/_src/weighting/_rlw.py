@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 # XLA's counter-based generator behind jax.lax.rng_bit_generator, named so
 # that the stream does not depend on the backend's default algorithm.
@@ -94,7 +95,7 @@ def rlw(num_tasks: int, seed: int = 0) -> base.MultiTaskStrategy:
   initial_key = generator_state(seed)
 
   def init():
-    return RlwState(**base.convention_fields(num_tasks, 1.0 / num_tasks),
+    return RlwState(**base.common_state_fields(num_tasks, 1.0 / num_tasks),
                     key=jnp.asarray(initial_key))
 
   def rule(task_losses, state, gramian):
@@ -104,6 +105,6 @@ def rlw(num_tasks: int, seed: int = 0) -> base.MultiTaskStrategy:
     weights = jax.nn.softmax(standard_normal(bits))
     return weights, state._replace(key=next_key)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=False))

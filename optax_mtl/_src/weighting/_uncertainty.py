@@ -5,9 +5,11 @@ from typing import Any, NamedTuple, Sequence, Union
 
 import chex
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 # Adam's constants for the log-variance updates (Kingma & Ba 2015 defaults).
 ADAM_B1 = 0.9
@@ -108,7 +110,7 @@ def uncertainty(
     zeros = jnp.zeros((num_tasks,), jnp.float32)
     log_variances = jnp.asarray(initial_s, jnp.float32)
     return UncertaintyState(
-        **base.convention_fields(
+        **base.common_state_fields(
             num_tasks, jnp.asarray(coefficients) * jnp.exp(-log_variances)),
         log_variances=log_variances,
         adam_mu=zeros,
@@ -120,7 +122,7 @@ def uncertainty(
     log_variances = state.log_variances
     weights = jnp.asarray(coefficients) * jnp.exp(-log_variances)
     grad = 0.5 - weights * task_losses  # ∂L/∂s at the current s.
-    count = base.safe_increment(state.adam_count)
+    count = optax.safe_increment(state.adam_count)
     mu = ADAM_B1 * state.adam_mu + (1.0 - ADAM_B1) * grad
     nu = ADAM_B2 * state.adam_nu + (1.0 - ADAM_B2) * jnp.square(grad)
     step = count.astype(jnp.float32)
@@ -137,7 +139,7 @@ def uncertainty(
         log_variances=new_log_variances, adam_mu=mu, adam_nu=nu,
         adam_count=count)
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=True))
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
+from optax_mtl._src import step
 
 
 class UpgradState(NamedTuple):
@@ -27,8 +28,6 @@ def upgrad(
     *,
     max_iters: int = 200,
     tol: Optional[float] = 1e-6,
-    gramian_filter: base.GramianFilter = None,
-    update_weights_every: int = 1,
 ) -> base.MultiTaskStrategy:
   r"""UPGrad: every task gradient projected onto the dual cone, averaged.
 
@@ -56,10 +55,6 @@ def upgrad(
     max_iters: the most active-set iterations per problem and step.
     tol: the projected-gradient residual at which to stop, on the Gramian
       divided by its largest diagonal entry (None: 1e-6 in float32).
-    gramian_filter: which parameters enter the Gramian (None: all), a pytree
-      of bools like the params or a callable ``params -> bools``.
-    update_weights_every: recompute the weights every n steps and reuse them
-      in between (those steps cost one backward pass).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -79,12 +74,11 @@ def upgrad(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   max_iters, tol = base.check_solver_options(max_iters, tol)
-  base.check_positive_int("update_weights_every", update_weights_every)
 
   def init():
     return UpgradState(
-        **base.convention_fields(num_tasks, 1.0 / num_tasks, gramian=True,
-                                 solver=True),
+        **base.common_state_fields(num_tasks, 1.0 / num_tasks, gramian=True,
+                                   solver=True),
         solutions=jnp.eye(num_tasks, dtype=jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -100,7 +94,6 @@ def upgrad(
         solver_gap=jnp.max(results.gap).astype(jnp.float32),
         solver_converged=jnp.all(results.converged))
 
-  return base.lift(base.Weighting(
+  return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False, gramian_filter=gramian_filter,
-      update_weights_every=update_weights_every))
+      requires_positive_losses=False))

@@ -1,0 +1,352 @@
+"""The one step both faces run, and the transformations built on it.
+
+A step of any strategy reads top to bottom:
+
+1. the guard checks the losses (and, lazily, the Gramian);
+2. the weighting's rule turns them into weights and a new state;
+3. the guard accepts the result, or keeps the previous state and weights and
+   counts the step in ``num_skipped``.
+
+:func:`weights_step` is that step; :func:`recompute_every` makes it reuse the
+weights between recomputations. The optax face (:func:`as_gradient_transformation`)
+and the training-step face (:func:`optax_mtl.value_and_grad`) each call
+:func:`weights_step` exactly once per step and differ only in how they get
+the Gramian and apply the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_mtl._src import base
+from optax_mtl._src import tree as tree_lib
+
+
+class StrategyOptions(NamedTuple):
+  """How a weighting is applied, set by the wrappers (defaults: plain)."""
+
+  # Recompute the weights every n steps and reuse them in between.
+  recompute_every: int = 1
+  # Which parameters are shared (None: all), see tree.shared_mask.
+  shared: Any = None
+  # Whether task-specific (non-shared) parameters receive w_k ∇L_k rather
+  # than their own task's gradient ∇L_k (Gramian strategies only).
+  weight_task_specific: bool = False
+
+
+class RecomputeEveryState(NamedTuple):
+  """State of :func:`recompute_every`.
+
+  Reading a field of the wrapped strategy's state (``state.weights``,
+  ``state.num_skipped``, ``state.solver_gap``, ...) works on this state as
+  on the inner one.
+  """
+
+  inner: Any  # The wrapped strategy's state.
+  steps_since_update: chex.Array  # i32[], 0 at init; 1 right after a recompute.
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(self.inner, name)
+
+
+# --------------------------------------------------------------------------
+# The guarded step.
+# --------------------------------------------------------------------------
+
+
+def weights_step(
+    weighting: base.Weighting,
+    options: StrategyOptions,
+    task_losses: chex.Array,
+    state: Any,
+    gramian_fn: Optional[Callable[[], chex.Array]] = None,
+) -> tuple[chex.Array, Any]:
+  """Losses (and a Gramian) → weights and the new state, behind the guard.
+
+  Args:
+    weighting: the strategy's weighting.
+    options: how it is applied (:class:`StrategyOptions`).
+    task_losses: f32[T], already checked for shape.
+    state: the strategy's state (a :class:`RecomputeEveryState` when
+      ``options.recompute_every > 1``).
+    gramian_fn: ``() -> G`` ([T, T]), called only when the weights are
+      recomputed (for :attr:`Needs.GRAMIAN` weightings).
+
+  Returns:
+    ``(weights, new_state)``; ``weights`` are the ones to apply this step.
+  """
+  if options.recompute_every == 1:
+    return _guarded_rule(weighting, task_losses, state, gramian_fn)
+
+  def recompute(inner):
+    return _guarded_rule(weighting, task_losses, inner, gramian_fn)
+
+  def reuse(inner):
+    # The previous weights again; a rejected loss is still counted.
+    rejected = ~_losses_ok(weighting, task_losses)
+    return inner.weights, inner._replace(num_skipped=jnp.where(
+        rejected, optax.safe_increment(inner.num_skipped), inner.num_skipped))
+
+  due = state.steps_since_update % options.recompute_every == 0
+  weights, inner = jax.lax.cond(due, recompute, reuse, state.inner)
+  steps = jnp.where(due, 1, optax.safe_increment(state.steps_since_update))
+  return weights, RecomputeEveryState(inner, steps.astype(jnp.int32))
+
+
+def _losses_ok(weighting: base.Weighting, task_losses: chex.Array):
+  ok = jnp.all(jnp.isfinite(task_losses))
+  if weighting.requires_positive_losses:
+    ok &= jnp.all(task_losses > 0)
+  return ok
+
+
+def _guarded_rule(weighting, task_losses, state, gramian_fn):
+  inputs_ok = _losses_ok(weighting, task_losses)
+  gramian = None
+  if weighting.needs is base.Needs.GRAMIAN:
+    gramian = jnp.asarray(gramian_fn())
+    if not jnp.issubdtype(gramian.dtype, jnp.floating):
+      gramian = gramian.astype(jnp.float32)
+    gramian_ok = jnp.all(jnp.isfinite(gramian))
+    inputs_ok &= gramian_ok
+    gramian = jnp.where(gramian_ok, gramian,
+                        jnp.eye(weighting.num_tasks, dtype=gramian.dtype))
+  # Rejected inputs are replaced by harmless ones, so that no rule ever
+  # computes on a NaN (a solver loop on NaN could misbehave); the result is
+  # discarded below.
+  safe_losses = jnp.where(inputs_ok, task_losses, jnp.ones_like(task_losses))
+  weights, new_state = weighting.rule(safe_losses, state, gramian)
+  ok = inputs_ok & jnp.all(jnp.isfinite(weights))
+  accepted = new_state._replace(weights=weights)
+  if gramian is not None:
+    accepted = accepted._replace(
+        gradient_cosines=tree_lib.cosine_matrix(gramian))
+  rejected = state._replace(num_skipped=optax.safe_increment(state.num_skipped))
+  new_state = jax.tree.map(
+      lambda a, r: jnp.where(ok, a, r).astype(r.dtype), accepted, rejected)
+  return new_state.weights, new_state
+
+
+def init_state(weighting: base.Weighting, options: StrategyOptions) -> Any:
+  state = weighting.init()
+  if options.recompute_every > 1:
+    return RecomputeEveryState(inner=state,
+                               steps_since_update=jnp.zeros([], jnp.int32))
+  return state
+
+
+# --------------------------------------------------------------------------
+# The optax face.
+# --------------------------------------------------------------------------
+
+
+class StrategyUpdate:
+  """The ``update`` of a strategy: ``Σ_k w_k task_grads[k]`` and the state.
+
+  It carries the weighting and options (``value_and_grad`` reads them) and
+  compiles its step once per strategy, so an un-jitted call does not
+  retrace the solvers at every step.
+  """
+
+  def __init__(self, weighting: base.Weighting, options: StrategyOptions):
+    self.weighting = weighting
+    self.options = options
+    self._compiled = jax.jit(self._update)
+
+  def __call__(self, task_grads, state, params=None, *, task_losses,
+               **extra_args):
+    del extra_args
+    task_losses = base.check_task_losses(task_losses, self.weighting.num_tasks)
+    tree_lib.check_task_axis(task_grads, self.weighting.num_tasks,
+                             "task_grads")
+    return self._compiled(task_grads, state, params, task_losses)
+
+  def _update(self, task_grads, state, params, task_losses):
+    weighting, options = self.weighting, self.options
+    shared = None
+    if weighting.needs is base.Needs.GRAMIAN:
+      template = params if params is not None else jax.tree.map(
+          lambda grads: grads[0], task_grads)
+      shared = tree_lib.shared_mask(options.shared, template)
+    losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
+    weights, new_state = weights_step(
+        weighting, options, losses32, state,
+        lambda: tree_lib.gramian(task_grads, shared))
+    own_gradients = None if options.weight_task_specific else shared
+    return tree_lib.combine(weights, task_grads, own_gradients), new_state
+
+
+def _strategy(weighting: base.Weighting,
+              options: StrategyOptions) -> base.MultiTaskStrategy:
+  def init_fn(params):
+    del params
+    return init_state(weighting, options)
+
+  return base.MultiTaskStrategy(init_fn, StrategyUpdate(weighting, options))
+
+
+def as_gradient_transformation(
+    weighting: base.Weighting) -> base.MultiTaskStrategy:
+  """Turns a weighting into a strategy (an optax transformation).
+
+  ``update(task_grads, state, params=None, *, task_losses, **extra_args)``
+  checks that every leaf of ``task_grads`` and ``task_losses`` has a leading
+  axis of size ``num_tasks`` (a ``ValueError`` at trace time otherwise),
+  computes the Gramian of ``task_grads`` if the rule needs it, and returns the
+  params-shaped update ``Σ_k w_k · task_grads[k]``. Unknown keyword arguments
+  are ignored. The result also runs in :func:`optax_mtl.value_and_grad`.
+
+  Args:
+    weighting: a :class:`optax_mtl.Weighting`.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    A strategy that weights each task by the inverse of its loss:
+
+    >>> from typing import NamedTuple
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> class InverseLossState(NamedTuple):
+    ...   weights: jnp.ndarray  # f32[T], the weights applied last.
+    ...   num_skipped: jnp.ndarray  # i32[], rejected steps.
+    >>> def inverse_loss(num_tasks):
+    ...   def init():
+    ...     return InverseLossState(**optax_mtl.common_state_fields(num_tasks))
+    ...   def rule(task_losses, state, gramian):
+    ...     return 1.0 / task_losses, state
+    ...   return optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
+    ...       num_tasks=num_tasks, needs=optax_mtl.Needs.LOSSES, init=init,
+    ...       rule=rule, requires_positive_losses=True))
+    >>> strategy = inverse_loss(2)
+    >>> update, state = strategy.update(
+    ...     jnp.array([[2.0, 0.0], [0.0, 2.0]]), strategy.init(None),
+    ...     task_losses=jnp.array([2.0, 4.0]))
+    >>> update.tolist(), state.weights.tolist()
+    ([1.0, 0.5], [0.5, 0.25])
+  """
+  if not isinstance(weighting, base.Weighting):
+    raise ValueError(
+        f"weighting must be an optax_mtl.Weighting, got {weighting!r}.")
+  base.check_num_tasks(weighting.num_tasks)
+  if not isinstance(weighting.needs, base.Needs):
+    raise ValueError(
+        f"weighting.needs must be an optax_mtl.Needs, got {weighting.needs!r}.")
+  return _strategy(weighting, StrategyOptions())
+
+
+def strategy_parts(strategy: Any) -> tuple[base.Weighting, StrategyOptions]:
+  """The weighting and options of a strategy; a clear error otherwise."""
+  update = getattr(strategy, "update", None)
+  if not isinstance(update, StrategyUpdate):
+    raise ValueError(
+        "strategy must be an optax_mtl strategy (e.g. optax_mtl.ema(3)), got "
+        f"{type(strategy).__name__}. Chain it with an optimizer only on the "
+        "optax face; value_and_grad and the wrappers take the strategy itself.")
+  return update.weighting, update.options
+
+
+def weighting_of(strategy: base.MultiTaskStrategy) -> base.Weighting:
+  """The :class:`optax_mtl.Weighting` of a strategy.
+
+  Examples:
+    >>> import optax_mtl
+    >>> optax_mtl.weighting_of(optax_mtl.mgda(3)).needs
+    <Needs.GRAMIAN: 'gramian'>
+  """
+  return strategy_parts(strategy)[0]
+
+
+def recompute_every(strategy: base.MultiTaskStrategy,
+                    every: int) -> base.MultiTaskStrategy:
+  """Recomputes a strategy's weights every ``every`` steps, reuses them between.
+
+  On the steps in between, the previous weights are applied again: with
+  :func:`optax_mtl.value_and_grad` such a step costs one backward pass, even
+  for a strategy that reads the Gramian. A non-finite loss on such a step is
+  counted in ``num_skipped`` like on any other step.
+
+  The state is a :class:`RecomputeEveryState`; fields of the wrapped state
+  read the same way (``state.weights``, ``state.solver_gap``).
+
+  Args:
+    strategy: an optax_mtl strategy.
+    every: recompute the weights on steps 0, n, 2n, ... (an integer >= 1).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.recompute_every(optax_mtl.mgda(2), 3)
+    >>> state = strategy.init(None)
+    >>> for grads in ([[1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.0, 1.0]]):
+    ...   update, state = strategy.update(
+    ...       jnp.array(grads), state, task_losses=jnp.ones(2))
+    >>> [round(w, 4) for w in state.weights.tolist()]  # From the first step.
+    [0.8, 0.2]
+    >>> int(state.steps_since_update)
+    2
+  """
+  weighting, options = strategy_parts(strategy)
+  every = base.check_positive_int("every", every)
+  if options.recompute_every > 1:
+    raise ValueError(
+        "strategy already recomputes its weights every "
+        f"{options.recompute_every} steps; got recompute_every({every}) again.")
+  return _strategy(weighting, options._replace(recompute_every=every))
+
+
+def with_shared_parameters(
+    strategy: base.MultiTaskStrategy,
+    shared: Any,
+    *,
+    weight_task_specific: bool = False,
+) -> base.MultiTaskStrategy:
+  """Declares which parameters all tasks share (optax face).
+
+  A strategy that reads the Gramian then measures the task gradients on the
+  shared parameters only, and every other (task-specific) parameter receives
+  the plain sum of the task gradients, i.e. its own task's gradient,
+  unweighted — the semantics of torchjd and LibMTL. Loss-weighting
+  strategies weight the whole loss, so every parameter keeps
+  ``Σ_k w_k ∇L_k`` under them.
+
+  Args:
+    strategy: an optax_mtl strategy.
+    shared: a pytree of bools with the structure of the params (or a prefix
+      of it, as ``optax.masked`` accepts), or a callable ``params -> bools``.
+    weight_task_specific: give the task-specific parameters ``w_k ∇L_k``
+      instead (the behaviour before version 0.2).
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.with_shared_parameters(
+    ...     optax_mtl.mgda(2), {"trunk": True, "heads": False})
+    >>> task_grads = {"trunk": jnp.array([[1.0, 0.0], [0.0, 2.0]]),
+    ...               "heads": jnp.array([[3.0, 0.0], [0.0, 5.0]])}
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.ones(2))
+    >>> [round(u, 4) for u in update["trunk"].tolist()], update["heads"].tolist()
+    ([0.8, 0.4], [3.0, 5.0])
+  """
+  weighting, options = strategy_parts(strategy)
+  if shared is None:
+    raise ValueError("shared must be a pytree of bools or a callable, got None.")
+  weight_task_specific = base.check_bool("weight_task_specific",
+                                         weight_task_specific)
+  return _strategy(weighting, options._replace(
+      shared=shared, weight_task_specific=weight_task_specific))
