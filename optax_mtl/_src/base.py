@@ -43,11 +43,15 @@ class Needs(enum.Enum):
   """What a weighting reads, so that the engine computes only that."""
 
   LOSSES = "losses"  # One forward and one backward pass.
-  GRAMIAN = "gramian"  # Per-task gradients (or Gram-vector products).
+  GRAMIAN = "gramian"  # The Gramian of the per-task gradients.
+  # The per-task gradients themselves (the Jacobian, a leading task axis on
+  # every leaf): the rule returns the combined update, not weights.
+  GRADIENTS = "gradients"
 
 
 # A weight rule: (task_losses f32[T], state, gramian [T,T] | None)
-#   -> (weights [T], new_state). It never sees invalid input: the guard
+#   -> (weights [T], new_state); for Needs.GRADIENTS: (task_losses, state,
+#   task_grads) -> (update, new_state). It never sees invalid input: the guard
 # replaces rejected losses and Gramians by harmless values and throws the
 # result away.
 WeightRule = Callable[[chex.Array, Any, Optional[chex.Array]],
@@ -63,12 +67,16 @@ class Weighting(NamedTuple):
   Attributes:
     num_tasks: the number of tasks T.
     needs: :attr:`Needs.LOSSES` (the rule reads only the losses, a step costs
-      one backward pass) or :attr:`Needs.GRAMIAN` (the rule also reads the
-      T×T Gramian of the per-task gradients).
+      one backward pass), :attr:`Needs.GRAMIAN` (the rule also reads the
+      T×T Gramian of the per-task gradients) or :attr:`Needs.GRADIENTS`
+      (the rule reads the per-task gradients, a pytree like the params with
+      a leading task axis, and returns the combined update itself).
     init: ``init() -> state``, a NamedTuple with at least the fields of
       :func:`common_state_fields`.
     rule: ``rule(task_losses, state, gramian) -> (weights, new_state)``;
-      ``gramian`` is None for :attr:`Needs.LOSSES`.
+      ``gramian`` is None for :attr:`Needs.LOSSES`. For
+      :attr:`Needs.GRADIENTS`: ``rule(task_losses, state, task_grads) ->
+      (update, new_state)``.
     requires_positive_losses: whether the rule divides by, or takes the log
       of, the losses: a zero or negative loss is then rejected like a
       non-finite one.

@@ -18,7 +18,16 @@ Gramian, low_memory never holds ``J``: for each task ``g_i = Jᵀ e_i`` (a VJP)
 Gramian, encoder_fn MGDA-UB: the Gramian of the gradients with respect to
                     the shared representation ``z = encoder_fn(params)``;
                     then one VJP with cotangent ``w``
+gradients           the per-task Jacobian ``J``, handed to the rule, which
+                    returns the update (memory O(T · params), like the
+                    Jacobian mode); with ``encoder_fn``, the per-task
+                    gradients with respect to the representation instead,
+                    then one VJP through the encoder
 ==================  =====================================================
+
+With ``recompute_every``, the weights are computed under a ``lax.cond`` that
+holds only the Gramian's computation; the final VJP with cotangent ``w``
+runs outside it on every step.
 """
 
 from __future__ import annotations
@@ -103,7 +112,6 @@ def value_and_grad(
         f"gramian_mode must be one of {GRAMIAN_MODES}, got {gramian_mode!r}.")
   has_aux = base.check_bool("has_aux", has_aux)
   num_tasks = weighting.num_tasks
-  needs_gramian = weighting.needs is base.Needs.GRAMIAN
 
   def step(params, state, *args):
     if not jax.tree.leaves(params):
@@ -116,23 +124,50 @@ def value_and_grad(
       representation_vjp = None
     else:
       full_loss = None
-      out, vjp_fn, aux, representation_vjp = _encoder_vjp(
+      out, vjp_fn, aux, representation_vjp, split_backward = _encoder_vjp(
           encoder_fn, task_loss_fn, params, args, has_aux)
     base.check_task_losses(out, num_tasks)
     task_losses = devices.mean(out)
     losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
 
     def backward(weights):
-      return devices.mean(vjp_fn(weights.astype(out.dtype))[0])
+      if jnp.finfo(out.dtype).max >= jnp.finfo(jnp.float32).max:
+        return devices.mean(vjp_fn(weights.astype(out.dtype))[0])
+      # float16: weights like 1/L overflow its range (6.5e4), so the VJP
+      # runs with weights scaled to at most 1, and the scale is put back in
+      # float32.
+      scale = jnp.maximum(jnp.max(jnp.abs(weights)), 1.0)
+      scaled = vjp_fn((weights / scale).astype(out.dtype))[0]
+      return devices.mean(jax.tree.map(
+          lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype)
+          if jnp.issubdtype(g.dtype, jnp.inexact) else g, scaled))
 
     def jacobian():
       return devices.mean(
           jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0])
 
-    if not needs_gramian:
+    if weighting.needs is base.Needs.LOSSES:
       weights, new_state = step_lib.weights_step(weighting, options, losses32,
                                                  state)
       grads = backward(weights)
+    elif weighting.needs is base.Needs.GRADIENTS:
+      if representation_vjp is not None:
+        # The rule transforms the gradients with respect to the shared
+        # representation; the heads receive their own tasks' gradients.
+        representation_grads = jax.vmap(representation_vjp)(
+            jnp.eye(num_tasks, dtype=out.dtype))
+        update, new_state = step_lib.gradients_step(
+            weighting, losses32, state, representation_grads)
+        grads = devices.mean(split_backward(
+            update, jnp.ones((num_tasks,), out.dtype)))
+      else:
+        shared_mask = tree_lib.shared_mask(options.shared, params)
+        task_grads = jacobian()
+        update, new_state = step_lib.gradients_step(
+            weighting, losses32, state, task_grads)
+        grads = tree_lib.own_gradients_for_task_specific(
+            update, task_grads,
+            None if options.weight_task_specific else shared_mask)
     else:
       shared_mask = tree_lib.shared_mask(options.shared, params)
       own_gradients = None if options.weight_task_specific else shared_mask
@@ -163,6 +198,9 @@ def value_and_grad(
           grads = jax.tree.map(lambda keep, g, u: g if keep else u,
                                own_gradients, grads, unweighted)
 
+    # A gradient that overflows although the losses were finite is counted.
+    overflow = jnp.all(jnp.isfinite(losses32)) & ~step_lib.all_finite(grads)
+    new_state = step_lib.count_skipped(new_state, overflow)
     if has_aux:
       return ((task_losses, aux), grads), new_state
     return (task_losses, grads), new_state
@@ -192,9 +230,11 @@ def _checked_output(loss_fn, has_aux):
 def _encoder_vjp(encoder_fn, task_loss_fn, params, args, has_aux):
   """One forward pass through the encoder, then the heads.
 
-  Returns ``(out, vjp_fn, aux, representation_vjp)``: ``vjp_fn`` maps a
-  cotangent of the losses to the full parameter gradient, and
-  ``representation_vjp`` to the gradient with respect to the representation.
+  Returns ``(out, vjp_fn, aux, representation_vjp, split_backward)``:
+  ``vjp_fn`` maps a cotangent of the losses to the full parameter gradient,
+  ``representation_vjp`` to the gradient with respect to the representation,
+  and ``split_backward`` backpropagates a representation cotangent through
+  the encoder and a loss cotangent through the heads.
   """
   representation, encoder_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
   out, heads_vjp, aux = _vjp(lambda p, z: task_loss_fn(p, z, *args),
@@ -205,7 +245,15 @@ def _encoder_vjp(encoder_fn, task_loss_fn, params, args, has_aux):
     (encoder_part,) = encoder_vjp(representation_part)
     return (jax.tree.map(_add_cotangents, params_part, encoder_part),)
 
-  return out, vjp_fn, aux, lambda cotangent: heads_vjp(cotangent)[1]
+  def split_backward(representation_cotangent, loss_cotangent):
+    """The heads' parameters from ``loss_cotangent``, the encoder's from
+    ``representation_cotangent``."""
+    params_part, _ = heads_vjp(loss_cotangent)
+    (encoder_part,) = encoder_vjp(representation_cotangent)
+    return jax.tree.map(_add_cotangents, params_part, encoder_part)
+
+  return (out, vjp_fn, aux, lambda cotangent: heads_vjp(cotangent)[1],
+          split_backward)
 
 
 def _add_cotangents(a, b):

@@ -107,31 +107,84 @@ def _losses_ok(weighting: base.Weighting, task_losses: chex.Array):
   return ok
 
 
-def _guarded_rule(weighting, task_losses, state, gramian_fn):
+def count_skipped(state: Any, skipped: chex.Array) -> Any:
+  """``state`` with ``num_skipped`` incremented where ``skipped`` is true."""
+  if isinstance(state, RecomputeEveryState):
+    return state._replace(inner=count_skipped(state.inner, skipped))
+  return state._replace(num_skipped=jnp.where(
+      skipped, optax.safe_increment(state.num_skipped), state.num_skipped))
+
+
+def all_finite(tree: Any) -> chex.Array:
+  """Whether every floating-point leaf of ``tree`` is finite."""
+  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _guarded_rule(weighting, task_losses, state, rule_input_fn):
+  """Runs the rule behind the guard.
+
+  ``rule_input_fn`` gives the Gramian (:attr:`Needs.GRAMIAN`) or the per-task
+  gradients (:attr:`Needs.GRADIENTS`); it is not called for
+  :attr:`Needs.LOSSES`. The step is accepted only when the losses, that
+  input, the rule's output and the new state are all finite; otherwise the
+  previous state is kept, ``num_skipped`` counts the step and the previous
+  weights (or, for :attr:`Needs.GRADIENTS`, a zero update) are returned.
+  """
   inputs_ok = _losses_ok(weighting, task_losses)
-  gramian = None
+  rule_input = None
   if weighting.needs is base.Needs.GRAMIAN:
-    gramian = jnp.asarray(gramian_fn())
-    if not jnp.issubdtype(gramian.dtype, jnp.floating):
-      gramian = gramian.astype(jnp.float32)
-    gramian_ok = jnp.all(jnp.isfinite(gramian))
+    rule_input = jnp.asarray(rule_input_fn())
+    if not jnp.issubdtype(rule_input.dtype, jnp.floating):
+      rule_input = rule_input.astype(jnp.float32)
+    gramian_ok = all_finite(rule_input)
     inputs_ok &= gramian_ok
-    gramian = jnp.where(gramian_ok, gramian,
-                        jnp.eye(weighting.num_tasks, dtype=gramian.dtype))
+    rule_input = jnp.where(
+        gramian_ok, rule_input,
+        jnp.eye(weighting.num_tasks, dtype=rule_input.dtype))
+  elif weighting.needs is base.Needs.GRADIENTS:
+    rule_input = rule_input_fn()
+    grads_ok = all_finite(rule_input)
+    inputs_ok &= grads_ok
+    rule_input = jax.tree.map(
+        lambda g: jnp.where(grads_ok, g, jnp.zeros_like(g))
+        if jnp.issubdtype(g.dtype, jnp.inexact) else g, rule_input)
   # Rejected inputs are replaced by harmless ones, so that no rule ever
   # computes on a NaN (a solver loop on NaN could misbehave); the result is
   # discarded below.
   safe_losses = jnp.where(inputs_ok, task_losses, jnp.ones_like(task_losses))
-  weights, new_state = weighting.rule(safe_losses, state, gramian)
-  ok = inputs_ok & jnp.all(jnp.isfinite(weights))
-  accepted = new_state._replace(weights=weights)
-  if gramian is not None:
+  output, new_state = weighting.rule(safe_losses, state, rule_input)
+  if weighting.needs is base.Needs.GRADIENTS:
+    accepted = new_state  # The rule reports its own weights, if any.
+  else:
+    accepted = new_state._replace(weights=output)
+  if weighting.needs is base.Needs.GRAMIAN:
     accepted = accepted._replace(
-        gradient_cosines=tree_lib.cosine_matrix(gramian))
+        gradient_cosines=tree_lib.cosine_matrix(rule_input))
+  ok = inputs_ok & all_finite(output) & all_finite(accepted)
   rejected = state._replace(num_skipped=optax.safe_increment(state.num_skipped))
   new_state = jax.tree.map(
       lambda a, r: jnp.where(ok, a, r).astype(r.dtype), accepted, rejected)
+  if weighting.needs is base.Needs.GRADIENTS:
+    return jax.tree.map(
+        lambda u: jnp.where(ok, u, jnp.zeros_like(u))
+        if jnp.issubdtype(u.dtype, jnp.inexact) else u, output), new_state
   return new_state.weights, new_state
+
+
+def gradients_step(
+    weighting: base.Weighting,
+    task_losses: chex.Array,
+    state: Any,
+    task_grads: Any,
+) -> tuple[Any, Any]:
+  """Losses and per-task gradients → the update and the new state (guarded).
+
+  The step of the strategies that read the per-task gradients themselves
+  (:attr:`Needs.GRADIENTS`): the rule returns the combined update.
+  """
+  return _guarded_rule(weighting, task_losses, state, lambda: task_grads)
 
 
 def init_state(weighting: base.Weighting, options: StrategyOptions) -> Any:
@@ -171,15 +224,20 @@ class StrategyUpdate:
   def _update(self, task_grads, state, params, task_losses):
     weighting, options = self.weighting, self.options
     shared = None
-    if weighting.needs is base.Needs.GRAMIAN:
+    if weighting.needs is not base.Needs.LOSSES:
       template = params if params is not None else jax.tree.map(
           lambda grads: grads[0], task_grads)
       shared = tree_lib.shared_mask(options.shared, template)
+    own_gradients = None if options.weight_task_specific else shared
     losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
+    if weighting.needs is base.Needs.GRADIENTS:
+      update, new_state = gradients_step(weighting, losses32, state,
+                                         task_grads)
+      return tree_lib.own_gradients_for_task_specific(
+          update, task_grads, own_gradients), new_state
     weights, new_state = weights_step(
         weighting, options, losses32, state,
         lambda: tree_lib.gramian(task_grads, shared))
-    own_gradients = None if options.weight_task_specific else shared
     return tree_lib.combine(weights, task_grads, own_gradients), new_state
 
 
@@ -299,6 +357,10 @@ def recompute_every(strategy: base.MultiTaskStrategy,
   """
   weighting, options = strategy_parts(strategy)
   every = base.check_positive_int("every", every)
+  if weighting.needs is base.Needs.GRADIENTS:
+    raise ValueError(
+        "recompute_every needs a strategy that computes weights; this one "
+        "transforms the per-task gradients themselves (Needs.GRADIENTS).")
   if options.recompute_every > 1:
     raise ValueError(
         "strategy already recomputes its weights every "

@@ -90,8 +90,23 @@ def gramian(task_grads: Any, mask: Any = None) -> chex.Array:
   for leaf in kept:
     flat = jnp.reshape(leaf, (num_tasks, -1))
     total += jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=dtype)
+                        preferred_element_type=dtype,
+                        **_replicated_output(flat))
   return total
+
+
+def _replicated_output(operand: chex.Array) -> dict[str, Any]:
+  """``out_sharding`` for a product that sums over an explicitly sharded axis.
+
+  Under ``jax.make_mesh``'s explicit axes, a contraction over a sharded axis
+  (the batch axis of representation gradients, say) must name its output
+  sharding; the T×T Gramian is replicated. Elsewhere nothing is needed.
+  """
+  sharding = getattr(jax.typeof(operand), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(axis is None for axis in spec):
+    return {}
+  return {"out_sharding": sharding.update(spec=jax.sharding.PartitionSpec())}
 
 
 def _is_inexact(leaf: Any) -> bool:
@@ -123,6 +138,16 @@ def combine(weights: chex.Array, task_grads: Any, shared: Any = None) -> Any:
     return summed.astype(leaf.dtype)
 
   return jax.tree.map(weighted_sum, task_grads, shared)
+
+
+def own_gradients_for_task_specific(update: Any, task_grads: Any,
+                                    shared: Any) -> Any:
+  """``update`` on the shared leaves; ``Σ_k task_grads[k]`` on the others."""
+  if shared is None:
+    return update
+  own = combine(jnp.ones((jax.tree.leaves(task_grads)[0].shape[0],)),
+                task_grads)
+  return jax.tree.map(lambda keep, u, o: u if keep else o, shared, update, own)
 
 
 def cosine_matrix(gramian_matrix: chex.Array) -> chex.Array:

@@ -1,0 +1,316 @@
+"""The shared step, the wrappers and the engine's handling of unusual input."""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_mtl
+
+NUM_TASKS = 2
+
+
+def loss_fn(params, inputs):
+  hidden = jnp.tanh(inputs @ params["trunk"])
+  predictions = hidden @ params["heads"].T
+  return jnp.mean((predictions - jnp.arange(float(NUM_TASKS))) ** 2, axis=0)
+
+
+def make_params():
+  keys = jax.random.split(jax.random.key(1), 3)
+  params = {"trunk": jax.random.normal(keys[0], (3, 4)),
+            "heads": jax.random.normal(keys[1], (NUM_TASKS, 4))}
+  return params, jax.random.normal(keys[2], (8, 3))
+
+
+# --------------------------------------------------------------------------
+# The strategy carries its weighting (issue: the rule is part of the strategy).
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rebuild", ["replace_init", "pytree", "static_jit"])
+def test_rebuilt_strategy_still_runs_in_value_and_grad(rebuild):
+  params, inputs = make_params()
+  strategy = optax_mtl.mgda(NUM_TASKS)
+  if rebuild == "replace_init":
+    rebuilt = strategy._replace(init=lambda p: strategy.init(p))
+  elif rebuild == "pytree":
+    leaves, treedef = jax.tree.flatten(strategy)
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+  else:
+    rebuilt = strategy
+  assert optax_mtl.weighting_of(rebuilt) is optax_mtl.weighting_of(strategy)
+  if rebuild == "static_jit":  # The strategy as a static argument of jit.
+    step = functools.partial(jax.jit(
+        lambda s, *args: optax_mtl.value_and_grad(loss_fn, s)(*args),
+        static_argnums=0), rebuilt)
+  else:
+    step = jax.jit(optax_mtl.value_and_grad(loss_fn, rebuilt))
+  expected = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))(
+      params, strategy.init(params), inputs)
+  got = step(params, rebuilt.init(params), inputs)
+  for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(have, want)
+
+
+def test_a_chain_is_refused_with_a_clear_message():
+  chained = optax.chain(optax_mtl.ema(NUM_TASKS), optax.adam(1e-3))
+  with pytest.raises(ValueError, match="optax_mtl strategy .* got"):
+    optax_mtl.value_and_grad(loss_fn, chained)
+  with pytest.raises(ValueError, match="optax_mtl strategy"):
+    optax_mtl.recompute_every(chained, 2)
+
+
+def test_missing_task_losses_is_a_type_error_naming_it():
+  strategy = optax_mtl.ema(NUM_TASKS)
+  with pytest.raises(TypeError, match="task_losses"):
+    strategy.update(jnp.eye(NUM_TASKS), strategy.init(None))  # pylint: disable=missing-kwoa
+
+
+# --------------------------------------------------------------------------
+# The wrappers.
+# --------------------------------------------------------------------------
+
+
+def test_recompute_every_state_reads_like_the_inner_state():
+  strategy = optax_mtl.recompute_every(optax_mtl.mgda(NUM_TASKS), 3)
+  state = strategy.init(None)
+  assert isinstance(state, optax_mtl.RecomputeEveryState)
+  assert isinstance(state.inner, optax_mtl.MgdaState)
+  for field in optax_mtl.MgdaState._fields:
+    np.testing.assert_array_equal(getattr(state, field),
+                                  getattr(state.inner, field))
+  with pytest.raises(AttributeError):
+    _ = state.no_such_field
+  with pytest.raises(ValueError, match="already recomputes"):
+    optax_mtl.recompute_every(strategy, 2)
+
+
+def test_recompute_every_counts_rejected_losses_on_reuse_steps():
+  strategy = optax_mtl.recompute_every(optax_mtl.ema(NUM_TASKS), 4)
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, 2.0]))
+  for bad in (jnp.nan, jnp.inf, 0.0):
+    _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, bad]))
+  assert int(state.num_skipped) == 3
+  assert int(state.steps_since_update) == 4
+  np.testing.assert_allclose(state.weights, [1.0, 0.5])
+
+
+def test_recompute_every_refuses_a_gradient_strategy():
+  with pytest.raises(ValueError, match="Needs.GRADIENTS"):
+    optax_mtl.recompute_every(_sum_of_absolute_values(), 2)
+
+
+def test_with_shared_parameters_accepts_a_prefix_and_rejects_a_wrong_tree():
+  task_grads = {"trunk": {"w": jnp.ones((2, 3)), "b": jnp.ones((2,))},
+                "heads": jnp.array([[1.0, 0.0], [0.0, 3.0]])}
+  prefix = optax_mtl.with_shared_parameters(
+      optax_mtl.imtl_g(2), {"trunk": True, "heads": False})
+  update, _ = prefix.update(task_grads, prefix.init(None),
+                            task_losses=jnp.ones(2))
+  np.testing.assert_allclose(update["heads"], [1.0, 3.0])
+  wrong = optax_mtl.with_shared_parameters(
+      optax_mtl.imtl_g(2), {"trunk": True, "head": False})
+  with pytest.raises(ValueError, match="structure of the params"):
+    wrong.update(task_grads, wrong.init(None), task_losses=jnp.ones(2))
+  not_bools = optax_mtl.with_shared_parameters(
+      optax_mtl.imtl_g(2), {"trunk": 1, "heads": 0})
+  with pytest.raises(ValueError, match="Python bools"):
+    not_bools.update(task_grads, not_bools.init(None), task_losses=jnp.ones(2))
+
+
+# --------------------------------------------------------------------------
+# The engine on unusual input.
+# --------------------------------------------------------------------------
+
+
+def test_a_tuple_without_has_aux_says_to_pass_has_aux():
+  params, inputs = make_params()
+  strategy = optax_mtl.ema(NUM_TASKS)
+  step = optax_mtl.value_and_grad(
+      lambda p, x: (loss_fn(p, x), {"aux": 1.0}), strategy)
+  with pytest.raises(ValueError, match="has_aux=True"):
+    step(params, strategy.init(params), inputs)
+
+
+def test_task_losses_as_a_list_are_stacked():
+  strategy = optax_mtl.ema(NUM_TASKS)
+  update, state = strategy.update(
+      jnp.eye(2), strategy.init(None),
+      task_losses=[jnp.asarray(2.0), jnp.asarray(4.0)])
+  np.testing.assert_allclose(state.weights, [0.5, 0.25])
+  np.testing.assert_allclose(update, [0.5, 0.25])
+
+
+@pytest.mark.parametrize("name", ["ema", "mgda"])
+@pytest.mark.parametrize("mode", ["jacobian", "low_memory"])
+def test_integer_parameters_get_a_zero_gradient(name, mode):
+  params, inputs = make_params()
+  params = dict(params, step=jnp.asarray(3, jnp.int32))
+  strategy = getattr(optax_mtl, name)(NUM_TASKS)
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy,
+                                          gramian_mode=mode))
+  (_, grads), state = step(params, strategy.init(params), inputs)
+  assert grads["step"].dtype == jax.dtypes.float0
+  plain = {k: v for k, v in params.items() if k != "step"}
+  (_, expected), _ = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))(
+      plain, strategy.init(plain), inputs)
+  for key in plain:
+    np.testing.assert_allclose(grads[key], expected[key], rtol=1e-5)
+  assert int(state.num_skipped) == 0
+
+
+def test_empty_params_give_a_clear_error():
+  strategy = optax_mtl.mgda(NUM_TASKS)
+  step = optax_mtl.value_and_grad(lambda p: jnp.ones(NUM_TASKS), strategy)
+  with pytest.raises(ValueError, match="params has no array leaves"):
+    step({}, strategy.init({}))
+  with pytest.raises(ValueError, match="task_grads has no array leaves"):
+    strategy.update({}, strategy.init({}), task_losses=jnp.ones(NUM_TASKS))
+
+
+def test_float16_losses_give_the_optax_face_gradient():
+  """Weights like 1/L overflow float16; the step must not return -inf."""
+  params = jnp.ones(3, jnp.float16)
+  target = jnp.full(3, 0.9983, jnp.float16)
+
+  def float16_loss(p, x):
+    return jnp.stack([jnp.sum((p - x) ** 2), jnp.sum(p ** 2)])
+
+  strategy = optax_mtl.log_loss(2)
+  (losses, grads), state = jax.jit(optax_mtl.value_and_grad(
+      float16_loss, strategy))(params, strategy.init(params), target)
+  assert float(losses[0]) < 1.5e-5  # 1/L is beyond float16's range.
+  task_grads = jax.jacrev(float16_loss)(params, target)
+  expected, _ = strategy.update(task_grads, strategy.init(params),
+                                task_losses=losses)
+  assert bool(jnp.all(jnp.isfinite(grads)))
+  np.testing.assert_allclose(np.asarray(grads, np.float32),
+                             np.asarray(expected, np.float32), rtol=1e-2)
+  assert int(state.num_skipped) == 0
+
+
+def test_un_jitted_update_compiles_once():
+  strategy = optax_mtl.mgda(3)
+  state = strategy.init(None)
+  for scale in (1.0, 2.0, 3.0, 4.0):
+    _, state = strategy.update(jnp.eye(3) * scale, state,
+                               task_losses=jnp.ones(3))
+  assert strategy.update._compiled._cache_size() == 1  # pylint: disable=protected-access
+
+
+# --------------------------------------------------------------------------
+# The guard.
+# --------------------------------------------------------------------------
+
+
+class _CountState(NamedTuple):
+  weights: jax.Array  # f32[T].
+  num_skipped: jax.Array  # i32[].
+  total: jax.Array  # f32[], a statistic that can overflow.
+
+
+def _overflowing_sum():
+  """Adds the losses into a statistic that overflows on a huge loss."""
+
+  def init():
+    return _CountState(**optax_mtl.common_state_fields(NUM_TASKS),
+                       total=jnp.zeros([], jnp.float32))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    total = state.total + jnp.sum(task_losses) * 1e30
+    return jnp.ones(NUM_TASKS), state._replace(total=total)
+
+  return optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
+      num_tasks=NUM_TASKS, needs=optax_mtl.Needs.LOSSES, init=init,
+      rule=rule, requires_positive_losses=False))
+
+
+def test_guard_rejects_a_step_whose_new_state_is_not_finite():
+  strategy = _overflowing_sum()
+  update = jax.jit(strategy.update)
+  _, state = update(jnp.eye(2), strategy.init(None), task_losses=jnp.ones(2))
+  _, rejected = update(jnp.eye(2), state, task_losses=jnp.full(2, 1e10))
+  assert int(rejected.num_skipped) == 1
+  np.testing.assert_array_equal(rejected.total, state.total)
+  _, recovered = update(jnp.eye(2), rejected, task_losses=jnp.ones(2))
+  assert int(recovered.num_skipped) == 1
+  np.testing.assert_allclose(recovered.total, 4e30)
+
+
+def _sum_of_absolute_values():
+  """A gradient strategy: the coordinate-wise sum of |g_k| (a test rule)."""
+
+  def init():
+    return _CountState(**optax_mtl.common_state_fields(NUM_TASKS),
+                       total=jnp.zeros([], jnp.float32))
+
+  def rule(task_losses, state, task_grads):
+    del task_losses
+    return jax.tree.map(lambda g: jnp.sum(jnp.abs(g), axis=0),
+                        task_grads), state
+
+  return optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
+      num_tasks=NUM_TASKS, needs=optax_mtl.Needs.GRADIENTS, init=init,
+      rule=rule, requires_positive_losses=False))
+
+
+@pytest.mark.parametrize("shared", [None, {"trunk": True, "heads": False}])
+def test_gradient_strategies_read_the_jacobian_in_both_faces(shared):
+  params, inputs = make_params()
+  strategy = _sum_of_absolute_values()
+  (losses, grads), state = jax.jit(optax_mtl.value_and_grad(
+      loss_fn, strategy, shared=shared))(params, strategy.init(params), inputs)
+  jacobian = jax.jacrev(loss_fn)(params, inputs)
+  expected = {key: np.abs(np.asarray(value)).sum(axis=0)
+              for key, value in jacobian.items()}
+  if shared is not None:  # The heads get their own task's gradient.
+    expected["heads"] = np.asarray(jacobian["heads"]).sum(axis=0)
+  for key in expected:
+    np.testing.assert_allclose(grads[key], expected[key], rtol=1e-5,
+                               atol=1e-7)
+  face = strategy if shared is None else optax_mtl.with_shared_parameters(
+      strategy, shared)
+  update, _ = face.update(jacobian, face.init(params), params,
+                          task_losses=losses)
+  for key in expected:
+    np.testing.assert_allclose(update[key], expected[key], rtol=1e-5,
+                               atol=1e-7)
+  assert int(state.num_skipped) == 0
+
+
+def test_gradient_strategies_reject_non_finite_gradients():
+  strategy = _sum_of_absolute_values()
+  update, state = strategy.update(
+      jnp.array([[1.0, jnp.nan], [0.0, 1.0]]), strategy.init(None),
+      task_losses=jnp.ones(2))
+  np.testing.assert_array_equal(update, [0.0, 0.0])
+  assert int(state.num_skipped) == 1
+
+
+def test_gradient_strategies_on_the_representation():
+  params, inputs = make_params()
+  strategy = _sum_of_absolute_values()
+  encoder = lambda p, x: jnp.tanh(x @ p["trunk"])
+  heads = lambda p, z, x: jnp.mean(
+      (z @ p["heads"].T - jnp.arange(float(NUM_TASKS))) ** 2, axis=0)
+  (_, grads), _ = jax.jit(optax_mtl.value_and_grad(
+      heads, strategy, encoder_fn=encoder))(params, strategy.init(params),
+                                            inputs)
+  representation, encoder_vjp = jax.vjp(lambda p: encoder(p, inputs), params)
+  representation_jacobian = jax.jacrev(
+      lambda z: heads(params, z, inputs))(representation)
+  combined = np.abs(np.asarray(representation_jacobian)).sum(axis=0)
+  expected_trunk = encoder_vjp(jnp.asarray(combined))[0]["trunk"]
+  np.testing.assert_allclose(grads["trunk"], expected_trunk, rtol=1e-5,
+                             atol=1e-7)
+  own_heads = jax.grad(lambda p: jnp.sum(heads(p, representation, inputs)))(
+      params)["heads"]
+  np.testing.assert_allclose(grads["heads"], own_heads, rtol=1e-5, atol=1e-7)
