@@ -248,7 +248,8 @@ def test_guard_rejects_a_step_whose_new_state_is_not_finite():
 def _sum_of_absolute_values():
   """A gradient strategy: the coordinate-wise sum of |g_k| (a test rule)."""
 
-  def init():
+  def init(params):
+    del params
     return _CountState(**optax_mtl.common_state_fields(NUM_TASKS),
                        total=jnp.zeros([], jnp.float32))
 

@@ -72,7 +72,9 @@ class Weighting(NamedTuple):
       (the rule reads the per-task gradients, a pytree like the params with
       a leading task axis, and returns the combined update itself).
     init: ``init() -> state``, a NamedTuple with at least the fields of
-      :func:`common_state_fields`.
+      :func:`common_state_fields` (for :attr:`Needs.GRADIENTS`,
+      ``init(params) -> state``, so that the state may hold per-task
+      statistics shaped like the params).
     rule: ``rule(task_losses, state, gramian) -> (weights, new_state)``;
       ``gramian`` is None for :attr:`Needs.LOSSES`. For
       :attr:`Needs.GRADIENTS`: ``rule(task_losses, state, task_grads) ->

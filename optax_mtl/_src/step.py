@@ -187,8 +187,12 @@ def gradients_step(
   return _guarded_rule(weighting, task_losses, state, lambda: task_grads)
 
 
-def init_state(weighting: base.Weighting, options: StrategyOptions) -> Any:
-  state = weighting.init()
+def init_state(weighting: base.Weighting, options: StrategyOptions,
+               params: Any) -> Any:
+  if weighting.needs is base.Needs.GRADIENTS:
+    state = weighting.init(params)  # May keep params-shaped statistics.
+  else:
+    state = weighting.init()
   if options.recompute_every > 1:
     return RecomputeEveryState(inner=state,
                                steps_since_update=jnp.zeros([], jnp.int32))
@@ -244,8 +248,7 @@ class StrategyUpdate:
 def _strategy(weighting: base.Weighting,
               options: StrategyOptions) -> base.MultiTaskStrategy:
   def init_fn(params):
-    del params
-    return init_state(weighting, options)
+    return init_state(weighting, options, params)
 
   return base.MultiTaskStrategy(init_fn, StrategyUpdate(weighting, options))
 
