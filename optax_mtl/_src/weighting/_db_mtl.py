@@ -1,0 +1,108 @@
+"""DB-MTL: log losses, then task gradients scaled to the largest norm."""
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_mtl._src import base
+from optax_mtl._src import solvers
+from optax_mtl._src import step
+from optax_mtl._src.weighting import _task_gradient_tree as task_tree
+
+
+class DbMtlState(NamedTuple):
+  """State of :func:`db_mtl`."""
+
+  weights: chex.Array  # f32[T], α_k / L_k: the weights of g_k applied last.
+  num_skipped: chex.Array  # i32[], rejected steps.
+  gradient_averages: Any  # ĝ: params-shaped, leading task axis (≥ f32).
+  num_steps: chex.Array  # i32[], accepted steps t (saturates).
+
+
+def db_mtl(
+    num_tasks: int,
+    *,
+    beta: float = 0.9,
+    beta_sigma: float = 0.5,
+    eps: float = 1e-8,
+) -> base.MultiTaskStrategy:
+  r"""DB-MTL: balances the loss scales (logs) and the gradient magnitudes.
+
+  Loss-scale balancing trains on :math:`\log(L_k + \epsilon)`, whose
+  gradient is :math:`h_k = g_k / (L_k + \epsilon)`. Gradient-magnitude
+  balancing keeps a moving average of those gradients and scales each to
+  the largest norm:
+
+  .. math::
+    \hat g_k \leftarrow \beta_t\, \hat g_k + (1 - \beta_t)\, h_k, \qquad
+    d = \sum_k \frac{\max_j \lVert \hat g_j \rVert}{\lVert \hat g_k \rVert}\,
+    \hat g_k,
+
+  with :math:`\beta_t = \beta / t^{\beta_\sigma}` at step t (from 1) and
+  :math:`\hat g_k = 0` at the start. A task whose average is zero
+  contributes nothing.
+
+  Memory: the state keeps one params-shaped average per task (T × params),
+  on top of the per-task Jacobian of the step; use it without
+  ``encoder_fn``.
+
+  A step with a non-finite, zero or negative loss, or a non-finite
+  gradient, returns a zero update and keeps the state (``num_skipped``).
+
+  Defaults: β = 0.9, β_σ = 0.5, ε = 1e-8 (the authors' code, in LibMTL).
+
+  Args:
+    num_tasks: the number of tasks T.
+    beta: β in (0, 1], the weight of the old average.
+    beta_sigma: β_σ >= 0, its decay exponent.
+    eps: ε >= 0, added to the losses inside the logarithm.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.db_mtl(num_tasks=2, eps=0.0)
+    >>> task_grads = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(jnp.zeros(2)),
+    ...     task_losses=jnp.array([1.0, 4.0]))
+    >>> [round(u, 4) for u in update.tolist()]  # Both scaled to norm 0.2.
+    [0.2, 0.2]
+
+  References:
+    Lin, Ye, Xu, Tsang & Zhang, "Dual-Balancing for Multi-Task Learning",
+    arXiv:2308.12029, 2023.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
+  beta_sigma = base.check_in_range("beta_sigma", beta_sigma, 0.0)
+  eps = base.check_in_range("eps", eps, 0.0)
+
+  def init(params):
+    return DbMtlState(
+        **base.common_state_fields(num_tasks),
+        gradient_averages=task_tree.zeros_per_task(params, num_tasks),
+        num_steps=jnp.zeros([], jnp.int32))
+
+  def rule(task_losses, state, task_grads):
+    log_grads = task_tree.scale_per_task(
+        1.0 / (task_losses + eps), task_tree.float_part(task_grads))
+    num_steps = optax.safe_increment(state.num_steps)
+    beta_t = beta / num_steps.astype(jnp.float32) ** beta_sigma
+    averages = jax.tree.map(lambda avg, h: beta_t * avg + (1 - beta_t) * h,
+                            state.gradient_averages, log_grads)
+    norms = jnp.sqrt(task_tree.per_task_sq_norms(averages))
+    scales = solvers.safe_divide(jnp.max(norms), norms)
+    update = task_tree.combine(scales, averages, task_grads)
+    return update, state._replace(
+        weights=(scales / (task_losses + eps)).astype(jnp.float32),
+        gradient_averages=averages, num_steps=num_steps)
+
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
+      requires_positive_losses=True))

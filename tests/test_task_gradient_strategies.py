@@ -1,0 +1,194 @@
+"""Golden values of moco, db_mtl and excess_mtl against NumPy references.
+
+Each reference is written from the paper's equations (see the docstrings),
+runs in float64 on flat gradients, and is compared over several steps with
+both faces.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+import optax_mtl
+
+NUM_TASKS = 3
+NUM_STEPS = 6
+RNG = np.random.default_rng(3)
+JACOBIANS = RNG.normal(size=(NUM_STEPS, NUM_TASKS, 5)) * np.array([[1.0], [10.0], [0.1]])
+LOSSES = RNG.uniform(0.5, 3.0, size=(NUM_STEPS, NUM_TASKS))
+
+
+def simplex_projection(vector):
+  """argmin_{w ∈ Δ} ‖w − v‖², by SciPy (an exact QP reference)."""
+  size = len(vector)
+  result = optimize.minimize(
+      lambda w: np.sum((w - vector) ** 2), np.full(size, 1.0 / size),
+      jac=lambda w: 2 * (w - vector), method="SLSQP",
+      bounds=[(0, None)] * size,
+      constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}],
+      options={"ftol": 1e-14, "maxiter": 500})
+  return result.x
+
+
+def moco_reference(jacobians, losses, beta=0.5, beta_sigma=0.5, gamma=0.1,
+                   gamma_sigma=0.5, rho=0.0, projection="simplex",
+                   normalize=False):
+  tracked = np.zeros_like(jacobians[0])
+  lambdas = np.full(NUM_TASKS, 1.0 / NUM_TASKS)
+  updates = []
+  for t, (grads, loss) in enumerate(zip(jacobians, losses), start=1):
+    if normalize:
+      grads = grads / np.linalg.norm(grads, axis=1, keepdims=True) * loss[:, None]
+    tracked = tracked - beta / t**beta_sigma * (tracked - grads)
+    moved = lambdas - gamma / t**gamma_sigma * (
+        (tracked @ tracked.T + rho * np.eye(NUM_TASKS)) @ lambdas)
+    if projection == "simplex":
+      lambdas = simplex_projection(moved)
+    else:
+      lambdas = np.exp(moved - moved.max()) / np.exp(moved - moved.max()).sum()
+    updates.append(lambdas @ tracked)
+  return np.array(updates), lambdas
+
+
+def db_mtl_reference(jacobians, losses, beta=0.9, beta_sigma=0.5, eps=1e-8):
+  averages = np.zeros_like(jacobians[0])
+  updates = []
+  for t, (grads, loss) in enumerate(zip(jacobians, losses), start=1):
+    log_grads = grads / (loss + eps)[:, None]
+    beta_t = beta / t**beta_sigma
+    averages = beta_t * averages + (1 - beta_t) * log_grads
+    norms = np.linalg.norm(averages, axis=1)
+    updates.append((norms.max() / norms) @ averages)
+  return np.array(updates), None
+
+
+def excess_mtl_reference(jacobians, losses, robust_step_size=1e-2, eps=1e-7):
+  del losses
+  sums = np.zeros_like(jacobians[0])
+  weights = np.ones(NUM_TASKS)
+  initial = None
+  updates = []
+  for grads in jacobians:
+    sums = sums + grads**2
+    risks = np.sum(grads**2 / np.sqrt(sums + eps), axis=1)
+    if initial is None:
+      initial = risks
+    else:
+      weights = weights * np.exp(robust_step_size * risks / initial)
+      weights = NUM_TASKS * weights / weights.sum()
+    updates.append(weights @ grads)
+  return np.array(updates), weights
+
+
+CASES = {
+    "moco": (optax_mtl.moco, {}, moco_reference, {}),
+    "moco_softmax_normalized": (
+        optax_mtl.moco, dict(projection="softmax", gradient_normalization="loss",
+                             rho=0.1, gamma=0.5),
+        moco_reference, dict(projection="softmax", normalize=True, rho=0.1,
+                             gamma=0.5)),
+    "db_mtl": (optax_mtl.db_mtl, {}, db_mtl_reference, {}),
+    "db_mtl_options": (optax_mtl.db_mtl, dict(beta=0.5, beta_sigma=0.0,
+                                              eps=0.0),
+                       db_mtl_reference, dict(beta=0.5, beta_sigma=0.0,
+                                              eps=0.0)),
+    "excess_mtl": (optax_mtl.excess_mtl, dict(robust_step_size=0.5),
+                   excess_mtl_reference, dict(robust_step_size=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_values_in_both_faces(case):
+  factory, kwargs, reference, reference_kwargs = CASES[case]
+  expected, expected_weights = reference(JACOBIANS, LOSSES, **reference_kwargs)
+  strategy = factory(NUM_TASKS, **kwargs)
+  params = jnp.zeros(5)
+  update = jax.jit(strategy.update)
+  state = strategy.init(params)
+  for t in range(NUM_STEPS):
+    got, state = update(jnp.asarray(JACOBIANS[t], jnp.float32), state, params,
+                        task_losses=jnp.asarray(LOSSES[t], jnp.float32))
+    np.testing.assert_allclose(got, expected[t], rtol=2e-4, atol=1e-5,
+                               err_msg=f"{case} step {t}")
+  if expected_weights is not None:
+    np.testing.assert_allclose(state.weights, expected_weights, rtol=2e-4,
+                               atol=1e-6)
+  assert int(state.num_skipped) == 0
+
+  # The training-step face on losses L_k(θ) = J_k·θ + c_k: same gradients.
+  def loss_fn(theta, jacobian, offset):
+    return jacobian @ theta + offset
+
+  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  state = strategy.init(params)
+  for t in range(NUM_STEPS):
+    offset = LOSSES[t] - JACOBIANS[t] @ np.zeros(5)
+    (_, grads), state = step(params, state,
+                             jnp.asarray(JACOBIANS[t], jnp.float32),
+                             jnp.asarray(offset, jnp.float32))
+    np.testing.assert_allclose(grads, expected[t], rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+def test_rejected_steps_keep_the_state(name):
+  strategy = getattr(optax_mtl, name)(NUM_TASKS)
+  params = jnp.zeros(5)
+  update = jax.jit(strategy.update)
+  _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32),
+                    strategy.init(params), params,
+                    task_losses=jnp.asarray(LOSSES[0], jnp.float32))
+  bad_grads = jnp.asarray(JACOBIANS[1], jnp.float32).at[0, 0].set(jnp.nan)
+  for grads, losses in ((bad_grads, LOSSES[1]),
+                        (JACOBIANS[1], [1.0, jnp.inf, 1.0])):
+    out, rejected = update(jnp.asarray(grads, jnp.float32), state, params,
+                           task_losses=jnp.asarray(losses, jnp.float32))
+    np.testing.assert_array_equal(out, np.zeros(5))
+    assert int(rejected.num_skipped) == int(state.num_skipped) + 1
+    for kept, before in zip(jax.tree.leaves(rejected._replace(num_skipped=0)),
+                            jax.tree.leaves(state._replace(num_skipped=0))):
+      np.testing.assert_array_equal(kept, before)
+
+
+def test_db_mtl_rejects_non_positive_losses_and_moco_accepts_them():
+  params = jnp.zeros(5)
+  grads = jnp.asarray(JACOBIANS[0], jnp.float32)
+  db = optax_mtl.db_mtl(NUM_TASKS)
+  _, state = db.update(grads, db.init(params), task_losses=jnp.zeros(3))
+  assert int(state.num_skipped) == 1
+  moco = optax_mtl.moco(NUM_TASKS)
+  _, state = moco.update(grads, moco.init(params), task_losses=-jnp.ones(3))
+  assert int(state.num_skipped) == 0
+
+
+def test_per_task_state_has_the_params_structure():
+  params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(2),
+            "count": jnp.zeros([], jnp.int32)}
+  strategy = optax_mtl.moco(NUM_TASKS)
+  state = strategy.init(params)
+  assert state.tracked_gradients["w"].shape == (NUM_TASKS, 2, 3)
+  assert state.tracked_gradients["count"] is None
+  task_grads = {"w": jnp.ones((NUM_TASKS, 2, 3)), "b": jnp.ones((NUM_TASKS, 2)),
+                "count": np.zeros((NUM_TASKS,), jax.dtypes.float0)}
+  update, _ = strategy.update(task_grads, state, params,
+                              task_losses=jnp.ones(NUM_TASKS))
+  assert update["w"].shape == (2, 3)
+  assert update["count"].dtype == jax.dtypes.float0
+
+
+@pytest.mark.parametrize("factory, kwargs, message", [
+    (optax_mtl.moco, dict(beta=0.0), "beta"),
+    (optax_mtl.moco, dict(gamma=float("inf")), "gamma"),
+    (optax_mtl.moco, dict(rho=-1.0), "rho"),
+    (optax_mtl.moco, dict(projection="box"), "projection"),
+    (optax_mtl.moco, dict(gradient_normalization="l2"),
+     "gradient_normalization"),
+    (optax_mtl.db_mtl, dict(beta=1.5), "beta"),
+    (optax_mtl.db_mtl, dict(eps=-1.0), "eps"),
+    (optax_mtl.excess_mtl, dict(robust_step_size=0.0), "robust_step_size"),
+    (optax_mtl.excess_mtl, dict(eps=float("nan")), "eps"),
+])
+def test_hyperparameter_errors(factory, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    factory(NUM_TASKS, **kwargs)
