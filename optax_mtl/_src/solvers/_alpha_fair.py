@@ -1,0 +1,146 @@
+"""FairGrad's α-fair allocation ``G w = w^{-1/α}``, by damped Newton steps."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from optax_mtl._src.solvers import _common
+
+DEFAULT_MAX_ITERS = 100
+_NUM_STEP_SIZES = 24
+
+
+def solve_alpha_fair(
+    gramian: chex.Array,
+    alpha: float,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: Optional[float] = None,
+) -> _common.SolverResult:
+  r"""The α-fair weights: ``G w = w^{-1/α}``, ``w > 0`` (elementwise).
+
+  .. math::
+    (G w)_i = w_i^{-1/\alpha}, \qquad d = \sum_i w_i g_i, \qquad
+    g_i^\top d = w_i^{-1/\alpha},
+
+  the optimality condition of FairGrad's α-fair utility (Ban & Ji 2024);
+  ``α = 1`` is Nash-MTL's bargaining solution. It is the stationary point of
+  the strictly convex ``F(w) = ½ wᵀGw − Σ_i h(w_i)`` on ``w > 0``, with
+  ``h(w) = log w`` for α = 1 and ``w^{1−1/α} / (1 − 1/α)`` otherwise.
+  Damped Newton steps in the multiplicative form ``w ⊙ (1 + δ)`` with an
+  Armijo line search that keeps ``w > 0``.
+
+  Scale: ``G`` is first divided by a power of two ``2^e`` (exact); the
+  weights of ``c G`` are ``c^{-α/(α+1)}`` times those of ``G``, so the
+  answer does not depend on the gradients' scale beyond that law.
+
+  Stopping test: the relative residual ``max_i |(Gw)_i w_i^{1/α} − 1|``
+  (:func:`_common.relative_gap`), floored at the round-off of the products.
+  A zero-gradient task gets ``w_i = 0``; when some non-negative combination
+  of the task gradients cancels (no solution: ``F`` is unbounded below),
+  the solver stops before the weights overflow and reports
+  ``Outcome.NO_SOLUTION`` with the fallback ``w = 0``.
+
+  Args:
+    gramian: ``G``, [T, T], symmetric positive semi-definite.
+    alpha: α > 0.
+    max_iters: the most Newton steps.
+    tol: the relative residual to reach (None: the dtype's default).
+
+  Returns:
+    A :class:`SolverResult` with ``weights = w``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src import solvers
+    >>> result = solvers.solve_alpha_fair(jnp.array([[4.0, 0.0],
+    ...                                              [0.0, 1.0]]), alpha=2.0)
+    >>> [round(w, 4) for w in result.weights.tolist()]  # w = G_ii^{-2/3}.
+    [0.3969, 1.0]
+  """
+  prepared = _common.prepare_gramian(gramian)
+  matrix, num_tasks, dtype = (prepared.matrix, prepared.num_tasks,
+                              prepared.dtype)
+  max_iters = _common.check_max_iters(max_iters)
+  tol = _common.check_tolerance(tol, dtype)
+  inverse_alpha = jnp.asarray(1.0 / alpha, dtype)
+  eye = jnp.eye(num_tasks, dtype=dtype)
+  active = jnp.diagonal(matrix) > 0
+  both = active[:, None] & active[None, :]
+  matrix = jnp.where(both, matrix, eye)
+  magnitudes = jnp.abs(matrix)
+
+  def power(weights, exponent):
+    return jnp.exp(exponent * jnp.log(weights))
+
+  def utility(weights):
+    if alpha == 1.0:
+      return jnp.log(weights)
+    return power(weights, 1 - inverse_alpha) / (1 - inverse_alpha)
+
+  def objective(weights):
+    return (0.5 * jnp.dot(weights, _common.matvec(matrix, weights))
+            - jnp.sum(jnp.where(active, utility(weights), 0)))
+
+  def residual_gap(weights):
+    ratio = _common.matvec(matrix, weights) * power(weights, inverse_alpha)
+    absolute = jnp.max(jnp.where(active, jnp.abs(ratio - 1), 0))
+    floor = _common.resolve_cutoff(dtype, num_tasks, jnp.max(jnp.where(
+        active,
+        _common.matvec(magnitudes, weights) * power(weights, inverse_alpha),
+        0)))
+    return _common.relative_gap(absolute, jnp.ones([], dtype), floor)
+
+  def cancels(weights):
+    weights = jnp.where(active, weights, 0)
+    value = jnp.dot(weights, _common.matvec(matrix, weights))
+    size = jnp.dot(weights, _common.matvec(magnitudes, weights))
+    return jnp.any(active) & (
+        value <= _common.resolve_cutoff(dtype, num_tasks, size))
+
+  def newton_step(weights):
+    gradient_scaled = weights * _common.matvec(matrix, weights) - power(
+        weights, 1 - inverse_alpha)
+    gradient_scaled = jnp.where(active, gradient_scaled, 0)
+    system = (weights[:, None] * matrix * weights[None, :]
+              + jnp.diag(inverse_alpha * power(weights, 1 - inverse_alpha)))
+    system = jnp.where(both, system, eye)
+    delta = _common.cholesky_solver(system)(-gradient_scaled)
+    decrease = jnp.maximum(-jnp.dot(gradient_scaled, delta), 0)
+    most_negative = jnp.max(-delta)
+    largest = jnp.where(
+        most_negative > 0,
+        jnp.minimum(1, 0.99 / jnp.where(most_negative > 0, most_negative, 1)),
+        1)
+    sizes = largest * 0.5**jnp.arange(_NUM_STEP_SIZES, dtype=dtype)
+    current = objective(weights)
+    trial = jax.vmap(lambda t: objective(weights * (1 + t * delta)))(sizes)
+    armijo = trial <= current - 0.25 * sizes * decrease
+    size = jnp.where(jnp.any(armijo), sizes[jnp.argmax(armijo)], sizes[-1])
+    # Near the solution round-off in F defeats the line search: take the
+    # full (feasible) Newton step, which converges quadratically there.
+    size = jnp.where((decrease <= 1e-2) & (largest == 1), 1, size)
+    return jnp.where(active, weights * (1 + size * delta), 1)
+
+  def cond(carry):
+    _, iteration, gap, no_solution = carry
+    return (iteration < max_iters) & (gap > tol) & ~no_solution
+
+  def body(carry):
+    weights, iteration, _, _ = carry
+    weights = newton_step(weights)
+    return weights, iteration + 1, residual_gap(weights), cancels(weights)
+
+  start = jnp.ones((num_tasks,), dtype)
+  weights, iterations, gap, no_solution = jax.lax.while_loop(
+      cond, body, (start, jnp.zeros([], jnp.int32), residual_gap(start),
+                   cancels(start)))
+  # Back to the input's scale: G = 2^e M gives w = 2^{-e α/(α+1)} w̃.
+  scale = jnp.exp2(-prepared.exponent.astype(dtype) * alpha / (alpha + 1))
+  weights = jnp.where(active & ~no_solution, weights * scale, 0)
+  return _common.finish(weights, iterations, gap, tol,
+                        finite=prepared.finite, no_solution=no_solution)
