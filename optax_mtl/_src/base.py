@@ -82,6 +82,10 @@ class Weighting(NamedTuple):
     requires_positive_losses: whether the rule divides by, or takes the log
       of, the losses: a zero or negative loss is then rejected like a
       non-finite one.
+    num_samples: for :attr:`Needs.GRADIENTS` rules that use independent
+      minibatches (double sampling): the rule then receives the per-task
+      gradients of each minibatch, leaves ``[num_samples, T, ...]``, and the
+      mean of their losses.
   """
 
   num_tasks: int
@@ -89,6 +93,7 @@ class Weighting(NamedTuple):
   init: Callable[[], Any]
   rule: WeightRule
   requires_positive_losses: bool
+  num_samples: int = 1
 
 
 class MultiTaskStrategy(optax.GradientTransformationExtraArgs):

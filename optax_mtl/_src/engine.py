@@ -113,11 +113,19 @@ def value_and_grad(
   has_aux = base.check_bool("has_aux", has_aux)
   num_tasks = weighting.num_tasks
 
+  if weighting.num_samples > 1 and encoder_fn is not None:
+    raise ValueError(
+        "a strategy that samples several minibatches per step reads the "
+        "parameters' gradients: encoder_fn is not supported with it.")
+
   def step(params, state, *args):
     if not jax.tree.leaves(params):
       raise ValueError("params has no array leaves: nothing to differentiate.")
     devices = _DeviceAverage(axis_name)
     task_loss_fn = devices.wrap(_checked_output(loss_fn, has_aux), has_aux)
+    if weighting.num_samples > 1:
+      return _sampled_step(weighting, options, task_loss_fn, has_aux, devices,
+                           params, state, args)
     if encoder_fn is None:
       full_loss = lambda p: task_loss_fn(p, *args)
       out, vjp_fn, aux = _vjp(full_loss, (params,), has_aux)
@@ -206,6 +214,44 @@ def value_and_grad(
     return (task_losses, grads), new_state
 
   return step
+
+
+def _sampled_step(weighting, options, task_loss_fn, has_aux, devices, params,
+                  state, args):
+  """The step of a strategy that reads several independent minibatches.
+
+  Every array in ``args`` has a leading axis of size ``num_samples``: entry
+  ``s`` is minibatch ``s``. The per-task Jacobian of each minibatch is
+  handed to the rule (leaves ``[num_samples, T, ...]``); the losses returned
+  are the mean over the minibatches.
+  """
+  num_samples, num_tasks = weighting.num_samples, weighting.num_tasks
+  for leaf in jax.tree.leaves(args):
+    if jnp.shape(leaf)[:1] != (num_samples,):
+      raise ValueError(
+          f"this strategy samples {num_samples} minibatches per step: every "
+          f"data argument needs a leading axis of size {num_samples}, got "
+          f"shape {jnp.shape(leaf)}.")
+
+  def one_sample(*sample_args):
+    out, vjp_fn, aux = _vjp(lambda p: task_loss_fn(p, *sample_args),
+                            (params,), has_aux)
+    base.check_task_losses(out, num_tasks)
+    jacobian = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0]
+    return devices.mean(out), devices.mean(jacobian), aux
+
+  outs, task_grads, aux = jax.vmap(one_sample)(*args)
+  task_losses = jnp.mean(outs, axis=0)
+  losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
+  update, new_state = step_lib.gradients_step(weighting, losses32, state,
+                                              task_grads)
+  shared_mask = tree_lib.shared_mask(options.shared, params)
+  grads = step_lib.own_gradients_of_samples(
+      update, task_grads,
+      None if options.weight_task_specific else shared_mask)
+  if has_aux:
+    return ((task_losses, aux), grads), new_state
+  return (task_losses, grads), new_state
 
 
 def _checked_output(loss_fn, has_aux):

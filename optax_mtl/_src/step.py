@@ -220,9 +220,12 @@ class StrategyUpdate:
   def __call__(self, task_grads, state, params=None, *, task_losses,
                **extra_args):
     del extra_args
-    task_losses = base.check_task_losses(task_losses, self.weighting.num_tasks)
-    tree_lib.check_task_axis(task_grads, self.weighting.num_tasks,
-                             "task_grads")
+    weighting = self.weighting
+    if weighting.num_samples > 1:
+      task_losses = _check_sampled(task_grads, task_losses, weighting)
+    else:
+      task_losses = base.check_task_losses(task_losses, weighting.num_tasks)
+      tree_lib.check_task_axis(task_grads, weighting.num_tasks, "task_grads")
     return self._compiled(task_grads, state, params, task_losses)
 
   def _update(self, task_grads, state, params, task_losses):
@@ -230,19 +233,51 @@ class StrategyUpdate:
     shared = None
     if weighting.needs is not base.Needs.LOSSES:
       template = params if params is not None else jax.tree.map(
-          lambda grads: grads[0], task_grads)
+          lambda grads: grads[(0,) * (1 + (weighting.num_samples > 1))],
+          task_grads)
       shared = tree_lib.shared_mask(options.shared, template)
     own_gradients = None if options.weight_task_specific else shared
     losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
     if weighting.needs is base.Needs.GRADIENTS:
       update, new_state = gradients_step(weighting, losses32, state,
                                          task_grads)
+      if weighting.num_samples > 1:
+        return own_gradients_of_samples(update, task_grads,
+                                        own_gradients), new_state
       return tree_lib.own_gradients_for_task_specific(
           update, task_grads, own_gradients), new_state
     weights, new_state = weights_step(
         weighting, options, losses32, state,
         lambda: tree_lib.gramian(task_grads, shared))
     return tree_lib.combine(weights, task_grads, own_gradients), new_state
+
+
+def _check_sampled(task_grads, task_losses, weighting) -> chex.Array:
+  """Checks ``[num_samples, T, ...]`` gradients; returns the mean losses."""
+  num_samples, num_tasks = weighting.num_samples, weighting.num_tasks
+  for path, leaf in jax.tree_util.tree_leaves_with_path(task_grads):
+    if jnp.shape(leaf)[:2] != (num_samples, num_tasks):
+      raise ValueError(
+          f"task_grads must have leading axes ({num_samples}, {num_tasks}) "
+          f"(minibatches, tasks) on every leaf, got shape {jnp.shape(leaf)} "
+          f"at {jax.tree_util.keystr(path)}.")
+  if not jax.tree.leaves(task_grads):
+    raise ValueError("task_grads has no array leaves.")
+  task_losses = jnp.asarray(task_losses)
+  if task_losses.shape == (num_samples, num_tasks):
+    task_losses = jnp.mean(task_losses, axis=0)
+  return base.check_task_losses(task_losses, num_tasks)
+
+
+def own_gradients_of_samples(update, sampled_grads, shared):
+  """``update`` on the shared leaves; the mean over minibatches of
+  ``Σ_k g_k`` on the task-specific ones."""
+  if shared is None:
+    return update
+  mean_grads = jax.tree.map(
+      lambda g: jnp.mean(g, axis=0) if jnp.issubdtype(g.dtype, jnp.inexact)
+      else g[0], sampled_grads)
+  return tree_lib.own_gradients_for_task_specific(update, mean_grads, shared)
 
 
 def _strategy(weighting: base.Weighting,
@@ -301,6 +336,11 @@ def as_gradient_transformation(
   if not isinstance(weighting.needs, base.Needs):
     raise ValueError(
         f"weighting.needs must be an optax_mtl.Needs, got {weighting.needs!r}.")
+  base.check_positive_int("weighting.num_samples", weighting.num_samples)
+  if weighting.num_samples > 1 and weighting.needs is not base.Needs.GRADIENTS:
+    raise ValueError(
+        "weighting.num_samples > 1 needs Needs.GRADIENTS, got "
+        f"{weighting.needs}.")
   return _strategy(weighting, StrategyOptions())
 
 

@@ -1,0 +1,40 @@
+"""Shared pieces of the double-sampling strategies (MoDo, SDMGrad)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def cross_gramian(task_grads, first: int, second: int) -> chex.Array:
+  """``J_a J_bᵀ`` ([T, T]) of minibatches ``a`` and ``b`` (float leaves)."""
+  total = None
+  for leaf in jax.tree.leaves(task_grads):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      continue
+    num_tasks = leaf.shape[1]
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    rows_a = jnp.reshape(leaf[first], (num_tasks, -1)).astype(dtype)
+    rows_b = jnp.reshape(leaf[second], (num_tasks, -1)).astype(dtype)
+    product = jnp.matmul(rows_a, rows_b.T,
+                         precision=jax.lax.Precision.HIGHEST)
+    total = product if total is None else total + product
+  return total
+
+
+def combine_sample(weights: chex.Array, task_grads, sample: int):
+  """``Σ_k w_k J_sample[k]`` leaf by leaf, in each leaf's dtype."""
+
+  def one(leaf):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      return leaf[sample, 0]
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    return jnp.tensordot(weights.astype(dtype), leaf[sample].astype(dtype),
+                         axes=1).astype(leaf.dtype)
+
+  return jax.tree.map(one, task_grads)
+
+
+def scale_of(gramian: chex.Array) -> chex.Array:
+  """A positive scale of a (cross-)Gramian: its largest absolute entry."""
+  largest = jnp.max(jnp.abs(gramian))
+  return jnp.where(largest > 0, largest, 1)

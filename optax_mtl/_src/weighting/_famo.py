@@ -1,0 +1,361 @@
+"""FAMO: fast adaptive multitask optimization (learned task logits)."""
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_mtl._src import base
+from optax_mtl._src import step
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class FamoState(NamedTuple):
+  """State of :func:`famo`."""
+
+  weights: chex.Array  # f32[T], the weights applied last (Σ w = 1).
+  num_skipped: chex.Array  # i32[], rejected steps (and re-measurements).
+  logits: chex.Array  # f32[T], ξ; the task weights are z = softmax(ξ).
+  # The optax state of the logits' optimizer: (EmptyState(),
+  # ScaleByAdamState(count i32[], mu f32[T], nu f32[T]), EmptyState()) for
+  # "adam"; (EmptyState(), EmptyState()) for "sgd".
+  logits_optimizer: Any
+  previous_losses: chex.Array  # f32[T], the losses of the last accepted step.
+  # bool[], whether previous_losses await the logits update (in the
+  # re-measured variant, famo_update_logits clears it).
+  has_previous_losses: chex.Array
+
+
+class _FamoRule:
+  """FAMO's weight rule; it also performs the re-measured logits update."""
+
+  def __init__(self, num_tasks, transformation, min_losses, eps, remeasured):
+    self.num_tasks = num_tasks
+    self.transformation = transformation
+    self.min_losses = min_losses
+    self.eps = eps
+    self.remeasured = remeasured
+
+  def _shifted(self, losses):
+    return losses - jnp.asarray(self.min_losses) + self.eps
+
+  def _above_bounds(self, losses):
+    return jnp.all(losses - jnp.asarray(self.min_losses) > 0)
+
+  def _logits_step(self, state, losses_before, losses_after):
+    """One optimizer step of ξ on ∇_ξ softmax(ξ)ᵀ δ (+ weight decay)."""
+    delta = (jnp.log(self._shifted(losses_before))
+             - jnp.log(self._shifted(losses_after)))
+    z = jax.nn.softmax(state.logits)
+    # The softmax Jacobian diag(z) − z zᵀ is symmetric: Jᵀδ = z ⊙ (δ − zᵀδ).
+    gradient = z * (delta - jnp.dot(z, delta))
+    updates, optimizer_state = self.transformation.update(
+        gradient, state.logits_optimizer, state.logits)
+    logits = (state.logits + updates).astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(logits))
+    for leaf in jax.tree.leaves(optimizer_state):
+      if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+        finite &= jnp.all(jnp.isfinite(leaf))
+    return logits, optimizer_state, finite
+
+  def weights(self, logits, losses):
+    z = jax.nn.softmax(logits)
+    scaled = z / self._shifted(losses)
+    return scaled / jnp.sum(scaled)
+
+  def __call__(self, task_losses, state, gramian):
+    del gramian
+    logits, optimizer_state = state.logits, state.logits_optimizer
+    update_ok = jnp.asarray(True)
+    if not self.remeasured:
+      new_logits, new_optimizer_state, finite = self._logits_step(
+          state, state.previous_losses, task_losses)
+      use = state.has_previous_losses
+      logits = jnp.where(use, new_logits, logits)
+      optimizer_state = jax.tree.map(
+          lambda new, old: jnp.where(use, new, old).astype(old.dtype),
+          new_optimizer_state, optimizer_state)
+      update_ok = finite | ~use
+    weights = self.weights(logits, task_losses)
+    weights = jnp.where(update_ok & self._above_bounds(task_losses), weights,
+                        jnp.nan)
+    return weights, state._replace(
+        logits=logits, logits_optimizer=optimizer_state,
+        previous_losses=task_losses.astype(jnp.float32),
+        has_previous_losses=jnp.asarray(True))
+
+  def update_logits(self, state, next_task_losses):
+    """The re-measured variant's logits update (see famo_update_logits)."""
+    losses_ok = jnp.all(jnp.isfinite(next_task_losses)) & self._above_bounds(
+        next_task_losses)
+    safe_losses = jnp.where(losses_ok, next_task_losses,
+                            state.previous_losses)
+    logits, optimizer_state, finite = self._logits_step(
+        state, state.previous_losses, safe_losses)
+    pending = state.has_previous_losses
+    apply = pending & losses_ok & finite
+    rejected = pending & ~apply
+    return state._replace(
+        logits=jnp.where(apply, logits, state.logits),
+        logits_optimizer=jax.tree.map(
+            lambda new, old: jnp.where(apply, new, old).astype(old.dtype),
+            optimizer_state, state.logits_optimizer),
+        has_previous_losses=jnp.asarray(False),
+        num_skipped=jnp.where(rejected,
+                              optax.safe_increment(state.num_skipped),
+                              state.num_skipped))
+
+
+def famo(
+    num_tasks: int,
+    learning_rate: float = 0.025,
+    weight_decay: float = 1e-3,
+    *,
+    remeasured_losses: bool = False,
+    optimizer: str = "adam",
+    min_losses: Optional[Sequence[float]] = None,
+    eps: float = 1e-8,
+) -> base.MultiTaskStrategy:
+  r"""FAMO: weights that decrease every task's log loss at the same rate.
+
+  FAMO (Liu et al. 2023) keeps task logits :math:`\xi` (zeros at the start)
+  and :math:`z = \operatorname{softmax}(\xi)`. The model's update is the
+  gradient of :math:`\sum_k z_k \log L_k` rescaled to a convex combination,
+
+  .. math::
+    d = c \sum_{k=1}^{T} \frac{z_k}{L_k} \nabla L_k, \qquad
+    c = \Big(\sum_{k=1}^{T} \frac{z_k}{L_k}\Big)^{-1},
+    \qquad\text{so}\qquad w_k = \frac{c\, z_k}{L_k},
+
+  with :math:`L_k - b_k + \epsilon` in place of :math:`L_k` (``min_losses``
+  :math:`b`, zeros by default, and :math:`\epsilon` as in the authors'
+  code). After the model's step, the logits learn from the change of the
+  log losses,
+
+  .. math::
+    \delta_k = \log L_k(\theta_t) - \log L_k(\theta_{t+1}), \qquad
+    \xi \leftarrow \xi - \beta \big(J_z(\xi)^\top \delta + \gamma\, \xi\big),
+
+  (:math:`J_z = \operatorname{diag}(z) - z z^\top`), which moves weight to
+  the tasks whose loss decreased least. ``optimizer="sgd"`` is this update
+  (the paper's Algorithm 1); ``"adam"`` (default) feeds
+  :math:`J_z^\top \delta + \gamma \xi` to Adam (``optax.scale_by_adam``
+  defaults) instead, as the authors' code and LibMTL do (PyTorch's
+  ``Adam(weight_decay=γ)``).
+
+  **Two variants.** :math:`L(\theta_{t+1})` is a second measurement:
+
+  * ``remeasured_losses=False`` (default, one pass): at step t+1 the losses
+    of the new batch, at :math:`\theta_{t+1}`, stand in for the re-measured
+    ones. Each step first updates :math:`\xi` from the previous accepted
+    step's losses and this step's, then computes this step's weights. It
+    costs nothing extra and works unchanged in both faces; the benchmark
+    suite uses it. :math:`\delta` then mixes the change of the parameters
+    with the change of the batch.
+  * ``remeasured_losses=True`` (the authors' code and LibMTL): the step only
+    computes the weights. After the parameter update, evaluate the losses
+    again *on the same batch* and call :func:`optax_mtl.famo_update_logits`
+    with them; it takes the logits' step. It costs one extra forward pass.
+
+  The authors' code also clips the model's gradient to norm 1
+  (``max_norm``); chain ``optax.clip_by_global_norm(1.0)`` after the
+  strategy for that.
+
+  Defaults: ``learning_rate`` :math:`\beta = 0.025` (the paper, the authors'
+  code and LibMTL), ``weight_decay`` :math:`\gamma = 10^{-3}` (LibMTL's
+  ``FAMO_w_gamma`` and the authors' QM9 script; their CelebA script and
+  their parser default use 0.01), ``eps = 1e-8`` (the authors' code).
+
+  A step whose losses are non-finite or not above ``min_losses`` (zero or
+  negative losses by default), or whose logits update is not finite, is
+  counted in ``num_skipped``; the logits are kept and the previous weights
+  are applied. In the one-pass variant the next accepted step pairs with
+  the last accepted one.
+
+  Args:
+    num_tasks: the number of tasks T.
+    learning_rate: the logits' learning rate :math:`\beta > 0`.
+    weight_decay: the logits' weight decay :math:`\gamma \ge 0`.
+    remeasured_losses: False for the one-pass variant, True for the
+      authors' (call :func:`optax_mtl.famo_update_logits` after each step).
+    optimizer: ``"adam"`` (authors' code) or ``"sgd"`` (Algorithm 1).
+    min_losses: None (zeros) or T finite lower bounds :math:`b` of the
+      losses.
+    eps: the :math:`\epsilon \ge 0` added to :math:`L_k - b_k`.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    One pass (both faces as usual):
+
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.famo(num_tasks=2, learning_rate=0.1)
+    >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> state = strategy.init(None)
+    >>> _, state = strategy.update(
+    ...     task_grads, state, task_losses=jnp.array([1.0, 3.0]))
+    >>> [round(w, 4) for w in state.weights.tolist()]  # z = ½: w ∝ 1/L.
+    [0.75, 0.25]
+    >>> _, state = strategy.update(  # Task 2 improved less: ξ_2 grows.
+    ...     task_grads, state, task_losses=jnp.array([0.5, 2.9]))
+    >>> [round(x, 4) for x in state.logits.tolist()]
+    [-0.1, 0.1]
+
+    The authors' variant re-measures the losses after the model's step:
+
+    >>> strategy = optax_mtl.famo(2, learning_rate=0.1, remeasured_losses=True)
+    >>> state = strategy.init(None)
+    >>> _, state = strategy.update(
+    ...     task_grads, state, task_losses=jnp.array([1.0, 3.0]))
+    >>> # ... apply the update, evaluate the same batch again ...
+    >>> state = optax_mtl.famo_update_logits(
+    ...     strategy, state, jnp.array([0.5, 2.9]))
+    >>> [round(x, 4) for x in state.logits.tolist()]
+    [-0.1, 0.1]
+
+  References:
+    Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
+    NeurIPS 2023 (Algorithm 1); the authors' code, Cranial-XIX/FAMO.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
+                                      low_inclusive=False)
+  weight_decay = base.check_in_range("weight_decay", weight_decay, 0.0)
+  remeasured_losses = base.check_bool("remeasured_losses", remeasured_losses)
+  if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+    raise ValueError(
+        f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+  bounds = _check_min_losses(min_losses, num_tasks)
+  eps = base.check_in_range("eps", eps, 0.0)
+  transformation = optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      *([optax.scale_by_adam()] if optimizer == "adam" else []),
+      optax.scale_by_learning_rate(learning_rate))
+  rule = _FamoRule(num_tasks, transformation, bounds, eps, remeasured_losses)
+
+  def init():
+    logits = jnp.zeros((num_tasks,), jnp.float32)
+    return FamoState(
+        **base.common_state_fields(num_tasks, 1.0 / num_tasks),
+        logits=logits,
+        logits_optimizer=transformation.init(logits),
+        previous_losses=jnp.ones((num_tasks,), jnp.float32),
+        has_previous_losses=jnp.asarray(False))
+
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=min_losses is None))
+
+
+def famo_update_logits(
+    strategy: base.MultiTaskStrategy,
+    state: Any,
+    next_task_losses: chex.Array,
+) -> Any:
+  r"""FAMO's logits update from losses re-measured after the model's step.
+
+  For ``optax_mtl.famo(..., remeasured_losses=True)`` (the authors'
+  variant): after the step whose weights used the losses :math:`L(\theta_t)`
+  of a batch, update the parameters, evaluate the losses of the *same*
+  batch at :math:`\theta_{t+1}` and pass them here. The logits take one step
+  on :math:`\delta = \log L(\theta_t) - \log L(\theta_{t+1})` (see
+  :func:`optax_mtl.famo`). Works on both faces: ``state`` is any tree that
+  holds :class:`optax_mtl.FamoState` (the strategy's own state, an optax
+  chain's state, a :class:`optax_mtl.RecomputeEveryState`), and every
+  ``FamoState`` in it is updated; the rest is returned unchanged. It is
+  jittable.
+
+  Nothing changes when the last weights step was rejected, or when this
+  function was already called since it. Non-finite re-measured losses (or
+  losses not above ``min_losses``) leave the logits unchanged and are
+  counted in ``num_skipped``.
+
+  Args:
+    strategy: the strategy built by ``optax_mtl.famo(...,
+      remeasured_losses=True)`` (possibly wrapped by
+      :func:`optax_mtl.recompute_every` or
+      :func:`optax_mtl.with_shared_parameters`).
+    state: a tree holding that strategy's state.
+    next_task_losses: f[T], the losses of the same batch after the step.
+
+  Returns:
+    ``state`` with every :class:`optax_mtl.FamoState` updated.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_mtl
+    >>> famo = optax_mtl.famo(2, remeasured_losses=True)
+    >>> optimizer = optax.chain(famo, optax.sgd(0.1))
+    >>> def task_losses_fn(params):
+    ...   return jnp.array([(params[0] - 1.0) ** 2 + 0.1, params[1] ** 2 + 1.0])
+    >>> params = jnp.array([3.0, 2.0])
+    >>> opt_state = optimizer.init(params)
+    >>> @jax.jit
+    ... def train_step(params, opt_state):
+    ...   task_grads, task_losses = jax.jacrev(
+    ...       lambda p: (task_losses_fn(p), task_losses_fn(p)), has_aux=True)(
+    ...           params)
+    ...   updates, opt_state = optimizer.update(
+    ...       task_grads, opt_state, params, task_losses=task_losses)
+    ...   params = optax.apply_updates(params, updates)
+    ...   opt_state = optax_mtl.famo_update_logits(  # Same batch, new params.
+    ...       famo, opt_state, task_losses_fn(params))
+    ...   return params, opt_state
+    >>> for _ in range(3):
+    ...   params, opt_state = train_step(params, opt_state)
+    >>> bool(opt_state[0].logits[1] > opt_state[0].logits[0])
+    True
+  """
+  weighting = step.weighting_of(strategy)
+  rule = weighting.rule
+  if not isinstance(rule, _FamoRule) or not rule.remeasured:
+    raise ValueError(
+        "famo_update_logits needs a strategy built by optax_mtl.famo(..., "
+        "remeasured_losses=True); the one-pass famo updates its logits "
+        "itself, got a strategy whose weighting is "
+        f"{getattr(rule, '__qualname__', type(rule).__name__)}.")
+  losses = base.check_task_losses(next_task_losses, rule.num_tasks)
+  losses = jax.lax.stop_gradient(losses).astype(jnp.float32)
+  found = []
+
+  def visit(node):
+    if isinstance(node, FamoState):
+      found.append(True)
+      return rule.update_logits(node, losses)
+    return node
+
+  new_state = jax.tree.map(visit, state,
+                           is_leaf=lambda node: isinstance(node, FamoState))
+  if not found:
+    raise ValueError(
+        "state holds no optax_mtl.FamoState: pass the state of the famo "
+        f"strategy (or a tree that contains it), got {type(state).__name__}.")
+  return new_state
+
+
+def _check_min_losses(min_losses: Any, num_tasks: int) -> np.ndarray:
+  if min_losses is None:
+    return np.zeros(num_tasks, np.float32)
+  try:
+    values = np.asarray(min_losses, dtype=np.float64)
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+        f"min_losses must be None or {num_tasks} finite numbers, got "
+        f"{min_losses!r}.") from error
+  if values.shape == ():
+    values = np.full((num_tasks,), float(values))
+  if values.shape != (num_tasks,):
+    raise ValueError(
+        f"min_losses must be None, a number or have shape ({num_tasks},), got "
+        f"shape {values.shape}: {min_losses!r}.")
+  with np.errstate(over="ignore"):
+    values32 = values.astype(np.float32)
+  if not np.all(np.isfinite(values32)):
+    raise ValueError(f"min_losses must be finite, got {min_losses!r}.")
+  return values32

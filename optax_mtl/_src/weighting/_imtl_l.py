@@ -1,0 +1,177 @@
+"""IMTL-L: learned loss scales that make every scaled loss equal to one."""
+
+from typing import Any, NamedTuple, Sequence, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_mtl._src import base
+from optax_mtl._src import step
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ImtlLState(NamedTuple):
+  """State of :func:`imtl_l`."""
+
+  weights: chex.Array  # f32[T], the weights applied last: e^{s_k}.
+  num_skipped: chex.Array  # i32[], rejected steps.
+  loss_scales: chex.Array  # f32[T], s_k, after the last update.
+  # The optax state of the scales' optimizer: (ScaleByAdamState(count i32[],
+  # mu f32[T], nu f32[T]), EmptyState()) for "adam"; EmptyState() for "sgd".
+  scales_optimizer: Any
+
+
+def scales_optimizer(optimizer: str,
+                     learning_rate: Any) -> optax.GradientTransformation:
+  """The optax transformation that steps the loss scales s (descent)."""
+  if optimizer == "adam":
+    return optax.chain(optax.scale_by_adam(),
+                       optax.scale_by_learning_rate(learning_rate))
+  return optax.scale_by_learning_rate(learning_rate)
+
+
+def check_scales_options(num_tasks: int, learning_rate: Any, optimizer: Any,
+                         initial_scales: Any) -> tuple[Any, str, np.ndarray]:
+  """Validates the options of the loss-scale optimizer (imtl_l and imtl)."""
+  learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
+                                      low_inclusive=False)
+  if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+    raise ValueError(
+        f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+  try:
+    values = np.asarray(initial_scales, dtype=np.float64)
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+        "initial_scales must be a number or a sequence of "
+        f"{num_tasks} numbers, got {initial_scales!r}.") from error
+  if values.shape == ():
+    values = np.full((num_tasks,), float(values))
+  if values.shape != (num_tasks,):
+    raise ValueError(
+        f"initial_scales must be a number or have shape ({num_tasks},), got "
+        f"shape {values.shape}: {initial_scales!r}.")
+  with np.errstate(over="ignore"):
+    weights = np.exp(values.astype(np.float32))
+  if not np.all(np.isfinite(values) & np.isfinite(weights) & (weights > 0)):
+    raise ValueError(
+        "initial_scales must be finite, with e^s finite and positive in "
+        f"float32, got {initial_scales!r}.")
+  return learning_rate, optimizer, values.astype(np.float32)
+
+
+def step_loss_scales(transformation: optax.GradientTransformation,
+                     loss_scales: chex.Array, optimizer_state: Any,
+                     task_losses: chex.Array):
+  """One step of s on ∂/∂s of Σ_k e^{s_k} L_k − s_k; also whether it is finite.
+
+  Returns ``(new_scales, new_optimizer_state, finite)``.
+  """
+  gradient = jnp.exp(loss_scales) * task_losses - 1.0
+  updates, optimizer_state = transformation.update(
+      gradient, optimizer_state, loss_scales)
+  new_scales = (loss_scales + updates).astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(new_scales)) & jnp.all(
+      jnp.isfinite(jnp.exp(new_scales)))
+  for leaf in jax.tree.leaves(optimizer_state):
+    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      finite &= jnp.all(jnp.isfinite(leaf))
+  return new_scales, optimizer_state, finite
+
+
+def imtl_l(
+    num_tasks: int,
+    learning_rate: float = 1e-2,
+    optimizer: str = "adam",
+    initial_scales: Union[float, Sequence[float]] = 0.0,
+) -> base.MultiTaskStrategy:
+  r"""IMTL-L: each loss scaled by a learned :math:`e^{s_k}`.
+
+  The model and the scales minimise together the scaled loss of Liu et al.
+  (2021, the loss balance IMTL-L),
+
+  .. math::
+    L(\theta, s) = \sum_{k=1}^{T} e^{s_k} L_k(\theta) - s_k,
+
+  so the weights are :math:`w_k = e^{s_k}`, and
+
+  .. math::
+    \frac{\partial L}{\partial s_k} = e^{s_k} L_k - 1
+
+  vanishes at :math:`s_k = -\log L_k`: at equilibrium every scaled loss
+  :math:`e^{s_k} L_k` equals one, whatever the scale of the raw loss. The
+  :math:`-s_k` term keeps :math:`s` from collapsing to :math:`-\infty`.
+
+  The scales live in the strategy's state and are stepped by the strategy
+  itself (the paper trains them with the network's optimizer; a strategy
+  cannot reach it): ``optimizer="adam"`` (``optax.scale_by_adam`` with its
+  defaults, the default here, as for :func:`optax_mtl.uncertainty`) or
+  ``"sgd"`` (plain gradient descent). At step t the weights are computed
+  from :math:`s` *before* its update; then :math:`s` takes one step on the
+  gradient above with the losses of step t.
+
+  Defaults: :math:`s = 0` at the start (the paper; LibMTL); the optimizer
+  and ``learning_rate = 1e-2`` are this library's choice (the paper gives
+  none for :math:`s` separately).
+
+  A step with a non-finite or non-positive loss (a zero loss would drive
+  :math:`s_k` to :math:`+\infty`), or whose update of :math:`s` is not
+  finite, is counted in ``num_skipped``; :math:`s` and the optimizer state
+  are kept and the previous weights are applied (:math:`e^{s}` of the
+  initial :math:`s` before the first accepted step).
+
+  Args:
+    num_tasks: the number of tasks T.
+    learning_rate: the scales' learning rate, ``> 0``.
+    optimizer: ``"adam"`` or ``"sgd"``.
+    initial_scales: the initial :math:`s`, one number or ``num_tasks``
+      numbers.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> strategy = optax_mtl.imtl_l(num_tasks=2, learning_rate=0.5,
+    ...                             optimizer="sgd")
+    >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.array([1.0, 4.0]))
+    >>> update.tolist()  # e^0: the weights of the initial s.
+    [1.0, 1.0]
+    >>> state.loss_scales.tolist()  # s − 0.5 (e^s L − 1)
+    [0.0, -1.5]
+
+  References:
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial
+    Multi-task Learning", ICLR 2021 (IMTL-L, the loss balance).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  learning_rate, optimizer, initial = check_scales_options(
+      num_tasks, learning_rate, optimizer, initial_scales)
+  transformation = scales_optimizer(optimizer, learning_rate)
+
+  def init():
+    loss_scales = jnp.asarray(initial)
+    return ImtlLState(
+        **base.common_state_fields(num_tasks, jnp.exp(loss_scales)),
+        loss_scales=loss_scales,
+        scales_optimizer=transformation.init(loss_scales))
+
+  def rule(task_losses, state, gramian):
+    del gramian
+    weights = jnp.exp(state.loss_scales)
+    loss_scales, optimizer_state, finite = step_loss_scales(
+        transformation, state.loss_scales, state.scales_optimizer,
+        task_losses)
+    weights = jnp.where(finite, weights, jnp.nan)
+    return weights, state._replace(loss_scales=loss_scales,
+                                   scales_optimizer=optimizer_state)
+
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True))

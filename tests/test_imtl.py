@@ -1,0 +1,150 @@
+"""Tests of optax_mtl.imtl, the hybrid IMTL of Liu et al. (2021).
+
+The reference, in NumPy (float64), follows the paper on the explicit
+gradients: scale each task gradient by e^{s_k}; IMTL-G on the scaled
+gradients g̃_k (task 1 as the anchor): α_{2:T} = g̃_1 Uᵀ (D Uᵀ)⁻¹ with
+D = [g̃_1 − g̃_k], U = [u_1 − u_k], α_1 = 1 − Σ α_{2:T}; the raw gradients'
+weights are α_k e^{s_k}; then s takes one Adam step (Kingma & Ba) on
+e^{s_k} L_k − 1, the gradient of the scaled loss Σ e^{s_k} L_k − s_k.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_mtl
+from tests import gramian_harness
+from tests import loss_weighting_harness as harness
+
+NUM_TASKS = harness.NUM_TASKS
+NAN, INF = harness.NAN, harness.INF
+LOSSES = harness.REJECTED_IN_MIDDLE  # A NaN, a zero, an infinite loss.
+JACOBIANS = harness.scripted_grads(LOSSES)  # Well-conditioned, [S, 3, 4].
+NUM_REJECTED = 3
+
+
+def imtl_g_alpha(jacobian):
+  """IMTL-G's α on explicit gradients, task 1 as anchor (the paper)."""
+  jacobian = np.asarray(jacobian, np.float64)
+  units = jacobian / np.linalg.norm(jacobian, axis=1, keepdims=True)
+  d = jacobian[0] - jacobian[1:]
+  u = units[0] - units[1:]
+  rest = jacobian[0] @ u.T @ np.linalg.inv(d @ u.T)
+  return np.concatenate([[1.0 - rest.sum()], rest])
+
+
+def reference_run(losses, jacobians, learning_rate, initial_scales):
+  beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+  s = np.broadcast_to(np.asarray(initial_scales, np.float64),
+                      (NUM_TASKS,)).copy()
+  m, v, t = np.zeros(NUM_TASKS), np.zeros(NUM_TASKS), 0
+  weights = np.exp(s)
+  out_weights, out_scales = [], []
+  for step_losses, jacobian in zip(np.asarray(losses, np.float64), jacobians):
+    if harness.is_accepted(step_losses):
+      scales = np.exp(s)
+      weights = imtl_g_alpha(scales[:, None] * jacobian) * scales
+      g = scales * step_losses - 1.0
+      t += 1
+      m = beta1 * m + (1 - beta1) * g
+      v = beta2 * v + (1 - beta2) * g**2
+      s = s - learning_rate * (m / (1 - beta1**t)) / (
+          np.sqrt(v / (1 - beta2**t)) + epsilon)
+    out_weights.append(weights)
+    out_scales.append(s.copy())
+  return np.array(out_weights), np.array(out_scales)
+
+
+CASES = [
+    dict(learning_rate=0.1, initial_scales=0.0),
+    dict(learning_rate=0.3, initial_scales=[0.5, -1.0, 1.5]),
+]
+
+
+def scales_check(expected_scales):
+  def check(step, unused_previous_state, state):
+    np.testing.assert_allclose(state.loss_scales, expected_scales[step],
+                               rtol=1e-5, atol=1e-5)
+  return check
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_values_optax_face(case):
+  expected_weights, expected_scales = reference_run(LOSSES, JACOBIANS, **case)
+  state = harness.check_optax_face(
+      optax_mtl.imtl(NUM_TASKS, **case), LOSSES, JACOBIANS, expected_weights,
+      weights_rtol=2e-4, update_atol=1e-4,
+      check_step=scales_check(expected_scales))
+  assert int(state.num_skipped) == NUM_REJECTED
+  # The scales change the weights: not IMTL-G's α alone.
+  alpha = imtl_g_alpha(JACOBIANS[-1])
+  assert not np.allclose(expected_weights[-1], alpha, rtol=1e-2)
+
+
+def test_golden_values_value_and_grad_face():
+  case = dict(learning_rate=0.1, initial_scales=[0.2, -0.2, 0.1])
+  directions = JACOBIANS[0]
+  # The harness's model has ∇L_k = L_k · directions_k.
+  jacobians = [np.where(np.isfinite(l), l, 1.0)[:, None] * directions
+               for l in np.asarray(LOSSES, np.float64)]
+  expected_weights, expected_scales = reference_run(LOSSES, jacobians, **case)
+  # The losses scale the gradients here: cond(G̃) reaches ~1e4, and IMTL-G's
+  # float32 solve on the Gramian agrees with float64 to about 1e-7 · cond.
+  state = harness.check_value_and_grad_face(
+      optax_mtl.imtl(NUM_TASKS, **case), LOSSES, directions, expected_weights,
+      weights_rtol=1e-3, grads_atol=1e-3,
+      check_step=scales_check(expected_scales))
+  assert int(state.num_skipped) == NUM_REJECTED
+
+
+def test_equal_projections_on_unit_gradients():
+  """IMTL-G's property holds on the raw unit gradients for any scales."""
+  jacobian = np.asarray(gramian_harness.FIXED_JACOBIANS["t3_mixed"],
+                        np.float32)
+  strategy = optax_mtl.imtl(3, initial_scales=[1.0, -2.0, 0.5])
+  combined, state = jax.jit(strategy.update)(
+      jnp.asarray(jacobian), strategy.init(None), task_losses=jnp.ones(3))
+  units = jacobian / np.linalg.norm(jacobian, axis=1, keepdims=True)
+  projections = units @ np.asarray(combined)
+  np.testing.assert_allclose(projections, projections[0], rtol=1e-4)
+  # Σ α = 1 on the scaled gradients: Σ w_k e^{-s_k} = 1.
+  np.testing.assert_allclose(
+      np.sum(np.asarray(state.weights) * np.exp([-1.0, 2.0, -0.5])), 1.0,
+      rtol=1e-5)
+
+
+def test_non_finite_gramian_is_rejected_and_scales_kept():
+  strategy = optax_mtl.imtl(NUM_TASKS, initial_scales=0.3)
+  jacobian = np.array(JACOBIANS[0])
+  jacobian[1, 2] = NAN
+  _, state = jax.jit(strategy.update)(
+      jnp.asarray(jacobian), strategy.init(None), task_losses=jnp.ones(3))
+  assert int(state.num_skipped) == 1
+  np.testing.assert_allclose(state.loss_scales, 0.3)
+  np.testing.assert_allclose(state.weights, np.exp(0.3))
+  assert int(state.scales_optimizer[0].count) == 0
+
+
+def test_single_task_weight_is_the_scale():
+  strategy = optax_mtl.imtl(1, initial_scales=0.7)
+  update, state = strategy.update(jnp.array([[2.0, -1.0]]),
+                                  strategy.init(None),
+                                  task_losses=jnp.array([3.0]))
+  np.testing.assert_allclose(state.weights, [np.exp(0.7)], rtol=1e-6)
+  np.testing.assert_allclose(update, np.exp(0.7) * np.array([2.0, -1.0]),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
+    (dict(learning_rate=-1.0),
+     r"learning_rate must lie in \(0.0, inf[)\]], got -1.0"),
+    (dict(optimizer="Adam"), r"optimizer must be one of .*got 'Adam'"),
+    (dict(initial_scales=[1.0]),
+     r"initial_scales must be a number or have shape \(3,\)"),
+    (dict(eps=1.0), r"eps must lie in \[0.0, 1.0\), got 1.0"),
+    (dict(eps=-1e-3), r"eps must lie in \[0.0, 1.0\), got -0.001"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  harness.check_rejects(optax_mtl.imtl, kwargs, message)

@@ -1,0 +1,204 @@
+"""Tests of optax_mtl.imtl_l (Liu et al. 2021, IMTL-L).
+
+The reference simulates, in NumPy, the documented rule: the weights of step t
+are e^{s_k} with s before its update, then s takes one step of Adam (Kingma &
+Ba 2015, Algorithm 1, bias-corrected) or of gradient descent on the gradient
+of the scaled loss Σ_k e^{s_k} L_k − s_k, i.e. e^{s_k} L_k − 1.
+"""
+
+import functools
+
+from hypothesis import given
+from hypothesis import settings
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_mtl
+from tests import loss_weighting_harness as harness
+
+NUM_TASKS = harness.NUM_TASKS
+NUM_PARAMS = harness.NUM_PARAMS
+NAN, INF = harness.NAN, harness.INF
+# A scripted run with a NaN, a zero and an infinite loss (all rejected).
+LOSSES = harness.REJECTED_IN_MIDDLE
+GRADS = harness.scripted_grads(LOSSES)
+NUM_REJECTED = 3
+is_accepted = harness.is_accepted
+
+
+def scaled_loss_gradient(scales, losses):
+  """∂/∂s_k of Σ_j e^{s_j} L_j − s_j."""
+  return np.exp(scales) * losses - 1.0
+
+
+def reference_run(losses, learning_rate, optimizer, initial_scales):
+  """Weights and scales over a run; Adam written from Kingma & Ba."""
+  beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+  s = np.broadcast_to(np.asarray(initial_scales, np.float64),
+                      (NUM_TASKS,)).copy()
+  m = np.zeros(NUM_TASKS)
+  v = np.zeros(NUM_TASKS)
+  t = 0
+  weights = np.exp(s)
+  out_weights, out_scales = [], []
+  for step_losses in np.asarray(losses, np.float64):
+    if is_accepted(step_losses):
+      weights = np.exp(s)  # From s before its update.
+      g = scaled_loss_gradient(s, step_losses)
+      if optimizer == "adam":
+        t += 1
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g**2
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        s = s - learning_rate * m_hat / (np.sqrt(v_hat) + epsilon)
+      else:
+        s = s - learning_rate * g
+    out_weights.append(weights)
+    out_scales.append(s.copy())
+  return np.array(out_weights), np.array(out_scales)
+
+
+CASES = [
+    dict(learning_rate=0.1, optimizer="adam", initial_scales=0.0),
+    dict(learning_rate=0.05, optimizer="sgd", initial_scales=[0.0, 0.5, -0.3]),
+    dict(learning_rate=1e-2, optimizer="adam", initial_scales=[1.0, -1.0, 0.2]),
+]
+
+
+def scales_check(expected_scales):
+  def check(step, unused_previous_state, state):
+    # Adam divides by |ĝ|: float32 rounding of a small gradient shows in s.
+    np.testing.assert_allclose(state.loss_scales, expected_scales[step],
+                               rtol=1e-5, atol=1e-5)
+  return check
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_values_optax_face(case):
+  expected_weights, expected_scales = reference_run(LOSSES, **case)
+  state = harness.check_optax_face(
+      optax_mtl.imtl_l(NUM_TASKS, **case), LOSSES, GRADS, expected_weights,
+      update_atol=1e-5, check_step=scales_check(expected_scales))
+  assert int(state.num_skipped) == NUM_REJECTED
+  # The scales moved: the test would see a rule that ignores the losses.
+  assert not np.allclose(expected_scales[-1], expected_scales[0])
+
+
+def test_golden_values_value_and_grad_face():
+  case = CASES[1]
+  expected_weights, expected_scales = reference_run(LOSSES, **case)
+  state = harness.check_value_and_grad_face(
+      optax_mtl.imtl_l(NUM_TASKS, **case), LOSSES, GRADS[0],
+      expected_weights, grads_atol=1e-5,
+      check_step=scales_check(expected_scales))
+  assert int(state.num_skipped) == NUM_REJECTED
+
+
+def test_gradient_is_that_of_the_scaled_loss():
+  """Model gradient = ∇_θ Σ e^{s_k} L_k − s_k at s before the update."""
+  rng = np.random.default_rng(1)
+  inputs = rng.normal(size=(8, NUM_PARAMS)).astype(np.float32)
+  targets = rng.normal(size=(8, NUM_TASKS)).astype(np.float32)
+  params = jnp.asarray(rng.normal(size=(NUM_PARAMS, NUM_TASKS)), jnp.float32)
+
+  def loss_fn(params, inputs, targets):
+    errors = jnp.mean((inputs @ params - targets) ** 2, axis=0)
+    return errors * jnp.array([1.0, 30.0, 0.1])
+
+  def scaled_loss(params, scales):
+    task_losses = loss_fn(params, inputs, targets)
+    return jnp.sum(jnp.exp(scales) * task_losses - scales)
+
+  strategy = optax_mtl.imtl_l(NUM_TASKS, learning_rate=0.3,
+                              initial_scales=[0.2, -0.4, 1.0])
+  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  state = strategy.init(params)
+  for _ in range(3):
+    s_before = state.loss_scales
+    (task_losses, grads), state = step_fn(params, state, inputs, targets)
+    grad_params, grad_s = jax.grad(scaled_loss, argnums=(0, 1))(params,
+                                                               s_before)
+    np.testing.assert_allclose(grads, grad_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        scaled_loss_gradient(np.asarray(s_before), np.asarray(task_losses)),
+        grad_s, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(state.loss_scales, s_before)
+
+
+@functools.lru_cache(maxsize=None)
+def scan_run(learning_rate, optimizer):
+  return harness.scan_states(
+      optax_mtl.imtl_l(NUM_TASKS, learning_rate=learning_rate,
+                       optimizer=optimizer),
+      jnp.eye(NUM_TASKS),
+      outputs=lambda state: (state.weights, state.loss_scales))
+
+
+def test_scaled_losses_converge_to_one():
+  """With constant losses ∂/∂s = 0 at s_k = −log L_k: e^{s_k} L_k = 1."""
+  losses = np.array([0.01, 1.0, 50.0], np.float32)
+  weights, scales = scan_run(0.05, "adam")(
+      np.broadcast_to(losses, (3000, NUM_TASKS)))
+  np.testing.assert_allclose(scales[-1], -np.log(losses), atol=0.05)
+  np.testing.assert_allclose(weights[-1] * losses, 1.0, atol=0.06)
+
+
+@settings(max_examples=20, deadline=None)
+@given(losses=harness.wide_positive_losses(6))
+def test_weights_finite_and_positive_and_match_reference(losses):
+  weights, scales = scan_run(0.1, "adam")(losses)
+  harness.assert_finite_and_positive(weights)
+  expected_weights, expected_scales = reference_run(losses, 0.1, "adam", 0.0)
+  np.testing.assert_allclose(weights, expected_weights, rtol=3e-5)
+  np.testing.assert_allclose(scales, expected_scales, rtol=1e-5, atol=3e-5)
+
+
+def test_overflowing_update_is_rejected():
+  """A loss so large that e^s L or its square overflows leaves s unchanged."""
+  strategy = optax_mtl.imtl_l(NUM_TASKS)
+  _, state = jax.jit(strategy.update)(
+      jnp.eye(NUM_TASKS), strategy.init(None),
+      task_losses=np.array([1.0, 1e30, 1.0], np.float32))
+  assert int(state.num_skipped) == 1
+  np.testing.assert_array_equal(state.loss_scales, 0.0)
+  adam_state = state.scales_optimizer[0]
+  assert int(adam_state.count) == 0
+  np.testing.assert_array_equal(adam_state.nu, 0.0)
+
+
+def test_learning_rate_can_be_injected():
+  """optax.inject_hyperparams: the learning rate is a traced array."""
+  injected = optax.inject_hyperparams(
+      optax_mtl.imtl_l, static_args=("num_tasks", "optimizer"))(
+          num_tasks=NUM_TASKS, learning_rate=0.05, optimizer="sgd")
+  state = injected.init(jnp.zeros(2))
+  for step_losses in LOSSES[:2]:
+    _, state = injected.update(jnp.ones((NUM_TASKS, 2)), state,
+                               task_losses=step_losses)
+  _, expected_scales = reference_run(LOSSES[:2], 0.05, "sgd", 0.0)
+  np.testing.assert_allclose(state.inner_state.loss_scales,
+                             expected_scales[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
+    (dict(learning_rate=0.0),
+     r"learning_rate must lie in \(0.0, inf[)\]], got 0.0"),
+    (dict(learning_rate=INF), r"learning_rate must be finite, got inf"),
+    (dict(learning_rate="big"), r"learning_rate must be a real number"),
+    (dict(optimizer="rmsprop"),
+     r"optimizer must be one of \('adam', 'sgd'\), got 'rmsprop'"),
+    (dict(initial_scales=[0.0, 1.0]),
+     r"initial_scales must be a number or have shape \(3,\).*shape \(2,\)"),
+    (dict(initial_scales=NAN), r"initial_scales must be finite.*got nan"),
+    (dict(initial_scales=[0.0, 200.0, 0.0]),
+     r"initial_scales must be finite.*got \[0.0, 200.0, 0.0\]"),
+    (dict(initial_scales="zero"),
+     r"initial_scales must be a number or a sequence.*'zero'"),
+])
+def test_hyperparameter_errors(kwargs, message):
+  harness.check_rejects(optax_mtl.imtl_l, kwargs, message)
