@@ -30,6 +30,12 @@ from optax_mtl._src.weighting._aligned_mtl import AlignedMtlState
 from optax_mtl._src.weighting._aligned_mtl import aligned_mtl
 from optax_mtl._src.weighting._cagrad import CagradState
 from optax_mtl._src.weighting._cagrad import cagrad
+from optax_mtl._src.weighting._config import ConfigState
+from optax_mtl._src.weighting._config import config
+from optax_mtl._src.weighting._constant import ConstantState
+from optax_mtl._src.weighting._constant import constant
+from optax_mtl._src.weighting._db_mtl import DbMtlState
+from optax_mtl._src.weighting._db_mtl import db_mtl
 from optax_mtl._src.weighting._dualproj import DualprojState
 from optax_mtl._src.weighting._dualproj import dualproj
 from optax_mtl._src.weighting._dwa import DwaState
@@ -40,20 +46,41 @@ from optax_mtl._src.weighting._ema import EmaState
 from optax_mtl._src.weighting._ema import ema
 from optax_mtl._src.weighting._equal import EqualState
 from optax_mtl._src.weighting._equal import equal
+from optax_mtl._src.weighting._excess_mtl import ExcessMtlState
+from optax_mtl._src.weighting._excess_mtl import excess_mtl
+from optax_mtl._src.weighting._fairgrad import FairgradState
+from optax_mtl._src.weighting._fairgrad import fairgrad
+from optax_mtl._src.weighting._famo import FamoState
+from optax_mtl._src.weighting._famo import famo
+from optax_mtl._src.weighting._famo import famo_update_logits
 from optax_mtl._src.weighting._geometric_mean import GeometricMeanState
 from optax_mtl._src.weighting._geometric_mean import geometric_mean
+from optax_mtl._src.weighting._graddrop import GraddropState
+from optax_mtl._src.weighting._graddrop import graddrop
 from optax_mtl._src.weighting._gradnorm import GradnormState
 from optax_mtl._src.weighting._gradnorm import gradnorm
+from optax_mtl._src.weighting._gradvac import GradvacState
+from optax_mtl._src.weighting._gradvac import gradvac
+from optax_mtl._src.weighting._imtl import ImtlState
+from optax_mtl._src.weighting._imtl import imtl
 from optax_mtl._src.weighting._imtl_g import ImtlGState
 from optax_mtl._src.weighting._imtl_g import imtl_g
+from optax_mtl._src.weighting._imtl_l import ImtlLState
+from optax_mtl._src.weighting._imtl_l import imtl_l
 from optax_mtl._src.weighting._initial_loss import InitialLossState
 from optax_mtl._src.weighting._initial_loss import initial_loss
+from optax_mtl._src.weighting._krum import KrumState
+from optax_mtl._src.weighting._krum import krum
 from optax_mtl._src.weighting._lbtw import LbtwState
 from optax_mtl._src.weighting._lbtw import lbtw
 from optax_mtl._src.weighting._log_loss import LogLossState
 from optax_mtl._src.weighting._log_loss import log_loss
 from optax_mtl._src.weighting._mgda import MgdaState
 from optax_mtl._src.weighting._mgda import mgda
+from optax_mtl._src.weighting._moco import MocoState
+from optax_mtl._src.weighting._moco import moco
+from optax_mtl._src.weighting._modo import ModoState
+from optax_mtl._src.weighting._modo import modo
 from optax_mtl._src.weighting._nash_mtl import NashMtlState
 from optax_mtl._src.weighting._nash_mtl import nash_mtl
 from optax_mtl._src.weighting._normalized_gradients import NormalizedGradientsState
@@ -64,6 +91,12 @@ from optax_mtl._src.weighting._rema import RemaState
 from optax_mtl._src.weighting._rema import rema
 from optax_mtl._src.weighting._rlw import RlwState
 from optax_mtl._src.weighting._rlw import rlw
+from optax_mtl._src.weighting._sdmgrad import SdmgradState
+from optax_mtl._src.weighting._sdmgrad import sdmgrad
+from optax_mtl._src.weighting._stch import StchState
+from optax_mtl._src.weighting._stch import stch
+from optax_mtl._src.weighting._trimmed_mean import TrimmedMeanState
+from optax_mtl._src.weighting._trimmed_mean import trimmed_mean
 from optax_mtl._src.weighting._uncertainty import UncertaintyState
 from optax_mtl._src.weighting._uncertainty import uncertainty
 from optax_mtl._src.weighting._upgrad import UpgradState
@@ -74,18 +107,31 @@ __version__ = "0.1.0"
 __all__ = (
     "AlignedMtlState",
     "CagradState",
+    "ConfigState",
+    "ConstantState",
+    "DbMtlState",
     "DualprojState",
     "DwaState",
     "DwemaState",
     "EmaState",
     "EqualState",
+    "ExcessMtlState",
+    "FairgradState",
+    "FamoState",
     "GeometricMeanState",
+    "GraddropState",
     "GradnormState",
+    "GradvacState",
     "ImtlGState",
+    "ImtlLState",
+    "ImtlState",
     "InitialLossState",
+    "KrumState",
     "LbtwState",
     "LogLossState",
     "MgdaState",
+    "MocoState",
+    "ModoState",
     "MultiTaskStrategy",
     "NashMtlState",
     "Needs",
@@ -94,7 +140,10 @@ __all__ = (
     "RecomputeEveryState",
     "RemaState",
     "RlwState",
+    "SdmgradState",
     "SolverResult",
+    "StchState",
+    "TrimmedMeanState",
     "UncertaintyState",
     "UpgradState",
     "Weighting",
@@ -102,32 +151,49 @@ __all__ = (
     "as_gradient_transformation",
     "cagrad",
     "common_state_fields",
+    "config",
+    "constant",
     "cosine_matrix",
+    "db_mtl",
     "diagnostics",
     "dualproj",
     "dwa",
     "dwema",
     "ema",
     "equal",
+    "excess_mtl",
+    "fairgrad",
+    "famo",
+    "famo_update_logits",
     "geometric_mean",
+    "graddrop",
     "gradnorm",
+    "gradvac",
     "gramian",
+    "imtl",
     "imtl_g",
+    "imtl_l",
     "initial_loss",
+    "krum",
     "lbtw",
     "log_loss",
     "metrics",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "normalized_gradients",
     "pcgrad",
     "project_simplex",
-    "rema",
     "recompute_every",
+    "rema",
     "rlw",
+    "sdmgrad",
     "solve_cagrad",
     "solve_dual_cone_qp",
     "solve_min_norm",
+    "stch",
+    "trimmed_mean",
     "uncertainty",
     "upgrad",
     "value_and_grad",
