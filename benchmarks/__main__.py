@@ -66,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "on an accelerator)")
   parser.add_argument("--speed-tasks", default=None,
                       help="comma-separated task counts for the speed "
-                           "benchmark (default 2,10,40)")
+                           "benchmark (default: 2,10,40 for the MLP, 2,10 "
+                           "for the conv trunk)")
+  parser.add_argument("--from-results", nargs="+", default=None,
+                      metavar="RESULTS_JSON",
+                      help="run nothing: merge these results.json files "
+                           "(e.g. of a --no-speed and a --speed-only run) "
+                           "and write the report into --out")
+  parser.add_argument("--speed-models", default="mlp,conv",
+                      help="comma-separated speed models (default mlp,conv)")
   parser.add_argument("--speed-batch", type=int, default=None,
                       help="minibatch size of the speed model (default "
                            "256); a larger batch makes every step longer")
@@ -92,6 +100,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       args.problems += available_real_problems(args.data_dir)
   if args.speed_tasks is not None:
     args.speed_tasks = [int(t) for t in args.speed_tasks.split(",")]
+  args.speed_models = [m.strip() for m in args.speed_models.split(",")
+                       if m.strip()]
+  from benchmarks import speed  # pylint: disable=import-outside-toplevel
+  from benchmarks import strategies  # pylint: disable=import-outside-toplevel
+  unknown = [m for m in args.speed_models if m not in speed.MODELS]
+  if unknown or not args.speed_models:
+    raise SystemExit(f"--speed-models: unknown {unknown}; known: "
+                     f"{', '.join(speed.MODELS)}.")
+  try:
+    args.strategies = strategies.resolve(args.strategies)
+  except ValueError as error:
+    raise SystemExit(f"--strategies: {error}") from error
   if args.speed_batch is not None and args.speed_batch < 1:
     raise SystemExit(f"--speed-batch must be >= 1, got {args.speed_batch}.")
   return args
@@ -131,6 +151,13 @@ class Progress:
     self.stream.flush()
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (taskset / cgroup affinity)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def machine_info() -> dict:
   cpu = platform.processor() or "unknown"
   try:
@@ -142,7 +169,7 @@ def machine_info() -> dict:
   except OSError:
     pass
   import jax  # pylint: disable=import-outside-toplevel
-  return {"nproc": os.cpu_count(), "cpu": cpu,
+  return {"nproc": usable_cpus(), "cpu": cpu,
           "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend()}
 
@@ -153,17 +180,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # pylint: disable=import-outside-toplevel
   from benchmarks import problems as problems_lib
   from benchmarks import report
+  if args.from_results:
+    results, speed_result, meta = report.merge(args.from_results)
+    paths = report.write_report(results, args.out, speed=speed_result or None,
+                                meta=meta)
+    print(f"report: {paths['markdown']}")
+    return 0
   from benchmarks import runner
   from benchmarks import speed
-  from benchmarks import strategies as strategies_lib
 
-  names = strategies_lib.available(args.strategies)
-  speed_tasks = args.speed_tasks or list(speed.DEFAULT_NUM_TASKS)
+  names = args.strategies
   total = 0
   for name in args.problems:
     total += len(names) + (0 if name == "toy2d" else 1)
   if not args.no_speed:
-    total += speed.num_units(names, speed_tasks)
+    total += speed.num_units(names, args.speed_models, args.speed_tasks)
   progress = Progress(total)
   started = time.perf_counter()
   results = {}
@@ -176,8 +207,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not args.no_speed:
     speed_config = ({} if args.speed_batch is None
                     else {"batch_size": args.speed_batch})
-    speed_result = speed.run_speed(names, num_tasks=speed_tasks,
-                                   config=speed_config, progress=progress)
+    speed_result = speed.run_speed_models(
+        names, args.speed_models, num_tasks=args.speed_tasks,
+        config=speed_config, progress=progress)
   meta = {
       "command": "python -m benchmarks " + " ".join(
           sys.argv[1:] if argv is None else list(argv)),

@@ -1,9 +1,10 @@
 """Publishes a results folder as ``benchmarks/RESULTS.md``.
 
-``python -m benchmarks.publish [RESULTS_DIR [SPEED_DIR ...]]`` (default
-``bench_results``) copies the report's plots to ``benchmarks/results/`` and
-writes ``benchmarks/RESULTS.md``: a summary of the speed and memory
-requirements, computed from ``results.json``, followed by the report itself.
+``python -m benchmarks.publish [RESULTS_DIR [SPEED_DIR ...]] [--note TEXT]``
+(default ``bench_results``) copies the report's plots to
+``benchmarks/results/`` and writes ``benchmarks/RESULTS.md``: the report itself, followed by a
+summary of the speed and memory requirements per speed model, computed from
+``results.json``.
 Each further ``SPEED_DIR`` (a run of ``python -m benchmarks --speed-only``:
 a repeat, or another ``--speed-batch``) adds the same summary of its own
 run at the end, under the command that produced it.
@@ -11,18 +12,29 @@ run at the end, under the command that produced it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import shutil
-import sys
+from typing import Optional
 
 HERE = pathlib.Path(__file__).parent
 LOSS_TARGET = 1.05  # Issue: loss-only step within 5 % of jax.value_and_grad.
 GRAMIAN_TARGET = 1.10  # Issue: Gramian step ≤ 1.10 × the Jacobian-only step.
 
 
+def speed_runs(speed: Optional[dict]) -> dict[str, dict]:
+  """``{model: run_speed result}`` from a results.json ``speed`` entry."""
+  if not speed:
+    return {}
+  if "strategies" in speed:  # One model (results.json before the conv run).
+    return {speed.get("model", "mlp"): speed}
+  return speed
+
+
 def worst_loss_ratio(speed: dict) -> tuple[float, str, str] | None:
-  """``(ratio, strategy, T)``: the largest loss-only step ÷ plain of a run."""
+  """``(ratio, strategy, T)``: the largest loss-only step ÷ plain of a run
+  of one model."""
   ratios = [(entry["ratio_plain"], name, t)
             for name, by_tasks in speed["strategies"].items()
             for t, entry in by_tasks.items()
@@ -36,7 +48,7 @@ def speed_summary(speed: dict) -> list[str]:
   loss_rows, gramian_rows = [], []
   for name, by_tasks in speed["strategies"].items():
     entries = [by_tasks.get(t, {}) for t in tasks]
-    if any("error" in e for e in entries) or not entries[0]:
+    if not entries[0]:
       continue
     flop_ratios = [e.get("flops_ratio", float("nan")) for e in entries]
     if entries[0]["kind"] == "losses":
@@ -46,8 +58,8 @@ def speed_summary(speed: dict) -> list[str]:
                          for e in entries]))
     else:
       gramian_rows.append((name, [e["ratio_jacobian"] for e in entries],
-                           [e["memory_low_memory_bytes"] / 2**20
-                            for e in entries], flop_ratios))
+                           [e["memory_bytes"] / 2**20 for e in entries],
+                           flop_ratios, [e["ratio_plain"] for e in entries]))
   noise = [speed["baselines"][t].get("noise", float("nan")) for t in tasks]
   lines = ["## Requirements at a glance", "",
            f"Computed from `results.json` of this run (T = {', '.join(tasks)}"
@@ -90,11 +102,12 @@ def speed_summary(speed: dict) -> list[str]:
         + f"; the strategies ÷ that by-hand step: {min(by_hand):.2f}–"
         f"{max(by_hand):.2f}.")
   if gramian_rows:
-    within = [n for n, r, _, _ in gramian_rows
+    within = [n for n, r, _, _, _ in gramian_rows
               if all(x <= GRAMIAN_TARGET for x in r)]
     over = [f"{n} ({', '.join(f'{x:.2f}' for x in r)})"
-            for n, r, _, _ in gramian_rows if n not in within]
-    flop_columns = list(zip(*[f for _, _, _, f in gramian_rows]))
+            for n, r, _, _, _ in gramian_rows if n not in within]
+    flop_columns = list(zip(*[f for _, _, _, f, _ in gramian_rows]))
+    plain_columns = list(zip(*[p for _, _, _, _, p in gramian_rows]))
     lines.append(
         "- Gramian strategies, floating-point operations ÷ the "
         "Jacobian-only step (XLA's count; a solver's loop body is counted "
@@ -102,25 +115,39 @@ def speed_summary(speed: dict) -> list[str]:
             f"T={t}: {min(col):.3f}–{max(col):.3f}"
             for t, col in zip(tasks, flop_columns)) + ".")
     lines.append(
+        "- Gramian strategies ÷ a plain training step (what a user pays "
+        "against training without optax_mtl): " + ", ".join(
+            f"T={t}: {min(col):.1f}–{max(col):.1f}×"
+            for t, col in zip(tasks, plain_columns)) + "; the Jacobian-only "
+        "step alone takes " + ", ".join(
+            f"{speed['baselines'][t]['jacobian']['step_ms'] / speed['baselines'][t]['plain']['step_ms']:.1f}×"
+            for t in tasks) + " plain.")
+    lines.append(
         f"- Gramian strategies ÷ the Jacobian-only step: {len(within)}/"
         f"{len(gramian_rows)} within {GRAMIAN_TARGET:.2f} at every T"
         + (f"; over it somewhere: {'; '.join(over)}." if over else "."))
-    low = [m for _, _, m, _ in gramian_rows]
+    memory = [m for _, _, m, _, _ in gramian_rows]
+    low = next((by_t for label, by_t in speed.get("options", {}).items()
+                if "low_memory" in label), None)
     lines.append(
-        "- `gramian_mode=\"low_memory\"` peak memory (MiB, at T = "
-        f"{', '.join(tasks)}): from "
-        f"{', '.join(f'{min(col):.2f}' for col in zip(*low))} (least) to "
-        f"{', '.join(f'{max(col):.2f}' for col in zip(*low))} (most) over "
-        "the strategies; the Jacobian mode needs "
-        + ", ".join(f"{speed['strategies'][gramian_rows[0][0]][t]['memory_bytes'] / 2**20:.2f}"
-                    for t in tasks) + ".")
+        "- Peak memory of the Gramian strategies (MiB, at T = "
+        f"{', '.join(tasks)}): "
+        + ", ".join(f"{min(col):.2f}–{max(col):.2f}" for col in zip(*memory))
+        + (("; with `gramian_mode=\"low_memory\"` (upgrad): "
+            + ", ".join(f"{low[t]['memory_bytes'] / 2**20:.2f}"
+                        for t in tasks)) if low else "") + ".")
   return lines + [""]
 
 
 def publish(results_dir: str = "bench_results",
             destination: pathlib.Path = HERE,
-            speed_dirs: tuple[str, ...] = ()) -> pathlib.Path:
-  """Writes ``destination/RESULTS.md`` and ``destination/results/*.png``."""
+            speed_dirs: tuple[str, ...] = (),
+            note: str = "") -> pathlib.Path:
+  """Writes ``destination/RESULTS.md`` and ``destination/results/*.png``.
+
+  ``note`` (Markdown) goes under the title: how and where the run was made
+  when it was not a plain ``make bench``.
+  """
   source = pathlib.Path(results_dir)
   destination = pathlib.Path(destination)
   results = json.loads((source / "results.json").read_text())
@@ -134,30 +161,52 @@ def publish(results_dir: str = "bench_results",
   lines = [title.replace("report", "results"), "",
            "The latest quick suite (`make bench`), published with "
            "`python -m benchmarks.publish`; plots in `benchmarks/results/`.",
-           ""]
+           ""] + ([note, ""] if note else [])
   extras = [json.loads((pathlib.Path(d) / "results.json").read_text())
             for d in speed_dirs]
-  if "speed" in results:
-    lines += speed_summary(results["speed"])
+  # The speed targets of the issues, after the report (whose first section,
+  # "What this run says", is the one a user reads).
+  requirements = []
+  runs = speed_runs(results.get("speed"))
+  if runs:
+    requirements += ["", "## Requirements at a glance", ""]
+  for model, run in runs.items():
+    requirements += [f"**{model} trunk**", ""] + speed_summary(run)[2:]
   if extras:
-    runs = ([results] if "speed" in results else []) + extras
-    worst = [worst_loss_ratio(run["speed"]) for run in runs]
-    lines[-1:] = [
+    worst = [(model, worst_loss_ratio(run))
+             for extra in [results] + extras
+             for model, run in speed_runs(extra.get("speed")).items()]
+    requirements[-1:] = [
         "- Worst loss-only strategy ÷ plain in each run of this file (this "
         "run first, then the further speed runs at the end, in order): "
-        + ", ".join(f"{w[0]:.3f} ({w[1]}, T={w[2]})" for w in worst if w)
-        + ".", ""]
+        + ", ".join(f"{w[0]:.3f} ({w[1]}, {model}, T={w[2]})"
+                    for model, w in worst if w) + ".", ""]
   further = ["", "## Further speed runs", ""] if extras else []
   for extra in extras:
-    config = extra["speed"]["config"]
-    heading = (f"### `{extra['meta']['command']}` (minibatch "
-               f"{config['batch_size']})")
-    further += [heading, ""] + speed_summary(extra["speed"])[2:]
+    for model, run in speed_runs(extra.get("speed")).items():
+      backend = extra["meta"].get("machine", {}).get("backend", "?")
+      heading = (f"### `{extra['meta']['command']}` ({model} trunk, "
+                 f"minibatch {run['config']['batch_size']}, {backend})")
+      further += [heading, ""] + speed_summary(run)[2:]
   out = destination / "RESULTS.md"
   out.write_text("\n".join(lines) + body.rstrip("\n") + "\n"
-                 + "\n".join(further))
+                 + "\n".join(requirements + further))
   return out
 
 
+def main(argv: Optional[list[str]] = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.publish",
+      description="Publish a results folder as benchmarks/RESULTS.md.")
+  parser.add_argument("results_dir", nargs="?", default="bench_results")
+  parser.add_argument("speed_dirs", nargs="*",
+                      help="further --speed-only results folders")
+  parser.add_argument("--note", default="",
+                      help="Markdown under the title (where the run was made)")
+  args = parser.parse_args(argv)
+  print(publish(args.results_dir, speed_dirs=tuple(args.speed_dirs),
+                note=args.note))
+
+
 if __name__ == "__main__":
-  print(publish(*sys.argv[1:2], speed_dirs=tuple(sys.argv[2:])))
+  main()

@@ -1,4 +1,13 @@
-"""Writes the results folder: results.json, report.md and PNG plots."""
+"""Writes the results folder: results.json, report.md and PNG plots.
+
+The report leads with what the run says (generated from the numbers: the
+best strategy per problem with its confidence interval, ties, skipped steps
+and overflowing weights where they occur, cost against a plain training
+step), then the protocol, then per problem a quality-against-cost figure,
+the per-task outcomes against the single-task models, the tables and, last,
+the weights each strategy applied. The speed section gives absolute step
+times and every strategy's step ÷ a plain training step.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,86 @@ import os
 from typing import Any, Optional
 
 import numpy as np
+
+from benchmarks.runner import STILL_IMPROVING
+
+CONFIDENCE = 0.95
+# A weight above this (or a non-finite one) is reported as overflowing.
+HUGE_WEIGHT = 1e6
+
+_HUGE_MEANS = ("weights this large mean that a task with a near-zero loss or "
+               "gradient, or a near-singular Gramian, sets the balance "
+               "between the tasks.")
+# Why a strategy's weights can grow without bound (README formulas).
+_WEIGHT_CAUSES = {
+    "ema": "w_k = 1/L̃_k, the inverse of a running average of the loss",
+    "rema": "w_k = r_k/L̃_k, the inverse of a running average of the loss",
+    "dwema": "w_k ∝ 1/L̃_k, the inverse of a running average of the loss",
+    "log_loss": "w_k = 1/L_k",
+    "initial_loss": "w_k = 1/L_k at the first steps",
+    "geometric_mean": "w_k = (Π L_j)^(1/γ)/(γ L_k)",
+    "normalized_gradients": "w_k = 1/‖g_k‖",
+    "nash_mtl": "Gα = 1/α, so α_k grows as the gradients shrink",
+    "imtl_g": "weights that equalise the projections on unit gradients",
+    "aligned_mtl": "B = √λ_min · V Λ^(−1/2) Vᵀ, which grows as the "
+                   "Gramian's eigenvalues shrink",
+    "uncertainty": "w_k = e^(−s_k) with a learned s_k",
+}
+
+
+# --------------------------------------------------------------------------
+# Statistics over seeds.
+
+
+def _t_quantile(num: int) -> float:
+  """Two-sided CONFIDENCE quantile of Student's t with num − 1 dof."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return float(stats.t.ppf(0.5 + CONFIDENCE / 2, num - 1))
+
+
+def confidence_interval(values) -> tuple[float, float, float]:
+  """``(mean, low, high)``: a t interval of the mean over seeds.
+
+  With a single value the interval is that value (no spread known).
+  """
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    return float("nan"), float("nan"), float("nan")
+  mean = float(values.mean())
+  if values.size < 2:
+    return mean, mean, mean
+  half = _t_quantile(values.size) * values.std(ddof=1) / math.sqrt(
+      values.size)
+  return mean, mean - half, mean + half
+
+
+def ties_with_best(result: dict) -> tuple[Optional[str], list[str]]:
+  """The best strategy by Δm% and those not distinguishable from it.
+
+  Seeds share the initialisation and the minibatches across strategies, so
+  the comparison is paired: strategy s ties with the best b when the
+  CONFIDENCE interval of the mean over seeds of Δm%_b − Δm%_s contains 0.
+  With one seed nothing is called a tie.
+  """
+  strategies = result["strategies"]
+  ranked = [n for n in result["ranking"] if "delta_m" in strategies[n]
+            and np.isfinite(strategies[n]["delta_m"]["mean"])]
+  if not ranked:
+    return None, []
+  best = ranked[0]
+  best_seeds = np.asarray(strategies[best]["delta_m"]["per_seed"], float)
+  ties = []
+  for name in ranked[1:]:
+    seeds = np.asarray(strategies[name]["delta_m"]["per_seed"], float)
+    _, low, _ = confidence_interval(best_seeds - seeds)
+    if len(seeds) > 1 and low <= 0.0:
+      ties.append(name)
+  return best, ties
+
+
+# --------------------------------------------------------------------------
+# Formatting.
 
 
 def _pm(entry: Optional[dict], digits: int = 3, scale: float = 1.0) -> str:
@@ -25,12 +114,35 @@ def _fixed(entry: Optional[dict], digits: int = 2) -> str:
   return f"{entry['mean']:+.{digits}f} ± {entry.get('std', 0.0):.{digits}f}"
 
 
+def _ci_text(values, digits: int = 1) -> str:
+  mean, low, high = confidence_interval(values)
+  if not math.isfinite(mean):
+    return "nan"
+  if low == high:
+    return f"{mean:+.{digits}f} (one seed, no interval)"
+  return (f"{mean:+.{digits}f} ({CONFIDENCE:.0%} CI {low:+.{digits}f} to "
+          f"{high:+.{digits}f})")
+
+
 def _mib(value) -> str:
   return "–" if value is None else f"{value / 2**20:.2f}"
 
 
 def _ratio(value) -> str:
   return "–" if value is None else f"{value:.2f}"
+
+
+def _ms(value) -> str:
+  if value is None:
+    return "–"
+  return f"{value:.3g}"
+
+
+def _names(names: list[str]) -> str:
+  quoted = [f"`{n}`" for n in names]
+  if len(quoted) <= 2:
+    return " and ".join(quoted)
+  return ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def _json_default(value):
@@ -45,6 +157,240 @@ def _json_default(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _speed_models(speed: Optional[dict]) -> dict[str, dict]:
+  """``{model: run_speed result}`` from either form."""
+  if not speed:
+    return {}
+  if "strategies" in speed:  # A single run_speed result.
+    return {speed.get("model", "mlp"): speed}
+  return speed
+
+
+# --------------------------------------------------------------------------
+# What this run says.
+
+
+def _problem_findings(result: dict) -> list[str]:
+  """Bullet points for one problem with single-task baselines."""
+  strategies = result["strategies"]
+  tasks = result["tasks"]
+  lines = []
+  best, ties = ties_with_best(result)
+  if best is None:
+    return ["- No strategy has a finite Δm%."]
+  best_entry = strategies[best]
+  seeds = len(best_entry["delta_m"]["per_seed"])
+  text = (f"- **Best by Δm%: `{best}`**, Δm% "
+          f"{_ci_text(best_entry['delta_m']['per_seed'])} over {seeds} "
+          "seeds; ")
+  if ties:
+    tied = [f"`{n}` ({strategies[n]['delta_m']['mean']:+.1f})" for n in ties]
+    text += (f"tied with {', '.join(tied)}: the paired {CONFIDENCE:.0%} "
+             "interval of each difference over seeds contains 0, so these "
+             "seeds do not separate them.")
+  elif len(result["ranking"]) == 1:
+    text += "the only strategy run."
+  elif seeds > 1:
+    text += "ahead of every other strategy beyond seed noise."
+  else:
+    text += "one seed, so ties are not assessed."
+  lines.append(text)
+  if "equal" in strategies and best != "equal":
+    difference = (np.asarray(best_entry["delta_m"]["per_seed"], float)
+                  - np.asarray(strategies["equal"]["delta_m"]["per_seed"],
+                               float))
+    lines.append(
+        f"- Against `equal` (the plain sum of the losses, Δm% "
+        f"{strategies['equal']['delta_m']['mean']:+.1f}): `{best}` gains "
+        f"{_ci_text(difference)} points of Δm%.")
+  transfer = {n: strategies[n].get("negative_transfer") for n in strategies}
+  fewest = min(v for v in transfer.values() if v is not None)
+  clean = [n for n, v in transfer.items() if v == 0]
+  if clean:
+    lines.append(f"- No task worse than single-task (beyond 2 standard "
+                 f"errors) under {_names(clean)}.")
+  else:
+    lines.append(
+        f"- Every strategy is worse than the single-task models on at least "
+        f"{fewest} of {len(tasks)} tasks (beyond 2 standard errors); "
+        f"`{best}` on {transfer[best]}.")
+  higher = result["higher_is_better"][0]
+  by_score = max(strategies, key=lambda n: (
+      strategies[n]["mean_score"]["mean"] if higher
+      else -strategies[n]["mean_score"]["mean"]))
+  if by_score != best and by_score not in ties:
+    lines.append(
+        f"- The best mean `{result['metrics'][0]}` over tasks is "
+        f"`{by_score}`'s, not `{best}`'s: Δm% averages *relative* changes, "
+        "so a task whose single-task score is small (or error is small) "
+        "weighs more in Δm% than in the mean score.")
+  for name in result["ranking"]:
+    entry = strategies[name]
+    skipped = np.asarray(entry.get("skipped_steps", [0]), float)
+    weight_max = max(entry.get("weight_max", [0.0]) or [0.0])
+    steps = np.asarray(entry["selection"]["steps_run"], float)
+    cause = _WEIGHT_CAUSES.get(name)
+    huge = (f"its weights reached {weight_max:.1e} (the largest over "
+            "training and tasks" + (f"; {cause}" if cause else "") + ")")
+    if skipped.max() > 0:
+      text = (f"- `{name}` rejected {skipped.mean():.0f} of "
+              f"{steps.mean():.0f} steps (mean over seeds). A step is "
+              "rejected when a loss is zero, negative or non-finite (for a "
+              "strategy that divides by the losses), the Gramian is "
+              "non-finite, or the weights come out non-finite; the previous "
+              "weights are then applied again and the statistics stay as "
+              "they were.")
+      if weight_max > HUGE_WEIGHT:
+        text += (f" Also, {huge}: {_HUGE_MEANS} The next step's weights can "
+                 "then overflow.")
+      lines.append(text)
+    elif weight_max > HUGE_WEIGHT:
+      lines.append(f"- `{name}`: {huge}. {_HUGE_MEANS} Adam normalises the "
+                   "update's overall scale, so training goes on.")
+  stl = result.get("single_task", {})
+  unconverged = stl.get("still_improving") or {}
+  if unconverged:
+    lines.append(
+        "- **Single-task baselines still improving** when the budget ran "
+        "out (the last fifth of the budget brought more than "
+        f"{STILL_IMPROVING:.0%} of the whole reduction of the validation "
+        "loss): " + ", ".join(f"{task} ({gain:.0%})"
+                              for task, gain in unconverged.items())
+        + ". Δm% on those tasks compares models at the same budget, not at "
+          "convergence, and may favour the multi-task model.")
+  else:
+    lines.append("- Every single-task baseline converged within the budget "
+                 "(early stopping on its validation loss, or less than "
+                 f"{STILL_IMPROVING:.0%} of its progress in the last "
+                 "fifth of the budget).")
+  improving = {n: float(np.mean(strategies[n]["selection"]["late_gain"]))
+               for n in result["ranking"]
+               if "late_gain" in strategies[n]["selection"]}
+  improving = {n: g for n, g in improving.items() if g > STILL_IMPROVING}
+  if improving:
+    lines.append(
+        "- Multi-task models still improving when the budget ran out: "
+        + ", ".join(f"`{n}` ({g:.0%})" for n, g in improving.items())
+        + "; a longer budget may raise their Δm%.")
+  if "equal" in strategies and best != "equal" and "step_ms" in best_entry:
+    lines.append(
+        f"- Cost on this problem: a training step of `{best}` took "
+        f"{best_entry['step_ms'] / strategies['equal']['step_ms']:.1f}× "
+        f"the step of `equal` ({seeds} seeds at once, validation included;"
+        " figure below).")
+  return lines
+
+
+def _toy_findings(result: dict) -> list[str]:
+  strategies = result["strategies"]
+  reached = {n: sum(strategies[n]["reached"]) for n in strategies}
+  starts = len(next(iter(strategies.values()))["reached"])
+  everywhere = [n for n in result["ranking"] if reached[n] == starts]
+  lines = []
+  if everywhere:
+    lines.append(f"- {_names(everywhere)} reach the Pareto set from all "
+                 f"{starts} starts.")
+  worst = min(reached.values())
+  lines.append(f"- The fewest starts reaching the Pareto set: {worst} of "
+               f"{starts} (" + _names([n for n in result["ranking"]
+                                       if reached[n] == worst]) + ").")
+  skipping = [n for n in result["ranking"]
+              if max(strategies[n].get("skipped_steps", [0])) > 0]
+  if skipping:
+    lines.append(f"- {_names(skipping)} rejected steps (see the table): a "
+                 "loss or the Gramian was non-finite, a loss was not "
+                 "positive for a strategy that divides by it, or the weights "
+                 "came out non-finite.")
+  return lines
+
+
+def _speed_findings(speed: dict[str, dict]) -> list[str]:
+  lines = []
+  for model, run in speed.items():
+    for kind, label in (("losses", "loss-only"), ("gramian", "Gramian")):
+      parts = []
+      for t in run["num_tasks"]:
+        ratios = [by_t[str(t)]["ratio_plain"]
+                  for by_t in run["strategies"].values()
+                  if by_t.get(str(t), {}).get("kind") == kind]
+        if ratios:
+          parts.append(f"T={t}: {min(ratios):.2g}–{max(ratios):.2g}×")
+      if parts:
+        plain = ", ".join(
+            f"{run['baselines'][str(t)]['plain']['step_ms']:.3g}"
+            for t in run["num_tasks"])
+        lines.append(
+            f"- {model} trunk, {label} strategies, step ÷ a plain training "
+            f"step (`jax.value_and_grad` of the summed losses; plain takes "
+            f"{plain} ms at T = {', '.join(map(str, run['num_tasks']))}): "
+            + "; ".join(parts) + ".")
+    for label, by_t in run.get("options", {}).items():
+      lines.append(
+          f"- {model} trunk, `{label}`: "
+          + "; ".join(f"T={t}: {e['ratio_plain']:.2g}× plain, "
+                      f"{e['ratio_base']:.2g}× the default step"
+                      for t, e in by_t.items()) + ".")
+  if lines:
+    lines.insert(0, "A Gramian strategy computes one backward pass per task "
+                    "(the per-task Jacobian), so its step grows with T; a "
+                    "loss-only strategy costs one backward pass.")
+    lines.insert(1, "")
+  return lines
+
+
+def findings_markdown(results: dict[str, dict],
+                      speed: Optional[dict] = None) -> list[str]:
+  """The "What this run says" section, generated from the numbers."""
+  lines = ["## What this run says", "",
+           "Generated from this run's numbers. Δm% is the mean over tasks "
+           "of the relative change against the single-task models "
+           "(positive = better); intervals are "
+           f"{CONFIDENCE:.0%} t intervals over seeds.", ""]
+  for name, result in results.items():
+    if not result["strategies"]:
+      continue
+    lines += [f"**{name}**", ""]
+    if result["problem"] == "toy2d":
+      lines += _toy_findings(result)
+    elif result.get("single_task"):
+      lines += _problem_findings(result)
+    lines.append("")
+  speed_models = _speed_models(speed)
+  if speed_models:
+    lines += ["**Cost (speed benchmark)**", ""]
+    lines += _speed_findings(speed_models) + [""]
+  return lines
+
+
+def protocol_markdown(results: dict[str, dict]) -> list[str]:
+  """How every model was trained and selected."""
+  settings = next((r["protocol"] for r in results.values()
+                   if "protocol" in r), None)
+  if settings is None:
+    return []
+  return [
+      "## Protocol", "",
+      "Every model, single-task and multi-task, is trained and selected the "
+      "same way: Adam on minibatches (the same initialisation and minibatch "
+      "order per seed for every model); the last "
+      f"{settings['validation_fraction']:.0%} of the training rows are held "
+      "out for validation; every 1 % of the step budget the validation "
+      "criterion is computed (the mean over the model's tasks of the "
+      "validation loss ÷ its value at initialisation; a single-task model "
+      "reads its own task only); the checkpoint with the best criterion is "
+      f"kept, and training stops after {settings['patience']} evaluations "
+      f"without an improvement of more than {settings['min_delta']:.1%} or "
+      "at the step budget. The selected checkpoints are scored on the test "
+      "set. A single-task model has the multi-task architecture (its other "
+      "heads unused), so T single-task models have T times the parameters "
+      "of one multi-task model. Seeds vary the initialisation and the "
+      "minibatch order; the data sets are fixed.", ""]
+
+
+# --------------------------------------------------------------------------
+# Plots.
+
+
 def _plt():
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -52,39 +398,260 @@ def _plt():
   return plt
 
 
+def _plain_log_ticks(axis, symlog: bool = False) -> None:
+  """Ticks of a log axis at 1, 2, 5 × 10^k as plain numbers (0.5, 2, 40),
+  not 5×10⁻¹; minor ticks unlabelled."""
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+  if symlog:
+    axis.set_major_locator(ticker.SymmetricalLogLocator(
+        base=10, linthresh=10.0, subs=(1.0, 3.0)))
+  else:
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+  axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _label_points(ax, points: list[tuple[str, float, float]]) -> None:
+  """Labels points without overlaps: each label takes the first of a few
+  positions around its point whose box is free (in pixels)."""
+  ax.figure.canvas.draw()
+  transform = ax.transData
+  taken: list[tuple[float, float, float, float]] = []
+  offsets = [(5, 3), (5, -9), (-5, 3), (-5, -9)] + [
+      (dx, dy) for distance in (14, 24, 34, 44)
+      for dx, dy in ((8, distance), (8, -distance - 6), (-8, distance),
+                     (-8, -distance - 6), (distance + 8, -3),
+                     (-distance - 8, -3))]
+  char_width, height = 4.6, 9.0  # pixels, fontsize 7 at 100 dpi
+  for name, x, y in sorted(points, key=lambda p: -p[2]):
+    px, py = transform.transform((x, y))
+    width = char_width * len(name)
+    chosen = offsets[0]
+    for dx, dy in offsets:
+      left = px + dx if dx > 0 else px + dx - width
+      box = (left, py + dy, left + width, py + dy + height)
+      if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3]
+                 and b[1] < box[3] for b in taken):
+        chosen = (dx, dy)
+        taken.append(box)
+        break
+    else:
+      left = px + chosen[0]
+      taken.append((left, py + chosen[1], left + width,
+                    py + chosen[1] + height))
+    far = abs(chosen[0]) > 10 or abs(chosen[1]) > 12
+    ax.annotate(name, (x, y), xytext=chosen, textcoords="offset pixels",
+                fontsize=7, ha="left" if chosen[0] > 0 else "right",
+                va="bottom",
+                arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5",
+                                shrinkA=0, shrinkB=2) if far else None)
+
+
+def plot_cost_quality(result: dict, path: str) -> None:
+  """Δm% (with its interval) against the step time, one point a strategy."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(8.5, 5.2))
+  names = [n for n in result["ranking"]
+           if "delta_m" in result["strategies"][n]]
+  points = []
+  for name in names:
+    entry = result["strategies"][name]
+    mean, low, high = confidence_interval(entry["delta_m"]["per_seed"])
+    if not math.isfinite(mean):
+      continue
+    points.append((name, entry["step_ms"], mean, low, high,
+                   entry.get("gramian", False)))
+  for gramian, marker, color, label in (
+      (False, "o", "tab:blue", "loss weighting (one backward pass)"),
+      (True, "s", "tab:orange", "gradient balancing (reads the Gramian)")):
+    chosen = [p for p in points if p[5] == gramian]
+    if not chosen:
+      continue
+    x = np.array([p[1] for p in chosen])
+    y = np.array([p[2] for p in chosen])
+    err = np.array([[p[2] - p[3] for p in chosen],
+                    [p[4] - p[2] for p in chosen]])
+    ax.errorbar(x, y, yerr=err, fmt=marker, color=color, ms=5, capsize=2,
+                lw=0.8, label=label)
+  means = np.array([p[2] for p in points] + [0.0])
+  spread = float(np.max(np.abs(means))) if points else 1.0
+  if spread > 50:  # Wide spread: linear within ±10, logarithmic beyond.
+    ax.set_yscale("symlog", linthresh=10.0)
+    _plain_log_ticks(ax.yaxis, symlog=True)
+  low, high = float(means.min()), float(means.max())
+  pad = 0.08 * (high - low or 1.0)
+  if spread > 50:
+    ax.set_ylim(low * 1.6 - 5 if low < 0 else low - 5,
+                high * 1.6 + 5 if high > 0 else high + 5)
+  else:
+    ax.set_ylim(low - pad, high + pad)
+  ax.axhline(0.0, color="black", lw=0.8, ls="--",
+             label="single-task models (Δm% = 0)")
+  ax.set_xscale("log")
+  _plain_log_ticks(ax.xaxis)
+  ax.set_xlabel("training step time on this problem (ms, all seeds at once, "
+                "log scale)")
+  ax.set_ylabel("Δm% against single-task (higher is better"
+                + ("; symlog scale)" if spread > 50 else ")"))
+  ax.set_title(f"{result['problem']}: quality against cost "
+               f"(bars: {CONFIDENCE:.0%} interval over seeds)", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+            ncol=3, frameon=False)
+  fig.tight_layout()
+  _label_points(ax, [(p[0], p[1], p[2]) for p in points])
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_outcomes(result: dict, path: str, top: int = 3) -> None:
+  """Per-task scores against the single-task models.
+
+  Left: each task's multi-task score against its single-task score for
+  ``equal`` and the ``top`` strategies (above the diagonal = better when
+  higher is better). Right: the relative change of every strategy on every
+  task (a heatmap, strategies best first).
+  """
+  plt = _plt()
+  metric = result["metrics"][0]
+  higher = result["higher_is_better"][0]
+  tasks = result["tasks"]
+  names = result["ranking"]
+  strategies = result["strategies"]
+  stl = np.asarray(result["single_task"]["per_task"][metric]["mean"], float)
+  relative = np.array([
+      (1.0 if higher else -1.0)
+      * (np.asarray(strategies[n]["per_task"][metric]["mean"], float) - stl)
+      / np.abs(stl) * 100.0 for n in names])
+  fig, (ax_scatter, ax_heat) = plt.subplots(
+      1, 2, figsize=(13, max(4.5, 0.28 * len(names) + 2.2)),
+      gridspec_kw={"width_ratios": [1, 1.3]})
+  shown = names[:top] + (["equal"] if "equal" in names[top:] else [])
+  markers = "osD^v<>"
+  for index, name in enumerate(shown):
+    ax_scatter.plot(stl, strategies[name]["per_task"][metric]["mean"],
+                    markers[index % len(markers)], ms=5, alpha=0.8,
+                    label=name)
+  finite = np.concatenate([stl] + [
+      np.asarray(strategies[n]["per_task"][metric]["mean"], float)
+      for n in shown])
+  finite = finite[np.isfinite(finite)]
+  low, high = float(finite.min()), float(finite.max())
+  pad = 0.05 * (high - low or 1.0)
+  ax_scatter.plot([low - pad, high + pad], [low - pad, high + pad], "k--",
+                  lw=0.8, label="equal to single-task")
+  ax_scatter.set_xlim(low - pad, high + pad)
+  ax_scatter.set_ylim(low - pad, high + pad)
+  ax_scatter.set_xlabel(f"single-task model's test {metric}")
+  ax_scatter.set_ylabel(f"multi-task model's test {metric}")
+  ax_scatter.set_title(
+      f"one point per task ({'above' if higher else 'below'} the diagonal "
+      "= better than single-task)", fontsize=9)
+  ax_scatter.grid(alpha=0.3)
+  ax_scatter.legend(fontsize=7, loc="upper center",
+                    bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+  limit = np.nanpercentile(np.abs(relative), 95) if np.isfinite(
+      relative).any() else 1.0
+  limit = max(float(limit), 1e-3)
+  from matplotlib import colors  # pylint: disable=import-outside-toplevel
+  norm = colors.SymLogNorm(linthresh=max(limit / 20.0, 0.5), vmin=-limit,
+                           vmax=limit)
+  image = ax_heat.imshow(np.clip(relative, -limit, limit), cmap="RdBu",
+                         norm=norm, aspect="auto", interpolation="nearest")
+  ax_heat.set_yticks(range(len(names)), names, fontsize=7)
+  if len(tasks) <= 12:
+    ax_heat.set_xticks(range(len(tasks)), tasks, fontsize=7, rotation=30,
+                       ha="right")
+    for row in range(len(names)):
+      for col in range(len(tasks)):
+        value = relative[row, col]
+        if np.isfinite(value):
+          dark = abs(float(norm(np.clip(value, -limit, limit))) - 0.5) > 0.3
+          ax_heat.text(col, row, f"{value:+.0f}", ha="center", va="center",
+                       fontsize=6, color="white" if dark else "black")
+  else:
+    ax_heat.set_xticks(range(0, len(tasks), max(1, len(tasks) // 8)))
+  ax_heat.set_xlabel("task" if len(tasks) <= 12 else "task index")
+  ax_heat.set_ylabel("strategy (best Δm% first)")
+  ax_heat.set_title(f"relative change of {metric} against single-task (%)",
+                    fontsize=9)
+  colorbar = fig.colorbar(image, ax=ax_heat, fraction=0.04, pad=0.02,
+                          format="%g")
+  colorbar.set_label("% (blue: better than single-task, red: worse; "
+                     f"symlog scale, clipped at ±{limit:.0f})", fontsize=7)
+  fig.suptitle(f"{result['problem']}: per-task outcomes against the "
+               "single-task models (mean over seeds)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def plot_weights(result: dict, path: str) -> None:
-  """One panel per strategy: each task's weight over training."""
+  """One panel per strategy: the task weights over training (secondary).
+
+  With more than 10 tasks a panel shows the median and the range over the
+  tasks instead of one line per task. All panels share one y scale:
+  symlog (linear near 0, logarithmic beyond) when the weights span more
+  than a factor 100.
+  """
   plt = _plt()
   names = result["ranking"]
   cols = min(4, max(1, len(names)))
   rows = max(1, math.ceil(len(names) / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows),
+  fig, axes = plt.subplots(rows, cols,
+                           figsize=(max(7.0, 3.3 * cols), 2.5 * rows + 0.6),
                            squeeze=False, sharex=True)
   steps = np.asarray(result["curve_steps"])
   tasks = result["tasks"]
+  many = len(tasks) > 10
+  curves = {n: np.asarray(result["strategies"][n]["weights"], float)
+            for n in names}
+  magnitudes = np.concatenate([np.abs(c[np.isfinite(c)]).ravel()
+                               for c in curves.values()] + [np.ones(1)])
+  positive = magnitudes[magnitudes > 0]
+  # One scale for every panel: symlog (linear near 0, log beyond) when the
+  # weights span more than a factor 100.
+  symlog = positive.max() / positive.min() > 100
+  linthresh = float(max(np.percentile(positive, 5), 1e-6))
   for ax, name in zip(axes.flat, names):
-    weights = np.asarray(result["strategies"][name]["weights"], float)
+    weights = curves[name]
     if weights.ndim != 2 or weights.shape[0] == 0:
       ax.set_axis_off()
       continue
     x = steps[:weights.shape[0]]
-    many = weights.shape[1] > 10
-    for task in range(weights.shape[1]):
-      ax.plot(x, weights[:, task], lw=0.6 if many else 1.2,
-              alpha=0.5 if many else 1.0,
-              label=None if many else tasks[task])
+    if many:
+      with np.errstate(all="ignore"):
+        ax.fill_between(x, np.nanmin(weights, 1), np.nanmax(weights, 1),
+                        color="tab:blue", alpha=0.25, lw=0,
+                        label="range over tasks")
+        ax.plot(x, np.nanmedian(weights, 1), color="tab:blue", lw=1.2,
+                label="median over tasks")
+    else:
+      for task in range(weights.shape[1]):
+        ax.plot(x, weights[:, task], lw=1.2, label=tasks[task])
     ax.set_title(name, fontsize=9)
     ax.tick_params(labelsize=7)
-    if weights.size and np.all(weights > 0) and (
-        weights.max() / max(weights.min(), 1e-30) > 100):
-      ax.set_yscale("log")
-  for ax in list(axes.flat)[len(names):]:
-    ax.set_axis_off()
-  if len(tasks) <= 10 and names:
-    axes.flat[0].legend(fontsize=6, loc="best")
-  fig.suptitle(f"{result['problem']}: task weights over training "
-               "(mean over seeds)", fontsize=10)
-  fig.tight_layout(rect=(0, 0, 1, 0.96))
+    if symlog:
+      ax.set_yscale("symlog", linthresh=linthresh)
+      ax.yaxis.get_major_locator().set_params(numticks=6)
+  ylabel = "task weight" + (" (symlog)" if symlog else "")
+  for ax in axes[:, 0]:
+    ax.set_ylabel(ylabel, fontsize=8)
+  used = len(names)
+  for index, ax in enumerate(axes.flat):
+    if index >= used:
+      ax.set_axis_off()
+    elif index + cols >= used:  # the lowest panel of its column
+      ax.set_xlabel("training step", fontsize=8)
+      ax.xaxis.set_tick_params(labelbottom=True)
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8),
+               fontsize=7, frameon=False)
+  fig.suptitle(f"{result['problem']}: task weights over training (mean over "
+               "seeds; each point a mean over an evaluation interval)",
+               fontsize=10)
+  fig.tight_layout(rect=(0, 0.04, 1, 0.96))
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
@@ -120,54 +687,93 @@ def plot_toy(result: dict, path: str) -> None:
     ax.set_xlim(-10, 10)
     ax.set_ylim(-10, 10)
     ax.tick_params(labelsize=7)
+  for ax in axes[:, 0]:
+    ax.set_ylabel("x2", fontsize=8)
+  for ax in axes[-1, :]:
+    ax.set_xlabel("x1", fontsize=8)
   for ax in list(axes.flat)[len(names):]:
     ax.set_axis_off()
   fig.suptitle("toy2d: trajectories over contours of f1+f2 (grey dots: "
-               "Pareto set; * reached, x not)", fontsize=10)
+               "Pareto set; black dot: start; green *: reached, red x: not)",
+               fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.97))
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
 
 def plot_speed(speed: dict, path: str) -> None:
-  """Step-time ratios and memory against T."""
+  """Per model: absolute step time, step ÷ plain, and memory against T."""
   plt = _plt()
-  fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
-  num_tasks = speed["num_tasks"]
-  for name, per_t in speed["strategies"].items():
-    ratios, mems, ts = [], [], []
-    for t in num_tasks:
-      entry = per_t.get(str(t), {})
-      ratio = entry.get("ratio_jacobian", entry.get("ratio_equal"))
-      if ratio is None:
-        continue
-      ts.append(t)
-      ratios.append(ratio)
-      mems.append((entry.get("memory_bytes") or 0) / 2**20)
-    style = "-o" if per_t.get(str(num_tasks[0]), {}).get("kind") == "gramian" \
-        else "--."
-    ax_time.plot(ts, ratios, style, label=name, ms=3)
-    ax_mem.plot(ts, mems, style, label=name, ms=3)
-    low = [(t, per_t[str(t)].get("memory_low_memory_bytes"))
-           for t in num_tasks if per_t.get(str(t), {}).get(
-               "memory_low_memory_bytes")]
-    if low:
-      ax_mem.plot([t for t, _ in low], [m / 2**20 for _, m in low], ":",
-                  color="0.5", lw=0.8)
-  ax_time.set_xscale("log")
-  ax_time.set_yscale("log")
-  ax_time.set_xlabel("T")
-  ax_time.set_ylabel("step time ratio (÷ equal or ÷ Jacobian-only)")
-  ax_mem.set_xscale("log")
-  ax_mem.set_xlabel("T")
-  ax_mem.set_ylabel("memory MiB (dotted: low_memory)")
-  ax_time.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+  models = _speed_models(speed)
+  fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)),
+                           squeeze=False)
+  colors = plt.get_cmap("tab10").colors
+  handles = {}
+  for row, (model, run) in enumerate(models.items()):
+    ax_time, ax_ratio, ax_mem = axes[row]
+    ts = run["num_tasks"]
+    for key, style, label in (("plain", "k-", "plain training step"),
+                              ("jacobian", "k:", "Jacobian-only step")):
+      line, = ax_time.plot(
+          ts, [run["baselines"][str(t)][key]["step_ms"] for t in ts], style,
+          lw=2, label=label)
+      handles[label] = line
+      ax_mem.plot(ts, [(run["baselines"][str(t)][key]["memory_bytes"] or 0)
+                       / 2**20 for t in ts], style, lw=2)
+    counts = {"gramian": 0, "losses": 0}
+    for name, per_t in run["strategies"].items():
+      entries = [per_t.get(str(t), {}) for t in ts]
+      gramian = entries[0].get("kind") == "gramian"
+      index = counts[entries[0].get("kind")]
+      counts[entries[0].get("kind")] += 1
+      style = dict(color=colors[index % len(colors)], lw=1.0, ms=3,
+                   marker="s" if gramian else "o",
+                   ls="-" if gramian else "--")
+      line, = ax_time.plot(ts, [e["step_ms"] for e in entries], **style,
+                           label=name)
+      handles.setdefault(name, line)
+      ax_ratio.plot(ts, [e["ratio_plain"] for e in entries], **style)
+      ax_mem.plot(ts, [(e.get("memory_bytes") or 0) / 2**20
+                       for e in entries], **style)
+    for label, per_t in run.get("options", {}).items():
+      if "low_memory" in label:
+        line, = ax_mem.plot(ts, [(per_t[str(t)]["memory_bytes"] or 0) / 2**20
+                                 for t in ts], "k-.", lw=1.5, label=label)
+        handles[label] = line
+    ax_ratio.axhline(1.0, color="black", lw=1.5)
+    for ax, ylabel in ((ax_time, "step time (ms, log)"),
+                       (ax_ratio, "step time / plain step time (log)"),
+                       (ax_mem, "peak memory (MiB, log)")):
+      ax.set_xscale("log")
+      ax.set_yscale("log")
+      ax.xaxis.set_major_locator(ticker.FixedLocator(ts))
+      ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(t) for t in ts]))
+      ax.xaxis.set_minor_locator(ticker.NullLocator())
+      _plain_log_ticks(ax.yaxis)
+      ax.set_xlabel("number of tasks T")
+      ax.set_ylabel(ylabel, fontsize=8)
+      ax.grid(alpha=0.3, which="both")
+    config = run["config"]
+    ax_time.set_title(f"{model} trunk (minibatch {config['batch_size']}): "
+                      "absolute step time", fontsize=9)
+    ax_ratio.set_title(f"{model} trunk: cost against plain training",
+                       fontsize=9)
+    ax_mem.set_title(f"{model} trunk: memory", fontsize=9)
+  fig.tight_layout(rect=(0, 0, 0.8, 1))
+  fig.legend(list(handles.values()), list(handles), loc="center left",
+             bbox_to_anchor=(0.81, 0.5), fontsize=7, frameon=False,
+             title="solid/squares: Gramian\ndashed/circles: loss-only",
+             title_fontsize=7)
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
 
-def _problem_markdown(result: dict, image: Optional[str]) -> list[str]:
+# --------------------------------------------------------------------------
+# Markdown.
+
+
+def _problem_markdown(result: dict, images: dict[str, str]) -> list[str]:
   lines = [f"## {result['problem']}", "", result.get("description", ""), ""]
   strategies = result["strategies"]
   if result["problem"] == "toy2d":
@@ -181,34 +787,51 @@ def _problem_markdown(result: dict, image: Optional[str]) -> list[str]:
           f" | {np.mean(entry['distance_to_pareto_set']):.3f} | "
           f"{int(np.max(entry['skipped_steps']))} | "
           f"{entry['train_seconds']:.1f} |")
-    if image:
-      lines += ["", f"![toy2d trajectories]({image})", ""]
+    if "trajectories" in images:
+      lines += ["", f"![toy2d trajectories]({images['trajectories']})", ""]
     return lines
   tasks, metric = result["tasks"], result["metrics"][0]
   direction = "higher" if result["higher_is_better"][0] else "lower"
+  stl = result.get("single_task")
   lines += [f"Primary metric: `{metric}` ({direction} is better); Δm% is "
             "the mean relative change against the single-task models "
-            "(positive = better); negative transfer counts the tasks worse "
-            "than single-task by more than 2 standard errors over seeds. "
-            f"Seeds: {result['seeds']}.", ""]
-  lines += ["| rank | strategy | Δm% | mean score | neg. transfer | "
-            "skipped steps | seconds |", "|---:|---|---:|---:|---:|---:|---:|"]
-  stl = result.get("single_task")
+            "(positive = better), shown as mean ± std and as a "
+            f"{CONFIDENCE:.0%} interval over seeds {result['seeds']}; "
+            "negative transfer counts the tasks worse than single-task by "
+            "more than 2 standard errors over seeds; *stopped at* is the "
+            "median over seeds of the selected checkpoint's step (budget "
+            f"{result['num_steps']}); step ms is one training step of all "
+            "seeds at once on this machine.", ""]
+  if "cost" in images:
+    lines += [f"![{result['problem']} quality against cost]"
+              f"({images['cost']})", ""]
+  lines += ["| rank | strategy | Δm% | Δm% interval | mean score | neg. "
+            "transfer | skipped steps | stopped at | step ms |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
   for i, name in enumerate(result["ranking"], 1):
     entry = strategies[name]
     skipped = int(np.max(entry.get("skipped_steps", [0]) or [0]))
+    _, low, high = confidence_interval(entry["delta_m"]["per_seed"]) if (
+        "delta_m" in entry) else (0, float("nan"), float("nan"))
+    stopped = np.median(entry["selection"]["best_step"])
     lines.append(
         f"| {i} | {name}{' (G)' if entry.get('gramian') else ''} | "
-        f"{_fixed(entry.get('delta_m'))} | {_pm(entry['mean_score'], 4)} | "
+        f"{_fixed(entry.get('delta_m'))} | {low:+.1f} to {high:+.1f} | "
+        f"{_pm(entry['mean_score'], 4)} | "
         f"{entry.get('negative_transfer', '–')}/{len(tasks)} | {skipped} | "
-        f"{entry['train_seconds']:.1f} |")
+        f"{stopped:.0f} | {_ms(entry.get('step_ms'))} |")
   if stl:
-    lines.append(f"| – | single-task | 0 | {_pm(stl['mean_score'], 4)} | – "
-                 f"| – | {stl['train_seconds']:.1f} |")
+    stopped = np.median(stl["selection"]["best_step"])
+    lines.append(f"| – | single-task | 0 | – | {_pm(stl['mean_score'], 4)} "
+                 f"| – | – | {stopped:.0f} | – |")
   lines += ["", "(G): reads the Gramian of the task gradients.", ""]
+  if "outcomes" in images:
+    lines += [f"![{result['problem']} per-task outcomes]"
+              f"({images['outcomes']})", ""]
   if len(tasks) <= 12:
     header = "| strategy | " + " | ".join(tasks) + " |"
-    lines += [f"Per-task `{metric}` (mean ± std over seeds):", "", header,
+    lines += [f"Per-task `{metric}` (mean ± std over seeds; single-task: "
+              "selected step, median over seeds, in brackets):", "", header,
               "|---|" + "---:|" * len(tasks)]
     rows = ([("single-task", stl)] if stl else []) + [
         (name, strategies[name]) for name in result["ranking"]]
@@ -216,49 +839,79 @@ def _problem_markdown(result: dict, image: Optional[str]) -> list[str]:
       per_task = entry["per_task"][metric]
       cells = [f"{m:.4g} ± {s:.1g}" for m, s in zip(per_task["mean"],
                                                     per_task["std"])]
+      if name == "single-task":
+        steps = np.median(np.asarray(entry["selection"]["best_step"]), 1)
+        cells = [f"{c} [{s:.0f}]" for c, s in zip(cells, steps)]
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-  if image:
-    lines += [f"![{result['problem']} task weights]({image})", ""]
+  if "weights" in images:
+    lines += ["The weights each strategy applied (secondary: what the "
+              "strategies did, not how well it worked):", "",
+              f"![{result['problem']} task weights]({images['weights']})",
+              ""]
   return lines
 
 
-def _speed_markdown(speed: dict, image: Optional[str]) -> list[str]:
-  ts = speed["num_tasks"]
+def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
   lines = ["## Speed and memory", "",
-           "Step time of `optax_mtl.value_and_grad(loss_fn, strategy)` on a "
-           f"shared MLP trunk ({speed['config']['depth']}×"
-           f"{speed['config']['hidden']}, batch "
-           f"{speed['config']['batch_size']}) with T regression heads. "
-           "Loss-only strategies: ratio to the `equal` step and to a plain "
-           "`jax.value_and_grad` of the summed losses. Gramian strategies: "
-           "ratio to the Jacobian-only step (vmap of the VJP, summed). "
-           "Fastest step over interleaved rounds, ÷ the baseline's fastest, "
-           "jitted, after warm-up. Memory: "
-           "compiled `memory_analysis()` temp + argument + output, MiB.", ""]
-  header = ("| strategy | kind | " + " | ".join(f"time ratio T={t}"
-                                              for t in ts)
-            + " | " + " | ".join(f"÷plain T={t}" for t in ts) + " | "
-            + " | ".join(f"MiB T={t}" for t in ts) + " | "
-            + " | ".join(f"low_memory MiB T={t}" for t in ts) + " |")
-  lines += [header, "|---|---|" + "---:|" * (4 * len(ts))]
-  for name, per_t in speed["strategies"].items():
-    entries = [per_t.get(str(t), {}) for t in ts]
-    kind = next((e.get("kind") for e in entries if e.get("kind")), "error")
-    cells = [_ratio(e.get("ratio_jacobian", e.get("ratio_equal")))
-             for e in entries]
-    cells += [_ratio(e.get("ratio_plain")) for e in entries]
-    cells += [_mib(e.get("memory_bytes")) for e in entries]
-    cells += [_mib(e.get("memory_low_memory_bytes")) for e in entries]
-    lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
-    for t, e in zip(ts, entries):
-      if "error" in e:
-        lines.append(f"| ↳ T={t} error | {e['error']} |")
-  base = speed["baselines"]
-  lines += ["", "Baselines (MiB): " + "; ".join(
-      f"T={t}: plain {_mib(base[str(t)]['plain']['memory_bytes'])}, "
-      f"equal {_mib(base[str(t)]['equal']['memory_bytes'])}, Jacobian-only "
-      f"{_mib(base[str(t)]['jacobian']['memory_bytes'])}" for t in ts), ""]
+           "Step time of `optax_mtl.value_and_grad(loss_fn, strategy)` plus "
+           "an SGD update, jitted, after warm-up; the fastest step over "
+           "interleaved rounds. **÷ plain** divides by a plain training "
+           "step, `jax.value_and_grad` of the summed losses, timed in the "
+           "same rounds; **÷ ref** divides loss-only strategies by `equal` "
+           "and Gramian strategies by the Jacobian-only step (`vmap` of "
+           "the VJP over the tasks, summed), the least any Gramian strategy "
+           "computes. Memory: the compiled `memory_analysis()` temp + "
+           "argument + output, MiB.", ""]
+  for model, run in speed.items():
+    ts = run["num_tasks"]
+    config = run["config"]
+    shape = (f"{config['depth']}×{config['hidden']} MLP"
+             if config["model"] == "mlp" else
+             f"conv {config['side']}×{config['side']}×1 → "
+             f"{' → '.join(str(c) for c in config['channels'])} channels "
+             f"(3×3, stride 2) → dense {config['hidden']}")
+    lines += [f"### {model} trunk ({shape}, minibatch "
+              f"{config['batch_size']})", ""]
+    base = run["baselines"]
+    lines += ["Baselines (ms per step): " + "; ".join(
+        f"T={t}: plain {_ms(base[str(t)]['plain']['step_ms'])}, equal "
+        f"{_ms(base[str(t)]['equal']['step_ms'])}, Jacobian-only "
+        f"{_ms(base[str(t)]['jacobian']['step_ms'])} "
+        f"({base[str(t)]['jacobian']['step_ms'] / base[str(t)]['plain']['step_ms']:.1f}× plain)"
+        for t in ts) + ". Noise floor (plain ÷ plain compiled again): "
+        + ", ".join(f"{base[str(t)]['noise']:.3f}" for t in ts) + ".", ""]
+    header = ("| strategy | kind | "
+              + " | ".join(f"ms T={t}" for t in ts) + " | "
+              + " | ".join(f"÷plain T={t}" for t in ts) + " | "
+              + " | ".join(f"÷ref T={t}" for t in ts) + " | "
+              + " | ".join(f"MiB T={t}" for t in ts) + " |")
+    lines += [header, "|---|---|" + "---:|" * (4 * len(ts))]
+    for name, per_t in run["strategies"].items():
+      entries = [per_t.get(str(t), {}) for t in ts]
+      kind = entries[0].get("kind", "?")
+      cells = [_ms(e.get("step_ms")) for e in entries]
+      cells += [_ratio(e.get("ratio_plain")) for e in entries]
+      cells += [_ratio(e.get("ratio_jacobian", e.get("ratio_equal")))
+                for e in entries]
+      cells += [_mib(e.get("memory_bytes")) for e in entries]
+      lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    if run.get("options"):
+      lines += ["", "Engine options on one Gramian strategy (÷ default: ÷ "
+                "the same strategy's default step):", "",
+                "| option | " + " | ".join(f"ms T={t}" for t in ts) + " | "
+                + " | ".join(f"÷plain T={t}" for t in ts) + " | "
+                + " | ".join(f"÷default T={t}" for t in ts) + " | "
+                + " | ".join(f"MiB T={t}" for t in ts) + " |",
+                "|---|" + "---:|" * (4 * len(ts))]
+      for label, per_t in run["options"].items():
+        entries = [per_t.get(str(t), {}) for t in ts]
+        cells = [_ms(e.get("step_ms")) for e in entries]
+        cells += [_ratio(e.get("ratio_plain")) for e in entries]
+        cells += [_ratio(e.get("ratio_base")) for e in entries]
+        cells += [_mib(e.get("memory_bytes")) for e in entries]
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    lines.append("")
   if image:
     lines += [f"![speed]({image})", ""]
   return lines
@@ -266,13 +919,14 @@ def _speed_markdown(speed: dict, image: Optional[str]) -> list[str]:
 
 def write_report(results: dict[str, dict], out_dir: str,
                  speed: Optional[dict] = None,
-                 meta: Optional[dict] = None) -> dict[str, str]:
+                 meta: Optional[dict] = None) -> dict[str, Any]:
   """Writes ``results.json``, ``report.md`` and PNGs into ``out_dir``.
 
   Args:
     results: problem name -> :func:`benchmarks.run_problem` result.
     out_dir: the folder (created if missing).
-    speed: the :func:`benchmarks.run_speed` result, if any.
+    speed: ``{model: run_speed result}`` (:func:`benchmarks.speed.
+      run_speed_models`) or one :func:`benchmarks.run_speed` result.
     meta: command, machine, wall time (free-form, shown at the top).
 
   Returns:
@@ -280,10 +934,11 @@ def write_report(results: dict[str, dict], out_dir: str,
   """
   os.makedirs(out_dir, exist_ok=True)
   meta = dict(meta or {})
+  speed_models = _speed_models(speed)
   json_path = os.path.join(out_dir, "results.json")
   with open(json_path, "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "problems": results, "speed": speed}, f,
-              default=_json_default)
+    json.dump({"meta": meta, "problems": results,
+               "speed": speed_models or None}, f, default=_json_default)
   plots = []
   lines = ["# optax_mtl benchmark report", ""]
   if meta:
@@ -294,6 +949,8 @@ def write_report(results: dict[str, dict], out_dir: str,
               f"({machine.get('backend', '?')})",
               f"- wall time: {meta.get('wall_seconds', float('nan')):.0f} s",
               ""]
+  lines += findings_markdown(results, speed_models)
+  lines += protocol_markdown(results)
   lines += ["## Ranking summary", "",
             "| problem | best → worst (by Δm%, toy2d by Pareto reached) |",
             "|---|---|"]
@@ -301,19 +958,48 @@ def write_report(results: dict[str, dict], out_dir: str,
     lines.append(f"| {name} | {', '.join(result['ranking'])} |")
   lines.append("")
   for name, result in results.items():
-    image = None
+    images: dict[str, str] = {}
     if result["strategies"]:
-      image = f"{name}_{'trajectories' if name == 'toy2d' else 'weights'}.png"
-      (plot_toy if name == "toy2d" else plot_weights)(
-          result, os.path.join(out_dir, image))
-      plots.append(os.path.join(out_dir, image))
-    lines += _problem_markdown(result, image)
-  if speed:
+      if result["problem"] == "toy2d":
+        makers = {"trajectories": plot_toy}
+      else:
+        makers = {"weights": plot_weights}
+        if result.get("single_task"):
+          makers.update(cost=plot_cost_quality, outcomes=plot_outcomes)
+      for kind, maker in makers.items():
+        images[kind] = f"{name}_{kind}.png"
+        maker(result, os.path.join(out_dir, images[kind]))
+        plots.append(os.path.join(out_dir, images[kind]))
+    lines += _problem_markdown(result, images)
+  if speed_models:
     image = "speed.png"
-    plot_speed(speed, os.path.join(out_dir, image))
+    plot_speed(speed_models, os.path.join(out_dir, image))
     plots.append(os.path.join(out_dir, image))
-    lines += _speed_markdown(speed, image)
+    lines += _speed_markdown(speed_models, image)
   md_path = os.path.join(out_dir, "report.md")
   with open(md_path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return {"json": json_path, "markdown": md_path, "plots": plots}
+
+
+def merge(paths: list[str]) -> tuple[dict, dict, dict]:
+  """``(problems, speed, meta)`` merged from several ``results.json``.
+
+  Lets a suite run in parts (e.g. ``--no-speed`` and ``--speed-only``, or
+  one problem at a time) and be reported as one; wall times add up.
+  """
+  problems, speed, meta = {}, {}, {}
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      loaded = json.load(f)
+    problems.update(loaded.get("problems") or {})
+    speed.update(_speed_models(loaded.get("speed")))
+    part = dict(loaded.get("meta") or {})
+    if meta:
+      meta["command"] += "; " + part.get("command", "")
+      meta["wall_seconds"] = (meta.get("wall_seconds", 0.0)
+                              + part.get("wall_seconds", 0.0))
+    else:
+      meta = part
+  return problems, speed, meta
+

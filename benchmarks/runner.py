@@ -4,19 +4,24 @@
 
 * the T single-task models (same architecture and budget, each trained on
   its own task's loss only) in one vectorised run: ``vmap`` over tasks and
-  seeds of one jitted ``lax.scan`` training loop;
+  seeds of one jitted training loop;
 * the multi-task model under every strategy, ``vmap`` over seeds, through
   ``optax_mtl.value_and_grad(loss_fn, strategy)`` and ``optax.adam``;
 
-then scores every model on the test set and summarises per task and per
+every model under the same model selection (:data:`PROTOCOL`: a held-out
+validation split, the best validation checkpoint, early stopping), so that
+no comparison rests on an under-trained or over-fitted baseline. It then
+scores every selected model on the test set and summarises per task and per
 strategy (mean score, Δm%, negative transfer; see ``optax_mtl.metrics``).
 The result is a plain dict that ``json.dump`` accepts.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from concurrent import futures
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +34,19 @@ from optax_mtl import metrics as mtl_metrics
 from benchmarks import problems as problems_lib
 from benchmarks import strategies as strategies_lib
 
-MAX_CURVE_POINTS = 200
 _PREDICT_CACHE: dict = {}
+
+# Model selection, the same for every model (single-task and multi-task):
+# the last `validation_fraction` of the training rows are held out; every
+# `eval_every` steps (default: num_steps // 100) the model's validation
+# criterion is computed, the checkpoint with the best criterion is kept (an
+# improvement must be by more than the fraction `min_delta`), and training
+# stops after `patience` evaluations without improvement or at num_steps. The criterion is the mean, over the tasks the model is trained
+# on, of the validation loss divided by its value at initialisation (scale
+# free, so that a task with large losses does not decide alone; for a
+# single-task model it is its own task's validation loss).
+PROTOCOL = dict(validation_fraction=0.2, eval_every=None, patience=15,
+                min_delta=1e-3)
 
 
 def seed_list(seeds: Union[int, Sequence[int]]) -> list[int]:
@@ -39,49 +55,155 @@ def seed_list(seeds: Union[int, Sequence[int]]) -> list[int]:
   return [int(s) for s in seeds]
 
 
-def _subsample(num_steps: int) -> np.ndarray:
-  stride = max(1, num_steps // MAX_CURVE_POINTS)
-  return np.arange(0, num_steps, stride)
+def protocol_settings(problem: problems_lib.Problem, num_steps: int,
+                      **overrides) -> dict[str, Any]:
+  """The model-selection settings for one run (see :data:`PROTOCOL`)."""
+  settings = dict(PROTOCOL, **overrides)
+  if settings["eval_every"] is None:
+    settings["eval_every"] = max(1, num_steps // 100)
+  settings["num_steps"] = num_steps
+  settings["num_evals"] = max(1, num_steps // settings["eval_every"])
+  del problem
+  return settings
 
 
-def _training_loop(problem, step_fn, init_state_fn):
-  """``run(params, batch_indices[steps, B], train_data, *static) -> (params,
-  losses[steps, T], weights[steps, T], num_skipped)``; no randomness inside,
-  so that the compiled loop stays small."""
+def split_validation(problem: problems_lib.Problem,
+                     fraction: float) -> tuple[Any, Any]:
+  """``(train, validation)``: the last ``fraction`` of the training rows
+  are held out for model selection."""
+  num_rows = jax.tree.leaves(problem.train_data)[0].shape[0]
+  num_val = int(round(fraction * num_rows))
+  if not 0 < num_val < num_rows:
+    raise ValueError(f"validation_fraction={fraction} leaves no training or "
+                     f"no validation rows out of {num_rows}.")
+  train = jax.tree.map(lambda a: a[:num_rows - num_val], problem.train_data)
+  validation = jax.tree.map(lambda a: a[num_rows - num_val:],
+                            problem.train_data)
+  return train, validation
+
+
+class _Carry(NamedTuple):
+  params: Any
+  state: Any
+  opt_state: Any
+  best_params: Any
+  best_criterion: jax.Array   # f32[], the best validation criterion so far
+  best_step: jax.Array        # i32[], the step of that checkpoint
+  evals_since_best: jax.Array  # i32[]
+  eval_index: jax.Array       # i32[], evaluations done
+  losses: jax.Array           # f32[num_evals, T], mean training losses
+  weights: jax.Array          # f32[num_evals, T], mean weights applied
+  criterion: jax.Array        # f32[num_evals], validation criterion
+  weight_max: jax.Array       # f32[T], the largest finite |weight| seen
+  nonfinite_weights: jax.Array  # i32[], steps with a non-finite weight
+
+
+def _training_loop(problem, step_fn, init_state_fn, settings):
+  """``run(params, batch_indices[steps, B], train, validation, task_mask[T],
+  *static) -> dict`` trains with Adam under the selection protocol.
+
+  ``step_fn(params, state, batch, *static) -> ((task_losses, grads), state,
+  weights)``. No randomness inside, so that the compiled loop stays small;
+  the loop stops early (``lax.while_loop``) once ``patience`` evaluations
+  brought no improvement.
+  """
   optimizer = optax.adam(problem.learning_rate)
+  eval_every, num_evals = settings["eval_every"], settings["num_evals"]
+  patience, min_delta = settings["patience"], settings["min_delta"]
+  num_tasks = problem.num_tasks
 
-  def run(params, batch_indices, train_data, *static):
-    state = init_state_fn(params, *static)
-    opt_state = optimizer.init(params)
+  def run(params, batch_indices, train_data, validation_data, task_mask,
+          *static):
+    task_mask = task_mask.astype(jnp.float32)
+    initial_validation = jnp.abs(problem.loss_fn(params, validation_data))
 
-    def body(carry, indices):
-      params, state, opt_state = carry
-      batch = jax.tree.map(lambda a: a[indices], train_data)
-      (task_losses, grads), state, weights = step_fn(params, state, batch,
-                                                     *static)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, state, opt_state), (task_losses, weights)
+    def criterion_of(params):
+      ratio = problem.loss_fn(params, validation_data) / jnp.where(
+          initial_validation > 0, initial_validation, 1.0)
+      value = jnp.sum(task_mask * ratio) / jnp.sum(task_mask)
+      return jnp.where(jnp.isfinite(value), value, jnp.inf)
 
-    (params, state, _), (task_losses, weights) = jax.lax.scan(
-        body, (params, state, opt_state), batch_indices)
-    num_skipped = getattr(state, "num_skipped", jnp.zeros([], jnp.int32))
-    return params, task_losses, weights, num_skipped
+    def train_steps(carry: _Carry):
+      def one_step(i, inner):
+        params, state, opt_state, loss_sum, weight_sum, weight_max, bad = inner
+        indices = batch_indices[carry.eval_index * eval_every + i]
+        batch = jax.tree.map(lambda a: a[indices], train_data)
+        (task_losses, grads), state, weights = step_fn(params, state, batch,
+                                                       *static)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(weights)
+        weight_max = jnp.maximum(weight_max,
+                                 jnp.where(finite, jnp.abs(weights), 0.0))
+        bad = bad + jnp.any(~finite).astype(jnp.int32)
+        return (params, state, opt_state, loss_sum + task_losses,
+                weight_sum + weights, weight_max, bad)
+
+      zeros = jnp.zeros((num_tasks,), jnp.float32)
+      params, state, opt_state, loss_sum, weight_sum, weight_max, bad = (
+          jax.lax.fori_loop(0, eval_every, one_step,
+                            (carry.params, carry.state, carry.opt_state,
+                             zeros, zeros, carry.weight_max,
+                             carry.nonfinite_weights)))
+      value = criterion_of(params)
+      improved = value < carry.best_criterion * (1.0 - min_delta)
+      step = (carry.eval_index + 1) * eval_every
+      index = carry.eval_index
+      return _Carry(
+          params=params, state=state, opt_state=opt_state,
+          best_params=jax.tree.map(lambda new, old: jnp.where(improved, new,
+                                                              old),
+                                   params, carry.best_params),
+          best_criterion=jnp.where(improved, value, carry.best_criterion),
+          best_step=jnp.where(improved, step, carry.best_step),
+          evals_since_best=jnp.where(improved, 0, carry.evals_since_best + 1),
+          eval_index=index + 1,
+          losses=carry.losses.at[index].set(loss_sum / eval_every),
+          weights=carry.weights.at[index].set(weight_sum / eval_every),
+          criterion=carry.criterion.at[index].set(value),
+          weight_max=weight_max, nonfinite_weights=bad)
+
+    def keep_going(carry: _Carry):
+      return (carry.eval_index < num_evals) & (
+          carry.evals_since_best < patience)
+
+    nan_curve = jnp.full((num_evals, num_tasks), jnp.nan, jnp.float32)
+    carry = _Carry(
+        params=params, state=init_state_fn(params, *static),
+        opt_state=optimizer.init(params), best_params=params,
+        best_criterion=criterion_of(params),
+        best_step=jnp.zeros((), jnp.int32),
+        evals_since_best=jnp.zeros((), jnp.int32),
+        eval_index=jnp.zeros((), jnp.int32), losses=nan_curve,
+        weights=nan_curve, criterion=jnp.full((num_evals,), jnp.nan),
+        weight_max=jnp.zeros((num_tasks,), jnp.float32),
+        nonfinite_weights=jnp.zeros((), jnp.int32))
+    carry = jax.lax.while_loop(keep_going, train_steps, carry)
+    num_skipped = getattr(carry.state, "num_skipped",
+                          jnp.zeros([], jnp.int32))
+    return dict(
+        params=carry.best_params, best_step=carry.best_step,
+        steps_run=carry.eval_index * eval_every,
+        stopped_early=carry.evals_since_best >= patience,
+        losses=carry.losses, weights=carry.weights,
+        criterion=carry.criterion, weight_max=carry.weight_max,
+        nonfinite_weights=carry.nonfinite_weights, num_skipped=num_skipped)
 
   return run
 
 
 def initial_params_and_batches(problem: problems_lib.Problem,
-                               seeds: Sequence[int], num_steps: int):
+                               seeds: Sequence[int], num_steps: int,
+                               num_train: int):
   """Per-seed initial params (stacked) and minibatch indices
-  ``int32[num_seeds, steps, batch_size]``, drawn outside the training loop
-  (the same for every strategy and for the single-task models)."""
+  ``int32[num_seeds, steps, batch_size]`` into the first ``num_train`` rows,
+  drawn outside the training loop (the same for every strategy and for the
+  single-task models)."""
   key = (id(problem), "init")
   if key not in _PREDICT_CACHE:
     _PREDICT_CACHE[key] = (problem, jax.jit(jax.vmap(problem.init_params)))
   init = _PREDICT_CACHE[key][1]
   params = init(jnp.stack([jax.random.key(s) for s in seeds]))
-  num_train = jax.tree.leaves(problem.train_data)[0].shape[0]
   indices = np.stack([
       np.random.default_rng([s, 12345]).integers(
           0, num_train, (num_steps, problem.batch_size))
@@ -89,40 +211,99 @@ def initial_params_and_batches(problem: problems_lib.Problem,
   return params, indices
 
 
-def train_multitask(problem: problems_lib.Problem, strategy: Any,
-                    seeds: Sequence[int], num_steps: Optional[int] = None):
-  """Trains the multi-task model under ``strategy``, one run per seed.
+# XLA compiles on one core; the runner compiles this many programs at once
+# (all the strategies of a problem, before any of them runs).
+COMPILE_THREADS = max(1, min(2, len(os.sched_getaffinity(0))
+                               if hasattr(os, "sched_getaffinity")
+                               else os.cpu_count() or 1))
 
-  Returns:
-    ``(params, task_losses, weights, num_skipped)``: params with a leading
-    seed axis, losses and weights ``[num_seeds, steps, T]`` and the
-    strategy's rejected-step count per seed, as NumPy arrays.
-  """
-  num_steps = num_steps or problem.num_steps
+
+class Job(NamedTuple):
+  """A training run, traced and ready to compile."""
+
+  lowered: Any        # jax.stages.Lowered of the vmapped training loop
+  args: tuple         # its arguments
+  settings: dict      # protocol_settings
+
+
+def compile_jobs(jobs: Sequence[Job]) -> list[tuple[Any, float]]:
+  """``[(compiled, seconds)]``, compiled COMPILE_THREADS at a time."""
+  def compile_one(job):
+    start = time.perf_counter()
+    compiled = job.lowered.compile()
+    return compiled, time.perf_counter() - start
+
+  if COMPILE_THREADS == 1 or len(jobs) < 2:
+    return [compile_one(job) for job in jobs]
+  with futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
+    return list(pool.map(compile_one, jobs))
+
+
+def execute(job: Job, compiled: Any, compile_seconds: float) -> dict:
+  """Runs a compiled job; its outputs as NumPy (params stay as arrays)."""
+  start = time.perf_counter()
+  outputs = jax.block_until_ready(compiled(*job.args))
+  run_seconds = time.perf_counter() - start
+  out = {key: (value if key == "params" else np.asarray(value))
+         for key, value in outputs.items()}
+  out.update(settings=job.settings, compile_seconds=compile_seconds,
+             run_seconds=run_seconds)
+  return out
+
+
+def _run(job: Job) -> dict:
+  ((compiled, seconds),) = compile_jobs([job])
+  return execute(job, compiled, seconds)
+
+
+def prepare_multitask(problem: problems_lib.Problem, strategy: Any,
+                      seeds: Sequence[int], num_steps: Optional[int] = None,
+                      **protocol) -> Job:
+  """Traces the multi-task training run (see :func:`train_multitask`)."""
+  settings = protocol_settings(problem, num_steps or problem.num_steps,
+                               **protocol)
+  train, validation = split_validation(problem,
+                                       settings["validation_fraction"])
   value_and_grad = optax_mtl.value_and_grad(problem.loss_fn, strategy)
 
   def step_fn(params, state, batch):
     (task_losses, grads), state = value_and_grad(params, state, batch)
     return (task_losses, grads), state, state.weights
 
-  run = _training_loop(problem, step_fn, lambda p: strategy.init(p))
-  params, indices = initial_params_and_batches(problem, seeds, num_steps)
-  run_all = jax.jit(jax.vmap(run, in_axes=(0, 0, None)))
-  params, task_losses, weights, skipped = run_all(params, indices,
-                                                  problem.train_data)
-  return (params, np.asarray(task_losses), np.asarray(weights),
-          np.asarray(skipped))
+  run = _training_loop(problem, step_fn, lambda p: strategy.init(p), settings)
+  num_train = jax.tree.leaves(train)[0].shape[0]
+  params, indices = initial_params_and_batches(
+      problem, seeds, settings["num_steps"], num_train)
+  args = (params, indices, train, validation,
+          jnp.ones((problem.num_tasks,), bool))
+  run_all = jax.jit(jax.vmap(run, in_axes=(0, 0, None, None, None)))
+  return Job(run_all.lower(*args), args, settings)
 
 
-def train_single_task(problem: problems_lib.Problem, seeds: Sequence[int],
-                      num_steps: Optional[int] = None):
-  """Trains T single-task models per seed in one run (vmap tasks × seeds).
+def train_multitask(problem: problems_lib.Problem, strategy: Any,
+                    seeds: Sequence[int], num_steps: Optional[int] = None,
+                    **protocol) -> dict:
+  """Trains the multi-task model under ``strategy``, one run per seed.
 
-  Model t has the full architecture, the seed's initialisation and batches,
-  and is trained with Adam on task t's loss only. Returns params with
-  leading axes ``[T, num_seeds]`` and the losses ``[T, seeds, steps, T]``.
+  Returns:
+    A dict of NumPy arrays with a leading seed axis: ``params`` (the
+    selected checkpoint), ``best_step``, ``steps_run``, ``stopped_early``,
+    ``losses`` and ``weights`` ``[seeds, num_evals, T]`` (means over each
+    evaluation interval; NaN after a run stopped), ``criterion``,
+    ``weight_max`` ``[seeds, T]``, ``nonfinite_weights``, ``num_skipped``;
+    plus ``settings``, ``compile_seconds`` and ``run_seconds``.
   """
-  num_steps = num_steps or problem.num_steps
+  return _run(prepare_multitask(problem, strategy, seeds, num_steps,
+                                **protocol))
+
+
+def prepare_single_task(problem: problems_lib.Problem, seeds: Sequence[int],
+                        num_steps: Optional[int] = None, **protocol) -> Job:
+  """Traces the single-task training run (see :func:`train_single_task`)."""
+  settings = protocol_settings(problem, num_steps or problem.num_steps,
+                               **protocol)
+  train, validation = split_validation(problem,
+                                       settings["validation_fraction"])
   num_tasks = problem.num_tasks
 
   def step_fn(params, state, batch, task_index):
@@ -135,17 +316,32 @@ def train_single_task(problem: problems_lib.Problem, seeds: Sequence[int],
     weights = jax.nn.one_hot(task_index, num_tasks)
     return (task_losses, grads), state, weights
 
-  run = _training_loop(problem, step_fn, lambda p, t: ())
-  params, indices = initial_params_and_batches(problem, seeds, num_steps)
+  run = _training_loop(problem, step_fn, lambda p, t: (), settings)
+  num_train = jax.tree.leaves(train)[0].shape[0]
+  params, indices = initial_params_and_batches(
+      problem, seeds, settings["num_steps"], num_train)
 
-  def per_task(task_index, params, indices, data):
-    return jax.vmap(run, in_axes=(0, 0, None, None))(params, indices, data,
-                                                      task_index)
+  def per_task(task_index, params, indices, train, validation):
+    return jax.vmap(run, in_axes=(0, 0, None, None, None, None))(
+        params, indices, train, validation,
+        jax.nn.one_hot(task_index, num_tasks) > 0, task_index)
 
-  params, task_losses, _, _ = jax.jit(
-      jax.vmap(per_task, in_axes=(0, None, None, None)))(
-          jnp.arange(num_tasks), params, indices, problem.train_data)
-  return params, np.asarray(task_losses)
+  args = (jnp.arange(num_tasks), params, indices, train, validation)
+  run_all = jax.jit(jax.vmap(per_task, in_axes=(0, None, None, None, None)))
+  return Job(run_all.lower(*args), args, settings)
+
+
+def train_single_task(problem: problems_lib.Problem, seeds: Sequence[int],
+                      num_steps: Optional[int] = None, **protocol) -> dict:
+  """Trains T single-task models per seed in one run (vmap tasks × seeds).
+
+  Model t has the full architecture, the seed's initialisation and batches,
+  is trained with Adam on task t's loss only, and is selected by the same
+  protocol as the multi-task models (its criterion reads task t only).
+  Returns the dict of :func:`train_multitask` with leading axes
+  ``[T, num_seeds]``.
+  """
+  return _run(prepare_single_task(problem, seeds, num_steps, **protocol))
 
 
 def score_models(problem: problems_lib.Problem, params: Any,
@@ -206,6 +402,51 @@ def _summary(scores: dict[str, np.ndarray],
   return out
 
 
+_SINGLE_TASK = "single-task"  # The job key of the single-task models.
+LATE_FRACTION = 0.2  # "Late" = the last fifth of the training budget.
+# A model whose last fifth brought more than 2 % of its whole reduction of
+# the validation criterion is reported as still improving.
+STILL_IMPROVING = 0.02
+
+
+def late_gain(criterion: np.ndarray, stopped_early: np.ndarray) -> np.ndarray:
+  """The share of a run's progress that came late in its budget.
+
+  The criterion starts at 1 (it is relative to its initial value). For a run
+  that used its whole budget: ``(b − l) / (1 − l)``, where ``b`` is the best
+  criterion before the last fifth of the evaluations and ``l`` the best
+  overall, i.e. the fraction of the whole reduction that the last fifth
+  brought; 0 for a run that early stopping ended, or that never improved.
+  Leading axes are kept: ``criterion[..., num_evals]`` (NaN after a run
+  stopped), ``stopped_early[...]``.
+  """
+  num_evals = criterion.shape[-1]
+  split = max(1, int(round((1.0 - LATE_FRACTION) * num_evals)))
+  finite = np.where(np.isfinite(criterion), criterion, np.inf)
+  before = np.min(finite[..., :split], axis=-1)
+  best = np.minimum(before, np.min(finite[..., split:], axis=-1,
+                                   initial=np.inf))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    gain = np.where(np.isfinite(before) & (best < 1.0),
+                    (before - best) / (1.0 - best), 0.0)
+  return np.where(stopped_early, 0.0, np.clip(gain, 0.0, 1.0))
+
+
+def _selection(out: dict) -> dict[str, Any]:
+  """What model selection chose, per model (JSON-able), and the validation
+  criterion at every evaluation (mean over seeds, NaN once all stopped)."""
+  criterion = out["criterion"]
+  with np.errstate(invalid="ignore"):
+    counts = np.sum(np.isfinite(criterion), axis=-2)
+    curve = np.where(counts > 0, np.nansum(criterion, axis=-2)
+                     / np.maximum(counts, 1), np.nan)
+  return {"best_step": out["best_step"].tolist(),
+          "steps_run": out["steps_run"].tolist(),
+          "stopped_early": out["stopped_early"].tolist(),
+          "late_gain": late_gain(criterion, out["stopped_early"]).tolist(),
+          "validation_curve": curve.tolist()}
+
+
 def run_problem(
     problem: Union[str, problems_lib.Problem],
     strategies: Optional[Sequence[str]] = None,
@@ -214,33 +455,36 @@ def run_problem(
     data_dir: Optional[str] = None,
     num_steps: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
+    **protocol,
 ) -> dict[str, Any]:
   """Runs the protocol on one problem; returns a JSON-able result dict.
 
   Args:
     problem: a :class:`benchmarks.problems.Problem` or a problem name.
-    strategies: names of ``optax_mtl`` strategies (default: every strategy of
-      ``benchmarks.strategies.STRATEGIES`` that optax_mtl provides).
+    strategies: names of ``benchmarks.strategies.STRATEGIES`` (default: all
+      of them); an unknown name raises ``ValueError``.
     seeds: the number of seeds (0, 1, …) or a list of seeds.
     suite: "quick" or "full" (used when ``problem`` is a name).
     data_dir: folder of real data sets (used when ``problem`` is a name).
-    num_steps: overrides the problem's number of training steps.
+    num_steps: overrides the problem's training budget (the most steps).
     progress: called with a short label after every trained model.
+    **protocol: overrides of :data:`PROTOCOL` (``validation_fraction``,
+      ``eval_every``, ``patience``).
 
   Returns:
     ``{"problem", "tasks", "metrics", "higher_is_better", "seeds",
-    "single_task", "strategies": {name: {..., "weights", "losses",
-    "train_seconds"}}, "ranking"}``.
+    "protocol", "single_task", "strategies": {name: {..., "weights",
+    "losses", "selection", "step_ms", "train_seconds"}}, "ranking"}``.
   """
   if isinstance(problem, str):
     problem = problems_lib.make(problem, suite=suite, data_dir=data_dir)
   seeds = seed_list(seeds)
-  names = strategies_lib.available(strategies)
+  names = strategies_lib.resolve(strategies)
   progress = progress or (lambda label: None)
   if "run" in problem.extra:  # A problem with its own protocol (the toy).
     return problem.extra["run"](problem, names, seeds, num_steps, progress)
-  steps = num_steps or problem.num_steps
-  curve_index = _subsample(steps)
+  settings = protocol_settings(problem, num_steps or problem.num_steps,
+                               **protocol)
   result: dict[str, Any] = {
       "problem": problem.name,
       "description": problem.description,
@@ -248,38 +492,78 @@ def run_problem(
       "metrics": list(problem.metric_names),
       "higher_is_better": list(problem.higher_is_better),
       "seeds": seeds,
-      "num_steps": steps,
-      "curve_steps": curve_index.tolist(),
+      "num_steps": settings["num_steps"],
+      "protocol": settings,
+      "curve_steps": [(k + 1) * settings["eval_every"]
+                      for k in range(settings["num_evals"])],
       "strategies": {},
   }
+  # Every run is traced, then all are compiled (COMPILE_THREADS at a time),
+  # then run one after the other, so that no compilation competes with a
+  # timed run.
+  overrides = settings_overrides(settings)
+  built = {name: strategies_lib.make(name, problem.num_tasks)
+           for name in names}
+  jobs = {name: prepare_multitask(problem, strategy, seeds, **overrides)
+          for name, strategy in built.items()}
+  if problem.single_task_baseline:
+    jobs = {_SINGLE_TASK: prepare_single_task(problem, seeds, **overrides),
+            **jobs}
+  compiled = dict(zip(jobs, compile_jobs(list(jobs.values()))))
   stl_scores = None
   if problem.single_task_baseline:
-    start = time.perf_counter()
-    params, losses = train_single_task(problem, seeds, steps)
-    stl_scores = score_models(problem, params, single_task=True)
-    result["single_task"] = _summary(stl_scores, None, problem)
-    result["single_task"]["train_seconds"] = time.perf_counter() - start
+    stl = execute(jobs[_SINGLE_TASK], *compiled.pop(_SINGLE_TASK))
+    stl_scores = score_models(problem, stl["params"], single_task=True)
+    summary = _summary(stl_scores, None, problem)
+    summary["train_seconds"] = stl["compile_seconds"] + stl["run_seconds"]
+    summary["selection"] = _selection(stl)  # [T, seeds]
+    gains = np.mean(np.asarray(summary["selection"]["late_gain"]), axis=1)
+    summary["still_improving"] = {
+        problem.task_names[k]: float(gains[k])
+        for k in range(problem.num_tasks) if gains[k] > STILL_IMPROVING}
+    result["single_task"] = summary
     progress(f"{problem.name}/single-task")
   for name in names:
-    start = time.perf_counter()
-    strategy = strategies_lib.make(name, problem.num_tasks)
-    params, losses, weights, skipped = train_multitask(problem, strategy,
-                                                       seeds, steps)
-    scores = score_models(problem, params)
+    out = execute(jobs[name], *compiled.pop(name))
+    scores = score_models(problem, out["params"])
     summary = _summary(scores, stl_scores, problem)
-    summary["train_seconds"] = time.perf_counter() - start
-    summary["gramian"] = strategies_lib.needs_gramian(strategy)
-    summary["weights"] = np.mean(weights[:, curve_index], axis=0).tolist()
-    summary["losses"] = np.mean(losses[:, curve_index], axis=0).tolist()
-    summary["skipped_steps"] = skipped.tolist()
-    summary["final_train_losses"] = np.mean(losses[:, -1], axis=0).tolist()
+    summary["train_seconds"] = out["compile_seconds"] + out["run_seconds"]
+    summary["compile_seconds"] = out["compile_seconds"]
+    # Per training step of all seeds at once (vmapped), validation included.
+    summary["step_ms"] = 1e3 * out["run_seconds"] / max(
+        1, int(np.max(out["steps_run"])))
+    summary["gramian"] = strategies_lib.needs_gramian(built[name])
+    summary["selection"] = _selection(out)
+    summary["weights"] = _nanmean(out["weights"]).tolist()
+    summary["losses"] = _nanmean(out["losses"]).tolist()
+    summary["skipped_steps"] = out["num_skipped"].tolist()
+    summary["weight_max"] = np.max(out["weight_max"], axis=0).tolist()
+    summary["nonfinite_weight_steps"] = out["nonfinite_weights"].tolist()
+    last = np.maximum(out["steps_run"] // settings["eval_every"] - 1, 0)
+    summary["final_train_losses"] = np.mean(
+        out["losses"][np.arange(len(seeds)), last], axis=0).tolist()
     summary["nonfinite_params"] = int(sum(
         int(np.sum(~np.isfinite(np.asarray(leaf))))
-        for leaf in jax.tree.leaves(params)))
+        for leaf in jax.tree.leaves(out["params"])))
     result["strategies"][name] = summary
     progress(f"{problem.name}/{name}")
   result["ranking"] = rank(result)
   return result
+
+
+def settings_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+  """The arguments that rebuild ``settings`` in :func:`protocol_settings`."""
+  return {key: settings[key] for key in ("num_steps", "validation_fraction",
+                                         "eval_every", "patience",
+                                         "min_delta")}
+
+
+def _nanmean(curves: np.ndarray) -> np.ndarray:
+  """Mean over seeds of ``[seeds, evals, T]``, NaN where every run stopped."""
+  with np.errstate(invalid="ignore"):
+    counts = np.sum(np.isfinite(curves), axis=0)
+    total = np.nansum(curves, axis=0)
+    return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
 
 def rank(result: dict[str, Any]) -> list[str]:

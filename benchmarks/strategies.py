@@ -1,15 +1,14 @@
-"""The strategies the suite compares, and their default settings (one place).
+"""The strategies the suite compares, and their settings (one place).
 
-A strategy is looked up by name in ``optax_mtl``; a name that the installed
-``optax_mtl`` does not (yet) provide is skipped with a printed notice. Keyword
-arguments that a factory does not accept are dropped with a notice too, so
-that this table can run ahead of the library.
+``STRATEGIES`` maps a name to the keyword arguments of
+``optax_mtl.<name>(num_tasks, **kwargs)``. A name that is not in the table
+and a keyword argument that the factory does not take are errors: a typo
+fails loudly instead of shrinking the comparison.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import optax_mtl
 
@@ -27,6 +26,9 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "geometric_mean": {},
     "uncertainty": {},
     "rlw": {},
+    "imtl_l": {},
+    "stch": {},
+    "famo": {},  # The one-pass variant (remeasured_losses=False).
     "normalized_gradients": {},
     "mgda": {},
     "upgrad": {},
@@ -35,52 +37,41 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "pcgrad": {},
     "gradnorm": {},
     "imtl_g": {},
+    "imtl": {},
     "nash_mtl": {},
     "aligned_mtl": {},
 }
 
 BASELINE = "equal"
 
-_NOTICES: set[str] = set()
 
+def resolve(names: Optional[Sequence[str]] = None) -> list[str]:
+  """The names to run: the whole table by default, else ``names`` checked.
 
-def _notice(message: str) -> None:
-  if message not in _NOTICES:
-    _NOTICES.add(message)
-    print(f"[benchmarks] {message}", flush=True)
-
-
-def available(names: Optional[Sequence[str]] = None) -> list[str]:
-  """The names (in table order, or in the given order) optax_mtl provides."""
-  names = list(STRATEGIES) if names is None else list(names)
-  found = []
-  for name in names:
-    if callable(getattr(optax_mtl, name, None)):
-      found.append(name)
-    else:
-      _notice(f"strategy {name!r} is not in optax_mtl (yet); skipped.")
-  return found
+  Raises:
+    ValueError: a name that is not in :data:`STRATEGIES`.
+  """
+  if names is None:
+    return list(STRATEGIES)
+  names = list(names)
+  unknown = [name for name in names if name not in STRATEGIES]
+  if unknown:
+    raise ValueError(
+        f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}.")
+  return names
 
 
 def make(name: str, num_tasks: int, **overrides) -> Any:
-  """Builds ``optax_mtl.<name>(num_tasks, **defaults, **overrides)``."""
-  factory: Callable[..., Any] = getattr(optax_mtl, name)
-  kwargs = dict(STRATEGIES.get(name, {}))
-  kwargs.update(overrides)
-  try:
-    parameters = inspect.signature(factory).parameters
-  except (TypeError, ValueError):
-    parameters = {}
-  takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD
-                  for p in parameters.values())
-  if parameters and not takes_any:
-    for key in list(kwargs):
-      if key not in parameters:
-        _notice(f"optax_mtl.{name} takes no argument {key!r}; dropped.")
-        del kwargs[key]
-  return factory(num_tasks, **kwargs)
+  """Builds ``optax_mtl.<name>(num_tasks, **STRATEGIES[name], **overrides)``.
+
+  Raises:
+    ValueError: ``name`` is not in :data:`STRATEGIES`.
+    TypeError: a keyword argument the factory does not take.
+  """
+  (name,) = resolve([name])
+  return getattr(optax_mtl, name)(num_tasks, **STRATEGIES[name], **overrides)
 
 
 def needs_gramian(strategy: Any) -> bool:
-  """Whether a built strategy reads the Gramian (engine computes J for it)."""
-  return strategy.weighting.needs is optax_mtl.Needs.GRAMIAN
+  """Whether a built strategy reads the Gramian of the task gradients."""
+  return optax_mtl.weighting_of(strategy).needs is optax_mtl.Needs.GRAMIAN

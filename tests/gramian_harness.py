@@ -19,9 +19,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import optax_mtl
+from tests import strategies
 
 # Fixed Jacobians (rows are task gradients) used by several test files.
 FIXED_JACOBIANS = {
@@ -95,18 +95,6 @@ def check_both_faces_agree(strategy, jacobian, loss_fn, params, *,
   np.testing.assert_allclose(state.weights, optax_state.weights,
                              **weights_tolerance)
   return grads, state
-
-
-def check_accepts_any_loss_sign_and_keeps_state_types(factory, state_type):
-  """Negative and zero losses are accepted; state dtypes never change."""
-  strategy = factory(num_tasks=2)
-  state = strategy.init(None)
-  assert isinstance(state, state_type)
-  _, new_state = strategy.update(jnp.eye(2), state,
-                                 task_losses=jnp.array([-1.0, 0.0]))
-  assert int(new_state.num_skipped) == 0
-  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
-      lambda x: x.dtype, state)
 
 
 def direction_fn(strategy, num_tasks):
@@ -215,18 +203,17 @@ def filtered_value_and_grad_step(strategy):
   return grads, state
 
 
-# Hyperparameter errors shared by every strategy, and by the solver ones.
-NUM_TASKS_ERROR = ({"num_tasks": 0}, "num_tasks")
+# Hyperparameter errors shared by the solver strategies. (num_tasks is checked
+# for every strategy in tests/test_contract.py.)
 SOLVER_ERRORS = (({"num_tasks": 2, "max_iters": 0}, "max_iters"),
                  ({"num_tasks": 2, "tol": -1.0}, "tol"))
 
 
 def hyperparameter_errors(*cases):
-  """(kwargs, message) pairs: num_tasks, then ``cases``."""
-  return [NUM_TASKS_ERROR, *cases]
+  """The (kwargs, message) pairs of a test_hyperparameter_errors."""
+  return list(cases)
 
 
-def check_rejects(factory, kwargs, message):
-  """``factory(**kwargs)`` raises ValueError(message)."""
-  with pytest.raises(ValueError, match=message):
-    factory(**kwargs)
+# ``check_rejects(factory, kwargs, message)``: ``factory(**kwargs)`` raises
+# ValueError(message).
+check_rejects = strategies.check_rejects

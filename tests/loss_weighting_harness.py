@@ -7,7 +7,9 @@ scripted run on both faces (``strategy.update`` and
 ``optax_mtl.value_and_grad``), through a jitted ``lax.scan`` for the hypothesis
 properties, and through the eager hyperparameter checks. This module holds
 those drivers and the scripted runs; the NumPy reference of each paper's rule,
-and so the expected values, stay in each test file.
+and so the expected values, stay in each test file. The properties every
+strategy shares (finite output, rejected steps, per-task scale invariance,
+...) are checked once for all in tests/test_properties.py.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import optax_mtl
+from tests import strategies
 
 NUM_TASKS = 3
 NUM_PARAMS = 4
@@ -81,8 +83,8 @@ def is_accepted(losses: np.ndarray) -> bool:
   return bool(np.all(np.isfinite(losses)) and np.all(losses > 0))
 
 
-def shapes_and_dtypes(tree: Any) -> Any:
-  return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+# The (shape, dtype) of every leaf of a state (one helper for all tests).
+shapes_and_dtypes = strategies.state_layout
 
 
 def check_optax_face(strategy, losses, grads, expected_weights, *,
@@ -223,8 +225,7 @@ def check_invariant_to_scaling_one_task(run, losses, scale, task, seed, *,
   assert np.all(np.abs(scaled_updates - updates) <= rtol * term_size + atol)
 
 
-def check_rejects(factory, kwargs, message):
-  """``factory(num_tasks=NUM_TASKS, **kwargs)`` raises ValueError(message)."""
-  kwargs = {"num_tasks": NUM_TASKS, **kwargs}
-  with pytest.raises(ValueError, match=message):
-    factory(**kwargs)
+# ``check_rejects(factory, kwargs, message)``: ``factory(num_tasks=NUM_TASKS,
+# **kwargs)`` raises ValueError(message). (num_tasks itself is checked for
+# every strategy in tests/test_contract.py.)
+check_rejects = strategies.check_rejects

@@ -38,10 +38,10 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import optax_mtl  # pylint: disable=g-import-not-at-top
-from tests import strategy_cases  # pylint: disable=g-import-not-at-top
+from tests import strategies  # pylint: disable=g-import-not-at-top
 
 NUM_DEVICES = 8
-NUM_TASKS = strategy_cases.NUM_TASKS
+NUM_TASKS = strategies.NUM_TASKS
 NUM_STEPS = 3
 BATCH = 16  # 2 examples per device.
 RTOL, ATOL = 2e-4, 1e-6
@@ -114,8 +114,7 @@ def compare(label, got, expected, failures):
       failures.append(f"{where}: max abs difference {diff:.3g}")
 
 
-def check_strategy(factory, mesh, data, check_vma):
-  strategy = factory()
+def check_strategy(strategy, mesh, data, check_vma):
   optimizer = optax.adam(1e-2)
   params = init_params()
   init = (params, optimizer.init(params), strategy.init(params))
@@ -186,11 +185,12 @@ def main(output_path, check_vma=False, names=None):
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
   data = make_data()
   results = {}
-  for name, factory in strategy_cases.strategy_cases(NUM_TASKS):
+  for name in strategies.NAMES:
     if names and name not in names:
       continue
     try:
-      results[name] = check_strategy(factory, mesh, data, check_vma)
+      results[name] = check_strategy(strategies.build(name), mesh, data,
+                                     check_vma)
     except Exception as error:  # pylint: disable=broad-except
       results[name] = [f"raised {type(error).__name__}: {error}"[:2000]]
   pathlib.Path(output_path).write_text(json.dumps(results, indent=1))

@@ -2,20 +2,20 @@
 
 import json
 import os
+import pathlib
+import re
+import subprocess
 import sys
+import tomllib
 
-# An editable install made before benchmarks/__init__.py existed maps
-# "benchmarks" to a namespace package; the repository root first fixes that.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn import metrics as sk_metrics
 
 import benchmarks
+import optax_mtl
 from benchmarks import __main__ as cli
 from benchmarks import data as data_lib
 from benchmarks import problems
@@ -24,9 +24,11 @@ from benchmarks import report
 from benchmarks import runner
 from benchmarks import speed
 from benchmarks import strategies as strategies_lib
+from benchmarks.problems import _auc
 from benchmarks.problems import toy2d
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+ROOT = pathlib.Path(__file__).parents[1]
+FIXTURES = str(ROOT / "tests" / "fixtures")
 TINY = {
     "scales": dict(num_tasks=3, input_dim=8, output_dim=4, hidden=8, depth=2,
                    num_train=64, num_test=32, batch_size=16),
@@ -41,6 +43,7 @@ TINY = {
 # (every strategy costs a compilation).
 TINY_STRATEGIES = {"scales": ["equal", "normalized_gradients"],
                    "digits": ["equal"], "manytask": ["normalized_gradients"]}
+TINY_STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,8 @@ def tiny_results():
   for name, overrides in TINY.items():
     problem = problems.make(name, **overrides)
     out[name] = runner.run_problem(problem, TINY_STRATEGIES[name], seeds=2,
-                                   num_steps=5)
+                                   num_steps=TINY_STEPS, eval_every=4,
+                                   patience=2)
   toy = problems.make("toy2d", grid_size=41)
   out["toy2d"] = runner.run_problem(toy, ["equal"], num_steps=20)
   return out
@@ -61,8 +65,10 @@ def test_problem_builds_and_trains(name, tiny_results):
   problem = problems.make(name, **TINY[name])
   t = problem.num_tasks
   assert result["tasks"] == list(problem.task_names)
-  assert len(result["single_task"]["per_task"][problem.metric_names[0]]
-             ["mean"]) == t
+  assert result["curve_steps"] == [4, 8, 12, 16, 20]
+  stl = result["single_task"]
+  assert len(stl["per_task"][problem.metric_names[0]]["mean"]) == t
+  assert np.asarray(stl["selection"]["best_step"]).shape == (t, 2)
   for strategy in TINY_STRATEGIES[name]:
     entry = result["strategies"][strategy]
     assert np.asarray(entry["weights"]).shape == (5, t)
@@ -70,28 +76,114 @@ def test_problem_builds_and_trains(name, tiny_results):
     assert 0 <= entry["negative_transfer"] <= t
     assert np.isfinite(entry["delta_m"]["mean"])
     assert len(entry["delta_m"]["per_seed"]) == 2
+    assert entry["step_ms"] > 0 and entry["gramian"] == (
+        strategy == "normalized_gradients")
+    best = np.asarray(entry["selection"]["best_step"])
+    run = np.asarray(entry["selection"]["steps_run"])
+    assert np.all((best % 4 == 0) & (best <= run) & (run <= TINY_STEPS))
   if "equal" in result["strategies"]:  # weight 1 on every task throughout
-    np.testing.assert_allclose(result["strategies"]["equal"]["weights"], 1.0)
+    weights = np.asarray(result["strategies"]["equal"]["weights"], float)
+    assert np.isfinite(weights[0]).all()  # NaN only after every seed stopped
+    np.testing.assert_array_equal(weights[np.isfinite(weights)], 1.0)
   assert sorted(result["ranking"]) == sorted(TINY_STRATEGIES[name])
 
 
 def test_training_lowers_the_loss():
   problem = problems.make("scales", **TINY["scales"])
-  _, losses, _, skipped = runner.train_multitask(
-      problem, strategies_lib.make("equal", 3), [0], num_steps=60)
-  assert losses.shape == (1, 60, 3)
-  assert losses[0, -10:].mean() < losses[0, :10].mean()
-  assert skipped.tolist() == [0]
+  out = runner.train_multitask(problem, strategies_lib.make("equal", 3), [0],
+                               num_steps=200, eval_every=20, patience=100)
+  assert out["losses"].shape == (1, 10, 3)
+  assert out["steps_run"].tolist() == [200]  # patience 100: no early stop
+  assert out["losses"][0, -1].mean() < out["losses"][0, 0].mean()
+  assert out["num_skipped"].tolist() == [0]
 
 
 def test_single_task_models_train_only_their_task():
   problem = problems.make("scales", **TINY["scales"])
-  params, losses = runner.train_single_task(problem, [0], num_steps=40)
-  assert jax.tree.leaves(params)[0].shape[:2] == (3, 1)
+  out = runner.train_single_task(problem, [0], num_steps=40, eval_every=5,
+                                 patience=100)
+  assert jax.tree.leaves(out["params"])[0].shape[:2] == (3, 1)
   # Model 0 learns task 0 better than model 1 does, and vice versa.
-  final = losses[:, 0, -5:].mean(axis=1)  # [model, task]
+  final = out["losses"][:, 0, -1]  # [model, task]
   assert final[0, 0] < final[1, 0]
   assert final[1, 1] < final[0, 1]
+  # Model t's weights are the one-hot vector of task t.
+  np.testing.assert_array_equal(out["weights"][:, 0, -1], np.eye(3))
+
+
+def _criterion(problem, params, validation, initial):
+  losses = np.asarray(problem.loss_fn(params, validation))
+  return float(np.mean(losses / initial))
+
+
+def test_selection_keeps_the_best_validation_checkpoint():
+  problem = problems.make("scales", **TINY["scales"])
+  seeds = [0, 1]
+  out = runner.train_multitask(problem, strategies_lib.make("equal", 3),
+                               seeds, num_steps=200, eval_every=5,
+                               patience=3)
+  _, validation = runner.split_validation(problem, 0.2)
+  initial_params, _ = runner.initial_params_and_batches(problem, seeds, 1, 1)
+  for seed in range(len(seeds)):
+    initial = np.abs(np.asarray(problem.loss_fn(
+        jax.tree.map(lambda a, i=seed: a[i], initial_params), validation)))
+    curve = out["criterion"][seed]
+    evaluated = curve[np.isfinite(curve)]
+    best_step, steps_run = out["best_step"][seed], out["steps_run"][seed]
+    assert len(evaluated) == steps_run // 5
+    # The returned params are the checkpoint of the best evaluation.
+    selected = jax.tree.map(lambda a, i=seed: a[i], out["params"])
+    value = _criterion(problem, selected, validation, initial)
+    if best_step == 0:
+      assert value == pytest.approx(1.0, rel=1e-5)
+    else:
+      assert value == pytest.approx(curve[best_step // 5 - 1], rel=1e-4)
+      assert value == pytest.approx(evaluated.min(), rel=1e-4)
+    if out["stopped_early"][seed]:  # patience evaluations without a gain
+      assert steps_run - best_step == 3 * 5
+    else:
+      assert steps_run == 200
+  # The loop stops early once the validation loss stops improving.
+  assert out["stopped_early"].any()
+
+
+def test_split_validation_holds_out_the_last_rows():
+  problem = problems.make("scales", **TINY["scales"])
+  train, validation = runner.split_validation(problem, 0.25)
+  np.testing.assert_array_equal(validation[0], problem.train_data[0][48:])
+  np.testing.assert_array_equal(train[1], problem.train_data[1][:48])
+  with pytest.raises(ValueError, match="validation_fraction"):
+    runner.split_validation(problem, 0.0)
+
+
+def test_late_gain():
+  nan = np.nan
+  criterion = np.array([
+      # Budget used, still falling: the last fifth (0.3 -> 0.2) brought
+      # 0.1 of the whole reduction 1 -> 0.2.
+      [1.0, 0.5, 0.4, 0.3, 0.2],
+      [1.0, 0.5, 0.4, 0.4, 0.41],   # budget used, flat at the end
+      [1.0, 0.5, 0.4, nan, nan],    # stopped early
+      [1.0, 1.2, 1.1, 1.3, 1.5],    # never improved
+  ])
+  gain = runner.late_gain(criterion,
+                          np.array([False, False, True, False]))
+  np.testing.assert_allclose(gain, [0.1 / 0.8, 0.0, 0.0, 0.0])
+
+
+def test_run_problem_reports_unconverged_baselines():
+  problem = problems.make("scales", **TINY["scales"])
+  # 10 steps: the single-task model of the smallest-scale task still
+  # improves fast when the budget runs out.
+  result = runner.run_problem(problem, ["equal"], seeds=1, num_steps=10,
+                              eval_every=1, patience=50)
+  still_improving = result["single_task"]["still_improving"]
+  assert "sigma=1" in still_improving
+  assert all(gain > runner.STILL_IMPROVING
+             for gain in still_improving.values())
+  text = "\n".join(report.findings_markdown({"scales": result}))
+  assert "Single-task baselines still improving" in text
+  assert f"sigma=1 ({still_improving['sigma=1']:.0%})" in text
 
 
 def test_toy2d_definition_and_pareto():
@@ -127,60 +219,167 @@ def test_toy2d_run(tiny_results):
   assert np.asarray(entry["trajectories"]).shape[:2] == (5, 20)
 
 
+def test_confidence_interval_and_ties():
+  # Hand computation: mean 2, sd 1, t(0.975, 2 dof) = 4.302653.
+  mean, low, high = report.confidence_interval([1.0, 2.0, 3.0])
+  half = 4.302653 / np.sqrt(3)
+  assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half),
+                                            rel=1e-6)
+  assert report.confidence_interval([5.0]) == (5.0, 5.0, 5.0)
+
+  def entry(per_seed):
+    return {"delta_m": {"mean": float(np.mean(per_seed)),
+                        "per_seed": per_seed}}
+
+  result = {"ranking": ["a", "b", "c"], "strategies": {
+      "a": entry([10.0, 12.0, 11.0]),
+      # Paired differences 1, 1.1, 0.9: small spread, clearly behind.
+      "b": entry([9.0, 10.9, 10.1]),
+      # Differences 5, -4, 1: the interval contains 0, a tie.
+      "c": entry([5.0, 16.0, 10.0])}}
+  assert report.ties_with_best(result) == ("a", ["c"])
+
+
+def _finding_result(**overrides):
+  """A synthetic two-task result for the generated findings."""
+  entry = {
+      "delta_m": {"mean": 5.0, "std": 1.0, "per_seed": [4.0, 5.0, 6.0]},
+      "mean_score": {"mean": 0.9, "std": 0.0},
+      "negative_transfer": 0, "skipped_steps": [0, 0, 0],
+      "weight_max": [1.0, 1.0], "nonfinite_weight_steps": [0, 0, 0],
+      "selection": {"steps_run": [100, 100, 100], "best_step": [90, 90, 90]},
+      "step_ms": 1.0}
+  equal = dict(entry, delta_m={"mean": -20.0, "std": 1.0,
+                               "per_seed": [-21.0, -20.0, -19.0]},
+               negative_transfer=2, mean_score={"mean": 0.5, "std": 0.0})
+  log_loss = dict(entry, delta_m={"mean": -40.0, "std": 1.0,
+                                  "per_seed": [-41.0, -40.0, -39.0]},
+                  skipped_steps=[30, 40, 50], weight_max=[7.5e37, 2.0],
+                  mean_score={"mean": 0.3, "std": 0.0})
+  result = {"problem": "p", "tasks": ["a", "b"], "metrics": ["score"],
+            "higher_is_better": [True], "ranking": ["ema", "equal",
+                                                    "log_loss"],
+            "strategies": {"ema": entry, "equal": equal,
+                           "log_loss": log_loss},
+            "single_task": {"still_improving": {}}}
+  result.update(overrides)
+  return result
+
+
+def test_findings_name_best_interval_skips_and_overflow():
+  text = "\n".join(report.findings_markdown({"p": _finding_result()}))
+  half = 4.302653 / np.sqrt(3)
+  assert (f"**Best by Δm%: `ema`**, Δm% +5.0 (95% CI {5 - half:+.1f} to "
+          f"{5 + half:+.1f}) over 3 seeds") in text
+  assert "ahead of every other strategy beyond seed noise" in text
+  assert "`ema` gains +25.0" in text
+  assert "No task worse than single-task" in text and "`ema`" in text
+  assert "`log_loss` rejected 40 of 100 steps" in text
+  assert "reached 7.5e+37" in text and "w_k = 1/L_k" in text
+  assert "Every single-task baseline converged" in text
+  assert "`equal` rejected" not in text
+
+
 def test_report_writes_json_markdown_png(tiny_results, tmp_path):
-  speed_result = speed.run_speed(
-      ["equal", "normalized_gradients"], num_tasks=[2],
+  speed_result = speed.run_speed_models(
+      ["equal", "normalized_gradients"], models=("mlp", "conv"),
+      num_tasks=[2],
       config=dict(input_dim=4, hidden=8, depth=1, batch_size=4, rounds=1,
-                  target_seconds=0.001))
+                  target_seconds=0.001, side=8, channels=(2,)))
   paths = report.write_report(tiny_results, str(tmp_path),
                               speed=speed_result,
                               meta={"command": "test", "wall_seconds": 1.0})
   with open(paths["json"]) as f:
     loaded = json.load(f)
   assert set(loaded["problems"]) == set(tiny_results)
+  assert set(loaded["speed"]) == {"mlp", "conv"}
   text = open(paths["markdown"]).read()
+  assert text.index("## What this run says") < text.index("## Protocol")
   for name in tiny_results:
     assert f"## {name}" in text
   assert "## Speed and memory" in text
-  assert len(paths["plots"]) == 5
+  assert "### mlp trunk" in text and "### conv trunk" in text
+  # Three problems × (cost, outcomes, weights), the toy, speed.
+  names = sorted(pathlib.Path(p).name for p in paths["plots"])
+  assert names == sorted(
+      [f"{p}_{kind}.png" for p in TINY for kind in ("cost", "outcomes",
+                                                    "weights")]
+      + ["toy2d_trajectories.png", "speed.png"])
   for plot in paths["plots"]:
     with open(plot, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  entry = speed_result["strategies"]["normalized_gradients"]["2"]
-  assert entry["kind"] == "gramian" and entry["ratio_jacobian"] > 0
-  assert entry["memory_bytes"] > 0 and entry["memory_low_memory_bytes"] > 0
-  assert speed_result["strategies"]["equal"]["2"]["ratio_plain"] > 0
+    assert f"]({pathlib.Path(plot).name})" in text
+  for model in ("mlp", "conv"):
+    entry = speed_result[model]["strategies"]["normalized_gradients"]["2"]
+    assert entry["kind"] == "gramian" and entry["ratio_jacobian"] > 0
+    assert entry["ratio_plain"] > 0 and entry["step_ms"] > 0
+    assert entry["memory_bytes"] > 0
+    assert speed_result[model]["strategies"]["equal"]["2"]["ratio_plain"] > 0
+    assert speed_result[model]["options"] == {}  # upgrad was not run
+  # The speed table gives every strategy's absolute time and ÷ plain.
+  row = next(line for line in text.splitlines()
+             if line.startswith("| normalized_gradients | gramian |"))
+  assert len(row.split("|")) == 2 + 2 + 4
   # Publishing: RESULTS.md with the requirement summary, plots alongside.
   published = tmp_path / "published"
   published.mkdir()
   results_md = publish.publish(str(tmp_path), destination=published)
   text = results_md.read_text()
   assert "## Requirements at a glance" in text
-  assert "/1 strategies within 1.05" in text  # equal, the one loss-only.
-  assert "/1 within 1.10" in text  # normalized_gradients.
+  assert "**mlp trunk**" in text and "**conv trunk**" in text
+  assert text.count("/1 strategies within 1.05") == 2  # equal, per model
+  assert text.count("/1 within 1.10") == 2  # normalized_gradients
+  assert text.count("Gramian strategies ÷ a plain training step") == 2
   # A further speed-only folder adds its own summary under its command.
   text = publish.publish(str(tmp_path), destination=published,
                          speed_dirs=(str(tmp_path),)).read_text()
-  assert ("## Further speed runs\n\n### `test` (minibatch 4)\n\n"
+  assert ("## Further speed runs\n\n### `test` (mlp trunk, minibatch 4, ?)\n\n"
           "Computed from") in text
-  assert text.count("/1 strategies within 1.05") == 2
+  assert text.count("/1 strategies within 1.05") == 4
   worst_line = next(line for line in text.splitlines()
                     if line.startswith("- Worst loss-only strategy"))
-  assert worst_line.count("(equal, T=2)") == 2
+  assert worst_line.count("(equal, mlp, T=2)") == 2
+  assert worst_line.count("(equal, conv, T=2)") == 2
   assert "## Speed and memory" in text and "](results/speed.png)" in text
   assert (published / "results" / "speed.png").exists()
+
+
+def test_speed_times_engine_options_on_a_conv_trunk():
+  result = speed.run_speed(
+      ["upgrad"], num_tasks=[2], model="conv",
+      config=dict(batch_size=4, rounds=1, target_seconds=0.001, side=8,
+                  channels=(2,), hidden=4))
+  assert result["model"] == "conv"
+  assert sorted(result["options"]) == sorted(speed.options("upgrad"))
+  for entry in result["options"].values():
+    assert entry["2"]["ratio_plain"] > 0 and entry["2"]["ratio_base"] > 0
+    assert entry["2"]["memory_bytes"] > 0
+  params, loss_fn, batches, encoder_fn, head_loss_fn = speed.make_model(
+      3, speed.model_config("conv", dict(side=8, channels=(2, 4), hidden=5)))
+  batch = jax.tree.map(lambda b: b[0], batches)
+  assert params["trunk"]["conv"][1]["w"].shape == (3, 3, 2, 4)
+  assert encoder_fn(params, batch).shape == (64, 5)
+  np.testing.assert_allclose(
+      loss_fn(params, batch),
+      head_loss_fn(params, encoder_fn(params, batch), batch))
+  with pytest.raises(ValueError, match="unknown speed model"):
+    speed.model_config("transformer")
 
 
 def test_cli_parsing():
   args = cli.parse_args([])
   assert args.suite == "quick" and args.seeds == [0, 1, 2]
   assert args.problems == ["scales", "digits", "manytask", "toy2d"]
-  assert args.out == "bench_results" and args.strategies is None
+  assert args.out == "bench_results"
+  assert args.strategies == list(strategies_lib.STRATEGIES)
+  assert args.speed_models == ["mlp", "conv"]
   args = cli.parse_args(["--suite", "full", "--problem", "digits",
                          "--problem", "toy2d", "--strategies", "equal, mgda",
-                         "--seeds", "0,4,7", "--out", "x"])
+                         "--seeds", "0,4,7", "--out", "x",
+                         "--speed-models", "conv"])
   assert args.problems == ["digits", "toy2d"] and args.seeds == [0, 4, 7]
   assert args.strategies == ["equal", "mgda"] and args.out == "x"
+  assert args.speed_models == ["conv"]
   assert cli.parse_args(["--seeds", "2"]).seeds == [0, 1]
   assert cli.parse_args(["--suite", "full"]).seeds == [0, 1, 2, 3, 4]
   args = cli.parse_args(["--data-dir", FIXTURES])
@@ -188,24 +387,93 @@ def test_cli_parsing():
   assert cli.parse_args(["--speed-only"]).problems == []
   assert cli.parse_args([]).speed_batch is None
   assert cli.parse_args(["--speed-batch", "1024"]).speed_batch == 1024
-  with pytest.raises(SystemExit):
-    cli.parse_args(["--speed-batch", "0"])
-  with pytest.raises(SystemExit):
-    cli.parse_args(["--speed-only", "--no-speed"])
-  with pytest.raises(SystemExit):
-    cli.parse_args(["--problem", "nope"])
-  with pytest.raises(SystemExit):
-    cli.parse_args(["--seeds", "0"])
+  for bad in (["--speed-batch", "0"], ["--speed-only", "--no-speed"],
+              ["--problem", "nope"], ["--seeds", "0"],
+              ["--strategies", "equal,no_such_strategy"],
+              ["--speed-models", "mlp,transformer"]):
+    with pytest.raises(SystemExit):
+      cli.parse_args(bad)
 
 
-def test_missing_strategy_is_skipped(capsys):
-  assert strategies_lib.available(["equal", "no_such_strategy"]) == ["equal"]
-  assert "no_such_strategy" in capsys.readouterr().out
-
-
-def test_strategy_table_names_are_unique_and_include_baseline():
+def test_unknown_strategy_or_keyword_raises():
+  with pytest.raises(ValueError, match="no_such_strategy"):
+    strategies_lib.resolve(["equal", "no_such_strategy"])
+  with pytest.raises(ValueError, match="no_such_strategy"):
+    runner.run_problem("toy2d", ["no_such_strategy"], num_steps=2)
+  with pytest.raises(TypeError, match="no_such_argument"):
+    strategies_lib.make("ema", 2, no_such_argument=1.0)
+  assert strategies_lib.resolve(None) == list(strategies_lib.STRATEGIES)
   assert strategies_lib.BASELINE in strategies_lib.STRATEGIES
-  assert len(set(strategies_lib.STRATEGIES)) == len(strategies_lib.STRATEGIES)
+
+
+# What the README documents for each strategy (loss-only or Gramian).
+LOSS_ONLY = {"equal", "ema", "rema", "dwema", "dwa", "lbtw", "initial_loss",
+             "log_loss", "geometric_mean", "uncertainty", "rlw", "imtl_l",
+             "stch", "famo"}
+
+
+@pytest.mark.parametrize("name", sorted(strategies_lib.STRATEGIES))
+def test_every_table_entry_builds(name):
+  strategy = strategies_lib.make(name, 3)
+  assert strategies_lib.needs_gramian(strategy) == (name not in LOSS_ONLY)
+  assert optax_mtl.weighting_of(strategy).num_tasks == 3
+
+
+def test_wheel_ships_optax_mtl_only():
+  config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert config["tool"]["setuptools"]["packages"]["find"]["include"] == [
+      "optax_mtl*"]
+  assert "scripts" not in config["project"]
+  runtime = [re.split(r"[<>=\[ ;]", d)[0]
+             for d in config["project"]["dependencies"]]
+  assert "flax" not in runtime
+  extras = config["project"]["optional-dependencies"]
+  for extra in ("nnx", "dev"):
+    assert any(d.startswith("flax") for d in extras[extra]), extra
+  # Only the Flax NNX face imports flax; `import optax_mtl` does not.
+  importers = sorted(
+      str(path.relative_to(ROOT)) for path in (ROOT / "optax_mtl").rglob(
+          "*.py")
+      if re.search(r"^\s*(import|from)\s+flax\b", path.read_text(),
+                   re.MULTILINE))
+  assert set(importers) <= {"optax_mtl/nnx.py", "optax_mtl/_src/nnx.py"}
+  check = subprocess.run(
+      [sys.executable, "-c",
+       "import sys, optax_mtl, optax_mtl.metrics; "
+       "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+       "('flax', 'benchmarks')))"],
+      capture_output=True, text=True, check=True, cwd=ROOT / "tests")
+  assert check.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_auc_matches_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(5, 300))
+  labels = rng.random(n) < rng.uniform(0.05, 0.6)
+  labels[0], labels[1] = True, False
+  # Rounded scores make many ties.
+  scores = np.round(rng.normal(size=n) + labels * rng.uniform(0, 2),
+                    int(rng.integers(0, 3)))
+  assert _auc.roc_auc(labels, scores) == pytest.approx(
+      sk_metrics.roc_auc_score(labels, scores), abs=1e-12)
+  assert _auc.average_precision(labels, scores) == pytest.approx(
+      sk_metrics.average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_auc_mask_and_degenerate():
+  labels = np.array([1, 0, 1, 0, 1])
+  scores = np.array([0.9, 0.1, 0.2, 0.8, 0.7])
+  mask = np.array([True, True, True, False, False])
+  assert _auc.roc_auc(labels, scores, mask) == pytest.approx(
+      sk_metrics.roc_auc_score(labels[mask], scores[mask]))
+  assert _auc.average_precision(labels, scores, mask) == pytest.approx(
+      sk_metrics.average_precision_score(labels[mask], scores[mask]))
+  assert np.isnan(_auc.roc_auc([1, 1], [0.1, 0.2]))
+  assert np.isnan(_auc.average_precision([0, 0], [0.1, 0.2]))
+  # Hand-computed: pairs (pos, neg) = (0.35 > 0.1), (0.35 < 0.4),
+  # (0.8 > 0.1), (0.8 > 0.4) -> 3/4.
+  assert _auc.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
 
 
 def test_celeba_loader_on_fixture():

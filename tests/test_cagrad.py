@@ -150,11 +150,6 @@ def test_both_faces_agree():
                              atol=2e-4)
 
 
-def test_accepts_any_loss_sign_and_keeps_state_types():
-  gramian_harness.check_accepts_any_loss_sign_and_keeps_state_types(
-      optax_mtl.cagrad, optax_mtl.CagradState)
-
-
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
                              ({"num_tasks": 2, "c": -0.1}, "c"),

@@ -1,12 +1,15 @@
 """Orbax checkpoints: an interrupted and resumed run equals an uninterrupted one.
 
-For every strategy (discovered at run time) a tiny multi-task model is trained
-through the optax face, ``optax.chain(strategy, optax.adam)``, for
-``NUM_STEPS`` steps without interruption, and again for ``RESUME_AT`` steps,
-saved with Orbax, restored against an abstract target built from a fresh
-``init`` (so the NamedTuple states come back as themselves), and resumed. The
-parameters, losses and weights must be bitwise equal. All strategies share
-one checkpoint, so Orbax is called once; each strategy compiles one step.
+For every strategy of tests/strategies.py a tiny multi-task model
+(``properties.loss_fn``) is trained through the optax face, the strategy
+then ``optax.adam`` (the state ``(strategy state, adam state)``, as
+``optax.chain`` keeps it), for ``NUM_STEPS`` steps without interruption, and
+again for ``RESUME_AT`` steps, saved with Orbax, restored against an abstract
+target built from a fresh ``init`` (so the NamedTuple states come back as
+themselves), and resumed. The parameters, losses and weights must be bitwise
+equal. All strategies share one checkpoint, so Orbax is called once; each
+strategy runs its shared compiled update (``properties.update``), and the
+gradients and adam are compiled once for all.
 """
 
 import jax
@@ -17,73 +20,68 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_mtl
-from tests import strategy_cases
+from tests import properties
+from tests import strategies
 
-NUM_TASKS = strategy_cases.NUM_TASKS
+NUM_TASKS = strategies.NUM_TASKS
 NUM_STEPS = 6
 RESUME_AT = 3
-CASES = list(strategy_cases.strategy_cases(NUM_TASKS))
-IDS = [name for name, _ in CASES]
 
-_BATCHES = jax.random.normal(jax.random.key(0), (NUM_STEPS, 8, 4))
-_TARGETS = jnp.sin(_BATCHES @ jnp.arange(1.0, 1.0 + 4 * NUM_TASKS).reshape(
-    4, NUM_TASKS))
+_BATCHES = jax.random.normal(jax.random.key(0), (NUM_STEPS, 8, 5))
+_TARGETS = jnp.sin(_BATCHES @ jnp.arange(1.0, 1.0 + 5 * NUM_TASKS).reshape(
+    5, NUM_TASKS))
+_ADAM = optax.adam(1e-2)
 
 
 def init_params(seed=1):
+  """Parameters shaped like properties.PARAMS (the shared compiled update)."""
   keys = jax.random.split(jax.random.key(seed), 2)
-  return {"trunk": 0.5 * jax.random.normal(keys[0], (4, 5)),
-          "heads": 0.5 * jax.random.normal(keys[1], (5, NUM_TASKS))}
+  shapes = {name: leaf.shape for name, leaf in properties.PARAMS.items()}
+  return {"trunk": 0.5 * jax.random.normal(keys[0], shapes["trunk"]),
+          "heads": 0.5 * jax.random.normal(keys[1], shapes["heads"])}
 
 
-def task_losses_fn(params, inputs, targets):
-  predictions = jnp.tanh(inputs @ params["trunk"]) @ params["heads"]
-  return jnp.mean((predictions - targets) ** 2, axis=0) + 0.01
+@jax.jit
+def _adam_step(updates, adam_state, params):
+  updates, adam_state = _ADAM.update(updates, adam_state, params)
+  return optax.apply_updates(params, updates), adam_state
 
 
-def make_step(tx):
-  """One jitted optax-face step; the strategy is the chain's first link."""
-
-  @jax.jit
-  def step(params, opt_state, inputs, targets):
-    task_grads, losses = jax.jacrev(
-        lambda p: (task_losses_fn(p, inputs, targets),) * 2,
-        has_aux=True)(params)
-    updates, opt_state = tx.update(task_grads, opt_state, params,
-                                   task_losses=losses)
-    return optax.apply_updates(params, updates), opt_state, losses
-
-  return step
+def init_opt_state(name, params):
+  return (strategies.strategy(name).init(params), _ADAM.init(params))
 
 
-def run(step, params, opt_state, first, last):
+def run(name, params, opt_state, first, last):
   losses, weights = [], []
   for index in range(first, last):
-    params, opt_state, step_losses = step(params, opt_state, _BATCHES[index],
-                                          _TARGETS[index])
+    task_grads, step_losses = properties.task_grads_and_losses(
+        params, _BATCHES[index], _TARGETS[index])
+    strategy_state, adam_state = opt_state
+    updates, strategy_state = properties.update(name, task_grads,
+                                                strategy_state, step_losses)
+    params, adam_state = _adam_step(updates, adam_state, params)
+    opt_state = (strategy_state, adam_state)
     losses.append(step_losses)
-    weights.append(opt_state[0].weights)
+    weights.append(strategy_state.weights)
   return params, opt_state, losses, weights
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Per strategy: the uninterrupted run and the saved-restored-resumed one."""
-  results, interrupted, fresh_targets, steps = {}, {}, {}, {}
-  for name, factory in CASES:
-    tx = optax.chain(factory(), optax.adam(1e-2))
-    steps[name] = make_step(tx)
+  results, interrupted, fresh_targets = {}, {}, {}
+  for name in strategies.NAMES:
     params = init_params()
-    results[name] = {"uninterrupted": run(steps[name], params, tx.init(params),
-                                          0, NUM_STEPS)}
-    params, opt_state, losses, weights = run(steps[name], params,
-                                             tx.init(params), 0, RESUME_AT)
+    results[name] = {"uninterrupted": run(
+        name, params, init_opt_state(name, params), 0, NUM_STEPS)}
+    params, opt_state, losses, weights = run(
+        name, params, init_opt_state(name, params), 0, RESUME_AT)
     results[name]["before"] = (losses, weights)
     interrupted[name] = {"params": params, "opt_state": opt_state}
     # What a fresh process builds before restoring: a new init.
     fresh_params = init_params(seed=2)
     fresh_targets[name] = {"params": fresh_params,
-                           "opt_state": tx.init(fresh_params)}
+                           "opt_state": init_opt_state(name, fresh_params)}
 
   directory = tmp_path_factory.mktemp("checkpoints") / f"step_{RESUME_AT}"
   checkpointer = ocp.StandardCheckpointer()
@@ -94,24 +92,23 @@ def runs(tmp_path_factory):
   restored = checkpointer.restore(directory, abstract)
   checkpointer.close()
 
-  for name, _ in CASES:
+  for name in strategies.NAMES:
     params, opt_state = restored[name]["params"], restored[name]["opt_state"]
     results[name]["restored"] = (opt_state, fresh_targets[name]["opt_state"])
-    results[name]["resumed"] = run(steps[name], params, opt_state, RESUME_AT,
+    results[name]["resumed"] = run(name, params, opt_state, RESUME_AT,
                                    NUM_STEPS)
   return results
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", strategies.NAMES)
 def test_restored_state_has_the_original_types_and_dtypes(runs, name):
   restored, fresh = runs[name]["restored"]
   assert jax.tree.structure(restored) == jax.tree.structure(fresh)
   assert type(restored[0]) is type(fresh[0])  # The strategy's own NamedTuple.
-  assert (strategy_cases.state_dtypes(restored) ==
-          strategy_cases.state_dtypes(fresh))
+  assert strategies.state_layout(restored) == strategies.state_layout(fresh)
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", strategies.NAMES)
 def test_resumed_run_equals_uninterrupted_run(runs, name):
   params, opt_state, losses, weights = runs[name]["uninterrupted"]
   resumed_params, resumed_state, resumed_losses, resumed_weights = (
@@ -133,7 +130,7 @@ def test_training_step_face_and_periodic_state_round_trip(tmp_path):
   strategy = optax_mtl.recompute_every(
       optax_mtl.normalized_gradients(NUM_TASKS), 2)
   optimizer = optax.adam(1e-2)
-  value_and_grad = optax_mtl.value_and_grad(task_losses_fn, strategy)
+  value_and_grad = optax_mtl.value_and_grad(properties.loss_fn, strategy)
 
   @jax.jit
   def step(state, inputs, targets):

@@ -1,10 +1,14 @@
-"""One contract over every strategy that optax_mtl exports.
+"""The optax contract, for every strategy of the table (tests/strategies.py).
 
-Strategies are discovered from ``optax_mtl.__all__`` (tests/strategy_cases.py),
-so a new strategy is covered the moment it is exported.
+Each strategy runs through ``strategies.jitted_update`` (compiled once per
+process, shared with the properties, diagnostics and checkpoint tests). The
+optax wrappers (chain, apply_if_finite, MultiSteps) do not depend on the
+rule: they run on three representative strategies.
 """
 
-from flax import nnx
+import re
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,203 +16,300 @@ import optax
 import pytest
 
 import optax_mtl
-from tests import strategy_cases
+from tests import properties
+from tests import strategies
 
-NUM_TASKS = 3
-
-
-STRATEGIES = strategy_cases.names()
-
-
-def test_every_strategy_is_discovered():
-  assert {"equal", "normalized_gradients"} <= set(STRATEGIES)
+NUM_TASKS = strategies.NUM_TASKS
+NAMES = strategies.NAMES
+PARAMS = properties.PARAMS
 
 
-# A small multi-task regression: shared linear trunk, one head per task, task
-# losses of very different scales.
-def loss_fn(params, inputs, targets):
-  hidden = jnp.tanh(inputs @ params["trunk"])
-  predictions = hidden @ params["heads"].T
-  return jnp.mean((predictions - targets) ** 2, axis=0)
+def test_the_table_lists_every_strategy():
+  """Every public factory of a strategy has its line in tests/strategies.py."""
+  factories = strategies.strategy_factories()
+  assert {"equal", "mgda", "upgrad"} <= factories
+  missing = sorted(factories - set(strategies.STRATEGIES))
+  unknown = sorted(set(strategies.STRATEGIES) - factories)
+  assert not missing, f"add a line to tests/strategies.py for {missing}"
+  assert not unknown, f"not a strategy factory of optax_mtl: {unknown}"
 
 
-def make_problem():
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  params = {"trunk": jax.random.normal(keys[0], (5, 8)) * 0.5,
-            "heads": jax.random.normal(keys[1], (NUM_TASKS, 8)) * 0.5}
-  inputs = jax.random.normal(keys[2], (32, 5))
-  true_trunk = jax.random.normal(keys[3], (5, 8))
-  scales = jnp.array([1.0, 10.0, 0.1])
-  targets = jnp.tanh(inputs @ true_trunk)[:, :NUM_TASKS] * scales
-  return params, inputs, targets
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("num_tasks", [0, -1, 2.0, True, None])
+def test_num_tasks_must_be_a_positive_integer(name, num_tasks):
+  strategies.check_rejects(
+      getattr(optax_mtl, name), strategies.STRATEGIES[name].kwargs,
+      re.escape(f"num_tasks must be an integer >= 1, got {num_tasks!r}"),
+      num_tasks=num_tasks)
 
 
-PARAMS, INPUTS, TARGETS = make_problem()
-
-
-def task_grads_and_losses(params):
-  losses = loss_fn(params, INPUTS, TARGETS)
-  return jax.jacrev(loss_fn)(params, INPUTS, TARGETS), losses
-
-
-def assert_same_structure_and_dtypes(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert jnp.shape(leaf_a) == jnp.shape(leaf_b)
-    assert jnp.result_type(leaf_a) == jnp.result_type(leaf_b)
-
-
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_optax_face_contract(name):
-  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_initial_state_follows_the_conventions(name):
+  """weights, num_skipped, and the fields the case's needs and solver imply."""
+  case = strategies.STRATEGIES[name]
+  strategy = strategies.strategy(name)
+  assert optax_mtl.weighting_of(strategy).needs.value == case.needs
   state = strategy.init(PARAMS)
+  assert isinstance(state, tuple) and hasattr(state, "_fields"), name
   assert state.weights.shape == (NUM_TASKS,)
   assert state.weights.dtype == jnp.float32
-  assert state.num_skipped.dtype == jnp.int32
+  assert state.num_skipped.shape == () and state.num_skipped.dtype == jnp.int32
+  assert int(state.num_skipped) == 0
+  if case.needs == "gramian":
+    assert state.gradient_cosines.shape == (NUM_TASKS, NUM_TASKS)
+    assert state.gradient_cosines.dtype == jnp.float32
+  if case.needs == "losses":
+    assert "gradient_cosines" not in state._fields
+  solver_fields = {"solver_iterations": jnp.int32, "solver_gap": jnp.float32,
+                   "solver_converged": jnp.bool_}
+  for field, dtype in solver_fields.items():
+    assert (field in state._fields) == case.has_solver, (name, field)
+    if case.has_solver:
+      assert getattr(state, field).shape == (), field
+      assert getattr(state, field).dtype == dtype, field
+  for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf, jax.Array), (name, type(leaf))
 
-  update = jax.jit(strategy.update)
-  task_grads, losses = task_grads_and_losses(PARAMS)
-  states = [state]
+
+@pytest.mark.parametrize("name", NAMES)
+def test_update_is_the_weighted_sum_and_ignores_unknown_arguments(name):
+  case = strategies.STRATEGIES[name]
+  strategy = strategies.strategy(name)
+  task_grads, losses = properties.task_grads_and_losses(PARAMS)
+  state = strategy.init(PARAMS)
+  updates, new_state = properties.update(name, task_grads, state, losses)
+  assert int(new_state.num_skipped) == 0
+  if case.needs != "gradients":
+    expected = properties.weighted_sum(new_state.weights, task_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                         atol=1e-6),
+                 updates, expected)
+
+  # An unknown keyword argument is accepted, and no part of the program
+  # reads it (traced, not compiled).
+  def with_unknown_argument(unknown):
+    return strategy.update(task_grads, state, PARAMS, task_losses=losses,
+                           unknown_argument=unknown)
+
+  jaxpr = jax.make_jaxpr(with_unknown_argument)(jnp.ones(2)).jaxpr
+  (unknown,) = jaxpr.invars
+  used = [var for eqn in jaxpr.eqns for var in eqn.invars] + list(
+      jaxpr.outvars)
+  assert not any(var is unknown for var in used), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_losses_is_a_required_keyword_argument(name):
+  strategy = strategies.strategy(name)
+  task_grads, losses = properties.task_grads_and_losses(PARAMS)
+  state = strategy.init(PARAMS)
+  with pytest.raises(TypeError, match="task_losses"):
+    strategy.update(task_grads, state, PARAMS)
+  with pytest.raises(TypeError):  # Keyword-only: not a fourth positional.
+    strategy.update(task_grads, state, PARAMS, losses)  # pylint: disable=E1121
+  chained = optax.chain(strategy, optax.sgd(0.1))
+  with pytest.raises(TypeError, match="task_losses"):
+    chained.update(task_grads, chained.init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_donated_state_keeps_its_layout_without_recompiling(name):
+  """``jit(update, donate_argnums=1)`` runs step after step: no field shares
+  a buffer with another, the state keeps its types, shapes and dtypes, and
+  the second call reuses the first compilation."""
+  task_grads, losses = properties.task_grads_and_losses(PARAMS)
+  state = strategies.strategy(name).init(PARAMS)
+  layout = strategies.state_layout(state)
+  donated = strategies.jitted_update(name)  # donate_argnums=1
+  compiled = None
   for step in range(3):
-    # Unknown extra arguments are accepted and ignored.
-    updates, new_state = update(task_grads, states[-1], PARAMS,
-                                task_losses=losses * (1.0 + 0.1 * step),
-                                unknown_argument=jnp.ones(2))
-    assert_same_structure_and_dtypes(new_state, states[0])
-    assert_same_structure_and_dtypes(updates, PARAMS)
-    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-    assert bool(jnp.all(jnp.isfinite(new_state.weights)))
-    states.append(new_state)
-  # The second and later calls reuse the first compilation.
-  assert update._cache_size() == 1  # pylint: disable=protected-access
-  assert int(states[-1].num_skipped) == 0
-  # The update is the weighted sum with the weights the state reports.
-  expected = jax.tree.map(
-      lambda g: jnp.tensordot(states[-1].weights, g, axes=1), task_grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               updates, expected)
+    with warnings.catch_warnings():
+      # "Some donated buffers were not usable" is an error here.
+      warnings.simplefilter("error")
+      _, new_state = donated(task_grads, state, PARAMS,
+                             task_losses=losses * (1.0 + 0.1 * step))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state)), name
+    assert type(new_state) is type(state)
+    assert strategies.state_layout(new_state) == layout, name
+    state = new_state
+    if compiled is None:
+      compiled = donated._cache_size()  # pylint: disable=protected-access
+    assert donated._cache_size() == compiled  # pylint: disable=protected-access
+  assert int(state.num_skipped) == 0
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_both_faces_agree(name):
-  """value_and_grad gives the optax face's weights and combined gradient."""
-  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
-  step = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_gives_the_plain_factorys_update(name):
+  """``optax.inject_hyperparams`` with the case's static arguments: the
+  numeric hyperparameters live in the state as arrays, and the update equals
+  the plain factory's with the same values."""
+  case = strategies.STRATEGIES[name]
+  factory = getattr(optax_mtl, name)
+  arguments = {**case.kwargs, **case.hyperparams}
+  injected = optax.inject_hyperparams(factory, static_args=case.static_args)(
+      num_tasks=NUM_TASKS, **arguments)
+  plain = factory(NUM_TASKS, **arguments)
+
+  @jax.jit
+  def both(task_grads, losses, injected_state, plain_state):
+    return (injected.update(task_grads, injected_state, PARAMS,
+                            task_losses=losses),
+            plain.update(task_grads, plain_state, PARAMS, task_losses=losses))
+
+  injected_state = injected.init(PARAMS)
+  assert set(case.hyperparams) <= set(injected_state.hyperparams), name
+  for key, value in case.hyperparams.items():
+    np.testing.assert_allclose(injected_state.hyperparams[key], value,
+                               rtol=1e-7)
+  plain_state = plain.init(PARAMS)
+  # A hyperparameter as a float32 array instead of a Python float changes
+  # the rounding, and so where an iterative solver stops.
+  rtol = max(case.rtol, 1e-5)
+  for task_grads, losses in properties.random_steps(seed=8, num_steps=2):
+    (injected_update, injected_state), (plain_update, plain_state) = both(
+        task_grads, losses, injected_state, plain_state)
+    np.testing.assert_allclose(injected_state.inner_state.weights,
+                               plain_state.weights, rtol=rtol, atol=1e-7)
+    properties.assert_close_updates(
+        injected_update, plain_update, rtol=rtol,
+        size=properties.term_size(plain_state.weights, task_grads),
+        message=name)
+  assert int(plain_state.num_skipped) == 0
+
+
+# --------------------------------------------------------------------------
+# optax wrappers, on three representative strategies.
+# --------------------------------------------------------------------------
+
+def _shared(name):
+  """A strategy of the table and its shared compiled update."""
+  return strategies.strategy(name), (
+      lambda grads, state, losses: properties.update(name, grads, state,
+                                                     losses))
+
+
+def _recompute_every():
+  strategy = optax_mtl.recompute_every(strategies.build("mgda"), 2)
   update = jax.jit(strategy.update)
-  params = PARAMS
-  engine_state = optax_state = strategy.init(params)
-  for _ in range(3):
-    (losses, grads), engine_state = step(params, engine_state, INPUTS, TARGETS)
-    task_grads, face_losses = task_grads_and_losses(params)
-    updates, optax_state = update(task_grads, optax_state, params,
-                                  task_losses=face_losses)
-    np.testing.assert_allclose(losses, face_losses, rtol=1e-6)
-    # The two faces build the Jacobian by different programs (vmap of the
-    # VJP and jacrev); float32 round-off, amplified by an ill-conditioned
-    # solve (Aligned-MTL's eigendecomposition), sets the tolerance.
-    np.testing.assert_allclose(engine_state.weights, optax_state.weights,
-                               rtol=1e-3, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
-                                                         atol=1e-5),
-                 grads, updates)
-    params = jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
+  return strategy, lambda grads, state, losses: update(
+      grads, state, PARAMS, task_losses=losses)
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_rejected_losses_do_not_poison_the_state(name):
-  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
-  update = jax.jit(strategy.update)
-  task_grads, losses = task_grads_and_losses(PARAMS)
-  _, state = update(task_grads, strategy.init(PARAMS), PARAMS,
-                    task_losses=losses)
-  for bad in (jnp.nan, jnp.inf, -jnp.inf):
-    _, new_state = update(task_grads, state, PARAMS,
-                          task_losses=losses.at[1].set(bad))
-    assert int(new_state.num_skipped) == int(state.num_skipped) + 1
-    kept = new_state._replace(num_skipped=state.num_skipped)
-    jax.tree.map(np.testing.assert_array_equal, kept, state)
-  # A zero loss never gives a non-finite weight.
-  _, zero_state = update(task_grads, state, PARAMS,
-                         task_losses=losses.at[0].set(0.0))
-  assert bool(jnp.all(jnp.isfinite(zero_state.weights)))
-  # Training goes on normally afterwards.
-  _, next_state = update(task_grads, zero_state, PARAMS, task_losses=losses)
-  assert bool(jnp.all(jnp.isfinite(next_state.weights)))
+REPRESENTATIVES = {
+    "loss_only": lambda: _shared("ema"),
+    "gramian": lambda: _shared("upgrad"),
+    "recompute_every": _recompute_every,
+}
+NUM_STEPS = 4
+NAN_STEP = 2  # The step of the apply_if_finite stream with a NaN gradient.
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_chains_and_wrappers(name):
-  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
-  optimizers = {
-      "chain": optax.chain(strategy, optax.adam(1e-2)),
-      # apply_if_finite returns zeros shaped like its input when it rejects
-      # a step, so it wraps what follows the strategy (params-shaped).
+def _wrapper_runs(strategy, bare_update):
+  """The bare strategy, and its three wrapped versions in one compiled scan.
+
+  Returns per step the updates and weights of ``bare_update`` (clean
+  inputs, and inputs with a NaN gradient at NAN_STEP), and the updates and
+  strategy weights of ``chain(strategy, adam)``,
+  ``chain(strategy, apply_if_finite(adam))`` (on the NaN stream) and
+  ``chain(strategy, MultiSteps(adam, 2))``.
+  """
+  adam = optax.adam(1e-2)
+  wrapped = {
+      "chain": optax.chain(strategy, adam),
       "apply_if_finite": optax.chain(
-          strategy,
-          optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=3)),
-      # MultiSteps keeps a params-shaped accumulator: it accumulates the
-      # combined updates the strategy produces on every micro-batch.
+          strategy, optax.apply_if_finite(adam, max_consecutive_errors=3)),
       "multi_steps": optax.chain(
-          strategy, optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)),
+          strategy, optax.MultiSteps(adam, every_k_schedule=2)),
   }
-  task_grads, losses = task_grads_and_losses(PARAMS)
-  for kind, optimizer in optimizers.items():
-    opt_state = optimizer.init(PARAMS)
+  steps = properties.random_steps(seed=9, num_steps=NUM_STEPS)
+  task_grads = jax.tree.map(lambda *g: jnp.stack(g), *[s[0] for s in steps])
+  losses = jnp.stack([s[1] for s in steps])
+  nan_grads = jax.tree.map(lambda g: g.at[NAN_STEP, 0].set(jnp.nan),
+                           task_grads)
 
-    @jax.jit
-    def train_step(params, opt_state):
-      task_grads, losses = task_grads_and_losses(params)
-      updates, opt_state = optimizer.update(task_grads, opt_state, params,
-                                            task_losses=losses)
-      return optax.apply_updates(params, updates), opt_state
+  out = {}
+  for key, stream in (("bare", task_grads), ("bare_nan", nan_grads)):
+    state, updates, weights = strategy.init(PARAMS), [], []
+    for index in range(NUM_STEPS):
+      update, state = bare_update(_step(stream, index), state, losses[index])
+      updates.append(update)
+      weights.append(state.weights)
+    out[key] = (jax.tree.map(lambda *u: jnp.stack(u), *updates),
+                jnp.stack(weights))
 
-    params = PARAMS
-    for _ in range(4):
-      params, opt_state = train_step(params, opt_state)
-    for leaf in jax.tree.leaves(params):
-      assert bool(jnp.all(jnp.isfinite(leaf))), kind
-    moved = any(bool(jnp.any(a != b)) for a, b in
-                zip(jax.tree.leaves(params), jax.tree.leaves(PARAMS)))
-    assert moved, kind
+  @jax.jit
+  def scan(task_grads, nan_grads, losses):
+    def body(states, inputs):
+      grads, nan_step_grads, step_losses = inputs
+      out = {}
+      new_states = {}
+      for key, tx in wrapped.items():
+        stream = nan_step_grads if key == "apply_if_finite" else grads
+        update, new_states[key] = tx.update(stream, states[key], PARAMS,
+                                            task_losses=step_losses)
+        out[key] = (update, new_states[key][0].weights)
+      return new_states, out
 
+    initial = {key: tx.init(PARAMS) for key, tx in wrapped.items()}
+    return jax.lax.scan(body, initial, (task_grads, nan_grads, losses))[1]
 
-class MultiTaskModel(nnx.Module):
-
-  def __init__(self, rngs):
-    self.trunk = nnx.Linear(5, 8, rngs=rngs)
-    self.heads = nnx.Linear(8, NUM_TASKS, rngs=rngs)
-
-  def __call__(self, inputs):
-    return self.heads(jnp.tanh(self.trunk(inputs)))
-
-
-def nnx_task_losses(model, inputs, targets):
-  return jnp.mean((model(inputs) - targets) ** 2, axis=0)
+  return {**out, **scan(task_grads, nan_grads, losses)}
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_trains_a_flax_nnx_model(name):
-  strategy = strategy_cases.factory_of(name)(num_tasks=NUM_TASKS)
-  model = MultiTaskModel(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.chain(strategy, optax.adam(1e-2)),
-                            wrt=nnx.Param)
+def _step(tree, index):
+  return jax.tree.map(lambda leaf: leaf[index], tree)
 
-  @nnx.jit
-  def train_step(model, optimizer):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def losses_of(params):
-      return nnx_task_losses(nnx.merge(graphdef, params, rest), INPUTS,
-                             TARGETS)
+def _assert_trees_close(actual, expected, message):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-7, err_msg=message), actual, expected)
 
-    task_losses = losses_of(params)
-    task_grads = jax.jacrev(losses_of)(params)
-    optimizer.update(model, task_grads, task_losses=task_losses)
-    return task_losses
 
-  first = train_step(model, optimizer)
-  for _ in range(30):
-    last = train_step(model, optimizer)
-  assert bool(jnp.all(jnp.isfinite(last)))
-  assert float(jnp.sum(last)) < float(jnp.sum(first))
+@pytest.mark.parametrize("kind", sorted(REPRESENTATIVES))
+def test_wrappers_apply_adam_to_the_strategys_update(kind):
+  out = _wrapper_runs(*REPRESENTATIVES[kind]())
+  adam = optax.adam(1e-2)
+  bare_updates, bare_weights = out["bare"]
+  for key in ("chain", "multi_steps"):
+    # The strategy's state advances at every (micro) step as on its own.
+    np.testing.assert_allclose(out[key][1], bare_weights, rtol=1e-6,
+                               err_msg=key)
+
+  # chain: adam applied to the strategy's update.
+  adam_state = adam.init(PARAMS)
+  for index in range(NUM_STEPS):
+    expected, adam_state = adam.update(_step(bare_updates, index), adam_state,
+                                       PARAMS)
+    _assert_trees_close(_step(out["chain"][0], index), expected,
+                        f"chain, step {index}")
+
+  # apply_if_finite: the step with a NaN gradient gives zeros and leaves
+  # adam's state alone; the other steps are adam's.
+  nan_updates, nan_weights = out["bare_nan"]
+  np.testing.assert_allclose(out["apply_if_finite"][1], nan_weights, rtol=1e-6)
+  adam_state = adam.init(PARAMS)
+  for index in range(NUM_STEPS):
+    bare = _step(nan_updates, index)
+    finite = all(bool(jnp.all(jnp.isfinite(leaf)))
+                 for leaf in jax.tree.leaves(bare))
+    assert finite == (index != NAN_STEP), index
+    if finite:
+      expected, adam_state = adam.update(bare, adam_state, PARAMS)
+    else:
+      expected = jax.tree.map(jnp.zeros_like, PARAMS)
+    _assert_trees_close(_step(out["apply_if_finite"][0], index), expected,
+                        f"apply_if_finite, step {index}")
+
+  # MultiSteps(k=2): zeros on the first micro-step, then adam applied to the
+  # mean of the two updates.
+  adam_state = adam.init(PARAMS)
+  for index in range(NUM_STEPS):
+    if index % 2 == 0:
+      expected = jax.tree.map(jnp.zeros_like, PARAMS)
+    else:
+      mean = jax.tree.map(lambda a, b: (a + b) / 2,
+                          _step(bare_updates, index - 1),
+                          _step(bare_updates, index))
+      expected, adam_state = adam.update(mean, adam_state, PARAMS)
+    _assert_trees_close(_step(out["multi_steps"][0], index), expected,
+                        f"multi_steps, step {index}")

@@ -1,4 +1,8 @@
-"""Tests of optax_mtl.diagnostics, over every strategy."""
+"""Tests of optax_mtl.diagnostics, over every strategy of tests/strategies.py.
+
+The states come from each strategy's shared compiled update
+(``properties.update``).
+"""
 
 import flax.nnx as nnx
 import jax
@@ -8,16 +12,18 @@ import optax
 import pytest
 
 import optax_mtl
-from tests import strategy_cases
+from tests import properties
+from tests import strategies
 
-NUM_TASKS = strategy_cases.NUM_TASKS
-CASES = list(strategy_cases.strategy_cases(NUM_TASKS))
-IDS = [name for name, _ in CASES]
+NUM_TASKS = strategies.NUM_TASKS
 
 TASK_GRADS = jnp.array([[1.0, 0.0, 2.0, 0.0],
                         [-1.0, 1.0, 0.0, 0.5],
                         [0.5, 2.0, -1.0, 1.0]])
 TASK_LOSSES = jnp.array([0.7, 1.3, 2.1])
+# Task gradients shaped like properties.PARAMS, for the strategies' shared
+# compiled update.
+SHARED_TASK_GRADS = properties.random_task_grads(np.random.default_rng(10))
 
 
 def _two_steps(strategy):
@@ -30,16 +36,26 @@ def _two_steps(strategy):
   return state
 
 
+def _two_shared_steps(name):
+  """The state of a strategy of the table after two optax-face steps."""
+  state = strategies.strategy(name).init(properties.PARAMS)
+  for scale in (1.0, 0.5):
+    _, state = properties.update(
+        name, jax.tree.map(lambda g, s=scale: g * s, SHARED_TASK_GRADS),
+        state, TASK_LOSSES * scale)
+  return state
+
+
 def _cosines(grads):
-  grads = np.asarray(grads, np.float64)
+  grads = properties.flat_jacobian(grads)
   norms = np.linalg.norm(grads, axis=1)
   return grads @ grads.T / np.outer(norms, norms)
 
 
-@pytest.mark.parametrize("name,factory", CASES, ids=IDS)
-def test_reports_every_convention_field(name, factory):
-  del name
-  state = _two_steps(factory())
+@pytest.mark.parametrize("name", strategies.NAMES)
+def test_reports_every_convention_field(name):
+  state = _two_shared_steps(name)
+  assert int(state.num_skipped) == 0
   logs = jax.jit(optax_mtl.diagnostics)(state)
   for index in range(NUM_TASKS):
     np.testing.assert_array_equal(logs[f"mtl/weights/{index}"],
@@ -60,17 +76,13 @@ def test_reports_every_convention_field(name, factory):
     assert value.dtype in (jnp.float32, jnp.int32), key
 
 
-GRAMIAN_CASES = [case for case in CASES
-                 if strategy_cases.needs_gramian(case[1]())]
-
-
-@pytest.mark.parametrize("name,factory", GRAMIAN_CASES,
-                         ids=[name for name, _ in GRAMIAN_CASES])
-def test_gradient_cosines_match_numpy(name, factory):
-  del name
-  state = _two_steps(factory())
+@pytest.mark.parametrize("name", [name for name in strategies.NAMES
+                                  if strategies.STRATEGIES[name].needs ==
+                                  "gramian"])
+def test_gradient_cosines_match_numpy(name):
+  state = _two_shared_steps(name)
   logs = optax_mtl.diagnostics(state, prefix="")
-  expected = _cosines(TASK_GRADS)
+  expected = _cosines(SHARED_TASK_GRADS)
   for row, col in ((0, 1), (0, 2), (1, 2)):
     np.testing.assert_allclose(logs[f"gradient_cosines/{row}_{col}"],
                                expected[row, col], rtol=1e-5, atol=1e-6)

@@ -71,11 +71,6 @@ def test_both_faces_agree():
   np.testing.assert_allclose(grads, numpy_dualproj(JACOBIANS[0]), atol=1e-5)
 
 
-def test_accepts_any_loss_sign_and_keeps_state_types():
-  gramian_harness.check_accepts_any_loss_sign_and_keeps_state_types(
-      optax_mtl.dualproj, optax_mtl.DualprojState)
-
-
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
                              *gramian_harness.SOLVER_ERRORS))

@@ -134,17 +134,29 @@ def test_weights_finite_and_positive_many_tasks(losses):
       rtol=1e-5)
 
 
-def test_gamma_too_small_for_the_product_is_rejected():
-  """Weights that overflow float32 reject the step instead of going inf."""
+def test_weights_beyond_float32_are_clipped_at_1e30():
+  """Weights that would overflow float32 (here 1e1270) are 1e30, not inf."""
   strategy = optax_mtl.geometric_mean(128, gamma=1.0)
+  losses = np.full(128, 1e10, np.float32)
   _, state = jax.jit(strategy.update)(
-      jnp.eye(128), strategy.init(None), task_losses=np.full(128, 1e10))
-  assert int(state.num_skipped) == 1
-  np.testing.assert_allclose(state.weights, 1.0)
+      jnp.eye(128), strategy.init(None), task_losses=losses)
+  log10_weights = 128 * 10.0 - 10.0  # (Π L)^(1/γ) / (γ L_k), γ = 1.
+  assert log10_weights > 38
+  assert int(state.num_skipped) == 0
+  np.testing.assert_allclose(state.weights, 1e30, rtol=1e-6)
+
+
+def test_max_weight_clips_every_weight():
+  strategy = optax_mtl.geometric_mean(NUM_TASKS, max_weight=2.0)
+  losses = np.array([1e-4, 1.0, 1e4], np.float32)
+  _, state = jax.jit(strategy.update)(
+      jnp.eye(NUM_TASKS), strategy.init(None), task_losses=losses)
+  expected = np.minimum(reference_weights(losses[None], NUM_TASKS)[0], 2.0)
+  np.testing.assert_allclose(state.weights, expected, rtol=1e-5)
+  assert expected[0] == 2.0 and expected[2] < 2.0
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
     (dict(gamma=0.0), r"gamma must lie in \(0.0, inf[)\]], got 0.0"),
     (dict(gamma=-2.0), r"gamma must lie in \(0.0, inf[)\]], got -2.0"),
     (dict(gamma=NAN), r"gamma must lie in .*got nan"),

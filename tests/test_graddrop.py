@@ -24,8 +24,8 @@ def expected_update(jacobian, leak=0.0):
 def mean_update_over_seeds(strategy, jacobian, num_runs=4000):
   """The update averaged over independent runs (one key each, under vmap)."""
   state = strategy.init(None)
-  keys = jax.vmap(lambda k: jax.random.key_data(jax.random.key(k)))(
-      jnp.arange(num_runs))
+  keys = jnp.stack([jnp.asarray(optax_mtl._src.base.key_data_from_seed('seed', k))
+                    for k in range(num_runs)])
   states = jax.tree.map(
       lambda leaf: jnp.broadcast_to(leaf, (num_runs,) + leaf.shape), state)
   states = states._replace(key=keys)

@@ -65,7 +65,7 @@ def test_strategy_runs_the_algorithm_with_its_random_orders():
   state = strategy.init(None)
   targets = np.zeros((3, 3))
   for jacobian in jacobians:
-    key, _ = jax.random.split(jax.random.wrap_key_data(state.key))
+    _, key = optax_mtl._src.base.split_key(state.key)
     orders = np.asarray(_gradvac._orders(key, 3))  # pylint: disable=protected-access
     assert all(sorted(row) == [0, 1, 2] for row in orders)
     expected, targets = numpy_gradvac(jacobian, targets, orders, 0.2)
@@ -82,7 +82,7 @@ def test_per_leaf_groups_apply_gradvac_to_each_tensor():
   strategy = optax_mtl.gradvac(3, target=0.1, groups="leaf")
   state = strategy.init(params)
   assert state.target_cosines.shape == (2, 3, 3)
-  key, _ = jax.random.split(jax.random.wrap_key_data(state.key))
+  _, key = optax_mtl._src.base.split_key(state.key)
   orders = np.asarray(_gradvac._orders(key, 3))  # pylint: disable=protected-access
   update, state = jax.jit(strategy.update)(
       jax.tree.map(jnp.asarray, task_grads), state, params,

@@ -1,5 +1,7 @@
 """Tests of optax_mtl.imtl_g against the paper's formula on the gradients."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -128,6 +130,75 @@ def test_value_and_grad_with_shared_parameters():
   # The head is task-specific: it receives the unweighted task gradients.
   np.testing.assert_allclose(grads["head"], head.sum(axis=0), rtol=2e-4,
                              atol=1e-5)
+
+
+def torchjd_imtl_g(jacobian):
+  """torchjd's IMTLG weighting in float64: v = pinv(G) n, α = v / Σ v."""
+  jacobian = np.asarray(jacobian, np.float64)
+  gramian = jacobian @ jacobian.T
+  solution = np.linalg.pinv(gramian, rcond=1e-10, hermitian=True) @ np.sqrt(
+      np.diag(gramian))
+  return solution / solution.sum()
+
+
+def least_squares_imtl_g(jacobian):
+  """d ∝ J⁺n, the least-norm least-squares solution of g_i·d = ‖g_i‖,
+  scaled so that the weights sum to one (independent of the Gramian)."""
+  jacobian = np.asarray(jacobian, np.float64)
+  direction = np.linalg.lstsq(jacobian, np.linalg.norm(jacobian, axis=1),
+                              rcond=1e-10)[0]
+  alpha = np.linalg.lstsq(jacobian.T, direction, rcond=1e-10)[0]
+  return direction / alpha.sum()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_more_tasks_than_dimensions_give_the_pseudo_inverse_update(seed):
+  # Three tasks in two dimensions: equal projections do not exist, and the
+  # paper's system is singular (the update used to collapse to about 0).
+  jacobian = np.random.default_rng(seed).normal(size=(3, 2))
+  weights, combined = imtl_weights(jacobian)
+  np.testing.assert_allclose(weights, torchjd_imtl_g(jacobian), rtol=2e-4,
+                             atol=2e-5)
+  np.testing.assert_allclose(combined, least_squares_imtl_g(jacobian),
+                             rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(JACOBIANS))
+def test_matches_torchjds_definition(name):
+  weights, _ = imtl_weights(JACOBIANS[name])
+  np.testing.assert_allclose(weights, torchjd_imtl_g(JACOBIANS[name]),
+                             rtol=2e-4, atol=2e-5)
+
+
+def test_unit_gradients_that_cancel_give_a_zero_update():
+  angles = np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
+  jacobian = np.stack([np.cos(angles), np.sin(angles)], axis=1) * [[1.0],
+                                                                  [2.0],
+                                                                  [0.5]]
+  weights, combined = imtl_weights(jacobian)
+  np.testing.assert_array_equal(weights, np.zeros(3))
+  np.testing.assert_array_equal(combined, np.zeros(2))
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_parallel_float32_gradients(x64):
+  # J = [g, g, c g] (rank 1): α = (1, 1, c) / (2 + c) exactly. Under x64 the
+  # float32 Gramian must keep float32's cut-off (a float64 one kept its
+  # rounding noise: weights of -4588).
+  strategy = optax_mtl.imtl_g(3)
+  with jax.enable_x64(x64):
+    update = jax.jit(strategy.update)
+    for seed in range(20):
+      rng = np.random.default_rng(seed)
+      gradient = rng.standard_normal(1000)
+      factor = rng.uniform(0.1, 1.0)
+      jacobian = np.stack([gradient, gradient, factor * gradient])
+      _, state = update(jnp.asarray(jacobian, jnp.float32),
+                        strategy.init(None), task_losses=jnp.ones(3))
+      assert state.weights.dtype == jnp.float32
+      np.testing.assert_allclose(state.weights,
+                                 np.array([1.0, 1.0, factor]) / (2 + factor),
+                                 rtol=1e-4, err_msg=str(seed))
 
 
 @pytest.mark.parametrize("kwargs, message",

@@ -116,7 +116,6 @@ def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
     (dict(warmup_steps=0), r"warmup_steps must be an integer >= 1, got 0"),
     (dict(warmup_steps=2.5), r"warmup_steps must be an integer >= 1, got 2.5"),
     (dict(prior_losses=[1.0, 2.0]),

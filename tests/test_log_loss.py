@@ -91,7 +91,6 @@ def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
 
 
 @pytest.mark.parametrize("num_tasks, message", [
-    (0, r"num_tasks must be an integer >= 1, got 0"),
     (2.0, r"num_tasks must be an integer >= 1, got 2.0"),
     (True, r"num_tasks must be an integer >= 1, got True"),
 ])

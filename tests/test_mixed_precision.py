@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 
 import optax_mtl
-from tests import strategy_cases
+from tests import strategies
 
-NUM_TASKS = strategy_cases.NUM_TASKS
+NUM_TASKS = strategies.NUM_TASKS
 NUM_STEPS = 3
-CASES = list(strategy_cases.strategy_cases(NUM_TASKS))
-IDS = [name for name, _ in CASES]
 
 _INPUTS = jax.random.normal(jax.random.key(0), (NUM_STEPS, 8, 4)).astype(
     jnp.bfloat16)
@@ -61,13 +59,13 @@ def _float_dtypes(state):
           if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)}
 
 
-@pytest.mark.parametrize("name,factory", CASES, ids=IDS)
-def test_bfloat16_params_keep_float32_statistics(name, factory):
-  strategy = factory()
+@pytest.mark.parametrize("name", strategies.NAMES)
+def test_bfloat16_params_keep_float32_statistics(name):
+  strategy = strategies.strategy(name)
   step = make_step(strategy)
   params = init_params()
   initial_state = strategy.init(params)
-  expected_layout = strategy_cases.state_dtypes(initial_state)
+  expected_layout = strategies.state_layout(initial_state)
   assert _float_dtypes(initial_state) <= {jnp.dtype(jnp.float32)}, name
   optax_state = step_state = initial_state
   for index in range(NUM_STEPS):
@@ -81,7 +79,7 @@ def test_bfloat16_params_keep_float32_statistics(name, factory):
         assert leaf.shape == param.shape, (name, face)
         assert np.all(np.isfinite(np.asarray(leaf, np.float32))), (name, face)
     for face, state in (("optax", optax_state), ("training-step", step_state)):
-      assert strategy_cases.state_dtypes(state) == expected_layout, (name, face)
+      assert strategies.state_layout(state) == expected_layout, (name, face)
       assert _float_dtypes(state) <= {jnp.dtype(jnp.float32)}, (name, face)
       assert state.weights.dtype == jnp.float32
       assert np.all(np.isfinite(state.weights)), (name, face)

@@ -7,10 +7,12 @@ import pytest
 import scipy.optimize
 
 import optax_mtl
-from optax_mtl._src.weighting import _nash_mtl
+from optax_mtl._src import solvers
 from tests import gramian_harness
 
-solve = jax.jit(_nash_mtl._solve_nash, static_argnums=(1, 2))
+solve = jax.jit(
+    lambda gramian, max_iters, tol: solvers.solve_nash(
+        gramian, max_iters=max_iters, tol=tol), static_argnums=(1, 2))
 
 
 def nash_reference(jacobian):
@@ -166,22 +168,75 @@ def test_duplicated_gradients():
   np.testing.assert_allclose(jacobian @ combined, 1.0 / weights, rtol=1e-5)
 
 
-def test_opposite_gradients_have_no_solution_but_stay_finite():
-  jacobian = np.array([[1.0, 2.0], [-1.0, -2.0], [0.0, 0.0]])
-  weights, combined, state = nash_step(jacobian)
-  assert np.all(np.isfinite(weights)) and weights[2] == 0.0
-  # Weights grow until the relative residual (≈ 1/β²) is below tol.
-  assert np.all(weights * np.sqrt(5.0) < 10 / np.sqrt(1e-5))
-  assert np.linalg.norm(combined) < 1e-3 * weights[0] * np.sqrt(5.0)
-  assert int(state.num_skipped) == 0
+@pytest.mark.parametrize("tol", [None, 1e-5, 1e-12, 0.0])
+@pytest.mark.parametrize("x64", [False, True])
+def test_no_bargaining_solution_is_reported_with_a_zero_update(tol, x64):
+  # g1 = -g2: no direction helps both; 0 is in the hull of the unit
+  # gradients. Whatever tol (a tight one used to overflow the weights and
+  # get the step rejected), the update is the documented fallback, zero.
+  jacobian = np.array([[1.0, 2.0], [-1.0, -2.0], [0.5, -0.3]])
+  with jax.enable_x64(x64):
+    strategy = optax_mtl.nash_mtl(3, tol=tol)
+    dtype = jnp.float64 if x64 else jnp.float32
+    combined, state = jax.jit(strategy.update)(
+        jnp.asarray(jacobian, dtype), strategy.init(None),
+        task_losses=jnp.ones(3))
+  np.testing.assert_array_equal(combined, np.zeros(2))
+  np.testing.assert_array_equal(state.weights, np.zeros(3))
+  assert int(state.num_skipped) == 0  # Accepted, not rejected.
+  assert int(state.solver_outcome) == solvers.Outcome.NO_SOLUTION
+  assert not bool(state.solver_converged)
+  assert np.isfinite(float(state.solver_gap))
+  assert 0 < int(state.solver_iterations) <= 50
 
 
-def test_max_norm_clips_the_update():
+def test_solver_outcome_of_a_solved_step():
+  _, _, state = nash_step(FIXED_JACOBIANS["t3_mixed"])
+  assert int(state.solver_outcome) == solvers.Outcome.SUCCESS
+
+
+def torchjd_max_norm(alpha, jacobian, max_norm):
+  """torchjd's NashMTL: α ← α / ‖Jᵀα‖ · max_norm when ‖Jᵀα‖ > max_norm."""
+  norm = np.linalg.norm(alpha @ jacobian)
+  return alpha / norm * max_norm if norm > max_norm else alpha
+
+
+def libmtl_clip(update, max_norm):
+  """torch.nn.utils.clip_grad_norm_ as LibMTL's Nash_MTL applies it."""
+  coefficient = max_norm / (np.linalg.norm(update) + 1e-6)
+  return update * min(coefficient, 1.0)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.5, 10.0])
+def test_max_norm_reproduces_the_peers(max_norm):
   jacobian = np.asarray(FIXED_JACOBIANS["t3_mixed"])
-  free, _, _ = nash_step(jacobian)
-  weights, combined, _ = nash_step(jacobian, max_norm=1.0)
-  np.testing.assert_allclose(np.linalg.norm(combined), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(weights, free / np.sqrt(3.0), rtol=1e-5)
+  expected, _ = nash_reference(jacobian)
+  weights, combined, _ = nash_step(jacobian, max_norm=max_norm)
+  np.testing.assert_allclose(
+      weights, torchjd_max_norm(expected, jacobian, max_norm), rtol=1e-4)
+  np.testing.assert_allclose(
+      combined, libmtl_clip(expected @ jacobian, max_norm), rtol=1e-4,
+      atol=1e-5)
+  # ‖d‖ = √3 > 1: the peers' default max_norm = 1 gives the unit d/√T.
+  if max_norm == 1.0:
+    np.testing.assert_allclose(np.linalg.norm(combined), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_the_update_norm_is_the_square_root_of_t_at_every_scale(scale):
+  # The peers divide G by ‖G‖_F, but their constraint log(α_i ‖G‖_F) +
+  # log((Gα)_i / ‖G‖_F) >= 0 multiplies it back: their fixed point is
+  # α_i (Gα)_i = 1, so ‖d‖² = αᵀGα = T at every scale, as here.
+  jacobian = np.asarray(FIXED_JACOBIANS["t5_random"]) * scale
+  gramian = jacobian @ jacobian.T
+  frobenius = np.linalg.norm(gramian)
+  alpha, _ = nash_reference(jacobian)
+  np.testing.assert_allclose(
+      np.log(alpha * frobenius) + np.log(gramian / frobenius @ alpha), 0.0,
+      atol=1e-8)
+  _, combined, _ = nash_step(jacobian)
+  np.testing.assert_allclose(np.linalg.norm(combined), np.sqrt(5.0),
+                             rtol=1e-4)
 
 
 def test_unconverged_solve_is_reported():
@@ -191,6 +246,7 @@ def test_unconverged_solve_is_reported():
   assert int(state.solver_iterations) == 1
   assert not bool(state.solver_converged)
   assert float(state.solver_gap) > 1e-5
+  assert int(state.solver_outcome) == solvers.Outcome.MAX_ITERS
 
 
 def test_recompute_every_and_both_faces():
@@ -219,7 +275,7 @@ def test_recompute_every_and_both_faces():
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
                              (dict(num_tasks=2, max_iters=0), "max_iters"),
-                             (dict(num_tasks=2, tol=0.0), "tol"),
+                             (dict(num_tasks=2, tol=-1.0), "tol"),
                              (dict(num_tasks=2, max_norm=-1.0), "max_norm")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.nash_mtl, kwargs, message)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests import strategy_cases
+from tests import strategies
 
 _SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
 _ROOT = pathlib.Path(__file__).parents[1]
@@ -39,10 +39,10 @@ def results(tmp_path_factory):
 
 
 def test_every_strategy_was_checked(results):
-  assert sorted(results) == sorted(strategy_cases.names())
+  assert sorted(results) == sorted(strategies.NAMES)
 
 
-@pytest.mark.parametrize("name", strategy_cases.names())
+@pytest.mark.parametrize("name", strategies.NAMES)
 def test_jit_and_shard_map_match_single_device(results, name):
   """Losses, weights, gradients, params, strategy state; same on all devices."""
   assert results[name] == []

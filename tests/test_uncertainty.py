@@ -92,7 +92,7 @@ def test_golden_values_optax_face(case):
       expected_weights, update_atol=1e-5,
       check_step=log_variances_check(expected_s))
   assert int(state.num_skipped) == NUM_REJECTED
-  assert int(state.adam_count) == num_updates == len(LOSSES) - NUM_REJECTED
+  assert int(state.adam.count) == num_updates == len(LOSSES) - NUM_REJECTED
 
 
 def test_golden_values_value_and_grad_face():
@@ -177,21 +177,40 @@ def test_weights_finite_and_positive(losses):
   np.testing.assert_allclose(log_variances, expected_s, rtol=1e-5, atol=3e-5)
 
 
-def test_overflowing_update_is_rejected():
-  """A loss so large that (∂L/∂s)² overflows float32 leaves s unchanged."""
+def test_a_loss_of_1e30_moves_s_by_the_learning_rate():
+  """(∂L/∂s)² would overflow float32; clipped, Adam's first step is still
+  learning_rate · sign(∂L/∂s), as in the float64 reference."""
   strategy = optax_mtl.uncertainty(NUM_TASKS)
-  state = strategy.init(None)
+  losses = np.array([[1.0, 1e30, 1.0]], np.float32)
   _, state = jax.jit(strategy.update)(
-      jnp.eye(NUM_TASKS), state,
-      task_losses=np.array([1.0, 1e30, 1.0], np.float32))
-  assert int(state.num_skipped) == 1
-  assert int(state.adam_count) == 0
-  np.testing.assert_array_equal(state.log_variances, 0.0)
-  np.testing.assert_array_equal(state.adam_nu, 0.0)
+      jnp.eye(NUM_TASKS), strategy.init(None), task_losses=losses[0])
+  expected_weights, expected_s, _ = reference_run(
+      losses, 1e-2, np.zeros(NUM_TASKS, bool), 0.0)
+  assert int(state.num_skipped) == 0
+  assert int(state.adam.count) == 1
+  np.testing.assert_allclose(state.log_variances, expected_s[0], atol=1e-7)
+  np.testing.assert_allclose(state.log_variances, [0.0, 0.01, 0.0], atol=1e-7)
+  np.testing.assert_array_equal(state.weights, expected_weights[0])
+  assert np.all(np.isfinite(state.adam.nu))
+  assert np.all(np.isfinite(state.adam.mu))
+
+
+def test_normalize_and_max_weight_change_only_the_applied_weights():
+  losses = harness.REJECTED_IN_MIDDLE
+  case = CASES[1]
+  expected_weights, expected_s, _ = reference_for(case, losses)
+  for options in (dict(normalize=True), dict(max_weight=0.6),
+                  dict(normalize=True, max_weight=1.2)):
+    strategy = optax_mtl.uncertainty(NUM_TASKS, **case, **options)
+    expected = expected_weights
+    if options.get("normalize"):
+      expected = NUM_TASKS * expected / expected.sum(1, keepdims=True)
+    expected = np.minimum(expected, options.get("max_weight", np.inf))
+    harness.check_optax_face(strategy, losses, GRADS, expected,
+                             check_step=log_variances_check(expected_s))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_tasks=0), r"num_tasks must be an integer >= 1, got 0"),
     (dict(learning_rate=0.0),
      r"learning_rate must lie in \(0.0, inf[)\]], got 0.0"),
     (dict(learning_rate=-1e-3),

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_mtl import metrics as mtl_metrics
-
 from benchmarks.problems import Problem
+from benchmarks.problems import _auc
 from benchmarks.problems import _common
 
 
@@ -74,9 +73,9 @@ def make_binary_problem(
     out = {}
     for metric in metric_names:
       if metric == "roc_auc":
-        out[metric] = mtl_metrics.roc_auc(labels, prediction, mask)
+        out[metric] = _auc.roc_auc(labels, prediction, mask)
       elif metric == "pr_auc":
-        out[metric] = mtl_metrics.average_precision(labels, prediction, mask)
+        out[metric] = _auc.average_precision(labels, prediction, mask)
       elif metric == "accuracy":
         out[metric] = float(np.mean(((prediction > 0) == (labels > 0))[mask]))
     return out

@@ -200,6 +200,32 @@ def check_seed(name: str, value: Any) -> int:
   return int(value)
 
 
+# The generator of every strategy that draws random numbers: jax.random's
+# Threefry, named so that a stream does not depend on the
+# jax_default_prng_impl setting. Its key is kept in the state as raw
+# uint32[2] data (plain arrays: checkpoints and np.asarray handle them).
+PRNG_IMPL = "threefry2x32"
+
+
+def key_data_from_seed(name: str, seed: Any) -> np.ndarray:
+  """The raw data (uint32[2]) of the Threefry key of a 64-bit seed.
+
+  Checks ``seed`` (an integer in [-2**63, 2**64), Python or NumPy) and
+  returns the data of the key ``jax.random.key(seed)`` gives with 64-bit
+  integers enabled, whether or not they are enabled (with them off,
+  ``jax.random.key`` keeps only the low 32 bits of a seed).
+  """
+  seed = check_seed(name, seed) % 2**64
+  return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def split_key(key_data: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """``(next key data, a typed key to draw from)``: one ``jax.random.split``."""
+  key, draw_key = jax.random.split(
+      jax.random.wrap_key_data(key_data, impl=PRNG_IMPL))
+  return jax.random.key_data(key), draw_key
+
+
 def check_solver_options(max_iters: Any, tol: Any) -> tuple[int, float | None]:
   """Checks a solver's ``max_iters`` (>= 1) and ``tol`` (>= 0 or None)."""
   max_iters = check_positive_int("max_iters", max_iters)

@@ -64,7 +64,16 @@ def _task_labels(num_tasks: int, task_names: Optional[Sequence[str]]):
 def _state_statistics(state: Any, prefix: str,
                       task_names: Optional[Sequence[str]]) -> dict[str, chex.Array]:
   """Flattens one strategy state (and any strategy state nested in it)."""
-  num_tasks = jnp.shape(state.weights)[0]
+  weights_shape = jnp.shape(state.weights)
+  if len(weights_shape) != 1:
+    raise ValueError(
+        "diagnostics expects the state of one run: its strategy state has "
+        f"weights of shape {weights_shape}, not (num_tasks,). A state with "
+        "leading batch axes (an ensemble or a seed sweep run under jax.vmap) "
+        "is read one run at a time with jax.vmap(optax_mtl.diagnostics)"
+        "(state), which returns the same keys, each value with the leading "
+        "batch axes (e.g. shape (num_runs,)).")
+  num_tasks = weights_shape[0]
   labels = _task_labels(num_tasks, task_names)
   out: dict[str, chex.Array] = {}
 
@@ -150,6 +159,11 @@ def diagnostics(
   tree holds more than one strategy state, each key gets the state's path in
   the tree after the prefix.
 
+  A batch of states (an ensemble under ``jax.vmap``, whose fields have a
+  leading run axis) raises a ``ValueError``: read it with
+  ``jax.vmap(optax_mtl.diagnostics)(state)``, whose values have one entry
+  per run under the same keys.
+
   Args:
     state: any pytree holding optax_mtl strategy states.
     prefix: prepended to every key, followed by ``/`` (``""``: no prefix).
@@ -158,6 +172,10 @@ def diagnostics(
   Returns:
     A dict from ``str`` to scalar ``jax.Array``; empty if ``state`` holds no
     strategy state.
+
+  Raises:
+    ValueError: ``task_names`` does not name every task, or a strategy state
+      has leading batch axes (use ``jax.vmap(optax_mtl.diagnostics)``).
 
   Examples:
     >>> import jax.numpy as jnp

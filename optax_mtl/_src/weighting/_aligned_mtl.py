@@ -9,6 +9,8 @@ import numpy as np
 from optax_mtl._src import base
 from optax_mtl._src import step
 
+SCALE_MODES = ("min", "median", "rmse")
+
 
 class AlignedMtlState(NamedTuple):
   """State of :func:`aligned_mtl`."""
@@ -20,28 +22,44 @@ class AlignedMtlState(NamedTuple):
   condition_number: chex.Array  # f32[], λ_max / λ_R over the kept ones.
 
 
+def _scaled_by_power_of_two(gramian: chex.Array) -> chex.Array:
+  """``G / 2^e`` with ``2^e`` at or above its largest diagonal entry (exact:
+  the weights then do not depend on the common scale of the gradients)."""
+  largest = jnp.max(jnp.diagonal(gramian))
+  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
+                                    jnp.ones_like(largest)))
+  return jnp.ldexp(gramian, -exponent)
+
+
 def _aligned_mtl_weights(gramian: chex.Array, preferences: chex.Array,
-                         eigenvalue_rtol: Optional[float]):
-  """``(B ω, rank, λ_max / λ_R)`` from the Gramian (any float dtype)."""
+                         eigenvalue_rtol: Optional[float],
+                         scale_mode: str = "min"):
+  """``(B ω, rank, λ_max / λ_R)`` from the Gramian, in its dtype."""
   num_tasks = gramian.shape[0]
   dtype = gramian.dtype
   if eigenvalue_rtol is None:
-    eigenvalue_rtol = 10 * num_tasks * float(jnp.finfo(dtype).eps)
-  symmetric = 0.5 * (gramian + gramian.T)
+    eigenvalue_rtol = num_tasks * float(jnp.finfo(dtype).eps)
+  symmetric = _scaled_by_power_of_two(0.5 * (gramian + gramian.T))
   eigenvalues, eigenvectors = jnp.linalg.eigh(symmetric)
   largest = jnp.max(eigenvalues)
-  kept = eigenvalues > eigenvalue_rtol * largest
-  kept &= largest > 0
-  smallest_kept = jnp.min(jnp.where(kept, eigenvalues, jnp.inf))
-  inv_sqrt = jnp.where(kept, 1.0 / jnp.sqrt(jnp.where(kept, eigenvalues, 1.0)),
-                       0.0)
-  sigma = jnp.sqrt(jnp.where(jnp.any(kept), smallest_kept, 0.0))
+  kept = (eigenvalues > eigenvalue_rtol * largest) & (largest > 0)
+  any_kept = jnp.any(kept)
+  rank = jnp.sum(kept).astype(jnp.int32)
+  ascending = jnp.sort(jnp.where(kept, eigenvalues, jnp.inf))
+  smallest_kept = jnp.where(any_kept, ascending[0], 1)
+  if scale_mode == "min":
+    scale = smallest_kept
+  elif scale_mode == "median":
+    # The lower median, as torch.median in the authors' code.
+    scale = ascending[jnp.maximum(rank - 1, 0) // 2]
+  else:  # "rmse"
+    scale = jnp.sum(jnp.where(kept, eigenvalues, 0)) / jnp.maximum(rank, 1)
+  inv_sqrt = jnp.where(kept, 1 / jnp.sqrt(jnp.where(kept, eigenvalues, 1)), 0)
+  sigma = jnp.where(any_kept, jnp.sqrt(jnp.where(any_kept, scale, 1)), 0)
   # B = σ V Λ^{-1/2} Vᵀ over the kept eigenpairs.
   b_matrix = sigma * (eigenvectors * inv_sqrt[None, :]) @ eigenvectors.T
   weights = b_matrix @ preferences.astype(dtype)
-  rank = jnp.sum(kept).astype(jnp.int32)
-  condition = jnp.where(jnp.any(kept), largest / jnp.where(
-      jnp.any(kept), smallest_kept, 1.0), 1.0)
+  condition = jnp.where(any_kept, largest / smallest_kept, 1)
   return weights, rank, condition
 
 
@@ -50,6 +68,7 @@ def aligned_mtl(
     preferences: Optional[Sequence[float]] = None,
     *,
     eigenvalue_rtol: Optional[float] = None,
+    scale_mode: str = "min",
 ) -> base.MultiTaskStrategy:
   r"""Aligned-MTL: a well-conditioned update from the aligned gradients.
 
@@ -69,15 +88,32 @@ def aligned_mtl(
   norms :math:`\sigma` (:math:`\hat J \hat J^\top = \sigma^2 V_R V_R^\top`),
   so the update :math:`d = \hat J^\top \omega` has condition number one
   along the span of the gradients. The weights do not change when all
-  gradients are scaled by the same factor.
+  gradients are scaled by the same factor (G is first divided by a power
+  of two, exactly), so the update scales with the gradients.
 
   Zero eigenvalues: an eigenvalue at or below ``eigenvalue_rtol`` times the
-  largest (default :math:`10 T \varepsilon` of the dtype, the rounding level
-  of :math:`G`) is dropped, i.e. :math:`\Lambda^{-1/2}` is the
-  pseudo-inverse square root and :math:`\lambda_R` the smallest kept one.
-  All-zero gradients give :math:`\alpha = 0`. ``state.rank`` and
-  ``state.condition_number`` (:math:`\lambda_1 / \lambda_R`) report what was
-  kept.
+  largest is dropped, i.e. :math:`\Lambda^{-1/2}` is the pseudo-inverse
+  square root and :math:`\lambda_R` the smallest kept one. The default
+  :math:`T \varepsilon` (:math:`\varepsilon` of G's dtype) is the
+  round-off of G itself, as computed from the gradients: a smaller
+  eigenvalue carries no information, a larger one is a real direction
+  (e.g. nearly parallel gradients) and is kept. ``state.rank`` and
+  ``state.condition_number`` (:math:`\lambda_1 / \lambda_R`) report what
+  was kept. All-zero gradients give :math:`\alpha = 0`.
+
+  Options that reproduce the peers:
+
+  * ``preferences=[1/T] * T``: torchjd's ``AlignedMTL`` (its default
+    preference vector is the mean, so its update is this one divided by
+    T); the default all-ones is the paper's and LibMTL's
+    (``alpha = B.sum(0)``).
+  * ``scale_mode``: the authors' code (SamsungLabs/MTL, ``scale_mode``)
+    chooses :math:`\sigma^2` as the smallest kept eigenvalue (``"min"``,
+    the paper, LibMTL and torchjd), their lower median (``"median"``, as
+    ``torch.median``) or their mean (``"rmse"``).
+
+  Both peers keep the eigenvalues above :math:`T \varepsilon
+  \lambda_{\max}` with float32's :math:`\varepsilon`, as here in float32.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped``;
   the previous weights are applied.
@@ -86,8 +122,10 @@ def aligned_mtl(
     num_tasks: the number of tasks T.
     preferences: the task preferences :math:`\omega` (T positive numbers),
       default all ones.
-    eigenvalue_rtol: relative threshold below which an eigenvalue of G is
-      treated as zero; None for :math:`10 T \varepsilon`.
+    eigenvalue_rtol: relative threshold at or below which an eigenvalue of
+      G is treated as zero; None for :math:`T \varepsilon`.
+    scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``: which
+      :math:`\sigma^2` the aligned gradients get (see above).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -119,21 +157,25 @@ def aligned_mtl(
       raise ValueError(
           f"preferences must be {num_tasks} positive finite numbers, got "
           f"{preferences!r}.")
-    preference_values = preference_values.astype(np.float32)
   if eigenvalue_rtol is not None:
     eigenvalue_rtol = base.check_in_range(
         "eigenvalue_rtol", eigenvalue_rtol, 0.0, 1.0, high_inclusive=False)
+  if scale_mode not in SCALE_MODES:
+    raise ValueError(
+        f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}.")
 
   def init():
     return AlignedMtlState(
-        **base.common_state_fields(num_tasks, preference_values, gramian=True),
+        **base.common_state_fields(num_tasks, preference_values.astype(
+            np.float32), gramian=True),
         rank=jnp.zeros([], jnp.int32),
         condition_number=jnp.ones([], jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
     weights, rank, condition = _aligned_mtl_weights(
-        gramian, jnp.asarray(preference_values), eigenvalue_rtol)
+        gramian, jnp.asarray(preference_values, gramian.dtype),
+        eigenvalue_rtol, scale_mode)
     return weights, state._replace(
         rank=rank, condition_number=condition.astype(jnp.float32))
 

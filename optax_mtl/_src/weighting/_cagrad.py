@@ -4,6 +4,7 @@ from typing import NamedTuple, Optional
 
 import chex
 import jax.numpy as jnp
+import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
@@ -22,13 +23,17 @@ class CagradState(NamedTuple):
   solution: chex.Array  # f32[T], the solver's w* of the last step.
 
 
+RESCALE_MODES = (0, 1, 2)
+_LARGEST_GAP = float(jnp.finfo(jnp.float32).max)
+
+
 def cagrad(
     num_tasks: int,
     *,
     c: float = 0.5,
-    rescale: bool = False,
+    rescale: int = 0,
     max_iters: int = 1000,
-    tol: Optional[float] = 1e-6,
+    tol: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""CAGrad: conflict-averse gradient descent.
 
@@ -43,12 +48,22 @@ def cagrad(
   ``min_{w ∈ Δ} g_wᵀ g_0 + √φ ‖g_w‖``, solved on the Gramian by
   :func:`~optax_mtl._src.solvers.solve_cagrad` (Liu et al. 2021, Eq. 4 and
   Algorithm 1), warm-started from the last step's ``w`` (kept in
-  ``solution``). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``, divided
-  by ``1 + c²`` with ``rescale=True``. The default (``rescale=False``) is the
-  paper's update; ``rescale=True`` is the authors' code (their ``rescale=1``),
-  which keeps the update's length comparable to ``g_0`` across values of
-  ``c``. ``c = 0`` gives the mean gradient. When ``g_w = 0`` (a
-  Pareto-stationary point) the weights are ``1/T``.
+  ``solution``). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``,
+  divided according to ``rescale``. ``c = 0`` gives the mean gradient. When
+  ``g_w`` is zero to the precision of G (``‖g_w‖² ≤ T ε max_k ‖g_k‖²``,
+  below which G does not resolve its norm, let alone its direction: a
+  Pareto-stationary point), Algorithm 1's ``g_w / ‖g_w‖`` is undefined and
+  the weights are ``1/T``: ``d = g_0``. (torchjd's ``CAGrad`` returns zero
+  weights there, below its absolute ``norm_eps``.) The ratio ``√φ / ‖g_w‖`` is scale-free and the solver divides
+  ``G`` by a power of two (exactly), so the weights do not depend on the
+  common scale of the gradients: the update scales with them.
+
+  ``rescale`` reproduces LibMTL's ``CAGrad(rescale=...)`` (the authors'
+  code): ``0`` the paper's update (the default here), ``1`` the update
+  divided by ``1 + c²`` (LibMTL's default, which keeps its length
+  comparable to ``g_0`` across values of ``c``), ``2`` divided by
+  ``1 + c``. (LibMTL adds ``1e-8`` to ``‖g_0‖`` and to ``‖g_w‖``, absolute
+  terms left out here.) ``True`` and ``False`` mean ``1`` and ``0``.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped`` and
   the previous weights are applied again; zero and negative losses are fine.
@@ -57,10 +72,12 @@ def cagrad(
     num_tasks: the number of tasks T.
     c: the radius of the ball around ``g_0``, relative to ``‖g_0‖``;
       ``c ≥ 0`` (the paper recommends ``c < 1`` for convergence).
-    rescale: divide the update by ``1 + c²`` as in the authors' code.
+    rescale: ``0``, ``1`` or ``2``, LibMTL's rescaling of the update (see
+      above).
     max_iters: the most Frank-Wolfe iterations per step.
-    tol: the Frank-Wolfe duality gap at which to stop, on the Gramian
-      divided by its largest diagonal entry (None: 1e-6 in float32).
+    tol: the relative duality gap at which to stop (see
+      :func:`~optax_mtl._src.solvers.solve_cagrad`); None: 1e-6 in float32,
+      1e-12 in float64.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -81,10 +98,14 @@ def cagrad(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   c = base.check_in_range("c", c, 0.0)
-  if not isinstance(rescale, bool):
-    raise ValueError(f"rescale must be a bool, got {rescale!r}.")
+  if isinstance(rescale, (bool, np.bool_)):
+    rescale = int(rescale)
+  if (not isinstance(rescale, (int, np.integer))
+      or int(rescale) not in RESCALE_MODES):
+    raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}.")
+  rescale = int(rescale)
   max_iters, tol = base.check_solver_options(max_iters, tol)
-  factor = 1.0 / (1.0 + c**2) if rescale else 1.0
+  factor = {0: 1.0, 1: 1.0 / (1.0 + c**2), 2: 1.0 / (1.0 + c)}[rescale]
 
   def init():
     return CagradState(
@@ -94,25 +115,33 @@ def cagrad(
 
   def rule(task_losses, state, gramian):
     del task_losses
-    mean = jnp.full((num_tasks,), 1.0 / num_tasks, gramian.dtype)
-    if c == 0.0:
-      return (mean * factor).astype(jnp.float32), state
+    dtype = gramian.dtype
+    mean = jnp.full((num_tasks,), 1 / num_tasks, dtype)
+    if isinstance(c, float) and c == 0.0:
+      return mean * factor, state
     result = solvers.solve_cagrad(gramian, c, max_iters=max_iters, tol=tol,
                                   warm_start=state.solution)
-    # The ratio √φ / ‖g_w‖ is scale-free: measure it on G / max_k G_kk.
-    scale = jnp.max(jnp.diag(gramian))
-    normalised = gramian / jnp.where(scale > 0, scale, 1.0)
-    radius = c * jnp.sqrt(jnp.maximum(mean @ normalised @ mean, 0.0))
-    norm = jnp.sqrt(jnp.maximum(
-        result.weights @ normalised @ result.weights, 0.0))
-    positive = norm > 0
-    ratio = jnp.where(positive, radius / jnp.where(positive, norm, 1.0), 0.0)
-    weights = factor * (mean + ratio * result.weights)
-    return weights.astype(jnp.float32), state._replace(
-        solution=result.weights.astype(jnp.float32),
-        solver_iterations=result.iterations.astype(jnp.int32),
-        solver_gap=result.gap.astype(jnp.float32),
-        solver_converged=result.converged)
+    # The ratio √φ / ‖g_w‖ is scale-free: measure it on G / 2^e (exact).
+    largest = jnp.max(jnp.diagonal(gramian))
+    _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
+                                      jnp.ones_like(largest)))
+    normalised = jnp.ldexp(0.5 * (gramian + gramian.T), -exponent)
+    radius = c * jnp.sqrt(jnp.maximum(mean @ normalised @ mean, 0))
+    solution = result.weights.astype(dtype)
+    squared = solution @ normalised @ solution
+    # ‖g_w‖² below the round-off of G (T ε max_k G_kk) is not resolved: its
+    # direction is noise (a Pareto-stationary point).
+    positive = squared > solvers.resolve_cutoff(
+        dtype, num_tasks, jnp.max(jnp.diagonal(normalised)))
+    norm = jnp.sqrt(jnp.where(positive, squared, 1))
+    ratio = jnp.where(positive, radius / norm, 0)
+    weights = factor * (mean + ratio * solution)
+    fields = solvers.state_fields(result)
+    # A solve with no certificate has gap = inf; the state must stay finite
+    # (the guard rejects a non-finite state): the largest float32.
+    fields["solver_gap"] = jnp.minimum(fields["solver_gap"], _LARGEST_GAP)
+    return weights, state._replace(solution=solution.astype(jnp.float32),
+                                   **fields)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -1,13 +1,15 @@
 """DualProj: the mean gradient projected onto the dual cone of the gradients."""
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import chex
 import jax.numpy as jnp
+import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _upgrad
 
 
 class DualprojState(NamedTuple):
@@ -24,31 +26,49 @@ class DualprojState(NamedTuple):
 def dualproj(
     num_tasks: int,
     *,
+    preferences: Optional[Sequence[float]] = None,
+    regularization: float = 0.0,
     max_iters: int = 200,
-    tol: Optional[float] = 1e-6,
+    tol: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
-  r"""DualProj: the mean gradient projected onto the dual cone of the rows.
+  r"""DualProj: a combination of the gradients projected onto the dual cone.
 
   .. math::
-    d = \Pi_{\{x : Jx \ge 0\}}\Bigl(\tfrac{1}{T} J^\top \mathbf 1\Bigr)
+    d = \Pi_{\{x : Jx \ge 0\}}\bigl(J^\top p\bigr)
       = J^\top w, \qquad
-    w = \operatorname*{argmin}_{v \ge \mathbf 1 / T} v^\top G v,
+    w = \operatorname*{argmin}_{v \ge p} v^\top G v,
 
-  the closest direction to the mean gradient that conflicts with no task:
-  ``J d = G w ≥ 0`` (Quinton & Rey 2024). The box-constrained QP on the
-  Gramian is solved by
+  with the preferences ``p`` (default ``1/T``: the mean gradient): the
+  closest direction to ``Jᵀp`` that conflicts with no task, ``J d = G w ≥ 0``
+  (Quinton & Rey 2024). The box-constrained QP on the Gramian is solved by
   :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`, warm-started from the
-  previous step's weights (its previous solution). Scaling every gradient
-  by the same factor scales ``d`` by it (the weights do not change).
+  previous step's weights (its previous solution). The solver divides
+  ``G`` by a power of two (exactly), so scaling every gradient by the same
+  factor scales ``d`` by it (the weights do not change).
+
+  Options that reproduce torchjd's ``DualProj(pref_vector, norm_eps,
+  reg_eps)``:
+
+  * ``preferences``: torchjd's ``pref_vector`` (any finite vector).
+  * ``regularization``: torchjd's ``reg_eps`` (1e-4 there, 0 here): the QP
+    is solved on ``G / tr(G) + reg_eps · I``, which is relative to
+    ``tr(G) = ‖J‖²_F``; ``J d ≥ 0`` then holds only up to the
+    regularisation. torchjd's absolute ``norm_eps`` replaces ``G`` by zero
+    when ``tr(G) < norm_eps``, so for gradients of norm below about 1e-2 it
+    returns ``Jᵀp`` unprojected; there is no such threshold here.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped`` and
   the previous weights are applied again; zero and negative losses are fine.
 
   Args:
     num_tasks: the number of tasks T.
+    preferences: ``p``, T finite numbers; None for ``1/T`` each.
+    regularization: ``ρ ≥ 0``: the QP is solved on ``G / tr(G) + ρ I``
+      (torchjd's ``reg_eps``); 0 for the exact projection.
     max_iters: the most active-set iterations per step.
-    tol: the projected-gradient residual at which to stop, on the Gramian
-      divided by its largest diagonal entry (None: 1e-6 in float32).
+    tol: the relative KKT residual at which to stop (see
+      :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`); None: 1e-6 in
+      float32, 1e-12 in float64.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -68,20 +88,30 @@ def dualproj(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   max_iters, tol = base.check_solver_options(max_iters, tol)
+  if preferences is None:
+    preference_values = np.full((num_tasks,), 1.0 / num_tasks)
+  else:
+    preference_values = _upgrad.check_preferences(preferences, num_tasks,
+                                                  non_negative=False)
+  regularization = base.check_in_range("regularization", regularization, 0.0)
 
   def init():
     return DualprojState(**base.common_state_fields(
-        num_tasks, 1.0 / num_tasks, gramian=True, solver=True))
+        num_tasks, preference_values.astype(np.float32), gramian=True,
+        solver=True))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    mean = jnp.full((num_tasks,), 1.0 / num_tasks, gramian.dtype)
-    result = solvers.solve_dual_cone_qp(gramian, mean, max_iters=max_iters,
-                                        tol=tol, warm_start=state.weights)
-    return result.weights.astype(jnp.float32), state._replace(
-        solver_iterations=result.iterations.astype(jnp.int32),
-        solver_gap=result.gap.astype(jnp.float32),
-        solver_converged=result.converged)
+    result = solvers.solve_dual_cone_qp(
+        _upgrad.regularized_gramian(gramian, regularization),
+        jnp.asarray(preference_values, gramian.dtype), max_iters=max_iters,
+        tol=tol, warm_start=state.weights)
+    fields = solvers.state_fields(result)
+    # A solve with no certificate has gap = inf; the state must stay finite
+    # (the guard rejects a non-finite state): the largest float32.
+    fields["solver_gap"] = jnp.minimum(fields["solver_gap"],
+                                       _upgrad.LARGEST_GAP)
+    return result.weights.astype(gramian.dtype), state._replace(**fields)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -3,7 +3,6 @@
 from typing import NamedTuple, Optional
 
 import chex
-import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -36,7 +35,10 @@ def dwa(
   ``steps_per_epoch=n``, as in the paper, ``t`` counts epochs of ``n`` steps
   and :math:`L_k` is the mean loss over an epoch: every step of epoch ``e``
   uses the means of epochs ``e−1`` and ``e−2`` (weights 1 during the first
-  two epochs). The weights sum to ``T``.
+  two epochs). The weights sum to ``T``, so they stay bounded however small
+  the losses get (any optimizer, plain SGD included). A ratio above 1e30
+  (a loss that jumps from 1e-30 to 1e9) and ``r/τ`` are clipped at 1e30, so
+  the weights are finite whatever the losses.
 
   A rejected step (a non-finite, zero or negative loss) never enters the
   loss history: the previous state is kept, ``num_skipped`` is incremented

@@ -1,9 +1,8 @@
 """DWEMA loss weighting: the DWA coefficients divided by the loss EMA."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import chex
-import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -20,7 +19,12 @@ class DwemaState(NamedTuple):
 
 
 def dwema(
-    num_tasks: int, beta: float = 0.1, temperature: float = 2.0
+    num_tasks: int,
+    beta: float = 0.1,
+    temperature: float = 2.0,
+    *,
+    normalize: bool = False,
+    max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""DWEMA loss weighting: Dynamic Weight Average divided by the loss EMA.
 
@@ -38,6 +42,13 @@ def dwema(
   every loss on the same scale, so the combined update does not change when
   one task's loss (and gradient) is multiplied by a constant.
 
+  As with :func:`optax_mtl.ema`, the weights grow as the losses fall: Adam
+  and other scale-invariant optimizers need nothing more, while plain SGD
+  (or momentum) needs ``normalize=True`` (weights that sum to ``T``) or
+  ``max_weight``. Every weight is at most 1e30 (and the DWA factor at most
+  ``T``, the ratios being clipped at 1e30), so the weights are always
+  finite.
+
   A rejected step (a non-finite, zero or negative loss) enters neither the
   average nor the loss history: the previous state is kept, ``num_skipped``
   is incremented and the previous weights are applied again. ``t`` counts
@@ -48,6 +59,9 @@ def dwema(
     beta: the weight of the newest loss in the average, in (0, 1].
     temperature: the softmax temperature τ > 0 of the DWA factor (larger is
       closer to equal factors).
+    normalize: rescale the weights to sum to ``T`` (computed in log space).
+    max_weight: None, or a bound > 0 each weight is clipped at (after
+      ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -75,6 +89,8 @@ def dwema(
   beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
   temperature = base.check_in_range("temperature", temperature, 0.0,
                                     low_inclusive=False)
+  normalize, max_weight = _loss_history.check_weight_options(normalize,
+                                                             max_weight)
 
   def init():
     return DwemaState(
@@ -88,7 +104,15 @@ def dwema(
                                                   temperature)
     loss_average = _loss_history.update_loss_average(
         state.loss_average, task_losses, beta)
-    weights = coefficients / loss_average.average
+    average = loss_average.average
+    log_weights = None
+    if normalize:
+      log_weights = (
+          _loss_history.log_dwa_coefficients(state.loss_ratios, temperature)
+          - _loss_history.log_positive(average))
+    weights = _loss_history.finish_weights(
+        _loss_history.bounded_ratio(coefficients, average), log_weights,
+        normalize, max_weight)
     return weights, state._replace(
         loss_average=loss_average,
         loss_ratios=_loss_history.record_losses(

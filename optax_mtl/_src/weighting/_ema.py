@@ -1,9 +1,8 @@
 """EMA loss weighting: each loss divided by its exponential moving average."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import chex
-import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -18,7 +17,13 @@ class EmaState(NamedTuple):
   loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
 
 
-def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
+def ema(
+    num_tasks: int,
+    beta: float = 0.1,
+    *,
+    normalize: bool = False,
+    max_weight: Optional[float] = None,
+) -> base.MultiTaskStrategy:
   r"""EMA loss weighting: every loss scaled by its exponential moving average.
 
   .. math::
@@ -30,6 +35,14 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
   the combined update does not change when one task's loss (and gradient)
   is multiplied by a constant.
 
+  The weights grow as the losses fall (``1/L̃``): their overall scale is a
+  learning-rate multiplier. Scale-invariant optimizers (Adam, RMSProp,
+  Adafactor...) cancel it and need nothing more; with plain SGD (or
+  momentum) the step grows as the losses fall, so bound the weights with
+  ``normalize=True`` (only the relative weights change; they sum to ``T``)
+  or ``max_weight``. Every weight is at most 1e30 in any case (reached only
+  when ``L̃`` falls below 1e-30), so it is never infinite.
+
   A rejected step (a non-finite, zero or negative loss) never enters the
   average: the previous state is kept, ``num_skipped`` is incremented and the
   previous weights are applied again (ones if no step was accepted yet).
@@ -39,6 +52,10 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
     num_tasks: the number of tasks T.
     beta: the weight of the newest loss in the average, in (0, 1]
       (``beta=1`` gives :math:`w_k = 1/L_k(t)`).
+    normalize: rescale the weights to sum to ``T``,
+      :math:`w_k = T \tilde L_k^{-1} / \sum_i \tilde L_i^{-1}`.
+    max_weight: None, or a bound > 0 each weight is clipped at (after
+      ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -58,6 +75,14 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
     >>> state.weights.tolist()  # 1 / (0.5·4 + 0.5·2), 1 / 4
     [0.3333333432674408, 0.25]
 
+    For plain SGD, weights that sum to T:
+
+    >>> strategy = optax_mtl.ema(num_tasks=2, beta=0.5, normalize=True)
+    >>> update, state = strategy.update(
+    ...     task_grads, strategy.init(None), task_losses=jnp.array([1.0, 3.0]))
+    >>> [round(w, 4) for w in state.weights.tolist()]  # 2·(1, 1/3) / (4/3)
+    [1.5, 0.5]
+
   References:
     Lakkapragada, Sleiman, Surabhi & Wall, "Mitigating Negative Transfer in
     Multi-Task Learning with Exponential Moving Average Loss Weighting
@@ -65,6 +90,8 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
   """
   num_tasks = base.check_num_tasks(num_tasks)
   beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
+  normalize, max_weight = _loss_history.check_weight_options(normalize,
+                                                             max_weight)
 
   def init():
     return EmaState(
@@ -75,7 +102,10 @@ def ema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
     del gramian
     loss_average = _loss_history.update_loss_average(
         state.loss_average, task_losses, beta)
-    weights = 1.0 / loss_average.average
+    average = loss_average.average
+    weights = _loss_history.finish_weights(
+        _loss_history.bounded_ratio(1.0, average),
+        -_loss_history.log_positive(average), normalize, max_weight)
     return weights, state._replace(loss_average=loss_average)
 
   return step.as_gradient_transformation(base.Weighting(

@@ -45,6 +45,7 @@ def equal(num_tasks: int, mean: bool = False) -> base.MultiTaskStrategy:
     [1.0, 3.0]
   """
   num_tasks = base.check_num_tasks(num_tasks)
+  mean = base.check_bool("mean", mean)
   value = 1.0 / num_tasks if mean else 1.0
 
   def init():

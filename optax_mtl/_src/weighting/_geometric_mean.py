@@ -1,6 +1,5 @@
 """Geometric-mean loss: the gradient of the product of the task losses."""
 
-import math
 from typing import NamedTuple, Optional
 
 import chex
@@ -8,6 +7,7 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _loss_history
 
 
 class GeometricMeanState(NamedTuple):
@@ -20,6 +20,8 @@ class GeometricMeanState(NamedTuple):
 def geometric_mean(
     num_tasks: int,
     gamma: Optional[float] = None,
+    *,
+    max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Geometric-mean loss: the gradient of the product of the task losses.
 
@@ -37,15 +39,21 @@ def geometric_mean(
   ``w_k L_k`` is the same for every task, every task contributes its relative
   change ``∇L_k / L_k`` with one common factor ``L / γ``.
 
-  A step with a non-finite or non-positive loss, or whose weights themselves
-  lie outside the float32 range (with ``gamma = T`` only when
-  ``max L / min L > T · 3e38``; more easily for ``gamma < T``), is counted in
+  With ``gamma = T`` the weights do not grow when all the losses fall
+  together (``w_k = 1/T`` at equal losses), but a task whose loss falls far
+  below the others gets a weight up to ``max L / (T min L)``. Adam and other
+  scale-invariant optimizers cancel the overall scale; with plain SGD (or
+  momentum) bound the weights with ``max_weight``. Every weight is at most
+  1e30 in any case (clipped in log space), so it is never infinite.
+
+  A step with a non-finite or non-positive loss is counted in
   ``num_skipped`` and the previous weights are applied (``1/γ``, the weights
   at unit losses, before the first accepted step).
 
   Args:
     num_tasks: the number of tasks T.
     gamma: the root taken of the product, ``> 0``; None means ``num_tasks``.
+    max_weight: None, or a bound > 0 each weight is clipped at.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -68,18 +76,22 @@ def geometric_mean(
   if gamma is None:
     gamma = float(num_tasks)
   gamma = base.check_in_range("gamma", gamma, 0.0, low_inclusive=False)
-  if not math.isfinite(gamma):
-    raise ValueError(f"gamma must be finite, got {gamma!r}.")
-  log_gamma = math.log(gamma)
+  _, max_weight = _loss_history.check_weight_options(False, max_weight)
 
   def init():
-    return GeometricMeanState(**base.common_state_fields(num_tasks, 1.0 / gamma))
+    return GeometricMeanState(**base.common_state_fields(
+        num_tasks, _loss_history.finish_weights(
+            jnp.full((num_tasks,), 1.0 / jnp.asarray(gamma, jnp.float32)),
+            None, False, max_weight)))
 
   def rule(task_losses, state, gramian):
     del gramian
     log_losses = jnp.log(task_losses)
-    log_weights = jnp.sum(log_losses) / gamma - log_gamma - log_losses
-    return jnp.exp(log_weights), state
+    log_weights = (jnp.sum(log_losses) / gamma
+                   - jnp.log(jnp.asarray(gamma, jnp.float32)) - log_losses)
+    weights = jnp.exp(jnp.minimum(log_weights, _loss_history.LOG_MAX_WEIGHT))
+    return _loss_history.finish_weights(weights, None, False,
+                                        max_weight), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,

@@ -96,23 +96,22 @@ def graddrop(
       or not isinstance(batch_axis, (int, np.integer)) or batch_axis < 0):
     raise ValueError(
         f"batch_axis must be None or an integer >= 0, got {batch_axis!r}.")
-  seed = base.check_seed("seed", seed)
+  key_data = base.key_data_from_seed("seed", seed)
 
   def init(params):
     del params
     return GraddropState(
         **base.common_state_fields(num_tasks),
-        key=jax.random.key_data(jax.random.key(seed)))
+        key=jnp.asarray(key_data))
 
   def rule(task_losses, state, task_grads):
     del task_losses
-    key, next_key = jax.random.split(jax.random.wrap_key_data(state.key))
+    next_key, key = base.split_key(state.key)
     leaves, treedef = jax.tree.flatten(task_grads)
     keys = jax.random.split(key, len(leaves))
     dropped = [_drop_leaf(leaf, leaf_key, leaks, purity_fn, batch_axis)
                for leaf, leaf_key in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, dropped), state._replace(
-        key=jax.random.key_data(next_key))
+    return jax.tree.unflatten(treedef, dropped), state._replace(key=next_key)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,

@@ -4,10 +4,12 @@ from typing import NamedTuple
 
 import chex
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_mtl._src import base
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _loss_history
 
 
 class GradnormState(NamedTuple):
@@ -22,20 +24,34 @@ class GradnormState(NamedTuple):
   gradnorm_loss: chex.Array  # f32[], L_grad of the last accepted step.
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _gradnorm_step(loss_weights, task_losses, initial_losses, gramian, alpha,
                    learning_rate, min_weight):
-  """One GradNorm update of the loss weights; returns (new weights, L_grad)."""
+  """One GradNorm update of the loss weights; returns (new weights, L_grad).
+
+  Nothing here overflows, whatever the positive losses: the loss ratios
+  ``L̃_i = L_i / L_i(0)`` (1e39 for 1e9 after 1e-30) are taken in log space
+  and only their quotients ``r_i <= T`` are formed; the targets and
+  ``L_grad`` saturate at the float32 maximum.
+  """
   num_tasks = loss_weights.shape[0]
   norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))  # ‖∇_W L_i‖.
   weighted_norms = loss_weights * norms  # G_W^{(i)}.
-  loss_ratios = task_losses / initial_losses  # L̃_i.
-  relative_rates = loss_ratios / jnp.mean(loss_ratios)  # r_i.
+  log_ratios = (_loss_history.log_positive(task_losses)
+                - _loss_history.log_positive(initial_losses))  # log L̃_i.
+  # L̃_i / max_j L̃_j, in (0, 1] (exactly 1 for equal ratios).
+  scaled_ratios = jnp.exp(log_ratios - jnp.max(log_ratios))
+  relative_rates = scaled_ratios / jnp.mean(scaled_ratios)  # r_i, at most T.
   # The target is a constant: no gradient flows through mean(G_W) or r_i.
-  targets = jnp.mean(weighted_norms) * relative_rates**alpha
-  gradnorm_loss = jnp.sum(jnp.abs(weighted_norms - targets))
+  rates_power = jnp.minimum(relative_rates**alpha, _FLOAT32_MAX)
+  targets = jnp.minimum(jnp.mean(weighted_norms) * rates_power, _FLOAT32_MAX)
+  gradnorm_loss = jnp.minimum(jnp.sum(jnp.abs(weighted_norms - targets)),
+                              _FLOAT32_MAX)
   weight_grads = jnp.sign(weighted_norms - targets) * norms
-  new_weights = jnp.maximum(loss_weights - learning_rate * weight_grads,
-                            min_weight)
+  new_weights = jnp.clip(loss_weights - learning_rate * weight_grads,
+                         min_weight, _FLOAT32_MAX / num_tasks)
   new_weights = num_tasks * new_weights / jnp.sum(new_weights)
   return new_weights, gradnorm_loss
 
@@ -72,6 +88,11 @@ def gradnorm(
   updated :math:`w(t+1)` (``state.loss_weights``) for the next step. The
   first step applies :math:`w = 1`. :math:`L_i(0)` is the losses of the first
   accepted step.
+
+  The weights are positive and sum to ``T`` whatever the losses, so they
+  stay bounded for any optimizer (plain SGD included). The loss ratios are
+  compared in log space: a task whose loss jumps from 1e-30 to 1e9 gets a
+  finite rate, and ``gradnorm_loss`` saturates at the float32 maximum.
 
   The losses must be positive: a step with a zero, negative or non-finite
   loss, or a non-finite Gramian, is counted in ``num_skipped``, the previous

@@ -151,17 +151,17 @@ def gradvac(
                                  high_inclusive=False)
   if groups not in GROUPS:
     raise ValueError(f"groups must be one of {GROUPS}, got {groups!r}.")
-  seed = base.check_seed("seed", seed)
+  key_data = base.key_data_from_seed("seed", seed)
 
   def initial_state(target_shape):
     return GradvacState(
         **base.common_state_fields(num_tasks, gramian=True),
         target_cosines=jnp.zeros(target_shape, jnp.float32),
-        key=jax.random.key_data(jax.random.key(seed)))
+        key=jnp.asarray(key_data))
 
   def next_orders(state):
-    key, next_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    return _orders(key, num_tasks), jax.random.key_data(next_key)
+    next_key, key = base.split_key(state.key)
+    return _orders(key, num_tasks), next_key
 
   if groups == "model":
 

@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 
@@ -17,56 +18,44 @@ class ImtlGState(NamedTuple):
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
-def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
-  """The IMTL-G weights α from the Gramian alone (any float dtype).
+def _scaled_by_power_of_two(gramian: chex.Array) -> chex.Array:
+  """``G / 2^e`` with ``2^e`` at or above its largest diagonal entry (exact:
+  the weights then do not depend on the common scale of the gradients)."""
+  largest = jnp.max(jnp.diagonal(gramian))
+  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
+                                    jnp.ones_like(largest)))
+  return jnp.ldexp(gramian, -exponent)
 
-  The anchor (the paper's task 1) is the task with the largest gradient
-  norm; tasks with a gradient norm at or below ``eps`` times the largest get
-  α = 0 and no constraint. Rank deficiency is handled by the pseudo-inverse.
+
+def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
+  """The IMTL-G weights ``α = G⁺n / 1ᵀG⁺n`` from the Gramian (its dtype).
+
+  ``n_k = ‖g_k‖``. A task with ``‖g_k‖ ≤ eps · max_j ‖g_j‖`` is left out
+  (α_k = 0). The pseudo-inverse drops the eigenvalues of G at or below
+  ``T ε λ_max``, the round-off of G itself.
   """
   num_tasks = gramian.shape[0]
   dtype = gramian.dtype
-  norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))
-  max_norm = jnp.max(norms)
-  active = (norms > eps * max_norm) & (norms > 0)
-  inv_norms = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
-  anchor = jnp.argmax(norms)
-  # Put the anchor first: the tasks in the order [anchor, the others...].
-  order = jnp.argsort(jnp.where(jnp.arange(num_tasks) == anchor, -1,
-                                jnp.arange(num_tasks)))
-  gram = gramian[order][:, order]
-  inv_norms = inv_norms[order]
-  active = active[order]
-  # C (T-1, T): row k is e_1 - e_{k+2}, so that D = C J and U = C N J with
-  # N = diag(1/‖g_i‖). Then D Uᵀ = C G N Cᵀ and g_1 Uᵀ = e_1ᵀ G N Cᵀ.
-  differences = jnp.concatenate(
-      [jnp.ones((num_tasks - 1, 1), dtype), -jnp.eye(num_tasks - 1, dtype=dtype)],
-      axis=1)
-  gram_n = gram * inv_norms[None, :]  # G N.
-  d_ut = differences @ gram_n @ differences.T  # D Uᵀ, (T-1, T-1).
-  g1_ut = gram_n[0] @ differences.T  # g_1 Uᵀ, (T-1,).
-  # α_{2:T} (D Uᵀ) = g_1 Uᵀ  <=>  (D Uᵀ)ᵀ α_{2:T}ᵀ = (g_1 Uᵀ)ᵀ. Column k of
-  # D Uᵀ is the constraint (g_1 - g_{k+2}) · u-difference of task k+2; an
-  # inactive task's constraint is replaced by α_k = 0.
-  rest_active = active[1:]
-  # The identity rows are scaled like the system, so that they do not move
-  # the relative cut-off of the pseudo-inverse.
-  scale = jnp.max(jnp.abs(d_ut))
-  scale = jnp.where(scale > 0, scale, 1.0)
-  system = jnp.where(rest_active[:, None], d_ut.T,
-                     scale * jnp.eye(num_tasks - 1, dtype=dtype))
-  system = jnp.where(rest_active[None, :] | ~rest_active[:, None], system,
-                     0.0)
-  rhs = jnp.where(rest_active, g1_ut, 0.0)
-  # Singular values below 10 T ε of the largest are rounding noise (e.g.
-  # duplicated gradients give an exactly singular system).
-  rtol = 10 * num_tasks * jnp.finfo(dtype).eps
-  rest = jnp.linalg.pinv(system, rtol=rtol) @ rhs
-  rest = jnp.where(rest_active, rest, 0.0)
-  alpha = jnp.concatenate([(1.0 - jnp.sum(rest))[None], rest])
-  alpha = jnp.where(max_norm > 0, alpha, jnp.zeros_like(alpha))
-  # Back to the original task order.
-  return jnp.zeros_like(alpha).at[order].set(alpha)
+  gramian = _scaled_by_power_of_two(0.5 * (gramian + gramian.T))
+  norms = solvers.gradient_norms(gramian)
+  active = (norms > eps * jnp.max(norms)) & (norms > 0)
+  both = active[:, None] & active[None, :]
+  gramian = jnp.where(both, gramian, jnp.zeros((), dtype))
+  eigenvalues, eigenvectors = jnp.linalg.eigh(gramian)
+  cutoff = solvers.resolve_cutoff(dtype, num_tasks, jnp.max(eigenvalues))
+  kept = eigenvalues > cutoff
+  inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues, 1), 0)
+  norms = jnp.where(active, norms, 0)
+  # v = G⁺ n over the kept eigenpairs.
+  solution = eigenvectors @ (inverse * (eigenvectors.T @ norms))
+  solution = jnp.where(active, solution, 0)
+  total = jnp.sum(solution)
+  # Σ v cancels to round-off: no direction with equal positive projections
+  # (e.g. unit gradients summing to zero); α = 0.
+  cancels = jnp.abs(total) <= solvers.resolve_cutoff(
+      dtype, num_tasks, jnp.sum(jnp.abs(solution)))
+  return jnp.where(cancels, jnp.zeros_like(solution),
+                   solution / jnp.where(cancels, 1, total))
 
 
 def imtl_g(
@@ -76,34 +65,43 @@ def imtl_g(
 ) -> base.MultiTaskStrategy:
   r"""IMTL-G: the update whose projections on all unit gradients are equal.
 
-  With :math:`u_i = g_i / \lVert g_i \rVert`,
-  :math:`D = [g_1 - g_2, \dots, g_1 - g_T]` and
-  :math:`U = [u_1 - u_2, \dots, u_1 - u_T]` (rows),
+  With :math:`G = J J^\top` and :math:`n = (\lVert g_1 \rVert, \dots,
+  \lVert g_T \rVert)`,
 
   .. math::
-    \alpha_{2:T} = g_1 U^\top (D U^\top)^{-1}, \qquad
-    \alpha_1 = 1 - \sum_{i=2}^{T} \alpha_i, \qquad
-    d = \sum_{i=1}^{T} \alpha_i g_i,
+    \alpha = \frac{G^{+} n}{\mathbf 1^\top G^{+} n}, \qquad
+    d = \sum_{i=1}^{T} \alpha_i g_i = J^\top \alpha,
 
-  so that :math:`d \cdot u_i` is the same for every task. Everything is
-  computed from the Gramian: :math:`D U^\top = C G N C^\top` and
-  :math:`g_1 U^\top = e_1^\top G N C^\top` with :math:`N =
-  \operatorname{diag}(1/\sqrt{G_{ii}})` and :math:`C` the difference matrix.
+  the definition of torchjd's ``IMTLG`` (Quinton & Rey 2024). When the
+  gradients are linearly independent, :math:`G \alpha \propto n` says that
+  :math:`d \cdot u_i` (:math:`u_i = g_i / \lVert g_i \rVert`) is the same
+  for every task, and :math:`\alpha` is the paper's
+  :math:`\alpha_{2:T} = g_1 U^\top (D U^\top)^{-1}`,
+  :math:`\alpha_1 = 1 - \sum_{i \ge 2} \alpha_i` (Liu et al. 2021). When
+  they are not (duplicated tasks, more tasks than dimensions), equal
+  projections may not exist and the paper's system is singular; with the
+  pseudo-inverse, :math:`d \propto J^{+} n` is the least-norm
+  least-squares solution of :math:`g_i \cdot d = \lVert g_i \rVert`, i.e.
+  of :math:`u_i \cdot d = 1`, with rows weighted by the gradient norms.
+  Duplicated tasks share their weight.
 
-  The solution does not depend on which task plays "task 1" when
-  :math:`D U^\top` is invertible; the task with the largest gradient norm is
-  used. A rank-deficient :math:`D U^\top` (e.g. duplicated gradients) is
-  solved with the pseudo-inverse (the least-norm :math:`\alpha_{2:T}`). A
-  task whose gradient norm is at most ``eps`` times the largest has no
-  direction: it gets :math:`\alpha_i = 0` and the others are balanced among
-  themselves; all-zero gradients give :math:`\alpha = 0`.
+  Numerics. The pseudo-inverse keeps the eigenvalues of G above
+  :math:`T \varepsilon \lambda_{\max}` (:math:`\varepsilon` of G's dtype):
+  below that an eigenvalue is the round-off of computing G, so a
+  direction is kept only where G resolves it. G is first divided by a
+  power of two, so the weights do not depend on the common scale of the
+  gradients: the update scales with them. A task whose gradient norm is at
+  most ``eps`` times the largest is left out (:math:`\alpha_i = 0`). When
+  :math:`\mathbf 1^\top G^{+} n` cancels to round-off (no direction has
+  equal positive projections, e.g. unit gradients that sum to zero), and
+  for all-zero gradients, :math:`\alpha = 0`.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped``;
   the previous weights are applied.
 
   Args:
     num_tasks: the number of tasks T.
-    eps: relative threshold below which a gradient counts as zero.
+    eps: gradient norms at or below ``eps`` times the largest count as zero.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -121,7 +119,9 @@ def imtl_g(
     [0.6667, 0.6667]
 
   References:
-    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021.
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021;
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024
+    (the pseudo-inverse form, torchjd's ``IMTLG``).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
@@ -132,8 +132,6 @@ def imtl_g(
 
   def rule(task_losses, state, gramian):
     del task_losses
-    if num_tasks == 1:
-      return jnp.ones((1,), jnp.float32), state
     return _imtl_g_weights(gramian, eps), state
 
   return step.as_gradient_transformation(base.Weighting(

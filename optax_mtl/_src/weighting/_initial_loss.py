@@ -8,6 +8,7 @@ import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _loss_history
 
 
 class InitialLossState(NamedTuple):
@@ -28,6 +29,9 @@ def initial_loss(
     num_tasks: int,
     prior_losses: Optional[Any] = None,
     warmup_steps: int = 1,
+    *,
+    normalize: bool = False,
+    max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Initial-loss normalisation: every loss divided by its initial value.
 
@@ -44,6 +48,12 @@ def initial_loss(
   Either way the normalised losses start near 1, and a task's weight does not
   depend on the unit its loss is measured in.
 
+  The weights are fixed but as large as the reference losses are small: a
+  learning-rate multiplier that Adam and other scale-invariant optimizers
+  cancel, but that plain SGD (or momentum) applies as it is. With SGD, use
+  ``normalize=True`` (weights that sum to ``T``) or ``max_weight``. Every
+  weight is at most 1e30 in any case, so it is never infinite.
+
   A step with a non-finite loss (when measuring: a non-finite or
   non-positive loss, at every step, since the check is static) is counted in
   ``num_skipped``; it is not measured (it does not count towards
@@ -57,6 +67,10 @@ def initial_loss(
       and positive. When given nothing is measured.
     warmup_steps: the number of accepted steps whose mean losses become the
       reference (only when ``prior_losses`` is None).
+    normalize: rescale the weights to sum to ``T``,
+      :math:`w_k = T / (L_k^{\text{prior}} \sum_i 1/L_i^{\text{prior}})`.
+    max_weight: None, or a bound > 0 each weight is clipped at (after
+      ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -83,12 +97,19 @@ def initial_loss(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   warmup_steps = base.check_positive_int("warmup_steps", warmup_steps)
+  normalize, max_weight = _loss_history.check_weight_options(normalize,
+                                                             max_weight)
   if prior_losses is not None:
     prior = _check_prior_losses(prior_losses, num_tasks)
     if warmup_steps != 1:
       raise ValueError(
           "warmup_steps has no effect when prior_losses is given (nothing is "
           f"measured); leave it at 1, got {warmup_steps!r}.")
+
+  def weights_of(reference_losses):
+    return _loss_history.finish_weights(
+        _loss_history.bounded_ratio(1.0, reference_losses),
+        -_loss_history.log_positive(reference_losses), normalize, max_weight)
 
   def init():
     if prior_losses is None:
@@ -98,7 +119,7 @@ def initial_loss(
           num_measured=jnp.zeros([], jnp.int32))
     return InitialLossState(
         **base.common_state_fields(
-            num_tasks, 1.0 / jnp.asarray(prior, jnp.float32)),
+            num_tasks, weights_of(jnp.asarray(prior, jnp.float32))),
         initial_losses=jnp.asarray(prior, jnp.float32),
         num_measured=jnp.asarray(warmup_steps, jnp.int32))
 
@@ -110,7 +131,7 @@ def initial_loss(
     step = (task_losses - state.initial_losses) / count.astype(jnp.float32)
     initial_losses = jnp.where(measuring, state.initial_losses + step,
                                state.initial_losses)
-    weights = 1.0 / initial_losses
+    weights = weights_of(initial_losses)
     return weights, state._replace(initial_losses=initial_losses,
                                    num_measured=count)
 

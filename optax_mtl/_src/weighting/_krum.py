@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import chex
 import jax.numpy as jnp
+import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -80,17 +81,21 @@ def krum(num_tasks: int, num_byzantine: int = 0,
     torchjd's ``Krum``.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  if (isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int)
+  if (isinstance(num_byzantine, (bool, np.bool_))
+      or not isinstance(num_byzantine, (int, np.integer))
       or num_byzantine < 0 or num_tasks < num_byzantine + 3):
     raise ValueError(
         "num_byzantine must be an integer >= 0 with num_tasks >= "
         f"num_byzantine + 3 (num_tasks = {num_tasks}), got "
         f"{num_byzantine!r}.")
-  if (isinstance(num_selected, bool) or not isinstance(num_selected, int)
+  if (isinstance(num_selected, (bool, np.bool_))
+      or not isinstance(num_selected, (int, np.integer))
       or not 1 <= num_selected <= num_tasks):
     raise ValueError(
         f"num_selected must be an integer in [1, {num_tasks}], got "
         f"{num_selected!r}.")
+
+  num_byzantine, num_selected = int(num_byzantine), int(num_selected)
 
   def init():
     return KrumState(**base.common_state_fields(

@@ -8,6 +8,7 @@ import optax
 
 from optax_mtl._src import base
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _loss_history
 
 
 class LbtwState(NamedTuple):
@@ -40,7 +41,11 @@ def lbtw(
   A task that has already reduced its loss a lot is weighted down, so it
   does not dominate the shared parameters (negative transfer). ``alpha=0``
   gives equal weights; ``alpha=1`` the plain loss ratio. The renormalisation
-  to a sum of ``T`` follows the authors' code.
+  to a sum of ``T`` follows the authors' code. The weights are computed from
+  ``α (log L_k − log L_k^ref)``: with ``normalize`` they are in ``(0, T]``
+  for any losses; without it, a task whose loss has grown far above its
+  reference gets a weight of at most 1e30 (never inf). Falling losses make
+  the weights fall, never blow up.
 
   A rejected step (a non-finite, zero or negative loss) never becomes a
   reference: the previous state is kept, ``num_skipped`` is incremented and
@@ -79,8 +84,7 @@ def lbtw(
   alpha = base.check_in_range("alpha", alpha, 0.0)
   steps_per_epoch = base.check_positive_int("steps_per_epoch", steps_per_epoch,
                                             allow_none=True)
-  if not isinstance(normalize, bool):
-    raise ValueError(f"normalize must be a bool, got {normalize!r}.")
+  normalize = base.check_bool("normalize", normalize)
 
   def init():
     return LbtwState(
@@ -92,9 +96,13 @@ def lbtw(
     del gramian
     reference = jnp.where(state.steps_in_epoch == 0, task_losses,
                           state.reference_losses)
-    weights = (task_losses / reference) ** alpha
+    log_weights = alpha * (_loss_history.log_positive(task_losses)
+                           - _loss_history.log_positive(reference))
     if normalize:
-      weights = num_tasks * weights / jnp.sum(weights)
+      weights = _loss_history.normalized_weights(log_weights)
+    else:
+      weights = jnp.exp(jnp.minimum(log_weights,
+                                    _loss_history.LOG_MAX_WEIGHT))
     if steps_per_epoch is None:
       steps = optax.safe_increment(state.steps_in_epoch)
     else:

@@ -1,12 +1,12 @@
 """Dynamic (log) loss normalisation: the gradient of the sum of log-losses."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import chex
-import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _loss_history
 
 
 class LogLossState(NamedTuple):
@@ -16,7 +16,12 @@ class LogLossState(NamedTuple):
   num_skipped: chex.Array  # i32[], steps with a non-finite or <= 0 loss.
 
 
-def log_loss(num_tasks: int) -> base.MultiTaskStrategy:
+def log_loss(
+    num_tasks: int,
+    *,
+    normalize: bool = False,
+    max_weight: Optional[float] = None,
+) -> base.MultiTaskStrategy:
   r"""Dynamic loss normalisation: the gradient of the sum of the log-losses.
 
   .. math::
@@ -27,12 +32,24 @@ def log_loss(num_tasks: int) -> base.MultiTaskStrategy:
   change, so the update does not change when a task's loss is measured in
   other units (multiplied by a constant ``c > 0``).
 
+  The weights grow as the losses fall: their overall scale is a
+  learning-rate multiplier. Scale-invariant optimizers (Adam, RMSProp,
+  Adafactor...) cancel it and need nothing more; with plain SGD (or
+  momentum) the step grows without bound as the losses approach 0, so bound
+  the weights with ``normalize=True`` (they sum to ``T``) or
+  ``max_weight``. Every weight is at most 1e30 in any case (reached only for
+  a loss below 1e-30), so it is never infinite.
+
   A step with a non-finite or non-positive loss (the logarithm needs
   ``L_k > 0``) is counted in ``num_skipped`` and the previous weights are
   applied (ones before the first accepted step).
 
   Args:
     num_tasks: the number of tasks T.
+    normalize: rescale the weights to sum to ``T``,
+      :math:`w_k = T L_k^{-1} / \sum_i L_i^{-1}`.
+    max_weight: None, or a bound > 0 each weight is clipped at (after
+      ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -53,13 +70,18 @@ def log_loss(num_tasks: int) -> base.MultiTaskStrategy:
     Multi-Task Learning", 2023 (the log transformation of the losses).
   """
   num_tasks = base.check_num_tasks(num_tasks)
+  normalize, max_weight = _loss_history.check_weight_options(normalize,
+                                                             max_weight)
 
   def init():
     return LogLossState(**base.common_state_fields(num_tasks))
 
   def rule(task_losses, state, gramian):
     del gramian
-    return 1.0 / task_losses, state
+    weights = _loss_history.finish_weights(
+        _loss_history.bounded_ratio(1.0, task_losses),
+        -_loss_history.log_positive(task_losses), normalize, max_weight)
+    return weights, state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,

@@ -1,6 +1,7 @@
-"""Loss statistics shared by the EMA family (ema, rema, dwema) and DWA.
+"""Loss statistics and weight bounds shared by the loss-weighting strategies.
 
-Three small pure pieces, each with its own state:
+Three small pure pieces of loss statistics (used by ema, rema, dwema and dwa),
+each with its own state:
 
 * :class:`LossAverageState` — the exponential moving average of the losses,
   ``L̃(t) = β·L(t) + (1−β)·L̃(t−1)``, started at the first losses observed;
@@ -10,20 +11,96 @@ Three small pure pieces, each with its own state:
 * :func:`dwa_coefficients` — the Dynamic Weight Average coefficients
   ``T·softmax(r / τ)`` (1 while the ratios do not exist yet).
 
-The weight rules call these only on accepted steps: ``base.apply_rule``
-discards the whole new state on a rejected step (a non-finite, zero or
-negative loss), so a rejected loss never enters a statistic and every counter
-here counts accepted steps.
+The weight rules call these only on accepted steps: the guard
+(``optax_mtl._src.step``) discards the whole new state on a rejected step (a
+non-finite, zero or negative loss), so a rejected loss never enters a
+statistic and every counter here counts accepted steps.
+
+No statistic here can overflow, and no weight computed from them is ever
+infinite, whatever the accepted losses (any positive float32, 1e-38 to
+3e38): the averages are convex combinations of losses, ratios are clipped at
+:data:`MAX_WEIGHT`, and the weights that divide by a loss go through
+:func:`bounded_ratio` or :func:`normalized_weights`. A state therefore never
+holds a value that makes every later step fail.
+
+Loss-weighting strategies whose weights grow as the losses fall
+(``w = 1/L̃``) share two options, checked by :func:`check_weight_options`:
+``normalize`` (weights rescaled to sum to ``T``) and ``max_weight`` (each
+weight clipped), applied by :func:`finish_weights`.
 """
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_mtl._src import base
+
+# The largest weight (and loss ratio) any loss-weighting strategy returns,
+# whatever the losses: 1/L reaches it only for a loss below 1e-30.
+MAX_WEIGHT = 1e30
+LOG_MAX_WEIGHT = math.log(MAX_WEIGHT)
+# The smallest positive normal float32; a smaller statistic (a denormal, which
+# XLA:CPU flushes to zero) is read as this in a division or a logarithm.
+_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def bounded_ratio(numerator: chex.Array, denominator: chex.Array,
+                  bound: float = MAX_WEIGHT) -> chex.Array:
+  """``min(numerator / denominator, bound)``, computed without overflow.
+
+  For ``numerator >= 0`` and ``denominator >= 0`` (a zero or denormal
+  denominator is read as the smallest normal float32). Exact whenever the
+  quotient is at most ``bound`` and the denominator is normal; never inf.
+  """
+  floor = jnp.maximum(numerator / bound, _TINY)
+  return jnp.minimum(numerator / jnp.maximum(denominator, floor), bound)
+
+
+def log_positive(value: chex.Array) -> chex.Array:
+  """``log(value)`` of a non-negative statistic, floored at log(tiny)."""
+  return jnp.log(jnp.maximum(value, _TINY))
+
+
+def check_weight_options(normalize: Any, max_weight: Any):
+  """Checks the ``normalize`` and ``max_weight`` options; returns them."""
+  normalize = base.check_bool("normalize", normalize)
+  if max_weight is not None:
+    max_weight = base.check_in_range("max_weight", max_weight, 0.0,
+                                     low_inclusive=False)
+  return normalize, max_weight
+
+
+def normalized_weights(log_weights: chex.Array) -> chex.Array:
+  """``T · w / Σ w`` for ``w = exp(log_weights)``, in log space (never inf)."""
+  return log_weights.shape[0] * jax.nn.softmax(log_weights)
+
+
+def finish_weights(weights: Optional[chex.Array],
+                   log_weights: Optional[chex.Array], normalize: bool,
+                   max_weight: Optional[Any]) -> chex.Array:
+  """Applies the ``normalize`` and ``max_weight`` options.
+
+  Args:
+    weights: the (bounded) weights, used when ``normalize`` is False.
+    log_weights: their logarithms, used when ``normalize`` is True.
+    normalize: rescale the weights to sum to ``T`` (in log space).
+    max_weight: None, or the bound each weight is clipped at (after the
+      normalisation).
+
+  Returns:
+    The weights, float32[T].
+  """
+  if normalize:
+    weights = normalized_weights(log_weights)
+  if max_weight is not None:
+    weights = jnp.minimum(weights, max_weight)
+  return weights.astype(jnp.float32)
 
 
 class LossAverageState(NamedTuple):
@@ -42,10 +119,15 @@ def init_loss_average(num_tasks: int) -> LossAverageState:
 def update_loss_average(
     state: LossAverageState, task_losses: chex.Array, beta: float
 ) -> LossAverageState:
-  """``L̃ ← β·L + (1−β)·L̃``, or ``L̃ ← L`` on the first accepted step."""
+  """``L̃ ← β·L + (1−β)·L̃``, or ``L̃ ← L`` on the first accepted step.
+
+  A convex combination of losses: it stays in the range of the losses (the
+  float32 maximum at most, should rounding reach past it).
+  """
   is_first = state.num_steps == 0
   average = jnp.where(is_first, task_losses,
                       beta * task_losses + (1.0 - beta) * state.average)
+  average = jnp.minimum(average, _FLOAT32_MAX)
   return LossAverageState(
       average=average.astype(jnp.float32),
       num_steps=optax.safe_increment(state.num_steps))
@@ -74,12 +156,21 @@ def loss_ratios(state: LossRatioState) -> tuple[chex.Array, chex.Array]:
   """Returns ``(r, available)``: ``r = L(t−1)/L(t−2)``, or ones if not yet.
 
   ``available`` (bool[]) is True once two periods are complete. The means
-  are of accepted (hence positive) losses, so the division is safe.
+  are of accepted (hence positive) losses; a ratio above
+  :data:`MAX_WEIGHT` (e.g. 1e9 after 1e-30) is clipped to it, so ``r`` is
+  always finite.
   """
   available = state.num_periods >= 2
-  denominator = jnp.where(available, state.before_last_mean, 1.0)
-  ratios = jnp.where(available, state.last_mean / denominator, 1.0)
-  return ratios, available
+  ratios = bounded_ratio(state.last_mean, state.before_last_mean)
+  return jnp.where(available, ratios, 1.0), available
+
+
+def log_loss_ratios(state: LossRatioState) -> chex.Array:
+  """``log r`` (exact, unclipped; zeros until two periods are complete)."""
+  available = state.num_periods >= 2
+  log_ratios = (log_positive(state.last_mean)
+                - log_positive(state.before_last_mean))
+  return jnp.where(available, log_ratios, 0.0)
 
 
 def record_losses(
@@ -106,9 +197,26 @@ def record_losses(
                             state.num_periods).astype(jnp.int32))
 
 
-def dwa_coefficients(state: LossRatioState, temperature: float) -> chex.Array:
-  """``T·softmax(r/τ)`` from the ratio history; ones until it exists."""
+def _dwa_logits(state: LossRatioState, temperature: float):
+  # r/τ, clipped at MAX_WEIGHT like r: finite for any τ > 0.
   ratios, available = loss_ratios(state)
-  num_tasks = ratios.shape[0]
-  coefficients = num_tasks * jax.nn.softmax(ratios / temperature)
+  return bounded_ratio(ratios, jnp.asarray(temperature, jnp.float32)), available
+
+
+def dwa_coefficients(state: LossRatioState, temperature: float) -> chex.Array:
+  """``T·softmax(r/τ)`` from the ratio history; ones until it exists.
+
+  Always finite, in ``[0, T]``: ``r/τ`` is clipped at :data:`MAX_WEIGHT`.
+  """
+  logits, available = _dwa_logits(state, temperature)
+  coefficients = normalized_weights(logits)
   return jnp.where(available, coefficients, 1.0).astype(jnp.float32)
+
+
+def log_dwa_coefficients(state: LossRatioState,
+                         temperature: float) -> chex.Array:
+  """``log(T·softmax(r/τ))``, finite (zeros until the ratios exist)."""
+  logits, available = _dwa_logits(state, temperature)
+  num_tasks = logits.shape[0]
+  log_coefficients = math.log(num_tasks) + jax.nn.log_softmax(logits)
+  return jnp.where(available, log_coefficients, 0.0).astype(jnp.float32)

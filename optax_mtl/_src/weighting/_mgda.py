@@ -10,6 +10,7 @@ from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+_LARGEST_GAP = float(jnp.finfo(jnp.float32).max)
 
 
 class MgdaState(NamedTuple):
@@ -28,7 +29,7 @@ def mgda(
     num_tasks: int,
     *,
     max_iters: int = 1000,
-    tol: Optional[float] = 1e-6,
+    tol: Optional[float] = None,
     normalization: str = "none",
     eps: float = 1e-12,
 ) -> base.MultiTaskStrategy:
@@ -49,7 +50,20 @@ def mgda(
   :func:`~optax_mtl._src.solvers.solve_min_norm` (closed form for two tasks,
   pairwise Frank-Wolfe with exact line search otherwise, warm-started from
   the last step's solution, kept in ``solution``). A gradient of norm
-  at most ``eps`` gets ``s_k = 0`` under the ``l2`` normalisations.
+  at most ``eps`` times the largest gets ``s_k = 0`` under the ``l2``
+  normalisations.
+
+  Scale: the solver divides ``G`` by a power of two (exactly), so with
+  ``"none"`` and ``"loss"`` the weights do not depend on the common scale
+  of the gradients and the update scales with them; with ``"l2"`` and
+  ``"loss+"`` the update is a combination of unit gradients and does not
+  change when they are all scaled (the weights scale as ``1/c``).
+
+  torchjd's ``MGDA(epsilon=1e-3, max_iters=100)`` runs plain Frank-Wolfe
+  (Sener & Koltun's Algorithm 2) and stops once a step size falls below
+  ``epsilon``: a looser, scale-dependent stop that the solver here does
+  not offer. Its fixed point is the same min-norm point; ``tol`` here
+  bounds the direction's error, ``‖d − d*‖ ≤ √tol ‖d‖``.
 
   With the Gramian of the gradients with respect to a shared representation
   (``optax_mtl.value_and_grad(..., encoder_fn=...)``) this is MGDA-UB.
@@ -61,10 +75,12 @@ def mgda(
   Args:
     num_tasks: the number of tasks T.
     max_iters: the most Frank-Wolfe iterations per step.
-    tol: the Frank-Wolfe duality gap at which to stop, measured on the
-      Gramian divided by its largest diagonal entry (None: 1e-6 in float32).
+    tol: the relative duality gap at which to stop (see
+      :func:`~optax_mtl._src.solvers.solve_min_norm`); None: 1e-6 in
+      float32, 1e-12 in float64.
     normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
-    eps: gradient norms at or below this count as zero (``l2``, ``loss+``).
+    eps: gradient norms at or below ``eps`` times the largest count as zero
+      (``l2``, ``loss+``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -92,7 +108,7 @@ def mgda(
     raise ValueError(
         f"normalization must be one of {NORMALIZATIONS}, got "
         f"{normalization!r}.")
-  eps = base.check_in_range("eps", eps, 0.0)
+  eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
 
   def init():
     return MgdaState(
@@ -105,12 +121,12 @@ def mgda(
     scaled = scales[:, None] * gramian * scales[None, :]
     result = solvers.solve_min_norm(scaled, max_iters=max_iters, tol=tol,
                                     warm_start=state.solution)
-    weights = (result.weights * scales).astype(jnp.float32)
-    return weights, state._replace(
-        solution=result.weights.astype(jnp.float32),
-        solver_iterations=result.iterations.astype(jnp.int32),
-        solver_gap=result.gap.astype(jnp.float32),
-        solver_converged=result.converged)
+    fields = solvers.state_fields(result)
+    # A solve with no certificate has gap = inf; the state must stay finite
+    # (the guard rejects a non-finite state): the largest float32.
+    fields["solver_gap"] = jnp.minimum(fields["solver_gap"], _LARGEST_GAP)
+    return result.weights * scales, state._replace(
+        solution=result.weights.astype(jnp.float32), **fields)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
@@ -120,13 +136,14 @@ def mgda(
 def task_scales(normalization: str, task_losses: chex.Array,
                 gramian: chex.Array, eps: float) -> chex.Array:
   """The diagonal ``s`` of the normalisation ``D = diag(s)`` of :func:`mgda`."""
-  norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))
-  inverse_norms = jnp.where(norms > eps,
-                            1.0 / jnp.where(norms > eps, norms, 1.0), 0.0)
+  norms = solvers.gradient_norms(gramian)
+  keep = (norms > eps * jnp.max(norms)) & (norms > 0)
+  inverse_norms = jnp.where(keep, 1 / jnp.where(keep, norms, 1), 0)
+  losses = task_losses.astype(gramian.dtype)
   if normalization == "l2":
     return inverse_norms
   if normalization == "loss":
-    return 1.0 / task_losses
+    return 1 / losses
   if normalization == "loss+":
-    return inverse_norms / task_losses
+    return inverse_norms / losses
   return jnp.ones_like(norms)

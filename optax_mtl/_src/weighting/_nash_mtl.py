@@ -3,14 +3,11 @@
 from typing import NamedTuple, Optional
 
 import chex
-import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import solvers
 from optax_mtl._src import step
-
-# Step sizes tried by the line search, as fractions of the largest one.
-_NUM_STEP_SIZES = 24
 
 
 class NashMtlState(NamedTuple):
@@ -22,117 +19,13 @@ class NashMtlState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Newton steps of the last solve.
   solver_gap: chex.Array  # f32[], relative residual of Gα = 1/α (see doc).
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
-
-
-class NashSolution(NamedTuple):
-  """What :func:`_solve_nash` returns (arrays in the Gramian's dtype)."""
-
-  weights: chex.Array  # [T], α (0 for zero-gradient tasks).
-  iterations: chex.Array  # i32[].
-  gap: chex.Array  # [], relative residual of Gα = 1/α.
-  converged: chex.Array  # bool[].
-
-
-def _relative_residual(beta, cosines, active):
-  """``max_i |β_i (Cβ)_i − 1| / max(1, β_i (|C| β)_i)`` over active tasks."""
-  residual = beta * (cosines @ beta) - 1.0
-  magnitude = beta * (jnp.abs(cosines) @ beta)
-  relative = jnp.abs(residual) / jnp.maximum(magnitude, 1.0)
-  return jnp.max(jnp.where(active, relative, 0.0))
-
-
-def _solve_nash(gramian: chex.Array, max_iters: int,
-                tol: float) -> NashSolution:
-  """Solves ``Gα = 1/α``, α > 0, by damped Newton on a convex objective.
-
-  The tasks are rescaled to unit gradients, ``α_i = β_i / ‖g_i‖`` and
-  ``C = N G N`` (unit diagonal), and Newton's method minimises the
-  self-concordant ``F(β) = ½ βᵀ(C + μI)β − Σ log β_i`` whose stationary
-  point is ``β ⊙ Cβ = 1`` (up to the ridge ``μ = ε`` of the dtype, the
-  precision to which C is known). Newton's method is affine invariant, so
-  the rescaling changes nothing but rounding. In the variables ``β ⊙ (1 +
-  δ)`` the Newton system is ``(BCB + I) δ = 1 − β ⊙ Cβ`` with ``B =
-  diag(β)``, whose eigenvalues are at least one. A backtracking (Armijo)
-  line search keeps β > 0; within the quadratic region (Newton decrement
-  below ½) the full step is taken.
-
-  Zero-gradient tasks get α = 0 and are left out of the problem.
-
-  Args:
-    gramian: [T, T], any float dtype (float64 under ``enable_x64``).
-    max_iters: the largest number of Newton steps.
-    tol: stop once the relative residual is at most this.
-
-  Returns:
-    A :class:`NashSolution`.
-  """
-  num_tasks = gramian.shape[0]
-  dtype = gramian.dtype
-  eye = jnp.eye(num_tasks, dtype=dtype)
-  gramian = 0.5 * (gramian + gramian.T)
-  diag = jnp.diag(gramian)
-  active = diag > 0
-  inv_norms = jnp.where(active, 1.0 / jnp.sqrt(jnp.where(active, diag, 1.0)),
-                        0.0)
-  both_active = active[:, None] & active[None, :]
-  # Scaled entry by entry (not via the outer product of the norms, which can
-  # underflow for tiny gradients).
-  cosines = (gramian * inv_norms[:, None]) * inv_norms[None, :]
-  cosines = jnp.where(both_active, cosines, eye)
-  ridge = jnp.finfo(dtype).eps
-  regularized = cosines + ridge * eye
-
-  def objective(beta):
-    return 0.5 * beta @ (regularized @ beta) - jnp.sum(jnp.log(beta))
-
-  def newton_step(carry):
-    iteration, beta, _ = carry
-    residual = beta * (regularized @ beta) - 1.0
-    system = beta[:, None] * regularized * beta[None, :] + eye
-    factor = jax.scipy.linalg.cho_factor(system, lower=True)
-    delta = jax.scipy.linalg.cho_solve(factor, -residual)
-    decrement2 = jnp.maximum(-residual @ delta, 0.0)  # λ².
-    # The largest step keeping β (1 + t δ) > 0, then halvings of it.
-    most_negative = jnp.max(-delta)
-    t_max = jnp.where(most_negative > 0,
-                      jnp.minimum(1.0, 0.99 / jnp.where(most_negative > 0,
-                                                        most_negative, 1.0)),
-                      1.0)
-    sizes = t_max * 0.5**jnp.arange(_NUM_STEP_SIZES, dtype=dtype)
-    current = objective(beta)
-    trial = jax.vmap(lambda t: objective(beta * (1.0 + t * delta)))(sizes)
-    armijo = trial <= current - 0.25 * sizes * decrement2
-    first_ok = jnp.argmax(armijo)
-    # The damped step 1/(1 + λ) always decreases a self-concordant F and
-    # keeps β > 0: the fallback when rounding defeats the line search.
-    damped = 1.0 / (1.0 + jnp.sqrt(decrement2))
-    size = jnp.where(jnp.any(armijo), sizes[first_ok], damped)
-    size = jnp.where(decrement2 <= 0.25, 1.0, size)
-    new_beta = beta * (1.0 + size * delta)
-    new_beta = jnp.where(active, new_beta, 1.0)
-    gap = _relative_residual(new_beta, regularized, active)
-    return iteration + 1, new_beta, gap
-
-  def not_done(carry):
-    iteration, _, gap = carry
-    return (iteration < max_iters) & (gap > tol)
-
-  beta0 = jnp.ones((num_tasks,), dtype)
-  gap0 = _relative_residual(beta0, regularized, active)
-  iterations, beta, _ = jax.lax.while_loop(
-      not_done, newton_step, (jnp.zeros([], jnp.int32), beta0, gap0))
-  gap = _relative_residual(beta, cosines, active)
-  return NashSolution(
-      weights=jnp.where(active, beta * inv_norms, 0.0),
-      iterations=iterations,
-      gap=gap,
-      converged=gap <= tol)
+  solver_outcome: chex.Array  # i32[], a solvers.Outcome code (see doc).
 
 
 def nash_mtl(
     num_tasks: int,
     max_iters: int = 50,
-    tol: float = 1e-5,
+    tol: Optional[float] = None,
     max_norm: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Nash-MTL: the update as the Nash bargaining solution of the tasks.
@@ -144,37 +37,47 @@ def nash_mtl(
     d = \sum_{i=1}^{T} \alpha_i g_i,
 
   so that every task's utility :math:`g_i \cdot d = 1 / \alpha_i` and
-  :math:`\lVert d \rVert^2 = \alpha^\top G \alpha = T`. The paper solves
-  this by a sequence of convex programs (cvxpy); here it is the stationary
-  point of the convex :math:`F(\alpha) = \tfrac12 \alpha^\top G \alpha -
-  \sum_i \log \alpha_i`, found by damped Newton steps with a line search
-  (``lax.while_loop``, at most ``max_iters`` steps), in the unit-gradient
-  scaling :math:`\beta_i = \alpha_i \sqrt{G_{ii}}`, which makes the solver
-  insensitive to the scale of the gradients. ``solver_gap`` is the relative
-  residual :math:`\max_i |\alpha_i (G\alpha)_i - 1| / \max(1, \alpha_i
-  (|G| \alpha)_i)` (a backward error: rounding makes it about
-  :math:`T\varepsilon`, whatever the conditioning); ``solver_converged``
-  says it is at most ``tol``.
+  :math:`\lVert d \rVert^2 = \alpha^\top G \alpha = T`: the update does
+  not depend on the scale of the gradients (scaling them all by
+  :math:`c > 0` scales :math:`\alpha` by :math:`1/c` and leaves :math:`d`
+  unchanged). The paper solves this by a sequence of convex programs
+  (cvxpy); here :func:`~optax_mtl._src.solvers.solve_nash` finds the
+  stationary point of the convex :math:`F(\alpha) = \tfrac12 \alpha^\top
+  G \alpha - \sum_i \log \alpha_i` by damped Newton steps
+  (``lax.while_loop``, at most ``max_iters``), in the unit-gradient
+  scaling. ``solver_gap`` is the relative residual
+  :math:`\max_i |\alpha_i (G\alpha)_i - 1|` (a backward error, zero once
+  below round-off); ``solver_converged`` says it is at most ``tol``
+  (default: 1e-6 in float32, 1e-12 in float64).
 
   Degenerate cases. A task with a zero gradient cannot be bargained with
   (:math:`G_{ii} = 0`): it gets :math:`\alpha_i = 0` and the others are
-  solved among themselves. When the gradients are linearly dependent the
-  solution still exists unless some positive combination of them is zero
-  (e.g. two exactly opposite gradients: no direction helps both). Then
-  :math:`F` is unbounded below and the weights grow along that combination
-  while the relative residual decays like :math:`1/\beta^2`: the solver
-  stops once it is below ``tol``, with finite weights of order
-  :math:`\text{tol}^{-1/2} / \lVert g_i \rVert` and an update close to
-  zero. A ridge of one rounding unit (:math:`\varepsilon I` on the
-  unit-diagonal Gramian, the precision G is known to) keeps the Newton
-  system positive definite and bounds the weights even for a tiny ``tol``.
+  solved among themselves. When some positive combination of the unit
+  gradients is zero (e.g. two exactly opposite gradients: no direction
+  helps both) there is no solution: :math:`F` is unbounded below. The
+  solver stops as soon as that combination cancels to round-off, before
+  the weights overflow, and the strategy applies the documented fallback
+  :math:`\alpha = 0`, a zero update: the disagreement point of the
+  bargaining game, as MGDA's update is zero at such a Pareto-stationary
+  point. The step is accepted (not counted in ``num_skipped``) and
+  reported: ``solver_outcome = solvers.Outcome.NO_SOLUTION`` (3),
+  ``solver_converged = False`` and ``solver_gap`` the largest float32.
+  Otherwise ``solver_outcome`` is ``SUCCESS`` (0), ``MAX_ITERS`` (1) or
+  ``STALLED`` (4).
 
-  ``max_norm`` (the authors' code clips the combined gradient to 1.0): when
-  :math:`\sqrt{\alpha^\top G \alpha} > \text{max\_norm}` the weights are
-  scaled by :math:`\text{max\_norm} / \sqrt{\alpha^\top G \alpha}`. Unlike
-  this exact solve, the authors' code divides G by its Frobenius norm first,
-  so its update grows with the gradients; here :math:`\lVert d \rVert =
-  \sqrt{T}` whatever their scale.
+  ``max_norm``: when :math:`\sqrt{\alpha^\top G \alpha} > \text{max\_norm}`
+  the weights are scaled by :math:`\text{max\_norm} / \sqrt{\alpha^\top G
+  \alpha}`. ``max_norm=1.0`` reproduces both peers' default: torchjd's
+  ``NashMTL(max_norm=1.0)`` rescales the weights exactly so; LibMTL's
+  ``Nash_MTL`` (the authors' code) applies ``clip_grad_norm_(max_norm)`` to
+  the shared parameters' gradient, the same up to the ``1e-6`` it adds to
+  the norm. Since :math:`\lVert d \rVert = \sqrt{T} > 1` for
+  :math:`T \ge 2`, both peers' default update is the unit-norm
+  :math:`d / \sqrt{T}`. Both peers divide G by its Frobenius norm before
+  solving, but their constraint :math:`\log(\alpha_i \lVert G \rVert_F) +
+  \log((G \alpha)_i / \lVert G \rVert_F) \ge 0` multiplies it back: their
+  fixed point is the same :math:`G \alpha = 1/\alpha`, with
+  :math:`\lVert d \rVert = \sqrt{T}` at every scale, as here.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped``;
   the previous weights and solver diagnostics are kept.
@@ -182,9 +85,10 @@ def nash_mtl(
   Args:
     num_tasks: the number of tasks T.
     max_iters: the largest number of Newton steps per solve.
-    tol: the relative residual at which the solver stops.
+    tol: the relative residual at which the solver stops (>= 0); None for
+      1e-6 in float32, 1e-12 in float64.
     max_norm: optional bound on the norm of the combined update (on the
-      parameters of the Gramian); None for no bound.
+      parameters of the Gramian); None for no bound, 1.0 for the peers'.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -205,30 +109,32 @@ def nash_mtl(
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  base.check_positive_int("max_iters", max_iters)
-  tol = base.check_in_range("tol", tol, 0.0, 1.0, low_inclusive=False,
-                            high_inclusive=False)
+  max_iters, tol = base.check_solver_options(max_iters, tol)
   if max_norm is not None:
     max_norm = base.check_in_range("max_norm", max_norm, 0.0,
                                    low_inclusive=False)
 
   def init():
-    return NashMtlState(**base.common_state_fields(
-        num_tasks, gramian=True, solver=True))
+    return NashMtlState(
+        **base.common_state_fields(num_tasks, gramian=True, solver=True),
+        solver_outcome=jnp.zeros([], jnp.int32))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    solution = _solve_nash(gramian, max_iters, tol)
-    weights = solution.weights
+    result = solvers.solve_nash(gramian, max_iters=max_iters, tol=tol)
+    weights = result.weights
     if max_norm is not None:
-      norm = jnp.sqrt(jnp.clip(weights @ (gramian @ weights), min=0.0))
+      norm = jnp.sqrt(jnp.clip(weights @ (gramian @ weights), min=0))
       weights = jnp.where(norm > max_norm,
-                          weights * (max_norm / jnp.where(norm > 0, norm, 1.0)),
+                          weights * (max_norm / jnp.where(norm > 0, norm, 1)),
                           weights)
+    fields = solvers.state_fields(result)
+    # No solution: the gap is infinite; the state must stay finite (the
+    # guard rejects a non-finite state): the largest float32.
+    fields["solver_gap"] = jnp.minimum(fields["solver_gap"],
+                                       float(jnp.finfo(jnp.float32).max))
     return weights, state._replace(
-        solver_iterations=solution.iterations,
-        solver_gap=solution.gap.astype(jnp.float32),
-        solver_converged=solution.converged)
+        solver_outcome=result.outcome.astype(jnp.int32), **fields)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -28,13 +28,17 @@ def normalized_gradients(
     d = \sum_{k=1}^{T} \frac{g_k}{\lVert g_k \rVert},
     \qquad w_k = \frac{1}{\sqrt{G_{kk}}}, \quad G = J J^\top.
 
-  A task whose gradient norm is below ``eps`` gets weight 0 (its gradient is
-  zero, so nothing is lost). A step with a non-finite loss or Gramian is
-  counted in ``num_skipped`` and the previous weights are applied.
+  A task whose gradient norm is at most ``eps`` times the largest gets
+  weight 0 (its gradient is zero, or negligible, so nothing is lost). The
+  threshold is relative so that the update does not depend on the scale
+  of the gradients: scaling them all by any ``c > 0`` leaves ``d``
+  unchanged (the weights scale as ``1/c``). A step with a non-finite loss
+  or Gramian is counted in ``num_skipped`` and the previous weights are
+  applied.
 
   Args:
     num_tasks: the number of tasks T.
-    eps: norms at or below this are treated as zero.
+    eps: norms at or below ``eps`` times the largest are treated as zero.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -56,7 +60,7 @@ def normalized_gradients(
     Optimization", NeurIPS 2018 (the ``l2`` normalisation).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  eps = base.check_in_range("eps", eps, 0.0)
+  eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
 
   def init():
     return NormalizedGradientsState(
@@ -64,9 +68,9 @@ def normalized_gradients(
 
   def rule(task_losses, state, gramian):
     del task_losses
-    norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))
-    weights = jnp.where(norms > eps, 1.0 / jnp.where(norms > eps, norms, 1.0),
-                        0.0)
+    norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0))
+    keep = (norms > eps * jnp.max(norms)) & (norms > 0)
+    weights = jnp.where(keep, 1 / jnp.where(keep, norms, 1), 0)
     return weights, state
 
   return step.as_gradient_transformation(base.Weighting(

@@ -49,7 +49,16 @@ def _projection_coefficients(gramian: chex.Array,
 
 
 def _pcgrad_weights(gramian: chex.Array, orders: chex.Array) -> chex.Array:
-  """The PCGrad weights ``Σ_i a_i`` for fixed visiting orders."""
+  """The PCGrad weights ``Σ_i a_i`` for fixed visiting orders.
+
+  The coefficients are ratios of entries of G: G is first divided by a
+  power of two (exactly), so they do not depend on the common scale of the
+  gradients and nothing underflows or overflows on the way.
+  """
+  largest = jnp.max(jnp.diagonal(gramian))
+  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
+                                    jnp.ones_like(largest)))
+  gramian = jnp.ldexp(gramian, -exponent)
   return jnp.sum(_projection_coefficients(gramian, orders), axis=0)
 
 
@@ -85,7 +94,8 @@ def pcgrad(
 
   Args:
     num_tasks: the number of tasks T.
-    seed: the seed of the random visiting orders.
+    seed: the seed of the random visiting orders, an integer in
+      [-2**63, 2**64) (all 64 bits count).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -106,21 +116,19 @@ def pcgrad(
     Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  if isinstance(seed, bool) or not isinstance(seed, int):
-    raise ValueError(f"seed must be an integer, got {seed!r}.")
+  key_data = base.key_data_from_seed("seed", seed)
 
   def init():
     return PcgradState(
         **base.common_state_fields(num_tasks, gramian=True),
-        rng_key=jax.random.key_data(jax.random.key(seed)))
+        rng_key=jnp.asarray(key_data))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    key = jax.random.wrap_key_data(state.rng_key)
-    key, orders_key = jax.random.split(key)
+    rng_key, orders_key = base.split_key(state.rng_key)
     orders = _random_orders(orders_key, num_tasks)
     weights = _pcgrad_weights(gramian, orders)
-    return weights, state._replace(rng_key=jax.random.key_data(key))
+    return weights, state._replace(rng_key=rng_key)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -1,9 +1,8 @@
 """REMA loss weighting: EMA weighting scaled by the recent loss ratio."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import chex
-import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -19,7 +18,13 @@ class RemaState(NamedTuple):
   loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
 
-def rema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
+def rema(
+    num_tasks: int,
+    beta: float = 0.1,
+    *,
+    normalize: bool = False,
+    max_weight: Optional[float] = None,
+) -> base.MultiTaskStrategy:
   r"""REMA loss weighting: the EMA weights times the last loss ratio.
 
   .. math::
@@ -34,6 +39,13 @@ def rema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
   fast. Like EMA, the combined update does not change when one task's loss
   (and gradient) is multiplied by a constant.
 
+  As with :func:`optax_mtl.ema`, the weights grow as the losses fall: Adam
+  and other scale-invariant optimizers need nothing more, while plain SGD
+  (or momentum) needs ``normalize=True`` (weights that sum to ``T``) or
+  ``max_weight``. The ratio ``r`` and every weight are at most 1e30 (a loss
+  that jumps from 1e-30 to 1e9 gives ``r = 1e30``, not inf), so the weights
+  are always finite.
+
   A rejected step (a non-finite, zero or negative loss) enters neither the
   average nor the loss history: the previous state is kept, ``num_skipped``
   is incremented and the previous weights are applied again. ``t`` counts
@@ -43,6 +55,9 @@ def rema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
   Args:
     num_tasks: the number of tasks T.
     beta: the weight of the newest loss in the average, in (0, 1].
+    normalize: rescale the weights to sum to ``T`` (computed in log space).
+    max_weight: None, or a bound > 0 each weight is clipped at (after
+      ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -66,6 +81,8 @@ def rema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
   """
   num_tasks = base.check_num_tasks(num_tasks)
   beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
+  normalize, max_weight = _loss_history.check_weight_options(normalize,
+                                                             max_weight)
 
   def init():
     return RemaState(
@@ -78,7 +95,11 @@ def rema(num_tasks: int, beta: float = 0.1) -> base.MultiTaskStrategy:
     ratios, _ = _loss_history.loss_ratios(state.loss_ratios)
     loss_average = _loss_history.update_loss_average(
         state.loss_average, task_losses, beta)
-    weights = ratios / loss_average.average
+    average = loss_average.average
+    weights = _loss_history.finish_weights(
+        _loss_history.bounded_ratio(ratios, average),
+        (_loss_history.log_loss_ratios(state.loss_ratios)
+         - _loss_history.log_positive(average)), normalize, max_weight)
     return weights, state._replace(
         loss_average=loss_average,
         loss_ratios=_loss_history.record_losses(

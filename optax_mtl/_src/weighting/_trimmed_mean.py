@@ -5,6 +5,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -59,11 +60,14 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1) -> base.MultiTaskStrategy
     coordinate-wise trimmed mean); torchjd's ``TrimmedMean``.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  if (isinstance(trim_number, bool) or not isinstance(trim_number, int)
+  if (isinstance(trim_number, (bool, np.bool_))
+      or not isinstance(trim_number, (int, np.integer))
       or trim_number < 0 or 2 * trim_number >= num_tasks):
     raise ValueError(
         f"trim_number must be an integer >= 0 with 2 * trim_number < "
         f"num_tasks = {num_tasks}, got {trim_number!r}.")
+
+  trim_number = int(trim_number)
 
   def init(params):
     del params

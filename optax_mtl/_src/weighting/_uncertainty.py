@@ -1,20 +1,26 @@
 """Uncertainty weighting: learned homoscedastic log-variances per task."""
 
-import math
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import chex
 import jax.numpy as jnp
-import optax
 import numpy as np
+import optax
 
 from optax_mtl._src import base
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _loss_history
 
 # Adam's constants for the log-variance updates (Kingma & Ba 2015 defaults).
 ADAM_B1 = 0.9
 ADAM_B2 = 0.999
 ADAM_EPS = 1e-8
+# ∂L/∂s is clipped to [-MAX_GRADIENT, MAX_GRADIENT]: its square (Adam's
+# second moment) then stays finite, whatever the loss. Adam divides by the
+# gradient's scale, so the clip changes a step only for |∂L/∂s| > 1e18.
+MAX_GRADIENT = 1e18
+# exp(-s) is computed with -s clipped here (e^88 ≈ 1.7e38 < float32 max).
+_MAX_EXPONENT = 88.0
 
 
 class UncertaintyState(NamedTuple):
@@ -23,9 +29,9 @@ class UncertaintyState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last: c_k exp(-s_k).
   num_skipped: chex.Array  # i32[], rejected steps.
   log_variances: chex.Array  # f32[T], s_k = log σ_k², after the last update.
-  adam_mu: chex.Array  # f32[T], Adam's first moment of ∂L/∂s.
-  adam_nu: chex.Array  # f32[T], Adam's second moment of ∂L/∂s.
-  adam_count: chex.Array  # i32[], accepted updates of s (Adam's step t).
+  # optax.scale_by_adam's state for s: count (i32[], accepted updates of s),
+  # mu and nu (f32[T], the moments of ∂L/∂s).
+  adam: optax.ScaleByAdamState
 
 
 def uncertainty(
@@ -33,6 +39,9 @@ def uncertainty(
     learning_rate: float = 1e-2,
     classification: Union[bool, Sequence[bool]] = False,
     initial_log_variances: Union[float, Sequence[float]] = 0.0,
+    *,
+    normalize: bool = False,
+    max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Uncertainty weighting: each task weighted by a learned inverse variance.
 
@@ -47,23 +56,33 @@ def uncertainty(
 
   so the weights are ``w_k = c_k e^{-s_k}``. The log-variances live in the
   strategy's state (the user adds no parameters) and are updated by the
-  strategy itself with Adam (``b1 = 0.9``, ``b2 = 0.999``, ``eps = 1e-8``,
-  bias-corrected) on the exact gradient
+  strategy itself with Adam (``optax.scale_by_adam``: ``b1 = 0.9``,
+  ``b2 = 0.999``, ``eps = 1e-8``, bias-corrected) on the exact gradient
 
   .. math::
     \frac{\partial L}{\partial s_k} = \tfrac12 - c_k e^{-s_k} L_k,
 
-  whose zero is ``s_k = log(2 c_k L_k)``: at equilibrium ``w_k L_k = 1/2``.
+  clipped to ±1e18 so that Adam's moments stay finite for any loss (Adam
+  divides by the gradient's scale: the clip only matters beyond it). Its
+  zero is ``s_k = log(2 c_k L_k)``: at equilibrium ``w_k L_k = 1/2``.
   At step t the weights are computed from ``s`` *before* its update at t;
   then ``s`` takes one Adam step using the losses of step t. The term
   ``½ s_k`` does not depend on the model parameters, so the returned
   gradient is that of ``L`` with respect to ``θ``.
 
+  At equilibrium the weights are ``1/(2 L_k)``: they grow as the losses fall,
+  a learning-rate multiplier that Adam and other scale-invariant optimizers
+  cancel but plain SGD (or momentum) applies. With SGD, use
+  ``normalize=True`` (the applied weights rescaled to sum to ``T``) or
+  ``max_weight``; both change only the applied weights, ``s`` is learnt from
+  the total loss above. Every applied weight is at most 1e30 in any case, so
+  it is never infinite.
+
   A step with a non-finite or non-positive loss (a zero loss would drive
-  ``s_k`` to ``-∞``), or whose update of ``s`` is not finite, is counted in
-  ``num_skipped``; ``s`` and Adam's moments are kept and the previous weights
-  are applied (``c_k e^{-s_k}`` of the initial ``s`` before the first
-  accepted step).
+  ``s_k`` to ``-∞``), or whose update of ``s`` is not finite (only with an
+  absurd ``learning_rate``), is counted in ``num_skipped``; ``s`` and Adam's
+  moments are kept and the previous weights are applied (``c_k e^{-s_k}`` of
+  the initial ``s`` before the first accepted step).
 
   Args:
     num_tasks: the number of tasks T.
@@ -75,6 +94,9 @@ def uncertainty(
       for all tasks or a sequence of ``num_tasks`` bools.
     initial_log_variances: the initial ``s``, one number for all tasks or a
       sequence of ``num_tasks`` numbers (default 0: unit variances).
+    normalize: rescale the applied weights to sum to ``T``.
+    max_weight: None, or a bound > 0 each applied weight is clipped at
+      (after ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -99,45 +121,49 @@ def uncertainty(
   num_tasks = base.check_num_tasks(num_tasks)
   learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
                                       low_inclusive=False)
-  if not math.isfinite(learning_rate):
-    raise ValueError(f"learning_rate must be finite, got {learning_rate!r}.")
   is_classification = _check_classification(classification, num_tasks)
   coefficients = np.where(is_classification, 1.0, 0.5).astype(np.float32)
+  log_coefficients = np.log(coefficients)
   initial_s = _check_initial_log_variances(initial_log_variances, num_tasks,
                                            coefficients)
+  normalize, max_weight = _loss_history.check_weight_options(normalize,
+                                                             max_weight)
+  adam = optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
+
+  def raw_weights(log_variances):
+    # c_k e^{-s_k}, finite (e^{-s} is at most e^88).
+    return jnp.asarray(coefficients) * jnp.exp(
+        jnp.minimum(-log_variances, _MAX_EXPONENT))
+
+  def applied_weights(log_variances):
+    return _loss_history.finish_weights(
+        jnp.minimum(raw_weights(log_variances), _loss_history.MAX_WEIGHT),
+        jnp.asarray(log_coefficients) - log_variances, normalize, max_weight)
 
   def init():
-    zeros = jnp.zeros((num_tasks,), jnp.float32)
     log_variances = jnp.asarray(initial_s, jnp.float32)
+    # Every field its own buffer (optax's init makes fresh zeros), so that a
+    # fresh state can be donated to jax.jit.
     return UncertaintyState(
-        **base.common_state_fields(
-            num_tasks, jnp.asarray(coefficients) * jnp.exp(-log_variances)),
+        **base.common_state_fields(num_tasks, applied_weights(log_variances)),
         log_variances=log_variances,
-        adam_mu=zeros,
-        adam_nu=zeros,
-        adam_count=jnp.zeros([], jnp.int32))
+        adam=adam.init(jnp.zeros((num_tasks,), jnp.float32)))
 
   def rule(task_losses, state, gramian):
     del gramian
     log_variances = state.log_variances
-    weights = jnp.asarray(coefficients) * jnp.exp(-log_variances)
-    grad = 0.5 - weights * task_losses  # ∂L/∂s at the current s.
-    count = optax.safe_increment(state.adam_count)
-    mu = ADAM_B1 * state.adam_mu + (1.0 - ADAM_B1) * grad
-    nu = ADAM_B2 * state.adam_nu + (1.0 - ADAM_B2) * jnp.square(grad)
-    step = count.astype(jnp.float32)
-    mu_hat = mu / (1.0 - jnp.power(jnp.float32(ADAM_B1), step))
-    nu_hat = nu / (1.0 - jnp.power(jnp.float32(ADAM_B2), step))
-    new_log_variances = log_variances - learning_rate * mu_hat / (
-        jnp.sqrt(nu_hat) + ADAM_EPS)
-    # An update that overflows (a loss near the float32 range) must not enter
-    # the state: non-finite weights make the guard reject the whole step.
-    update_ok = (jnp.all(jnp.isfinite(new_log_variances))
-                 & jnp.all(jnp.isfinite(nu)))
-    weights = jnp.where(update_ok, weights, jnp.nan)
-    return weights, state._replace(
-        log_variances=new_log_variances, adam_mu=mu, adam_nu=nu,
-        adam_count=count)
+    # ∂L/∂s at the current s. For s < -88 the product is underestimated but
+    # still > 1/2 (the loss is a normal float32), so the sign is right; a
+    # product that overflows is clipped with the rest.
+    grad = jnp.clip(0.5 - raw_weights(log_variances) * task_losses,
+                    -MAX_GRADIENT, MAX_GRADIENT)
+    direction, adam_state = adam.update(grad, state.adam)
+    new_log_variances = log_variances - learning_rate * direction
+    # Only an absurd learning rate can overflow s: reject such a step.
+    weights = jnp.where(jnp.all(jnp.isfinite(new_log_variances)),
+                        applied_weights(log_variances), jnp.nan)
+    return weights, state._replace(log_variances=new_log_variances,
+                                   adam=adam_state)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
@@ -146,17 +172,21 @@ def uncertainty(
 
 def _check_classification(classification: Any, num_tasks: int) -> np.ndarray:
   if isinstance(classification, (bool, np.bool_)):
-    return np.full((num_tasks,), bool(classification))
+    return np.full((num_tasks,), base.check_bool("classification",
+                                                 classification))
   try:
     values = list(classification)
   except TypeError:
     values = None
-  if (values is None or len(values) != num_tasks
-      or not all(isinstance(v, (bool, np.bool_)) for v in values)):
-    raise ValueError(
-        f"classification must be a bool or a sequence of {num_tasks} bools "
-        f"(one per task), got {classification!r}.")
-  return np.asarray(values, dtype=bool)
+  message = (f"classification must be a bool or a sequence of {num_tasks} "
+             f"bools (one per task), got {classification!r}.")
+  if values is None or len(values) != num_tasks:
+    raise ValueError(message)
+  try:
+    return np.asarray([base.check_bool("classification", value)
+                       for value in values], dtype=bool)
+  except ValueError as error:
+    raise ValueError(message) from error
 
 
 def _check_initial_log_variances(initial_log_variances: Any, num_tasks: int,

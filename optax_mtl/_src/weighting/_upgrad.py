@@ -1,14 +1,17 @@
 """UPGrad: the average of the task gradients projected onto the dual cone."""
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import chex
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+
+
+LARGEST_GAP = float(jnp.finfo(jnp.float32).max)
 
 
 class UpgradState(NamedTuple):
@@ -23,38 +26,95 @@ class UpgradState(NamedTuple):
   solutions: chex.Array  # f32[T, T], row i: v^(i) of the last step.
 
 
+def check_preferences(preferences: Any, num_tasks: int, *,
+                       non_negative: bool) -> np.ndarray:
+  """The preference vector as float64 NumPy, or a ValueError naming it."""
+  values = np.asarray(preferences, np.float64)
+  bad = values.shape != (num_tasks,) or not np.all(np.isfinite(values))
+  if non_negative:
+    bad = bad or np.any(values < 0)
+  if bad:
+    kind = "non-negative finite" if non_negative else "finite"
+    raise ValueError(
+        f"preferences must be {num_tasks} {kind} numbers, got "
+        f"{preferences!r}.")
+  return values
+
+
+def regularized_gramian(gramian: chex.Array, regularization: Any):
+  """``G / tr(G) + ρ I`` (torchjd's normalise-then-regularise), or ``G``.
+
+  The trace normalisation does not change any solution of the dual-cone
+  QP; it makes ``ρ`` relative to ``tr(G) = ‖J‖²_F``, i.e. ``G + ρ tr(G) I``
+  up to a positive factor. A zero Gramian gives ``ρ I``.
+  """
+  if isinstance(regularization, float) and regularization == 0.0:
+    return gramian
+  trace = jnp.trace(gramian)
+  positive = trace > 0
+  normalised = jnp.where(positive, gramian / jnp.where(positive, trace, 1), 0)
+  return normalised + jnp.asarray(regularization, gramian.dtype) * jnp.eye(
+      gramian.shape[0], dtype=gramian.dtype)
+
+
 def upgrad(
     num_tasks: int,
     *,
+    preferences: Optional[Sequence[float]] = None,
+    regularization: float = 0.0,
     max_iters: int = 200,
-    tol: Optional[float] = 1e-6,
+    tol: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
-  r"""UPGrad: every task gradient projected onto the dual cone, averaged.
+  r"""UPGrad: every task gradient projected onto the dual cone, combined.
 
   .. math::
-    d = \frac{1}{T} \sum_{i=1}^{T} \Pi_{\{x : Jx \ge 0\}}(g_i)
+    d = \sum_{i=1}^{T} p_i\, \Pi_{\{x : Jx \ge 0\}}(g_i)
       = J^\top w, \qquad
-    w = \frac{1}{T} \sum_{i=1}^{T} v^{(i)}, \quad
+    w = \sum_{i=1}^{T} p_i v^{(i)}, \quad
     v^{(i)} = \operatorname*{argmin}_{v \ge e_i} v^\top G v,
 
-  (Quinton & Rey 2024). ``d`` conflicts with no task, ``J d = G w ≥ 0``; it
-  equals the mean gradient when no two gradients conflict; and it is linear
-  under scaling: with the gradients scaled by ``c_i > 0``, ``d`` becomes
-  ``(1/T) Σ c_i Π(g_i)``. The T box-constrained QPs on the Gramian are solved
-  together (``vmap``) by :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`,
-  each warm-started from its solution of the previous step (kept in
-  ``solutions``): when the Gramian changes little, the active sets do not
-  change and no iteration is needed. The diagnostics report the worst of the
-  T problems.
+  (Quinton & Rey 2024) with the preferences ``p`` (default ``1/T``: the
+  average of the projections). ``d`` conflicts with no task,
+  ``J d = G w ≥ 0``; it equals ``Σ p_i g_i`` when no two gradients
+  conflict; and it is linear under scaling: with the gradients scaled by
+  ``c_i > 0``, ``d`` becomes ``Σ p_i c_i Π(g_i)`` (the solver divides
+  ``G`` by a power of two, exactly, so the weights do not depend on a
+  common scale and ``d`` scales with it). The T box-constrained QPs on the
+  Gramian are solved as one batch by
+  :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`, each warm-started
+  from its solution of the previous step (kept in ``solutions``): when the
+  Gramian changes little, the active sets do not change and no iteration
+  is needed. The diagnostics report the worst of the T problems.
+
+  Options that reproduce torchjd's ``UPGrad(pref_vector, norm_eps,
+  reg_eps)`` (and LibMTL's ``UPGrad``, which copies it):
+
+  * ``preferences``: torchjd's ``pref_vector`` (non-negative; a zero
+    preference drops that task's projection, as torchjd's QP does).
+  * ``regularization``: torchjd's ``reg_eps`` (1e-4 there, 0 here). torchjd
+    solves the QPs on ``G / tr(G) + reg_eps · I``, and so does this with
+    ``regularization = reg_eps``; ``J d ≥ 0`` then holds only up to the
+    regularisation. Dividing by the trace makes the regularisation relative
+    (``G + reg_eps · tr(G) · I``). torchjd's ``norm_eps`` is an absolute
+    threshold: when ``tr(G) = ‖J‖²_F < norm_eps`` it replaces ``G`` by zero,
+    and the QPs on ``reg_eps · I`` return ``v^{(i)} = e_i``, i.e. the
+    plain mean of the gradients, without any projection, for every
+    gradient of norm below about 1e-2. This happens in practice late in
+    training, or with small losses. There is no such threshold here: only
+    ``tr(G) = 0`` (all gradients zero) is special.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped`` and
   the previous weights are applied again; zero and negative losses are fine.
 
   Args:
     num_tasks: the number of tasks T.
+    preferences: ``p``, T non-negative numbers; None for ``1/T`` each.
+    regularization: ``ρ ≥ 0``: the QPs are solved on ``G / tr(G) + ρ I``
+      (torchjd's ``reg_eps``); 0 for the exact projections.
     max_iters: the most active-set iterations per problem and step.
-    tol: the projected-gradient residual at which to stop, on the Gramian
-      divided by its largest diagonal entry (None: 1e-6 in float32).
+    tol: the relative KKT residual at which to stop (see
+      :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`); None: 1e-6 in
+      float32, 1e-12 in float64.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -74,25 +134,35 @@ def upgrad(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   max_iters, tol = base.check_solver_options(max_iters, tol)
+  if preferences is None:
+    preference_values = np.full((num_tasks,), 1.0 / num_tasks)
+  else:
+    preference_values = check_preferences(preferences, num_tasks,
+                                           non_negative=True)
+  regularization = base.check_in_range("regularization", regularization, 0.0)
 
   def init():
     return UpgradState(
-        **base.common_state_fields(num_tasks, 1.0 / num_tasks, gramian=True,
-                                   solver=True),
+        **base.common_state_fields(num_tasks, preference_values.astype(
+            np.float32), gramian=True, solver=True),
         solutions=jnp.eye(num_tasks, dtype=jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    results = jax.vmap(
-        lambda lower, guess: solvers.solve_dual_cone_qp(
-            gramian, lower, max_iters=max_iters, tol=tol, warm_start=guess))(
-                jnp.eye(num_tasks, dtype=gramian.dtype), state.solutions)
-    weights = jnp.mean(results.weights, axis=0)
-    return weights.astype(jnp.float32), state._replace(
-        solutions=results.weights.astype(jnp.float32),
-        solver_iterations=jnp.max(results.iterations).astype(jnp.int32),
-        solver_gap=jnp.max(results.gap).astype(jnp.float32),
-        solver_converged=jnp.all(results.converged))
+    dtype = gramian.dtype
+    results = solvers.solve_dual_cone_qp(
+        regularized_gramian(gramian, regularization),
+        jnp.eye(num_tasks, dtype=dtype), max_iters=max_iters, tol=tol,
+        warm_start=state.solutions)
+    # v ≥ p_i e_i is solved by p_i v^(i) (p_i > 0) and by 0 (p_i = 0).
+    solutions = results.weights.astype(dtype)
+    weights = jnp.asarray(preference_values, dtype) @ solutions
+    fields = solvers.state_fields(results)
+    # A solve with no certificate has gap = inf; the state must stay finite
+    # (the guard rejects a non-finite state): the largest float32.
+    fields["solver_gap"] = jnp.minimum(fields["solver_gap"], LARGEST_GAP)
+    return weights, state._replace(solutions=solutions.astype(jnp.float32),
+                                   **fields)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

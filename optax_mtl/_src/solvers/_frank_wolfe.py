@@ -1,0 +1,528 @@
+"""Problems on the probability simplex: MGDA's min-norm point and CAGrad's
+dual, solved by one pairwise Frank-Wolfe loop with a corrective step."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from optax_mtl._src.solvers import _common
+
+# The default max_iters of solve_min_norm and solve_cagrad. With the
+# corrective step an iteration usually settles one task of the support, so
+# a few times T iterations suffice (T <= 256 in the tests); the bound is
+# for the rare ill-conditioned problem that creeps.
+DEFAULT_MAX_ITERS = 1000
+
+
+# --------------------------------------------------------------------------
+# Euclidean projection onto the probability simplex.
+# --------------------------------------------------------------------------
+
+
+def project_simplex(vector: chex.Array) -> chex.Array:
+  r"""Euclidean projection onto the probability simplex (exact, no loop).
+
+  .. math::
+    \Pi_\Delta(x) = \operatorname*{argmin}_{w \ge 0,\ \mathbf 1^\top w = 1}
+    \lVert w - x \rVert_2 = \max(x - \theta, 0),
+
+  where the threshold ``θ`` is found by sorting ``x`` (Held, Wolfe & Crowder
+  1974; Duchi et al. 2008). There is nothing to converge, so the projection is
+  returned without diagnostics.
+
+  Args:
+    vector: ``x``, shape [T].
+
+  Returns:
+    The projection, shape [T], in the dtype of ``vector`` (at least float32).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src import solvers
+    >>> solvers.project_simplex(jnp.array([0.5, 1.5, -1.0])).tolist()
+    [0.0, 1.0, 0.0]
+  """
+  vector = jnp.asarray(vector)
+  vector = vector.astype(_common.working_dtype(vector.dtype))
+  if vector.ndim != 1:
+    raise ValueError(f"vector must have shape [T], got {vector.shape}.")
+  size = vector.shape[0]
+  # The projection does not change when a constant is added to x: centring
+  # on the largest entry keeps the sums exact for entries of any magnitude.
+  vector = vector - jnp.max(vector)
+  descending = -jnp.sort(-vector)
+  cumulative = jnp.cumsum(descending) - 1
+  ranks = jnp.arange(1, size + 1, dtype=vector.dtype)
+  # The support is the largest k with x_(k) > (Σ_{j<=k} x_(j) - 1) / k; the
+  # largest entry always belongs to it.
+  in_support = descending * ranks > cumulative
+  support_size = jnp.maximum(jnp.sum(in_support), 1)
+  threshold = cumulative[support_size - 1] / support_size.astype(vector.dtype)
+  return jnp.maximum(vector - threshold, 0)
+
+
+def _simplex_start(num_tasks: int, dtype, warm_start) -> chex.Array:
+  """The uniform weights, or a guess projected onto the simplex.
+
+  A non-finite guess falls back to the uniform weights.
+  """
+  uniform = jnp.full((num_tasks,), 1 / num_tasks, dtype)
+  if warm_start is None:
+    return uniform
+  warm_start = _common.check_vector("warm_start", warm_start, num_tasks, dtype)
+  finite = jnp.all(jnp.isfinite(warm_start))
+  # The uniform weights lie on the simplex: projecting them changes nothing.
+  return project_simplex(jnp.where(finite, warm_start, uniform))
+
+
+# --------------------------------------------------------------------------
+# The one pairwise Frank-Wolfe loop.
+# --------------------------------------------------------------------------
+
+
+class Objective(NamedTuple):
+  """What a problem on the simplex gives the Frank-Wolfe loop.
+
+  All take the weights ``w`` and ``p = G w``.
+  """
+
+  # (w, p) -> h(w).
+  value: Callable[..., chex.Array]
+
+  # (w, p) -> (gradient [T], relative gap []): ∇h(w), whose smallest and
+  # largest entries pick the pairwise step, and the certificate of
+  # :func:`_common.relative_gap`.
+  measure: Callable[..., tuple[chex.Array, chex.Array]]
+  # (w, p, δ, Gδ, γ_max) -> γ: the exact minimiser of h(w + γδ) on
+  # [0, γ_max].
+  line_search: Callable[..., chex.Array]
+  # (w, p) -> δ: a direction in the affine hull of the support of w
+  # (zero off it, Σδ = 0) towards the minimiser there; zeros for none.
+  corrective: Callable[..., chex.Array]
+
+
+def pairwise_frank_wolfe(
+    objective: Objective,
+    gramian: chex.Array,
+    start: chex.Array,
+    *,
+    max_iters: int,
+    tol: float,
+) -> tuple[chex.Array, chex.Array, chex.Array, chex.Array]:
+  r"""Minimises a convex ``h`` on the simplex: pairwise FW + a corrective step.
+
+  Each iteration, from ``w`` with ``∇h(w)``:
+
+  1. *Pairwise step* (Lacoste-Julien & Jaggi 2015): move weight from the
+     task of the support with the largest ``∇h_k`` (away) to the task with
+     the smallest (toward), along ``e_toward − e_away``, by the exact line
+     search on ``[0, w_away]``. A step of ``w_away`` drops the away task.
+     This is what finds the support.
+  2. *Corrective step*: towards the minimiser of ``h`` on the affine hull
+     of the support (the objective's ``corrective`` direction: the exact
+     minimiser for a quadratic, as in Wolfe's 1976 min-norm-point
+     algorithm; a Newton step otherwise), by the exact line search up to
+     the boundary of the simplex; the task that blocks it leaves the
+     support. Once the support is right this step lands on the optimum,
+     where plain pairwise steps creep on ill-conditioned problems. It is
+     kept only if ``h`` does not increase: near the optimum the direction
+     is round-off, and so is the line search along it.
+
+  Both steps decrease ``h``. The loop stops when the objective's relative
+  gap is at most ``tol``, after ``max_iters`` iterations, or when an
+  iteration leaves ``w`` unchanged (round-off: ``stalled``).
+
+  Args:
+    objective: the problem, an :class:`Objective`.
+    gramian: ``G`` [T, T], prepared (:func:`_common.prepare_gramian`).
+    start: a point of the simplex [T].
+    max_iters: the most iterations.
+    tol: the relative gap to reach.
+
+  Returns:
+    ``(weights, iterations, gap, stalled)``.
+  """
+  num_tasks = start.shape[0]
+  indices = jnp.arange(num_tasks)
+
+  def pairwise_step(weights, product, gradient):
+    toward = jnp.argmin(gradient)
+    away = jnp.argmax(jnp.where(weights > 0, gradient, -jnp.inf))
+    direction = ((indices == toward).astype(weights.dtype)
+                 - (indices == away).astype(weights.dtype))
+    direction_product = gramian[:, toward] - gramian[:, away]
+    largest = weights[away]
+    step = objective.line_search(weights, product, direction,
+                                 direction_product, largest)
+    step = jnp.where(toward == away, 0, step)
+    drop = step >= largest
+    weights = weights.at[toward].add(step)
+    return weights.at[away].set(jnp.where(drop, 0, weights[away] - step))
+
+  def corrective_step(weights, product):
+    direction = objective.corrective(weights, product)
+    shrinking = direction < 0
+    ratios = jnp.where(shrinking,
+                       weights / jnp.where(shrinking, -direction, 1), jnp.inf)
+    blocking = jnp.argmin(ratios)
+    largest = jnp.where(jnp.any(shrinking), ratios[blocking], 0)
+    step = objective.line_search(weights, product, direction,
+                                 _common.matvec(gramian, direction), largest)
+    moved = jnp.maximum(weights + step * direction, 0)
+    # Exactly on the boundary: the blocking task leaves the support.
+    moved = jnp.where((step >= largest) & (indices == blocking), 0, moved)
+    total = jnp.sum(moved)
+    moved = moved / jnp.where(total > 0, total, 1)
+    better = ((total > 0) & jnp.all(jnp.isfinite(moved))
+              & (objective.value(moved, _common.matvec(gramian, moved))
+                 <= objective.value(weights, product)))
+    return jnp.where(better, moved, weights)
+
+  def cond(carry):
+    _, iteration, _, gap, stalled = carry
+    return (iteration < max_iters) & (gap > tol) & ~stalled
+
+  def body(carry):
+    weights, iteration, gradient, _, _ = carry
+    product = _common.matvec(gramian, weights)
+    moved = pairwise_step(weights, product, gradient)
+    moved = corrective_step(moved, _common.matvec(gramian, moved))
+    new_gradient, gap = objective.measure(moved,
+                                          _common.matvec(gramian, moved))
+    stalled = jnp.all(moved == weights)
+    return moved, iteration + 1, new_gradient, gap, stalled
+
+  gradient, gap = objective.measure(start, _common.matvec(gramian, start))
+  weights, iterations, _, gap, stalled = jax.lax.while_loop(
+      cond, body,
+      (start, jnp.zeros([], jnp.int32), gradient, gap, jnp.asarray(False)))
+  return weights, iterations, gap, stalled
+
+
+def _exact_line_search_quadratic(weights, product, direction,
+                                 direction_product, largest):
+  """``argmin_{0 ≤ γ ≤ γ_max} (w + γδ)ᵀG(w + γδ)``: clip ``-wᵀGδ / δᵀGδ``."""
+  curvature = jnp.dot(direction, direction_product)
+  slope = jnp.dot(product, direction)
+  step = jnp.where(curvature > 0,
+                   jnp.clip(-slope / jnp.where(curvature > 0, curvature, 1),
+                            0, largest),
+                   jnp.where(slope < 0, largest, 0))
+  del weights
+  return step
+
+
+# --------------------------------------------------------------------------
+# The min-norm point of the convex hull of the task gradients (MGDA).
+# --------------------------------------------------------------------------
+
+
+def solve_min_norm(
+    gramian: chex.Array,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: Optional[float] = None,
+    warm_start: Optional[chex.Array] = None,
+) -> _common.SolverResult:
+  r"""Weights of the min-norm point of the convex hull of the task gradients.
+
+  .. math::
+    w^\star = \operatorname*{argmin}_{w \in \Delta} f(w) = w^\top G w,
+    \qquad \Delta = \{w \ge 0,\ \mathbf 1^\top w = 1\},
+
+  so that ``d = Σ_k w_k g_k`` is the min-norm point of ``conv{g_1 … g_T}``
+  (Désidéri 2012; Sener & Koltun 2018, Algorithm 2).
+
+  * ``T = 1``: ``w = [1]``; ``T = 2``: the closed form
+    ``w_1 = clip((G_22 - G_12) / (G_11 + G_22 - 2 G_12), 0, 1)``.
+  * A task with a zero gradient (``G_kk = 0``): ``d = 0`` exactly, with the
+    weight spread evenly over the zero-gradient tasks (no iteration).
+  * Otherwise :func:`pairwise_frank_wolfe` from the uniform weights, or
+    from ``warm_start`` projected onto the simplex (e.g. the previous
+    step's solution). Its corrective step goes to the min-norm point of the
+    affine hull of the support, ``w_S ∝ (G_SS + μI)⁻¹ 1`` (Wolfe 1976;
+    ``μ = T ε`` on the scaled ``G`` lets duplicated tasks factorise).
+
+  Stopping test (:func:`_common.relative_gap`): the Frank-Wolfe duality gap
+  ``2 (f(w) − min_k (Gw)_k) ≥ f(w) − f*`` relative to ``f(w)``, with the
+  round-off floor ``2 T ε (nᵀw)(nᵀw + n_s)`` (``n_k = ‖g_k‖``, ``s`` the
+  toward task). ``gap ≤ tol`` bounds the direction's error:
+  ``‖d − d*‖ ≤ √tol ‖d‖``. The test does not change when ``G`` is
+  multiplied by any ``c > 0``, and a Pareto-stationary point (``d* = 0``)
+  converges once ``f(w)`` is at round-off.
+
+  Defaults: ``max_iters = 1000`` (the corrective step settles about one
+  task per iteration: tens of iterations at T = 40, a few hundred at the
+  most at T = 256), ``tol`` from :func:`_common.default_tolerance` (1e-6 in
+  float32, 1e-12 in float64).
+
+  Args:
+    gramian: ``G``, shape [T, T], symmetric positive semi-definite; solved
+      in its dtype (float64 stays float64; below float32, float32).
+    max_iters: the most iterations.
+    tol: the relative duality gap to reach; None: the default above.
+    warm_start: None, or a guess of ``w*``, shape [T] (used when T > 2).
+
+  Returns:
+    A :class:`SolverResult` whose ``weights`` lie on the simplex.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src import solvers
+    >>> result = solvers.solve_min_norm(jnp.array([[1.0, 0.0], [0.0, 4.0]]))
+    >>> [round(w, 4) for w in result.weights.tolist()], bool(result.converged)
+    ([0.8, 0.2], True)
+
+  References:
+    Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+    NeurIPS 2018; Wolfe, "Finding the nearest point in a polytope", Math.
+    Programming 1976; Lacoste-Julien & Jaggi, "On the Global Linear
+    Convergence of Frank-Wolfe Optimization Variants", NeurIPS 2015.
+  """
+  prepared = _common.prepare_gramian(gramian)
+  gramian, num_tasks, dtype = (prepared.matrix, prepared.num_tasks,
+                               prepared.dtype)
+  max_iters = _common.check_max_iters(max_iters)
+  tol = _common.check_tolerance(tol, dtype)
+  start = _simplex_start(num_tasks, dtype, warm_start)
+  norms = _common.gradient_norms(gramian)
+
+  def measure(weights, product):
+    value = jnp.maximum(jnp.dot(weights, product), 0)
+    toward = jnp.argmin(product)
+    absolute = jnp.maximum(2 * (value - product[toward]), 0)
+    mass = jnp.dot(norms, weights)
+    floor = _common.resolve_cutoff(dtype, num_tasks,
+                                   2 * mass * (mass + norms[toward]))
+    return product, _common.relative_gap(absolute, value, floor)
+
+  if num_tasks == 1:
+    weights = jnp.ones((1,), dtype)
+    return _common.finish(weights, 0, jnp.zeros([], dtype), tol,
+                          finite=prepared.finite)
+  if num_tasks == 2:
+    curvature = gramian[0, 0] + gramian[1, 1] - 2 * gramian[0, 1]
+    first = jnp.where(
+        curvature > 0,
+        jnp.clip((gramian[1, 1] - gramian[0, 1])
+                 / jnp.where(curvature > 0, curvature, 1), 0, 1), 0.5)
+    weights = jnp.stack([first, 1 - first]).astype(dtype)
+    _, gap = measure(weights, _common.matvec(gramian, weights))
+    return _common.finish(weights, 0, gap, tol, finite=prepared.finite)
+
+  zero = jnp.diagonal(gramian) <= 0
+  # A zero gradient: the min-norm point is 0, and these weights give it
+  # exactly; the loop then certifies them without iterating.
+  start = jnp.where(jnp.any(zero), zero / jnp.sum(zero).astype(dtype), start)
+
+  def corrective(weights, product):
+    del product
+    support = weights > 0
+    affine = _common.solve_on_support(gramian, support,
+                                      jnp.ones_like(weights))
+    total = jnp.sum(affine)
+    usable = (total > 0) & jnp.all(jnp.isfinite(affine))
+    target = _common.safe_divide(affine, total)
+    return jnp.where(support & usable, target - weights, 0)
+
+  def value(weights, product):
+    return jnp.dot(weights, product)
+
+  objective = Objective(value, measure, _exact_line_search_quadratic,
+                        corrective)
+  weights, iterations, gap, stalled = pairwise_frank_wolfe(
+      objective, gramian, start, max_iters=max_iters, tol=tol)
+  return _common.finish(weights, iterations, gap, tol,
+                        finite=prepared.finite, stalled=stalled)
+
+
+# --------------------------------------------------------------------------
+# The dual problem of CAGrad.
+# --------------------------------------------------------------------------
+
+
+def _exact_line_search_cagrad(radius, linear):
+  """The exact line search of ``h(w) = wᵀa + r √(wᵀGw)`` along ``δ``.
+
+  Along ``w + γδ`` the objective is ``φ(γ) = αγ + r √(Aγ² + 2Bγ + C)``
+  with ``α = aᵀδ``, ``A = δᵀGδ``, ``B = wᵀGδ``, ``C = wᵀGw``. It is convex;
+  when ``r²A > α²`` its stationary point solves ``q(γ) = r² D / (r²A − α²)``
+  (``D = AC − B²``), and otherwise it is monotone on the segment.
+  """
+
+  def along(step, alpha, quad_a, quad_b, quad_c):
+    squared = jnp.maximum(quad_c + 2 * quad_b * step + quad_a * step**2, 0)
+    return alpha * step + radius * jnp.sqrt(squared)
+
+  def search(weights, product, direction, direction_product, largest):
+    alpha = jnp.dot(linear, direction)
+    quad_a = jnp.maximum(jnp.dot(direction, direction_product), 0)
+    quad_b = jnp.dot(product, direction)
+    quad_c = jnp.maximum(jnp.dot(weights, product), 0)
+    discriminant = jnp.maximum(quad_a * quad_c - quad_b**2, 0)
+    denominator = radius**2 * quad_a - alpha**2
+    has_interior = (denominator > 0) & (quad_a > 0)
+    target = radius**2 * discriminant / jnp.where(has_interior, denominator, 1)
+    offset = jnp.sqrt(jnp.maximum(quad_a * target - discriminant, 0))
+    interior = (-quad_b - jnp.sign(alpha) * offset) / jnp.where(
+        quad_a > 0, quad_a, 1)
+    interior = jnp.clip(interior, 0, largest)
+    endpoint = jnp.where(
+        along(largest, alpha, quad_a, quad_b, quad_c)
+        < along(jnp.zeros_like(largest), alpha, quad_a, quad_b, quad_c),
+        largest, 0)
+    return jnp.where(has_interior, interior, endpoint)
+
+  return search
+
+
+def solve_cagrad(
+    gramian: chex.Array,
+    c: float,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: Optional[float] = None,
+    warm_start: Optional[chex.Array] = None,
+) -> _common.SolverResult:
+  r"""The dual problem of CAGrad, written on the Gramian.
+
+  .. math::
+    w^\star = \operatorname*{argmin}_{w \in \Delta}
+      h(w) = g_w^\top g_0 + \sqrt{\phi}\, \lVert g_w \rVert
+    = w^\top a + r \sqrt{w^\top G w},
+    \qquad a = G m,\ r = c \sqrt{m^\top G m},
+
+  with ``g_w = Jᵀw``, ``g_0 = Jᵀm`` the mean gradient (``m = 1/T``) and
+  ``φ = c² ‖g_0‖² = r²`` (Liu et al. 2021, Eq. 4). By minimax duality
+  ``h* = max_{‖d − g_0‖ ≤ r} min_k g_kᵀd``, the primal problem.
+
+  Solved by :func:`pairwise_frank_wolfe` from the uniform weights or from
+  ``warm_start`` projected onto the simplex, with the exact line search of
+  ``αγ + r √(Aγ² + 2Bγ + C)`` along any direction, and a Newton step on the
+  affine hull of the support as the corrective step (Hessian
+  ``(r/‖g_w‖)(G − ppᵀ/‖g_w‖²)``, ``p = Gw``).
+
+  Stopping test: the duality gap ``h(w) − min_k g_kᵀd ≥ h(w) − h*`` for the
+  better of two primal points ``d`` in the ball ``‖d − g_0‖ ≤ r``:
+
+  * ``d = g_0 + r g_w/‖g_w‖`` (the Frank-Wolfe gap ``∇h(w)ᵀw − min_k ∇h_k``);
+  * ``d = g_0 − t J_Sᵀ y``, the projection of ``g_0`` onto
+    ``{d : g_kᵀd = 0, k ∈ S}`` (``G_SS y = a_S`` on the support ``S``),
+    shortened to the ball (``t ≤ 1``), or ``d = g_0``. This certifies the
+    Pareto-stationary optimum ``g_{w*} = 0``, where ``h`` has a kink and
+    the first point is undefined.
+
+  It is relative to the size of the objective's terms ``|wᵀa| + r‖g_w‖``,
+  with the round-off floor of evaluating ``h``: ``T ε (nᵀw + n_max)(‖g_0‖ +
+  r)`` plus ``r δ‖g_w‖``, the error of ``‖g_w‖ = √(wᵀGw)`` (about
+  ``√(Tε) nᵀw`` at the kink). The test does not change when ``G`` is
+  multiplied by any ``c > 0``.
+
+  Defaults: ``max_iters = 1000`` (as :func:`solve_min_norm`), ``tol`` from
+  :func:`_common.default_tolerance`.
+
+  Args:
+    gramian: ``G``, shape [T, T], symmetric positive semi-definite; solved
+      in its dtype (float64 stays float64; below float32, float32).
+    c: the radius ``c ≥ 0`` of the trust region around ``g_0`` (a Python
+      number, or a scalar array under ``jit``).
+    max_iters: the most iterations.
+    tol: the relative duality gap to reach; None: the default above.
+    warm_start: None, or a guess of ``w*``, shape [T].
+
+  Returns:
+    A :class:`SolverResult` whose ``weights`` ``w*`` lie on the simplex.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src import solvers
+    >>> result = solvers.solve_cagrad(jnp.array([[1.0, 0.0], [0.0, 1.0]]), 0.5)
+    >>> [round(w, 4) for w in result.weights.tolist()]
+    [0.5, 0.5]
+
+  References:
+    Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning",
+    NeurIPS 2021.
+  """
+  prepared = _common.prepare_gramian(gramian)
+  gramian, num_tasks, dtype = (prepared.matrix, prepared.num_tasks,
+                               prepared.dtype)
+  max_iters = _common.check_max_iters(max_iters)
+  tol = _common.check_tolerance(tol, dtype)
+  if isinstance(c, bool) or (isinstance(c, (int, float)) and not c >= 0):
+    raise ValueError(f"c must be a real number >= 0, got {c!r}.")
+  if num_tasks == 1:
+    return _common.finish(jnp.ones((1,), dtype), 0, jnp.zeros([], dtype),
+                          tol, finite=prepared.finite)
+  c = jnp.asarray(c, dtype)
+  mean = jnp.full((num_tasks,), 1 / num_tasks, dtype)
+  linear = _common.matvec(gramian, mean)  # a = G m.
+  mean_norm = jnp.sqrt(jnp.maximum(jnp.dot(mean, linear), 0))  # ‖g_0‖.
+  radius = c * mean_norm  # r = √φ.
+  norms = _common.gradient_norms(gramian)
+
+  def norm_and_error(weights, product):
+    """‖g_w‖ and its round-off (the kink makes it √ of the error of n²)."""
+    squared = jnp.maximum(jnp.dot(weights, product), 0)
+    norm = jnp.sqrt(squared)
+    squared_error = _common.resolve_cutoff(dtype, num_tasks,
+                                           jnp.dot(norms, weights)**2)
+    error = jnp.minimum(_common.safe_divide(squared_error, 2 * norm),
+                        jnp.sqrt(squared_error))
+    return norm, error
+
+  def measure(weights, product):
+    norm, norm_error = norm_and_error(weights, product)
+    gradient = linear + radius * _common.safe_divide(product, norm)
+    value = jnp.dot(weights, linear) + radius * norm
+    scale = jnp.abs(jnp.dot(weights, linear)) + radius * norm
+    floor = (radius * norm_error + _common.resolve_cutoff(
+        dtype, num_tasks,
+        (jnp.dot(norms, weights) + jnp.max(norms)) * (mean_norm + radius)))
+    # Primal point 1: d = g_0 + r g_w / ‖g_w‖ (the Frank-Wolfe gap).
+    first = jnp.where(norm > 0, jnp.min(gradient), -jnp.inf)
+    # Primal point 2: g_0 projected onto {d : g_kᵀd = 0, k ∈ S}, within the
+    # ball, or g_0 itself.
+    support = weights > 0
+    coefficients = _common.solve_on_support(gramian, support, linear)
+    shift = _common.matvec(gramian, coefficients)
+    shift_norm = jnp.sqrt(jnp.maximum(jnp.dot(coefficients, shift), 0))
+    fraction = jnp.where(shift_norm > radius,
+                         _common.safe_divide(radius, shift_norm), 1)
+    second = jnp.maximum(jnp.min(linear - fraction * shift),
+                         jnp.min(linear))
+    second = jnp.where(jnp.all(jnp.isfinite(shift)), second, jnp.min(linear))
+    absolute = jnp.maximum(value - jnp.maximum(first, second), 0)
+    return gradient, _common.relative_gap(absolute, scale, floor)
+
+  def corrective(weights, product):
+    norm, _ = norm_and_error(weights, product)
+    support = weights > 0
+    usable = (norm > 0) & (radius > 0)
+    curvature = _common.safe_divide(radius, norm)
+    unit = _common.safe_divide(product, norm)
+    hessian = curvature * (gramian - unit[:, None] * unit[None, :])
+    gradient = linear + radius * unit
+    newton = _common.solve_on_support(hessian, support, -gradient)
+    ones = _common.solve_on_support(hessian, support,
+                                    jnp.ones_like(weights))
+    direction = newton - _common.safe_divide(jnp.sum(newton),
+                                             jnp.sum(ones)) * ones
+    usable &= jnp.all(jnp.isfinite(direction))
+    return jnp.where(support & usable, direction, 0)
+
+  def value(weights, product):
+    return jnp.dot(weights, linear) + radius * jnp.sqrt(
+        jnp.maximum(jnp.dot(weights, product), 0))
+
+  objective = Objective(value, measure,
+                        _exact_line_search_cagrad(radius, linear), corrective)
+  start = _simplex_start(num_tasks, dtype, warm_start)
+  weights, iterations, gap, stalled = pairwise_frank_wolfe(
+      objective, gramian, start, max_iters=max_iters, tol=tol)
+  return _common.finish(weights, iterations, gap, tol,
+                        finite=prepared.finite, stalled=stalled)

@@ -1,0 +1,169 @@
+"""Nash-MTL's bargaining problem, by damped Newton steps."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from optax_mtl._src.solvers import _common
+
+# The default max_iters of solve_nash. Damped Newton on a self-concordant
+# function: a few steps per decade of the weights' spread, then quadratic
+# convergence; 10 to 30 steps on the tests' problems (ill-conditioned and
+# rank-deficient included).
+DEFAULT_MAX_ITERS = 100
+
+# Step sizes tried by the line search: the largest feasible one, halved.
+_NUM_STEP_SIZES = 24
+
+
+def solve_nash(
+    gramian: chex.Array,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: Optional[float] = None,
+) -> _common.SolverResult:
+  r"""The Nash bargaining weights: ``G α = 1 / α``, ``α > 0`` (elementwise).
+
+  .. math::
+    \alpha_i\, (G\alpha)_i = 1 \quad (i = 1 \dots T),
+    \qquad d = \sum_i \alpha_i g_i,\quad g_i^\top d = 1/\alpha_i,
+    \quad \lVert d \rVert^2 = T,
+
+  (Navon et al. 2022, Eq. 2). In the unit-gradient scaling
+  ``α_i = β_i / ‖g_i‖``, ``C = N G N`` (``N = diag(1/‖g_i‖)``, unit
+  diagonal) it is the stationary point ``β ⊙ Cβ = 1`` of the convex,
+  self-concordant ``F(β) = ½ βᵀCβ − Σ log β_i``. Newton's method is affine
+  invariant, so the scaling changes nothing but rounding, and the weights
+  do not change when ``G`` is multiplied by any ``c > 0``. In the variables
+  ``β ⊙ (1 + δ)`` the Newton system is ``(BCB + I) δ = 1 − β ⊙ Cβ``
+  (``B = diag(β)``), whose eigenvalues are at least one; a backtracking
+  (Armijo) line search keeps ``β > 0``, and within the quadratic region
+  (Newton decrement below ½) the full step is taken.
+
+  Stopping test (:func:`_common.relative_gap`): the residual
+  ``max_i |β_i (Cβ)_i − 1|`` (relative to the target 1, a backward error),
+  with the floor ``T ε max_i β_i (|C|β)_i``, the round-off of the products.
+
+  Degenerate cases.
+
+  * A task with a zero gradient (``G_ii = 0``) cannot be bargained with:
+    it gets ``α_i = 0`` exactly and the others are solved among themselves
+    (all zero: ``α = 0``, converged).
+  * No solution: when some non-negative combination of the unit gradients
+    is zero (two exactly opposite gradients, or more generally 0 in the
+    convex hull of the ``ĝ_i``), ``F`` is unbounded below and ``β`` grows
+    without bound along that combination. The solver stops as soon as the
+    combination ``Σ β_i ĝ_i`` cancels to round-off
+    (``βᵀCβ ≤ T ε βᵀ|C|β``), before the weights overflow, and reports
+    ``Outcome.NO_SOLUTION`` with the fallback ``α = 0``: the disagreement
+    point of the bargaining game, an update of zero, as at a
+    Pareto-stationary point. ``gap`` is then ``inf`` and ``converged``
+    False.
+
+  Defaults: ``max_iters = 100`` (10 to 30 steps are typical), ``tol`` from
+  :func:`_common.default_tolerance`.
+
+  Args:
+    gramian: ``G``, shape [T, T], symmetric positive semi-definite; solved
+      in its dtype (float64 stays float64; below float32, float32).
+    max_iters: the most Newton steps.
+    tol: the relative residual to reach; None: the default above.
+
+  Returns:
+    A :class:`SolverResult` with ``weights = α`` (0 for zero-gradient
+    tasks; all 0 with ``Outcome.NO_SOLUTION``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src import solvers
+    >>> result = solvers.solve_nash(jnp.array([[4.0, 0.0], [0.0, 0.25]]))
+    >>> [round(a, 4) for a in result.weights.tolist()], bool(result.converged)
+    ([0.5, 2.0], True)
+    >>> opposite = solvers.solve_nash(jnp.array([[1.0, -1.0], [-1.0, 1.0]]))
+    >>> opposite.weights.tolist(), int(opposite.outcome)
+    ([0.0, 0.0], 3)
+
+  References:
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022;
+    Nesterov & Nemirovskii, "Interior-Point Polynomial Algorithms in Convex
+    Programming", 1994 (self-concordant functions, the damped Newton step).
+  """
+  prepared = _common.prepare_gramian(gramian)
+  gramian, num_tasks, dtype = (prepared.matrix, prepared.num_tasks,
+                               prepared.dtype)
+  max_iters = _common.check_max_iters(max_iters)
+  tol = _common.check_tolerance(tol, dtype)
+  eye = jnp.eye(num_tasks, dtype=dtype)
+  norms = _common.gradient_norms(gramian)
+  active = norms > 0
+  inverse_norms = jnp.where(active, 1 / jnp.where(active, norms, 1), 0)
+  # Scaled entry by entry (the outer product of the norms could underflow).
+  cosines = (gramian * inverse_norms[:, None]) * inverse_norms[None, :]
+  cosines = jnp.where(active[:, None] & active[None, :], cosines, eye)
+  magnitudes = jnp.abs(cosines)
+
+  def residual_gap(beta):
+    product = _common.matvec(cosines, beta)
+    absolute = jnp.max(jnp.where(active, jnp.abs(beta * product - 1), 0))
+    floor = _common.resolve_cutoff(
+        dtype, num_tasks,
+        jnp.max(jnp.where(active, beta * _common.matvec(magnitudes, beta), 0)))
+    return _common.relative_gap(absolute, jnp.ones([], dtype), floor)
+
+  def cancels(beta):
+    """Σ β_i ĝ_i is zero to round-off: no bargaining solution."""
+    beta = jnp.where(active, beta, 0)
+    value = jnp.dot(beta, _common.matvec(cosines, beta))
+    size = jnp.dot(beta, _common.matvec(magnitudes, beta))
+    return jnp.any(active) & (
+        value <= _common.resolve_cutoff(dtype, num_tasks, size))
+
+  def objective(beta):
+    return (0.5 * jnp.dot(beta, _common.matvec(cosines, beta))
+            - jnp.sum(jnp.where(active, jnp.log(beta), 0)))
+
+  def newton_step(beta):
+    residual = jnp.where(active, beta * _common.matvec(cosines, beta) - 1, 0)
+    system = beta[:, None] * cosines * beta[None, :] + eye
+    delta = _common.cholesky_solver(system)(-residual)
+    decrement_squared = jnp.maximum(-jnp.dot(residual, delta), 0)  # λ².
+    # The largest step keeping β (1 + t δ) > 0, then halvings of it.
+    most_negative = jnp.max(-delta)
+    largest = jnp.where(
+        most_negative > 0,
+        jnp.minimum(1, 0.99 / jnp.where(most_negative > 0, most_negative, 1)),
+        1)
+    sizes = largest * 0.5**jnp.arange(_NUM_STEP_SIZES, dtype=dtype)
+    current = objective(beta)
+    trial = jax.vmap(lambda t: objective(beta * (1 + t * delta)))(sizes)
+    armijo = trial <= current - 0.25 * sizes * decrement_squared
+    # The damped step 1/(1 + λ) always decreases a self-concordant F and
+    # keeps β > 0: the fallback when round-off defeats the line search.
+    damped = 1 / (1 + jnp.sqrt(decrement_squared))
+    size = jnp.where(jnp.any(armijo), sizes[jnp.argmax(armijo)], damped)
+    size = jnp.where(decrement_squared <= 0.25, 1, size)
+    return jnp.where(active, beta * (1 + size * delta), 1)
+
+  def cond(carry):
+    _, iteration, gap, no_solution = carry
+    return (iteration < max_iters) & (gap > tol) & ~no_solution
+
+  def body(carry):
+    beta, iteration, _, _ = carry
+    beta = newton_step(beta)
+    return beta, iteration + 1, residual_gap(beta), cancels(beta)
+
+  start = jnp.ones((num_tasks,), dtype)
+  beta, iterations, gap, no_solution = jax.lax.while_loop(
+      cond, body, (start, jnp.zeros([], jnp.int32), residual_gap(start),
+                   cancels(start)))
+  # α_i = β_i / ‖g_i‖ on the input's scale (2^e times the scaled one's).
+  input_norms = jnp.sqrt(jnp.ldexp(jnp.diagonal(gramian), prepared.exponent))
+  weights = jnp.where(active & ~no_solution,
+                      beta / jnp.where(active, input_norms, 1), 0)
+  return _common.finish(weights, iterations, gap, tol,
+                        finite=prepared.finite, no_solution=no_solution)

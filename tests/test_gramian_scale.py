@@ -1,0 +1,386 @@
+"""Scale, rank and dtype properties of every strategy that reads the Gramian.
+
+* Scale: multiplying every task gradient by ``c`` multiplies the update by
+  ``c`` (``LINEAR``), or leaves it unchanged for the methods whose update is
+  scale-free by definition (``INVARIANT``: normalized_gradients, whose
+  update is a sum of unit gradients; nash_mtl, whose update has norm √T;
+  mgda with the ``l2`` normalisation), over a scripted sequence of steps
+  (warm starts and PRNG keys included), for ``c`` from 1e-20 to 1e6:
+  to 1e-9 in float64 (``jax.enable_x64``) and 1e-5 in float32.
+* Rank: duplicated tasks, a zero task and more tasks than dimensions give
+  each method's defined update, checked against a NumPy float64 reference
+  written from the method's definition (enumeration of active sets,
+  least squares, the SVD, a root finder).
+* dtype: the rules compute in the Gramian's dtype: float64 weights for a
+  float64 Gramian, float32 for a float32 one even under x64.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+import optax_mtl
+
+NUM_TASKS = 3
+
+# name -> (factory, kwargs, how the update scales with the gradients).
+LINEAR, INVARIANT = "linear", "invariant"
+STRATEGIES = {
+    "normalized_gradients": ("normalized_gradients", {}, INVARIANT),
+    "mgda": ("mgda", {}, LINEAR),
+    "mgda_l2": ("mgda", {"normalization": "l2"}, INVARIANT),
+    "gradnorm": ("gradnorm", {}, LINEAR),
+    "pcgrad": ("pcgrad", {}, LINEAR),
+    "cagrad": ("cagrad", {}, LINEAR),
+    "imtl_g": ("imtl_g", {}, LINEAR),
+    "nash_mtl": ("nash_mtl", {}, INVARIANT),
+    "aligned_mtl": ("aligned_mtl", {}, LINEAR),
+    "upgrad": ("upgrad", {}, LINEAR),
+    "dualproj": ("dualproj", {}, LINEAR),
+}
+SCALES = (1e-20, 1e-6, 1e-3, 1e3, 1e6)
+TOLERANCES = {"float64": 1e-9, "float32": 1e-5}
+
+
+def make(name):
+  factory, kwargs, _ = STRATEGIES[name]
+  return getattr(optax_mtl, factory)(NUM_TASKS, **kwargs)
+
+
+def scripted_jacobians():
+  """Three steps of conflicting gradients of different norms [3, 6]."""
+  rng = np.random.default_rng(14)
+  jacobians = []
+  for _ in range(3):
+    jacobian = rng.normal(size=(NUM_TASKS, 6))
+    jacobian[1] -= 1.5 * jacobian[0]  # Conflicts with task 0.
+    jacobian *= np.array([1.0, 0.3, 3.0])[:, None]
+    jacobians.append(jacobian)
+  return jacobians
+
+
+def run_updates(strategy, jacobians, dtype):
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  updates = []
+  for jacobian in jacobians:
+    combined, state = update(jnp.asarray(jacobian, dtype), state,
+                             task_losses=jnp.ones(NUM_TASKS))
+    assert int(state.num_skipped) == 0
+    updates.append(np.asarray(combined, np.float64))
+  return updates
+
+
+def relative_error(actual, expected):
+  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def check_scaling(name, dtype_name):
+  dtype = {"float64": jnp.float64, "float32": jnp.float32}[dtype_name]
+  jacobians = scripted_jacobians()
+  reference = run_updates(make(name), jacobians, dtype)
+  for scale in SCALES:
+    if dtype_name == "float32" and scale == 1e-20:
+      continue  # See test_float32_scaling_below_the_gramians_range.
+    scaled = run_updates(make(name), [scale * j for j in jacobians], dtype)
+    factor = scale if STRATEGIES[name][2] == LINEAR else 1.0
+    for step, (actual, expected) in enumerate(zip(scaled, reference)):
+      error = relative_error(actual / factor, expected)
+      assert error <= TOLERANCES[dtype_name], (name, scale, step, error)
+
+
+# GradNorm (another module) learns its loss weights by a step of
+# ``learning_rate · ‖∇L_i‖ · sign(...)``: by the paper's definition that
+# step has the units of the gradients, so the second step's weights differ.
+_GRADNORM_XFAIL = pytest.mark.xfail(
+    strict=True, reason="gradnorm's weight step scales with the gradient "
+    "norms (reported to its owner)")
+
+
+# The step applies float32-rounded weights (step._guarded_rule casts them to
+# the state's dtype): weights that scale as 1/c then lose float64 precision.
+_STEP_CAST_XFAIL = pytest.mark.xfail(
+    strict=True, reason="step._guarded_rule casts the applied weights to "
+    "float32 (lead: apply the rule's weights in their own dtype)")
+
+
+def _cases(float64=False):
+  for name in sorted(STRATEGIES):
+    marks = [_GRADNORM_XFAIL] if name == "gradnorm" else []
+    if float64 and STRATEGIES[name][2] == INVARIANT:
+      marks.append(_STEP_CAST_XFAIL)
+    yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_cases(float64=True)))
+def test_float64_update_scales_with_the_gradients(name):
+  with jax.enable_x64(True):
+    check_scaling(name, "float64")
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_float32_update_scales_with_the_gradients(name):
+  check_scaling(name, "float32")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gradients of 1e-20 give a Gramian of 1e-40, below float32's normal "
+    "range: tree.gramian flushes it to zero before any rule sees it. Needs "
+    "the step to pass the rules a Gramian scaled by a power of two (lead)."))
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"gradnorm"}))
+def test_float32_scaling_below_the_gramians_range(name):
+  jacobians = scripted_jacobians()
+  reference = run_updates(make(name), jacobians, jnp.float32)
+  scaled = run_updates(make(name), [1e-20 * j for j in jacobians],
+                       jnp.float32)
+  factor = 1e-20 if STRATEGIES[name][2] == LINEAR else 1.0
+  for actual, expected in zip(scaled, reference):
+    assert relative_error(actual / factor, expected) <= 1e-5
+
+
+# --------------------------------------------------------------------------
+# Rank-deficient Jacobians against exact NumPy references (float64).
+# --------------------------------------------------------------------------
+
+RANK_DEFICIENT = {
+    # Task 2 duplicates task 1.
+    "duplicated": np.array([[2.0, -1.0, 0.5], [-0.5, 1.5, 0.2],
+                            [-0.5, 1.5, 0.2]]),
+    # Task 1 has a zero gradient; tasks 0 and 2 conflict.
+    "zero_task": np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0],
+                           [-1.0, 1.5, 0.2]]),
+    # Three tasks in two dimensions, within a half-plane.
+    "more_tasks_than_dimensions": np.array([[2.0, -1.0], [0.3, 1.0],
+                                            [1.0, 0.8]]),
+}
+
+
+def reference_normalized_gradients(jacobian):
+  norms = np.linalg.norm(jacobian, axis=1)
+  keep = norms > 0
+  return (jacobian[keep] / norms[keep, None]).sum(axis=0)
+
+
+def reference_mgda(jacobian):
+  """The min-norm point of conv{g_k}: the best KKT point over all supports."""
+  gramian = jacobian @ jacobian.T
+  best, best_value = None, np.inf
+  for size in range(1, len(jacobian) + 1):
+    for support in itertools.combinations(range(len(jacobian)), size):
+      support = list(support)
+      system = np.zeros((size + 1, size + 1))
+      system[:size, :size] = gramian[np.ix_(support, support)]
+      system[:size, size] = -1.0
+      system[size, :size] = 1.0
+      rhs = np.r_[np.zeros(size), 1.0]
+      solution = np.linalg.lstsq(system, rhs, rcond=None)[0][:size]
+      if solution.min() < -1e-12:
+        continue
+      weights = np.zeros(len(jacobian))
+      weights[support] = solution
+      value = weights @ gramian @ weights
+      if value < best_value - 1e-15:
+        best, best_value = weights, value
+  return best @ jacobian
+
+
+def reference_mgda_l2(jacobian):
+  """The min-norm point of the unit gradients' hull (a zero gradient stays
+  zero, so that the hull holds 0: a Pareto-stationary point)."""
+  norms = np.linalg.norm(jacobian, axis=1)
+  keep = norms > 0
+  units = np.where(keep[:, None], jacobian / np.where(keep, norms, 1)[:, None],
+                   0.0)
+  return reference_mgda(units)
+
+
+def project_onto_dual_cone(jacobian, vector):
+  """argmin_{Jy >= 0} ‖y − x‖ by enumerating the active rows."""
+  best, best_distance = None, np.inf
+  for size in range(len(jacobian) + 1):
+    for active in itertools.combinations(range(len(jacobian)), size):
+      rows = jacobian[list(active)]
+      point = vector - (np.linalg.pinv(rows) @ (rows @ vector) if size
+                        else 0.0)
+      if np.all(jacobian @ point >= -1e-10):
+        distance = np.linalg.norm(point - vector)
+        if distance < best_distance - 1e-14:
+          best, best_distance = point, distance
+  return best
+
+
+def reference_upgrad(jacobian):
+  return np.mean([project_onto_dual_cone(jacobian, row) for row in jacobian],
+                 axis=0)
+
+
+def reference_dualproj(jacobian):
+  return project_onto_dual_cone(jacobian, jacobian.mean(axis=0))
+
+
+def reference_imtl_g(jacobian):
+  """d ∝ J⁺n (least squares of g_i·d = ‖g_i‖), normalised by 1ᵀ(JJᵀ)⁺n."""
+  norms = np.linalg.norm(jacobian, axis=1)
+  direction = np.linalg.lstsq(jacobian, norms, rcond=1e-10)[0]
+  # (JJᵀ)⁺n = (J⁺)ᵀ J⁺ n: the least-norm α with Jᵀα = J⁺n.
+  alpha = np.linalg.lstsq(jacobian.T, direction, rcond=1e-10)[0]
+  return direction / alpha.sum()
+
+
+def reference_aligned_mtl(jacobian):
+  u, singular, _ = np.linalg.svd(jacobian, full_matrices=False)
+  keep = singular > 1e-10 * singular.max()
+  u, singular = u[:, keep], singular[keep]
+  return (singular.min() * (u / singular) @ u.T @ np.ones(len(jacobian))
+          ) @ jacobian
+
+
+def reference_nash_mtl(jacobian):
+  """α > 0 with α_i (Gα)_i = 1 on the non-zero tasks, by a root finder."""
+  keep = np.linalg.norm(jacobian, axis=1) > 0
+  rows = jacobian[keep]
+  gramian = rows @ rows.T
+
+  def objective(log_alpha):  # ½ αᵀGα − Σ log α, convex in α.
+    alpha = np.exp(log_alpha)
+    return 0.5 * alpha @ gramian @ alpha - np.sum(log_alpha)
+
+  def residual(log_alpha):  # Its gradient in log α.
+    alpha = np.exp(log_alpha)
+    return alpha * (gramian @ alpha) - 1.0
+
+  def hessian(log_alpha):
+    alpha = np.exp(log_alpha)
+    return (np.diag(alpha * (gramian @ alpha))
+            + alpha[:, None] * gramian * alpha[None, :])
+
+  start = -np.log(np.linalg.norm(rows, axis=1))
+  first = scipy.optimize.minimize(objective, start, jac=residual,
+                                  hess=hessian, method="trust-exact",
+                                  options=dict(gtol=1e-12, maxiter=2000))
+  solution = scipy.optimize.root(residual, first.x, jac=hessian,
+                                 method="hybr", options=dict(xtol=1e-15))
+  assert np.max(np.abs(residual(solution.x))) < 1e-10
+  return np.exp(solution.x) @ rows
+
+
+def reference_cagrad(jacobian, c=0.5):
+  """Eq. 4 of Liu et al. (2021) by nested golden sections on the 3-simplex,
+  then Algorithm 1 (d = g_0 when g_w = 0)."""
+  mean = jacobian.mean(axis=0)
+  radius = c * np.linalg.norm(mean)
+
+  def dual(weights):
+    combined = weights @ jacobian
+    return combined @ mean + radius * np.linalg.norm(combined)
+
+  def golden(function, low, high):
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(100):
+      left, right = high - ratio * (high - low), low + ratio * (high - low)
+      if function(left) <= function(right):
+        high = right
+      else:
+        low = left
+    return (low + high) / 2
+
+  def best_given_first(first):
+    second = golden(lambda t: dual(np.array([first, t, 1 - first - t])), 0.0,
+                    1 - first)
+    return np.array([first, second, 1 - first - second])
+
+  weights = best_given_first(golden(lambda a: dual(best_given_first(a)),
+                                    0.0, 1.0))
+  combined = weights @ jacobian
+  norm = np.linalg.norm(combined)
+  if norm < 1e-9 * np.linalg.norm(jacobian):
+    return mean
+  return mean + radius / norm * combined
+
+
+REFERENCES = {
+    "normalized_gradients": reference_normalized_gradients,
+    "mgda": reference_mgda,
+    "mgda_l2": reference_mgda_l2,
+    "gradnorm": lambda jacobian: jacobian.sum(axis=0),  # Initial weights 1.
+    "cagrad": reference_cagrad,
+    "imtl_g": reference_imtl_g,
+    "nash_mtl": reference_nash_mtl,
+    "aligned_mtl": reference_aligned_mtl,
+    "upgrad": reference_upgrad,
+    "dualproj": reference_dualproj,
+}  # pcgrad: tests/test_pcgrad.py, whose reference needs the drawn orders.
+
+
+@pytest.mark.parametrize("case", sorted(RANK_DEFICIENT))
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_rank_deficient_jacobians_give_the_defined_update(name, case):
+  jacobian = RANK_DEFICIENT[case]
+  expected = REFERENCES[name](jacobian)
+  for dtype, tolerance in ((jnp.float32, 2e-4), (jnp.float64, 1e-7)):
+    with jax.enable_x64(dtype == jnp.float64):
+      (actual,) = run_updates(make(name), [jacobian], dtype)
+    scale = np.max(np.linalg.norm(jacobian, axis=1))
+    np.testing.assert_allclose(actual, expected, rtol=tolerance,
+                               atol=tolerance * scale,
+                               err_msg=f"{name} {case} {dtype}")
+
+
+def test_nash_mtl_without_a_bargaining_solution_gives_a_zero_update():
+  # 0 lies in the convex hull of the unit gradients: no direction helps all.
+  jacobian = np.array([[2.0, -1.0], [-1.0, 0.5], [0.0, 1.0]])
+  (actual,) = run_updates(make("nash_mtl"), [jacobian], jnp.float32)
+  np.testing.assert_array_equal(actual, np.zeros(2))
+  np.testing.assert_allclose(reference_mgda(jacobian), np.zeros(2),
+                             atol=1e-12)  # A Pareto-stationary point.
+
+
+# --------------------------------------------------------------------------
+# The rules compute in the Gramian's dtype.
+# --------------------------------------------------------------------------
+
+
+def rule_weights(name, gramian):
+  strategy = make(name)
+  weighting = optax_mtl.weighting_of(strategy)
+  weights, _ = jax.jit(weighting.rule)(jnp.ones(NUM_TASKS), strategy.init(None),
+                                       gramian)
+  return weights
+
+
+@pytest.mark.parametrize("name", sorted(set(REFERENCES) - {"gradnorm"}))
+def test_float64_gramian_gives_float64_weights(name):
+  jacobian = scripted_jacobians()[0]
+  with jax.enable_x64(True):
+    weights = rule_weights(name, jnp.asarray(jacobian @ jacobian.T))
+    assert weights.dtype == jnp.float64
+  # The weights are those of the float64 reference (not float32-rounded).
+  np.testing.assert_allclose(np.asarray(weights) @ jacobian,
+                             REFERENCES[name](jacobian), rtol=1e-9,
+                             atol=1e-9 * np.abs(jacobian).max())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_float32_gramian_stays_float32_under_x64(name):
+  jacobian = np.float32(scripted_jacobians()[0])
+  gramian = jacobian @ jacobian.T
+  expected = rule_weights(name, jnp.asarray(gramian))
+  with jax.enable_x64(True):
+    weights = rule_weights(name, jnp.asarray(gramian))
+    assert weights.dtype == jnp.float32
+  np.testing.assert_array_equal(weights, expected)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "step._guarded_rule casts the applied weights to the state's float32 "
+    "(lead: return the rule's weights in their own dtype)."))
+@pytest.mark.parametrize("name", ["imtl_g", "aligned_mtl", "mgda"])
+def test_float64_update_end_to_end(name):
+  jacobian = scripted_jacobians()[0] * (1 + 1e-9)
+  with jax.enable_x64(True):
+    (actual,) = run_updates(make(name), [jacobian], jnp.float64)
+  np.testing.assert_allclose(actual, REFERENCES[name](jacobian), rtol=1e-12)
