@@ -16,4 +16,4 @@ def test_every_engine_mode_under_an_explicit_mesh():
   result = subprocess.run([sys.executable, str(script)], capture_output=True,
                           text=True, env=env, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().startswith("OK 16"), result.stdout
+  assert result.stdout.strip().startswith("OK 32"), result.stdout

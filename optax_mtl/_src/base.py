@@ -13,9 +13,16 @@ State conventions (checked by the contract test over every strategy):
 * a state is a NamedTuple of arrays with fixed shapes and dtypes;
 * it has a field ``weights`` (float32[T]) holding the weights applied last;
 * it has a field ``num_skipped`` (int32[]) counting the steps whose input was
-  rejected (a non-finite loss, a non-positive loss where the rule divides by
-  it, a non-finite Gramian, or non-finite weights). On such a step the
-  previous weights are applied again and every other statistic is kept;
+  rejected as a whole (a non-finite loss, a non-positive loss where the rule
+  divides by it, a non-finite Gramian, or non-finite weights). On such a step
+  the previous weights are applied again and every other statistic is kept;
+* a *per-task* weighting (``Weighting.per_task``) also has a field
+  ``num_rejected_losses`` (int32[T]): a bad loss of one task (non-finite, or
+  not positive where the rule needs it positive) excludes that task only. It
+  keeps its statistics and its previous weight, its count is incremented,
+  and the step goes on for the other tasks. Only a step with no valid loss
+  (or a non-finite Gramian, gradient, weight or state) is rejected as a
+  whole and counted in ``num_skipped``;
 * a strategy that reads the Gramian also has a field ``gradient_cosines``
   (float32[T, T]), the pairwise cosines of the task gradients it saw last;
 * a strategy with an iterative solver also has ``solver_iterations``
@@ -51,9 +58,10 @@ class Needs(enum.Enum):
 
 # A weight rule: (task_losses f32[T], state, gramian [T,T] | None)
 #   -> (weights [T], new_state); for Needs.GRADIENTS: (task_losses, state,
-#   task_grads) -> (update, new_state). It never sees invalid input: the guard
-# replaces rejected losses and Gramians by harmless values and throws the
-# result away.
+#   task_grads) -> (update, new_state). A per-task rule is also given
+#   valid=bool[T]. It never sees invalid input: the guard replaces rejected
+#   losses (by 1.0) and Gramians by harmless values and throws the result
+#   (or, per task, the excluded tasks' weights) away.
 WeightRule = Callable[[chex.Array, Any, Optional[chex.Array]],
                       tuple[chex.Array, Any]]
 
@@ -86,6 +94,17 @@ class Weighting(NamedTuple):
       minibatches (double sampling): the rule then receives the per-task
       gradients of each minibatch, leaves ``[num_samples, T, ...]``, and the
       mean of their losses.
+    per_task: whether a bad loss excludes only its own task (False: it
+      rejects the whole step). A per-task rule is called as
+      ``rule(task_losses, state, gramian, valid=valid)`` with ``valid``
+      (bool[T]) the tasks whose loss is usable (finite, and positive where
+      ``requires_positive_losses``); the loss of an excluded task is
+      replaced by 1.0. The rule must update only the valid tasks'
+      statistics; the guard applies an excluded task's previous weight and
+      counts it in the state's ``num_rejected_losses`` (int32[T], from
+      ``common_state_fields(..., per_task=True)``). Only
+      :attr:`Needs.LOSSES` and :attr:`Needs.GRAMIAN` weightings may declare
+      it.
   """
 
   num_tasks: int
@@ -94,6 +113,7 @@ class Weighting(NamedTuple):
   rule: WeightRule
   requires_positive_losses: bool
   num_samples: int = 1
+  per_task: bool = False
 
 
 class MultiTaskStrategy(optax.GradientTransformationExtraArgs):
@@ -257,6 +277,7 @@ def common_state_fields(
     *,
     gramian: bool = False,
     solver: bool = False,
+    per_task: bool = False,
 ) -> dict[str, jax.Array]:
   """The initial values of the conventional state fields, as a dict.
 
@@ -269,6 +290,8 @@ def common_state_fields(
       that read the Gramian.
     solver: also return ``solver_iterations`` (0), ``solver_gap`` (0.0) and
       ``solver_converged`` (True), for strategies with an iterative solver.
+    per_task: also return ``num_rejected_losses`` (int32[T], zeros), for
+      weightings that exclude a bad loss per task (``Weighting.per_task``).
 
   Returns:
     ``weights`` f32[T] and ``num_skipped`` i32[] (0), plus the optional fields.
@@ -288,4 +311,6 @@ def common_state_fields(
         solver_iterations=jnp.zeros([], jnp.int32),
         solver_gap=jnp.zeros([], jnp.float32),
         solver_converged=jnp.asarray(True))
+  if per_task:
+    fields.update(num_rejected_losses=jnp.zeros((num_tasks,), jnp.int32))
   return fields
