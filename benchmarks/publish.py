@@ -2,12 +2,12 @@
 
 ``python -m benchmarks.publish [RESULTS_DIR [SPEED_DIR ...]] [--note TEXT]``
 (default ``bench_results``) copies the report's plots to
-``benchmarks/results/`` and writes ``benchmarks/RESULTS.md``: the report itself, followed by a
-summary of the speed and memory requirements per speed model, computed from
-``results.json``.
-Each further ``SPEED_DIR`` (a run of ``python -m benchmarks --speed-only``:
-a repeat, or another ``--speed-batch``) adds the same summary of its own
-run at the end, under the command that produced it.
+``benchmarks/results/`` and writes ``benchmarks/RESULTS.md``: the report
+itself, followed by a summary of the speed and memory requirements per
+speed model, computed from ``results.json``. Each further ``SPEED_DIR`` (a
+run of ``python -m benchmarks --speed-only``: a repeat, another
+``--speed-batch``, another machine) adds the same summary of its own run at
+the end, under the command that produced it.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def speed_summary(speed: dict) -> list[str]:
             f"T={t}: {min(col):.1f}–{max(col):.1f}×"
             for t, col in zip(tasks, plain_columns)) + "; the Jacobian-only "
         "step alone takes " + ", ".join(
-            f"{speed['baselines'][t]['jacobian']['step_ms'] / speed['baselines'][t]['plain']['step_ms']:.1f}×"
-            for t in tasks) + " plain.")
+            f"{b['jacobian']['step_ms'] / b['plain']['step_ms']:.1f}×"
+            for b in (speed["baselines"][t] for t in tasks)) + " plain.")
     lines.append(
         f"- Gramian strategies ÷ the Jacobian-only step: {len(within)}/"
         f"{len(gramian_rows)} within {GRAMIAN_TARGET:.2f} at every T"

@@ -245,7 +245,8 @@ def _problem_findings(result: dict) -> list[str]:
                  "then overflow.")
       lines.append(text)
     elif weight_max > HUGE_WEIGHT:
-      lines.append(f"- `{name}`: {huge}. {_HUGE_MEANS} Adam normalises the "
+      sentence = _HUGE_MEANS[0].upper() + _HUGE_MEANS[1:]
+      lines.append(f"- `{name}`: {huge}. {sentence} Adam normalises the "
                    "update's overall scale, so training goes on.")
   stl = result.get("single_task", {})
   unconverged = stl.get("still_improving") or {}
@@ -873,14 +874,15 @@ def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
              f"(3×3, stride 2) → dense {config['hidden']}")
     lines += [f"### {model} trunk ({shape}, minibatch "
               f"{config['batch_size']})", ""]
-    base = run["baselines"]
+    base = {t: run["baselines"][str(t)] for t in ts}
     lines += ["Baselines (ms per step): " + "; ".join(
-        f"T={t}: plain {_ms(base[str(t)]['plain']['step_ms'])}, equal "
-        f"{_ms(base[str(t)]['equal']['step_ms'])}, Jacobian-only "
-        f"{_ms(base[str(t)]['jacobian']['step_ms'])} "
-        f"({base[str(t)]['jacobian']['step_ms'] / base[str(t)]['plain']['step_ms']:.1f}× plain)"
-        for t in ts) + ". Noise floor (plain ÷ plain compiled again): "
-        + ", ".join(f"{base[str(t)]['noise']:.3f}" for t in ts) + ".", ""]
+        f"T={t}: plain {_ms(b['plain']['step_ms'])}, equal "
+        f"{_ms(b['equal']['step_ms'])}, Jacobian-only "
+        f"{_ms(b['jacobian']['step_ms'])} "
+        f"({b['jacobian']['step_ms'] / b['plain']['step_ms']:.1f}× plain)"
+        for t, b in base.items())
+        + ". Noise floor (plain ÷ plain compiled again): "
+        + ", ".join(f"{b['noise']:.3f}" for b in base.values()) + ".", ""]
     header = ("| strategy | kind | "
               + " | ".join(f"ms T={t}" for t in ts) + " | "
               + " | ".join(f"÷plain T={t}" for t in ts) + " | "

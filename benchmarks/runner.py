@@ -41,10 +41,11 @@ _PREDICT_CACHE: dict = {}
 # `eval_every` steps (default: num_steps // 100) the model's validation
 # criterion is computed, the checkpoint with the best criterion is kept (an
 # improvement must be by more than the fraction `min_delta`), and training
-# stops after `patience` evaluations without improvement or at num_steps. The criterion is the mean, over the tasks the model is trained
-# on, of the validation loss divided by its value at initialisation (scale
-# free, so that a task with large losses does not decide alone; for a
-# single-task model it is its own task's validation loss).
+# stops after `patience` evaluations without improvement or at num_steps.
+# The criterion is the mean, over the tasks the model is trained on, of the
+# validation loss divided by its value at initialisation (scale free, so
+# that a task with large losses does not decide alone; for a single-task
+# model it is its own task's validation loss).
 PROTOCOL = dict(validation_fraction=0.2, eval_every=None, patience=15,
                 min_delta=1e-3)
 
@@ -55,15 +56,21 @@ def seed_list(seeds: Union[int, Sequence[int]]) -> list[int]:
   return [int(s) for s in seeds]
 
 
-def protocol_settings(problem: problems_lib.Problem, num_steps: int,
-                      **overrides) -> dict[str, Any]:
-  """The model-selection settings for one run (see :data:`PROTOCOL`)."""
+def protocol_settings(num_steps: int, **overrides) -> dict[str, Any]:
+  """The model-selection settings for one run (see :data:`PROTOCOL`).
+
+  Raises:
+    TypeError: a setting that :data:`PROTOCOL` does not have.
+  """
+  unknown = sorted(set(overrides) - set(PROTOCOL))
+  if unknown:
+    raise TypeError(f"unknown protocol settings {unknown}; known: "
+                    f"{', '.join(PROTOCOL)}.")
   settings = dict(PROTOCOL, **overrides)
   if settings["eval_every"] is None:
     settings["eval_every"] = max(1, num_steps // 100)
   settings["num_steps"] = num_steps
   settings["num_evals"] = max(1, num_steps // settings["eval_every"])
-  del problem
   return settings
 
 
@@ -260,8 +267,7 @@ def prepare_multitask(problem: problems_lib.Problem, strategy: Any,
                       seeds: Sequence[int], num_steps: Optional[int] = None,
                       **protocol) -> Job:
   """Traces the multi-task training run (see :func:`train_multitask`)."""
-  settings = protocol_settings(problem, num_steps or problem.num_steps,
-                               **protocol)
+  settings = protocol_settings(num_steps or problem.num_steps, **protocol)
   train, validation = split_validation(problem,
                                        settings["validation_fraction"])
   value_and_grad = optax_mtl.value_and_grad(problem.loss_fn, strategy)
@@ -300,8 +306,7 @@ def train_multitask(problem: problems_lib.Problem, strategy: Any,
 def prepare_single_task(problem: problems_lib.Problem, seeds: Sequence[int],
                         num_steps: Optional[int] = None, **protocol) -> Job:
   """Traces the single-task training run (see :func:`train_single_task`)."""
-  settings = protocol_settings(problem, num_steps or problem.num_steps,
-                               **protocol)
+  settings = protocol_settings(num_steps or problem.num_steps, **protocol)
   train, validation = split_validation(problem,
                                        settings["validation_fraction"])
   num_tasks = problem.num_tasks
@@ -483,8 +488,7 @@ def run_problem(
   progress = progress or (lambda label: None)
   if "run" in problem.extra:  # A problem with its own protocol (the toy).
     return problem.extra["run"](problem, names, seeds, num_steps, progress)
-  settings = protocol_settings(problem, num_steps or problem.num_steps,
-                               **protocol)
+  settings = protocol_settings(num_steps or problem.num_steps, **protocol)
   result: dict[str, Any] = {
       "problem": problem.name,
       "description": problem.description,

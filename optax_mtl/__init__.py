@@ -104,6 +104,15 @@ from optax_mtl._src.weighting._upgrad import upgrad
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # optax_mtl.nnx imports flax: loaded on first use, so that
+  # `import optax_mtl` works without flax.
+  if name == "nnx":
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module("optax_mtl.nnx")
+  raise AttributeError(f"module 'optax_mtl' has no attribute {name!r}")
+
 __all__ = (
     "AlignedMtlState",
     "CagradState",

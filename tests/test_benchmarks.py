@@ -402,6 +402,9 @@ def test_unknown_strategy_or_keyword_raises():
     runner.run_problem("toy2d", ["no_such_strategy"], num_steps=2)
   with pytest.raises(TypeError, match="no_such_argument"):
     strategies_lib.make("ema", 2, no_such_argument=1.0)
+  with pytest.raises(TypeError, match="no_such_setting"):
+    runner.run_problem(problems.make("scales", **TINY["scales"]), ["equal"],
+                       num_steps=2, no_such_setting=1)
   assert strategies_lib.resolve(None) == list(strategies_lib.STRATEGIES)
   assert strategies_lib.BASELINE in strategies_lib.STRATEGIES
 

@@ -33,13 +33,13 @@ TRUNK = nnx.PathContains("trunk")
 class Net(nnx.Module):
   """Conv trunk (BatchNorm, Dropout) and three heads of different kinds."""
 
-  def __init__(self, rngs: nnx.Rngs):
+  def __init__(self, rngs: nnx.Rngs, dropout: bool = True):
     # No bias before a BatchNorm: its gradient is rounding noise, which Adam
     # would blow up into full-size steps that differ between the faces.
     self.trunk = nnx.Sequential(
         nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs),
         nnx.BatchNorm(4, rngs=rngs),
-        nnx.relu, nnx.Dropout(0.25, rngs=rngs),
+        nnx.relu, nnx.Dropout(0.25 if dropout else 0.0, rngs=rngs),
         lambda h: h.reshape(h.shape[0], -1),
         nnx.Linear(6 * 6 * 4, 8, rngs=rngs), nnx.tanh)
     self.heads = nnx.Dict(
@@ -58,8 +58,8 @@ class Net(nnx.Module):
             "patch": self.heads["patch"](features).reshape(-1, 2, 2)}
 
 
-def make_model(seed=0):
-  return Net(nnx.Rngs(seed, dropout=seed + 1))
+def make_model(seed=0, dropout=True):
+  return Net(nnx.Rngs(seed, dropout=seed + 1), dropout)
 
 
 def make_batch(seed):
@@ -246,6 +246,25 @@ def test_features_fn_balances_on_the_feature_gradients():
   full_cosines = (flat @ flat.T) / np.outer(np.linalg.norm(flat, axis=1),
                                             np.linalg.norm(flat, axis=1))
   assert not np.allclose(state.gradient_cosines, full_cosines, atol=1e-3)
+
+
+def test_features_fn_with_a_rule_on_the_gradients():
+  """GradDrop transforms the feature gradients: the trunk may update float
+  state (BatchNorm), and a Dropout stream in it gives a clear error."""
+  strategy = optax_mtl.graddrop(NUM_TASKS)
+  step = mtl_nnx.value_and_grad(heads_losses, strategy, shared=TRUNK,
+                                features_fn=trunk_features)
+  images, targets = make_batch(0)
+  model = make_model(dropout=False)
+  plain = nnx.clone(model)
+  (losses, grads), _ = step(model, strategy.init(None), images, targets)
+  plain_loss, _ = plain_step(plain, images, targets)
+  np.testing.assert_allclose(jnp.sum(losses), plain_loss, rtol=1e-5)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
+  assert_trees_close(non_params(model), non_params(plain), rtol=1e-6,
+                     atol=1e-7)
+  with pytest.raises(ValueError, match="cannot yet run a trunk"):
+    step(make_model(), strategy.init(None), images, targets)
 
 
 def test_strategy_sampling_several_minibatches():
@@ -514,6 +533,20 @@ def test_shared_filter_decides_who_gets_their_own_gradient():
   assert not np.allclose(weights, 1.0)
 
 
+def test_shared_declared_on_the_strategy():
+  """with_shared_parameters(strategy, shared_mask(...)) is shared=filter."""
+  images, targets = make_batch(0)
+  model = make_model()
+  declared = optax_mtl.with_shared_parameters(
+      optax_mtl.imtl_g(NUM_TASKS), mtl_nnx.shared_mask(model, TRUNK))
+  strategy = optax_mtl.imtl_g(NUM_TASKS)
+  (_, declared_grads), _ = mtl_nnx.value_and_grad(task_losses, declared)(
+      model, declared.init(None), images, targets)
+  (_, grads), _ = mtl_nnx.value_and_grad(task_losses, strategy, shared=TRUNK)(
+      make_model(), strategy.init(None), images, targets)
+  assert_trees_close(nnx.as_pure(declared_grads), nnx.as_pure(grads))
+
+
 # --------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------
@@ -528,6 +561,8 @@ def test_errors_are_clear():
     mtl_nnx.value_and_grad(task_losses, strategy,
                            shared=nnx.PathContains("encoder"))(
                                model, state, images, targets)
+  with pytest.raises(ValueError, match=r"nnx.PathContains\('trunk'\) selects"):
+    mtl_nnx.shared_mask(model, "trunk")
   with pytest.raises(ValueError, match="must be an NNX filter"):
     mtl_nnx.value_and_grad(task_losses, strategy, shared=3.5)
   with pytest.raises(ValueError, match="must be an NNX filter"):
@@ -567,7 +602,6 @@ def test_optax_mtl_imports_without_flax():
       import optax_mtl
       assert not [name for name, module in sys.modules.items()
                   if module is not None and name.split(".")[0] == "flax"]
-      assert not hasattr(optax_mtl, "nnx")
       try:
         import optax_mtl.nnx
       except ImportError:

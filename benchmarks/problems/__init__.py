@@ -40,7 +40,8 @@ class Problem:
       test-set predictions, one entry per task (jittable, vmappable).
     score_task: ``score_task(task_index, prediction) -> {metric: float}``
       (NumPy) scores of one task's predictions of one model.
-    num_steps: training steps.
+    num_steps: the training budget: the most steps (the runner's model
+      selection stops earlier once the validation loss stops improving).
     learning_rate: Adam learning rate.
     single_task_baseline: whether the protocol trains single-task models.
     description: one paragraph for the report.

@@ -164,8 +164,17 @@ def value_and_grad(
         # representation; the heads receive their own tasks' gradients.
         representation_grads = jax.vmap(representation_vjp)(
             jnp.eye(num_tasks, dtype=out.dtype))
-        update, new_state = step_lib.gradients_step(
-            weighting, losses32, state, representation_grads)
+        try:
+          update, new_state = step_lib.gradients_step(
+              weighting, losses32, state, representation_grads)
+        except (ValueError, TypeError) as error:
+          if "structure" not in str(error):
+            raise
+          raise ValueError(
+              "this strategy keeps per-task statistics shaped like the params "
+              "(moco, db_mtl, excess_mtl, gradvac(groups='leaf')), so it "
+              "cannot read the representation's gradients: use it without "
+              "encoder_fn.") from error
         grads = devices.mean(split_backward(
             update, jnp.ones((num_tasks,), out.dtype)))
       else:

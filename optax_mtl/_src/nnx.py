@@ -81,7 +81,10 @@ def value_and_grad(
       LibMTL's ``rep_grad``, MGDA-UB): the step then costs about one
       backward pass plus T backward passes through the heads only. Pass
       ``shared`` as well (the trunk) so that the heads get their own
-      gradients.
+      gradients. With a strategy that transforms the per-task gradients
+      themselves (``graddrop``, ``trimmed_mean``, ...), the trunk may update
+      floating-point state (BatchNorm) but not a Dropout stream (a clear
+      ``ValueError`` says so).
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis,
       as in :func:`optax_mtl.value_and_grad`.
 
@@ -139,7 +142,9 @@ def value_and_grad(
       _unused_loss, strategy, True,
       encoder_fn=None if features_fn is None else _unused_loss,
       **engine_options)
-  num_samples = step_lib.strategy_parts(strategy)[0].num_samples
+  weighting = step_lib.strategy_parts(strategy)[0]
+  num_samples = weighting.num_samples
+  needs_gradients = weighting.needs is base.Needs.GRADIENTS
 
   def step(model, strategy_state, *args):
     _check_model(model)
@@ -157,18 +162,22 @@ def value_and_grad(
         return task_losses, (aux, _non_params(copy))
       encoder_fn = None
     else:
-      # The representation carries the non-parameter state the trunk left
-      # behind, so the heads run on a model with the trunk's updates. That
-      # state does not enter the loss differentiably (stop_gradient), so it
+      # The representation carries the non-parameter state that the trunk
+      # changed, so the heads run on a model with the trunk's updates. That
+      # state does not enter the loss differentiably (stop_gradient): it
       # adds zeros to the Gramian.
       def encoder_fn(pure_params, *args):
         copy = nnx.merge(graphdef, pure_params, rest)
         features = features_fn(copy, *args)
-        return features, _stop_gradient(_non_params(copy))
+        trunk_updates = _changed(rest, _non_params(copy))
+        if needs_gradients:
+          _check_representation_state(trunk_updates)
+        return features, _stop_gradient(trunk_updates)
 
       def pure_loss(pure_params, representation, *args):
-        features, trunk_rest = representation
-        copy = nnx.merge(graphdef, pure_params, _stop_gradient(trunk_rest))
+        features, trunk_updates = representation
+        copy = nnx.merge(graphdef, pure_params, rest)
+        nnx.update(copy, _stop_gradient(trunk_updates))
         task_losses, aux = _call(loss_fn, has_aux, copy, features, *args)
         return task_losses, (aux, _non_params(copy))
 
@@ -331,6 +340,33 @@ def _non_params(model):
   return nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
 
 
+def _changed(before, after):
+  """The entries of ``after`` that are not those of ``before`` (same paths).
+
+  Inside one trace an untouched variable keeps its value object, so this is
+  exactly the state that a forward pass wrote.
+  """
+  previous = dict(nnx.to_flat_state(before))
+  return nnx.from_flat_state([
+      (path, value) for path, value in nnx.to_flat_state(after)
+      if value is not previous.get(path)])
+
+
+def _check_representation_state(trunk_updates):
+  """A rule that transforms the per-task gradients reads the representation's
+  gradients leaf by leaf: it cannot take counters or keys."""
+  discrete = [".".join(map(str, path))
+              for path, value in nnx.to_flat_state(trunk_updates)
+              if not jnp.issubdtype(jnp.result_type(value), jnp.inexact)]
+  if discrete:
+    raise ValueError(
+        "with features_fn, a strategy that transforms the per-task gradients "
+        "(rather than reading their Gramian) cannot yet run a trunk that "
+        f"updates integer or key state ({discrete}: Dropout's random "
+        "stream, counters). Move that layer out of features_fn, use a "
+        "strategy that reads the Gramian, or leave features_fn out.")
+
+
 def _merge_samples(rest):
   """One state from the states left by each sampled minibatch.
 
@@ -365,8 +401,10 @@ def _mask(params, shared):
   if not any(jax.tree.leaves(mask)):
     paths = [".".join(map(str, path))
              for path, _ in nnx.to_flat_state(params)]
+    hint = (" (a string is an NNX tag filter; nnx.PathContains("
+            f"{shared!r}) selects by path)" if isinstance(shared, str) else "")
     raise ValueError(
-        f"shared={shared!r} selects no nnx.Param of the model; its "
+        f"shared={shared!r} selects no nnx.Param of the model{hint}; its "
         f"parameters are {paths[:8]}{' ...' if len(paths) > 8 else ''}.")
   return mask
 

@@ -43,7 +43,16 @@ def shared_mask(shared: Any, params: Any) -> Any:
   if shared is None:
     return jax.tree.map(lambda _: True, params)
   if callable(shared):
-    shared = shared(params)
+    try:
+      shared = shared(params)
+    except TypeError as error:
+      raise ValueError(
+          "shared is a callable that could not be called as shared(params) "
+          f"({error}). A Flax NNX filter (nnx.PathContains, a type, ...) "
+          "selects parameters of a model: use optax_mtl.nnx.value_and_grad("
+          "..., shared=filter), or optax_mtl.nnx.shared_mask(model, filter) "
+          "for the optax face.") from error
+
   def is_flag(leaf):
     return isinstance(leaf, (bool, np.bool_))
   try:
