@@ -184,15 +184,27 @@ def _bad_losses(case, losses):
   return bad
 
 
+def _all_bad_losses(case, losses):
+  """Every task's loss bad: the only losses a per-task strategy rejects as a
+  whole step."""
+  values = [jnp.nan, jnp.inf, -jnp.inf] + ([0.0, -1.0]
+                                          if case.positive_losses else [])
+  return [jnp.full_like(losses, value) for value in values]
+
+
 def check_rejected_step_keeps_state(name: str):
   """A rejected step changes nothing but ``num_skipped`` (bit for bit) and
   applies the previous weights; a zero or negative loss is rejected if and
-  only if the case says ``positive_losses``."""
+  only if the case says ``positive_losses``. For a ``per_task`` case a
+  step is rejected as a whole only when no loss is valid (every bad loss
+  still counted in ``num_rejected_losses``)."""
   case = strategies.STRATEGIES[name]
   (task_grads, losses), (next_grads, _) = random_steps(seed=2, num_steps=2)
   _, state = update(name, task_grads, strategies.strategy(name).init(PARAMS),
                     losses)
-  rejected_inputs = [(next_grads, bad) for bad in _bad_losses(case, losses)]
+  bad_losses = (_all_bad_losses if case.per_task else _bad_losses)(case,
+                                                                   losses)
+  rejected_inputs = [(next_grads, bad) for bad in bad_losses]
   if case.needs != "losses":
     nan_grads = jax.tree.map(lambda g: g.at[0].set(jnp.nan), next_grads)
     rejected_inputs.append((nan_grads, losses))
@@ -201,6 +213,13 @@ def check_rejected_step_keeps_state(name: str):
     assert int(new_state.num_skipped) == int(state.num_skipped) + 1, (name,
                                                                       bad)
     kept = new_state._replace(num_skipped=state.num_skipped)
+    if case.per_task:
+      bad = ~np.isfinite(np.asarray(bad)) | (
+          case.positive_losses & (np.asarray(bad) <= 0))
+      np.testing.assert_array_equal(
+          new_state.num_rejected_losses,
+          np.asarray(state.num_rejected_losses) + bad, err_msg=name)
+      kept = kept._replace(num_rejected_losses=state.num_rejected_losses)
     jax.tree.map(np.testing.assert_array_equal, kept, state)
     if case.needs != "gradients" and grads is next_grads:
       expected = weighted_sum(state.weights, grads)
@@ -210,6 +229,57 @@ def check_rejected_step_keeps_state(name: str):
     for accepted in (losses.at[1].set(0.0), losses.at[2].set(-1.0)):
       _, new_state = update(name, next_grads, state, accepted)
       assert int(new_state.num_skipped) == int(state.num_skipped), name
+      if case.per_task:
+        np.testing.assert_array_equal(new_state.num_rejected_losses,
+                                      state.num_rejected_losses)
+
+
+def check_per_task(name: str):
+  """A bad loss of one task excludes that task only.
+
+  The step is accepted (``num_skipped`` unchanged), the task's
+  ``num_rejected_losses`` grows by one, it keeps its weight and every one
+  of its per-task statistics (any [T] leaf) bit for bit, the other tasks'
+  statistics are those of a step with every loss valid, and the update is
+  the weighted sum with the new weights.
+  """
+  case = strategies.STRATEGIES[name]
+  (task_grads, losses), (next_grads, next_losses) = random_steps(
+      seed=5, num_steps=2)
+  _, state = update(name, task_grads, strategies.strategy(name).init(PARAMS),
+                    losses)
+  _, normal = update(name, next_grads, state, next_losses)
+  for task, value in ((1, jnp.nan), (0, jnp.inf), (2, -jnp.inf),
+                      (1, 0.0), (2, -1.0)):
+    bad = next_losses.at[task].set(value)
+    combined, new_state = update(name, next_grads, state, bad)
+    if not case.positive_losses and np.isfinite(value):
+      continue  # An ordinary loss here (checked by rejected_step_keeps_state).
+    message = f"{name}: loss {value} of task {task}"
+    assert int(new_state.num_skipped) == int(state.num_skipped), message
+    expected_counts = np.asarray(state.num_rejected_losses).copy()
+    expected_counts[task] += 1
+    np.testing.assert_array_equal(new_state.num_rejected_losses,
+                                  expected_counts, err_msg=message)
+    others = np.arange(NUM_TASKS) != task
+    fields = [f for f in new_state._fields
+              if f not in ("num_rejected_losses", "num_skipped")]
+    for field in fields:
+      for leaf, before, after_normal in zip(
+          *(jax.tree.leaves(getattr(tree, field))
+            for tree in (new_state, state, normal))):
+        if np.shape(leaf)[:1] != (NUM_TASKS,):
+          continue
+        np.testing.assert_array_equal(leaf[task], before[task],
+                                      err_msg=f"{message}, {field}")
+        if field != "weights":  # Weights may couple the tasks.
+          np.testing.assert_array_equal(
+              np.asarray(leaf)[others], np.asarray(after_normal)[others],
+              err_msg=f"{message}, {field}")
+    expected = weighted_sum(new_state.weights, next_grads)
+    assert_close_updates(combined, expected, rtol=1e-5,
+                         size=term_size(new_state.weights, next_grads),
+                         message=message)
 
 
 def check_faces_agree(name: str, num_steps: int = 3):
@@ -393,6 +463,7 @@ EVERY_STRATEGY = {
     "faces_agree": check_faces_agree,
 }
 DECLARED = {
+    "per_task": check_per_task,
     "permutation_equivariant": check_permutation_equivariant,
     "scale_invariant_per_task": check_scale_invariant_per_task,
     "non_conflicting": check_non_conflicting,

@@ -12,7 +12,7 @@ is there.
 Declare a property only if the method's definition guarantees it; every
 declared property is checked (tests/properties.py), and so are the
 attributes that describe the state (``needs``, ``positive_losses``,
-``has_solver``). A property left False is not checked.
+``per_task``, ``has_solver``). A property left False is not checked.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class Case:
     kwargs: factory arguments besides ``num_tasks`` (default: none).
     positive_losses: a zero or negative loss is rejected (the rule divides
       by the losses or takes their log); otherwise it is accepted.
+    per_task: a bad loss (non-finite, or not positive where
+      ``positive_losses``) excludes its task only: the step goes on for the
+      other tasks, the task keeps its weight and statistics and is counted
+      in ``num_rejected_losses`` (int32[T]). Otherwise it rejects the step.
     has_solver: the state has ``solver_iterations``, ``solver_gap`` and
       ``solver_converged``.
     stochastic: the weights are drawn at random (from a seed in the state).
@@ -67,6 +71,7 @@ class Case:
   needs: str
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   positive_losses: bool = False
+  per_task: bool = False
   has_solver: bool = False
   stochastic: bool = False
   static_args: tuple[str, ...] = ("num_tasks",)
@@ -85,14 +90,14 @@ _SOLVER = ("num_tasks", "max_iters")
 STRATEGIES: dict[str, Case] = {
     # Loss weighting: the weights read the losses only.
     "equal": Case("losses", permutation_equivariant=True),
-    "ema": Case("losses", positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
-    "rema": Case("losses", positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
-    "dwema": Case("losses", positive_losses=True, hyperparams=dict(beta=0.3, temperature=1.5), permutation_equivariant=True, scale_invariant_per_task=True),
-    "dwa": Case("losses", positive_losses=True, static_args=("num_tasks", "steps_per_epoch"), hyperparams=dict(temperature=1.5), permutation_equivariant=True),
-    "lbtw": Case("losses", positive_losses=True, static_args=("num_tasks", "steps_per_epoch"), hyperparams=dict(alpha=0.7), permutation_equivariant=True),
-    "initial_loss": Case("losses", positive_losses=True, static_args=("num_tasks", "warmup_steps"), permutation_equivariant=True, scale_invariant_per_task=True),
-    "log_loss": Case("losses", positive_losses=True, permutation_equivariant=True, scale_invariant_per_task=True),
-    "geometric_mean": Case("losses", positive_losses=True, hyperparams=dict(gamma=2.0), permutation_equivariant=True),
+    "ema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
+    "rema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
+    "dwema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3, temperature=1.5), permutation_equivariant=True, scale_invariant_per_task=True),
+    "dwa": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "steps_per_epoch"), hyperparams=dict(temperature=1.5), permutation_equivariant=True),
+    "lbtw": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "steps_per_epoch"), hyperparams=dict(alpha=0.7), permutation_equivariant=True),
+    "initial_loss": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "warmup_steps"), permutation_equivariant=True, scale_invariant_per_task=True),
+    "log_loss": Case("losses", per_task=True, positive_losses=True, permutation_equivariant=True, scale_invariant_per_task=True),
+    "geometric_mean": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(gamma=2.0), permutation_equivariant=True),
     "uncertainty": Case("losses", positive_losses=True, static_args=("num_tasks", "initial_log_variances"), hyperparams=dict(learning_rate=0.05), permutation_equivariant=True),
     "rlw": Case("losses", stochastic=True, static_args=("num_tasks", "seed")),
     "constant": Case("losses", kwargs=dict(weights=(0.5, 1.0, 2.0)), static_args=("num_tasks", "weights")),

@@ -18,11 +18,14 @@ JACOBIANS = gramian_harness.fixed_jacobians(
 )
 
 
-def aligned_reference(jacobian, preferences=None, rtol=1e-6):
+def aligned_reference(jacobian, preferences=None, rtol=1e-6,
+                      scale_mode="min"):
   """Algorithm 1 of Senushkin et al. (2023) via the SVD of J, float64.
 
-  J = U S Wᵀ, so G = J Jᵀ = U S² Uᵀ: V = U, λ = S², B = s_R U S⁻¹ Uᵀ over
-  the singular values kept (λ above rtol · λ_max).
+  J = U S Wᵀ, so G = J Jᵀ = U S² Uᵀ: V = U, λ = S², B = σ U S⁻¹ Uᵀ over
+  the singular values kept (λ above rtol · λ_max), with σ² the smallest
+  kept λ ("min"), their lower median ("median", torch.median) or their
+  mean ("rmse"), as the authors' ProcrustesSolver chooses it.
   """
   jacobian = np.asarray(jacobian, np.float64)
   num_tasks = jacobian.shape[0]
@@ -33,7 +36,11 @@ def aligned_reference(jacobian, preferences=None, rtol=1e-6):
     return np.zeros(num_tasks)
   keep = s**2 > rtol * s.max()**2
   u, s = u[:, keep], s[keep]
-  b_matrix = s.min() * (u / s) @ u.T
+  eigenvalues = np.sort(s**2)
+  sigma = np.sqrt({"min": eigenvalues[0],
+                   "median": eigenvalues[(len(eigenvalues) - 1) // 2],
+                   "rmse": eigenvalues.mean()}[scale_mode])
+  b_matrix = sigma * (u / s) @ u.T
   return b_matrix @ np.asarray(preferences, np.float64)
 
 
@@ -42,9 +49,9 @@ b_columns = jax.jit(jax.vmap(
         gramian, preferences, None)[0], in_axes=(None, 0)))
 
 
-def aligned_weights(jacobian, preferences=None):
+def aligned_weights(jacobian, preferences=None, **kwargs):
   return gramian_harness.single_step(optax_mtl.aligned_mtl, jacobian,
-                                     preferences)
+                                     preferences, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(JACOBIANS))
@@ -123,6 +130,79 @@ def test_value_and_grad_with_shared_parameters():
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@pytest.mark.parametrize("name", ["t3_mixed", "t4_rank2", "t5_random",
+                                  "t5_wide_rank"])
+def test_scale_modes_of_the_authors_code(name, scale_mode):
+  jacobian = np.asarray(JACOBIANS[name])
+  weights, _, _ = gramian_harness.single_step(
+      optax_mtl.aligned_mtl, jacobian, scale_mode=scale_mode)
+  np.testing.assert_allclose(
+      weights, aligned_reference(jacobian, scale_mode=scale_mode), rtol=2e-4,
+      atol=2e-5)
+
+
+def test_torchjds_mean_preferences():
+  # torchjd's AlignedMTL: α = B · (1/T) (its default pref_vector, the mean).
+  jacobian = np.asarray(JACOBIANS["t5_random"])
+  weights, combined, _ = aligned_weights(jacobian, (0.2,) * 5)
+  gramian = jacobian @ jacobian.T
+  eigenvalues, eigenvectors = np.linalg.eigh(gramian)
+  b_matrix = np.sqrt(eigenvalues.min()) * (
+      eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
+  np.testing.assert_allclose(weights, b_matrix @ np.full(5, 0.2), rtol=2e-4)
+  default, _, _ = aligned_weights(jacobian)
+  np.testing.assert_allclose(weights, default / 5, rtol=1e-5)
+
+
+def nearly_parallel(seed, delta):
+  """[g, 2g + δh, g/2 − δh/2]: two real directions, λ₂/λ₁ ≈ δ²/5."""
+  rng = np.random.default_rng(seed)
+  gradient, other = rng.standard_normal((2, 100))
+  other -= (other @ gradient) / (gradient @ gradient) * gradient
+  return np.stack([gradient, 2 * gradient + delta * other,
+                   0.5 * gradient - 0.5 * delta * other]).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nearly_parallel_float32_gradients_keep_their_second_direction(seed):
+  # λ₂/λ₁ ≈ 9e-7 lies between T ε = 3.6e-7 and 10 T ε: the former cut-off
+  # dropped that real direction (the update off by a factor of about 1000).
+  jacobian = nearly_parallel(seed, 3e-3)
+  expected = aligned_reference(jacobian, rtol=1e-10)  # Rank 2, float64.
+  _, combined, state = aligned_weights(jacobian)
+  assert int(state.rank) == 2
+  expected_update = expected @ jacobian.astype(np.float64)
+  error = np.linalg.norm(combined - expected_update) / np.linalg.norm(
+      expected_update)
+  assert error < 0.1  # float32's resolution of λ₂: ε λ₁ / λ₂ ≈ 0.14.
+  _, dropped, state = aligned_weights(jacobian,
+                                      eigenvalue_rtol=30 * 2.0**-23)
+  assert int(state.rank) == 1
+  assert np.linalg.norm(dropped - expected_update) > 100 * np.linalg.norm(
+      expected_update)
+
+
+@pytest.mark.parametrize("dtype, x64", [(np.float32, False), (np.float32, True),
+                                        (np.float64, True)])
+def test_parallel_gradients_have_rank_one(dtype, x64):
+  # The x64 repro: J = [g, g, c g]; B = V V^T over the one direction.
+  strategy = optax_mtl.aligned_mtl(3)
+  with jax.enable_x64(x64):
+    update = jax.jit(strategy.update)
+    for seed in range(50):
+      rng = np.random.default_rng(seed)
+      gradient = rng.standard_normal(1000)
+      jacobian = np.stack([gradient, gradient,
+                           rng.uniform(0.1, 1) * gradient]).astype(dtype)
+      combined, state = update(jnp.asarray(jacobian), strategy.init(None),
+                               task_losses=jnp.ones(3))
+      assert int(state.rank) == 1, seed
+      expected = aligned_reference(jacobian, rtol=1e-3) @ jacobian
+      np.testing.assert_allclose(combined, expected, rtol=1e-4,
+                                 atol=1e-4 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
                              (dict(num_tasks=2, preferences=(1.0,)),
@@ -130,6 +210,8 @@ def test_value_and_grad_with_shared_parameters():
                              (dict(num_tasks=2, preferences=(1.0, -1.0)),
                               "preferences"),
                              (dict(num_tasks=2, eigenvalue_rtol=1.0),
-                              "eigenvalue_rtol")))
+                              "eigenvalue_rtol"),
+                             (dict(num_tasks=2, scale_mode="max"),
+                              "scale_mode")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.aligned_mtl, kwargs, message)

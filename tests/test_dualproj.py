@@ -2,12 +2,14 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import optax_mtl
 from tests import gramian_harness
+from tests import test_upgrad
 
 # A scripted sequence of small Jacobians [T=3, 4]: see gramian_harness.
 JACOBIANS = gramian_harness.DUAL_CONE_JACOBIANS
@@ -71,8 +73,40 @@ def test_both_faces_agree():
   np.testing.assert_allclose(grads, numpy_dualproj(JACOBIANS[0]), atol=1e-5)
 
 
+@pytest.mark.parametrize("preferences", [None, (0.5, 0.3, 0.2),
+                                         (1.0, -0.5, 0.2)])
+@pytest.mark.parametrize("regularization", [0.0, 1e-4, 0.1])
+def test_preferences_and_regularization_reproduce_torchjd(
+    preferences, regularization):
+  # torchjd's DualProj: argmin_{v >= p} vᵀ (G / tr(G) + reg_eps I) v.
+  strategy = optax_mtl.dualproj(num_tasks=3, preferences=preferences,
+                                regularization=regularization)
+  pref_vector = np.full(3, 1 / 3) if preferences is None else np.asarray(
+      preferences)
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  for jacobian in JACOBIANS[:4]:
+    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
+                             task_losses=jnp.ones(3))
+    gramian = jacobian @ jacobian.T
+    matrix = gramian / np.trace(gramian) + regularization * np.eye(3)
+    expected = test_upgrad.numpy_box_qp(matrix, pref_vector)
+    np.testing.assert_allclose(state.weights, expected, rtol=2e-4,
+                               atol=2e-5)
+    scale = np.max(np.linalg.norm(jacobian, axis=1))
+    np.testing.assert_allclose(combined, expected @ jacobian, rtol=2e-4,
+                               atol=2e-5 * scale)
+
+
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
-                             *gramian_harness.SOLVER_ERRORS))
+                             *gramian_harness.SOLVER_ERRORS,
+                             ({"num_tasks": 2, "preferences": (1.0,)},
+                              "preferences"),
+                             ({"num_tasks": 2,
+                               "preferences": (1.0, float("nan"))},
+                              "preferences"),
+                             ({"num_tasks": 2, "regularization": -1.0},
+                              "regularization")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.dualproj, kwargs, message)

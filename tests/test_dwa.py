@@ -16,33 +16,40 @@ NUM_TASKS = harness.NUM_TASKS
 NAN = harness.NAN
 LOSSES = harness.EPOCHS
 GRADS = harness.scripted_grads(LOSSES)
-is_accepted = harness.is_accepted
 
 
 def reference_weights(losses, temperature, steps_per_epoch):
   """w_k(t) = T exp(r_k(t−1)/τ) / Σ_i exp(r_i(t−1)/τ), from the paper.
 
-  ``t`` indexes epochs of ``steps_per_epoch`` accepted steps (one step when
-  None), ``L(t)`` is the mean loss over epoch ``t`` and ``w = 1`` for the
-  first two epochs.
+  Per task: ``t`` indexes the task's epochs of ``steps_per_epoch`` accepted
+  losses (one when None), ``L_k(t)`` is its mean loss over epoch ``t`` and
+  ``r_k = 1`` until two of its epochs are complete; ``w = 1`` until some
+  task has a ratio. A task with a bad loss (non-finite or <= 0) keeps its
+  previous weight and its history; the other tasks share the rest of ``T``
+  in the proportions of the softmax.
   """
   period = 1 if steps_per_epoch is None else steps_per_epoch
-  history = []
+  histories = [[] for _ in range(NUM_TASKS)]
   weights = np.ones(NUM_TASKS)
   out = []
   for step_losses in np.asarray(losses, np.float64):
-    if is_accepted(step_losses):
-      history.append(step_losses)
-      epoch = (len(history) - 1) // period
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    ratios = np.ones(NUM_TASKS)
+    for k, history in enumerate(histories):
+      epoch = len(history) // period  # The task's complete epochs.
       if epoch >= 2:
-        previous = np.mean(history[(epoch - 1) * period:epoch * period], 0)
-        before = np.mean(history[(epoch - 2) * period:(epoch - 1) * period], 0)
-        ratios = previous / before
-        weights = NUM_TASKS * np.exp(ratios / temperature) / np.sum(
-            np.exp(ratios / temperature))
-      else:
-        weights = np.ones(NUM_TASKS)
-    out.append(weights)
+        previous = np.mean(history[(epoch - 1) * period:epoch * period])
+        before = np.mean(history[(epoch - 2) * period:(epoch - 1) * period])
+        ratios[k] = previous / before
+    if any(len(h) // period >= 2 for h in histories):
+      budget = NUM_TASKS - np.sum(weights[~valid])
+      shares = np.where(valid, np.exp(ratios / temperature), 0.0)
+      weights = np.where(valid, budget * shares / shares.sum(), weights)
+    else:
+      weights = np.where(valid, 1.0, weights)
+    for k in np.flatnonzero(valid):
+      histories[k].append(step_losses[k])
+    out.append(weights.copy())
   return np.array(out)
 
 
@@ -55,9 +62,14 @@ def test_golden_values_optax_face(temperature, steps_per_epoch):
   state = harness.check_optax_face(
       optax_mtl.dwa(NUM_TASKS, temperature=temperature,
                     steps_per_epoch=steps_per_epoch), LOSSES, GRADS, expected)
-  assert int(state.num_skipped) == 3
-  epochs = 11 // (1 if steps_per_epoch is None else steps_per_epoch)
-  assert int(state.loss_ratios.num_periods) == epochs
+  # Bad losses: two of task 0 (inf, nan), one of task 1 (negative); no step
+  # is rejected as a whole, and the weights still sum to T.
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
+  np.testing.assert_allclose(np.sum(state.weights), NUM_TASKS, rtol=1e-6)
+  period = 1 if steps_per_epoch is None else steps_per_epoch
+  np.testing.assert_array_equal(state.loss_ratios.num_periods,
+                                np.array([12, 13, 14]) // period)
 
 
 @pytest.mark.parametrize("steps_per_epoch", [None, 2])
@@ -65,7 +77,8 @@ def test_golden_values_value_and_grad_face(steps_per_epoch):
   state = harness.check_value_and_grad_face(
       optax_mtl.dwa(NUM_TASKS, steps_per_epoch=steps_per_epoch), LOSSES,
       GRADS[0], reference_weights(LOSSES, 2.0, steps_per_epoch))
-  assert int(state.num_skipped) == 3
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
 
 
 @functools.lru_cache(maxsize=None)

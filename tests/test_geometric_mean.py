@@ -16,21 +16,27 @@ from tests import loss_weighting_harness as harness
 NUM_TASKS = harness.NUM_TASKS
 NUM_PARAMS = harness.NUM_PARAMS
 NAN, INF = harness.NAN, harness.INF
-# A scripted run with a NaN, a zero and an infinite loss (all rejected).
+# A scripted run with a NaN, a zero and an infinite loss, each of one task
+# (each excludes its task only).
 LOSSES = harness.REJECTED_IN_MIDDLE
 GRADS = harness.scripted_grads(LOSSES)
-NUM_REJECTED = 3
-is_accepted = harness.is_accepted
+REJECTED_PER_TASK = [1, 1, 1]
 
 
 def reference_weights(losses, gamma):
-  """w_k = ∂(Π_j L_j)^(1/γ) / ∂L_k = (Π_j L_j)^(1/γ) / (γ L_k), directly."""
+  """w_k = ∂(Π_j L_j)^(1/γ) / ∂L_k = (Π_j L_j)^(1/γ) / (γ L_k), directly.
+
+  A task with a bad loss (non-finite or <= 0) is left out of the product
+  and keeps its previous weight.
+  """
   weights = np.full(NUM_TASKS, 1.0 / gamma)
   out = []
   for step_losses in np.asarray(losses, np.float64):
-    if is_accepted(step_losses):
-      total = np.prod(step_losses) ** (1.0 / gamma)
-      weights = total / (gamma * step_losses)
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    if valid.any():
+      total = np.prod(step_losses[valid]) ** (1.0 / gamma)
+      with np.errstate(divide="ignore", invalid="ignore"):
+        weights = np.where(valid, total / (gamma * step_losses), weights)
     out.append(weights)
   return np.array(out)
 
@@ -41,14 +47,16 @@ def test_golden_values_optax_face(gamma):
       optax_mtl.geometric_mean(NUM_TASKS, gamma=gamma), LOSSES, GRADS,
       reference_weights(LOSSES, NUM_TASKS if gamma is None else gamma),
       weights_rtol=2e-6)
-  assert int(state.num_skipped) == NUM_REJECTED
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, REJECTED_PER_TASK)
 
 
 def test_golden_values_value_and_grad_face():
   state = harness.check_value_and_grad_face(
       optax_mtl.geometric_mean(NUM_TASKS), LOSSES, GRADS[0],
       reference_weights(LOSSES, NUM_TASKS), weights_rtol=2e-6)
-  assert int(state.num_skipped) == NUM_REJECTED
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, REJECTED_PER_TASK)
 
 
 @pytest.mark.parametrize("gamma", [None, 1.0, 4.0])

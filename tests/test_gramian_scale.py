@@ -15,6 +15,7 @@
   float64 Gramian, float32 for a float32 one even under x64.
 """
 
+import functools
 import itertools
 
 import jax
@@ -46,9 +47,12 @@ SCALES = (1e-20, 1e-6, 1e-3, 1e3, 1e6)
 TOLERANCES = {"float64": 1e-9, "float32": 1e-5}
 
 
+@functools.lru_cache(maxsize=None)
 def make(name):
+  """The strategy and its jitted update (compiled once per input type)."""
   factory, kwargs, _ = STRATEGIES[name]
-  return getattr(optax_mtl, factory)(NUM_TASKS, **kwargs)
+  strategy = getattr(optax_mtl, factory)(NUM_TASKS, **kwargs)
+  return strategy, jax.jit(strategy.update)
 
 
 def scripted_jacobians():
@@ -63,8 +67,8 @@ def scripted_jacobians():
   return jacobians
 
 
-def run_updates(strategy, jacobians, dtype):
-  update = jax.jit(strategy.update)
+def run_updates(name, jacobians, dtype):
+  strategy, update = make(name)
   state = strategy.init(None)
   updates = []
   for jacobian in jacobians:
@@ -82,11 +86,11 @@ def relative_error(actual, expected):
 def check_scaling(name, dtype_name):
   dtype = {"float64": jnp.float64, "float32": jnp.float32}[dtype_name]
   jacobians = scripted_jacobians()
-  reference = run_updates(make(name), jacobians, dtype)
+  reference = run_updates(name, jacobians, dtype)
   for scale in SCALES:
     if dtype_name == "float32" and scale == 1e-20:
       continue  # See test_float32_scaling_below_the_gramians_range.
-    scaled = run_updates(make(name), [scale * j for j in jacobians], dtype)
+    scaled = run_updates(name, [scale * j for j in jacobians], dtype)
     factor = scale if STRATEGIES[name][2] == LINEAR else 1.0
     for step, (actual, expected) in enumerate(zip(scaled, reference)):
       error = relative_error(actual / factor, expected)
@@ -134,8 +138,8 @@ def test_float32_update_scales_with_the_gradients(name):
 @pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"gradnorm"}))
 def test_float32_scaling_below_the_gramians_range(name):
   jacobians = scripted_jacobians()
-  reference = run_updates(make(name), jacobians, jnp.float32)
-  scaled = run_updates(make(name), [1e-20 * j for j in jacobians],
+  reference = run_updates(name, jacobians, jnp.float32)
+  scaled = run_updates(name, [1e-20 * j for j in jacobians],
                        jnp.float32)
   factor = 1e-20 if STRATEGIES[name][2] == LINEAR else 1.0
   for actual, expected in zip(scaled, reference):
@@ -323,7 +327,7 @@ def test_rank_deficient_jacobians_give_the_defined_update(name, case):
   expected = REFERENCES[name](jacobian)
   for dtype, tolerance in ((jnp.float32, 2e-4), (jnp.float64, 1e-7)):
     with jax.enable_x64(dtype == jnp.float64):
-      (actual,) = run_updates(make(name), [jacobian], dtype)
+      (actual,) = run_updates(name, [jacobian], dtype)
     scale = np.max(np.linalg.norm(jacobian, axis=1))
     np.testing.assert_allclose(actual, expected, rtol=tolerance,
                                atol=tolerance * scale,
@@ -333,7 +337,7 @@ def test_rank_deficient_jacobians_give_the_defined_update(name, case):
 def test_nash_mtl_without_a_bargaining_solution_gives_a_zero_update():
   # 0 lies in the convex hull of the unit gradients: no direction helps all.
   jacobian = np.array([[2.0, -1.0], [-1.0, 0.5], [0.0, 1.0]])
-  (actual,) = run_updates(make("nash_mtl"), [jacobian], jnp.float32)
+  (actual,) = run_updates("nash_mtl", [jacobian], jnp.float32)
   np.testing.assert_array_equal(actual, np.zeros(2))
   np.testing.assert_allclose(reference_mgda(jacobian), np.zeros(2),
                              atol=1e-12)  # A Pareto-stationary point.
@@ -345,7 +349,7 @@ def test_nash_mtl_without_a_bargaining_solution_gives_a_zero_update():
 
 
 def rule_weights(name, gramian):
-  strategy = make(name)
+  strategy, _ = make(name)
   weighting = optax_mtl.weighting_of(strategy)
   weights, _ = jax.jit(weighting.rule)(jnp.ones(NUM_TASKS), strategy.init(None),
                                        gramian)
@@ -382,5 +386,5 @@ def test_float32_gramian_stays_float32_under_x64(name):
 def test_float64_update_end_to_end(name):
   jacobian = scripted_jacobians()[0] * (1 + 1e-9)
   with jax.enable_x64(True):
-    (actual,) = run_updates(make(name), [jacobian], jnp.float64)
+    (actual,) = run_updates(name, [jacobian], jnp.float64)
   np.testing.assert_allclose(actual, REFERENCES[name](jacobian), rtol=1e-12)

@@ -171,10 +171,10 @@ def test_matches_torchjds_definition(name):
 
 
 def test_unit_gradients_that_cancel_give_a_zero_update():
+  # Three gradients of norm 2 at 120°: Σ u_i = 0, so G⁺n = 0 (the least
+  # squares of u_i·d = 1 is d = 0).
   angles = np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
-  jacobian = np.stack([np.cos(angles), np.sin(angles)], axis=1) * [[1.0],
-                                                                  [2.0],
-                                                                  [0.5]]
+  jacobian = 2.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
   weights, combined = imtl_weights(jacobian)
   np.testing.assert_array_equal(weights, np.zeros(3))
   np.testing.assert_array_equal(combined, np.zeros(2))

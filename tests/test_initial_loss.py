@@ -22,32 +22,38 @@ GRADS = harness.scripted_grads(LOSSES)
 PRIOR = np.log([10.0, 2.0, 100.0])
 
 
-def is_finite(losses):
-  return bool(np.all(np.isfinite(losses)))
-
-
 is_positive = harness.is_accepted
 
 
 def reference_measured(losses, warmup_steps):
-  """w_k = 1 / mean of L_k over the first accepted steps (up to warmup)."""
-  measured = []
+  """w_k = 1 / mean of L_k over its first accepted losses (up to warmup).
+
+  Per task: a bad loss (non-finite or <= 0) is not measured and the task
+  keeps its previous weight (one before its first accepted loss). Returns
+  the weights, the steps without any valid loss, the number of bad losses
+  of each task and the losses measured per task.
+  """
+  measured = [[] for _ in range(NUM_TASKS)]
   weights = np.ones(NUM_TASKS)
   out, skipped = [], 0
+  rejected = np.zeros(NUM_TASKS, int)
   for step_losses in np.asarray(losses, np.float64):
-    if is_positive(step_losses):
-      if len(measured) < warmup_steps:
-        measured.append(step_losses)
-      weights = 1.0 / np.mean(measured, axis=0)
-    else:
-      skipped += 1
-    out.append(weights)
-  return np.array(out), skipped, len(measured)
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    rejected += ~valid
+    skipped += not valid.any()
+    for k in np.flatnonzero(valid):
+      if len(measured[k]) < warmup_steps:
+        measured[k].append(step_losses[k])
+      weights[k] = 1.0 / np.mean(measured[k])
+    out.append(weights.copy())
+  return (np.array(out), skipped, rejected,
+          np.array([len(m) for m in measured]))
 
 
 @pytest.mark.parametrize("warmup_steps", [1, 3, 10])
 def test_golden_values_optax_face_measured(warmup_steps):
-  expected, skipped, measured = reference_measured(LOSSES, warmup_steps)
+  expected, skipped, rejected, measured = reference_measured(
+      LOSSES, warmup_steps)
 
   def check_initial_losses(step, unused_previous_state, state):
     np.testing.assert_allclose(state.initial_losses, 1.0 / expected[step],
@@ -56,8 +62,12 @@ def test_golden_values_optax_face_measured(warmup_steps):
   state = harness.check_optax_face(
       optax_mtl.initial_loss(NUM_TASKS, warmup_steps=warmup_steps), LOSSES,
       GRADS, expected, weights_rtol=1e-6, check_step=check_initial_losses)
-  assert int(state.num_skipped) == skipped == 3
-  assert int(state.num_measured) == measured
+  # One NaN (task 0), one zero (task 1), one inf (task 2): no step is
+  # rejected as a whole.
+  assert int(state.num_skipped) == skipped == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, rejected)
+  np.testing.assert_array_equal(rejected, [1, 1, 1])
+  np.testing.assert_array_equal(state.num_measured, measured)
 
 
 def test_first_step_weights_are_inverse_first_losses():
@@ -75,17 +85,20 @@ def test_golden_values_optax_face_prior():
   state = harness.check_optax_face(
       strategy, LOSSES, GRADS, np.broadcast_to(expected, LOSSES.shape),
       weights_rtol=1e-6)
-  # Only the non-finite steps are rejected: the zero loss is fine here.
-  assert int(state.num_skipped) == sum(not is_finite(l) for l in LOSSES) == 2
+  # Only the non-finite losses are rejected, each for its task alone: the
+  # zero loss is fine here.
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [1, 0, 1])
   np.testing.assert_allclose(state.initial_losses, PRIOR, rtol=1e-6)
 
 
 def test_golden_values_value_and_grad_face():
-  expected, skipped, _ = reference_measured(LOSSES, 3)
+  expected, skipped, rejected, _ = reference_measured(LOSSES, 3)
   state = harness.check_value_and_grad_face(
       optax_mtl.initial_loss(NUM_TASKS, warmup_steps=3), LOSSES, GRADS[0],
       expected, accepted=is_positive, weights_rtol=1e-6)
   assert int(state.num_skipped) == skipped
+  np.testing.assert_array_equal(state.num_rejected_losses, rejected)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,7 +116,7 @@ wide_positive_losses = harness.wide_positive_losses(5)
 def test_weights_finite_and_positive(losses):
   weights = harness.weights_with_unit_grads(scan_run(3), losses)
   harness.assert_finite_and_positive(weights)
-  expected, _, _ = reference_measured(losses, 3)
+  expected = reference_measured(losses, 3)[0]
   np.testing.assert_allclose(weights, expected, rtol=1e-5)
 
 

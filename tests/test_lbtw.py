@@ -16,28 +16,36 @@ NUM_TASKS = harness.NUM_TASKS
 NAN = harness.NAN
 LOSSES = harness.EPOCHS
 GRADS = harness.scripted_grads(LOSSES)
-is_accepted = harness.is_accepted
 
 
 def reference_weights(losses, alpha, steps_per_epoch, normalize):
-  """w_k = (L_k / L_k^ref)^α, L^ref the losses of the epoch's first step.
+  """w_k = (L_k / L_k^ref)^α, L^ref the loss of the epoch's first step.
 
-  Epochs are runs of ``steps_per_epoch`` accepted steps (one epoch for ever
-  when None); with ``normalize`` the weights are rescaled to sum to T.
+  Per task: a task's epochs are runs of ``steps_per_epoch`` of its accepted
+  losses (one epoch for ever when None). A task with a bad loss (non-finite
+  or <= 0) keeps its previous weight and its reference; with ``normalize``
+  the other tasks share the rest of T in proportion to their ratios.
   """
-  history = []
+  histories = [[] for _ in range(NUM_TASKS)]
   weights = np.ones(NUM_TASKS)
   out = []
   for step_losses in np.asarray(losses, np.float64):
-    if is_accepted(step_losses):
-      history.append(step_losses)
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    ratios = np.ones(NUM_TASKS)
+    for k in np.flatnonzero(valid):
+      history = histories[k]
+      history.append(step_losses[k])
       index = len(history) - 1
       start = 0 if steps_per_epoch is None else (
           index // steps_per_epoch * steps_per_epoch)
-      weights = (step_losses / history[start]) ** alpha
-      if normalize:
-        weights = NUM_TASKS * weights / weights.sum()
-    out.append(weights)
+      ratios[k] = (step_losses[k] / history[start]) ** alpha
+    if normalize:
+      budget = NUM_TASKS - np.sum(weights[~valid])
+      shares = np.where(valid, ratios, 0.0)
+      weights = np.where(valid, budget * shares / shares.sum(), weights)
+    else:
+      weights = np.where(valid, ratios, weights)
+    out.append(weights.copy())
   return np.array(out)
 
 
@@ -49,9 +57,12 @@ def test_golden_values_optax_face(alpha, steps_per_epoch, normalize):
       optax_mtl.lbtw(NUM_TASKS, alpha=alpha, steps_per_epoch=steps_per_epoch,
                      normalize=normalize), LOSSES, GRADS,
       reference_weights(LOSSES, alpha, steps_per_epoch, normalize))
-  assert int(state.num_skipped) == 3
-  if steps_per_epoch is not None:  # 11 accepted steps.
-    assert int(state.steps_in_epoch) == 11 % steps_per_epoch
+  # Bad losses: two of task 0, one of task 1; no step rejected as a whole.
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
+  if steps_per_epoch is not None:  # 12, 13 and 14 accepted losses.
+    np.testing.assert_array_equal(
+        state.steps_in_epoch, np.array([12, 13, 14]) % steps_per_epoch)
 
 
 @pytest.mark.parametrize("steps_per_epoch", [None, 2])
@@ -59,7 +70,8 @@ def test_golden_values_value_and_grad_face(steps_per_epoch):
   state = harness.check_value_and_grad_face(
       optax_mtl.lbtw(NUM_TASKS, steps_per_epoch=steps_per_epoch), LOSSES,
       GRADS[0], reference_weights(LOSSES, 0.5, steps_per_epoch, True))
-  assert int(state.num_skipped) == 3
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,20 +13,22 @@ from tests import loss_weighting_harness as harness
 
 NUM_TASKS = harness.NUM_TASKS
 NUM_PARAMS = harness.NUM_PARAMS
-# A scripted run with a NaN, a zero and an infinite loss (all rejected).
+# A scripted run with a NaN, a zero and an infinite loss, each of one task
+# (each excludes its task only).
 LOSSES = harness.REJECTED_IN_MIDDLE
 GRADS = harness.scripted_grads(LOSSES)
-NUM_REJECTED = 3
-is_accepted = harness.is_accepted
+REJECTED_PER_TASK = [1, 1, 1]
 
 
 def reference_weights(losses):
-  """d/dL_k Σ_j log L_j = 1 / L_k; a rejected step keeps the old weights."""
+  """d/dL_k Σ_j log L_j = 1 / L_k; a task with a bad loss (non-finite or
+  <= 0) keeps its old weight, the others do not wait for it."""
   weights = np.ones(NUM_TASKS)
   out = []
   for step_losses in np.asarray(losses, np.float64):
-    if is_accepted(step_losses):
-      weights = np.array([1.0 / loss for loss in step_losses])
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      weights = np.where(valid, 1.0 / step_losses, weights)
     out.append(weights)
   return np.array(out)
 
@@ -38,7 +40,8 @@ def test_golden_values_optax_face():
   state = harness.check_optax_face(STRATEGY, LOSSES, GRADS,
                                    reference_weights(LOSSES),
                                    weights_rtol=1e-6)
-  assert int(state.num_skipped) == NUM_REJECTED
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, REJECTED_PER_TASK)
 
 
 def test_golden_values_value_and_grad_face():
@@ -48,7 +51,8 @@ def test_golden_values_value_and_grad_face():
       weights_rtol=1e-6,
       # Σ_k (1/L_k) L_k d_k = Σ_k d_k: the gradient of Σ log L_k.
       expected_grads=lambda step, losses: directions.sum(0))
-  assert int(state.num_skipped) == NUM_REJECTED
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, REJECTED_PER_TASK)
 
 
 def test_gradient_equals_gradient_of_sum_of_logs():

@@ -36,16 +36,18 @@ def test_ratios_and_dwa_factors_match_period_means(steps_per_period):
       chunk = lambda p: losses[p * steps_per_period:(p + 1) * steps_per_period]
       expected = chunk(period - 1).mean(0) / chunk(period - 2).mean(0)
       softmax = np.exp(expected / 2.0) / np.exp(expected / 2.0).sum()
-      assert available[step]
+      assert np.all(available[step])
       np.testing.assert_allclose(ratios[step], expected, rtol=1e-5)
       np.testing.assert_allclose(factors[step], NUM_TASKS * softmax,
                                  rtol=1e-5)
     else:
-      assert not available[step]
+      assert not np.any(available[step])
       np.testing.assert_array_equal(ratios[step], np.ones(NUM_TASKS))
       np.testing.assert_array_equal(factors[step], np.ones(NUM_TASKS))
-  assert int(final.num_periods) == len(losses) // steps_per_period
-  assert int(final.steps_in_period) == len(losses) % steps_per_period
+  np.testing.assert_array_equal(final.num_periods,
+                                [len(losses) // steps_per_period] * NUM_TASKS)
+  np.testing.assert_array_equal(final.steps_in_period,
+                                [len(losses) % steps_per_period] * NUM_TASKS)
 
 
 def test_long_period_mean_is_accurate_in_float32():
@@ -69,4 +71,38 @@ def test_loss_average_starts_at_first_losses():
       expected = beta * step_losses + (1 - beta) * expected
     np.testing.assert_allclose(state.average, expected, rtol=1e-6)
     assert state.average.dtype == jnp.float32
-  assert int(state.num_steps) == len(losses)
+  np.testing.assert_array_equal(state.num_steps, [len(losses)] * NUM_TASKS)
+
+
+def test_masked_updates_leave_excluded_tasks_alone():
+  """valid=False keeps a task's statistics; it starts at its first loss."""
+  valid = jnp.array([True, False, True])
+  losses = jnp.array([2.0, -1.0, 4.0], jnp.float32)
+  average = _loss_history.update_loss_average(
+      _loss_history.init_loss_average(NUM_TASKS), losses, 0.5, valid)
+  np.testing.assert_array_equal(average.average, [2.0, 0.0, 4.0])
+  np.testing.assert_array_equal(average.num_steps, [1, 0, 1])
+  average = _loss_history.update_loss_average(
+      average, jnp.array([4.0, 6.0, 4.0]), 0.5, jnp.array([True] * 3))
+  np.testing.assert_array_equal(average.average, [3.0, 6.0, 4.0])
+  ratios = _loss_history.init_loss_ratios(NUM_TASKS)
+  for step_losses in ([1.0, 9.0, 1.0], [2.0, 9.0, 4.0]):
+    ratios = _loss_history.record_losses(
+        ratios, jnp.asarray(step_losses, jnp.float32), 1, valid)
+  r, available = _loss_history.loss_ratios(ratios)
+  np.testing.assert_array_equal(available, [True, False, True])
+  np.testing.assert_allclose(r, [2.0, 1.0, 4.0])
+  np.testing.assert_array_equal(ratios.num_periods, [2, 0, 2])
+
+
+def test_masked_normalisation_keeps_the_sum_and_the_excluded_weight():
+  log_weights = jnp.log(jnp.array([1.0, 100.0, 3.0]))
+  previous = jnp.array([0.5, 1.5, 1.0])
+  valid = jnp.array([True, False, True])
+  weights = _loss_history.normalized_weights(log_weights, valid, previous)
+  # Task 1 keeps 1.5; tasks 0 and 2 share 3 − 1.5 in the ratio 1 : 3.
+  np.testing.assert_allclose(weights, [0.375, 1.5, 1.125], rtol=1e-6)
+  all_valid = _loss_history.normalized_weights(
+      log_weights, jnp.array([True] * 3), previous)
+  np.testing.assert_array_equal(all_valid,
+                                _loss_history.normalized_weights(log_weights))

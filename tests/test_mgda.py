@@ -173,6 +173,7 @@ def test_state_and_periodic_recomputation():
                              *gramian_harness.SOLVER_ERRORS,
                              ({"num_tasks": 2, "normalization": "l1"},
                               "normalization"),
-                             ({"num_tasks": 2, "eps": -1.0}, "eps")))
+                             ({"num_tasks": 2, "eps": -1.0}, "eps"),
+                             ({"num_tasks": 2, "eps": 1.0}, "eps")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.mgda, kwargs, message)

@@ -97,9 +97,15 @@ def test_recompute_every_counts_rejected_losses_on_reuse_steps():
   _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, 2.0]))
   for bad in (jnp.nan, jnp.inf, 0.0):
     _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, bad]))
-  assert int(state.num_skipped) == 3
+  # ema is per task: each bad loss is counted for its task, no step is
+  # rejected as a whole; a step with no valid loss is.
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [0, 3])
   assert int(state.steps_since_update) == 4
   np.testing.assert_allclose(state.weights, [1.0, 0.5])
+  _, state = update(jnp.eye(2), state, task_losses=jnp.array([0.0, jnp.nan]))
+  assert int(state.num_skipped) == 1
+  np.testing.assert_array_equal(state.num_rejected_losses, [1, 4])
 
 
 def test_recompute_every_refuses_a_gradient_strategy():

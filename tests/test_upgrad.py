@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,8 +90,87 @@ def test_both_faces_agree():
   np.testing.assert_allclose(grads, numpy_upgrad(JACOBIANS[0]), atol=1e-5)
 
 
+def numpy_box_qp(matrix, lower):
+  """argmin_{v >= u} vᵀAv (A PSD) by enumerating the free sets (KKT)."""
+  num_tasks = len(lower)
+  best, best_value = None, np.inf
+  for size in range(num_tasks + 1):
+    for free in itertools.combinations(range(num_tasks), size):
+      free = list(free)
+      bound = [k for k in range(num_tasks) if k not in free]
+      v = np.array(lower, np.float64)
+      if free:
+        v[free] = -np.linalg.pinv(matrix[np.ix_(free, free)]) @ (
+            matrix[np.ix_(free, bound)] @ v[bound])
+      gradient = matrix @ v
+      if (np.all(v[free] >= lower[free] - 1e-12)
+          and np.all(gradient[bound] >= -1e-12)):
+        value = v @ matrix @ v
+        if value < best_value - 1e-15:
+          best, best_value = v, value
+  return best
+
+
+def torchjd_normalize_regularize(gramian, reg_eps, norm_eps=0.0):
+  """torchjd's regularize(normalize(G, norm_eps), reg_eps)."""
+  trace = np.trace(gramian)
+  normalised = np.zeros_like(gramian) if trace < norm_eps else gramian / trace
+  return normalised + reg_eps * np.eye(len(gramian))
+
+
+def torchjd_upgrad_weights(jacobian, pref_vector, reg_eps, norm_eps=0.0):
+  """torchjd's UPGradWeighting: Σ_i argmin_{v >= p_i e_i} vᵀ G' v."""
+  matrix = torchjd_normalize_regularize(jacobian @ jacobian.T, reg_eps,
+                                        norm_eps)
+  return sum(numpy_box_qp(matrix, row) for row in np.diag(pref_vector))
+
+
+@pytest.mark.parametrize("preferences", [None, (0.5, 0.3, 0.2),
+                                         (0.7, 0.0, 0.3)])
+@pytest.mark.parametrize("regularization", [0.0, 1e-4, 0.1])
+def test_preferences_and_regularization_reproduce_torchjd(
+    preferences, regularization):
+  strategy = optax_mtl.upgrad(num_tasks=3, preferences=preferences,
+                              regularization=regularization)
+  pref_vector = np.full(3, 1 / 3) if preferences is None else np.asarray(
+      preferences)
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  for jacobian in JACOBIANS[:4]:
+    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
+                             task_losses=jnp.ones(3))
+    expected = torchjd_upgrad_weights(jacobian, pref_vector, regularization)
+    np.testing.assert_allclose(state.weights, expected, rtol=2e-4,
+                               atol=2e-5)
+    scale = np.max(np.linalg.norm(jacobian, axis=1))
+    np.testing.assert_allclose(combined, expected @ jacobian, rtol=2e-4,
+                               atol=2e-5 * scale)
+
+
+def test_regularization_is_relative_to_the_gradients():
+  # torchjd's absolute norm_eps = 1e-4 turns UPGrad into the plain mean as
+  # soon as ‖J‖²_F < 1e-4; here the weights do not depend on the scale.
+  jacobian = JACOBIANS[0]
+  strategy = optax_mtl.upgrad(num_tasks=3, regularization=1e-4)
+  direction = gramian_harness.direction_fn(strategy, 3)
+  small = 1e-3 * jacobian  # ‖J‖²_F ≈ 4e-6.
+  np.testing.assert_allclose(direction(small), 1e-3 * direction(jacobian),
+                             rtol=1e-4)
+  torchjd_small = torchjd_upgrad_weights(small, np.full(3, 1 / 3), 1e-4,
+                                         norm_eps=1e-4)
+  np.testing.assert_allclose(torchjd_small, np.full(3, 1 / 3))  # The mean.
+  assert np.linalg.norm(direction(small) - torchjd_small @ small) > 0.1 * (
+      np.linalg.norm(direction(small)))
+
+
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
-                             *gramian_harness.SOLVER_ERRORS))
+                             *gramian_harness.SOLVER_ERRORS,
+                             ({"num_tasks": 2, "preferences": (1.0,)},
+                              "preferences"),
+                             ({"num_tasks": 2, "preferences": (1.0, -0.1)},
+                              "preferences"),
+                             ({"num_tasks": 2, "regularization": -1e-4},
+                              "regularization")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.upgrad, kwargs, message)

@@ -13,7 +13,8 @@ import numpy as np
 _REQUIRED_FIELDS = ("weights", "num_skipped")
 # Integer or boolean fields worth logging; other integer fields (step
 # counters of a statistic) are left out.
-_LOGGED_DISCRETE_FIELDS = ("num_skipped", "solver_iterations",
+_LOGGED_DISCRETE_FIELDS = ("num_skipped", "num_rejected_losses",
+                           "solver_iterations",
                            "solver_converged", "steps_since_update")
 
 
@@ -142,6 +143,9 @@ def diagnostics(
   * ``weights/<task>`` (float32) and ``weights/sum``: the weights applied
     last;
   * ``num_skipped`` (int32): the steps rejected so far;
+  * ``num_rejected_losses/<task>`` (int32), for per-task strategies
+    (``Weighting.per_task``): the losses of that task rejected so far (a
+    step that excluded that task alone went on for the others);
   * ``gradient_cosines/<i>_<j>`` for ``i < j``, ``gradient_cosines/min`` and
     ``gradient_conflicts`` (the number of pairs with a negative cosine), for
     strategies that read the Gramian;

@@ -5,7 +5,9 @@ A step of any strategy reads top to bottom:
 1. the guard checks the losses (and, lazily, the Gramian);
 2. the weighting's rule turns them into weights and a new state;
 3. the guard accepts the result, or keeps the previous state and weights and
-   counts the step in ``num_skipped``.
+   counts the step in ``num_skipped``. For a per-task weighting a bad loss
+   excludes its task only (previous weight and statistics, counted in
+   ``num_rejected_losses``) and the step goes on for the other tasks.
 
 :func:`weights_step` is that step; :func:`recompute_every` makes it reuse the
 weights between recomputations. The optax face (:func:`as_gradient_transformation`)
@@ -90,9 +92,9 @@ def weights_step(
 
   def reuse(inner):
     # The previous weights again; a rejected loss is still counted.
-    rejected = ~_losses_ok(weighting, task_losses)
-    return inner.weights, inner._replace(num_skipped=jnp.where(
-        rejected, optax.safe_increment(inner.num_skipped), inner.num_skipped))
+    valid = _valid_losses(weighting, task_losses)
+    return inner.weights, _count_rejections(weighting, inner, valid,
+                                            ~_step_ok(weighting, valid))
 
   due = state.steps_since_update % options.recompute_every == 0
   weights, inner = jax.lax.cond(due, recompute, reuse, state.inner)
@@ -100,11 +102,35 @@ def weights_step(
   return weights, RecomputeEveryState(inner, steps.astype(jnp.int32))
 
 
-def _losses_ok(weighting: base.Weighting, task_losses: chex.Array):
-  ok = jnp.all(jnp.isfinite(task_losses))
+def _valid_losses(weighting: base.Weighting,
+                  task_losses: chex.Array) -> chex.Array:
+  """bool[T]: the losses the rule may use (finite; > 0 where it must be)."""
+  valid = jnp.isfinite(task_losses)
   if weighting.requires_positive_losses:
-    ok &= jnp.all(task_losses > 0)
-  return ok
+    valid &= task_losses > 0
+  return valid
+
+
+def _step_ok(weighting: base.Weighting, valid: chex.Array) -> chex.Array:
+  """Whether the losses let the step go on: all valid, or (per task) any."""
+  return jnp.any(valid) if weighting.per_task else jnp.all(valid)
+
+
+def _losses_ok(weighting: base.Weighting, task_losses: chex.Array):
+  return _step_ok(weighting, _valid_losses(weighting, task_losses))
+
+
+def _count_rejections(weighting: base.Weighting, state: Any,
+                      valid: chex.Array, skipped: chex.Array) -> Any:
+  """``num_skipped`` += ``skipped``; per task, ``num_rejected_losses`` +=
+  ``~valid`` (every bad loss, whether or not the step went on)."""
+  state = state._replace(num_skipped=jnp.where(
+      skipped, optax.safe_increment(state.num_skipped), state.num_skipped))
+  if weighting.per_task:
+    counts = state.num_rejected_losses
+    state = state._replace(num_rejected_losses=jnp.where(
+        valid, counts, optax.safe_increment(counts)).astype(counts.dtype))
+  return state
 
 
 def count_skipped(state: Any, skipped: chex.Array) -> Any:
@@ -131,8 +157,18 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
   input, the rule's output and the new state are all finite; otherwise the
   previous state is kept, ``num_skipped`` counts the step and the previous
   weights (or, for :attr:`Needs.GRADIENTS`, a zero update) are returned.
+
+  For a per-task weighting (``weighting.per_task``) a bad loss excludes its
+  task only: the rule gets ``valid`` (bool[T]) and the losses of the
+  excluded tasks replaced by 1.0; an excluded task keeps its previous
+  weight and ``num_rejected_losses`` counts it. The step is rejected as a
+  whole only when no loss is valid, or the Gramian, the weights or the new
+  state are not finite. With every loss valid the step is the same as for a
+  weighting that is not per task.
   """
-  inputs_ok = _losses_ok(weighting, task_losses)
+  valid = _valid_losses(weighting, task_losses)
+  per_task = weighting.per_task
+  inputs_ok = _step_ok(weighting, valid)
   rule_input = None
   if weighting.needs is base.Needs.GRAMIAN:
     rule_input = jnp.asarray(rule_input_fn())
@@ -153,8 +189,18 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
   # Rejected inputs are replaced by harmless ones, so that no rule ever
   # computes on a NaN (a solver loop on NaN could misbehave); the result is
   # discarded below.
-  safe_losses = jnp.where(inputs_ok, task_losses, jnp.ones_like(task_losses))
-  output, new_state = weighting.rule(safe_losses, state, rule_input)
+  if per_task:
+    # Per task: only the excluded tasks' losses are replaced, and the rule is
+    # told which they are.
+    safe_losses = jnp.where(valid, task_losses, jnp.ones_like(task_losses))
+    output, new_state = weighting.rule(safe_losses, state, rule_input,
+                                       valid=valid)
+    # An excluded task keeps its previous weight, whatever the rule gave it.
+    output = jnp.where(valid, output, state.weights)
+  else:
+    safe_losses = jnp.where(inputs_ok, task_losses,
+                            jnp.ones_like(task_losses))
+    output, new_state = weighting.rule(safe_losses, state, rule_input)
   if weighting.needs is base.Needs.GRADIENTS:
     accepted = new_state  # The rule reports its own weights, if any.
   else:
@@ -163,7 +209,8 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
     accepted = accepted._replace(
         gradient_cosines=tree_lib.cosine_matrix(rule_input))
   ok = inputs_ok & all_finite(output) & all_finite(accepted)
-  rejected = state._replace(num_skipped=optax.safe_increment(state.num_skipped))
+  accepted = _count_rejections(weighting, accepted, valid, jnp.asarray(False))
+  rejected = _count_rejections(weighting, state, valid, jnp.asarray(True))
   new_state = jax.tree.map(
       lambda a, r: jnp.where(ok, a, r).astype(r.dtype), accepted, rejected)
   if weighting.needs is base.Needs.GRADIENTS:
@@ -341,6 +388,10 @@ def as_gradient_transformation(
     raise ValueError(
         "weighting.num_samples > 1 needs Needs.GRADIENTS, got "
         f"{weighting.needs}.")
+  if weighting.per_task and weighting.needs is base.Needs.GRADIENTS:
+    raise ValueError(
+        "weighting.per_task needs Needs.LOSSES or Needs.GRAMIAN (the guard "
+        "keeps an excluded task's previous weight), got Needs.GRADIENTS.")
   return _strategy(weighting, StrategyOptions())
 
 

@@ -1,5 +1,5 @@
 """The box-constrained QP of UPGrad and DualProj, by an active-set method
-whose Cholesky factor is updated, not recomputed, at every step."""
+whose factorisation is updated, not recomputed, at every step."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from optax_mtl._src.solvers import _common
 
 # The default max_iters of solve_dual_cone_qp. An iteration frees one task
 # or bounds one again; a solve takes about as many iterations as it frees
-# tasks (up to T) plus a few: 190 at T = 256 from a cold start in the
-# tests. The bound leaves room for T up to several hundred.
+# tasks (up to T) plus a few: about 150 at T = 256 from a cold start in the
+# timings. The bound leaves room for T up to several hundred.
 DEFAULT_MAX_ITERS = 1000
 
-
-_triangular_solve = jax.lax.linalg.triangular_solve
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class _Factor(NamedTuple):
@@ -29,12 +28,15 @@ class _Factor(NamedTuple):
   to tasks: |F| rows whiten the free block (zero in the bound columns) and
   each bound task ``b`` has one row ``e_b``. Both changes of the free set
   are rank-one updates of ``W`` (:func:`_append`, :func:`_remove`), and
-  ``W`` is never triangular-solved against: on CPU a batched triangular
-  solve costs a hundred matrix-vector products.
+  ``W`` is never triangular-solved against (on CPU a batched triangular
+  solve costs a hundred matrix-vector products). ``z = W r_F``, the
+  whitened right-hand side ``r = −b``, is updated with it in ``O(T)``, so
+  the solution ``Wᵀz`` costs one product.
   """
 
   free: chex.Array  # bool[B, T], by task.
   whiten: chex.Array  # [B, T, T], W.
+  whitened: chex.Array  # [B, T], z = W r_F.
 
 
 class _Problem(NamedTuple):
@@ -48,14 +50,56 @@ class _Problem(NamedTuple):
 
 def _apply(whiten: chex.Array, vectors: chex.Array) -> chex.Array:
   """``W r`` for each problem: [B, T, T] × [B, T]."""
-  return jnp.einsum("bij,bj->bi", whiten, vectors,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("bij,bj->bi", whiten, vectors, precision=_HIGHEST)
 
 
 def _apply_transposed(whiten: chex.Array, vectors: chex.Array) -> chex.Array:
   """``Wᵀ r`` for each problem."""
-  return jnp.einsum("bij,bi->bj", whiten, vectors,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("bij,bi->bj", whiten, vectors, precision=_HIGHEST)
+
+
+def _invert_lower(lower: chex.Array) -> chex.Array:
+  r"""The inverse of lower-triangular matrices [..., n, n], by halves.
+
+  .. math::
+    \begin{pmatrix} A & 0 \\ B & D \end{pmatrix}^{-1}
+    = \begin{pmatrix} A^{-1} & 0 \\ -D^{-1} B A^{-1} & D^{-1}
+    \end{pmatrix},
+
+  recursively, down to blocks of at most 8 inverted by substitution: the
+  work is in batched matrix products (a batched triangular solve is two
+  orders of magnitude slower on CPU).
+  """
+  size = lower.shape[-1]
+  if size <= 8:
+    rows = []
+    eye = jnp.eye(size, dtype=lower.dtype)
+    for i in range(size):
+      row = eye[i] - sum((lower[..., i, j, None] * rows[j] for j in range(i)),
+                         jnp.zeros_like(lower[..., 0, :]))
+      rows.append(row / lower[..., i, i, None])
+    return jnp.stack(rows, axis=-2)
+  half = size // 2
+  first = _invert_lower(lower[..., :half, :half])
+  second = _invert_lower(lower[..., half:, half:])
+  corner = -jnp.matmul(second, jnp.matmul(lower[..., half:, :half], first,
+                                          precision=_HIGHEST),
+                       precision=_HIGHEST)
+  zeros = jnp.zeros(lower.shape[:-2] + (half, size - half), lower.dtype)
+  return jnp.concatenate([jnp.concatenate([first, zeros], axis=-1),
+                          jnp.concatenate([corner, second], axis=-1)],
+                         axis=-2)
+
+
+def _empty_factor(problem: _Problem) -> _Factor:
+  """Every task bound: ``W = I``, ``z = 0``."""
+  batch, num_tasks = problem.linear.shape
+  dtype = problem.linear.dtype
+  return _Factor(
+      free=jnp.zeros((batch, num_tasks), bool),
+      whiten=jnp.broadcast_to(jnp.eye(num_tasks, dtype=dtype),
+                              (batch, num_tasks, num_tasks)),
+      whitened=jnp.zeros((batch, num_tasks), dtype))
 
 
 def _rebuild(problem: _Problem, free: chex.Array) -> _Factor:
@@ -66,9 +110,9 @@ def _rebuild(problem: _Problem, free: chex.Array) -> _Factor:
   matrix = (jnp.where(both, problem.cosines, 0)
             + eye * jnp.where(free, problem.ridge, 1)[:, :, None])
   lower = jax.lax.linalg.cholesky(matrix, symmetrize_input=False)
-  whiten = _triangular_solve(lower, jnp.broadcast_to(eye, matrix.shape),
-                             left_side=True, lower=True)
-  return _Factor(free, whiten)
+  whiten = _invert_lower(lower)
+  return _Factor(free, whiten,
+                 _apply(whiten, jnp.where(free, -problem.linear, 0)))
 
 
 def _append(problem: _Problem, factor: _Factor, entering: chex.Array,
@@ -77,12 +121,12 @@ def _append(problem: _Problem, factor: _Factor, entering: chex.Array,
 
   .. math::
     W' = \begin{pmatrix} W & 0 \\ -l^\top W / d & 1/d \end{pmatrix},
-    \qquad l = W c_{F j},\quad d = \sqrt{C_{jj} + \mu - \lVert l
-    \rVert^2},
+    \qquad l = W c_{F j},\quad d = \sqrt{C_{jj} + \mu - \lVert l \rVert^2},
 
-  the row replacing ``e_j`` (``d²`` is the Schur complement, at least ``μ``
-  in exact arithmetic; clamped there against round-off). It is the
-  bordering step of a Cholesky factorisation, written on the inverse.
+  the new row replacing ``e_j`` (``d²`` is the Schur complement, at least
+  ``μ`` in exact arithmetic; clamped there against round-off): the
+  bordering step of a Cholesky factorisation, written on the inverse. The
+  new entry of ``z`` is that row times ``r``.
   """
   batch = jnp.arange(entering.shape[0])
   column = jnp.where(factor.free, problem.cosines[entering], 0)  # c_Fj.
@@ -92,15 +136,16 @@ def _append(problem: _Problem, factor: _Factor, entering: chex.Array,
   diagonal = jnp.sqrt(jnp.maximum(diagonal, problem.ridge))
   row = -_apply_transposed(factor.whiten, projected)
   row = row.at[batch, entering].add(1) / diagonal[:, None]
-  # The row of W that is e_j: the only one with an entry in column j.
-  slot = jnp.argmax(jnp.abs(factor.whiten[batch, :, entering]), axis=1)
-  rows = jnp.arange(factor.free.shape[1])
-  replace = adding[:, None, None] & (rows[None, :, None]
-                                     == slot[:, None, None])
-  whiten = jnp.where(replace, row[:, None, :], factor.whiten)
   free = factor.free.at[batch, entering].set(
       factor.free[batch, entering] | adding)
-  return _Factor(free, whiten)
+  entry = jnp.sum(row * jnp.where(free, -problem.linear, 0), axis=1)
+  # The row of W that is e_j: the only one with an entry in column j.
+  slot = jnp.argmax(jnp.abs(factor.whiten[batch, :, entering]), axis=1)
+  whiten = factor.whiten.at[batch, slot].set(
+      jnp.where(adding[:, None], row, factor.whiten[batch, slot]))
+  whitened = factor.whitened.at[batch, slot].set(
+      jnp.where(adding, entry, factor.whitened[batch, slot]))
+  return _Factor(free, whiten, whitened)
 
 
 def _remove(factor: _Factor, leaving: chex.Array,
@@ -109,9 +154,10 @@ def _remove(factor: _Factor, leaving: chex.Array,
 
   A Householder reflection ``Q`` of the free rows maps column ``k`` of
   ``W`` onto one row ``r``; ``QW`` still whitens ``M``, and then
-  ``M_{F∖k}⁻¹ = Σ_{i ≠ r} (QW)_i (QW)_iᵀ`` (the Schur complement of
+  ``M_{F∖k}⁻¹ = Σ_{i ≠ r} (QW)_iᵀ (QW)_i`` (the Schur complement of
   ``(M⁻¹)_kk``): dropping row ``r`` whitens the free set without ``k``, and
-  row ``r`` becomes ``e_k``. Orthogonal, so stable; ``O(T²)``.
+  row ``r`` becomes ``e_k``. ``z`` is reflected alike, with ``z_r = 0``.
+  Orthogonal, so stable; ``O(T²)``.
   """
   num_tasks = factor.free.shape[1]
   batch = jnp.arange(leaving.shape[0])
@@ -119,44 +165,49 @@ def _remove(factor: _Factor, leaving: chex.Array,
   pivot = jnp.argmax(jnp.abs(column), axis=1)  # r.
   norm = jnp.sqrt(jnp.sum(column**2, axis=1))
   at_pivot = jnp.arange(num_tasks)[None, :] == pivot[:, None]
-  pivot_value = column[batch, pivot]
-  sign = jnp.where(pivot_value >= 0, 1, -1).astype(column.dtype)
+  sign = jnp.where(column[batch, pivot] >= 0, 1, -1).astype(column.dtype)
   householder = column + jnp.where(at_pivot, (sign * norm)[:, None], 0)
-  size = jnp.sum(householder**2, axis=1)
-  coefficients = _common.safe_divide(
-      2 * _apply_transposed(factor.whiten, householder), size[:, None])
-  reflected = factor.whiten - householder[:, :, None] * coefficients[:, None,
-                                                                     :]
+  scale = _common.safe_divide(2, jnp.sum(householder**2, axis=1))
+  scale = jnp.where(removing, scale, 0)[:, None]
+  coefficients = scale * _apply_transposed(factor.whiten, householder)
   unit = (jnp.arange(num_tasks)[None, :] == leaving[:, None]).astype(
       column.dtype)
-  reflected = jnp.where(at_pivot[:, :, None], unit[:, None, :], reflected)
-  whiten = jnp.where(removing[:, None, None], reflected, factor.whiten)
+  replace = (removing[:, None] & at_pivot)[:, :, None]
+  whiten = jnp.where(replace, unit[:, None, :],
+                     factor.whiten - householder[:, :, None]
+                     * coefficients[:, None, :])
+  whitened = factor.whitened - householder * scale * jnp.sum(
+      householder * factor.whitened, axis=1, keepdims=True)
+  whitened = jnp.where(removing[:, None] & at_pivot, 0, whitened)
   free = factor.free.at[batch, leaving].set(
       factor.free[batch, leaving] & ~removing)
-  return _Factor(free, whiten)
+  return _Factor(free, whiten, whitened)
 
 
-def solve_on_free_set(problem: _Problem, factor: _Factor) -> chex.Array:
-  r"""``λ_F = −(C_FF + μI)⁻¹ b_F`` by the whitening, refined against ``C_FF``.
+def solve_on_free_set(problem: _Problem, factor: _Factor,
+                      refine: chex.Array = True) -> chex.Array:
+  r"""``λ_F = −(C_FF + μI)⁻¹ b_F``: ``Wᵀz``, refined against ``C_FF``.
 
-  ``x = Wᵀ(W r)``, then two steps of iterative refinement
-  (``x ← x + Wᵀ W (−b_F − C_FF x)``): they remove the ridge's bias where
+  Where ``refine``, one step of iterative refinement
+  (``x ← x + Wᵀ W (−b_F − C_FF x)``) removes the ridge's bias where
   ``C_FF`` is well conditioned and the round-off that the updates of ``W``
   accumulate.
 
   Returns:
     The trial point [B, T], zero off the free set.
   """
-  target = -problem.linear
-  solution = jnp.zeros_like(target)
-  for _ in range(3):  # One solve and two refinements.
-    residual = jnp.where(factor.free,
-                         target - _common.matmul_rows(solution,
-                                                      problem.cosines), 0)
+  solution = jnp.where(factor.free,
+                       _apply_transposed(factor.whiten, factor.whitened), 0)
+
+  def refined():
+    residual = jnp.where(
+        factor.free,
+        -problem.linear - _common.matmul_rows(solution, problem.cosines), 0)
     correction = _apply_transposed(factor.whiten,
                                    _apply(factor.whiten, residual))
-    solution = solution + jnp.where(factor.free, correction, 0)
-  return solution
+    return solution + jnp.where(factor.free, correction, 0)
+
+  return jax.lax.cond(jnp.any(refine), refined, lambda: solution)
 
 
 def step_back_to_feasibility(
@@ -210,11 +261,11 @@ def _kkt_gap(problem: _Problem, slack: chex.Array,
              gradient: Optional[chex.Array] = None) -> chex.Array:
   """The relative KKT residual of ``v = λ + u``, per problem [B].
 
-  With ``∇ = C v`` (task ``k``'s inner product ``ĝ_kᵀ d`` with
+  With ``∇ = C v = Cλ + b`` (task ``k``'s inner product ``ĝ_kᵀ d`` with
   ``d = Σ v_k ĝ_k``): ``|∇_k|`` where ``λ_k > 0`` and ``max(−∇_k, 0)``
   where ``λ_k = 0``, the largest over ``k``, relative to ``‖d‖`` (so it is
   the cosine by which ``d`` violates a condition), with the floor
-  ``T ε Σ|v_k|`` (the round-off of ``∇``).
+  ``T ε max_k (|C| (|λ| + |u|))_k``, the round-off of ``∇``.
   """
   num_tasks = slack.shape[-1]
   dtype = slack.dtype
@@ -225,8 +276,10 @@ def _kkt_gap(problem: _Problem, slack: chex.Array,
                         jnp.maximum(-gradient, 0))
   absolute = jnp.max(violation, axis=1)
   norm = jnp.sqrt(jnp.maximum(jnp.sum(solution * gradient, axis=1), 0))
+  magnitudes = _common.matmul_rows(jnp.abs(slack) + jnp.abs(problem.lower),
+                                   jnp.abs(problem.cosines))
   floor = _common.resolve_cutoff(dtype, num_tasks,
-                                 jnp.sum(jnp.abs(solution), axis=1))
+                                 jnp.max(magnitudes, axis=1))
   return _common.relative_gap(absolute, norm, floor)
 
 
@@ -272,7 +325,8 @@ def solve_dual_cone_qp(
   ``v' = λ + u'`` (``|(Cv')_k|`` where ``λ_k > 0``, ``max(−(Cv')_k, 0)``
   elsewhere) relative to ``‖d‖ = √(v'ᵀCv')``, i.e. the cosine by which
   ``d = Jᵀv`` conflicts with a task or misses a free one, with the floor
-  ``T ε Σ|v'_k|``. A zero-gradient task keeps ``v_k = u_k`` exactly.
+  ``T ε max_k (|C|(|λ| + |u'|))_k``, the round-off of ``Cv'``. A
+  zero-gradient task keeps ``v_k = u_k`` exactly.
 
   Warm start: given a guess of ``v*`` (e.g. the previous step's solution),
   the tasks with ``v_k > u_k`` are the starting free set; its factor is
@@ -318,15 +372,13 @@ def solve_dual_cone_qp(
   tol = _common.check_tolerance(tol, dtype)
   lower = _common.check_vector("lower", lower, num_tasks, dtype, batched=True)
   single = lower.ndim == 1
-  lower = jnp.atleast_2d(lower)
   if warm_start is not None:
-    warm_start = _common.check_vector("warm_start", warm_start, num_tasks,
-                                      dtype, batched=True)
-    if warm_start.shape != lower.shape[-warm_start.ndim:] and (
-        jnp.atleast_2d(warm_start).shape != lower.shape):
+    warm_start = jnp.asarray(warm_start).astype(dtype)
+    if warm_start.shape != lower.shape:
       raise ValueError(f"warm_start must have the shape of lower, "
                        f"{lower.shape}, got {warm_start.shape}.")
-    warm_start = jnp.broadcast_to(warm_start, lower.shape)
+    warm_start = jnp.atleast_2d(warm_start)
+  lower = jnp.atleast_2d(lower)
   finite = prepared.finite & jnp.all(jnp.isfinite(lower), axis=1)
   lower = jnp.where(finite[:, None], lower, 0)
 
@@ -344,12 +396,8 @@ def solve_dual_cone_qp(
   batch = lower.shape[0]
 
   slack = jnp.zeros_like(unit_lower)
-  empty = jnp.zeros((batch, num_tasks), bool)
   if warm_start is None:
-    factor = _Factor(
-        free=empty,
-        whiten=jnp.broadcast_to(jnp.eye(num_tasks, dtype=dtype),
-                                (batch, num_tasks, num_tasks)))
+    factor = _empty_factor(problem)
     backtracking = jnp.zeros((batch,), bool)
     done = jnp.zeros((batch,), bool)
   else:
@@ -393,7 +441,9 @@ def solve_dual_cone_qp(
     # below round-off (the classic safeguard); stop with the last point.
     pushed_back = adding & ~feasible & (leaving == entering)
     removing = moving & ~feasible
-    factor = _remove(factor, leaving, removing)
+    factor = jax.lax.cond(jnp.any(removing),
+                          lambda: _remove(factor, leaving, removing),
+                          lambda: factor)
     slack = jnp.where((moving & ~pushed_back)[:, None], stepped, slack)
     stalled = stalled | pushed_back | stuck
     done = done | (searching & optimal) | pushed_back | stuck
@@ -406,8 +456,8 @@ def solve_dual_cone_qp(
       cond, body, (slack, factor, backtracking, done,
                    jnp.zeros((batch,), bool), zeros, jnp.zeros([], jnp.int32)))
   gap = _kkt_gap(problem, slack)
-  weights = (slack + unit_lower) * scales
-  weights = jnp.where(finite[:, None], weights, lower)
+  # v = u + D λ: exactly u where λ = 0 (bound and zero-gradient tasks).
+  weights = jnp.where(finite[:, None], lower + slack * scales, lower)
   result = _common.finish(weights, iterations, gap, tol, finite=finite,
                           stalled=stalled)
   if single:

@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from optax_mtl._src.solvers import _active_set
 from optax_mtl._src.solvers import _common
 
 # The default max_iters of solve_min_norm and solve_cagrad. With the
@@ -410,11 +411,12 @@ def solve_cagrad(
   better of two primal points ``d`` in the ball ``‖d − g_0‖ ≤ r``:
 
   * ``d = g_0 + r g_w/‖g_w‖`` (the Frank-Wolfe gap ``∇h(w)ᵀw − min_k ∇h_k``);
-  * ``d = g_0 − t J_Sᵀ y``, the projection of ``g_0`` onto
-    ``{d : g_kᵀd = 0, k ∈ S}`` (``G_SS y = a_S`` on the support ``S``),
-    shortened to the ball (``t ≤ 1``), or ``d = g_0``. This certifies the
-    Pareto-stationary optimum ``g_{w*} = 0``, where ``h`` has a kink and
-    the first point is undefined.
+  * ``d = g_0 + t (Π(g_0) − g_0)``, the projection of ``g_0`` onto the
+    cone ``{d : J d ≥ 0}`` (:func:`solve_dual_cone_qp` with ``u = m``,
+    solved once), shortened to the ball (``t ≤ 1``). When ``h* = 0`` (a
+    Pareto-stationary optimum, ``g_{w*} = 0``, where ``h`` has a kink and
+    the first point is undefined) some ``d`` of the ball has ``J d ≥ 0``,
+    so the projection lies in the ball and certifies the optimum.
 
   It is relative to the size of the objective's terms ``|wᵀa| + r‖g_w‖``,
   with the round-off floor of evaluating ``h``: ``T ε (nᵀw + n_max)(‖g_0‖ +
@@ -475,6 +477,23 @@ def solve_cagrad(
                         jnp.sqrt(squared_error))
     return norm, error
 
+  # Primal point 2 (independent of w): g_0 projected onto the cone
+  # {d : J d ≥ 0} (DualProj's direction), shortened to the ball if need be.
+  # When h* = 0 (Pareto-stationary: g_{w*} = 0) some d of the ball has
+  # J d ≥ 0, so the projection lies in the ball and certifies h* = 0.
+  projection = _active_set.solve_dual_cone_qp(gramian, mean, tol=0.0).weights
+  offset = projection - mean
+  offset_norm = jnp.sqrt(jnp.maximum(
+      jnp.dot(offset, _common.matvec(gramian, offset)), 0))
+  fraction = jnp.where(offset_norm > radius,
+                       _common.safe_divide(radius, offset_norm), 1)
+  second = jnp.min(linear + fraction * _common.matvec(gramian, offset))
+  second = jnp.where(jnp.isfinite(second), jnp.maximum(second,
+                                                       jnp.min(linear)),
+                     jnp.min(linear))
+  second_floor = fraction * jnp.max(norms) * _common.resolve_cutoff(
+      dtype, num_tasks, jnp.dot(jnp.abs(projection), norms))
+
   def measure(weights, product):
     norm, norm_error = norm_and_error(weights, product)
     gradient = linear + radius * _common.safe_divide(product, norm)
@@ -485,19 +504,10 @@ def solve_cagrad(
         (jnp.dot(norms, weights) + jnp.max(norms)) * (mean_norm + radius)))
     # Primal point 1: d = g_0 + r g_w / ‖g_w‖ (the Frank-Wolfe gap).
     first = jnp.where(norm > 0, jnp.min(gradient), -jnp.inf)
-    # Primal point 2: g_0 projected onto {d : g_kᵀd = 0, k ∈ S}, within the
-    # ball, or g_0 itself.
-    support = weights > 0
-    coefficients = _common.solve_on_support(gramian, support, linear)
-    shift = _common.matvec(gramian, coefficients)
-    shift_norm = jnp.sqrt(jnp.maximum(jnp.dot(coefficients, shift), 0))
-    fraction = jnp.where(shift_norm > radius,
-                         _common.safe_divide(radius, shift_norm), 1)
-    second = jnp.maximum(jnp.min(linear - fraction * shift),
-                         jnp.min(linear))
-    second = jnp.where(jnp.all(jnp.isfinite(shift)), second, jnp.min(linear))
-    absolute = jnp.maximum(value - jnp.maximum(first, second), 0)
-    return gradient, _common.relative_gap(absolute, scale, floor)
+    gaps = (_common.relative_gap(jnp.maximum(value - first, 0), scale, floor),
+            _common.relative_gap(jnp.maximum(value - second, 0), scale,
+                                 floor + second_floor))
+    return gradient, jnp.minimum(*gaps)
 
   def corrective(weights, product):
     norm, _ = norm_and_error(weights, product)

@@ -56,13 +56,17 @@ def solve_nash(
   * No solution: when some non-negative combination of the unit gradients
     is zero (two exactly opposite gradients, or more generally 0 in the
     convex hull of the ``ĝ_i``), ``F`` is unbounded below and ``β`` grows
-    without bound along that combination. The solver stops as soon as the
-    combination ``Σ β_i ĝ_i`` cancels to round-off
-    (``βᵀCβ ≤ T ε βᵀ|C|β``), before the weights overflow, and reports
+    without bound along that combination, each task's utility
+    ``β_i (Cβ)_i`` becoming the difference of ever larger terms. The
+    solver stops as soon as their round-off, the floor above, reaches ½
+    (the equation is no longer resolved at this precision; ``β`` is then
+    about ``(T ε)^{-1/2}``, far from overflow), and reports
     ``Outcome.NO_SOLUTION`` with the fallback ``α = 0``: the disagreement
     point of the bargaining game, an update of zero, as at a
     Pareto-stationary point. ``gap`` is then ``inf`` and ``converged``
-    False.
+    False. A problem whose solution has weights that large (gradients
+    within about ``√(T ε)`` of cancelling) is reported the same way: it is
+    not solvable in that dtype.
 
   Defaults: ``max_iters = 100`` (10 to 30 steps are typical), ``tol`` from
   :func:`_common.default_tolerance`.
@@ -107,20 +111,16 @@ def solve_nash(
   magnitudes = jnp.abs(cosines)
 
   def residual_gap(beta):
+    """The relative gap, and whether β ⊙ Cβ is unresolvable."""
     product = _common.matvec(cosines, beta)
     absolute = jnp.max(jnp.where(active, jnp.abs(beta * product - 1), 0))
     floor = _common.resolve_cutoff(
         dtype, num_tasks,
         jnp.max(jnp.where(active, beta * _common.matvec(magnitudes, beta), 0)))
-    return _common.relative_gap(absolute, jnp.ones([], dtype), floor)
-
-  def cancels(beta):
-    """Σ β_i ĝ_i is zero to round-off: no bargaining solution."""
-    beta = jnp.where(active, beta, 0)
-    value = jnp.dot(beta, _common.matvec(cosines, beta))
-    size = jnp.dot(beta, _common.matvec(magnitudes, beta))
-    return jnp.any(active) & (
-        value <= _common.resolve_cutoff(dtype, num_tasks, size))
+    # The products β_i (Cβ)_i, whose target is 1, carry a round-off of
+    # ``floor``: from ½ on the equation is not resolved at this precision.
+    return (_common.relative_gap(absolute, jnp.ones([], dtype), floor),
+            floor >= 0.5)
 
   def objective(beta):
     return (0.5 * jnp.dot(beta, _common.matvec(cosines, beta))
@@ -155,12 +155,11 @@ def solve_nash(
   def body(carry):
     beta, iteration, _, _ = carry
     beta = newton_step(beta)
-    return beta, iteration + 1, residual_gap(beta), cancels(beta)
+    return (beta, iteration + 1, *residual_gap(beta))
 
   start = jnp.ones((num_tasks,), dtype)
   beta, iterations, gap, no_solution = jax.lax.while_loop(
-      cond, body, (start, jnp.zeros([], jnp.int32), residual_gap(start),
-                   cancels(start)))
+      cond, body, (start, jnp.zeros([], jnp.int32), *residual_gap(start)))
   # α_i = β_i / ‖g_i‖ on the input's scale (2^e times the scaled one's).
   input_norms = jnp.sqrt(jnp.ldexp(jnp.diagonal(gramian), prepared.exponent))
   weights = jnp.where(active & ~no_solution,

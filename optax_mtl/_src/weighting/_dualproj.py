@@ -19,7 +19,7 @@ class DualprojState(NamedTuple):
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   solver_iterations: chex.Array  # i32[], active-set iterations used.
-  solver_gap: chex.Array  # f32[], final projected-gradient residual.
+  solver_gap: chex.Array  # f32[], final relative KKT residual.
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
 
 

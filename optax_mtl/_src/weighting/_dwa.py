@@ -13,7 +13,8 @@ class DwaState(NamedTuple):
   """State of :func:`dwa`."""
 
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
   loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
 
@@ -40,12 +41,16 @@ def dwa(
   (a loss that jumps from 1e-30 to 1e9) and ``r/τ`` are clipped at 1e30, so
   the weights are finite whatever the losses.
 
-  A rejected step (a non-finite, zero or negative loss) never enters the
-  loss history: the previous state is kept, ``num_skipped`` is incremented
-  and the previous weights are applied again. Steps and epochs count
-  accepted steps only, so an epoch is ``n`` accepted steps (with rejected
-  steps the strategy's epochs end later than the data loader's, by the
-  number of rejections).
+  A bad loss of one task (non-finite, zero or negative: the ratio divides
+  by it) excludes that task only: it never enters the task's loss history,
+  the task keeps its previous weight, ``num_rejected_losses[k]`` counts it,
+  and the other tasks share the rest of ``T`` (the weights still sum to
+  ``T``) in the proportions of the softmax. Steps and epochs are counted per
+  task in accepted losses, so a task's epoch is ``n`` of its accepted losses
+  (with rejected losses its epochs end later than the data loader's); a task
+  whose ratio does not exist yet enters the softmax with ``r = 1``. Only a
+  step with no valid loss is rejected as a whole (``num_skipped``; the
+  previous weights).
 
   Args:
     num_tasks: the number of tasks T.
@@ -82,16 +87,18 @@ def dwa(
 
   def init():
     return DwaState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, per_task=True),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
-    weights = _loss_history.dwa_coefficients(state.loss_ratios, temperature)
+    weights = _loss_history.dwa_coefficients(
+        state.loss_ratios, temperature, valid,
+        None if valid is None else state.weights)
     return weights, state._replace(
         loss_ratios=_loss_history.record_losses(
-            state.loss_ratios, task_losses, steps_per_period))
+            state.loss_ratios, task_losses, steps_per_period, valid))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

@@ -13,7 +13,8 @@ class DwemaState(NamedTuple):
   """State of :func:`dwema`."""
 
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
   loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
   loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
@@ -49,10 +50,14 @@ def dwema(
   ``T``, the ratios being clipped at 1e30), so the weights are always
   finite.
 
-  A rejected step (a non-finite, zero or negative loss) enters neither the
-  average nor the loss history: the previous state is kept, ``num_skipped``
-  is incremented and the previous weights are applied again. ``t`` counts
-  accepted steps only.
+  A bad loss of one task (non-finite, zero or negative) excludes that task
+  only: it enters neither its average nor its loss history, the task keeps
+  its previous weight and ``num_rejected_losses[k]`` counts it; the other
+  tasks update as usual. ``t`` counts each task's accepted losses; a task
+  whose ratio does not exist yet enters the DWA softmax with ``r = 1``.
+  With ``normalize=True`` an excluded task keeps its previous weight and
+  the others share the rest of ``T``. Only a step with no valid loss is
+  rejected as a whole (``num_skipped``; the previous weights).
 
   Args:
     num_tasks: the number of tasks T.
@@ -94,16 +99,16 @@ def dwema(
 
   def init():
     return DwemaState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, per_task=True),
         loss_average=_loss_history.init_loss_average(num_tasks),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
     coefficients = _loss_history.dwa_coefficients(state.loss_ratios,
                                                   temperature)
     loss_average = _loss_history.update_loss_average(
-        state.loss_average, task_losses, beta)
+        state.loss_average, task_losses, beta, valid)
     average = loss_average.average
     log_weights = None
     if normalize:
@@ -112,12 +117,12 @@ def dwema(
           - _loss_history.log_positive(average))
     weights = _loss_history.finish_weights(
         _loss_history.bounded_ratio(coefficients, average), log_weights,
-        normalize, max_weight)
+        normalize, max_weight, valid, state.weights)
     return weights, state._replace(
         loss_average=loss_average,
         loss_ratios=_loss_history.record_losses(
-            state.loss_ratios, task_losses, steps_per_period=1))
+            state.loss_ratios, task_losses, 1, valid))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

@@ -13,7 +13,8 @@ class EmaState(NamedTuple):
   """State of :func:`ema`."""
 
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
   loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
 
 
@@ -43,10 +44,15 @@ def ema(
   or ``max_weight``. Every weight is at most 1e30 in any case (reached only
   when ``L̃`` falls below 1e-30), so it is never infinite.
 
-  A rejected step (a non-finite, zero or negative loss) never enters the
-  average: the previous state is kept, ``num_skipped`` is incremented and the
-  previous weights are applied again (ones if no step was accepted yet).
-  "The first step" is the first *accepted* step.
+  A bad loss of one task (non-finite, zero or negative: ``1/L̃`` needs a
+  positive average) excludes that task only: its average is kept, it keeps
+  its previous weight, ``num_rejected_losses[k]`` counts it, and the other
+  tasks' averages update as usual. Each task's average starts at its own
+  first accepted loss (a task first seen at step 5 starts at step 5). With
+  ``normalize=True`` the weights still sum to ``T``: an excluded task keeps
+  its previous weight and the others share the rest. Only a step with no
+  valid loss is rejected as a whole (``num_skipped``; previous weights,
+  ones if none was accepted yet).
 
   Args:
     num_tasks: the number of tasks T.
@@ -95,19 +101,20 @@ def ema(
 
   def init():
     return EmaState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, per_task=True),
         loss_average=_loss_history.init_loss_average(num_tasks))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
     loss_average = _loss_history.update_loss_average(
-        state.loss_average, task_losses, beta)
+        state.loss_average, task_losses, beta, valid)
     average = loss_average.average
     weights = _loss_history.finish_weights(
         _loss_history.bounded_ratio(1.0, average),
-        -_loss_history.log_positive(average), normalize, max_weight)
+        -_loss_history.log_positive(average), normalize, max_weight, valid,
+        state.weights)
     return weights, state._replace(loss_average=loss_average)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

@@ -174,7 +174,10 @@ def famo(
   negative losses by default), or whose logits update is not finite, is
   counted in ``num_skipped``; the logits are kept and the previous weights
   are applied. In the one-pass variant the next accepted step pairs with
-  the last accepted one.
+  the last accepted one. One task's bad loss rejects the whole step (the
+  strategy is not per task): the logits' update
+  :math:`z \odot (\delta - z^\top \delta)` and the normalisation
+  :math:`c` mix every task's loss, so no task can be left out of them alone.
 
   Args:
     num_tasks: the number of tasks T.

@@ -14,7 +14,8 @@ class GeometricMeanState(NamedTuple):
   """State of :func:`geometric_mean`."""
 
   weights: chex.Array  # f32[T], the weights applied last.
-  num_skipped: chex.Array  # i32[], steps with a non-finite or <= 0 loss.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
 
 
 def geometric_mean(
@@ -46,9 +47,13 @@ def geometric_mean(
   momentum) bound the weights with ``max_weight``. Every weight is at most
   1e30 in any case (clipped in log space), so it is never infinite.
 
-  A step with a non-finite or non-positive loss is counted in
-  ``num_skipped`` and the previous weights are applied (``1/γ``, the weights
-  at unit losses, before the first accepted step).
+  A non-finite or non-positive loss of one task (its log is taken) excludes
+  that task only: its factor is left out of the product (taken as 1, with
+  ``γ`` unchanged), it keeps its previous weight (``1/γ``, the weights at
+  unit losses, before its first accepted loss) and
+  ``num_rejected_losses[k]`` counts it; the other tasks get the weights of
+  the product of their own losses. Only a step with no valid loss is
+  rejected as a whole (``num_skipped``).
 
   Args:
     num_tasks: the number of tasks T.
@@ -82,10 +87,12 @@ def geometric_mean(
     return GeometricMeanState(**base.common_state_fields(
         num_tasks, _loss_history.finish_weights(
             jnp.full((num_tasks,), 1.0 / jnp.asarray(gamma, jnp.float32)),
-            None, False, max_weight)))
+            None, False, max_weight), per_task=True))
 
-  def rule(task_losses, state, gramian):
-    del gramian
+  def rule(task_losses, state, gramian, valid=None):
+    # An excluded task's loss arrives as 1.0: its factor drops out of the
+    # product (log 1 = 0), and the guard keeps its previous weight.
+    del gramian, valid
     log_losses = jnp.log(task_losses)
     log_weights = (jnp.sum(log_losses) / gamma
                    - jnp.log(jnp.asarray(gamma, jnp.float32)) - log_losses)
@@ -95,4 +102,4 @@ def geometric_mean(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

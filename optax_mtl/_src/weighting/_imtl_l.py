@@ -121,7 +121,11 @@ def imtl_l(
   :math:`s_k` to :math:`+\infty`), or whose update of :math:`s` is not
   finite, is counted in ``num_skipped``; :math:`s` and the optimizer state
   are kept and the previous weights are applied (:math:`e^{s}` of the
-  initial :math:`s` before the first accepted step).
+  initial :math:`s` before the first accepted step). One task's bad loss
+  rejects the whole step (the strategy is not per task): with
+  ``optimizer="adam"`` the step count of the bias correction is shared by
+  all the scales, so a task left out of an update would be corrected with
+  the others' count.
 
   Args:
     num_tasks: the number of tasks T.

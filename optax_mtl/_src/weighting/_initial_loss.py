@@ -15,13 +15,14 @@ class InitialLossState(NamedTuple):
   """State of :func:`initial_loss`."""
 
   weights: chex.Array  # f32[T], the weights applied last: 1 / initial_losses.
-  num_skipped: chex.Array  # i32[], rejected steps (see initial_loss).
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
   # f32[T], the reference losses L_k^prior: the given prior_losses, or the
   # mean of the accepted losses measured so far (zeros before the first).
   initial_losses: chex.Array
-  # i32[], accepted steps averaged into initial_losses (at most
-  # warmup_steps; equal to warmup_steps from the start when prior_losses is
-  # given).
+  # i32[T], each task's accepted losses averaged into initial_losses (at
+  # most warmup_steps; equal to warmup_steps from the start when
+  # prior_losses is given).
   num_measured: chex.Array
 
 
@@ -54,12 +55,16 @@ def initial_loss(
   ``normalize=True`` (weights that sum to ``T``) or ``max_weight``. Every
   weight is at most 1e30 in any case, so it is never infinite.
 
-  A step with a non-finite loss (when measuring: a non-finite or
-  non-positive loss, at every step, since the check is static) is counted in
-  ``num_skipped``; it is not measured (it does not count towards
-  ``warmup_steps``) and the previous weights are applied (ones before the
-  first accepted step). With ``prior_losses`` a zero or negative loss is
-  accepted: the weights do not depend on the losses.
+  A bad loss of one task (non-finite; when measuring, also zero or
+  negative, at every step, since the check is static) excludes that task
+  only: it is not measured (it does not count towards the task's
+  ``warmup_steps``, which are counted per task in accepted losses), the
+  task keeps its previous weight (one before its first accepted loss) and
+  ``num_rejected_losses[k]`` counts it; the other tasks are measured as
+  usual. With ``normalize=True`` an excluded task keeps its previous weight
+  and the others share the rest of ``T``. Only a step with no valid loss is
+  rejected as a whole (``num_skipped``). With ``prior_losses`` a zero or
+  negative loss is accepted: the weights do not depend on the losses.
 
   Args:
     num_tasks: the number of tasks T.
@@ -106,38 +111,42 @@ def initial_loss(
           "warmup_steps has no effect when prior_losses is given (nothing is "
           f"measured); leave it at 1, got {warmup_steps!r}.")
 
-  def weights_of(reference_losses):
+  def weights_of(reference_losses, valid=None, previous_weights=None):
     return _loss_history.finish_weights(
         _loss_history.bounded_ratio(1.0, reference_losses),
-        -_loss_history.log_positive(reference_losses), normalize, max_weight)
+        -_loss_history.log_positive(reference_losses), normalize, max_weight,
+        valid, previous_weights)
 
   def init():
     if prior_losses is None:
       return InitialLossState(
-          **base.common_state_fields(num_tasks),
+          **base.common_state_fields(num_tasks, per_task=True),
           initial_losses=jnp.zeros((num_tasks,), jnp.float32),
-          num_measured=jnp.zeros([], jnp.int32))
+          num_measured=jnp.zeros((num_tasks,), jnp.int32))
     return InitialLossState(
         **base.common_state_fields(
-            num_tasks, weights_of(jnp.asarray(prior, jnp.float32))),
+            num_tasks, weights_of(jnp.asarray(prior, jnp.float32)),
+            per_task=True),
         initial_losses=jnp.asarray(prior, jnp.float32),
-        num_measured=jnp.asarray(warmup_steps, jnp.int32))
+        num_measured=jnp.full((num_tasks,), warmup_steps, jnp.int32))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
     measuring = state.num_measured < warmup_steps
+    if valid is not None:
+      measuring &= valid
     count = jnp.where(measuring, state.num_measured + 1, state.num_measured)
     # Running mean: m_n = m_{n-1} + (L - m_{n-1}) / n.
     step = (task_losses - state.initial_losses) / count.astype(jnp.float32)
     initial_losses = jnp.where(measuring, state.initial_losses + step,
                                state.initial_losses)
-    weights = weights_of(initial_losses)
+    weights = weights_of(initial_losses, valid, state.weights)
     return weights, state._replace(initial_losses=initial_losses,
                                    num_measured=count)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=prior_losses is None))
+      requires_positive_losses=prior_losses is None, per_task=True))
 
 
 def _check_prior_losses(prior_losses: Any, num_tasks: int) -> np.ndarray:

@@ -15,11 +15,12 @@ class LbtwState(NamedTuple):
   """State of :func:`lbtw`."""
 
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
   reference_losses: chex.Array  # f32[T], L^ref (ones before the first step).
-  # i32[], accepted steps since the reference was taken: in
-  # [0, steps_per_epoch), or saturating when steps_per_epoch is None. A step
-  # that finds 0 here takes its own losses as the reference.
+  # i32[T], each task's accepted losses since its reference was taken: in
+  # [0, steps_per_epoch), or saturating when steps_per_epoch is None. A task
+  # that finds 0 here takes its loss as the reference.
   steps_in_epoch: chex.Array
 
 
@@ -47,11 +48,15 @@ def lbtw(
   reference gets a weight of at most 1e30 (never inf). Falling losses make
   the weights fall, never blow up.
 
-  A rejected step (a non-finite, zero or negative loss) never becomes a
-  reference: the previous state is kept, ``num_skipped`` is incremented and
-  the previous weights are applied again. Epochs count accepted steps only:
-  the reference is the loss of the first accepted step of each run of
-  ``steps_per_epoch`` accepted steps.
+  A bad loss of one task (non-finite, zero or negative: the weight takes its
+  log) excludes that task only: it never becomes a reference, the task
+  keeps its previous weight and ``num_rejected_losses[k]`` counts it; the
+  other tasks are weighted as usual (with ``normalize``, they share the rest
+  of ``T``: the weights still sum to ``T``). Epochs are counted per task in
+  accepted losses: a task's reference is its first accepted loss of each
+  run of ``steps_per_epoch`` accepted losses (its very first accepted loss
+  when ``steps_per_epoch`` is None). Only a step with no valid loss is
+  rejected as a whole (``num_skipped``; the previous weights).
 
   Args:
     num_tasks: the number of tasks T.
@@ -88,18 +93,22 @@ def lbtw(
 
   def init():
     return LbtwState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, per_task=True),
         reference_losses=jnp.ones((num_tasks,), jnp.float32),
-        steps_in_epoch=jnp.zeros([], jnp.int32))
+        steps_in_epoch=jnp.zeros((num_tasks,), jnp.int32))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
-    reference = jnp.where(state.steps_in_epoch == 0, task_losses,
+    takes_reference = state.steps_in_epoch == 0
+    if valid is not None:
+      takes_reference &= valid
+    reference = jnp.where(takes_reference, task_losses,
                           state.reference_losses)
     log_weights = alpha * (_loss_history.log_positive(task_losses)
                            - _loss_history.log_positive(reference))
     if normalize:
-      weights = _loss_history.normalized_weights(log_weights)
+      weights = _loss_history.normalized_weights(
+          log_weights, valid, state.weights)
     else:
       weights = jnp.exp(jnp.minimum(log_weights,
                                     _loss_history.LOG_MAX_WEIGHT))
@@ -107,10 +116,12 @@ def lbtw(
       steps = optax.safe_increment(state.steps_in_epoch)
     else:
       steps = (state.steps_in_epoch + 1) % steps_per_epoch
+    if valid is not None:
+      steps = jnp.where(valid, steps, state.steps_in_epoch)
     return weights, state._replace(
         reference_losses=reference.astype(jnp.float32),
         steps_in_epoch=steps.astype(jnp.int32))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

@@ -13,7 +13,8 @@ class LogLossState(NamedTuple):
   """State of :func:`log_loss`."""
 
   weights: chex.Array  # f32[T], the weights applied last: 1 / L_k.
-  num_skipped: chex.Array  # i32[], steps with a non-finite or <= 0 loss.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
 
 
 def log_loss(
@@ -40,9 +41,12 @@ def log_loss(
   ``max_weight``. Every weight is at most 1e30 in any case (reached only for
   a loss below 1e-30), so it is never infinite.
 
-  A step with a non-finite or non-positive loss (the logarithm needs
-  ``L_k > 0``) is counted in ``num_skipped`` and the previous weights are
-  applied (ones before the first accepted step).
+  A non-finite or non-positive loss of one task (the logarithm needs
+  ``L_k > 0``) excludes that task only: it keeps its previous weight (one
+  before its first accepted loss), ``num_rejected_losses[k]`` counts it,
+  and the other tasks get ``1/L_k`` as usual (with ``normalize=True`` they
+  share the rest of ``T``: the weights still sum to ``T``). Only a step with
+  no valid loss is rejected as a whole (``num_skipped``).
 
   Args:
     num_tasks: the number of tasks T.
@@ -74,15 +78,16 @@ def log_loss(
                                                              max_weight)
 
   def init():
-    return LogLossState(**base.common_state_fields(num_tasks))
+    return LogLossState(**base.common_state_fields(num_tasks, per_task=True))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
     weights = _loss_history.finish_weights(
         _loss_history.bounded_ratio(1.0, task_losses),
-        -_loss_history.log_positive(task_losses), normalize, max_weight)
+        -_loss_history.log_positive(task_losses), normalize, max_weight,
+        valid, state.weights)
     return weights, state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

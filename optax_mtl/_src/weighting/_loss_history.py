@@ -11,10 +11,14 @@ each with its own state:
 * :func:`dwa_coefficients` — the Dynamic Weight Average coefficients
   ``T·softmax(r / τ)`` (1 while the ratios do not exist yet).
 
-The weight rules call these only on accepted steps: the guard
-(``optax_mtl._src.step``) discards the whole new state on a rejected step (a
-non-finite, zero or negative loss), so a rejected loss never enters a
-statistic and every counter here counts accepted steps.
+Every statistic is kept per task. The strategies built on them are
+*per-task* weightings (``Weighting.per_task``): the guard
+(``optax_mtl._src.step``) tells the rule which losses are valid (finite and
+positive), and each update here takes that mask (``valid``, bool[T]): an
+excluded task's statistics and counters are kept, so a rejected loss never
+enters a statistic and every counter of a task counts that task's accepted
+losses. A task first seen at step 5 starts its statistics at step 5.
+``valid=None`` means every task is valid.
 
 No statistic here can overflow, and no weight computed from them is ever
 infinite, whatever the accepted losses (any positive float32, 1e-38 to
@@ -76,14 +80,38 @@ def check_weight_options(normalize: Any, max_weight: Any):
   return normalize, max_weight
 
 
-def normalized_weights(log_weights: chex.Array) -> chex.Array:
-  """``T · w / Σ w`` for ``w = exp(log_weights)``, in log space (never inf)."""
-  return log_weights.shape[0] * jax.nn.softmax(log_weights)
+def normalized_weights(log_weights: chex.Array,
+                       valid: Optional[chex.Array] = None,
+                       previous_weights: Optional[chex.Array] = None
+                       ) -> chex.Array:
+  """``T · w / Σ w`` for ``w = exp(log_weights)``, in log space (never inf).
+
+  With a mask ``valid`` (bool[T]) and the ``previous_weights`` (f32[T]) the
+  excluded tasks keep their previous weights and the valid ones share the
+  rest of the sum ``T`` (``T − Σ_excluded previous``, at least 0) in
+  proportion to ``w``: the weights still sum to ``T``. Every task valid
+  gives the plain normalisation, bit for bit.
+  """
+  num_tasks = log_weights.shape[0]
+  weights = num_tasks * jax.nn.softmax(log_weights)
+  if valid is None:
+    return weights
+  budget = jnp.maximum(
+      num_tasks - jnp.sum(jnp.where(valid, 0.0, previous_weights)), 0.0)
+  # At least one task is valid whenever the result is used (the guard
+  # rejects a step without one); the where keeps the softmax finite anyway.
+  masked = jnp.where(valid, log_weights, -jnp.inf)
+  masked = jnp.where(jnp.any(valid), masked, 0.0)
+  shared = jnp.where(valid, budget * jax.nn.softmax(masked), previous_weights)
+  return jnp.where(jnp.all(valid), weights, shared)
 
 
 def finish_weights(weights: Optional[chex.Array],
                    log_weights: Optional[chex.Array], normalize: bool,
-                   max_weight: Optional[Any]) -> chex.Array:
+                   max_weight: Optional[Any],
+                   valid: Optional[chex.Array] = None,
+                   previous_weights: Optional[chex.Array] = None
+                   ) -> chex.Array:
   """Applies the ``normalize`` and ``max_weight`` options.
 
   Args:
@@ -92,12 +120,16 @@ def finish_weights(weights: Optional[chex.Array],
     normalize: rescale the weights to sum to ``T`` (in log space).
     max_weight: None, or the bound each weight is clipped at (after the
       normalisation).
+    valid: None, or bool[T], the tasks of this step (see
+      :func:`normalized_weights`; the excluded tasks keep
+      ``previous_weights``).
+    previous_weights: f32[T], the weights applied last (with ``valid``).
 
   Returns:
     The weights, float32[T].
   """
   if normalize:
-    weights = normalized_weights(log_weights)
+    weights = normalized_weights(log_weights, valid, previous_weights)
   if max_weight is not None:
     weights = jnp.minimum(weights, max_weight)
   return weights.astype(jnp.float32)
@@ -106,56 +138,67 @@ def finish_weights(weights: Optional[chex.Array],
 class LossAverageState(NamedTuple):
   """Exponential moving average of the accepted task losses."""
 
-  average: chex.Array  # f32[T], L̃; zeros before the first accepted step.
-  num_steps: chex.Array  # i32[], accepted steps averaged so far (saturates).
+  # f32[T], L̃; zero for a task before its first accepted loss.
+  average: chex.Array
+  # i32[T], the accepted losses of each task averaged so far (saturates).
+  num_steps: chex.Array
 
 
 def init_loss_average(num_tasks: int) -> LossAverageState:
   return LossAverageState(
       average=jnp.zeros((num_tasks,), jnp.float32),
-      num_steps=jnp.zeros([], jnp.int32))
+      num_steps=jnp.zeros((num_tasks,), jnp.int32))
 
 
 def update_loss_average(
-    state: LossAverageState, task_losses: chex.Array, beta: float
+    state: LossAverageState, task_losses: chex.Array, beta: float,
+    valid: Optional[chex.Array] = None,
 ) -> LossAverageState:
-  """``L̃ ← β·L + (1−β)·L̃``, or ``L̃ ← L`` on the first accepted step.
+  """``L̃ ← β·L + (1−β)·L̃``, or ``L̃ ← L`` at a task's first accepted loss.
 
-  A convex combination of losses: it stays in the range of the losses (the
-  float32 maximum at most, should rounding reach past it).
+  Only the ``valid`` tasks (all when None) are updated. A convex combination
+  of losses: it stays in the range of the losses (the float32 maximum at
+  most, should rounding reach past it).
   """
   is_first = state.num_steps == 0
   average = jnp.where(is_first, task_losses,
                       beta * task_losses + (1.0 - beta) * state.average)
   average = jnp.minimum(average, _FLOAT32_MAX)
+  num_steps = optax.safe_increment(state.num_steps)
+  if valid is not None:
+    average = jnp.where(valid, average, state.average)
+    num_steps = jnp.where(valid, num_steps, state.num_steps)
   return LossAverageState(
       average=average.astype(jnp.float32),
-      num_steps=optax.safe_increment(state.num_steps))
+      num_steps=num_steps.astype(jnp.int32))
 
 
 class LossRatioState(NamedTuple):
   """Mean losses of the last two complete periods (steps or epochs)."""
 
   period_mean: chex.Array  # f32[T], running mean of the current period.
-  steps_in_period: chex.Array  # i32[], accepted steps of the current period.
+  # i32[T], each task's accepted losses in its current period.
+  steps_in_period: chex.Array
   last_mean: chex.Array  # f32[T], mean losses of the last period, L(t−1).
   before_last_mean: chex.Array  # f32[T], of the period before, L(t−2).
-  num_periods: chex.Array  # i32[], complete periods so far (saturates).
+  num_periods: chex.Array  # i32[T], complete periods so far (saturates).
 
 
 def init_loss_ratios(num_tasks: int) -> LossRatioState:
   return LossRatioState(
       period_mean=jnp.zeros((num_tasks,), jnp.float32),
-      steps_in_period=jnp.zeros([], jnp.int32),
+      steps_in_period=jnp.zeros((num_tasks,), jnp.int32),
       last_mean=jnp.ones((num_tasks,), jnp.float32),
       before_last_mean=jnp.ones((num_tasks,), jnp.float32),
-      num_periods=jnp.zeros([], jnp.int32))
+      num_periods=jnp.zeros((num_tasks,), jnp.int32))
 
 
 def loss_ratios(state: LossRatioState) -> tuple[chex.Array, chex.Array]:
   """Returns ``(r, available)``: ``r = L(t−1)/L(t−2)``, or ones if not yet.
 
-  ``available`` (bool[]) is True once two periods are complete. The means
+  ``available`` (bool[T]) is True for a task once two of its periods are
+  complete (for every task at once unless some losses were excluded). The
+  means
   are of accepted (hence positive) losses; a ratio above
   :data:`MAX_WEIGHT` (e.g. 1e9 after 1e-30) is clipped to it, so ``r`` is
   always finite.
@@ -174,19 +217,26 @@ def log_loss_ratios(state: LossRatioState) -> chex.Array:
 
 
 def record_losses(
-    state: LossRatioState, task_losses: chex.Array, steps_per_period: int
+    state: LossRatioState, task_losses: chex.Array, steps_per_period: int,
+    valid: Optional[chex.Array] = None,
 ) -> LossRatioState:
-  """Adds the losses of one accepted step to the current period.
+  """Adds the losses of one step to each task's current period.
 
-  When the period reaches ``steps_per_period`` accepted steps its mean
-  becomes ``L(t−1)`` and the previous one ``L(t−2)``. With
-  ``steps_per_period=1`` every step is a period: ``L(t−1)`` is the loss of
-  the previous step.
+  Only the ``valid`` tasks (all when None) record their loss; the periods
+  are counted per task, in accepted losses. When a task's period reaches
+  ``steps_per_period`` accepted losses its mean becomes ``L(t−1)`` and the
+  previous one ``L(t−2)``. With ``steps_per_period=1`` every step is a
+  period: ``L(t−1)`` is the task's previous accepted loss.
   """
   steps = state.steps_in_period + 1
   # A running mean: accurate in float32 even over long epochs.
   mean = state.period_mean + (task_losses - state.period_mean) / steps
+  if valid is not None:
+    steps = jnp.where(valid, steps, state.steps_in_period)
+    mean = jnp.where(valid, mean, state.period_mean)
   complete = steps >= steps_per_period
+  if valid is not None:
+    complete &= valid
   return LossRatioState(
       period_mean=jnp.where(complete, 0.0, mean).astype(jnp.float32),
       steps_in_period=jnp.where(complete, 0, steps).astype(jnp.int32),
@@ -198,19 +248,30 @@ def record_losses(
 
 
 def _dwa_logits(state: LossRatioState, temperature: float):
-  # r/τ, clipped at MAX_WEIGHT like r: finite for any τ > 0.
+  # r/τ, clipped at MAX_WEIGHT like r: finite for any τ > 0. A task whose
+  # ratio does not exist yet (it missed steps) counts with r = 1.
   ratios, available = loss_ratios(state)
-  return bounded_ratio(ratios, jnp.asarray(temperature, jnp.float32)), available
+  return (bounded_ratio(ratios, jnp.asarray(temperature, jnp.float32)),
+          jnp.any(available))
 
 
-def dwa_coefficients(state: LossRatioState, temperature: float) -> chex.Array:
+def dwa_coefficients(state: LossRatioState, temperature: float,
+                     valid: Optional[chex.Array] = None,
+                     previous_weights: Optional[chex.Array] = None
+                     ) -> chex.Array:
   """``T·softmax(r/τ)`` from the ratio history; ones until it exists.
 
   Always finite, in ``[0, T]``: ``r/τ`` is clipped at :data:`MAX_WEIGHT`.
+  With ``valid`` and ``previous_weights``, the excluded tasks keep their
+  previous weights and the others share the rest of ``T``
+  (:func:`normalized_weights`).
   """
   logits, available = _dwa_logits(state, temperature)
-  coefficients = normalized_weights(logits)
-  return jnp.where(available, coefficients, 1.0).astype(jnp.float32)
+  coefficients = normalized_weights(logits, valid, previous_weights)
+  ones = jnp.ones_like(coefficients)
+  if valid is not None:
+    ones = jnp.where(valid, ones, previous_weights)
+  return jnp.where(available, coefficients, ones).astype(jnp.float32)
 
 
 def log_dwa_coefficients(state: LossRatioState,

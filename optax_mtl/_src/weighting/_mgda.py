@@ -20,7 +20,7 @@ class MgdaState(NamedTuple):
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
-  solver_gap: chex.Array  # f32[], final Frank-Wolfe duality gap.
+  solver_gap: chex.Array  # f32[], final relative duality gap (f32 max: none).
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
   solution: chex.Array  # f32[T], the solver's w* of the last step.
 

@@ -87,7 +87,10 @@ def pcgrad(
   (:math:`g_i^{PC} \cdot g_j = a_i^\top G e_j`) and the weights are
   :math:`w = \sum_i a_i`. Each task draws its own order, fresh at every
   step, from a PRNG key kept in the state (``rng_key``, raw key data). A
-  task with a zero gradient is never projected onto.
+  task with a zero gradient is never projected onto. The coefficients are
+  ratios of entries of G, computed on G divided by a power of two
+  (exactly): the weights do not depend on the common scale of the
+  gradients, and the update scales with them.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped``;
   the previous weights are applied and the key is not advanced.

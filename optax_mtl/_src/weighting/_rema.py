@@ -13,7 +13,8 @@ class RemaState(NamedTuple):
   """State of :func:`rema`."""
 
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
   loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
   loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
@@ -46,11 +47,14 @@ def rema(
   that jumps from 1e-30 to 1e9 gives ``r = 1e30``, not inf), so the weights
   are always finite.
 
-  A rejected step (a non-finite, zero or negative loss) enters neither the
-  average nor the loss history: the previous state is kept, ``num_skipped``
-  is incremented and the previous weights are applied again. ``t`` counts
-  accepted steps only, so ``L(t−1)`` and ``L(t−2)`` are the losses of the
-  last two accepted steps.
+  A bad loss of one task (non-finite, zero or negative) excludes that task
+  only: it enters neither its average nor its loss history, the task keeps
+  its previous weight and ``num_rejected_losses[k]`` counts it; the other
+  tasks update as usual. ``t`` counts each task's accepted losses, so
+  ``L_k(t−1)`` and ``L_k(t−2)`` are task k's last two accepted losses. With
+  ``normalize=True`` an excluded task keeps its previous weight and the
+  others share the rest of ``T``. Only a step with no valid loss is
+  rejected as a whole (``num_skipped``; the previous weights).
 
   Args:
     num_tasks: the number of tasks T.
@@ -86,25 +90,26 @@ def rema(
 
   def init():
     return RemaState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, per_task=True),
         loss_average=_loss_history.init_loss_average(num_tasks),
         loss_ratios=_loss_history.init_loss_ratios(num_tasks))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
     ratios, _ = _loss_history.loss_ratios(state.loss_ratios)
     loss_average = _loss_history.update_loss_average(
-        state.loss_average, task_losses, beta)
+        state.loss_average, task_losses, beta, valid)
     average = loss_average.average
     weights = _loss_history.finish_weights(
         _loss_history.bounded_ratio(ratios, average),
         (_loss_history.log_loss_ratios(state.loss_ratios)
-         - _loss_history.log_positive(average)), normalize, max_weight)
+         - _loss_history.log_positive(average)), normalize, max_weight,
+        valid, state.weights)
     return weights, state._replace(
         loss_average=loss_average,
         loss_ratios=_loss_history.record_losses(
-            state.loss_ratios, task_losses, steps_per_period=1))
+            state.loss_ratios, task_losses, 1, valid))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))

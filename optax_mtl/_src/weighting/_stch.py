@@ -77,7 +77,11 @@ def stch(
 
   A step with a non-finite loss (or, with ``log_losses=True``, a zero or
   negative one) is counted in ``num_skipped`` and never enters the estimate;
-  the previous weights are applied.
+  the previous weights are applied. With ``log_losses=False`` a zero or
+  negative loss is an ordinary value. One task's bad loss rejects the whole
+  step (the strategy is not per task): the warm-up and the nadir epoch are
+  counted in steps shared by all the tasks, and the softmax of the STCH
+  weights mixes every task's loss.
 
   Args:
     num_tasks: the number of tasks T.

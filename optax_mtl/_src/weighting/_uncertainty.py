@@ -82,7 +82,10 @@ def uncertainty(
   ``s_k`` to ``-∞``), or whose update of ``s`` is not finite (only with an
   absurd ``learning_rate``), is counted in ``num_skipped``; ``s`` and Adam's
   moments are kept and the previous weights are applied (``c_k e^{-s_k}`` of
-  the initial ``s`` before the first accepted step).
+  the initial ``s`` before the first accepted step). One task's bad loss
+  rejects the whole step (the strategy is not per task): Adam's step count,
+  which sets the bias correction, is shared by all the log-variances, so a
+  task left out of an update would be corrected with the others' count.
 
   Args:
     num_tasks: the number of tasks T.

@@ -21,7 +21,7 @@ class UpgradState(NamedTuple):
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   solver_iterations: chex.Array  # i32[], most active-set iterations of the T.
-  solver_gap: chex.Array  # f32[], largest final residual of the T problems.
+  solver_gap: chex.Array  # f32[], largest relative KKT residual of the T.
   solver_converged: chex.Array  # bool[], all T problems converged.
   solutions: chex.Array  # f32[T, T], row i: v^(i) of the last step.
 
