@@ -116,7 +116,7 @@ STRATEGIES: dict[str, Case] = {
     "aligned_mtl": Case("gramian", hyperparams=dict(eigenvalue_rtol=1e-5), permutation_equivariant=True, rtol=1e-4),
     "upgrad": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-5), permutation_equivariant=True, non_conflicting=True, linear_under_scaling=True, mean_without_conflict=True, rtol=1e-4),
     "dualproj": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-5), permutation_equivariant=True, non_conflicting=True, mean_without_conflict=True, rtol=1e-4),
-    "config": Case("gramian", static_args=("num_tasks", "preference"), permutation_equivariant=True, non_conflicting=True, rtol=1e-4),
+    "config": Case("gramian", static_args=("num_tasks", "preference"), permutation_equivariant=True, rtol=1e-4),  # Equal positive cosines only when rank = T.
     "krum": Case("gramian", static_args=("num_tasks", "num_byzantine", "num_selected")),  # Ties go to the lower index.
     "fairgrad": Case("gramian", has_solver=True, static_args=("num_tasks", "alpha", "max_iters"), hyperparams=dict(tol=1e-5), permutation_equivariant=True, non_conflicting=True, rtol=1e-4),
     "gradvac": Case("gramian", stochastic=True, static_args=("num_tasks", "seed", "target", "groups"), hyperparams=dict(beta=0.3)),

@@ -139,6 +139,11 @@ def solve_alpha_fair(
   weights, iterations, gap, no_solution = jax.lax.while_loop(
       cond, body, (start, jnp.zeros([], jnp.int32), residual_gap(start),
                    cancels(start)))
+  # A solution has (G w)_i = w_i^{-1/α} > 0 for every task: iterates that
+  # drift along a cancelling combination without meeting the test above
+  # (round-off keeps its value just above the cut-off) fail this instead.
+  products = _common.matvec(matrix, weights)
+  no_solution |= jnp.any(active & (products <= 0))
   # Back to the input's scale: G = 2^e M gives w = 2^{-e α/(α+1)} w̃.
   scale = jnp.exp2(-prepared.exponent.astype(dtype) * alpha / (alpha + 1))
   weights = jnp.where(active & ~no_solution, weights * scale, 0)

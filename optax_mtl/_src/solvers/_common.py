@@ -108,9 +108,14 @@ def state_fields(result: SolverResult) -> dict[str, jax.Array]:
     {'solver_iterations': 'int32', 'solver_gap': 'float32', \
 'solver_converged': 'bool'}
   """
+  # An infinite gap (no solution, a NaN met) is stored as the largest
+  # float32: a state stays finite, so the guard accepts the solver's
+  # documented fallback instead of rejecting the step.
+  gap = jnp.minimum(jnp.max(result.gap).astype(jnp.float32),
+                    jnp.finfo(jnp.float32).max)
   return dict(
       solver_iterations=jnp.max(result.iterations).astype(jnp.int32),
-      solver_gap=jnp.max(result.gap).astype(jnp.float32),
+      solver_gap=jnp.where(jnp.isnan(gap), jnp.finfo(jnp.float32).max, gap),
       solver_converged=jnp.all(result.converged))
 
 

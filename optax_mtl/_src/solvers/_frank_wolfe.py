@@ -467,15 +467,20 @@ def solve_cagrad(
   radius = c * mean_norm  # r = √φ.
   norms = _common.gradient_norms(gramian)
 
-  def norm_and_error(weights, product):
-    """‖g_w‖ and its round-off (the kink makes it √ of the error of n²)."""
-    squared = jnp.maximum(jnp.dot(weights, product), 0)
-    norm = jnp.sqrt(squared)
+  # The smoothed norm ‖g_w‖_ε = √(wᵀ(G + κ nnᵀ)w), κ = T ε / 4: at most
+  # √κ nᵀw from ‖g_w‖, a quarter of the round-off of ‖g_w‖ itself (see
+  # norm_error), so minimising it is exact to the floor; and it keeps the
+  # gradient r G w / ‖g_w‖_ε resolved where ‖g_w‖ → 0 (the kink), where
+  # the round-off of G w would otherwise steer the loop.
+  smoothing = _common.resolve_cutoff(dtype, num_tasks, 1) / 4
+  smoothed = gramian + smoothing * norms[:, None] * norms[None, :]
+
+  def norm_error(weights, norm):
+    """The round-off of ‖g_w‖ = √(wᵀGw): √ of that of wᵀGw at the kink."""
     squared_error = _common.resolve_cutoff(dtype, num_tasks,
                                            jnp.dot(norms, weights)**2)
-    error = jnp.minimum(_common.safe_divide(squared_error, 2 * norm),
-                        jnp.sqrt(squared_error))
-    return norm, error
+    return jnp.minimum(_common.safe_divide(squared_error, 2 * norm),
+                       jnp.sqrt(squared_error))
 
   # Primal point 2 (independent of w): g_0 projected onto the cone
   # {d : J d ≥ 0} (DualProj's direction), shortened to the ball if need be.
@@ -495,27 +500,36 @@ def solve_cagrad(
       dtype, num_tasks, jnp.dot(jnp.abs(projection), norms))
 
   def measure(weights, product):
-    norm, norm_error = norm_and_error(weights, product)
-    gradient = linear + radius * _common.safe_divide(product, norm)
+    # product = (G + κ nnᵀ) w: the loop runs on the smoothed matrix.
+    smoothed_norm = jnp.sqrt(jnp.maximum(jnp.dot(weights, product), 0))
+    plain = product - smoothing * norms * jnp.dot(norms, weights)  # G w.
+    norm = jnp.sqrt(jnp.maximum(jnp.dot(weights, plain), 0))
+    gradient = linear + radius * _common.safe_divide(product, smoothed_norm)
     value = jnp.dot(weights, linear) + radius * norm
     scale = jnp.abs(jnp.dot(weights, linear)) + radius * norm
-    floor = (radius * norm_error + _common.resolve_cutoff(
+    floor = (radius * norm_error(weights, norm) + _common.resolve_cutoff(
         dtype, num_tasks,
         (jnp.dot(norms, weights) + jnp.max(norms)) * (mean_norm + radius)))
-    # Primal point 1: d = g_0 + r g_w / ‖g_w‖ (the Frank-Wolfe gap).
-    first = jnp.where(norm > 0, jnp.min(gradient), -jnp.inf)
+    # Primal point 1: d = g_0 + r g_w / ‖g_w‖_ε, in the ball since
+    # ‖g_w‖_ε ≥ ‖g_w‖ (the Frank-Wolfe gap, up to the smoothing).
+    first = jnp.where(smoothed_norm > 0,
+                      jnp.min(linear + radius * _common.safe_divide(
+                          plain, smoothed_norm)), -jnp.inf)
     gaps = (_common.relative_gap(jnp.maximum(value - first, 0), scale, floor),
             _common.relative_gap(jnp.maximum(value - second, 0), scale,
                                  floor + second_floor))
     return gradient, jnp.minimum(*gaps)
 
   def corrective(weights, product):
-    norm, _ = norm_and_error(weights, product)
+    norm = jnp.sqrt(jnp.maximum(jnp.dot(weights, product), 0))
     support = weights > 0
     usable = (norm > 0) & (radius > 0)
     curvature = _common.safe_divide(radius, norm)
     unit = _common.safe_divide(product, norm)
-    hessian = curvature * (gramian - unit[:, None] * unit[None, :])
+    # The Hessian r/‖g‖ (G − p pᵀ/‖g‖²) is singular along w (‖g_w‖ is
+    # 1-homogeneous); adding ρ 11ᵀ changes nothing on {1ᵀδ = 0}, where the
+    # step lives, and makes the system regular there (1ᵀw = 1).
+    hessian = curvature * (smoothed - unit[:, None] * unit[None, :] + 1)
     gradient = linear + radius * unit
     newton = _common.solve_on_support(hessian, support, -gradient)
     ones = _common.solve_on_support(hessian, support,
@@ -526,6 +540,7 @@ def solve_cagrad(
     return jnp.where(support & usable, direction, 0)
 
   def value(weights, product):
+    """The smoothed objective ``wᵀa + r ‖g_w‖_ε`` that the loop minimises."""
     return jnp.dot(weights, linear) + radius * jnp.sqrt(
         jnp.maximum(jnp.dot(weights, product), 0))
 
@@ -533,6 +548,6 @@ def solve_cagrad(
                         _exact_line_search_cagrad(radius, linear), corrective)
   start = _simplex_start(num_tasks, dtype, warm_start)
   weights, iterations, gap, stalled = pairwise_frank_wolfe(
-      objective, gramian, start, max_iters=max_iters, tol=tol)
+      objective, smoothed, start, max_iters=max_iters, tol=tol)
   return _common.finish(weights, iterations, gap, tol,
                         finite=prepared.finite, stalled=stalled)

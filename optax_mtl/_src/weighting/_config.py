@@ -63,9 +63,11 @@ def config(num_tasks: int,
     \hat v = v / \lVert v \rVert, \qquad
     d = \Bigl(\sum_k g_k^\top \hat v\Bigr)\, \hat v.
 
-  With :math:`p = \mathbf 1`, :math:`d` makes the same angle with every
-  task gradient, and its length is the sum of the gradients' projections on
-  it. Computed from the Gramian: :math:`v = \sum_k (C^{+} p)_k\, u_k` with
+  With :math:`p = \mathbf 1` and linearly independent task gradients,
+  :math:`d` makes the same (acute) angle with every task gradient, and its
+  length is the sum of the gradients' projections on it. With more tasks
+  than independent directions, :math:`v` is the least-squares solution and
+  the cosines are no longer equal (nor always positive). Computed from the Gramian: :math:`v = \sum_k (C^{+} p)_k\, u_k` with
   :math:`C = U U^\top` the cosine matrix, so only the final combination
   touches the parameters. A zero gradient is left out. The update scales
   with the gradients (linear under scaling).
