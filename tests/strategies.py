@@ -129,6 +129,12 @@ STRATEGIES: dict[str, Case] = {
 }
 # pylint: enable=line-too-long
 
+# Strategies that read several independent minibatches per step (double
+# sampling: task_grads with leading axes (3, T)). The table's checks feed one
+# minibatch, so these are covered by tests/test_double_sampling.py instead
+# (golden values in both faces, shared parameters, rejected steps, errors).
+SAMPLED_STRATEGIES: tuple[str, ...] = ("modo", "sdmgrad")
+
 NAMES: tuple[str, ...] = tuple(sorted(STRATEGIES))
 
 
