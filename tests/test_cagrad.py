@@ -185,15 +185,8 @@ PARETO_STATIONARY = {
 }
 
 
-_INF_GAP_AT_A_VERTEX = pytest.mark.xfail(
-    strict=True, reason="solvers.solve_cagrad reports gap = inf (STALLED) "
-    "when the float64 solve lands exactly on the zero task's vertex")
-
-
-@pytest.mark.parametrize("name, x64", [
-    ("three_in_a_plane", False), ("three_in_a_plane", True),
-    ("zero_task", False),
-    pytest.param("zero_task", True, marks=_INF_GAP_AT_A_VERTEX)])
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("name", sorted(PARETO_STATIONARY))
 def test_pareto_stationary_points_converge(name, x64):
   # D15: 0 is in the hull and the dual optimum has g_w = 0; the solve must
   # certify it at once instead of running max_iters, and the step is kept.

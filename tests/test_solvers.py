@@ -92,11 +92,19 @@ def exact_min_norm(gramian):
   for support in support_sets(num_tasks):
     support = list(support)
     size = len(support)
-    kkt = np.block([[gramian[np.ix_(support, support)], np.ones((size, 1))],
-                    [np.ones((1, size)), np.zeros((1, 1))]])
-    solution = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=None)[0]
+    block = gramian[np.ix_(support, support)]
+    scales = 1 / np.sqrt(np.maximum(np.diag(block), 1e-300))
+    scaled = block * np.outer(scales, scales)
+    if np.linalg.cond(scaled) < 1e10:  # w_S ∝ G_SS⁻¹ 1, Jacobi-scaled.
+      solution = scales * np.linalg.solve(scaled, scales)
+      solution = solution / solution.sum()
+    else:  # Singular: the KKT system in the least-squares sense.
+      kkt = np.block([[block, np.ones((size, 1))],
+                      [np.ones((1, size)), np.zeros((1, 1))]])
+      solution = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0],
+                                 rcond=None)[0][:size]
     weights = np.zeros(num_tasks)
-    weights[support] = solution[:size]
+    weights[support] = solution
     if weights.min() < -1e-12 or abs(weights.sum() - 1) > 1e-9:
       continue
     weights = np.clip(weights, 0, None)
@@ -326,7 +334,7 @@ def check_dual_cone(jacobian, lower, result, context, rtol,
   conflict = (gramian @ solution) / np.where(norms > 0, norms, 1)
   assert conflict.min() >= -(rtol * size + floor), (context, conflict.min())
   error = np.linalg.norm((solution - reference) @ rows)
-  assert error <= np.sqrt(rtol) * size + np.sqrt(floor * (size + floor)), (
+  assert error <= np.sqrt(rtol) * size + np.sqrt(floor * size) + 4 * floor, (
       f"{context}: ‖d − d*‖ = {error!r}, ‖d*‖ = {size!r}")
 
 
@@ -457,7 +465,9 @@ def test_solvers_match_exact_float32():
     assert abs(ours - best) <= F32_RTOL * abs(best) + 1e-3 * size, context
     result = jitted("solve_nash")(gramian32)
     assert_result_types(result, jnp.float32)
-    if not has_no_bargaining_solution(gramian) and kind != "rank":
+    if kind == "opposite":  # Rounded to float32: not solvable in float32.
+      assert int(result.outcome) == solvers.Outcome.NO_SOLUTION, context
+    elif not has_no_bargaining_solution(gramian) and kind != "rank":
       assert bool(result.converged), (context, result)
       np.testing.assert_allclose(result.weights, exact_nash(gramian),
                                  rtol=1e-3, err_msg=context)
@@ -570,7 +580,7 @@ def test_zero_gradient_tasks_get_exact_weights():
   lower = jnp.array([0.3, -0.7, 1.0, 0.25])
   result = solvers.solve_dual_cone_qp(gramian, lower)
   np.testing.assert_array_equal(np.asarray(result.weights)[[1, 3]],
-                                [-0.7, 0.25])
+                                np.asarray(lower)[[1, 3]])
   # Nash: α = 0 for the zero tasks, the others bargain among themselves.
   result = solvers.solve_nash(gramian)
   reduced = solvers.solve_nash(gramian[jnp.array([0, 2])][:, jnp.array([0,
@@ -626,20 +636,22 @@ def test_unfinished_solves_report_max_iters():
 
 def test_the_exact_optimum_is_certified_at_once_float64():
   # Warm-started from the exact SciPy solution, every solver certifies it
-  # without an iteration: the tests do not miss optimal points (D15).
+  # without an iteration: the tests do not miss optimal points (D15). (At
+  # tol = 1e-9: the references, by lstsq on ill-conditioned blocks, are
+  # not exact to 1e-12.)
   with jax.enable_x64(True):
     for num_tasks, kind, _, gramian in instances(10, EXACT_SIZES):
       context = f"T={num_tasks} {kind}"
       exact = exact_min_norm(gramian)
-      result = jitted("solve_min_norm")(jnp.asarray(gramian),
-                                        warm_start=jnp.asarray(exact))
+      result = jitted("solve_min_norm", tol=1e-9)(
+          jnp.asarray(gramian), warm_start=jnp.asarray(exact))
       assert bool(result.converged) and int(result.iterations) == 0, (
           context, result)
       lower = np.eye(num_tasks)[0]
       exact = exact_dual_cone(gramian, lower)
-      result = jitted("solve_dual_cone_qp")(jnp.asarray(gramian),
-                                            jnp.asarray(lower),
-                                            warm_start=jnp.asarray(exact))
+      result = jitted("solve_dual_cone_qp", tol=1e-9)(
+          jnp.asarray(gramian), jnp.asarray(lower),
+          warm_start=jnp.asarray(exact))
       assert bool(result.converged) and int(result.iterations) == 0, (
           context, result)
 

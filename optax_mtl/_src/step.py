@@ -88,7 +88,9 @@ def weights_step(
     return _guarded_rule(weighting, task_losses, state, gramian_fn)
 
   def recompute(inner):
-    return _guarded_rule(weighting, task_losses, inner, gramian_fn)
+    weights, inner = _guarded_rule(weighting, task_losses, inner, gramian_fn)
+    # Both branches of the cond return the state's dtype.
+    return weights.astype(inner.weights.dtype), inner
 
   def reuse(inner):
     # The previous weights again; a rejected loss is still counted.
@@ -217,7 +219,10 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
     return jax.tree.map(
         lambda u: jnp.where(ok, u, jnp.zeros_like(u))
         if jnp.issubdtype(u.dtype, jnp.inexact) else u, output), new_state
-  return new_state.weights, new_state
+  # The weights applied are the rule's own, in its dtype (float64 from a
+  # float64 Gramian under x64); the state keeps them in float32.
+  applied = jnp.where(ok, output, state.weights.astype(output.dtype))
+  return applied, new_state
 
 
 def gradients_step(

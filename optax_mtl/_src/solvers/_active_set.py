@@ -184,30 +184,35 @@ def _remove(factor: _Factor, leaving: chex.Array,
   return _Factor(free, whiten, whitened)
 
 
-def solve_on_free_set(problem: _Problem, factor: _Factor,
-                      refine: chex.Array = True) -> chex.Array:
+def solve_on_free_set(problem: _Problem, factor: _Factor) -> chex.Array:
   r"""``λ_F = −(C_FF + μI)⁻¹ b_F``: ``Wᵀz``, refined against ``C_FF``.
 
-  Where ``refine``, one step of iterative refinement
-  (``x ← x + Wᵀ W (−b_F − C_FF x)``) removes the ridge's bias where
-  ``C_FF`` is well conditioned and the round-off that the updates of ``W``
-  accumulate.
+  When the residual ``−b_F − C_FF x`` of some problem of the batch is
+  above its round-off (``T ε |C|(|x| + |u|)``: the ridge's bias where
+  ``C_FF`` is well conditioned, or the round-off that the updates of
+  ``W`` accumulate), one step of iterative refinement
+  ``x ← x + Wᵀ W (−b_F − C_FF x)`` is taken.
 
   Returns:
     The trial point [B, T], zero off the free set.
   """
+  num_tasks = factor.free.shape[-1]
   solution = jnp.where(factor.free,
                        _apply_transposed(factor.whiten, factor.whitened), 0)
+  residual = jnp.where(
+      factor.free,
+      -problem.linear - _common.matmul_rows(solution, problem.cosines), 0)
+  magnitudes = _common.matmul_rows(jnp.abs(solution) + jnp.abs(problem.lower),
+                                   jnp.abs(problem.cosines))
+  inaccurate = jnp.abs(residual) > _common.resolve_cutoff(
+      solution.dtype, num_tasks, magnitudes)
 
   def refined():
-    residual = jnp.where(
-        factor.free,
-        -problem.linear - _common.matmul_rows(solution, problem.cosines), 0)
     correction = _apply_transposed(factor.whiten,
                                    _apply(factor.whiten, residual))
     return solution + jnp.where(factor.free, correction, 0)
 
-  return jax.lax.cond(jnp.any(refine), refined, lambda: solution)
+  return jax.lax.cond(jnp.any(inaccurate), refined, lambda: solution)
 
 
 def step_back_to_feasibility(
@@ -380,6 +385,7 @@ def solve_dual_cone_qp(
     warm_start = jnp.atleast_2d(warm_start)
   lower = jnp.atleast_2d(lower)
   finite = prepared.finite & jnp.all(jnp.isfinite(lower), axis=1)
+  given = lower
   lower = jnp.where(finite[:, None], lower, 0)
 
   # Unit rows: C = D G D entry by entry (the outer product of the scales
@@ -457,7 +463,7 @@ def solve_dual_cone_qp(
                    jnp.zeros((batch,), bool), zeros, jnp.zeros([], jnp.int32)))
   gap = _kkt_gap(problem, slack)
   # v = u + D λ: exactly u where λ = 0 (bound and zero-gradient tasks).
-  weights = jnp.where(finite[:, None], lower + slack * scales, lower)
+  weights = jnp.where(finite[:, None], lower + slack * scales, given)
   result = _common.finish(weights, iterations, gap, tol, finite=finite,
                           stalled=stalled)
   if single:

@@ -77,7 +77,13 @@ def _simplex_start(num_tasks: int, dtype, warm_start) -> chex.Array:
   warm_start = _common.check_vector("warm_start", warm_start, num_tasks, dtype)
   finite = jnp.all(jnp.isfinite(warm_start))
   # The uniform weights lie on the simplex: projecting them changes nothing.
-  return project_simplex(jnp.where(finite, warm_start, uniform))
+  guess = jnp.where(finite, warm_start, uniform)
+  # A point of the simplex (to round-off) is kept as it is: the projection
+  # would move it by a rounding unit, and a certified point must stay so.
+  on_simplex = jnp.all(guess >= 0) & (
+      jnp.abs(jnp.sum(guess) - 1) <= _common.resolve_cutoff(dtype, num_tasks,
+                                                             1))
+  return jnp.where(on_simplex, guess, project_simplex(guess))
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,6 @@ class CagradState(NamedTuple):
 
 
 RESCALE_MODES = (0, 1, 2)
-_LARGEST_GAP = float(jnp.finfo(jnp.float32).max)
 
 
 def cagrad(
@@ -54,9 +53,10 @@ def cagrad(
   below which G does not resolve its norm, let alone its direction: a
   Pareto-stationary point), Algorithm 1's ``g_w / ‖g_w‖`` is undefined and
   the weights are ``1/T``: ``d = g_0``. (torchjd's ``CAGrad`` returns zero
-  weights there, below its absolute ``norm_eps``.) The ratio ``√φ / ‖g_w‖`` is scale-free and the solver divides
-  ``G`` by a power of two (exactly), so the weights do not depend on the
-  common scale of the gradients: the update scales with them.
+  weights there, below its absolute ``norm_eps``.) The ratio
+  ``√φ / ‖g_w‖`` is scale-free and the solver divides ``G`` by a power of
+  two (exactly), so the weights do not depend on the common scale of the
+  gradients: the update scales with them.
 
   ``rescale`` reproduces LibMTL's ``CAGrad(rescale=...)`` (the authors'
   code): ``0`` the paper's update (the default here), ``1`` the update
@@ -136,12 +136,8 @@ def cagrad(
     norm = jnp.sqrt(jnp.where(positive, squared, 1))
     ratio = jnp.where(positive, radius / norm, 0)
     weights = factor * (mean + ratio * solution)
-    fields = solvers.state_fields(result)
-    # A solve with no certificate has gap = inf; the state must stay finite
-    # (the guard rejects a non-finite state): the largest float32.
-    fields["solver_gap"] = jnp.minimum(fields["solver_gap"], _LARGEST_GAP)
     return weights, state._replace(solution=solution.astype(jnp.float32),
-                                   **fields)
+                                   **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -106,12 +106,8 @@ def dualproj(
         _upgrad.regularized_gramian(gramian, regularization),
         jnp.asarray(preference_values, gramian.dtype), max_iters=max_iters,
         tol=tol, warm_start=state.weights)
-    fields = solvers.state_fields(result)
-    # A solve with no certificate has gap = inf; the state must stay finite
-    # (the guard rejects a non-finite state): the largest float32.
-    fields["solver_gap"] = jnp.minimum(fields["solver_gap"],
-                                       _upgrad.LARGEST_GAP)
-    return result.weights.astype(gramian.dtype), state._replace(**fields)
+    return result.weights.astype(gramian.dtype), state._replace(
+        **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -10,7 +10,6 @@ from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-_LARGEST_GAP = float(jnp.finfo(jnp.float32).max)
 
 
 class MgdaState(NamedTuple):
@@ -121,12 +120,9 @@ def mgda(
     scaled = scales[:, None] * gramian * scales[None, :]
     result = solvers.solve_min_norm(scaled, max_iters=max_iters, tol=tol,
                                     warm_start=state.solution)
-    fields = solvers.state_fields(result)
-    # A solve with no certificate has gap = inf; the state must stay finite
-    # (the guard rejects a non-finite state): the largest float32.
-    fields["solver_gap"] = jnp.minimum(fields["solver_gap"], _LARGEST_GAP)
     return result.weights * scales, state._replace(
-        solution=result.weights.astype(jnp.float32), **fields)
+        solution=result.weights.astype(jnp.float32),
+        **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

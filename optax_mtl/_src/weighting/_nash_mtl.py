@@ -128,13 +128,9 @@ def nash_mtl(
       weights = jnp.where(norm > max_norm,
                           weights * (max_norm / jnp.where(norm > 0, norm, 1)),
                           weights)
-    fields = solvers.state_fields(result)
-    # No solution: the gap is infinite; the state must stay finite (the
-    # guard rejects a non-finite state): the largest float32.
-    fields["solver_gap"] = jnp.minimum(fields["solver_gap"],
-                                       float(jnp.finfo(jnp.float32).max))
     return weights, state._replace(
-        solver_outcome=result.outcome.astype(jnp.int32), **fields)
+        solver_outcome=result.outcome.astype(jnp.int32),
+        **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

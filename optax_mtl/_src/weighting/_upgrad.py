@@ -11,9 +11,6 @@ from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 
-LARGEST_GAP = float(jnp.finfo(jnp.float32).max)
-
-
 class UpgradState(NamedTuple):
   """State of :func:`upgrad`."""
 
@@ -157,12 +154,8 @@ def upgrad(
     # v ≥ p_i e_i is solved by p_i v^(i) (p_i > 0) and by 0 (p_i = 0).
     solutions = results.weights.astype(dtype)
     weights = jnp.asarray(preference_values, dtype) @ solutions
-    fields = solvers.state_fields(results)
-    # A solve with no certificate has gap = inf; the state must stay finite
-    # (the guard rejects a non-finite state): the largest float32.
-    fields["solver_gap"] = jnp.minimum(fields["solver_gap"], LARGEST_GAP)
     return weights, state._replace(solutions=solutions.astype(jnp.float32),
-                                   **fields)
+                                   **solvers.state_fields(results))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
