@@ -44,7 +44,6 @@ from optax_mtl._src.solvers._frank_wolfe import pairwise_frank_wolfe
 from optax_mtl._src.solvers._frank_wolfe import project_simplex
 from optax_mtl._src.solvers._frank_wolfe import solve_cagrad
 from optax_mtl._src.solvers._frank_wolfe import solve_min_norm
-from optax_mtl._src.solvers._alpha_fair import solve_alpha_fair
 from optax_mtl._src.solvers._newton import solve_nash
 
 __all__ = (
@@ -60,7 +59,6 @@ __all__ = (
     "relative_gap",
     "resolve_cutoff",
     "safe_divide",
-    "solve_alpha_fair",
     "solve_alpha_fair",
     "solve_cagrad",
     "solve_dual_cone_qp",

@@ -313,18 +313,22 @@ def solve_dual_cone_qp(
   ``C``, in named steps: :func:`entering_task` frees the bound task of most
   negative gradient, :func:`solve_on_free_set` solves on the free set, and
   :func:`step_back_to_feasibility` steps back when a free variable would
-  turn negative, bounding that task again. The free set's Cholesky factor
-  (of ``C_FF + μI``, ``μ = T ε``, so that duplicated or dependent gradients
-  still factorise) is *updated*: freeing a task appends a row (one
-  triangular solve), bounding one is a rank-one update, so an iteration
-  costs ``O(T²)``, not the ``O(T³)`` of a new factorisation. A task freed
-  and pushed straight back stops the solve (round-off; ``STALLED`` unless
-  the point meets ``tol``).
+  turn negative, bounding that task again. The factorisation is *updated*,
+  never recomputed: a whitening ``W`` of ``C_FF + μI`` (``W M Wᵀ = I``;
+  ``μ = T ε``, so that duplicated or dependent gradients still factorise)
+  gets one new row when a task is freed (two matrix-vector products: the
+  bordering step of a Cholesky factorisation, written on its inverse) and
+  one Householder reflection when a task is bound again. An iteration thus
+  costs ``O(T²)`` per problem, where a new factorisation costs ``O(T³)``,
+  and uses no triangular solve (on CPU a batched one costs about a hundred
+  matrix-vector products). A task freed and pushed straight back stops the
+  solve (round-off; ``STALLED`` unless the point meets ``tol``).
 
   A batch of problems sharing ``G`` (``lower`` of shape [B, T], e.g.
   UPGrad's ``B = T`` problems ``u = e_i``) is solved together, each at its
-  own pace, for ``O(B T²)`` per iteration; prefer it to ``jax.vmap``,
-  under which the rank-one update and the rebuild run at every iteration.
+  own pace, for ``O(B T²)`` per iteration. Prefer it to ``jax.vmap`` of the
+  single problem, under which the conditional refinement and Householder
+  update run at every iteration.
 
   Stopping test (:func:`_common.relative_gap`): the KKT residual of
   ``v' = λ + u'`` (``|(Cv')_k|`` where ``λ_k > 0``, ``max(−(Cv')_k, 0)``
@@ -334,8 +338,8 @@ def solve_dual_cone_qp(
   zero-gradient task keeps ``v_k = u_k`` exactly.
 
   Warm start: given a guess of ``v*`` (e.g. the previous step's solution),
-  the tasks with ``v_k > u_k`` are the starting free set; its factor is
-  built once. When the solution on it is feasible the iterations start
+  the tasks with ``v_k > u_k`` are the starting free set; its whitening is
+  built once (``L⁻¹`` of a Cholesky factor, inverted by halves). When the solution on it is feasible the iterations start
   there (none are needed when it is also optimal); otherwise they start
   from the guess itself and step back towards it. A guess changes only
   where the search starts, never the test it has to pass.
@@ -465,7 +469,7 @@ def solve_dual_cone_qp(
   # v = u + D λ: exactly u where λ = 0 (bound and zero-gradient tasks).
   weights = jnp.where(finite[:, None], lower + slack * scales, given)
   result = _common.finish(weights, iterations, gap, tol, finite=finite,
-                          stalled=stalled)
+                          stalled=stalled, fallback=given)
   if single:
     result = jax.tree.map(lambda leaf: leaf[0], result)
   return result

@@ -41,8 +41,8 @@ class Outcome:
 
   NONFINITE = 2
   """The Gramian (or another input) held a NaN or an infinity, or the solve
-  produced one. The weights are the solver's documented fallback (its
-  starting point), not a solution."""
+  produced one. The weights are the solver's documented fallback (the
+  uniform weights, ``u``, or zeros), not a solution."""
 
   NO_SOLUTION = 3
   """The problem has no solution within the dtype's resolution (Nash-MTL
@@ -195,15 +195,20 @@ def relative_gap(absolute: chex.Array, scale: chex.Array,
 def finish(weights: chex.Array, iterations: chex.Array, gap: chex.Array,
            tol: float, *, finite: chex.Array = True,
            stalled: chex.Array = False,
-           no_solution: chex.Array = False) -> SolverResult:
+           no_solution: chex.Array = False,
+           fallback: Any = None) -> SolverResult:
   """Assembles a :class:`SolverResult` and its outcome (the one rule).
 
   ``converged = gap <= tol`` (``gap`` from :func:`relative_gap`), then the
   outcome in the order of :class:`Outcome`: NONFINITE when an input or the
-  weights are not finite, NO_SOLUTION, SUCCESS when converged, STALLED,
-  MAX_ITERS. ``converged`` is False unless the outcome is SUCCESS.
+  weights are not finite (the weights are then replaced by ``fallback``,
+  when given), NO_SOLUTION, SUCCESS when converged, STALLED, MAX_ITERS.
+  ``converged`` is False unless the outcome is SUCCESS.
   """
   finite = jnp.asarray(finite) & jnp.all(jnp.isfinite(weights), axis=-1)
+  if fallback is not None:
+    weights = jnp.where(finite[..., None], weights,
+                        jnp.broadcast_to(fallback, weights.shape))
   no_solution = jnp.asarray(no_solution) & finite
   gap = jnp.where(finite & ~no_solution, gap, jnp.inf).astype(gap.dtype)
   converged = gap <= tol

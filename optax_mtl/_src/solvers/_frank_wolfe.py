@@ -344,7 +344,8 @@ def solve_min_norm(
   weights, iterations, gap, stalled = pairwise_frank_wolfe(
       objective, gramian, start, max_iters=max_iters, tol=tol)
   return _common.finish(weights, iterations, gap, tol,
-                        finite=prepared.finite, stalled=stalled)
+                        finite=prepared.finite, stalled=stalled,
+                        fallback=1 / num_tasks)
 
 
 # --------------------------------------------------------------------------
@@ -556,4 +557,5 @@ def solve_cagrad(
   weights, iterations, gap, stalled = pairwise_frank_wolfe(
       objective, smoothed, start, max_iters=max_iters, tol=tol)
   return _common.finish(weights, iterations, gap, tol,
-                        finite=prepared.finite, stalled=stalled)
+                        finite=prepared.finite, stalled=stalled,
+                        fallback=1 / num_tasks)

@@ -165,4 +165,5 @@ def solve_nash(
   weights = jnp.where(active & ~no_solution,
                       beta / jnp.where(active, input_norms, 1), 0)
   return _common.finish(weights, iterations, gap, tol,
-                        finite=prepared.finite, no_solution=no_solution)
+                        finite=prepared.finite, no_solution=no_solution,
+                        fallback=0)
