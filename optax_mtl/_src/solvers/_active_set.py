@@ -13,7 +13,7 @@ from optax_mtl._src.solvers import _common
 
 # The default max_iters of solve_dual_cone_qp. An iteration frees one task
 # or bounds one again; a solve takes about as many iterations as it frees
-# tasks (up to T) plus a few: about 150 at T = 256 from a cold start in the
+# tasks (up to T) plus a few: about 157 at T = 256 from a cold start in the
 # timings. The bound leaves room for T up to several hundred.
 DEFAULT_MAX_ITERS = 1000
 
@@ -339,13 +339,16 @@ def solve_dual_cone_qp(
 
   Warm start: given a guess of ``v*`` (e.g. the previous step's solution),
   the tasks with ``v_k > u_k`` are the starting free set; its whitening is
-  built once (``L⁻¹`` of a Cholesky factor, inverted by halves). When the solution on it is feasible the iterations start
-  there (none are needed when it is also optimal); otherwise they start
-  from the guess itself and step back towards it. A guess changes only
+  built once (``L⁻¹`` of a Cholesky factor, inverted by halves). When the
+  solution on it is feasible the iterations start there (none are needed
+  when it is also optimal); otherwise they start from the guess itself and
+  step back towards it. A guess changes only
   where the search starts, never the test it has to pass.
 
-  Defaults: ``max_iters = 1000`` (about one iteration per freed task, so
-  up to about T plus a few), ``tol`` from :func:`_common.default_tolerance`.
+  Defaults: ``max_iters = 1000`` (about one iteration per freed task: from
+  a cold start 28, 82 and 157 iterations for UPGrad at T = 40, 128, 256,
+  warm-started from the previous step 7, 15 and 28), ``tol`` from
+  :func:`_common.default_tolerance`.
 
   Args:
     gramian: ``G``, shape [T, T], symmetric positive semi-definite; solved

@@ -98,7 +98,8 @@ def state_fields(result: SolverResult) -> dict[str, jax.Array]:
     result: a :class:`SolverResult`, of one problem or of a batch.
 
   Returns:
-    ``dict(solver_iterations=i32[], solver_gap=f32[], solver_converged=bool[])``.
+    ``dict(solver_iterations=i32[], solver_gap=f32[],
+    solver_converged=bool[])``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -241,6 +242,11 @@ def safe_divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
 def gradient_norms(gramian: chex.Array) -> chex.Array:
   """``‖g_k‖ = sqrt(max(G_kk, 0))``, the task gradients' norms, shape [T]."""
   return jnp.sqrt(jnp.maximum(jnp.diagonal(gramian), 0))
+
+
+def dot(first: chex.Array, second: chex.Array) -> chex.Array:
+  """``first · second`` at full precision (no TF32/bf16 passes on GPU)."""
+  return jnp.dot(first, second, precision=_HIGHEST)
 
 
 def matvec(matrix: chex.Array, vector: chex.Array) -> chex.Array:
@@ -390,7 +396,7 @@ def cholesky_solver(matrix: chex.Array):
 
 def solve_on_support(matrix: chex.Array, support: chex.Array,
                      rhs: chex.Array, *, refinements: int = 2) -> chex.Array:
-  r"""``x_S = M_SS⁻¹ r_S`` (0 off ``S``) for a PSD ``M``, as accurately as cheap.
+  r"""``x_S = M_SS⁻¹ r_S`` (0 off ``S``) for a PSD ``M``, accurately, cheaply.
 
   The block is scaled to a unit diagonal first (``D M_SS D``,
   ``D = diag(M_kk^{-1/2})``), so that tasks of very different gradient
