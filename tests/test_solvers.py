@@ -634,6 +634,40 @@ def test_unfinished_solves_report_max_iters():
     assert float(result.gap) > 1e-6
 
 
+def test_reported_gaps_are_the_documented_relative_measures():
+  # After one iteration from a poor start, each solver's gap is its
+  # documented measure, relative to the problem's own scale (so that an
+  # absolute test, met far from the optimum when the gradients are small,
+  # would fail here).
+  rng = np.random.default_rng(15)
+  jacobian = rng.normal(size=(6, 9)) * np.logspace(0, -4, 6)[:, None]
+  with jax.enable_x64(True):
+    gramian = jacobian @ jacobian.T
+    scaled = gramian / np.max(np.diag(gramian))
+    result = solvers.solve_min_norm(jnp.asarray(gramian), max_iters=1)
+    weights = np.asarray(result.weights)
+    product = scaled @ weights
+    value = weights @ product
+    np.testing.assert_allclose(result.gap, 2 * (value - product.min()) / value,
+                               rtol=1e-6)
+    lower = np.eye(6)[0]
+    result = solvers.solve_dual_cone_qp(jnp.asarray(gramian),
+                                        jnp.asarray(lower), max_iters=1)
+    norms = np.sqrt(np.diag(gramian))
+    solution = np.asarray(result.weights)
+    cosines = (jacobian @ (solution @ jacobian)) / norms  # ĝ_kᵀ d.
+    slack = solution - lower
+    violation = np.where(slack > 0, np.abs(cosines), np.maximum(-cosines, 0))
+    np.testing.assert_allclose(
+        result.gap, violation.max() / np.linalg.norm(solution @ jacobian),
+        rtol=1e-6)
+    result = solvers.solve_nash(jnp.asarray(gramian), max_iters=1)
+    alpha = np.asarray(result.weights)
+    np.testing.assert_allclose(result.gap,
+                               np.max(np.abs(alpha * (gramian @ alpha) - 1)),
+                               rtol=1e-6)
+
+
 def test_the_exact_optimum_is_certified_at_once_float64():
   # Warm-started from the exact SciPy solution, every solver certifies it
   # without an iteration: the tests do not miss optimal points (D15). (At
