@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import optimize
 
 import optax_mtl
+from tests import scipy_references
 
 NUM_TASKS = 3
 RNG = np.random.default_rng(11)
@@ -17,15 +17,7 @@ JACOBIANS = RNG.normal(size=(4, 3, NUM_TASKS, 5)) * np.array(
     [1.0, 3.0, 0.5])[:, None]
 
 
-def simplex_projection(vector):
-  size = len(vector)
-  result = optimize.minimize(
-      lambda w: np.sum((w - vector) ** 2), np.full(size, 1.0 / size),
-      jac=lambda w: 2 * (w - vector), method="SLSQP",
-      bounds=[(0, None)] * size,
-      constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}],
-      options={"ftol": 1e-15, "maxiter": 500})
-  return result.x
+simplex_projection = scipy_references.simplex_projection
 
 
 def modo_reference(jacobians, gamma, rho):

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import optimize
 
 import optax_mtl
+from tests import scipy_references
 
 NUM_TASKS = 3
 NUM_STEPS = 6
@@ -20,16 +20,7 @@ JACOBIANS = RNG.normal(size=(NUM_STEPS, NUM_TASKS, 5)) * np.array([[1.0], [10.0]
 LOSSES = RNG.uniform(0.5, 3.0, size=(NUM_STEPS, NUM_TASKS))
 
 
-def simplex_projection(vector):
-  """argmin_{w ∈ Δ} ‖w − v‖², by SciPy (an exact QP reference)."""
-  size = len(vector)
-  result = optimize.minimize(
-      lambda w: np.sum((w - vector) ** 2), np.full(size, 1.0 / size),
-      jac=lambda w: 2 * (w - vector), method="SLSQP",
-      bounds=[(0, None)] * size,
-      constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}],
-      options={"ftol": 1e-14, "maxiter": 500})
-  return result.x
+simplex_projection = scipy_references.simplex_projection
 
 
 def moco_reference(jacobians, losses, beta=0.5, beta_sigma=0.5, gamma=0.1,
