@@ -344,6 +344,7 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   assert (published / "results" / "speed.png").exists()
 
 
+@pytest.mark.slow
 def test_speed_times_engine_options_on_a_conv_trunk():
   result = speed.run_speed(
       ["upgrad"], num_tasks=[2], model="conv",

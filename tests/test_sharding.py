@@ -3,7 +3,9 @@
 The check runs in a subprocess (tests/sharding_check.py) because the number
 of simulated CPU devices is fixed when JAX starts: the subprocess gets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. One subprocess checks
-every strategy, one compiled function per way of running it.
+every strategy, one compiled function per way of running it (the slow tier:
+``make test-all``); ``make test`` checks four strategies under
+``shard_map``'s type check.
 """
 
 import json
@@ -38,10 +40,12 @@ def results(tmp_path_factory):
   return _run_check(tmp_path_factory.mktemp("sharding") / "results.json")
 
 
+@pytest.mark.slow
 def test_every_strategy_was_checked(results):
   assert sorted(results) == sorted(strategies.NAMES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", strategies.NAMES)
 def test_jit_and_shard_map_match_single_device(results, name):
   """Losses, weights, gradients, params, strategy state; same on all devices."""
