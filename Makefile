@@ -29,7 +29,7 @@ docs: $(DOCS_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 -m "not slow" optax_mtl tests
 
-# Everything, the slow tier included (about twice as long).
+# Everything, the slow tier included (about two minutes more).
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 optax_mtl tests
 

@@ -39,6 +39,7 @@ from optax_mtl._src.solvers._common import gradient_norms
 from optax_mtl._src.solvers._common import relative_gap
 from optax_mtl._src.solvers._common import resolve_cutoff
 from optax_mtl._src.solvers._common import safe_divide
+from optax_mtl._src.solvers._common import scale_by_power_of_two
 from optax_mtl._src.solvers._common import state_fields
 from optax_mtl._src.solvers._frank_wolfe import pairwise_frank_wolfe
 from optax_mtl._src.solvers._frank_wolfe import project_simplex
@@ -59,6 +60,7 @@ __all__ = (
     "relative_gap",
     "resolve_cutoff",
     "safe_divide",
+    "scale_by_power_of_two",
     "solve_alpha_fair",
     "solve_cagrad",
     "solve_dual_cone_qp",

@@ -281,6 +281,23 @@ class Gramian(NamedTuple):
   exponent: chex.Array  # i32[], e: the input is 2^e times ``matrix``.
 
 
+def scale_by_power_of_two(
+    gramian: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """``(G / 2^e, e)``: ``2^e`` the power of two at or above ``G``'s largest
+  diagonal entry, so that the largest is in ``(½, 1]`` (``e = 1`` for a zero
+  diagonal).
+
+  Dividing by a power of two is exact: what is computed from ``G / 2^e``
+  does not depend on the common scale of the gradients, from the smallest
+  to the largest normal number, and nothing underflows or overflows on
+  the way.
+  """
+  largest = jnp.max(jnp.diagonal(gramian))
+  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
+                                    jnp.ones_like(largest)))
+  return jnp.ldexp(gramian, -exponent), exponent
+
+
 def prepare_gramian(gramian: chex.Array) -> Gramian:
   """Checks ``G``, symmetrises it and scales it by a power of two.
 
@@ -305,11 +322,8 @@ def prepare_gramian(gramian: chex.Array) -> Gramian:
   gramian = gramian.astype(dtype)
   finite = jnp.all(jnp.isfinite(gramian))
   gramian = jnp.where(finite, gramian, jnp.zeros_like(gramian))
-  gramian = 0.5 * (gramian + gramian.T)
-  largest = jnp.max(jnp.diagonal(gramian))
-  _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1))
-  return Gramian(jnp.ldexp(gramian, -exponent), shape[0], dtype, finite,
-                 exponent)
+  scaled, exponent = scale_by_power_of_two(0.5 * (gramian + gramian.T))
+  return Gramian(scaled, shape[0], dtype, finite, exponent)
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -22,15 +23,6 @@ class AlignedMtlState(NamedTuple):
   condition_number: chex.Array  # f32[], λ_max / λ_R over the kept ones.
 
 
-def _scaled_by_power_of_two(gramian: chex.Array) -> chex.Array:
-  """``G / 2^e`` with ``2^e`` at or above its largest diagonal entry (exact:
-  the weights then do not depend on the common scale of the gradients)."""
-  largest = jnp.max(jnp.diagonal(gramian))
-  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
-                                    jnp.ones_like(largest)))
-  return jnp.ldexp(gramian, -exponent)
-
-
 def _aligned_mtl_weights(gramian: chex.Array, preferences: chex.Array,
                          eigenvalue_rtol: Optional[float],
                          scale_mode: str = "min"):
@@ -39,7 +31,7 @@ def _aligned_mtl_weights(gramian: chex.Array, preferences: chex.Array,
   dtype = gramian.dtype
   if eigenvalue_rtol is None:
     eigenvalue_rtol = num_tasks * float(jnp.finfo(dtype).eps)
-  symmetric = _scaled_by_power_of_two(0.5 * (gramian + gramian.T))
+  symmetric, _ = solvers.scale_by_power_of_two(0.5 * (gramian + gramian.T))
   eigenvalues, eigenvectors = jnp.linalg.eigh(symmetric)
   largest = jnp.max(eigenvalues)
   kept = (eigenvalues > eigenvalue_rtol * largest) & (largest > 0)

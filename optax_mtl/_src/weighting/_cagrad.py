@@ -122,10 +122,7 @@ def cagrad(
     result = solvers.solve_cagrad(gramian, c, max_iters=max_iters, tol=tol,
                                   warm_start=state.solution)
     # The ratio √φ / ‖g_w‖ is scale-free: measure it on G / 2^e (exact).
-    largest = jnp.max(jnp.diagonal(gramian))
-    _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
-                                      jnp.ones_like(largest)))
-    normalised = jnp.ldexp(0.5 * (gramian + gramian.T), -exponent)
+    normalised, _ = solvers.scale_by_power_of_two(0.5 * (gramian + gramian.T))
     radius = c * jnp.sqrt(jnp.maximum(mean @ normalised @ mean, 0))
     solution = result.weights.astype(dtype)
     squared = solution @ normalised @ solution

@@ -18,15 +18,6 @@ class ImtlGState(NamedTuple):
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
-def _scaled_by_power_of_two(gramian: chex.Array) -> chex.Array:
-  """``G / 2^e`` with ``2^e`` at or above its largest diagonal entry (exact:
-  the weights then do not depend on the common scale of the gradients)."""
-  largest = jnp.max(jnp.diagonal(gramian))
-  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
-                                    jnp.ones_like(largest)))
-  return jnp.ldexp(gramian, -exponent)
-
-
 def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
   """The IMTL-G weights ``α = G⁺n / 1ᵀG⁺n`` from the Gramian (its dtype).
 
@@ -36,7 +27,7 @@ def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
   """
   num_tasks = gramian.shape[0]
   dtype = gramian.dtype
-  gramian = _scaled_by_power_of_two(0.5 * (gramian + gramian.T))
+  gramian, _ = solvers.scale_by_power_of_two(0.5 * (gramian + gramian.T))
   norms = solvers.gradient_norms(gramian)
   active = (norms > eps * jnp.max(norms)) & (norms > 0)
   both = active[:, None] & active[None, :]

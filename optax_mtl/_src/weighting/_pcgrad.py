@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 
@@ -55,10 +56,7 @@ def _pcgrad_weights(gramian: chex.Array, orders: chex.Array) -> chex.Array:
   power of two (exactly), so they do not depend on the common scale of the
   gradients and nothing underflows or overflows on the way.
   """
-  largest = jnp.max(jnp.diagonal(gramian))
-  _, exponent = jnp.frexp(jnp.where(largest > 0, largest,
-                                    jnp.ones_like(largest)))
-  gramian = jnp.ldexp(gramian, -exponent)
+  gramian, _ = solvers.scale_by_power_of_two(gramian)
   return jnp.sum(_projection_coefficients(gramian, orders), axis=0)
 
 
