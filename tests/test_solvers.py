@@ -850,6 +850,21 @@ def test_helpers():
   assert solvers.check_tolerance(None, jnp.float64) == 1e-12
 
 
+@pytest.mark.parametrize("largest, exponent", [
+    (3.0, 2), (4.0, 3), (0.75, 0), (2.0**-120, -119), (0.0, 1)])
+def test_scale_by_power_of_two(largest, exponent):
+  # 2^e is the power of two at or above the largest diagonal entry (strictly
+  # above an exact power, as frexp puts the largest in [½, 1)); the division
+  # is exact, and a zero Gramian stays zero.
+  gramian = np.array([[largest, 0.3 * largest], [0.3 * largest, largest / 7]],
+                     np.float32)
+  scaled, found = solvers.scale_by_power_of_two(jnp.asarray(gramian))
+  assert int(found) == exponent
+  np.testing.assert_array_equal(scaled, gramian / np.float32(2.0**exponent))
+  if largest > 0:
+    assert 0.5 <= float(scaled[0, 0]) < 1.0
+
+
 def test_permutation_invariance():
   rng = np.random.default_rng(13)
   jacobian = rng.normal(size=(5, 4))

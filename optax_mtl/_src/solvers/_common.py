@@ -283,9 +283,9 @@ class Gramian(NamedTuple):
 
 def scale_by_power_of_two(
     gramian: chex.Array) -> tuple[chex.Array, chex.Array]:
-  """``(G / 2^e, e)``: ``2^e`` the power of two at or above ``G``'s largest
-  diagonal entry, so that the largest is in ``(½, 1]`` (``e = 1`` for a zero
-  diagonal).
+  """``(G / 2^e, e)``: ``2^e`` the smallest power of two above ``G``'s
+  largest diagonal entry, so that the largest is in ``[½, 1)`` (``e = 1``
+  for a zero diagonal).
 
   Dividing by a power of two is exact: what is computed from ``G / 2^e``
   does not depend on the common scale of the gradients, from the smallest
@@ -302,8 +302,8 @@ def prepare_gramian(gramian: chex.Array) -> Gramian:
   """Checks ``G``, symmetrises it and scales it by a power of two.
 
   ``G`` is cast to :func:`working_dtype` and replaced by ``½(G + Gᵀ)``
-  divided by ``2^e``, the power of two at or above its largest diagonal
-  entry (so the largest is in ``(½, 1]``). Multiplying by a power of two is
+  divided by ``2^e`` (:func:`scale_by_power_of_two`: the largest diagonal
+  entry is then in ``[½, 1)``). Multiplying by a power of two is
   exact, so this introduces no rounding: every solver's problem is
   invariant under ``G → cG``, and it sees the same matrix whatever the
   scale of the gradients, from the smallest to the largest normal number.
