@@ -78,16 +78,16 @@ def test_optax_face_uses_the_orders_drawn_from_its_key():
   state = strategy.init(None)
   keys_seen = []
   for _ in range(3):
-    key = jax.random.wrap_key_data(state.rng_key)
+    key = jax.random.wrap_key_data(state.key)
     _, orders_key = jax.random.split(key)
     orders = np.asarray(_pcgrad._random_orders(orders_key, num_tasks))
     combined, state = update(jnp.asarray(jacobian), state,
                              task_losses=jnp.ones(num_tasks))
     np.testing.assert_allclose(combined, pcgrad_reference(jacobian, orders),
                                rtol=1e-5, atol=1e-5)
-    keys_seen.append(tuple(np.asarray(state.rng_key).tolist()))
+    keys_seen.append(tuple(np.asarray(state.key).tolist()))
   assert len(set(keys_seen)) == 3  # A fresh key every step.
-  assert state.rng_key.dtype == jnp.uint32
+  assert state.key.dtype == jnp.uint32
 
 
 def test_both_faces_agree():
@@ -149,7 +149,7 @@ def test_rejected_step_keeps_the_key():
   _, new_state = jax.jit(strategy.update)(
       jnp.ones((3, 2)), state, task_losses=jnp.array([1.0, jnp.nan, 1.0]))
   assert int(new_state.num_skipped) == 1
-  np.testing.assert_array_equal(new_state.rng_key, state.rng_key)
+  np.testing.assert_array_equal(new_state.key, state.key)
 
 
 def test_recompute_every_reuses_the_weights():

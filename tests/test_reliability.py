@@ -586,9 +586,8 @@ def test_every_64_bit_seed_gives_its_own_stream(name):
   for seed in (0, 2**32, 2**40, 2**64 - 1, -1, np.int64(2**40),
                np.uint64(2**64 - 1)):
     state = getattr(optax_mtl, name)(NUM_TASKS, seed=seed).init(None)
-    key = state.key if name == "rlw" else state.rng_key
     keys.setdefault(int(seed) % 2**64, set()).add(
-        tuple(np.asarray(key).tolist()))
+        tuple(np.asarray(state.key).tolist()))
   assert all(len(values) == 1 for values in keys.values())
   assert len({next(iter(values)) for values in keys.values()}) == len(keys)
 

@@ -17,7 +17,7 @@ class PcgradState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (Σ_i a_i).
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
-  rng_key: chex.Array  # u32[...], raw key data (jax.random.key_data).
+  key: chex.Array  # u32[...], raw key data (jax.random.key_data).
 
 
 def _projection_coefficients(gramian: chex.Array,
@@ -84,7 +84,7 @@ def pcgrad(
   gradients, so the projections only need the Gramian
   (:math:`g_i^{PC} \cdot g_j = a_i^\top G e_j`) and the weights are
   :math:`w = \sum_i a_i`. Each task draws its own order, fresh at every
-  step, from a PRNG key kept in the state (``rng_key``, raw key data). A
+  step, from a PRNG key kept in the state (``key``, raw key data). A
   task with a zero gradient is never projected onto. The coefficients are
   ratios of entries of G, computed on G divided by a power of two
   (exactly): the weights do not depend on the common scale of the
@@ -122,14 +122,14 @@ def pcgrad(
   def init():
     return PcgradState(
         **base.common_state_fields(num_tasks, gramian=True),
-        rng_key=jnp.asarray(key_data))
+        key=jnp.asarray(key_data))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    rng_key, orders_key = base.split_key(state.rng_key)
+    key, orders_key = base.split_key(state.key)
     orders = _random_orders(orders_key, num_tasks)
     weights = _pcgrad_weights(gramian, orders)
-    return weights, state._replace(rng_key=rng_key)
+    return weights, state._replace(key=key)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
