@@ -536,7 +536,7 @@ def run_problem(
     # Per training step of all seeds at once (vmapped), validation included.
     summary["step_ms"] = 1e3 * out["run_seconds"] / max(
         1, int(np.max(out["steps_run"])))
-    summary["gramian"] = strategies_lib.needs_gramian(built[name])
+    summary["gramian"] = strategies_lib.reads_task_gradients(built[name])
     summary["selection"] = _selection(out)
     summary["weights"] = _nanmean(out["weights"]).tolist()
     summary["losses"] = _nanmean(out["losses"]).tolist()

@@ -393,7 +393,7 @@ def run_speed(
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
       strategy = strategies_lib.make(name, t)
-      gramian = strategies_lib.needs_gramian(strategy)
+      gramian = strategies_lib.reads_task_gradients(strategy)
       entries[name] = {"kind": "gramian" if gramian else "losses"}
       loops[name] = (strategy_step(strategy), strategy.init(params))
     option_labels = options() if OPTIONS_BASE in names else ()

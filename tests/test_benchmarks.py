@@ -419,7 +419,7 @@ LOSS_ONLY = {"equal", "ema", "rema", "dwema", "dwa", "lbtw", "initial_loss",
 @pytest.mark.parametrize("name", sorted(strategies_lib.STRATEGIES))
 def test_every_table_entry_builds(name):
   strategy = strategies_lib.make(name, 3)
-  assert strategies_lib.needs_gramian(strategy) == (name not in LOSS_ONLY)
+  assert strategies_lib.reads_task_gradients(strategy) == (name not in LOSS_ONLY)
   assert optax_mtl.weighting_of(strategy).num_tasks == 3
 
 

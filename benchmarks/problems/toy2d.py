@@ -158,7 +158,7 @@ def _run(problem, names, seeds, num_steps, progress):
         "trajectories": np.asarray(paths).tolist(),
         "weights": np.mean(np.asarray(weights), 0).tolist(),
         "curve_steps": list(range(0, steps, stride)),
-        "gramian": strategies_lib.needs_gramian(strategy),
+        "gramian": strategies_lib.reads_task_gradients(strategy),
         "train_seconds": time.perf_counter() - start_time,
     }
     progress(f"{problem.name}/{name}")
