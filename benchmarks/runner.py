@@ -105,14 +105,25 @@ class _Carry(NamedTuple):
   nonfinite_weights: jax.Array  # i32[], steps with a non-finite weight
 
 
-def _training_loop(problem, step_fn, init_state_fn, settings):
+def _minibatch(train_data, batch_indices, step_index, num_samples):
+  """The minibatch of step ``step_index``. A strategy that reads
+  ``num_samples`` > 1 minibatches a step (MoDo, SDMGrad) gets that one and
+  the next steps' ones (wrapping around), stacked on a leading axis."""
+  if num_samples == 1:
+    return jax.tree.map(lambda a: a[batch_indices[step_index]], train_data)
+  steps = (step_index + jnp.arange(num_samples)) % batch_indices.shape[0]
+  return jax.tree.map(lambda a: a[batch_indices[steps]], train_data)
+
+
+def _training_loop(problem, step_fn, init_state_fn, settings, num_samples=1):
   """``run(params, batch_indices[steps, B], train, validation, task_mask[T],
   *static) -> dict`` trains with Adam under the selection protocol.
 
   ``step_fn(params, state, batch, *static) -> ((task_losses, grads), state,
-  weights)``. No randomness inside, so that the compiled loop stays small;
-  the loop stops early (``lax.while_loop``) once ``patience`` evaluations
-  brought no improvement.
+  weights)``; ``batch`` has a leading axis of ``num_samples`` when that is
+  above 1 (:func:`_minibatch`). No randomness inside, so that the compiled
+  loop stays small; the loop stops early (``lax.while_loop``) once
+  ``patience`` evaluations brought no improvement.
   """
   optimizer = optax.adam(problem.learning_rate)
   eval_every, num_evals = settings["eval_every"], settings["num_evals"]
@@ -133,8 +144,8 @@ def _training_loop(problem, step_fn, init_state_fn, settings):
     def train_steps(carry: _Carry):
       def one_step(i, inner):
         params, state, opt_state, loss_sum, weight_sum, weight_max, bad = inner
-        indices = batch_indices[carry.eval_index * eval_every + i]
-        batch = jax.tree.map(lambda a: a[indices], train_data)
+        batch = _minibatch(train_data, batch_indices,
+                           carry.eval_index * eval_every + i, num_samples)
         (task_losses, grads), state, weights = step_fn(params, state, batch,
                                                        *static)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -276,7 +287,8 @@ def prepare_multitask(problem: problems_lib.Problem, strategy: Any,
     (task_losses, grads), state = value_and_grad(params, state, batch)
     return (task_losses, grads), state, state.weights
 
-  run = _training_loop(problem, step_fn, lambda p: strategy.init(p), settings)
+  run = _training_loop(problem, step_fn, lambda p: strategy.init(p), settings,
+                       optax_mtl.weighting_of(strategy).num_samples)
   num_train = jax.tree.leaves(train)[0].shape[0]
   params, indices = initial_params_and_batches(
       problem, seeds, settings["num_steps"], num_train)

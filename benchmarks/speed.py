@@ -377,7 +377,13 @@ def run_speed(
         value_and_grad = optax_mtl.value_and_grad(loss_fn, strategy,
                                                   **engine_options)
 
+      samples = optax_mtl.weighting_of(strategy).num_samples
+
       def step(params, state, batch):
+        if samples > 1:  # MoDo, SDMGrad: the minibatch rolled by s rows.
+          batch = jax.tree.map(
+              lambda b: jnp.stack([jnp.roll(b, s, axis=0)
+                                   for s in range(samples)]), batch)
         (task_losses, grads), state = value_and_grad(params, state, batch)
         return task_losses, grads, state
 

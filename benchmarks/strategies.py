@@ -15,10 +15,10 @@ import optax_mtl
 # name -> keyword arguments passed to optax_mtl.<name>(num_tasks, **kwargs).
 # Loss-only strategies first, then those that read the per-task gradients
 # (through their Gramian, then the gradients themselves); "equal" is the
-# baseline. Left out: sdmgrad and modo, which read three minibatches a step
-# (the suite's training loop draws one); krum and trimmed_mean, robust
+# baseline. sdmgrad and modo read three minibatches a step: the step's own
+# and the next two steps'. Left out: krum and trimmed_mean, robust
 # aggregators that need T >= 3 (toy2d and the speed benchmark's smallest
-# run have two tasks); and constant (weights the user chooses; with equal
+# run have two tasks), and constant (weights the user chooses; with equal
 # ones it is "equal").
 STRATEGIES: dict[str, dict[str, Any]] = {
     "equal": {},
@@ -53,6 +53,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "moco": {},
     "db_mtl": {},
     "excess_mtl": {},
+    "sdmgrad": {},
+    "modo": {},
 }
 
 BASELINE = "equal"

@@ -147,6 +147,22 @@ def test_selection_keeps_the_best_validation_checkpoint():
   assert out["stopped_early"].any()
 
 
+def test_a_sampling_strategy_reads_the_next_steps_minibatches():
+  # MoDo and SDMGrad read three minibatches a step: the step's own and the
+  # next two steps' ones, wrapping around at the end of the budget.
+  train = {"x": jnp.arange(10.0)[:, None] * jnp.ones((1, 2))}
+  indices = jnp.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+  minibatch = runner._minibatch  # pylint: disable=protected-access
+  np.testing.assert_array_equal(minibatch(train, indices, 1, 1)["x"][:, 0],
+                                [2.0, 3.0])
+  three = minibatch(train, indices, 3, 3)
+  assert three["x"].shape == (3, 2, 2)
+  np.testing.assert_array_equal(three["x"][:, :, 0],
+                                [[6.0, 7.0], [0.0, 1.0], [2.0, 3.0]])
+  sdmgrad = strategies_lib.make("sdmgrad", 3)
+  assert optax_mtl.weighting_of(sdmgrad).num_samples == 3
+
+
 def test_split_validation_holds_out_the_last_rows():
   problem = problems.make("scales", **TINY["scales"])
   train, validation = runner.split_validation(problem, 0.25)
