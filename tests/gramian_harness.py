@@ -141,7 +141,9 @@ def check_scripted_dual_cone_directions(strategy, reference):
 
 def check_warm_start_repeats(strategy, jacobian):
   """The same Jacobian twice: the second solve starts from the first's
-  solution (kept in the state), needs no iteration and gives the same update.
+  solution (kept in the state), is certified in at most one trip (one, where
+  a CPU's summation order leaves the recomputed certificate a few ε above
+  tol) and gives the same update.
 
   Returns ``(first update, state after the first step)``.
   """
@@ -152,7 +154,7 @@ def check_warm_start_repeats(strategy, jacobian):
   assert int(first_state.solver_iterations) > 0
   again, state = update(jnp.asarray(jacobian, jnp.float32), first_state,
                         task_losses=losses)
-  assert int(state.solver_iterations) == 0 and bool(state.solver_converged)
+  assert int(state.solver_iterations) <= 1 and bool(state.solver_converged)
   np.testing.assert_allclose(again, first, atol=1e-6)
   return first, first_state
 
