@@ -757,8 +757,8 @@ def test_warm_starts_change_only_the_start():
                                 warm_start=jnp.asarray(guess))
           where = f"{context} {name} {guess_name}"
           assert bool(warm.converged), (where, warm)
-          if guess_name == "own":
-            assert int(warm.iterations) == 0, where
+          if guess_name == "own":  # Certified again, in at most one trip.
+            assert int(warm.iterations) <= 1, where
           if name == "min_norm":
             check_min_norm(jacobian, warm, where, rtol=2 * TOL_64,
                            floor=1e-13)
