@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import per_layer
 from optax_mtl._src import step as step_lib
 from optax_mtl._src import tree as tree_lib
 
-GRAMIAN_MODES = ("jacobian", "low_memory")
+GRAMIAN_MODES = ("jacobian", "low_memory", "per_layer")
 
 
 def value_and_grad(
@@ -53,6 +54,7 @@ def value_and_grad(
     gramian_mode: str = "jacobian",
     encoder_fn: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
+    batch_axis: Optional[int] = None,
 ) -> Callable[..., Any]:
   """Makes a training step that balances the tasks of ``loss_fn``.
 
@@ -79,7 +81,10 @@ def value_and_grad(
       default every parameter is shared).
     gramian_mode: for strategies that read the Gramian, ``"jacobian"``
       (default: hold the per-task Jacobian, fastest) or ``"low_memory"``
-      (Gram-vector products, never holds the Jacobian).
+      (Gram-vector products, never holds the Jacobian) or ``"per_layer"``
+      (the Gramian layer by layer from each dense layer's inputs and output
+      cotangents, never the per-task gradients of those layers; see
+      :mod:`optax_mtl._src.per_layer`).
     encoder_fn: optional ``encoder_fn(params, *args) -> representation``. When
       given, Gramian strategies read the Gramian of the per-task gradients
       with respect to the representation (MGDA-UB, Sener & Koltun 2018)
@@ -87,6 +92,14 @@ def value_and_grad(
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis:
       the losses and gradients (and the Jacobian or Gramian) are averaged
       over it, so every device holds the same strategy state.
+    batch_axis: instance-wise objectives (IWRM): ``loss_fn`` returns one loss
+      per example, shape ``(batch,)``, and the examples lie along this axis
+      of every array argument whose axis has the batch size; the strategy's
+      ``num_tasks`` is the batch size. With ``gramian_mode="per_layer"`` the
+      per-example Gramian of a dense layer is ``(X Xᵀ) ⊙ (Δ Δᵀ)`` from ONE
+      backward pass of the summed losses, which assumes that no example's
+      loss reads another example (no BatchNorm in training mode); the other
+      modes need nothing of the model.
 
   Returns:
     ``step(params, state, *args) -> ((task_losses, grads), new_state)``, or
@@ -112,6 +125,9 @@ def value_and_grad(
         f"gramian_mode must be one of {GRAMIAN_MODES}, got {gramian_mode!r}.")
   has_aux = base.check_bool("has_aux", has_aux)
   num_tasks = weighting.num_tasks
+  per_layer_mode = (gramian_mode == "per_layer"
+                    and weighting.needs is base.Needs.GRAMIAN)
+  _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis)
 
   if weighting.num_samples > 1 and encoder_fn is not None:
     raise ValueError(
@@ -126,7 +142,12 @@ def value_and_grad(
     if weighting.num_samples > 1:
       return _sampled_step(weighting, options, task_loss_fn, has_aux, devices,
                            params, state, args)
-    if encoder_fn is None:
+    if per_layer_mode:
+      linearized = per_layer.linearize(task_loss_fn, params, args, has_aux,
+                                       batch_axis=batch_axis)
+      out, vjp_fn, aux = linearized.out, linearized.vjp_fn, linearized.aux
+      full_loss = representation_vjp = None
+    elif encoder_fn is None:
       full_loss = lambda p: task_loss_fn(p, *args)
       out, vjp_fn, aux = _vjp(full_loss, (params,), has_aux)
       representation_vjp = None
@@ -200,6 +221,8 @@ def value_and_grad(
         if representation_vjp is not None:
           gramian_fn = lambda: _representation_gramian(
               representation_vjp, num_tasks, out.dtype, devices)
+        elif per_layer_mode:
+          gramian_fn = lambda: linearized.gramian(shared_mask, num_tasks)
         elif gramian_mode == "low_memory":
           gramian_fn = lambda: _low_memory_gramian(
               full_loss, vjp_fn, params, shared_mask, num_tasks, out.dtype,
@@ -261,6 +284,27 @@ def _sampled_step(weighting, options, task_loss_fn, has_aux, devices, params,
   if has_aux:
     return ((task_losses, aux), grads), new_state
   return (task_losses, grads), new_state
+
+
+def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
+  """Refuses the options that ``gramian_mode="per_layer"`` cannot serve."""
+  if batch_axis is not None and (
+      isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
+      or batch_axis < 0):
+    raise ValueError(
+        f"batch_axis must be None or a non-negative int, got {batch_axis!r}.")
+  if gramian_mode != "per_layer":
+    return
+  if encoder_fn is not None:
+    raise ValueError(
+        "gramian_mode='per_layer' reads the Gramian of the parameters; "
+        "encoder_fn reads that of the representation: use one of them, got "
+        f"encoder_fn={encoder_fn!r}.")
+  if axis_name is not None:
+    raise ValueError(
+        "gramian_mode='per_layer' cannot yet average over a named data axis "
+        f"(axis_name={axis_name!r}): shard the batch under jax.jit instead, "
+        "or use gramian_mode='jacobian'.")
 
 
 def _checked_output(loss_fn, has_aux):

@@ -40,6 +40,7 @@ def value_and_grad(
     gramian_mode: str = "jacobian",
     features_fn: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
+    batch_axis: Optional[int] = None,
 ) -> Callable[..., Any]:
   """Makes a training step for a multi-task ``nnx.Module``.
 
@@ -72,8 +73,9 @@ def value_and_grad(
       keeps the strategy's own declaration (every parameter is shared unless
       :func:`optax_mtl.with_shared_parameters` says otherwise).
     has_aux: whether ``loss_fn`` returns ``(task_losses, aux)``.
-    gramian_mode: ``"jacobian"`` or ``"low_memory"``, as in
-      :func:`optax_mtl.value_and_grad`.
+    gramian_mode: ``"jacobian"``, ``"low_memory"`` or ``"per_layer"``, as
+      in :func:`optax_mtl.value_and_grad` (``"per_layer"`` finds the
+      model's dense layers in the traced program: the model is unchanged).
     features_fn: optional ``features_fn(model, *args) -> features``, the
       shared trunk's output (any pytree of arrays). When given, strategies
       that read the Gramian read it on the gradients of the losses with
@@ -87,6 +89,8 @@ def value_and_grad(
       ``ValueError`` says so).
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis,
       as in :func:`optax_mtl.value_and_grad`.
+    batch_axis: instance-wise objectives (``loss_fn`` returns one loss per
+      example), as in :func:`optax_mtl.value_and_grad`.
 
   Returns:
     ``step(model, strategy_state, *args) -> ((task_losses, grads),
@@ -137,7 +141,8 @@ def value_and_grad(
         f"{features_fn!r}.")
   # The engine validates the strategy and the options now, not at the first
   # step.
-  engine_options = dict(gramian_mode=gramian_mode, axis_name=axis_name)
+  engine_options = dict(gramian_mode=gramian_mode, axis_name=axis_name,
+                        batch_axis=batch_axis)
   engine.value_and_grad(
       _unused_loss, strategy, True,
       encoder_fn=None if features_fn is None else _unused_loss,

@@ -1,0 +1,505 @@
+"""The Gramian layer by layer, without the per-objective parameter gradients.
+
+``gramian_mode="per_layer"`` of :func:`optax_mtl.value_and_grad`. The loss
+function is traced to a jaxpr once; every operation that reads a parameter
+(through reshapes, transposes and dtype conversions, or any computation on
+that parameter alone) is a *consumer* of that parameter. The jaxpr is then
+re-evaluated with a zero perturbation ``ε_c`` added to each consumer's
+output and the consumer's other inputs kept. One VJP of the losses with
+respect to the perturbations, mapped over the T unit cotangents, gives
+each objective's output cotangents ``Δ_k`` at every consumer, and the
+Gramian is summed consumer by consumer:
+
+* a dense operation ``y = X W`` (a ``dot_general`` one of whose operands is
+  a parameter, possibly reshaped, transposed or converted) adds
+
+  .. math::
+
+    G_{kj} \\mathrel{+}= \\langle X^\\top Δ_k, X^\\top Δ_j\\rangle
+      = \\sum_{b,c} (X X^\\top)_{bc} (Δ_k Δ_j^\\top)_{bc},
+
+  contracted through the ``rows × rows`` kernel ``X Xᵀ`` or through the
+  per-objective gradient ``Xᵀ Δ_k``, whichever takes fewer operations;
+* any other consumer (a bias added, a convolution, a scan or a remat'd
+  block that reads a parameter, a parameter read by two operations) gets
+  that parameter's per-objective gradient from the consumer's own VJP alone
+  (``vmap`` over the objectives), contracted at once;
+* a parameter whose value reaches the losses directly, or is read by an
+  operation with side effects, takes its per-objective gradient from the
+  whole VJP (what the Jacobian mode does for every parameter).
+
+With ``batch_axis`` (instance-wise objectives, one loss per example), ``Δ``
+comes from ONE backward pass of the summed losses: example ``b`` only
+touches its own rows, so a dense operation adds ``(X Xᵀ) ⊙ (Δ Δᵀ)`` summed
+over each example's rows. The rows of each example are found by tracing the
+loss function a second time with one more example.
+
+References:
+  Rumelhart, Hinton & Williams, *Learning representations by
+  back-propagating errors*, Nature 1986 (``∇_W L = Xᵀ Δ``).
+
+  Goodfellow, *Efficient per-example gradient computations*,
+  arXiv:1510.01799, 2015 (the per-example Gramian from ``X`` and ``Δ``).
+
+  Quinton & Rey, *Jacobian descent for multi-objective optimization*,
+  arXiv:2406.16232, 2024 (instance-wise risk minimisation; torchjd's
+  ``autogram`` engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Operations through which a parameter keeps its entries, only moved or
+# converted: the inner product of two gradients is the same on either side.
+_VIEWS = frozenset({"reshape", "transpose", "convert_element_type", "squeeze",
+                    "expand_dims", "copy", "copy_p", "reduce_precision"})
+# Calls whose body is walked as if inlined (their operations are found).
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pure:
+  """A value computed from one parameter leaf alone."""
+  leaf: int  # index into the flat parameters
+  fn: Callable[[Any], Any]  # the leaf's value -> this value
+  view: bool  # fn only reshapes, transposes or converts the leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class _Literal:
+  value: Any
+
+
+@dataclasses.dataclass
+class _Dense:
+  """Where the rows, contraction and outputs of a dense operation lie."""
+  data_position: int  # 0 or 1: which operand of dot_general is the data
+  data_perm: tuple  # data operand -> (batch, free, contracting)
+  out_perm: tuple  # output -> (batch, data free, parameter free)
+  batch_size: int  # the product of the batch dimensions
+  rows: int  # the product of the data operand's free dimensions
+  contracting: int
+  outputs: int  # the product of the parameter operand's free dimensions
+  data_free: tuple  # the data operand's free dimensions, in order
+
+
+@dataclasses.dataclass
+class _Consumer:
+  """An operation that reads one or more parameter leaves and other data."""
+  path: tuple
+  eqn: Any
+  inputs: list  # per input: _Pure, _Literal or None (data, captured)
+  leaves: tuple  # the parameter leaves it reads
+  inexact_outputs: tuple  # the outputs that get a perturbation
+  dense: Optional[_Dense]
+
+
+@dataclasses.dataclass
+class _Program:
+  """The traced loss function and its consumers."""
+  closed_jaxpr: Any
+  out_tree: Any
+  consumers: list
+  by_path: dict
+  calls: frozenset  # paths of the call operations walked into
+  fallback: frozenset  # leaves whose gradient comes from the whole VJP
+  num_params: int
+
+
+def trace(fun: Callable[..., Any], flat_params: Sequence[Any],
+          flat_args: Sequence[Any]) -> _Program:
+  """Traces ``fun(flat_params, flat_args)`` and finds the consumers.
+
+  Args:
+    fun: ``fun(flat_params, flat_args)`` returns the loss function's output
+      (its first flat leaf is the losses).
+    flat_params: the parameters' leaves (arrays or abstract values).
+    flat_args: the data arguments' array leaves.
+
+  Returns:
+    The program, ready for :func:`linearize`.
+  """
+  closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(
+      list(flat_params), list(flat_args))
+  num_params = len(flat_params)
+  jaxpr = closed.jaxpr
+  in_info = []
+  for index, var in enumerate(jaxpr.invars):
+    if index < num_params and jnp.issubdtype(var.aval.dtype, jnp.inexact):
+      in_info.append(_Pure(index, _identity, True))
+    else:
+      in_info.append(None)
+  walker = _Walker()
+  out_info = walker.walk(jaxpr, in_info, ())
+  fallback = set(walker.fallback)
+  # A parameter that reaches the losses without a consumer in between.
+  losses_info = out_info[0]
+  if isinstance(losses_info, _Pure):
+    fallback.add(losses_info.leaf)
+  return _Program(closed, jax.tree.structure(out_shape), walker.consumers,
+                  {c.path: c for c in walker.consumers},
+                  frozenset(walker.calls), frozenset(fallback), num_params)
+
+
+def _identity(value):
+  return value
+
+
+class _Walker:
+  """Finds the consumers of the parameters, walking into calls."""
+
+  def __init__(self):
+    self.consumers = []
+    self.calls = set()
+    self.fallback = set()
+
+  def walk(self, jaxpr, in_info, path):
+    env = {var: info for var, info in zip(jaxpr.invars, in_info)}
+
+    def read(atom):
+      if isinstance(atom, jax_core.Literal):
+        return _Literal(atom.val)
+      return env.get(atom)
+
+    for index, eqn in enumerate(jaxpr.eqns):
+      infos = [read(atom) for atom in eqn.invars]
+      pure = [info for info in infos if isinstance(info, _Pure)]
+      eqn_path = path + (index,)
+      if not pure:
+        out_info = [None] * len(eqn.outvars)
+      elif (len({info.leaf for info in pure}) == 1
+            and all(isinstance(info, (_Pure, _Literal)) for info in infos)
+            and not eqn.effects):
+        out_info = _chain(eqn, infos, pure[0].leaf)
+      elif eqn.primitive.name in _CALLS and not eqn.effects:
+        self.calls.add(eqn_path)
+        out_info = self.walk(_call_jaxpr(eqn).jaxpr, infos, eqn_path)
+      elif eqn.effects:
+        self.fallback.update(info.leaf for info in pure)
+        out_info = [None] * len(eqn.outvars)
+      else:
+        self.consumers.append(_consumer(eqn, infos, eqn_path))
+        out_info = [None] * len(eqn.outvars)
+      for var, info in zip(eqn.outvars, out_info):
+        env[var] = info
+    return [read(atom) if not isinstance(atom, jax_core.Literal) else None
+            for atom in jaxpr.outvars]
+
+
+def _call_jaxpr(eqn):
+  inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  if isinstance(inner, jax_core.Jaxpr):
+    return jax_core.ClosedJaxpr(inner, ())
+  return inner
+
+
+def _chain(eqn, infos, leaf):
+  """The outputs of an operation on one leaf alone, as functions of it."""
+  view = (eqn.primitive.name in _VIEWS and len(infos) == 1
+          and infos[0].view)
+
+  def output(position):
+    def fn(leaf_value):
+      inputs = [info.fn(leaf_value) if isinstance(info, _Pure)
+                else info.value for info in infos]
+      return _bind(eqn, inputs)[position]
+    return _Pure(leaf, fn, view)
+
+  return [output(position) for position in range(len(eqn.outvars))]
+
+
+def _bind(eqn, inputs):
+  """Applies one jaxpr operation, as ``jax.core.eval_jaxpr`` does."""
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bind_params, tuple):  # Older jax: (subfuns, params).
+    subfuns, bind_params = bind_params
+    inputs = list(subfuns) + list(inputs)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*inputs, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _consumer(eqn, infos, path):
+  leaves = tuple(sorted({info.leaf for info in infos
+                         if isinstance(info, _Pure)}))
+  inexact = tuple(position for position, var in enumerate(eqn.outvars)
+                  if jnp.issubdtype(var.aval.dtype, jnp.inexact))
+  return _Consumer(path, eqn, infos, leaves, inexact, _dense(eqn, infos))
+
+
+def _dense(eqn, infos):
+  """The geometry of ``dot_general(data, view of a parameter)``, or None."""
+  if eqn.primitive.name != "dot_general" or len(infos) != 2:
+    return None
+  kinds = [isinstance(info, _Pure) and info.view for info in infos]
+  if sorted(kinds) != [False, True] or any(
+      isinstance(info, _Literal) for info in infos):
+    return None
+  data_position = kinds.index(False)
+  (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
+      "dimension_numbers"]
+  contract = (contract_l, contract_r)[data_position]
+  batch = (batch_l, batch_r)[data_position]
+  param_contract = (contract_l, contract_r)[1 - data_position]
+  param_batch = (batch_l, batch_r)[1 - data_position]
+  data_shape = eqn.invars[data_position].aval.shape
+  param_shape = eqn.invars[1 - data_position].aval.shape
+  data_free = tuple(d for d in range(len(data_shape))
+                    if d not in contract and d not in batch)
+  param_free = tuple(d for d in range(len(param_shape))
+                     if d not in param_contract and d not in param_batch)
+  num_batch = len(batch)
+  out_batch = tuple(range(num_batch))
+  if data_position == 0:
+    out_data = tuple(range(num_batch, num_batch + len(data_free)))
+    out_param = tuple(range(num_batch + len(data_free),
+                            num_batch + len(data_free) + len(param_free)))
+  else:
+    out_param = tuple(range(num_batch, num_batch + len(param_free)))
+    out_data = tuple(range(num_batch + len(param_free),
+                           num_batch + len(param_free) + len(data_free)))
+  size = lambda dims, shape: int(np.prod([shape[d] for d in dims]))
+  return _Dense(
+      data_position=data_position,
+      data_perm=tuple(batch) + data_free + tuple(contract),
+      out_perm=out_batch + out_data + out_param,
+      batch_size=size(batch, data_shape), rows=size(data_free, data_shape),
+      contracting=size(contract, data_shape),
+      outputs=size(param_free, param_shape), data_free=data_free)
+
+
+# --------------------------------------------------------------------------
+# Evaluation with perturbations.
+# --------------------------------------------------------------------------
+
+
+def _evaluate(program, flat_inputs, perturbations):
+  """Runs the jaxpr; returns its outputs and each consumer's data inputs.
+
+  ``perturbations[i]`` (a list, one per inexact output) is added to the
+  outputs of consumer ``i``.
+  """
+  index_of = {c.path: i for i, c in enumerate(program.consumers)}
+  captured = [None] * len(program.consumers)
+
+  def run(jaxpr, consts, inputs, path):
+    env = {}
+
+    def read(atom):
+      return atom.val if isinstance(atom, jax_core.Literal) else env[atom]
+
+    for var, value in zip(jaxpr.constvars, consts):
+      env[var] = value
+    for var, value in zip(jaxpr.invars, inputs):
+      env[var] = value
+    for index, eqn in enumerate(jaxpr.eqns):
+      eqn_path = path + (index,)
+      values = [read(atom) for atom in eqn.invars]
+      if eqn_path in program.calls:
+        inner = _call_jaxpr(eqn)
+        outs = run(inner.jaxpr, inner.consts, values, eqn_path)
+      else:
+        outs = _bind(eqn, values)
+      consumer_index = index_of.get(eqn_path)
+      if consumer_index is not None:
+        consumer = program.consumers[consumer_index]
+        captured[consumer_index] = [
+            jax.lax.stop_gradient(value)
+            for value, info in zip(values, consumer.inputs) if info is None]
+        for slot, position in enumerate(consumer.inexact_outputs):
+          outs[position] = outs[position] + perturbations[consumer_index][slot]
+      for var, value in zip(eqn.outvars, outs):
+        env[var] = value
+    return [read(atom) for atom in jaxpr.outvars]
+
+  closed = program.closed_jaxpr
+  outs = run(closed.jaxpr, closed.consts, flat_inputs, ())
+  return outs, captured
+
+
+def _local_gradients(consumer, captured, leaf_values, cotangents):
+  """Each leaf's per-objective gradient through this consumer alone.
+
+  Args:
+    consumer: the consumer.
+    captured: its data inputs, as evaluated.
+    leaf_values: the values of ``consumer.leaves``.
+    cotangents: one ``[T, *output]`` array per inexact output.
+
+  Returns:
+    A tuple of ``[T, *leaf]`` arrays, one per leaf of the consumer.
+  """
+
+  def local(*values):
+    by_leaf = dict(zip(consumer.leaves, values))
+    data = iter(captured)
+    inputs = []
+    for info in consumer.inputs:
+      if isinstance(info, _Pure):
+        inputs.append(info.fn(by_leaf[info.leaf]))
+      elif isinstance(info, _Literal):
+        inputs.append(info.value)
+      else:
+        inputs.append(next(data))
+    outs = _bind(consumer.eqn, inputs)
+    return [outs[position] for position in consumer.inexact_outputs]
+
+  _, pullback = jax.vjp(local, *leaf_values)
+  return jax.vmap(lambda cots: pullback(list(cots)))(tuple(cotangents))
+
+
+# --------------------------------------------------------------------------
+# The Gramian.
+# --------------------------------------------------------------------------
+
+
+def _dense_gramian(dense, data, cotangents, dtype):
+  """``Σ ⟨Xᵀ Δ_k, Xᵀ Δ_j⟩`` for ``cotangents`` ``[T, *output]``."""
+  num_objectives = cotangents.shape[0]
+  rows = jnp.transpose(data, dense.data_perm).reshape(
+      dense.batch_size, dense.rows, dense.contracting).astype(dtype)
+  deltas = jnp.transpose(cotangents, (0,) + tuple(
+      1 + d for d in dense.out_perm)).reshape(
+          num_objectives, dense.batch_size, dense.rows,
+          dense.outputs).astype(dtype)
+  n, r, c, o, t = (dense.batch_size, dense.rows, dense.contracting,
+                   dense.outputs, num_objectives)
+  kernel_cost = n * r * r * c + t * n * r * r * o + t * t * n * r * o
+  gradient_cost = t * n * r * c * o + t * t * n * c * o
+  if kernel_cost <= gradient_cost:
+    kernel = jnp.einsum("nrc,nsc->nrs", rows, rows, precision=_HIGHEST)
+    mixed = jnp.einsum("nrs,tnso->tnro", kernel, deltas, precision=_HIGHEST)
+    return jnp.einsum("tnro,unro->tu", mixed, deltas, precision=_HIGHEST)
+  grads = jnp.einsum("nrc,tnro->tnco", rows, deltas,
+                     precision=_HIGHEST).reshape(t, -1)
+  return jnp.matmul(grads, grads.T, precision=_HIGHEST)
+
+
+def _flat_gramian(grads, dtype):
+  flat = grads.reshape(grads.shape[0], -1).astype(dtype)
+  return jnp.matmul(flat, flat.T, precision=_HIGHEST)
+
+
+@dataclasses.dataclass
+class Linearized:
+  """The losses, their VJP and the Gramian, from one forward pass.
+
+  Attributes:
+    out: the losses.
+    aux: the loss function's auxiliary output (None without ``has_aux``).
+    vjp_fn: ``cotangent -> (grads,)``, the VJP of the losses with respect to
+      the parameters (a pytree like them).
+    gramian: ``gramian(mask, num_objectives) -> G``, the Gramian of the
+      per-objective gradients of the parameters that ``mask`` (a pytree of
+      bools like the parameters) marks, float32 or float64.
+  """
+  out: Any
+  aux: Any
+  vjp_fn: Callable[..., Any]
+  gramian: Callable[..., Any]
+
+
+def linearize(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
+              has_aux: bool, *, batch_axis: Optional[int] = None
+              ) -> Linearized:
+  """One forward pass of ``loss_fn(params, *args)`` ready for the Gramian.
+
+  Args:
+    loss_fn: returns the losses ``(T,)`` (or ``(losses, aux)``).
+    params: the parameters (a pytree).
+    args: the other arguments; array leaves are traced, other leaves are
+      kept as they are.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+
+  Returns:
+    A :class:`Linearized`.
+  """
+  flat_params, params_tree = jax.tree.flatten(params)
+  array_args, rebuild_args = _split_args(args)
+  def fun(flat_params, flat_args):
+    return loss_fn(jax.tree.unflatten(params_tree, flat_params),
+                   *rebuild_args(flat_args))
+  program = trace(fun, flat_params, array_args)
+  zeros = [[jnp.zeros(consumer.eqn.outvars[p].aval.shape,
+                      consumer.eqn.outvars[p].aval.dtype)
+            for p in consumer.inexact_outputs]
+           for consumer in program.consumers]
+
+  def forward(flat_params, perturbations):
+    outs, captured = _evaluate(program, list(flat_params) + list(array_args),
+                               perturbations)
+    out = jax.tree.unflatten(program.out_tree, outs)
+    if has_aux:
+      return out[0], (out[1], captured)
+    return out, (None, captured)
+
+  out, pullback, (aux, captured) = jax.vjp(forward, flat_params, zeros,
+                                           has_aux=True)
+
+  def vjp_fn(cotangent):
+    return (jax.tree.unflatten(params_tree, pullback(cotangent)[0]),)
+
+  def gramian(mask, num_objectives):
+    mask_leaves = (jax.tree.leaves(mask) if mask is not None
+                   else [True] * len(flat_params))
+    kept = [index for index, (leaf, keep) in enumerate(
+        zip(flat_params, mask_leaves))
+            if keep and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    dtype = jnp.result_type(jnp.float32,
+                            *[jnp.result_type(flat_params[i]) for i in kept])
+    eye = jnp.eye(num_objectives, dtype=out.dtype)
+    param_cots, perturbation_cots = jax.vmap(pullback)(eye)
+    consumers_of = {}
+    for index, consumer in enumerate(program.consumers):
+      for leaf in consumer.leaves:
+        consumers_of.setdefault(leaf, []).append(index)
+    local = {}
+
+    def local_gradients(index):
+      if index not in local:
+        consumer = program.consumers[index]
+        local[index] = dict(zip(consumer.leaves, _local_gradients(
+            consumer, captured[index],
+            [flat_params[leaf] for leaf in consumer.leaves],
+            perturbation_cots[index])))
+      return local[index]
+
+    total = jnp.zeros((num_objectives, num_objectives), dtype)
+    for leaf in kept:
+      users = consumers_of.get(leaf, [])
+      if leaf in program.fallback:
+        total += _flat_gramian(param_cots[leaf], dtype)
+      elif len(users) == 1 and program.consumers[users[0]].dense is not None:
+        consumer = program.consumers[users[0]]
+        total += _dense_gramian(
+            consumer.dense, captured[users[0]][0],
+            perturbation_cots[users[0]][0], dtype)
+      elif users:
+        grads = sum(local_gradients(index)[leaf] for index in users)
+        total += _flat_gramian(grads, dtype)
+    return total
+
+  return Linearized(out, aux, vjp_fn, gramian)
+
+
+def _split_args(args):
+  """The array leaves of ``args`` and a function that puts them back."""
+  leaves, treedef = jax.tree.flatten(args)
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+  arrays = [leaf for leaf, array in zip(leaves, is_array) if array]
+
+  def rebuild(flat_arrays):
+    it = iter(flat_arrays)
+    return jax.tree.unflatten(
+        treedef, [next(it) if array else leaf
+                  for leaf, array in zip(leaves, is_array)])
+
+  return arrays, rebuild
