@@ -310,3 +310,90 @@ def test_refused_options():
                              batch_axis=-1)
   with pytest.raises(ValueError, match="per_layer"):
     optax_mtl.value_and_grad(loss_fn, tx, gramian_mode="layers")
+
+
+# --------------------------------------------------------------------------
+# Instance-wise objectives (batch_axis): one loss per example.
+# --------------------------------------------------------------------------
+
+
+def iwrm_mlp(params, x, y):
+  hidden = x
+  for layer in params["trunk"]:
+    hidden = jnp.tanh(hidden @ layer["w"] + layer["b"])
+  return jnp.sum((_heads(params, hidden) - y) ** 2, axis=1)
+
+
+def iwrm_conv(params, x, y):
+  """A convolution, then a dense layer applied at every position (rows per
+  example > 1), then a dense layer on the flattened features."""
+  hidden = jax.lax.conv_general_dilated(
+      x, params["conv"]["w"], (2, 2), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  hidden = jax.nn.relu(hidden + params["conv"]["b"])
+  hidden = jnp.tanh(hidden @ params["pointwise"])  # [N, 4, 4, 4]
+  hidden = jnp.tanh(hidden.reshape(hidden.shape[0], -1) @ params["dense"]["w"]
+                    + params["dense"]["b"])
+  return jnp.sum((_heads(params, hidden) - y) ** 2, axis=1)
+
+
+IWRM = {"mlp": (mlp_problem, iwrm_mlp), "conv": (conv_problem, iwrm_conv)}
+
+
+def _iwrm_problem(name, key, dtype):
+  make, loss_fn = IWRM[name]
+  params, _, data = make(key)
+  if name == "conv":
+    params["pointwise"] = _normal(jax.random.fold_in(key, 7), (4, 4), 0.5)
+  return _cast(params, dtype), loss_fn, _cast(data, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(IWRM))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_example_gramian_is_that_of_the_per_example_jacobian(name, dtype):
+  with jax.enable_x64(dtype == np.float64):
+    params, loss_fn, data = _iwrm_problem(name, jax.random.key(5), dtype)
+    expected = reference_gramian(loss_fn, params, data)
+    actual = per_layer_gramian(loss_fn, params, data, num_objectives=BATCH,
+                               batch_axis=0)
+    assert_gramians_close(actual, expected, dtype)
+
+
+def test_example_gramian_of_the_shared_parameters():
+  params, loss_fn, data = _iwrm_problem("mlp", jax.random.key(6), np.float32)
+  mask = jax.tree.map(lambda _: True, params)
+  mask["heads"] = jax.tree.map(lambda _: False, params["heads"])
+  expected = reference_gramian(loss_fn, params, data, mask)
+  actual = per_layer_gramian(loss_fn, params, data, mask,
+                             num_objectives=BATCH, batch_axis=0)
+  assert_gramians_close(actual, expected, np.float32)
+
+
+def test_iwrm_upgrad_step_agrees_with_the_jacobian_mode():
+  params, loss_fn, data = _iwrm_problem("mlp", jax.random.key(7), np.float32)
+  grads = {}
+  for mode in ("jacobian", "per_layer"):
+    tx = optax_mtl.upgrad(num_tasks=BATCH)
+    step = jax.jit(optax_mtl.value_and_grad(loss_fn, tx, gramian_mode=mode,
+                                            batch_axis=0))
+    (_, grads[mode]), _ = step(params, tx.init(params), *data)
+  for expected, actual in zip(jax.tree.leaves(grads["jacobian"]),
+                              jax.tree.leaves(grads["per_layer"])):
+    np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=1e-6)
+
+
+def test_iwrm_refusals():
+  params, loss_fn, (x, y) = _iwrm_problem("mlp", jax.random.key(8),
+                                          np.float32)
+  with pytest.raises(ValueError, match="no array argument has the batch"):
+    per_layer.linearize(loss_fn, params, (x, y), False, batch_axis=1)
+  with pytest.raises(ValueError, match=r"shape \(batch,\)"):
+    per_layer.linearize(lambda p, x, y: loss_fn(p, x, y)[None], params,
+                        (x, y), False, batch_axis=0)
+
+  def mixes(params, x, y):  # a parameter applied to the batch mean
+    mean = jnp.mean(x, axis=0) @ params["trunk"][0]["w"]
+    return loss_fn(params, x, y) + jnp.sum(mean ** 2)
+
+  with pytest.raises(ValueError, match="no example axis"):
+    per_layer.linearize(mixes, params, (x, y), False, batch_axis=0)

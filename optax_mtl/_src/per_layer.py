@@ -89,6 +89,11 @@ class _Dense:
   contracting: int
   outputs: int  # the product of the parameter operand's free dimensions
   data_free: tuple  # the data operand's free dimensions, in order
+  out_batch: tuple  # where the output holds the batch dimensions
+  out_data: tuple  # ... the data operand's free dimensions
+  out_param: tuple  # ... the parameter operand's free dimensions
+  contract: tuple  # the data operand's contracting dimensions
+  batch: tuple  # the data operand's batch dimensions
 
 
 @dataclasses.dataclass
@@ -273,7 +278,9 @@ def _dense(eqn, infos):
       out_perm=out_batch + out_data + out_param,
       batch_size=size(batch, data_shape), rows=size(data_free, data_shape),
       contracting=size(contract, data_shape),
-      outputs=size(param_free, param_shape), data_free=data_free)
+      outputs=size(param_free, param_shape), data_free=data_free,
+      out_batch=out_batch, out_data=out_data, out_param=out_param,
+      contract=tuple(contract), batch=tuple(batch))
 
 
 # --------------------------------------------------------------------------
@@ -325,17 +332,17 @@ def _evaluate(program, flat_inputs, perturbations):
   return outs, captured
 
 
-def _local_gradients(consumer, captured, leaf_values, cotangents):
-  """Each leaf's per-objective gradient through this consumer alone.
+def _local_pullback(consumer, captured, leaf_values):
+  """The VJP of this consumer alone with respect to its leaves.
 
   Args:
     consumer: the consumer.
     captured: its data inputs, as evaluated.
     leaf_values: the values of ``consumer.leaves``.
-    cotangents: one ``[T, *output]`` array per inexact output.
 
   Returns:
-    A tuple of ``[T, *leaf]`` arrays, one per leaf of the consumer.
+    ``pullback(cotangents)`` (one per inexact output) -> a tuple of leaf
+    gradients, one per leaf of the consumer.
   """
 
   def local(*values):
@@ -353,7 +360,7 @@ def _local_gradients(consumer, captured, leaf_values, cotangents):
     return [outs[position] for position in consumer.inexact_outputs]
 
   _, pullback = jax.vjp(local, *leaf_values)
-  return jax.vmap(lambda cots: pullback(list(cots)))(tuple(cotangents))
+  return lambda cotangents: pullback(list(cotangents))
 
 
 # --------------------------------------------------------------------------
@@ -418,9 +425,17 @@ def linearize(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
     args: the other arguments; array leaves are traced, other leaves are
       kept as they are.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    batch_axis: None (T objectives), or the axis of the array arguments
+      along which lie the examples, one objective each (the losses are
+      then ``(batch,)``).
 
   Returns:
     A :class:`Linearized`.
+
+  Raises:
+    ValueError: with ``batch_axis``, no argument has the batch size along
+      it, the program's structure depends on the batch size, or an
+      operation that reads a parameter has no example axis in its output.
   """
   flat_params, params_tree = jax.tree.flatten(params)
   array_args, rebuild_args = _split_args(args)
@@ -428,6 +443,8 @@ def linearize(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
     return loss_fn(jax.tree.unflatten(params_tree, flat_params),
                    *rebuild_args(flat_args))
   program = trace(fun, flat_params, array_args)
+  examples = (None if batch_axis is None else
+              _example_axes(fun, program, flat_params, array_args, batch_axis))
   zeros = [[jnp.zeros(consumer.eqn.outvars[p].aval.shape,
                       consumer.eqn.outvars[p].aval.dtype)
             for p in consumer.inexact_outputs]
@@ -448,46 +465,252 @@ def linearize(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
     return (jax.tree.unflatten(params_tree, pullback(cotangent)[0]),)
 
   def gramian(mask, num_objectives):
-    mask_leaves = (jax.tree.leaves(mask) if mask is not None
-                   else [True] * len(flat_params))
-    kept = [index for index, (leaf, keep) in enumerate(
-        zip(flat_params, mask_leaves))
-            if keep and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    dtype = jnp.result_type(jnp.float32,
-                            *[jnp.result_type(flat_params[i]) for i in kept])
-    eye = jnp.eye(num_objectives, dtype=out.dtype)
-    param_cots, perturbation_cots = jax.vmap(pullback)(eye)
-    consumers_of = {}
-    for index, consumer in enumerate(program.consumers):
-      for leaf in consumer.leaves:
-        consumers_of.setdefault(leaf, []).append(index)
-    local = {}
-
-    def local_gradients(index):
-      if index not in local:
-        consumer = program.consumers[index]
-        local[index] = dict(zip(consumer.leaves, _local_gradients(
-            consumer, captured[index],
-            [flat_params[leaf] for leaf in consumer.leaves],
-            perturbation_cots[index])))
-      return local[index]
-
-    total = jnp.zeros((num_objectives, num_objectives), dtype)
-    for leaf in kept:
-      users = consumers_of.get(leaf, [])
-      if leaf in program.fallback:
-        total += _flat_gramian(param_cots[leaf], dtype)
-      elif len(users) == 1 and program.consumers[users[0]].dense is not None:
-        consumer = program.consumers[users[0]]
-        total += _dense_gramian(
-            consumer.dense, captured[users[0]][0],
-            perturbation_cots[users[0]][0], dtype)
-      elif users:
-        grads = sum(local_gradients(index)[leaf] for index in users)
-        total += _flat_gramian(grads, dtype)
-    return total
+    if examples is None:
+      parts = _TaskParts(program, captured, flat_params, pullback,
+                         num_objectives, out.dtype)
+    else:
+      parts = _ExampleParts(program, captured, flat_params, pullback,
+                            examples, out.dtype)
+    return _sum_gramian(program, parts, flat_params, mask)
 
   return Linearized(out, aux, vjp_fn, gramian)
+
+
+def _sum_gramian(program, parts, flat_params, mask):
+  """``G`` summed leaf by leaf over the leaves that ``mask`` keeps."""
+  mask_leaves = (jax.tree.leaves(mask) if mask is not None
+                 else [True] * len(flat_params))
+  kept = [index for index, (leaf, keep) in enumerate(
+      zip(flat_params, mask_leaves))
+          if keep and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  dtype = jnp.result_type(jnp.float32,
+                          *[jnp.result_type(flat_params[i]) for i in kept])
+  consumers_of = {}
+  for index, consumer in enumerate(program.consumers):
+    for leaf in consumer.leaves:
+      consumers_of.setdefault(leaf, []).append(index)
+  total = jnp.zeros((parts.num_objectives, parts.num_objectives), dtype)
+  for leaf in kept:
+    users = consumers_of.get(leaf, [])
+    if leaf in program.fallback:
+      total += _flat_gramian(parts.whole_gradients(leaf), dtype)
+    elif len(users) == 1 and parts.is_dense(users[0]):
+      total += parts.dense_gramian(users[0], dtype)
+    elif users:
+      grads = sum(parts.local_gradients(index)[leaf] for index in users)
+      total += _flat_gramian(grads, dtype)
+  return total
+
+
+class _TaskParts:
+  """T objectives: the cotangents of T unit vectors, mapped."""
+
+  def __init__(self, program, captured, flat_params, pullback,
+               num_objectives, dtype):
+    self.program, self.captured, self.flat_params = (program, captured,
+                                                     flat_params)
+    self.num_objectives = num_objectives
+    eye = jnp.eye(num_objectives, dtype=dtype)
+    # Under jit, what no Gramian reads (the covered leaves' gradients) is
+    # never computed.
+    self.param_cots, self.perturbation_cots = jax.vmap(pullback)(eye)
+    self.local = {}
+
+  def whole_gradients(self, leaf):
+    return self.param_cots[leaf]
+
+  def is_dense(self, index):
+    return self.program.consumers[index].dense is not None
+
+  def dense_gramian(self, index, dtype):
+    return _dense_gramian(self.program.consumers[index].dense,
+                          self.captured[index][0],
+                          self.perturbation_cots[index][0], dtype)
+
+  def local_gradients(self, index):
+    if index not in self.local:
+      consumer = self.program.consumers[index]
+      pullback = _local_pullback(
+          consumer, self.captured[index],
+          [self.flat_params[leaf] for leaf in consumer.leaves])
+      grads = jax.vmap(pullback)(tuple(self.perturbation_cots[index]))
+      self.local[index] = dict(zip(consumer.leaves, grads))
+    return self.local[index]
+
+
+class _ExampleParts:
+  """One objective per example: the cotangents of ONE backward pass.
+
+  Example ``b``'s loss only reads example ``b``'s rows, so the cotangent of
+  the summed losses, restricted to those rows, is that of loss ``b``.
+  """
+
+  def __init__(self, program, captured, flat_params, pullback, examples,
+               dtype):
+    self.program, self.captured, self.flat_params = (program, captured,
+                                                     flat_params)
+    self.pullback, self.examples = pullback, examples
+    self.num_objectives = examples.num_examples
+    ones = jnp.ones((examples.num_examples,), dtype)
+    self.perturbation_cots = pullback(ones)[1]
+    self.dtype = dtype
+    self.local = {}
+    self.whole = None
+
+  def whole_gradients(self, leaf):
+    if self.whole is None:
+      eye = jnp.eye(self.num_objectives, dtype=self.dtype)
+      self.whole = jax.vmap(self.pullback)(eye)[0]
+    return self.whole[leaf]
+
+  def is_dense(self, index):
+    return self.examples.dense_rows[index] is not None
+
+  def dense_gramian(self, index, dtype):
+    return _example_dense_gramian(
+        self.program.consumers[index].dense, self.examples.dense_rows[index],
+        self.captured[index][0], self.perturbation_cots[index][0],
+        self.num_objectives, dtype)
+
+  def local_gradients(self, index):
+    if index not in self.local:
+      consumer = self.program.consumers[index]
+      pullback = _local_pullback(
+          consumer, self.captured[index],
+          [self.flat_params[leaf] for leaf in consumer.leaves])
+      cotangents = self.perturbation_cots[index]
+      axes = self.examples.output_axes[index]
+
+      def one_example(example):
+        return pullback([_rows_of(cot, axis, example)
+                         for cot, axis in zip(cotangents, axes)])
+
+      grads = jax.vmap(one_example)(jnp.arange(self.num_objectives))
+      self.local[index] = dict(zip(consumer.leaves, grads))
+    return self.local[index]
+
+
+def _rows_of(array, axis, example):
+  """``array`` where its entries belong to ``example``, zero elsewhere."""
+  dim, factor = axis
+  owner = jnp.arange(array.shape[dim]) // factor
+  shape = [1] * array.ndim
+  shape[dim] = array.shape[dim]
+  return jnp.where((owner == example).reshape(shape), array,
+                   jnp.zeros((), array.dtype))
+
+
+def _example_dense_gramian(dense, rows_dim, data, cotangents, num_examples,
+                           dtype):
+  """The per-example Gramian of a dense layer: ``Σ (X Xᵀ) ⊙ (Δ Δᵀ)``.
+
+  The rows of example ``b`` are entries ``b·m … b·m + m − 1`` of the data's
+  free dimension ``rows_dim`` (and every entry of its other free
+  dimensions).
+  """
+  position = dense.data_free.index(rows_dim)
+  other = tuple(d for d in dense.data_free if d != rows_dim)
+  rows = jnp.transpose(
+      data, dense.batch + (rows_dim,) + other + dense.contract).reshape(
+          dense.batch_size, num_examples, -1, dense.contracting).astype(dtype)
+  out_other = tuple(dense.out_data[k] for k in range(len(dense.data_free))
+                    if k != position)
+  deltas = jnp.transpose(
+      cotangents, dense.out_batch + (dense.out_data[position],) + out_other
+      + dense.out_param).reshape(
+          dense.batch_size, num_examples, -1, dense.outputs).astype(dtype)
+  n, b, m = rows.shape[:3]
+  c, o = dense.contracting, dense.outputs
+  kernel_cost = n * b * b * m * m * (c + o)
+  gradient_cost = n * b * m * c * o + b * b * n * c * o
+  if kernel_cost <= gradient_cost:
+    kernel = jnp.einsum("nbmc,ndkc->nbdmk", rows, rows, precision=_HIGHEST)
+    outer = jnp.einsum("nbmo,ndko->nbdmk", deltas, deltas, precision=_HIGHEST)
+    return jnp.sum(kernel * outer, axis=(0, 3, 4))
+  grads = jnp.einsum("nbmc,nbmo->bnco", rows, deltas,
+                     precision=_HIGHEST).reshape(b, -1)
+  return jnp.matmul(grads, grads.T, precision=_HIGHEST)
+
+
+@dataclasses.dataclass
+class _Examples:
+  """Where each consumer's examples lie (``batch_axis``)."""
+  num_examples: int
+  output_axes: list  # per consumer, per inexact output: (dim, factor)
+  dense_rows: list  # per consumer: the data's example dimension, or None
+
+
+def _example_axes(fun, program, flat_params, array_args, batch_axis):
+  """Traces again with one more example and compares the shapes."""
+  losses_shape = program.closed_jaxpr.out_avals[0].shape
+  if len(losses_shape) != 1:
+    raise ValueError(
+        "with batch_axis, loss_fn must return one loss per example, shape "
+        f"(batch,), got shape {losses_shape}.")
+  num_examples = losses_shape[0]
+  larger, resized = [], False
+  for leaf in array_args:
+    shape = list(np.shape(leaf))
+    if len(shape) > batch_axis and shape[batch_axis] == num_examples:
+      shape[batch_axis] += 1
+      resized = True
+    larger.append(jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(leaf)))
+  if not resized:
+    raise ValueError(
+        f"batch_axis={batch_axis}: no array argument has the batch size "
+        f"{num_examples} (the number of losses) along that axis.")
+  other = trace(fun, flat_params, larger)
+  if [c.eqn.primitive for c in other.consumers] != [
+      c.eqn.primitive for c in program.consumers]:
+    raise ValueError(
+        "with batch_axis and gramian_mode='per_layer', the program must be "
+        "the same for every batch size (its operations changed with one "
+        "more example); use gramian_mode='jacobian'.")
+  output_axes, dense_rows = [], []
+  for consumer, twin in zip(program.consumers, other.consumers):
+    axes = []
+    for position in consumer.inexact_outputs:
+      axis = _example_axis(consumer.eqn.outvars[position].aval.shape,
+                           twin.eqn.outvars[position].aval.shape,
+                           num_examples)
+      if axis is None:
+        raise ValueError(
+            f"with batch_axis, the operation {consumer.eqn.primitive} that "
+            "reads a parameter must keep the examples apart, but its output "
+            f"{consumer.eqn.outvars[position].aval.str_short()} has no "
+            "example axis; use gramian_mode='jacobian'.")
+      axes.append(axis)
+    output_axes.append(axes)
+    rows = None
+    if consumer.dense is not None:
+      data = consumer.eqn.invars[consumer.dense.data_position]
+      twin_data = twin.eqn.invars[consumer.dense.data_position]
+      axis = _example_axis(data.aval.shape, twin_data.aval.shape,
+                           num_examples)
+      if axis is not None and axis[0] in consumer.dense.data_free:
+        rows = axis[0]
+    dense_rows.append(rows)
+  return _Examples(num_examples, output_axes, dense_rows)
+
+
+def _example_axis(shape, larger_shape, num_examples):
+  """The dimension holding the examples (``(dim, rows per example)``)."""
+  changed = [d for d, (a, b) in enumerate(zip(shape, larger_shape)) if a != b]
+  if len(shape) != len(larger_shape) or len(changed) > 1:
+    raise ValueError(
+        f"with batch_axis, an array of shape {shape} changed to "
+        f"{larger_shape} with one more example: the examples must lie along "
+        "one axis; use gramian_mode='jacobian'.")
+  if not changed:
+    return None
+  dim = changed[0]
+  factor, remainder = divmod(shape[dim], num_examples)
+  if remainder or larger_shape[dim] != factor * (num_examples + 1):
+    raise ValueError(
+        f"with batch_axis, axis {dim} of an array went from {shape[dim]} to "
+        f"{larger_shape[dim]} entries with one more example: not a whole "
+        "number of rows per example; use gramian_mode='jacobian'.")
+  return dim, factor
 
 
 def _split_args(args):
