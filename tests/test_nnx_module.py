@@ -547,6 +547,31 @@ def test_shared_declared_on_the_strategy():
   assert_trees_close(nnx.as_pure(declared_grads), nnx.as_pure(grads))
 
 
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+def test_params_shaped_states_initialise_from_the_nnx_param_state(name):
+  """init(nnx.state(model, nnx.Param)), as documented, runs on both faces."""
+  images, targets = make_batch(0)
+  strategy = getattr(optax_mtl, name)(NUM_TASKS)
+  model = make_model(dropout=False)
+  state = strategy.init(nnx.state(model, nnx.Param))
+  step = nnx.jit(mtl_nnx.value_and_grad(task_losses, strategy, shared=TRUNK))
+  (losses, grads), state = step(model, state, images, targets)
+  (_, grads), state = step(model, state, images, targets)
+  assert np.all(np.isfinite(losses))
+  assert all(np.all(np.isfinite(leaf))
+             for leaf in jax.tree.leaves(nnx.as_pure(grads)))
+  assert int(state.num_skipped) == 0
+  # The optax face, with the state nnx.Optimizer builds.
+  model = make_model(dropout=False)
+  optimizer = nnx.Optimizer(model, optax.chain(strategy, optax.sgd(1e-2)),
+                            wrt=nnx.Param)
+  jacobian_fn = mtl_nnx.value_and_jacobian(task_losses)
+  losses, task_grads = jacobian_fn(model, images, targets)
+  optimizer.update(model, task_grads, task_losses=losses)
+  assert all(np.all(np.isfinite(leaf))
+             for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 # --------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------

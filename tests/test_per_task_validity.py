@@ -190,7 +190,23 @@ def test_per_task_rule_gets_the_mask_and_harmless_losses():
   assert int(state.num_skipped) == 0
 
 
-def test_non_finite_gramian_still_rejects_the_whole_step():
+def test_a_non_finite_gradient_excludes_its_task_only():
+  strategy = _inverse_loss_on_gramian(2)
+  state = strategy.init(None)
+  _, state = strategy.update(jnp.eye(2), state,
+                             task_losses=jnp.array([1.0, 2.0]))
+  update, new_state = strategy.update(
+      jnp.array([[jnp.nan, 0.0], [0.0, 2.0]]), state,
+      task_losses=jnp.array([1.0, 2.0]))
+  # Task 0: weight 0 in the update, its previous weight kept in the state;
+  # task 1: 4 / 2.
+  np.testing.assert_array_equal(update, [0.0, 4.0])
+  np.testing.assert_array_equal(new_state.weights, [1.0, 2.0])
+  np.testing.assert_array_equal(new_state.calls, [1.0, 2.0])
+  assert int(new_state.num_skipped) == 0
+
+
+def test_a_step_without_a_usable_task_is_rejected_as_a_whole():
   strategy = _inverse_loss_on_gramian(2)
   state = strategy.init(None)
   _, state = strategy.update(jnp.eye(2), state,

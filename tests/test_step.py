@@ -293,12 +293,16 @@ def test_gradient_strategies_read_the_jacobian_in_both_faces(shared):
   assert int(state.num_skipped) == 0
 
 
-def test_gradient_strategies_reject_non_finite_gradients():
+def test_gradient_strategies_exclude_a_task_with_a_non_finite_gradient():
   strategy = _sum_of_absolute_values()
   update, state = strategy.update(
       jnp.array([[1.0, jnp.nan], [0.0, 1.0]]), strategy.init(None),
       task_losses=jnp.ones(2))
-  np.testing.assert_array_equal(update, [0.0, 0.0])
+  np.testing.assert_array_equal(update, [0.0, 1.0])  # Task 1's alone.
+  assert int(state.num_skipped) == 0
+  update, state = strategy.update(
+      jnp.full((2, 2), jnp.nan), state, task_losses=jnp.ones(2))
+  np.testing.assert_array_equal(update, [0.0, 0.0])  # No task left.
   assert int(state.num_skipped) == 1
 
 
@@ -321,3 +325,60 @@ def test_gradient_strategies_on_the_representation():
   own_heads = jax.grad(lambda p: jnp.sum(heads(p, representation, inputs)))(
       params)["heads"]
   np.testing.assert_allclose(grads["heads"], own_heads, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# Rules that read the per-task gradients see the shared parameters only.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl", "graddrop",
+                                  "modo", "sdmgrad"])
+def test_gradient_rules_read_only_the_shared_parameters(name):
+  """With shared parameters declared, the heads' gradients do not move the
+  trunk's update; each head gets its own task's gradient."""
+  strategy = getattr(optax_mtl, name)(3)
+  num_samples = optax_mtl.weighting_of(strategy).num_samples
+  lead = (num_samples, 3) if num_samples > 1 else (3,)
+  keys = jax.random.split(jax.random.key(0), 3)
+  trunk = jax.random.normal(keys[0], lead + (4,))
+  params = {"trunk": jnp.zeros(4), "heads": jnp.zeros(2)}
+  shared = {"trunk": True, "heads": False}
+  updates = []
+  for key in keys[1:]:
+    heads = 10.0 * jax.random.normal(key, lead + (2,))
+    task_grads = {"trunk": trunk, "heads": heads}
+    for face in ("optax", "step"):
+      if face == "optax":
+        wrapped = optax_mtl.with_shared_parameters(strategy, shared)
+        update, _ = wrapped.update(task_grads, wrapped.init(params), params,
+                                   task_losses=jnp.ones(3))
+      else:
+        update, _ = optax_mtl._src.step.gradients_step(
+            optax_mtl.weighting_of(strategy), jnp.ones(3),
+            strategy.init(params), task_grads, shared)
+      mean_heads = heads.mean(axis=0) if num_samples > 1 else heads
+      np.testing.assert_allclose(update["heads"], mean_heads.sum(axis=0),
+                                 rtol=1e-6)
+      updates.append(update["trunk"])
+  # The same trunk update for both heads' gradients (jit and eager may
+  # round differently, so each face against itself).
+  np.testing.assert_array_equal(updates[0], updates[2])
+  np.testing.assert_array_equal(updates[1], updates[3])
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+def test_a_params_shaped_state_from_init_none_says_to_pass_the_params(name):
+  strategy = getattr(optax_mtl, name)(3)
+  with pytest.raises(ValueError, match=r"strategy.init\(params\)"):
+    strategy.update(jnp.eye(3), strategy.init(None), task_losses=jnp.ones(3))
+
+
+def test_gradvac_per_leaf_on_the_representation_says_it_cannot_read_it():
+  params = {"trunk": jnp.ones((4, 6)), "heads": jnp.ones((6, 3))}
+  strategy = optax_mtl.gradvac(3, groups="leaf")
+  step = optax_mtl.value_and_grad(
+      lambda p, z, x: jnp.sum(z @ p["heads"], axis=0), strategy,
+      encoder_fn=lambda p, x: jnp.tanh(x @ p["trunk"]))
+  with pytest.raises(ValueError, match="cannot read the representation"):
+    step(params, strategy.init(params), jnp.ones((8, 4)))

@@ -192,34 +192,33 @@ def value_and_grad(
         try:
           update, new_state = step_lib.gradients_step(
               weighting, losses32, state, representation_grads)
-        except (ValueError, TypeError) as error:
-          if "structure" not in str(error):
-            raise
+        except step_lib.ParamsShapedStateError as error:
           raise ValueError(
               "this strategy keeps per-task statistics shaped like the params "
               "(moco, db_mtl, excess_mtl, gradvac(groups='leaf')), so it "
               "cannot read the representation's gradients: use it without "
               "encoder_fn.") from error
-        grads = devices.mean(split_backward(
-            update, jnp.ones((num_tasks,), out.dtype)))
+        # The heads of a task whose gradient is not finite get nothing.
+        kept = tree_lib.finite_tasks(representation_grads)
+        grads = devices.mean(split_backward(update, kept.astype(out.dtype)))
       else:
-        shared_mask = tree_lib.shared_mask(options.shared, params)
-        task_grads = jacobian()
-        update, new_state = step_lib.gradients_step(
-            weighting, losses32, state, task_grads)
-        grads = tree_lib.own_gradients_for_task_specific(
-            update, task_grads,
-            None if options.weight_task_specific else shared_mask)
+        grads, new_state = step_lib.gradients_step(
+            weighting, losses32, state, jacobian(),
+            tree_lib.shared_mask(options.shared, params),
+            options.weight_task_specific)
     else:
       shared_mask = tree_lib.shared_mask(options.shared, params)
       own_gradients = None if options.weight_task_specific else shared_mask
       if (representation_vjp is None and gramian_mode == "jacobian"
           and options.recompute_every == 1):
-        # Hold J once: the Gramian and the combination Jᵀw both read it.
+        # Hold J once: the Gramian and the combination Jᵀw both read it. A
+        # task with a non-finite gradient is excluded (zeroed, weight 0).
         task_grads = jacobian()
+        gradients_valid = tree_lib.finite_tasks(task_grads)
+        task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
         weights, new_state = step_lib.weights_step(
             weighting, options, losses32, state,
-            lambda: tree_lib.gramian(task_grads, shared_mask))
+            lambda: tree_lib.gramian(task_grads, shared_mask), gradients_valid)
         grads = tree_lib.combine(weights, task_grads, own_gradients)
       else:
         if representation_vjp is not None:
@@ -243,8 +242,15 @@ def value_and_grad(
                                own_gradients, grads, unweighted)
 
     # A gradient that overflows although the losses were finite is counted.
-    overflow = jnp.all(jnp.isfinite(losses32)) & ~step_lib.all_finite(grads)
+    grads_finite = step_lib.all_finite(grads)
+    overflow = (jnp.all(jnp.isfinite(losses32)) & ~grads_finite
+                & (new_state.num_skipped == state.num_skipped))
     new_state = step_lib.count_skipped(new_state, overflow)
+    if weighting.needs is not base.Needs.LOSSES:
+      # A strategy that reads gradients never lets a non-finite one reach
+      # the parameters: where excluding its task did not remove it (a VJP
+      # of 0 · NaN), the step's gradient is zero.
+      grads = _zero_unless(grads_finite, grads)
     if has_aux:
       return ((task_losses, aux), grads), new_state
     return (task_losses, grads), new_state
@@ -279,12 +285,10 @@ def _sampled_step(weighting, options, task_loss_fn, has_aux, devices, params,
   outs, task_grads, aux = jax.vmap(one_sample)(*args)
   task_losses = jnp.mean(outs, axis=0)
   losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
-  update, new_state = step_lib.gradients_step(weighting, losses32, state,
-                                              task_grads)
-  shared_mask = tree_lib.shared_mask(options.shared, params)
-  grads = step_lib.own_gradients_of_samples(
-      update, task_grads,
-      None if options.weight_task_specific else shared_mask)
+  grads, new_state = step_lib.gradients_step(
+      weighting, losses32, state, task_grads,
+      tree_lib.shared_mask(options.shared, params),
+      options.weight_task_specific)
   if has_aux:
     return ((task_losses, aux), grads), new_state
   return (task_losses, grads), new_state
@@ -330,6 +334,13 @@ def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
         "gramian_mode='per_layer' cannot yet average over a named data axis "
         f"(axis_name={axis_name!r}): shard the batch under jax.jit instead, "
         "or use gramian_mode='jacobian'.")
+
+
+def _zero_unless(ok, tree):
+  """``tree`` where ``ok``, zeros (of each leaf's dtype) otherwise."""
+  return jax.tree.map(
+      lambda g: jnp.where(ok, g, jnp.zeros_like(g))
+      if jnp.issubdtype(g.dtype, jnp.inexact) else g, tree)
 
 
 def _checked_output(loss_fn, has_aux):

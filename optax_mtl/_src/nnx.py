@@ -192,7 +192,7 @@ def value_and_grad(
         pure_loss, strategy, True, shared=mask, encoder_fn=encoder_fn,
         **engine_options)
     ((task_losses, (aux, new_rest)), pure_grads), new_state = engine_step(
-        nnx.as_pure(params), strategy_state, *args)
+        nnx.as_pure(params), nnx.as_pure(strategy_state), *args)
     if num_samples > 1:
       new_rest = _merge_samples(new_rest)
     nnx.update(model, new_rest)

@@ -18,6 +18,7 @@ the Gramian and apply the weights.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
@@ -69,6 +70,7 @@ def weights_step(
     task_losses: chex.Array,
     state: Any,
     gramian_fn: Optional[Callable[[], chex.Array]] = None,
+    gradients_valid: Optional[chex.Array] = None,
 ) -> tuple[chex.Array, Any]:
   """Losses (and a Gramian) → weights and the new state, behind the guard.
 
@@ -80,15 +82,20 @@ def weights_step(
       ``options.recompute_every > 1``).
     gramian_fn: ``() -> G`` ([T, T]), called only when the weights are
       recomputed (for :attr:`Needs.GRAMIAN` weightings).
+    gradients_valid: optional bool[T], the tasks whose gradients are finite
+      (the others were zeroed by the caller): they are excluded from the
+      step and get weight 0.
 
   Returns:
     ``(weights, new_state)``; ``weights`` are the ones to apply this step.
   """
   if options.recompute_every == 1:
-    return _guarded_rule(weighting, task_losses, state, gramian_fn)
+    return _guarded_rule(weighting, task_losses, state, gramian_fn,
+                         gradients_valid)
 
   def recompute(inner):
-    weights, inner = _guarded_rule(weighting, task_losses, inner, gramian_fn)
+    weights, inner = _guarded_rule(weighting, task_losses, inner, gramian_fn,
+                                   gradients_valid)
     # Both branches of the cond return the state's dtype.
     return weights.astype(inner.weights.dtype), inner
 
@@ -123,15 +130,21 @@ def _losses_ok(weighting: base.Weighting, task_losses: chex.Array):
 
 
 def _count_rejections(weighting: base.Weighting, state: Any,
-                      valid: chex.Array, skipped: chex.Array) -> Any:
+                      valid: chex.Array, skipped: chex.Array,
+                      kept: Optional[chex.Array] = None) -> Any:
   """``num_skipped`` += ``skipped``; per task, ``num_rejected_losses`` +=
-  ``~valid`` (every bad loss, whether or not the step went on)."""
+  ``~valid`` (every bad loss, whether or not the step went on) and
+  ``num_rejected_gradients`` += ``~kept`` (where the state has the field)."""
   state = state._replace(num_skipped=jnp.where(
       skipped, optax.safe_increment(state.num_skipped), state.num_skipped))
   if weighting.per_task:
     counts = state.num_rejected_losses
     state = state._replace(num_rejected_losses=jnp.where(
         valid, counts, optax.safe_increment(counts)).astype(counts.dtype))
+  if kept is not None and hasattr(state, "num_rejected_gradients"):
+    counts = state.num_rejected_gradients
+    state = state._replace(num_rejected_gradients=jnp.where(
+        kept, counts, optax.safe_increment(counts)).astype(counts.dtype))
   return state
 
 
@@ -150,7 +163,37 @@ def all_finite(tree: Any) -> chex.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
-def _guarded_rule(weighting, task_losses, state, rule_input_fn):
+def _rule_input(weighting, rule_input_fn, gradients_valid):
+  """The rule's input and bool[T]: the tasks whose gradient is usable.
+
+  A task whose gradient is not finite (a NaN or inf in any coordinate, seen
+  on the Gramian's diagonal or given as ``gradients_valid``) is excluded
+  from this step: its Gramian row and column are zero (as for a zero
+  gradient), and the rule never sees a non-finite number.
+  """
+  num_tasks = weighting.num_tasks
+  kept = (jnp.ones((num_tasks,), bool) if gradients_valid is None
+          else jnp.asarray(gradients_valid))
+  if weighting.needs is base.Needs.GRAMIAN:
+    gramian = jnp.asarray(rule_input_fn())
+    if not jnp.issubdtype(gramian.dtype, jnp.floating):
+      gramian = gramian.astype(jnp.float32)
+    kept &= jnp.isfinite(jnp.diagonal(gramian))
+    gramian = jnp.where(kept[:, None] & kept[None, :], gramian, 0.0)
+    usable = jnp.any(kept) & all_finite(gramian)
+    return jnp.where(usable, gramian,
+                     jnp.eye(num_tasks, dtype=gramian.dtype)), kept, usable
+  if weighting.needs is base.Needs.GRADIENTS:
+    task_grads = rule_input_fn()
+    usable = jnp.any(kept) & all_finite(task_grads)
+    return jax.tree.map(
+        lambda g: jnp.where(usable, g, jnp.zeros_like(g))
+        if jnp.issubdtype(g.dtype, jnp.inexact) else g, task_grads), kept, usable
+  return None, kept, jnp.asarray(True)
+
+
+def _guarded_rule(weighting, task_losses, state, rule_input_fn,
+                  gradients_valid=None):
   """Runs the rule behind the guard.
 
   ``rule_input_fn`` gives the Gramian (:attr:`Needs.GRAMIAN`) or the per-task
@@ -167,27 +210,19 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
   whole only when no loss is valid, or the Gramian, the weights or the new
   state are not finite. With every loss valid the step is the same as for a
   weighting that is not per task.
+
+  A task whose gradient is not finite (``gradients_valid``, or a non-finite
+  diagonal entry of the Gramian) is excluded from the step for every
+  weighting that reads gradients: the rule sees it as a zero gradient, its
+  applied weight is 0, the state keeps its previous weight, and
+  ``num_rejected_gradients`` counts it where the state has that field.
   """
   valid = _valid_losses(weighting, task_losses)
   per_task = weighting.per_task
-  inputs_ok = _step_ok(weighting, valid)
-  rule_input = None
-  if weighting.needs is base.Needs.GRAMIAN:
-    rule_input = jnp.asarray(rule_input_fn())
-    if not jnp.issubdtype(rule_input.dtype, jnp.floating):
-      rule_input = rule_input.astype(jnp.float32)
-    gramian_ok = all_finite(rule_input)
-    inputs_ok &= gramian_ok
-    rule_input = jnp.where(
-        gramian_ok, rule_input,
-        jnp.eye(weighting.num_tasks, dtype=rule_input.dtype))
-  elif weighting.needs is base.Needs.GRADIENTS:
-    rule_input = rule_input_fn()
-    grads_ok = all_finite(rule_input)
-    inputs_ok &= grads_ok
-    rule_input = jax.tree.map(
-        lambda g: jnp.where(grads_ok, g, jnp.zeros_like(g))
-        if jnp.issubdtype(g.dtype, jnp.inexact) else g, rule_input)
+  rule_input, kept, usable = _rule_input(weighting, rule_input_fn,
+                                         gradients_valid)
+  inputs_ok = usable & (jnp.any(valid & kept) if per_task
+                        else jnp.all(valid))
   # Rejected inputs are replaced by harmless ones, so that no rule ever
   # computes on a NaN (a solver loop on NaN could misbehave); the result is
   # discarded below.
@@ -196,9 +231,9 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
     # told which they are.
     safe_losses = jnp.where(valid, task_losses, jnp.ones_like(task_losses))
     output, new_state = weighting.rule(safe_losses, state, rule_input,
-                                       valid=valid)
+                                       valid=valid & kept)
     # An excluded task keeps its previous weight, whatever the rule gave it.
-    output = jnp.where(valid, output, state.weights)
+    output = jnp.where(valid & kept, output, state.weights)
   else:
     safe_losses = jnp.where(inputs_ok, task_losses,
                             jnp.ones_like(task_losses))
@@ -206,13 +241,17 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
   if weighting.needs is base.Needs.GRADIENTS:
     accepted = new_state  # The rule reports its own weights, if any.
   else:
-    accepted = new_state._replace(weights=output)
+    # A task without a usable gradient keeps its weight in the state.
+    accepted = new_state._replace(
+        weights=jnp.where(kept, output, state.weights.astype(output.dtype)))
   if weighting.needs is base.Needs.GRAMIAN:
     accepted = accepted._replace(
         gradient_cosines=tree_lib.cosine_matrix(rule_input))
   ok = inputs_ok & all_finite(output) & all_finite(accepted)
-  accepted = _count_rejections(weighting, accepted, valid, jnp.asarray(False))
-  rejected = _count_rejections(weighting, state, valid, jnp.asarray(True))
+  accepted = _count_rejections(weighting, accepted, valid, jnp.asarray(False),
+                               kept)
+  rejected = _count_rejections(weighting, state, valid, jnp.asarray(True),
+                               kept)
   new_state = jax.tree.map(
       lambda a, r: jnp.where(ok, a, r).astype(r.dtype), accepted, rejected)
   if weighting.needs is base.Needs.GRADIENTS:
@@ -220,9 +259,14 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn):
         lambda u: jnp.where(ok, u, jnp.zeros_like(u))
         if jnp.issubdtype(u.dtype, jnp.inexact) else u, output), new_state
   # The weights applied are the rule's own, in its dtype (float64 from a
-  # float64 Gramian under x64); the state keeps them in float32.
+  # float64 Gramian under x64); the state keeps them in float32. A task
+  # without a usable gradient gets 0.
   applied = jnp.where(ok, output, state.weights.astype(output.dtype))
-  return applied, new_state
+  return jnp.where(kept, applied, 0.0).astype(applied.dtype), new_state
+
+
+class ParamsShapedStateError(ValueError):
+  """A state with params-shaped statistics does not fit the gradients."""
 
 
 def gradients_step(
@@ -230,25 +274,70 @@ def gradients_step(
     task_losses: chex.Array,
     state: Any,
     task_grads: Any,
+    shared: Any = None,
+    weight_task_specific: bool = False,
 ) -> tuple[Any, Any]:
   """Losses and per-task gradients → the update and the new state (guarded).
 
   The step of the strategies that read the per-task gradients themselves
-  (:attr:`Needs.GRADIENTS`): the rule returns the combined update.
+  (:attr:`Needs.GRADIENTS`): the rule returns the combined update. With
+  ``shared`` (a mask of bools like the params) the rule sees the shared
+  parameters' gradients only (the others are zero) and every task-specific
+  parameter receives ``Σ_k g_k``, its own task's gradient (unless
+  ``weight_task_specific``: then the rule sees every gradient and its update
+  is applied everywhere). A task whose gradient is not finite anywhere is
+  excluded from the step: zero for the rule and for its own parameters,
+  counted in ``num_rejected_gradients`` where the state has it.
+
+  Raises:
+    ParamsShapedStateError: the state keeps statistics shaped like other
+      params (``init(None)``, or params of another model).
   """
-  return _guarded_rule(weighting, task_losses, state, lambda: task_grads)
+  task_axis = 1 if weighting.num_samples > 1 else 0
+  kept = tree_lib.finite_tasks(task_grads, task_axis)
+  task_grads = tree_lib.keep_tasks(task_grads, kept, task_axis)
+  own = None if weight_task_specific else shared
+  rule_grads = tree_lib.shared_only(task_grads, own)
+  try:
+    update, new_state = _guarded_rule(weighting, task_losses, state,
+                                      lambda: rule_grads, kept)
+  except (ValueError, TypeError) as error:
+    if not ("structure" in str(error) or "init with the params" in str(error)):
+      raise
+    raise ParamsShapedStateError(
+        "this strategy keeps per-task statistics shaped like the params "
+        "(moco, db_mtl, excess_mtl, gradvac(groups='leaf')): its state does "
+        "not fit these gradients. Initialise it with the params, "
+        "strategy.init(params) (not init(None)); for a Flax NNX model, "
+        "strategy.init(nnx.state(model, nnx.Param)).") from error
+  if weighting.num_samples > 1:
+    return own_gradients_of_samples(update, task_grads, own), new_state
+  return tree_lib.own_gradients_for_task_specific(
+      update, task_grads, own), new_state
 
 
 def init_state(weighting: base.Weighting, options: StrategyOptions,
                params: Any) -> Any:
   if weighting.needs is base.Needs.GRADIENTS:
-    state = weighting.init(params)  # May keep params-shaped statistics.
+    # May keep params-shaped statistics: of plain arrays, also when given
+    # nnx.state(model, nnx.Param), whose leaves are nnx.Param wrappers.
+    state = weighting.init(plain_arrays(params))
   else:
     state = weighting.init()
   if options.recompute_every > 1:
     return RecomputeEveryState(inner=state,
                                steps_since_update=jnp.zeros([], jnp.int32))
   return state
+
+
+def plain_arrays(tree: Any) -> Any:
+  """``tree`` with Flax NNX ``Variable`` wrappers replaced by their values.
+
+  Flax is not a dependency: when ``flax.nnx`` was never imported, ``tree``
+  cannot hold its variables and is returned as it is.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  return tree if nnx is None else nnx.as_pure(tree)
 
 
 # --------------------------------------------------------------------------
@@ -291,16 +380,16 @@ class StrategyUpdate:
     own_gradients = None if options.weight_task_specific else shared
     losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
     if weighting.needs is base.Needs.GRADIENTS:
-      update, new_state = gradients_step(weighting, losses32, state,
-                                         task_grads)
-      if weighting.num_samples > 1:
-        return own_gradients_of_samples(update, task_grads,
-                                        own_gradients), new_state
-      return tree_lib.own_gradients_for_task_specific(
-          update, task_grads, own_gradients), new_state
+      return gradients_step(weighting, losses32, state, task_grads, shared,
+                            options.weight_task_specific)
+    gradients_valid = None
+    if weighting.needs is base.Needs.GRAMIAN:
+      # A task with a non-finite gradient is excluded (zeroed, weight 0).
+      gradients_valid = tree_lib.finite_tasks(task_grads)
+      task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
     weights, new_state = weights_step(
         weighting, options, losses32, state,
-        lambda: tree_lib.gramian(task_grads, shared))
+        lambda: tree_lib.gramian(task_grads, shared), gradients_valid)
     return tree_lib.combine(weights, task_grads, own_gradients), new_state
 
 

@@ -159,6 +159,48 @@ def own_gradients_for_task_specific(update: Any, task_grads: Any,
   return jax.tree.map(lambda keep, u, o: u if keep else o, shared, update, own)
 
 
+def finite_tasks(task_grads: Any, task_axis: int = 0) -> chex.Array:
+  """bool[T]: whether every float coordinate of task k's gradient is finite.
+
+  ``task_axis`` is the position of the task axis on every leaf (1 for the
+  ``[num_samples, T, ...]`` gradients of double sampling).
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(task_grads) if _is_inexact(leaf)]
+  num_tasks = jax.tree.leaves(task_grads)[0].shape[task_axis]
+  finite = jnp.ones((num_tasks,), bool)
+  for leaf in leaves:
+    moved = jnp.moveaxis(jnp.isfinite(leaf), task_axis, 0)
+    finite &= jnp.all(jnp.reshape(moved, (num_tasks, -1)), axis=1)
+  return finite
+
+
+def keep_tasks(task_grads: Any, keep: chex.Array, task_axis: int = 0) -> Any:
+  """``task_grads`` with the gradients of the tasks not in ``keep`` zeroed.
+
+  A ``where``, not a product: a NaN of an excluded task does not survive.
+  """
+  def one(leaf):
+    if not _is_inexact(leaf):
+      return leaf
+    shape = [1] * leaf.ndim
+    shape[task_axis] = -1
+    return jnp.where(jnp.reshape(keep, shape), leaf, jnp.zeros_like(leaf))
+  return jax.tree.map(one, task_grads)
+
+
+def shared_only(task_grads: Any, shared: Any) -> Any:
+  """``task_grads`` with the task-specific leaves (``shared`` False) zeroed.
+
+  What a rule that reads the per-task gradients sees when shared parameters
+  are declared: the gradients of the shared parameters only.
+  """
+  if shared is None:
+    return task_grads
+  return jax.tree.map(
+      lambda g, keep: g if keep or not _is_inexact(g) else jnp.zeros_like(g),
+      task_grads, shared)
+
+
 def cosine_matrix(gramian_matrix: chex.Array) -> chex.Array:
   """Pairwise cosine similarities of the task gradients, from the Gramian."""
   norms = jnp.sqrt(jnp.clip(jnp.diag(gramian_matrix), min=0.0))
