@@ -35,6 +35,8 @@ from optax_mtl._src.weighting._config import config
 from optax_mtl._src.weighting._constant import ConstantState
 from optax_mtl._src.weighting._constant import constant
 from optax_mtl._src.weighting._db_mtl import DbMtlState
+from optax_mtl._src.weighting._cosmos import CosmosState
+from optax_mtl._src.weighting._cosmos import cosmos
 from optax_mtl._src.weighting._db_mtl import db_mtl
 from optax_mtl._src.weighting._dualproj import DualprojState
 from optax_mtl._src.weighting._dualproj import dualproj
@@ -86,6 +88,10 @@ from optax_mtl._src.weighting._nash_mtl import nash_mtl
 from optax_mtl._src.weighting._normalized_gradients import NormalizedGradientsState
 from optax_mtl._src.weighting._normalized_gradients import normalized_gradients
 from optax_mtl._src.weighting._pcgrad import PcgradState
+from optax_mtl._src.weighting._pbi import PbiState
+from optax_mtl._src.weighting._pbi import pbi
+from optax_mtl._src.weighting._pcd import PcdState
+from optax_mtl._src.weighting._pcd import pcd
 from optax_mtl._src.weighting._pcgrad import pcgrad
 from optax_mtl._src.weighting._rema import RemaState
 from optax_mtl._src.weighting._rema import rema
@@ -119,6 +125,7 @@ __all__ = (
     "ConfigState",
     "ConstantState",
     "DbMtlState",
+    "CosmosState",
     "DualprojState",
     "DwaState",
     "DwemaState",
@@ -146,6 +153,8 @@ __all__ = (
     "Needs",
     "NormalizedGradientsState",
     "PcgradState",
+    "PbiState",
+    "PcdState",
     "RecomputeEveryState",
     "RemaState",
     "RlwState",
@@ -164,6 +173,7 @@ __all__ = (
     "constant",
     "cosine_matrix",
     "db_mtl",
+    "cosmos",
     "diagnostics",
     "dualproj",
     "dwa",
@@ -194,6 +204,8 @@ __all__ = (
     "normalized_gradients",
     "pcgrad",
     "project_simplex",
+    "pbi",
+    "pcd",
     "recompute_every",
     "rema",
     "rlw",

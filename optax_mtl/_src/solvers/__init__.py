@@ -7,6 +7,8 @@ One module per method, as optimistix's ``_solver/``:
 * ``_active_set``: the box-constrained QP of UPGrad and DualProj;
 * ``_newton``: Nash-MTL's bargaining problem;
 * ``_alpha_fair``: FairGrad's α-fair allocation (Nash-MTL's for α = 1);
+* ``_priority``: PCD's QP (follow the first task's gradient subject to
+  progress on the others), by a dual active-set method;
 * ``_common``: the result type, the outcome codes, the one convergence rule
   and the small helpers they share.
 
@@ -46,6 +48,7 @@ from optax_mtl._src.solvers._frank_wolfe import project_simplex
 from optax_mtl._src.solvers._frank_wolfe import solve_cagrad
 from optax_mtl._src.solvers._frank_wolfe import solve_min_norm
 from optax_mtl._src.solvers._newton import solve_nash
+from optax_mtl._src.solvers._priority import solve_priority_qp
 
 __all__ = (
     "Outcome",
@@ -67,6 +70,7 @@ __all__ = (
     "solve_min_norm",
     "solve_nash",
     "solve_on_free_set",
+    "solve_priority_qp",
     "state_fields",
     "step_back_to_feasibility",
 )
