@@ -343,6 +343,27 @@ def _zero_unless(ok, tree):
       if jnp.issubdtype(g.dtype, jnp.inexact) else g, tree)
 
 
+def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
+  """Refuses the options that ``gramian_mode="per_layer"`` cannot serve."""
+  if batch_axis is not None and (
+      isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
+      or batch_axis < 0):
+    raise ValueError(
+        f"batch_axis must be None or a non-negative int, got {batch_axis!r}.")
+  if gramian_mode != "per_layer":
+    return
+  if encoder_fn is not None:
+    raise ValueError(
+        "gramian_mode='per_layer' reads the Gramian of the parameters; "
+        "encoder_fn reads that of the representation: use one of them, got "
+        f"encoder_fn={encoder_fn!r}.")
+  if axis_name is not None:
+    raise ValueError(
+        "gramian_mode='per_layer' cannot yet average over a named data axis "
+        f"(axis_name={axis_name!r}): shard the batch under jax.jit instead, "
+        "or use gramian_mode='jacobian'.")
+
+
 def _checked_output(loss_fn, has_aux):
   """``loss_fn`` with a clear error when its output does not fit ``has_aux``."""
 
