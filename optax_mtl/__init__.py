@@ -8,6 +8,8 @@ that computes only what the strategy needs.
 """
 
 from optax_mtl import metrics
+from optax_mtl._src._smooth_weights import SmoothWeightsState
+from optax_mtl._src._smooth_weights import smooth_weights
 from optax_mtl._src.base import MultiTaskStrategy
 from optax_mtl._src.base import Needs
 from optax_mtl._src.base import Weighting
@@ -34,9 +36,9 @@ from optax_mtl._src.weighting._config import ConfigState
 from optax_mtl._src.weighting._config import config
 from optax_mtl._src.weighting._constant import ConstantState
 from optax_mtl._src.weighting._constant import constant
-from optax_mtl._src.weighting._db_mtl import DbMtlState
 from optax_mtl._src.weighting._cosmos import CosmosState
 from optax_mtl._src.weighting._cosmos import cosmos
+from optax_mtl._src.weighting._db_mtl import DbMtlState
 from optax_mtl._src.weighting._db_mtl import db_mtl
 from optax_mtl._src.weighting._dualproj import DualprojState
 from optax_mtl._src.weighting._dualproj import dualproj
@@ -87,11 +89,11 @@ from optax_mtl._src.weighting._nash_mtl import NashMtlState
 from optax_mtl._src.weighting._nash_mtl import nash_mtl
 from optax_mtl._src.weighting._normalized_gradients import NormalizedGradientsState
 from optax_mtl._src.weighting._normalized_gradients import normalized_gradients
-from optax_mtl._src.weighting._pcgrad import PcgradState
 from optax_mtl._src.weighting._pbi import PbiState
 from optax_mtl._src.weighting._pbi import pbi
 from optax_mtl._src.weighting._pcd import PcdState
 from optax_mtl._src.weighting._pcd import pcd
+from optax_mtl._src.weighting._pcgrad import PcgradState
 from optax_mtl._src.weighting._pcgrad import pcgrad
 from optax_mtl._src.weighting._rema import RemaState
 from optax_mtl._src.weighting._rema import rema
@@ -124,8 +126,8 @@ __all__ = (
     "CagradState",
     "ConfigState",
     "ConstantState",
-    "DbMtlState",
     "CosmosState",
+    "DbMtlState",
     "DualprojState",
     "DwaState",
     "DwemaState",
@@ -152,13 +154,14 @@ __all__ = (
     "NashMtlState",
     "Needs",
     "NormalizedGradientsState",
-    "PcgradState",
     "PbiState",
     "PcdState",
+    "PcgradState",
     "RecomputeEveryState",
     "RemaState",
     "RlwState",
     "SdmgradState",
+    "SmoothWeightsState",
     "SolverResult",
     "StchState",
     "TrimmedMeanState",
@@ -172,8 +175,8 @@ __all__ = (
     "config",
     "constant",
     "cosine_matrix",
-    "db_mtl",
     "cosmos",
+    "db_mtl",
     "diagnostics",
     "dualproj",
     "dwa",
@@ -202,14 +205,15 @@ __all__ = (
     "modo",
     "nash_mtl",
     "normalized_gradients",
-    "pcgrad",
-    "project_simplex",
     "pbi",
     "pcd",
+    "pcgrad",
+    "project_simplex",
     "recompute_every",
     "rema",
     "rlw",
     "sdmgrad",
+    "smooth_weights",
     "solve_cagrad",
     "solve_dual_cone_qp",
     "solve_min_norm",
