@@ -66,6 +66,9 @@ class Case:
       gradients conflict (``G >= 0``).
     rtol: relative tolerance of the property checks: float32 round-off,
       or the stopping tolerance of an iterative solver.
+    factory: for a wrapped strategy, ``factory(num_tasks, **kwargs)``
+      builds it (e.g. ``smooth_weights`` over a strategy); None: the entry's
+      name is the factory ``optax_mtl.<name>``.
   """
 
   needs: str
@@ -82,6 +85,16 @@ class Case:
   linear_under_scaling: bool = False
   mean_without_conflict: bool = False
   rtol: float = 1e-5
+  factory: Any = None
+
+
+def _smoothed(name: str):
+  """``optax_mtl.smooth_weights(optax_mtl.<name>(num_tasks), decay)``."""
+  def factory(num_tasks: int, decay: float = 0.8) -> optax_mtl.MultiTaskStrategy:
+    return optax_mtl.smooth_weights(getattr(optax_mtl, name)(num_tasks),
+                                    decay)
+  factory.__name__ = f"smooth_weights_{name}"
+  return factory
 
 
 _SOLVER = ("num_tasks", "max_iters")
@@ -127,6 +140,9 @@ STRATEGIES: dict[str, Case] = {
     "graddrop": Case("gradients", stochastic=True, static_args=("num_tasks", "seed", "leak", "purity_fn", "batch_axis")),
     "trimmed_mean": Case("gradients", static_args=("num_tasks", "trim_number"), permutation_equivariant=True),
     "moco": Case("gradients", static_args=("num_tasks", "projection", "gradient_normalization"), hyperparams=dict(beta=0.3, gamma=0.05), permutation_equivariant=True, rtol=1e-4),
+    # Wrappers over a strategy of the table (the entry's factory builds it).
+    "smooth_weights(ema)": Case("losses", factory=_smoothed("ema"), per_task=True, positive_losses=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, scale_invariant_per_task=True),
+    "smooth_weights(upgrad)": Case("gramian", factory=_smoothed("upgrad"), has_solver=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, rtol=1e-4),
     "db_mtl": Case("gradients", positive_losses=True, hyperparams=dict(beta=0.8), permutation_equivariant=True, scale_invariant_per_task=True, rtol=1e-3),
     "excess_mtl": Case("gradients", hyperparams=dict(robust_step_size=0.05), permutation_equivariant=True, rtol=1e-4),
 }
@@ -146,11 +162,15 @@ def names_with(attribute: str) -> list[str]:
   return [name for name in NAMES if getattr(STRATEGIES[name], attribute)]
 
 
+def factory(name: str):
+  """The entry's factory: ``optax_mtl.<name>``, or the case's own."""
+  return STRATEGIES[name].factory or getattr(optax_mtl, name)
+
+
 def build(name: str, num_tasks: int = NUM_TASKS,
           **overrides: Any) -> optax_mtl.MultiTaskStrategy:
-  """A new ``optax_mtl.<name>(num_tasks, **kwargs)`` (``overrides`` win)."""
-  return getattr(optax_mtl, name)(
-      num_tasks, **{**STRATEGIES[name].kwargs, **overrides})
+  """A new ``factory(name)(num_tasks, **kwargs)`` (``overrides`` win)."""
+  return factory(name)(num_tasks, **{**STRATEGIES[name].kwargs, **overrides})
 
 
 @functools.cache

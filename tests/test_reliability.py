@@ -454,7 +454,7 @@ def test_vmapped_runs_equal_sequential_runs(name):
 def _parameters(predicate):
   cases = []
   for name in strategies.NAMES:
-    signature = inspect.signature(getattr(optax_mtl, name))
+    signature = inspect.signature(strategies.factory(name))
     for parameter in signature.parameters.values():
       if parameter.name != "num_tasks" and predicate(parameter.default):
         cases.append((name, parameter.name, parameter.default))

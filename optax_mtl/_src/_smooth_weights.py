@@ -174,12 +174,17 @@ def smooth_weights(
         started=jnp.full((num_tasks,), initial is not None),
         inner_state=inner)
 
-  def rule(task_losses, state, rule_input, **kwargs):
-    raw, inner = weighting.rule(task_losses, state.inner_state, rule_input,
-                                **kwargs)
+  def rule(task_losses, state, rule_input, valid=None):
     previous_raw = state.inner_state.weights
-    if weighting.per_task:  # An excluded task keeps its previous weights.
-      raw = jnp.where(kwargs["valid"], raw, previous_raw.astype(raw.dtype))
+    if weighting.per_task:
+      if valid is None:  # Run as a whole-step weighting: every task valid.
+        valid = jnp.ones((num_tasks,), bool)
+      raw, inner = weighting.rule(task_losses, state.inner_state, rule_input,
+                                  valid=valid)
+      # An excluded task keeps its previous weights, smoothed or not.
+      raw = jnp.where(valid, raw, previous_raw.astype(raw.dtype))
+    else:
+      raw, inner = weighting.rule(task_losses, state.inner_state, rule_input)
     inner = inner._replace(weights=raw.astype(previous_raw.dtype))
     if "gradient_cosines" in optional:
       inner = inner._replace(gradient_cosines=tree_lib.cosine_matrix(
@@ -188,7 +193,8 @@ def smooth_weights(
     alpha = jnp.asarray(decay, raw.dtype)
     smoothed = alpha * previous + (1 - alpha) * raw
     return smoothed, state._replace(
-        started=state.started | kwargs.get("valid", True), inner_state=inner,
+        started=state.started | (True if valid is None else valid),
+        inner_state=inner,
         **{f: getattr(inner, f) for f in solver_fields})
 
   return step._strategy(base.Weighting(  # pylint: disable=protected-access

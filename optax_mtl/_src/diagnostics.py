@@ -103,8 +103,8 @@ def _state_statistics(state: Any, prefix: str,
     elif leaf.shape == (num_tasks,):
       for index, label in enumerate(labels):
         out.setdefault(f"{prefix}{name}/{label}", leaf[index])
-      if name == "weights":
-        out[f"{prefix}weights/sum"] = jnp.sum(leaf)
+      if name == "weights":  # The outer state's, as the weights above.
+        out.setdefault(f"{prefix}weights/sum", jnp.sum(leaf))
 
   def walk(node: Any, name: str):
     fields = getattr(type(node), "_fields", None)
