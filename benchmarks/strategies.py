@@ -35,6 +35,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "imtl_l": {},
     "stch": {},
     "famo": {},  # The one-pass variant (remeasured_losses=False).
+    "cosmos": {},
+    "pbi": {},
     "normalized_gradients": {},
     "mgda": {},
     "upgrad": {},
@@ -49,6 +51,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "fairgrad": {},
     "config": {},
     "gradvac": {},
+    "pcd": {},  # Task 0 of each problem is the primary one.
     "graddrop": {},
     "moco": {},
     "db_mtl": {},

@@ -43,7 +43,7 @@ SECTIONS = (
         "backward pass, like ``jax.value_and_grad`` of the summed losses.",
         ("equal", "constant", "ema", "rema", "dwema", "dwa", "lbtw",
          "initial_loss", "log_loss", "geometric_mean", "uncertainty", "imtl_l",
-         "stch", "famo", "famo_update_logits", "rlw")),
+         "stch", "cosmos", "pbi", "famo", "famo_update_logits", "rlw")),
     Section(
         "Gradient-balancing strategies",
         "They read the T×T Gramian ``G = J Jᵀ`` of the per-task gradients "
@@ -59,7 +59,8 @@ SECTIONS = (
     Section(
         "Wrappers",
         "Functions that take a strategy and return a strategy.",
-        ("recompute_every", "with_shared_parameters", "RecomputeEveryState")),
+        ("recompute_every", "smooth_weights", "with_shared_parameters",
+         "RecomputeEveryState", "SmoothWeightsState")),
     Section(
         "Writing your own strategy",
         "The extension API: a weight rule and what it reads, turned into a "

@@ -429,7 +429,7 @@ def test_unknown_strategy_or_keyword_raises():
 # What the README documents for each strategy (loss-only or Gramian).
 LOSS_ONLY = {"equal", "ema", "rema", "dwema", "dwa", "lbtw", "initial_loss",
              "log_loss", "geometric_mean", "uncertainty", "rlw", "imtl_l",
-             "stch", "famo"}
+             "stch", "famo", "cosmos", "pbi"}
 
 
 @pytest.mark.parametrize("name", sorted(strategies_lib.STRATEGIES))
