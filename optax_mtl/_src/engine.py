@@ -39,7 +39,6 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import per_layer
-from optax_mtl._src import per_layer
 from optax_mtl._src import step as step_lib
 from optax_mtl._src import tree as tree_lib
 
@@ -126,9 +125,6 @@ def value_and_grad(
         f"gramian_mode must be one of {GRAMIAN_MODES}, got {gramian_mode!r}.")
   has_aux = base.check_bool("has_aux", has_aux)
   num_tasks = weighting.num_tasks
-  per_layer_mode = (gramian_mode == "per_layer"
-                    and weighting.needs is base.Needs.GRAMIAN)
-  _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis)
   per_layer_mode = (gramian_mode == "per_layer"
                     and weighting.needs is base.Needs.GRAMIAN)
   _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis)
@@ -315,53 +311,12 @@ def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
         "or use gramian_mode='jacobian'.")
 
 
-def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
-  """Refuses the options that ``gramian_mode="per_layer"`` cannot serve."""
-  if batch_axis is not None and (
-      isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
-      or batch_axis < 0):
-    raise ValueError(
-        f"batch_axis must be None or a non-negative int, got {batch_axis!r}.")
-  if gramian_mode != "per_layer":
-    return
-  if encoder_fn is not None:
-    raise ValueError(
-        "gramian_mode='per_layer' reads the Gramian of the parameters; "
-        "encoder_fn reads that of the representation: use one of them, got "
-        f"encoder_fn={encoder_fn!r}.")
-  if axis_name is not None:
-    raise ValueError(
-        "gramian_mode='per_layer' cannot yet average over a named data axis "
-        f"(axis_name={axis_name!r}): shard the batch under jax.jit instead, "
-        "or use gramian_mode='jacobian'.")
-
-
 def _zero_unless(ok, tree):
   """``tree`` where ``ok``, zeros (of each leaf's dtype) otherwise."""
   return jax.tree.map(
       lambda g: jnp.where(ok, g, jnp.zeros_like(g))
       if jnp.issubdtype(g.dtype, jnp.inexact) else g, tree)
 
-
-def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
-  """Refuses the options that ``gramian_mode="per_layer"`` cannot serve."""
-  if batch_axis is not None and (
-      isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
-      or batch_axis < 0):
-    raise ValueError(
-        f"batch_axis must be None or a non-negative int, got {batch_axis!r}.")
-  if gramian_mode != "per_layer":
-    return
-  if encoder_fn is not None:
-    raise ValueError(
-        "gramian_mode='per_layer' reads the Gramian of the parameters; "
-        "encoder_fn reads that of the representation: use one of them, got "
-        f"encoder_fn={encoder_fn!r}.")
-  if axis_name is not None:
-    raise ValueError(
-        "gramian_mode='per_layer' cannot yet average over a named data axis "
-        f"(axis_name={axis_name!r}): shard the batch under jax.jit instead, "
-        "or use gramian_mode='jacobian'.")
 
 
 def _checked_output(loss_fn, has_aux):
