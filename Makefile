@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all bench docs install clean
+.PHONY: test test-all bench bench-full docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 optax_mtl tests
 
+# The quick suite: every strategy on the built-in problems, 2 seeds, step
+# time at T = 10 (at most 10 minutes on 2 cores; benchmarks/README.md).
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The publication run behind benchmarks/RESULTS.md (5 seeds, larger
+# problems, both speed models at every T; its time is in the README).
+bench-full: $(STAMP)
+	$(PY) -m benchmarks --suite full
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache

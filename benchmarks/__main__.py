@@ -6,14 +6,25 @@ import argparse
 import os
 import platform
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
 SUITES = {
-    # The quick suite runs on built-in data only.
-    "quick": dict(problems=("scales", "digits", "manytask", "toy2d"), seeds=3),
-    "full": dict(problems=("scales", "digits", "manytask", "toy2d"), seeds=5),
+    # The quick suite (`make bench`) runs on built-in data only, with two
+    # seeds, and times the step at T = 10 on the MLP only: the size where
+    # the Gramian strategies' step (one backward pass per task) separates
+    # from the loss-only ones'. Its problems' budgets are the "quick"
+    # CONFIGS of benchmarks/problems/<name>.py.
+    "quick": dict(problems=("scales", "digits", "manytask", "toy2d"),
+                  seeds=2, speed_models=("mlp",), speed_tasks=(10,)),
+    # The publication run (`make bench-full`): larger problems, five seeds,
+    # both speed models at every T of benchmarks/speed.py.
+    "full": dict(problems=("scales", "digits", "manytask", "toy2d"),
+                 seeds=5, speed_models=("mlp", "conv"), speed_tasks=None),
 }
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "optax_mtl",
+                         "jax_compilation_cache")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -65,15 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "on an accelerator)")
   parser.add_argument("--speed-tasks", default=None,
                       help="comma-separated task counts for the speed "
-                           "benchmark (default: 2,10,40 for the MLP, 2,10 "
-                           "for the conv trunk)")
+                           "benchmark (default: 10 in the quick suite; in "
+                           "the full suite 2,10,40 for the MLP, 2,10 for "
+                           "the conv trunk)")
   parser.add_argument("--from-results", nargs="+", default=None,
                       metavar="RESULTS_JSON",
                       help="run nothing: merge these results.json files "
                            "(e.g. of a --no-speed and a --speed-only run) "
                            "and write the report into --out")
-  parser.add_argument("--speed-models", default="mlp,conv",
-                      help="comma-separated speed models (default mlp,conv)")
+  parser.add_argument("--speed-models", default=None,
+                      help="comma-separated speed models (default: mlp in "
+                           "the quick suite, mlp,conv in the full suite)")
+  parser.add_argument("--cache-dir", default=CACHE_DIR,
+                      help="JAX persistent compilation cache (default "
+                           f"{CACHE_DIR}); a second run compiles little")
+  parser.add_argument("--no-cache", action="store_true",
+                      help="compile everything (no persistent cache)")
+  parser.add_argument("--record-costs", action="store_true",
+                      help="store this run's measured time per unit in "
+                           "benchmarks/unit_costs.json (the source of the "
+                           "expected time printed at start)")
   parser.add_argument("--speed-batch", type=int, default=None,
                       help="minibatch size of the speed model (default "
                            "256); a larger batch makes every step longer")
@@ -99,8 +121,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       args.problems += available_real_problems(args.data_dir)
   if args.speed_tasks is not None:
     args.speed_tasks = [int(t) for t in args.speed_tasks.split(",")]
-  args.speed_models = [m.strip() for m in args.speed_models.split(",")
-                       if m.strip()]
+  elif suite["speed_tasks"] is not None:
+    args.speed_tasks = list(suite["speed_tasks"])
+  if args.speed_models is None:
+    args.speed_models = list(suite["speed_models"])
+  else:
+    args.speed_models = [m.strip() for m in args.speed_models.split(",")
+                         if m.strip()]
   from benchmarks import speed  # pylint: disable=import-outside-toplevel
   from benchmarks import strategies  # pylint: disable=import-outside-toplevel
   unknown = [m for m in args.speed_models if m not in speed.MODELS]
@@ -117,37 +144,83 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 class Progress:
-  """A one-line progress bar on a terminal, plain lines otherwise."""
+  """One progress line: units done, elapsed, remaining.
 
-  def __init__(self, total: int, stream=None):
-    self.total = max(total, 1)
+  The remaining time is the expected cost of the units left
+  (:mod:`benchmarks.costs`), scaled by how this run compares so far with
+  the expectation. On a terminal the line is rewritten in place, and every
+  few seconds while a long unit (a compilation) runs; otherwise one line
+  per unit, and one every minute while nothing finishes.
+  """
+
+  def __init__(self, plan: "costs.Plan", stream=None, tick_seconds=None):
+    self.plan = plan
+    self.total = max(len(plan.units), 1)
     self.done = 0
-    self.start = time.perf_counter()
+    self.expected_done = 0.0
+    self.start = self.last = time.perf_counter()
     self.stream = stream or sys.stderr
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.label = "starting"
+    self.unit_seconds: list[tuple[str, float]] = []
+    self.lock = threading.Lock()
+    self.stopped = threading.Event()
+    self.tick_seconds = tick_seconds or (5.0 if self.tty else 60.0)
+    self.ticker = threading.Thread(target=self._tick, daemon=True)
+    self.ticker.start()
+
+  def remaining(self) -> float:
+    left = max(self.plan.total_seconds - self.expected_done, 0.0)
+    elapsed = time.perf_counter() - self.start
+    if self.expected_done > 0 and elapsed > 0:
+      # How this run compares with the expectation (within 4× either way).
+      left *= min(max(elapsed / self.expected_done, 0.25), 4.0)
+    return left
+
+  def line(self) -> str:
+    elapsed = time.perf_counter() - self.start
+    return (f"[{self.done}/{self.total} units] {self.label:<34} "
+            f"{_minutes(elapsed)} elapsed, ~{_minutes(self.remaining())} "
+            "left")
+
+  def _write(self, text: str, final: bool = False) -> None:
+    if self.tty:
+      self.stream.write("\r" + text[:150].ljust(150)
+                        + ("\n" if final else ""))
+    else:
+      self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def _tick(self) -> None:
+    while not self.stopped.wait(self.tick_seconds):
+      with self.lock:
+        if time.perf_counter() - self.last >= self.tick_seconds:
+          self._write(self.line())
 
   def __call__(self, label: str) -> None:
-    self.done += 1
-    elapsed = time.perf_counter() - self.start
-    eta = elapsed / self.done * max(self.total - self.done, 0)
-    width = 30
-    filled = int(width * min(self.done, self.total) / self.total)
-    line = (f"[{'#' * filled}{'.' * (width - filled)}] "
-            f"{self.done}/{self.total} {label:<32} "
-            f"{elapsed:6.0f}s elapsed, ~{eta:4.0f}s left")
-    if self.tty:
-      self.stream.write("\r" + line[:150])
-      if self.done >= self.total:
-        self.stream.write("\n")
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
+    with self.lock:
+      now = time.perf_counter()
+      self.unit_seconds.append((label, now - self.last))
+      self.last = now
+      self.done += 1
+      self.expected_done += self.plan.cost_of(label)
+      self.label = label
+      self._write(self.line(), final=self.done >= self.total)
 
   def note(self, text: str) -> None:
-    if self.tty:
-      self.stream.write("\n")
-    self.stream.write(text + "\n")
-    self.stream.flush()
+    with self.lock:
+      if self.tty:
+        self.stream.write("\r" + " " * 150 + "\r")
+      self.stream.write(text + "\n")
+      self.stream.flush()
+
+  def stop(self) -> None:
+    self.stopped.set()
+
+
+def _minutes(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def usable_cpus() -> int:
@@ -173,11 +246,61 @@ def machine_info() -> dict:
           "jax": jax.__version__, "backend": jax.default_backend()}
 
 
+def enable_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache in ``path`` (every program)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_all(args, progress, results: dict, speed_out: dict) -> None:
+  """Runs every problem, then the speed benchmark, filling ``results``
+  and ``speed_out`` as it goes (an interrupt leaves what is done)."""
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import problems as problems_lib
+  from benchmarks import runner
+  from benchmarks import speed
+  for name in args.problems:
+    progress.note(f"{name}: tracing and compiling "
+                  f"{progress.plan.programs.get(name, '?')} programs "
+                  f"for {len(args.strategies)} strategies…")
+    problem = problems_lib.make(name, suite=args.suite, data_dir=args.data_dir)
+    results[name] = {}
+    runner.run_problem(problem, args.strategies, seeds=args.seeds,
+                       num_steps=args.steps, progress=progress,
+                       into=results[name])
+  if not args.no_speed:
+    progress.note("speed: compiling and timing one step per strategy…")
+    speed_config = ({} if args.speed_batch is None
+                    else {"batch_size": args.speed_batch})
+    speed_out.update(speed.run_speed_models(
+        args.strategies, args.speed_models, num_tasks=args.speed_tasks,
+        config=speed_config, progress=progress))
+
+
+def finish_partial(results: dict) -> dict:
+  """Drops the problems with no trained strategy and ranks the others."""
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import runner
+  from benchmarks.problems import toy2d
+  kept = {}
+  for name, result in results.items():
+    if not result.get("strategies"):
+      continue
+    if "ranking" not in result:
+      result["ranking"] = (toy2d.toy_ranking(result) if name == "toy2d"
+                           else runner.rank(result))
+    kept[name] = result
+  return kept
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("MPLBACKEND", "Agg")
   # pylint: disable=import-outside-toplevel
-  from benchmarks import problems as problems_lib
+  from benchmarks import costs
   from benchmarks import report
   if args.from_results:
     results, speed_result, meta = report.merge(args.from_results)
@@ -185,41 +308,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 meta=meta)
     print(f"report: {paths['markdown']}")
     return 0
-  from benchmarks import runner
-  from benchmarks import speed
-
-  names = args.strategies
-  total = 0
-  for name in args.problems:
-    total += len(names) + (0 if name == "toy2d" else 1)
-  if not args.no_speed:
-    total += speed.num_units(names, args.speed_models, args.speed_tasks)
-  progress = Progress(total)
+  plan = costs.plan(args)
+  print(plan.summary(), file=sys.stderr, flush=True)
+  if not args.no_cache:
+    enable_compilation_cache(args.cache_dir)
+  progress = Progress(plan)
   started = time.perf_counter()
-  results = {}
-  for name in args.problems:
-    problem = problems_lib.make(name, suite=args.suite, data_dir=args.data_dir)
-    results[name] = runner.run_problem(
-        problem, names, seeds=args.seeds, num_steps=args.steps,
-        progress=progress)
-  speed_result = None
-  if not args.no_speed:
-    speed_config = ({} if args.speed_batch is None
-                    else {"batch_size": args.speed_batch})
-    speed_result = speed.run_speed_models(
-        names, args.speed_models, num_tasks=args.speed_tasks,
-        config=speed_config, progress=progress)
+  results: dict = {}
+  speed_out: dict = {}
+  interrupted = False
+  try:
+    run_all(args, progress, results, speed_out)
+  except KeyboardInterrupt:
+    interrupted = True
+    progress.note("interrupted: writing the partial results and report…")
+  progress.stop()
   meta = {
       "command": "python -m benchmarks " + " ".join(
           sys.argv[1:] if argv is None else list(argv)),
       "suite": args.suite, "seeds": args.seeds,
       "machine": machine_info(),
       "wall_seconds": time.perf_counter() - started,
+      "expected_seconds": plan.total_seconds,
+      "unit_seconds": progress.unit_seconds,
+      "interrupted": interrupted,
   }
-  paths = report.write_report(results, args.out, speed=speed_result,
-                              meta=meta)
-  progress.note(f"done in {meta['wall_seconds']:.0f}s; report: "
-                f"{paths['markdown']}")
+  paths = report.write_report(finish_partial(results), args.out,
+                              speed=speed_out or None, meta=meta)
+  if args.record_costs and not interrupted:
+    path = costs.record(args, progress.unit_seconds)
+    progress.note(f"measured unit costs stored in {path}")
+  lines = [f"{'stopped' if interrupted else 'done'} after "
+           f"{_minutes(meta['wall_seconds'])} (expected "
+           f"{_minutes(plan.total_seconds)}); report: {paths['markdown']} "
+           f"({len(paths['plots'])} plots)"]
+  conclusions = report.main_conclusions(finish_partial(results),
+                                        speed_out or None)
+  if conclusions:
+    lines.append("Main conclusions:")
+    lines += [f"  {k + 1}. {text}" for k, text in enumerate(conclusions)]
+  progress.note("\n".join(lines))
+  if interrupted:
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access
   return 0
 
 

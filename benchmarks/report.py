@@ -124,6 +124,14 @@ def _ci_text(values, digits: int = 1) -> str:
           f"{high:+.{digits}f})")
 
 
+def _span(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+  """``"a–b×"``, or one value when both ends print the same."""
+  low_text, high_text = f"{low:.{digits}g}", f"{high:.{digits}g}"
+  if low_text == high_text:
+    return f"{low_text}{unit}"
+  return f"{low_text}–{high_text}{unit}"
+
+
 def _mib(value) -> str:
   return "–" if value is None else f"{value / 2**20:.2f}"
 
@@ -206,14 +214,18 @@ def _problem_findings(result: dict) -> list[str]:
   transfer = {n: strategies[n].get("negative_transfer") for n in strategies}
   fewest = min(v for v in transfer.values() if v is not None)
   clean = [n for n, v in transfer.items() if v == 0]
+  # With one seed there is no standard error: any worse score counts.
+  beyond = ("single seed: any lower score counts" if seeds < 2
+            else "beyond 2 standard errors")
   if clean:
-    lines.append(f"- No task worse than single-task (beyond 2 standard "
-                 f"errors) under {_names(clean)}.")
+    lines.append(f"- No task worse than single-task ({beyond}) under "
+                 f"{_names(clean)}.")
   else:
     lines.append(
         f"- Every strategy is worse than the single-task models on at least "
-        f"{fewest} of {len(tasks)} tasks (beyond 2 standard errors); "
+        f"{fewest} of {len(tasks)} tasks ({beyond}); "
         f"`{best}` on {transfer[best]}.")
+  lines += _outlier_findings(result)
   higher = result["higher_is_better"][0]
   by_score = max(strategies, key=lambda n: (
       strategies[n]["mean_score"]["mean"] if higher
@@ -282,6 +294,99 @@ def _problem_findings(result: dict) -> list[str]:
   return lines
 
 
+# A Δm% this far below the median of the strategies is commented on.
+OUTLIER_GAP = 100.0
+
+
+def _outlier_findings(result: dict) -> list[str]:
+  """Strategies whose Δm% is far below the others', and the tasks that
+  made it so (a regression task with a negative R², say)."""
+  strategies = result["strategies"]
+  deltas = {n: strategies[n]["delta_m"]["mean"] for n in strategies
+            if "delta_m" in strategies[n]
+            and math.isfinite(strategies[n]["delta_m"]["mean"])}
+  if len(deltas) < 3:
+    return []
+  median = float(np.median(list(deltas.values())))
+  metric = result["metrics"][0]
+  stl = result.get("single_task", {}).get("per_task", {}).get(metric, {})
+  lines = []
+  for name in sorted(deltas, key=deltas.get):
+    if deltas[name] > median - OUTLIER_GAP:
+      break
+    per_task = strategies[name]["per_task"][metric]["mean"]
+    reference = stl.get("mean", [float("nan")] * len(per_task))
+    changes = sorted(
+        ((score - ref) / abs(ref) if ref else float("nan"), task, score, ref)
+        for task, score, ref in zip(result["tasks"], per_task, reference))
+    worst = ", ".join(f"{task} {score:.3g} against {ref:.3g} single-task"
+                      for _, task, score, ref in changes[:2])
+    lines.append(
+        f"- **`{name}` is an outlier** (Δm% {deltas[name]:+.0f}, the median "
+        f"strategy {median:+.0f}): its worst tasks are {worst} "
+        f"(`{metric}`). A few tasks this far behind decide its Δm%; the "
+        "plots clip such values so that the other strategies stay "
+        "readable.")
+  return lines
+
+
+def main_conclusions(results: dict[str, dict],
+                     speed: Optional[dict] = None) -> list[str]:
+  """The run's three main conclusions, one sentence each (printed at the
+  end of ``python -m benchmarks``): the best strategy per problem, the
+  strategies ahead of ``equal`` everywhere, and the cost."""
+  best_parts, ahead = [], None
+  for name, result in results.items():
+    strategies = result.get("strategies") or {}
+    if not strategies:
+      continue
+    if result["problem"] == "toy2d":
+      starts = len(next(iter(strategies.values()))["reached"])
+      full = [n for n in strategies if sum(strategies[n]["reached"]) == starts]
+      best_parts.append(f"toy2d: {len(full)} of {len(strategies)} reach the "
+                        f"Pareto set from all {starts} starts")
+      continue
+    best, ties = ties_with_best(result)
+    if best is None:
+      continue
+    text = f"{name} `{best}` ({strategies[best]['delta_m']['mean']:+.1f}"
+    best_parts.append(text + (f", tied with {len(ties)} others)" if ties
+                              else ")"))
+    if "equal" in strategies:
+      base = strategies["equal"]["delta_m"]["mean"]
+      better = {n for n in strategies if n != "equal"
+                and strategies[n].get("delta_m", {}).get("mean", -np.inf)
+                > base}
+      ahead = better if ahead is None else ahead & better
+  lines = []
+  if best_parts:
+    lines.append("Best by Δm%: " + "; ".join(best_parts) + ".")
+  if ahead is not None:
+    lines.append(
+        f"{len(ahead)} strategies beat `equal` (mean Δm%) on every problem"
+        + (f": {', '.join(sorted(ahead))}." if ahead else "."))
+  cost = _cost_conclusion(_speed_models(speed), results)
+  if cost:
+    lines.append(cost)
+  return lines[:3]
+
+
+def _cost_conclusion(speed: dict[str, dict], results: dict) -> str:
+  """One sentence on the step's cost (speed benchmark, else training)."""
+  for model, run in speed.items():
+    t = str(max(run["num_tasks"]))
+    parts = []
+    for kind, label in (("losses", "loss-only"), ("gramian", "Gramian")):
+      ratios = [by_t[t]["ratio_plain"] for by_t in run["strategies"].values()
+                if by_t.get(t, {}).get("kind") == kind]
+      if ratios:
+        parts.append(f"{label} {_span(min(ratios), max(ratios), unit='×')}")
+    if parts:
+      return (f"Step ÷ a plain training step ({model}, T = {t}): "
+              + ", ".join(parts) + ".")
+  return ""
+
+
 def _toy_findings(result: dict) -> list[str]:
   strategies = result["strategies"]
   reached = {n: sum(strategies[n]["reached"]) for n in strategies}
@@ -315,7 +420,7 @@ def _speed_findings(speed: dict[str, dict]) -> list[str]:
                   for by_t in run["strategies"].values()
                   if by_t.get(str(t), {}).get("kind") == kind]
         if ratios:
-          parts.append(f"T={t}: {min(ratios):.2g}–{max(ratios):.2g}×")
+          parts.append(f"T={t}: {_span(min(ratios), max(ratios), unit='×')}")
       if parts:
         plain = ", ".join(
             f"{run['baselines'][str(t)]['plain']['step_ms']:.3g}"

@@ -115,7 +115,8 @@ def _minibatch(train_data, batch_indices, step_index, num_samples):
   return jax.tree.map(lambda a: a[batch_indices[steps]], train_data)
 
 
-def _training_loop(problem, step_fn, init_state_fn, settings, num_samples=1):
+def _training_loop(problem, step_fn, init_state_fn, settings, num_samples=1,
+                   skipped_fn=None):
   """``run(params, batch_indices[steps, B], train, validation, task_mask[T],
   *static) -> dict`` trains with Adam under the selection protocol.
 
@@ -197,8 +198,8 @@ def _training_loop(problem, step_fn, init_state_fn, settings, num_samples=1):
         weight_max=jnp.zeros((num_tasks,), jnp.float32),
         nonfinite_weights=jnp.zeros((), jnp.int32))
     carry = jax.lax.while_loop(keep_going, train_steps, carry)
-    num_skipped = getattr(carry.state, "num_skipped",
-                          jnp.zeros([], jnp.int32))
+    num_skipped = (jnp.zeros([], jnp.int32) if skipped_fn is None
+                   else skipped_fn(carry.state, *static))
     return dict(
         params=carry.best_params, best_step=carry.best_step,
         steps_run=carry.eval_index * eval_every,
@@ -229,8 +230,8 @@ def initial_params_and_batches(problem: problems_lib.Problem,
   return params, indices
 
 
-# XLA compiles on one core; the runner compiles this many programs at once
-# (all the strategies of a problem, before any of them runs).
+# XLA compiles (and a small training loop runs) on one core; the runner
+# compiles, then runs, this many programs at once.
 COMPILE_THREADS = max(1, min(2, len(os.sched_getaffinity(0))
                                if hasattr(os, "sched_getaffinity")
                                else os.cpu_count() or 1))
@@ -244,23 +245,57 @@ class Job(NamedTuple):
   settings: dict      # protocol_settings
 
 
-def compile_jobs(jobs: Sequence[Job]) -> list[tuple[Any, float]]:
+def in_parallel(fn: Callable, items: Sequence[Any],
+                done: Optional[Callable[[int, Any], None]] = None) -> list:
+  """``[fn(item)]``, COMPILE_THREADS at a time; ``done(index, result)`` is
+  called in this thread as each one finishes (for progress lines).
+
+  On an interrupt the items not started are cancelled and the interrupt is
+  raised at once (a compilation under way is left to finish in its thread).
+  """
+  if COMPILE_THREADS == 1 or len(items) < 2:
+    results = []
+    for index, item in enumerate(items):
+      results.append(fn(item))
+      if done is not None:
+        done(index, results[-1])
+    return results
+  pool = futures.ThreadPoolExecutor(COMPILE_THREADS)
+  try:
+    pending = {pool.submit(fn, item): index
+               for index, item in enumerate(items)}
+    results = [None] * len(items)
+    for future in futures.as_completed(pending):
+      index = pending[future]
+      results[index] = future.result()
+      if done is not None:
+        done(index, results[index])
+    return results
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def compile_jobs(jobs: Sequence[Job],
+                 done: Optional[Callable[[int, Any], None]] = None
+                 ) -> list[tuple[Any, float]]:
   """``[(compiled, seconds)]``, compiled COMPILE_THREADS at a time."""
   def compile_one(job):
     start = time.perf_counter()
     compiled = job.lowered.compile()
     return compiled, time.perf_counter() - start
 
-  if COMPILE_THREADS == 1 or len(jobs) < 2:
-    return [compile_one(job) for job in jobs]
-  with futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
-    return list(pool.map(compile_one, jobs))
+  return in_parallel(compile_one, jobs, done)
 
 
-def execute(job: Job, compiled: Any, compile_seconds: float) -> dict:
-  """Runs a compiled job; its outputs as NumPy (params stay as arrays)."""
+def execute(job: Job, compiled: Any, compile_seconds: float,
+            index: Optional[int] = None) -> dict:
+  """Runs a compiled job; its outputs as NumPy (params stay as arrays).
+  ``index`` selects the strategy of a shared program (its last argument)."""
+  args = job.args
+  if index is not None:
+    args = args[:-1] + (jnp.asarray(index, jnp.int32),)
   start = time.perf_counter()
-  outputs = jax.block_until_ready(compiled(*job.args))
+  outputs = jax.block_until_ready(compiled(*args))
   run_seconds = time.perf_counter() - start
   out = {key: (value if key == "params" else np.asarray(value))
          for key, value in outputs.items()}
@@ -274,27 +309,74 @@ def _run(job: Job) -> dict:
   return execute(job, compiled, seconds)
 
 
+def switch_step(loss_fn: Callable, strategies: Sequence[Any]):
+  """One training step shared by several strategies: ``(step_fn, init_fn)``.
+
+  ``step_fn(params, states, batch, index) -> ((task_losses, grads), states,
+  weights)`` runs strategy ``index`` (a traced integer, so one compiled
+  program serves them all) through ``optax_mtl.value_and_grad(loss_fn,
+  strategy)`` with ``jax.lax.switch``; ``states`` is the tuple of every
+  strategy's state, of which only the selected one changes.
+  ``init_fn(params, index)`` builds that tuple. Under ``vmap`` over seeds
+  the index stays unbatched, so the switch stays a branch, not a select.
+  """
+  value_and_grads = [optax_mtl.value_and_grad(loss_fn, strategy)
+                     for strategy in strategies]
+
+  def branch(k):
+    def run(params, states, batch):
+      (task_losses, grads), state = value_and_grads[k](params, states[k],
+                                                       batch)
+      states = states[:k] + (state,) + states[k + 1:]
+      return ((task_losses, grads), states,
+              state.weights.astype(jnp.float32))
+    return run
+
+  branches = [branch(k) for k in range(len(strategies))]
+
+  def step_fn(params, states, batch, index):
+    if len(branches) == 1:
+      return branches[0](params, states, batch)
+    return jax.lax.switch(index, branches, params, states, batch)
+
+  def init_fn(params, index):
+    del index
+    return tuple(strategy.init(params) for strategy in strategies)
+
+  def skipped_fn(states, index):
+    counts = [getattr(state, "num_skipped", jnp.zeros([], jnp.int32))
+              for state in states]
+    return jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])[index]
+
+  return step_fn, init_fn, skipped_fn
+
+
 def prepare_multitask(problem: problems_lib.Problem, strategy: Any,
                       seeds: Sequence[int], num_steps: Optional[int] = None,
                       **protocol) -> Job:
-  """Traces the multi-task training run (see :func:`train_multitask`)."""
+  """Traces the multi-task training run (see :func:`train_multitask`).
+
+  ``strategy`` may be a list of strategies with the same
+  ``num_samples``: the job is then one compiled program for all of them
+  (:func:`switch_step`), and :func:`execute` runs the one at ``index``.
+  """
+  group = (list(strategy) if isinstance(strategy, list)
+           else [strategy])
+  samples = {optax_mtl.weighting_of(s).num_samples for s in group}
+  if len(samples) != 1:
+    raise ValueError(f"one program needs one num_samples, got {samples}.")
   settings = protocol_settings(num_steps or problem.num_steps, **protocol)
   train, validation = split_validation(problem,
                                        settings["validation_fraction"])
-  value_and_grad = optax_mtl.value_and_grad(problem.loss_fn, strategy)
-
-  def step_fn(params, state, batch):
-    (task_losses, grads), state = value_and_grad(params, state, batch)
-    return (task_losses, grads), state, state.weights
-
-  run = _training_loop(problem, step_fn, lambda p: strategy.init(p), settings,
-                       optax_mtl.weighting_of(strategy).num_samples)
+  step_fn, init_fn, skipped_fn = switch_step(problem.loss_fn, group)
+  run = _training_loop(problem, step_fn, init_fn, settings, samples.pop(),
+                       skipped_fn)
   num_train = jax.tree.leaves(train)[0].shape[0]
   params, indices = initial_params_and_batches(
       problem, seeds, settings["num_steps"], num_train)
   args = (params, indices, train, validation,
-          jnp.ones((problem.num_tasks,), bool))
-  run_all = jax.jit(jax.vmap(run, in_axes=(0, 0, None, None, None)))
+          jnp.ones((problem.num_tasks,), bool), jnp.zeros((), jnp.int32))
+  run_all = jax.jit(jax.vmap(run, in_axes=(0, 0, None, None, None, None)))
   return Job(run_all.lower(*args), args, settings)
 
 
@@ -464,6 +546,82 @@ def _selection(out: dict) -> dict[str, Any]:
           "validation_curve": curve.tolist()}
 
 
+def kind_of(strategy: Any) -> str:
+  """The group a strategy's training program belongs to: ``"losses"``
+  (loss-only), ``"gramian"`` (reads the per-task gradients) or
+  ``"samples"`` (reads several minibatches a step: MoDo, SDMGrad)."""
+  if optax_mtl.weighting_of(strategy).num_samples > 1:
+    return "samples"
+  return "gramian" if strategies_lib.reads_task_gradients(strategy) else (
+      "losses")
+
+
+def plan_groups(kinds: dict[str, str],
+                num_threads: Optional[int] = None) -> list[tuple[str,
+                                                                 list[str]]]:
+  """``[(kind, names)]``: the strategies that share one compiled program.
+
+  ``kinds`` maps a name to its :func:`kind_of`. One program per kind; the
+  largest kind, the Gramian
+  one, is cut into ``num_threads`` (default :data:`COMPILE_THREADS`)
+  programs of equal size, so that they compile side by side.
+  """
+  num_threads = num_threads or COMPILE_THREADS
+  by_kind: dict[str, list[str]] = {}
+  for name, kind in kinds.items():
+    by_kind.setdefault(kind, []).append(name)
+  groups = []
+  for kind in ("losses", "gramian", "samples"):
+    names = by_kind.get(kind, [])
+    pieces = num_threads if kind == "gramian" else 1
+    pieces = max(1, min(pieces, len(names)))
+    for k in range(pieces):
+      part = names[k::pieces]
+      if part:
+        groups.append((kind, part))
+  return groups
+
+
+def _strategy_summary(problem, out, stl_scores, strategy, settings,
+                      num_seeds) -> dict[str, Any]:
+  """The JSON-able summary of one strategy's trained models."""
+  scores = score_models(problem, out["params"])
+  summary = _summary(scores, stl_scores, problem)
+  summary["train_seconds"] = out["compile_seconds"] + out["run_seconds"]
+  summary["compile_seconds"] = out["compile_seconds"]
+  summary["run_seconds"] = out["run_seconds"]
+  # Per training step of all seeds at once (vmapped), validation included.
+  summary["step_ms"] = 1e3 * out["run_seconds"] / max(
+      1, int(np.max(out["steps_run"])))
+  summary["gramian"] = strategies_lib.reads_task_gradients(strategy)
+  summary["selection"] = _selection(out)
+  summary["weights"] = _nanmean(out["weights"]).tolist()
+  summary["losses"] = _nanmean(out["losses"]).tolist()
+  summary["skipped_steps"] = out["num_skipped"].tolist()
+  summary["weight_max"] = np.max(out["weight_max"], axis=0).tolist()
+  summary["nonfinite_weight_steps"] = out["nonfinite_weights"].tolist()
+  last = np.maximum(out["steps_run"] // settings["eval_every"] - 1, 0)
+  summary["final_train_losses"] = np.mean(
+      out["losses"][np.arange(num_seeds), last], axis=0).tolist()
+  summary["nonfinite_params"] = int(sum(
+      int(np.sum(~np.isfinite(np.asarray(leaf))))
+      for leaf in jax.tree.leaves(out["params"])))
+  return summary
+
+
+def _single_task_summary(problem, stl) -> tuple[dict, dict]:
+  """``(scores, summary)`` of the single-task models."""
+  stl_scores = score_models(problem, stl["params"], single_task=True)
+  summary = _summary(stl_scores, None, problem)
+  summary["train_seconds"] = stl["compile_seconds"] + stl["run_seconds"]
+  summary["selection"] = _selection(stl)  # [T, seeds]
+  gains = np.mean(np.asarray(summary["selection"]["late_gain"]), axis=1)
+  summary["still_improving"] = {
+      problem.task_names[k]: float(gains[k])
+      for k in range(problem.num_tasks) if gains[k] > STILL_IMPROVING}
+  return stl_scores, summary
+
+
 def run_problem(
     problem: Union[str, problems_lib.Problem],
     strategies: Optional[Sequence[str]] = None,
@@ -472,9 +630,14 @@ def run_problem(
     data_dir: Optional[str] = None,
     num_steps: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
+    into: Optional[dict] = None,
     **protocol,
 ) -> dict[str, Any]:
   """Runs the protocol on one problem; returns a JSON-able result dict.
+
+  The strategies of one kind share one compiled program
+  (:func:`plan_groups`, :func:`switch_step`); programs compile, then
+  models train, :data:`COMPILE_THREADS` at a time.
 
   Args:
     problem: a :class:`benchmarks.problems.Problem` or a problem name.
@@ -484,7 +647,10 @@ def run_problem(
     suite: "quick" or "full" (used when ``problem`` is a name).
     data_dir: folder of real data sets (used when ``problem`` is a name).
     num_steps: overrides the problem's training budget (the most steps).
-    progress: called with a short label after every trained model.
+    progress: called with a short label after every compiled program and
+      every trained model ("<problem>/compile <kind> (<n>)",
+      "<problem>/single-task", "<problem>/<strategy>").
+    into: a dict filled as the run goes (what an interrupted run leaves).
     **protocol: overrides of :data:`PROTOCOL` (``validation_fraction``,
       ``eval_every``, ``patience``).
 
@@ -498,10 +664,13 @@ def run_problem(
   seeds = seed_list(seeds)
   names = strategies_lib.resolve(strategies)
   progress = progress or (lambda label: None)
+  result = {} if into is None else into
   if "run" in problem.extra:  # A problem with its own protocol (the toy).
-    return problem.extra["run"](problem, names, seeds, num_steps, progress)
+    result.update(problem.extra["run"](problem, names, seeds, num_steps,
+                                       progress, result))
+    return result
   settings = protocol_settings(num_steps or problem.num_steps, **protocol)
-  result: dict[str, Any] = {
+  result.update({
       "problem": problem.name,
       "description": problem.description,
       "tasks": list(problem.task_names),
@@ -513,56 +682,44 @@ def run_problem(
       "curve_steps": [(k + 1) * settings["eval_every"]
                       for k in range(settings["num_evals"])],
       "strategies": {},
-  }
-  # Every run is traced, then all are compiled (COMPILE_THREADS at a time),
-  # then run one after the other, so that no compilation competes with a
-  # timed run.
+  })
   overrides = settings_overrides(settings)
   built = {name: strategies_lib.make(name, problem.num_tasks)
            for name in names}
-  jobs = {name: prepare_multitask(problem, strategy, seeds, **overrides)
-          for name, strategy in built.items()}
+  groups = plan_groups({n: kind_of(s) for n, s in built.items()})
+  labels, jobs = [], []
   if problem.single_task_baseline:
-    jobs = {_SINGLE_TASK: prepare_single_task(problem, seeds, **overrides),
-            **jobs}
-  compiled = dict(zip(jobs, compile_jobs(list(jobs.values()))))
+    labels.append(f"compile {_SINGLE_TASK} (1)")
+    jobs.append(prepare_single_task(problem, seeds, **overrides))
+  for kind, members in groups:
+    labels.append(f"compile {kind} ({len(members)})")
+    jobs.append(prepare_multitask(problem, [built[n] for n in members],
+                                  seeds, **overrides))
+  compiled = compile_jobs(jobs, lambda i, _: progress(
+      f"{problem.name}/{labels[i]}"))
   stl_scores = None
   if problem.single_task_baseline:
-    stl = execute(jobs[_SINGLE_TASK], *compiled.pop(_SINGLE_TASK))
-    stl_scores = score_models(problem, stl["params"], single_task=True)
-    summary = _summary(stl_scores, None, problem)
-    summary["train_seconds"] = stl["compile_seconds"] + stl["run_seconds"]
-    summary["selection"] = _selection(stl)  # [T, seeds]
-    gains = np.mean(np.asarray(summary["selection"]["late_gain"]), axis=1)
-    summary["still_improving"] = {
-        problem.task_names[k]: float(gains[k])
-        for k in range(problem.num_tasks) if gains[k] > STILL_IMPROVING}
-    result["single_task"] = summary
-    progress(f"{problem.name}/single-task")
-  for name in names:
-    out = execute(jobs[name], *compiled.pop(name))
-    scores = score_models(problem, out["params"])
-    summary = _summary(scores, stl_scores, problem)
-    summary["train_seconds"] = out["compile_seconds"] + out["run_seconds"]
-    summary["compile_seconds"] = out["compile_seconds"]
-    # Per training step of all seeds at once (vmapped), validation included.
-    summary["step_ms"] = 1e3 * out["run_seconds"] / max(
-        1, int(np.max(out["steps_run"])))
-    summary["gramian"] = strategies_lib.reads_task_gradients(built[name])
-    summary["selection"] = _selection(out)
-    summary["weights"] = _nanmean(out["weights"]).tolist()
-    summary["losses"] = _nanmean(out["losses"]).tolist()
-    summary["skipped_steps"] = out["num_skipped"].tolist()
-    summary["weight_max"] = np.max(out["weight_max"], axis=0).tolist()
-    summary["nonfinite_weight_steps"] = out["nonfinite_weights"].tolist()
-    last = np.maximum(out["steps_run"] // settings["eval_every"] - 1, 0)
-    summary["final_train_losses"] = np.mean(
-        out["losses"][np.arange(len(seeds)), last], axis=0).tolist()
-    summary["nonfinite_params"] = int(sum(
-        int(np.sum(~np.isfinite(np.asarray(leaf))))
-        for leaf in jax.tree.leaves(out["params"])))
-    result["strategies"][name] = summary
+    stl = execute(jobs[0], *compiled[0])
+    stl_scores, result["single_task"] = _single_task_summary(problem, stl)
+    progress(f"{problem.name}/{_SINGLE_TASK}")
+  first = 1 if problem.single_task_baseline else 0
+  runs = [(first + g, index, name) for g, (_, members) in enumerate(groups)
+          for index, name in enumerate(members)]
+
+  def train(run):
+    job_index, index, _ = run
+    program, seconds = compiled[job_index]
+    share = seconds / len(groups[job_index - first][1])
+    return execute(jobs[job_index], program, share, index=index)
+
+  def finished(i, out):
+    name = runs[i][2]
+    result["strategies"][name] = _strategy_summary(
+        problem, out, stl_scores, built[name], settings, len(seeds))
     progress(f"{problem.name}/{name}")
+
+  in_parallel(train, runs, finished)
+  result["strategies"] = {n: result["strategies"][n] for n in names}
   result["ranking"] = rank(result)
   return result
 

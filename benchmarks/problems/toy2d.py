@@ -105,7 +105,63 @@ def reaches_pareto(final_values, front_values, tolerance) -> np.ndarray:
   return ~np.any(dominated, axis=1)
 
 
-def _run(problem, names, seeds, num_steps, progress):
+def _toy_program(strategies, steps, stride, scale, learning_rate):
+  """One compiled program for strategies that read as many minibatches:
+  ``run(starts[S, 2], index) -> (final, paths, weights, num_skipped)``."""
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import runner
+  loss_fn = lambda x, batch: training_losses(x, scale)
+  optimizer = optax.adam(learning_rate)
+  step_fn, init_fn, skipped_fn = runner.switch_step(loss_fn, strategies)
+  # No data: a strategy that samples several minibatches (MoDo, SDMGrad)
+  # gets as many empty ones, and its estimates coincide.
+  samples = optax_mtl.weighting_of(strategies[0]).num_samples
+  batch = None if samples == 1 else jnp.zeros((samples, 0))
+
+  def run(x0, index):
+    states, opt_state = init_fn(x0, index), optimizer.init(x0)
+
+    def body(carry, _):
+      x, states, opt_state = carry
+      (_, grads), states, weights = step_fn(x, states, batch, index)
+      updates, opt_state = optimizer.update(grads, opt_state, x)
+      return (optax.apply_updates(x, updates), states, opt_state), (
+          x, weights)
+
+    (x, states, _), (path, weights) = jax.lax.scan(
+        body, (x0, states, opt_state), None, length=steps)
+    return x, path[::stride], weights[::stride], skipped_fn(states, index)
+
+  return jax.jit(jax.vmap(run, in_axes=(0, None)))
+
+
+def _toy_entry(outputs, scale, front_x, front_values, tolerance, steps,
+               stride):
+  """The result entry of one strategy's runs from every start."""
+  final, paths, weights, skipped = outputs
+  final = np.asarray(final, np.float64)
+  final_values = np.asarray(objectives(jnp.asarray(final), scale))
+  reached = reaches_pareto(final_values, front_values, tolerance)
+  distance = np.min(np.linalg.norm(
+      final[:, None, :] - front_x[None], axis=-1), axis=1)
+  return {
+      "reached": reached.tolist(),
+      "mean_score": {"mean": float(np.mean(reached)), "std": 0.0},
+      "final_points": final.tolist(),
+      "final_losses": final_values.tolist(),
+      "distance_to_pareto_set": distance.tolist(),
+      "skipped_steps": np.asarray(skipped).tolist(),
+      "trajectories": np.asarray(paths).tolist(),
+      "weights": np.mean(np.asarray(weights), 0).tolist(),
+      "curve_steps": list(range(0, steps, stride)),
+  }
+
+
+def _run(problem, names, seeds, num_steps, progress, into=None):
+  """Every strategy from every start; the strategies of one kind share one
+  compiled program (``benchmarks.runner.plan_groups``)."""
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import runner
   del seeds  # The starting points play the role of the seeds.
   cfg = problem.extra["config"]
   steps = num_steps or problem.num_steps
@@ -113,66 +169,62 @@ def _run(problem, names, seeds, num_steps, progress):
   front_x, front_values, tolerance = pareto_reference(scale, cfg["grid_size"])
   starts = jnp.asarray(STARTS, jnp.float32)
   stride = max(1, steps // MAX_TRAJECTORY_POINTS)
-  loss_fn = lambda x, batch: training_losses(x, scale)
-  optimizer = optax.adam(problem.learning_rate)
-  result = {
+  result = {} if into is None else into
+  result.update({
       "problem": problem.name, "description": problem.description,
       "tasks": list(problem.task_names), "metrics": ["pareto_reached"],
       "higher_is_better": [True], "seeds": [], "num_steps": steps,
       "starts": [list(s) for s in STARTS],
       "pareto_set": front_x.tolist(), "pareto_front": front_values.tolist(),
       "tolerance": tolerance.tolist(), "scale": scale, "strategies": {},
-  }
-  for name in names:
-    start_time = time.perf_counter()
-    strategy = strategies_lib.make(name, 2)
-    value_and_grad = optax_mtl.value_and_grad(loss_fn, strategy)
-    # No data: a strategy that samples several minibatches (MoDo, SDMGrad)
-    # gets as many empty ones, and its estimates coincide.
-    samples = optax_mtl.weighting_of(strategy).num_samples
-    batch = None if samples == 1 else jnp.zeros((samples, 0))
+      "curve_steps": list(range(0, steps, stride)),
+  })
+  built = {name: strategies_lib.make(name, 2) for name in names}
+  groups = runner.plan_groups({n: runner.kind_of(s)
+                              for n, s in built.items()})
+  lowered = [
+      _toy_program([built[n] for n in members], steps, stride, scale,
+                   problem.learning_rate).lower(starts, jnp.int32(0))
+      for _, members in groups]
 
-    def run(x0):
-      state, opt_state = strategy.init(x0), optimizer.init(x0)
+  def compile_one(program):
+    start = time.perf_counter()
+    return program.compile(), time.perf_counter() - start
 
-      def body(carry, _):
-        x, state, opt_state = carry
-        (task_losses, grads), state = value_and_grad(x, state, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, x)
-        return (optax.apply_updates(x, updates), state, opt_state), (
-            x, state.weights)
+  compiled = runner.in_parallel(compile_one, lowered, lambda i, _: progress(
+      f"toy2d/compile {groups[i][0]} ({len(groups[i][1])})"))
+  runs = [(g, k, name) for g, (_, members) in enumerate(groups)
+          for k, name in enumerate(members)]
 
-      (x, state, _), (path, weights) = jax.lax.scan(
-          body, (x0, state, opt_state), None, length=steps)
-      return x, path[::stride], weights[::stride], state.num_skipped
+  def train(run):
+    g, k, _ = run
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(compiled[g][0](starts, jnp.int32(k)))
+    return outputs, compiled[g][1] / len(groups[g][1]) + (
+        time.perf_counter() - start)
 
-    final, paths, weights, skipped = jax.jit(jax.vmap(run))(starts)
-    final = np.asarray(final, np.float64)
-    final_values = np.asarray(objectives(jnp.asarray(final), scale))
-    reached = reaches_pareto(final_values, front_values, tolerance)
-    distance = np.min(np.linalg.norm(
-        final[:, None, :] - front_x[None], axis=-1), axis=1)
-    result["strategies"][name] = {
-        "reached": reached.tolist(),
-        "mean_score": {"mean": float(np.mean(reached)), "std": 0.0},
-        "final_points": final.tolist(),
-        "final_losses": final_values.tolist(),
-        "distance_to_pareto_set": distance.tolist(),
-        "skipped_steps": np.asarray(skipped).tolist(),
-        "trajectories": np.asarray(paths).tolist(),
-        "weights": np.mean(np.asarray(weights), 0).tolist(),
-        "curve_steps": list(range(0, steps, stride)),
-        "gramian": strategies_lib.reads_task_gradients(strategy),
-        "train_seconds": time.perf_counter() - start_time,
-    }
+  def finished(i, out):
+    name = runs[i][2]
+    entry = _toy_entry(out[0], scale, front_x, front_values, tolerance,
+                       steps, stride)
+    entry["gramian"] = strategies_lib.reads_task_gradients(built[name])
+    entry["train_seconds"] = out[1]
+    result["strategies"][name] = entry
     progress(f"{problem.name}/{name}")
-  result["curve_steps"] = list(range(0, steps, stride))
-  result["ranking"] = sorted(
+
+  runner.in_parallel(train, runs, finished)
+  result["strategies"] = {n: result["strategies"][n] for n in names}
+  result["ranking"] = toy_ranking(result)
+  return result
+
+
+def toy_ranking(result) -> list[str]:
+  """Most starts reaching the Pareto set first, then nearest to it."""
+  return sorted(
       result["strategies"],
       key=lambda n: (-result["strategies"][n]["mean_score"]["mean"],
                      float(np.mean(
                          result["strategies"][n]["distance_to_pareto_set"]))))
-  return result
 
 
 def make(suite: str = "quick", data_dir: Optional[str] = None,
