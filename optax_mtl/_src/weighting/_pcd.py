@@ -124,7 +124,13 @@ def pcd(
 
   Defaults ``tau = 0.02``, ``beta = 0.999``, ``eps = 1e-8`` are torchjd's
   (``PCD(tau, beta, eps)``, which this reproduces); ``tau`` may also give
-  one fraction per secondary task.
+  one fraction per secondary task. Differences from torchjd: it solves in
+  float64 on the CPU, this in the Gramian's dtype (float32; float64 under
+  ``jax_enable_x64``, the way to match it to round-off); it treats a
+  gradient as a combination of the active ones below a relative ``‖z‖²``
+  of ``max(1e-9, 10 ε)``, this below ``√ε``
+  (:func:`~optax_mtl._src.solvers._priority.dependence_cutoff`); and on a
+  non-finite input it returns NaN, where this rejects the step.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped``:
   the previous weights are applied again and the moving average is kept.
