@@ -75,21 +75,37 @@ def test_agreeing_signs_and_extreme_purity_maps_are_exact():
   np.testing.assert_allclose(update, JACOBIAN.sum(0), rtol=1e-5, atol=1e-6)
 
 
-def test_batch_axis_shares_the_mask_over_the_batch():
-  # Gradients of a [batch=4, features=2] representation, per task.
+def paper_batch_update(grads, keep_positive):
+  """Chen et al. 2020, Alg. 1 with a batch: task k's sign at a feature is
+  that of its batch sum, and its mask covers all its samples (NumPy)."""
+  grads = np.asarray(grads, np.float64)
+  sums = grads.sum(axis=1, keepdims=True)  # [T, 1, features]
+  mask = np.where(keep_positive[None, None], sums > 0, sums < 0)
+  return (mask * grads).sum(axis=0)
+
+
+def test_batch_axis_keeps_or_drops_each_task_whole():
+  # Gradients of a [batch=4, features=2] representation, per task: each
+  # feature keeps the tasks whose batch sum has the chosen sign, with all
+  # their samples (also those of the other sign).
   grads = RNG.normal(size=(3, 4, 2)).astype(np.float32)
   strategy = optax_mtl.graddrop(3, batch_axis=0)
   state = strategy.init(None)
   for _ in range(5):
     update, state = strategy.update(jnp.asarray(grads), state,
                                     task_losses=jnp.ones(3))
-    # One choice (positive or negative part) per feature, shared by the batch.
-    positive = np.clip(grads, 0, None).sum(0)
-    negative = np.clip(grads, None, 0).sum(0)
     for feature in range(2):
+      choices = [paper_batch_update(grads, np.array([sign] * 2))[:, feature]
+                 for sign in (True, False)]
       column = np.asarray(update)[:, feature]
-      assert (np.allclose(column, positive[:, feature], atol=1e-6)
-              or np.allclose(column, negative[:, feature], atol=1e-6))
+      assert any(np.allclose(column, c, atol=1e-6) for c in choices)
+  # Purity 1 (both batch sums positive): every task kept whole, including
+  # task 0's negative sample.
+  agreeing = jnp.array([[[3.0], [-1.0]], [[1.0], [1.0]]])
+  strategy = optax_mtl.graddrop(2, batch_axis=0)
+  update, _ = strategy.update(agreeing, strategy.init(None),
+                              task_losses=jnp.ones(2))
+  np.testing.assert_array_equal(np.asarray(update).ravel(), [4.0, 0.0])
 
 
 def test_training_step_face_on_the_representation():
@@ -122,6 +138,7 @@ def test_rejected_step_keeps_the_key():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_tasks=2, leak=1.5), "leak"),
     (dict(num_tasks=2, leak=[0.1]), "leak"),
+    (dict(num_tasks=2, leak="0.5"), r"leak must be a number or 2 numbers in"),
     (dict(num_tasks=2, purity_fn=3), "purity_fn"),
     (dict(num_tasks=2, batch_axis=-1), "batch_axis"),
     (dict(num_tasks=2, seed=1.5), "seed"),

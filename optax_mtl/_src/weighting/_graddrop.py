@@ -48,10 +48,12 @@ def graddrop(
   Placement: on the parameters' gradients (torchjd's placement), or, with
   ``optax_mtl.value_and_grad(..., encoder_fn=...)``, on the gradients with
   respect to the shared representation (the paper's and LibMTL's
-  placement); there set ``batch_axis=0`` to compute the purity from the
-  gradients summed over the batch, as the paper does, and share the drop
-  mask across the batch. Cost: the per-task Jacobian (T × params memory), or
-  T gradients of the representation.
+  placement); there set ``batch_axis=0`` to compute the purity and each
+  task's sign from its gradient summed over the batch, as the paper
+  (Algorithm 1) and LibMTL do: the drop mask is shared across the batch, so
+  a task's samples at a feature are kept or dropped together. Cost: the
+  per-task Jacobian (T × params memory), or T gradients of the
+  representation.
 
   A step with a non-finite loss or gradient returns a zero update, keeps the
   key and is counted in ``num_skipped``. Zero and negative losses are
@@ -139,8 +141,11 @@ def _drop_leaf(task_grads, key, leaks, purity_fn, batch_axis):
   uniforms = jax.random.uniform(key, purity.shape, purity.dtype)
   keep_positive = purity > uniforms
   keep_negative = purity < uniforms
-  mask = (keep_positive[None] & (grads > 0)) | (keep_negative[None] & (
-      grads < 0))
+  # The sign test reads the same gradients as the purity: with batch_axis,
+  # task k's batch sum, so its mask is shared by all its samples (Chen et
+  # al. 2020, Algorithm 1): a task is kept or dropped whole.
+  mask = (keep_positive[None] & (summed > 0)) | (keep_negative[None] & (
+      summed < 0))
   leak = jnp.reshape(jnp.asarray(leaks, grads.dtype),
                      (-1,) + (1,) * (grads.ndim - 1))
   kept = (leak + (1.0 - leak) * mask.astype(grads.dtype)) * grads
