@@ -30,27 +30,42 @@ Engine options are timed on one Gramian strategy (:data:`OPTIONS_BASE`,
 the Gramian of the trunk's output (``encoder_fn=``, MGDA-UB) and the Gramian
 of the trunk's parameters only (``shared=``).
 
-Method: every step runs inside one jitted ``lax.fori_loop`` of n steps (n is
-a runtime argument, so no recompilation) that keeps the losses it saw, as a
-training step that logs them does; timings start after a few warm-up steps,
-from the state they reached (a step in training, not the first one, whose
-solvers have no previous solution to start from). For each T, every
-baseline and every strategy is compiled and warmed up, then all are timed
-in turn, ``rounds`` times over (interleaved, so that a slow spell of the
-shared machine hits all alike). A ratio is the fastest step of the
-candidate ÷ the fastest step of the baseline: noise only ever adds time, so
-the minimum over rounds is the estimate of a step's own cost.
-``ratio_median`` (the median of the per-round ratios to plain) is kept as a
-second estimator, and the plain step compiled twice gives the run's noise
-floor (``baselines[T]["noise"]``). Peak memory is the compiled executable's
-``memory_analysis()``: temp + argument + output bytes (deterministic on
-CPU); ``gramian_mode="low_memory"``'s is that of its option row. All loops of
-one T are compiled first (two at a time: XLA compiles on one core), then
-timed, so that no compilation runs during a timing.
+Method: every step is one call of its own jitted training step,
+``(params, state, batch) -> (params, state, logged)``, as a user's training
+loop runs it (the plain baseline too: no ``lax.fori_loop`` or other control
+flow around the steps, which on XLA:CPU would put convolutions on a slow
+path that a user's step does not take). Each entry follows a real training
+trajectory: every step starts from the parameters and state the previous
+one returned, with the next minibatch, and every step is timed on its own
+(``block_until_ready``). A round times ``cycles`` whole cycles of
+``RECOMPUTE_EVERY`` consecutive steps of every entry, one entry after the
+other (interleaved, so that a slow spell of the shared machine hits all
+alike), so that a timing of ``recompute_every`` always holds its recomputing
+steps in their true proportion; ``cycles`` is set from the warm-up so that
+a round of the entry lasts about ``target_seconds``. Per entry and round we
+keep the mean step (amortised over the cycles) and the slowest step.
+
+``step_ms`` is the fastest round's mean step (noise only ever adds time);
+``ratio_plain`` divides it by the plain step's, ``ratio_median`` is the
+median over rounds of the per-round ratio (the second estimator);
+``slowest_step_ms`` is the median over rounds of the round's slowest step
+and ``slowest_ratio_plain`` the median of that ÷ the plain mean step of the
+same round (a recomputing step of ``recompute_every`` shows there). The plain
+step compiled twice gives the run's noise floor (``baselines[T]["noise"]``).
+Timings start after a warm-up of ``RECOMPUTE_EVERY + 1`` steps (a step in
+training, not the first one, whose solvers have no previous solution to
+start from). Peak memory is the compiled step's ``memory_analysis()``: temp
++ argument + output bytes (deterministic on CPU). All steps of one T are
+compiled first (two at a time: XLA compiles on one core), then timed, so
+that no compilation runs during a timing. The logged value (the sum of the
+step's losses) keeps the forward's loss reduction in the plain step too, as
+a training step that logs its losses does.
 """
 
 from __future__ import annotations
 
+from concurrent import futures
+import os
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -60,7 +75,6 @@ import numpy as np
 
 import optax_mtl
 
-from benchmarks import runner
 from benchmarks import strategies as strategies_lib
 from benchmarks.problems import _common
 
@@ -165,31 +179,16 @@ def make_model(num_tasks: int, config: Optional[dict] = None):
   return params, loss_fn, (inputs, targets), encoder_fn, head_loss_fn
 
 
-def _loop(step: Callable, learning_rate: float):
-  """jit of ``n`` steps ``(params, state) -> (params, state, logged)``.
+def _train_step(step: Callable, learning_rate: float):
+  """jit of one training step ``(params, state, batch) -> (params, state,
+  logged)``: the step, a plain SGD update, and the sum of the losses."""
 
-  ``step(params, state, batch) -> (task_losses, grads, state)``; step i
-  takes minibatch ``i mod num_batches`` of ``batches``. The loop keeps the
-  sum of the losses it saw, as a training step that logs its losses does:
-  otherwise XLA drops the forward's loss reduction from the
-  plain baseline (its value unused) but not from a strategy (whose weights
-  read it), and the comparison would not be like for like. ``n`` is traced.
-  """
+  def train_step(params, state, batch):
+    task_losses, grads, state = step(params, state, batch)
+    params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+    return params, state, jnp.sum(task_losses)
 
-  def run(params, state, batches, n):
-    num_batches = jax.tree.leaves(batches)[0].shape[0]
-
-    def body(index, carry):
-      params, state, logged = carry
-      batch = jax.tree.map(lambda b: b[index % num_batches], batches)
-      task_losses, grads, state = step(params, state, batch)
-      params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
-      return params, state, logged + jnp.sum(task_losses)
-
-    return jax.lax.fori_loop(0, n, body,
-                             (params, state, jnp.zeros((), jnp.float32)))
-
-  return jax.jit(run)
+  return jax.jit(train_step)
 
 
 def memory_bytes(compiled) -> Optional[int]:
@@ -221,78 +220,108 @@ def flops(compiled) -> Optional[float]:
   return float(analysis["flops"])
 
 
-def _time_once(compiled, args, n) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args, jnp.asarray(n, jnp.int32)))
-  return time.perf_counter() - start
+class _Trajectory:
+  """One entry's compiled step and where its training trajectory stands."""
+
+  def __init__(self, compiled, params, state, batches):
+    self.compiled, self.params, self.state = compiled, params, state
+    self.batches = batches  # One minibatch per entry, cycled.
+    self.index = 0
+    self.cycles = 1
+
+  def run(self, num_steps: int) -> np.ndarray:
+    """Runs ``num_steps`` consecutive steps; the seconds of each."""
+    seconds = np.empty(num_steps)
+    for i in range(num_steps):
+      batch = self.batches[self.index % len(self.batches)]
+      start = time.perf_counter()
+      out = jax.block_until_ready(
+          self.compiled(self.params, self.state, batch))
+      seconds[i] = time.perf_counter() - start
+      self.params, self.state, _ = out
+      self.index += 1
+    return seconds
 
 
-class _Timed(NamedTuple):
-  """A compiled loop, its arguments and the steps per timing."""
-
-  compiled: Any
-  args: tuple
-  steps: int
-
-
-_WARM_UP_STEPS = 5
+def _compile_all(lowered: Sequence[Any]) -> list[Any]:
+  """Compiles every lowered step, two at a time (XLA compiles on one core)."""
+  threads = max(1, min(2, len(os.sched_getaffinity(0))))
+  if threads == 1 or len(lowered) < 2:
+    return [entry.compile() for entry in lowered]
+  with futures.ThreadPoolExecutor(threads) as pool:
+    return list(pool.map(lambda entry: entry.compile(), lowered))
 
 
-def _lower(step, learning_rate, params, state, batches):
-  return _loop(step, learning_rate).lower(
-      params, state, batches, jnp.asarray(1, jnp.int32))
+def _prepare(steps: dict[str, tuple], learning_rate, params, batches,
+             target_seconds) -> dict[str, _Trajectory]:
+  """``{key: (step, state)}`` -> ``{key: _Trajectory}``: compiles every
+  step, warms it up over ``RECOMPUTE_EVERY + 1`` steps and sets how many
+  cycles a round of it times."""
+  num_batches = jax.tree.leaves(batches)[0].shape[0]
+  batch_list = [jax.tree.map(lambda b, i=i: b[i], batches)
+                for i in range(num_batches)]
+  lowered = [_train_step(step, learning_rate).lower(params, state,
+                                                    batch_list[0])
+             for step, state in steps.values()]
+  trajectories = {}
+  for (key, (_, state)), compiled in zip(steps.items(),
+                                         _compile_all(lowered)):
+    trajectory = _Trajectory(compiled, params, state, batch_list)
+    warm_up = trajectory.run(RECOMPUTE_EVERY + 1)
+    cycle = float(np.mean(warm_up[1:])) * RECOMPUTE_EVERY
+    trajectory.cycles = int(np.clip(round(target_seconds / max(cycle, 1e-6)),
+                                    1, 50))
+    trajectories[key] = trajectory
+  return trajectories
 
 
-def _warm(compiled, params, state, batches, target_seconds) -> _Timed:
-  # Warm-up, and the timings start from a state in training (a strategy's
-  # first step may differ: a solver without a warm start, a first EMA).
-  params, state, _ = compiled(params, state, batches,
-                              jnp.asarray(_WARM_UP_STEPS, jnp.int32))
-  args = (params, state, batches)
-  single = min(_time_once(compiled, args, 1) for _ in range(3))
-  steps = int(np.clip(target_seconds / max(single, 1e-6), 1, 2000))
-  return _Timed(compiled, args, steps)
+class _Rounds(NamedTuple):
+  """Per entry, one value per round: the mean and the slowest step (s)."""
+
+  mean: dict[str, np.ndarray]
+  slowest: dict[str, np.ndarray]
 
 
-def _compile_and_warm(loops: dict[str, tuple], learning_rate, params,
-                      batches, target_seconds) -> dict[str, _Timed]:
-  """``{key: (step, state)}`` -> ``{key: _Timed}``; compiles in parallel
-  (``runner.COMPILE_THREADS`` at a time), then warms up one by one."""
-  jobs = [runner.Job(_lower(step, learning_rate, params, state, batches), (),
-                     {}) for step, state in loops.values()]
-  compiled = runner.compile_jobs(jobs)
-  return {key: _warm(executable, params, state, batches, target_seconds)
-          for (key, (_, state)), (executable, _) in zip(loops.items(),
-                                                        compiled)}
+def _interleaved_rounds(trajectories: dict[str, _Trajectory],
+                        rounds: int) -> _Rounds:
+  """Times whole cycles of every entry, ``rounds`` times, taken in turn.
 
-
-def _interleaved_step_times(timed: dict[str, _Timed],
-                            rounds: int) -> dict[str, np.ndarray]:
-  """Seconds per step of every loop, ``rounds`` times, taken in turn.
-
-  Every round times every loop once, one after the other, so that a slow
-  spell of a shared machine hits all of them alike.
+  Every round runs every entry's next ``cycles × RECOMPUTE_EVERY`` steps,
+  one entry after the other, so that a slow spell of a shared machine hits
+  all of them alike.
   """
-  times = {key: [] for key in timed}
+  mean = {key: [] for key in trajectories}
+  slowest = {key: [] for key in trajectories}
   for _ in range(rounds):
-    for key, entry in timed.items():
-      times[key].append(
-          _time_once(entry.compiled, entry.args, entry.steps) / entry.steps)
-  return {key: np.asarray(value) for key, value in times.items()}
+    for key, trajectory in trajectories.items():
+      seconds = trajectory.run(trajectory.cycles * RECOMPUTE_EVERY)
+      mean[key].append(float(np.mean(seconds)))
+      slowest[key].append(float(np.max(seconds)))
+  return _Rounds({k: np.asarray(v) for k, v in mean.items()},
+                 {k: np.asarray(v) for k, v in slowest.items()})
 
 
-def _ratio(times, candidate: str, baseline: str) -> float:
-  """Fastest step of ``candidate`` ÷ fastest step of ``baseline``.
+def _ratio(times: _Rounds, candidate: str, baseline: str) -> float:
+  """Fastest round's mean step of ``candidate`` ÷ that of ``baseline``.
 
   On a shared machine noise only ever adds time, so the fastest of many
-  interleaved rounds is the best estimate of a step's own cost.
+  interleaved rounds is the best estimate of a step's own cost; each round
+  covers whole ``recompute_every`` cycles, so the mean is amortised.
   """
-  return float(np.min(times[candidate]) / np.min(times[baseline]))
+  return float(np.min(times.mean[candidate]) / np.min(times.mean[baseline]))
 
 
-def _median_ratio(times, candidate: str, baseline: str) -> float:
+def _median_ratio(times: _Rounds, candidate: str, baseline: str) -> float:
   """Median over rounds of the per-round ratio (the second estimator)."""
-  return float(np.median(times[candidate] / times[baseline]))
+  return float(np.median(times.mean[candidate] / times.mean[baseline]))
+
+
+def _timing(times: _Rounds, key: str) -> dict[str, float]:
+  """``step_ms`` (amortised), ``slowest_step_ms`` and its ratio to plain."""
+  return {"step_ms": float(np.min(times.mean[key])) * 1e3,
+          "slowest_step_ms": float(np.median(times.slowest[key])) * 1e3,
+          "slowest_ratio_plain": float(np.median(
+              times.slowest[key] / times.mean["plain"]))}
 
 
 def model_config(model: str = "mlp", config: Optional[dict] = None) -> dict:
@@ -313,7 +342,8 @@ def run_speed(
   """Times every strategy against its baselines on one model.
 
   For each T, every baseline and every strategy is compiled first, then all
-  are timed in ``rounds`` interleaved rounds (:func:`_ratio`).
+  are timed in ``rounds`` interleaved rounds of whole ``recompute_every``
+  cycles of consecutive top-level steps (:func:`_interleaved_rounds`).
 
   Args:
     names: strategy names (``benchmarks.strategies``). When
@@ -325,12 +355,15 @@ def run_speed(
 
   Returns:
     ``{"model", "config", "num_tasks", "baselines": {T: {name:
-    {"memory_bytes", "flops", "step_ms"}, "noise": plain_again ÷ plain}},
-    "strategies": {name: {T: {"kind", "step_ms", "ratio_plain",
-    "ratio_median", "ratio_equal", "ratio_by_hand" | "ratio_jacobian",
-    "flops_ratio", "memory_bytes", "memory_ratio"}}}, "options": {label:
-    {T: {"step_ms",
-    "ratio_plain", "ratio_base", "memory_bytes"}}}}`` (T as a string key;
+    {"memory_bytes", "flops", "step_ms", "slowest_step_ms",
+    "slowest_ratio_plain"}, "noise": plain_again ÷ plain}}, "strategies":
+    {name: {T: {"kind", "step_ms", "slowest_step_ms", "slowest_ratio_plain",
+    "ratio_plain", "ratio_median", "ratio_equal", "ratio_by_hand" |
+    "ratio_jacobian", "flops_ratio", "memory_bytes", "memory_ratio"}}},
+    "options": {label: {T: {"step_ms", "slowest_step_ms",
+    "slowest_ratio_plain", "ratio_plain", "ratio_base",
+    "memory_bytes"}}}}`` (T as a string key; ``step_ms`` is the amortised
+    mean step, ``slowest_step_ms`` the slowest step of a round;
     ``flops_ratio`` and ``memory_ratio`` are ÷ plain for loss-only
     strategies and ÷ the Jacobian-only step for Gramian ones).
   """
@@ -417,13 +450,12 @@ def run_speed(
           (strategy_step(base, shared=trunk_only), base))
       for label, (step, strategy) in zip(option_labels, variants):
         loops[label] = (step, strategy.init(params))
-    timed = _compile_and_warm(loops, lr, params, batches, target)
+    timed = _prepare(loops, lr, params, batches, target)
 
-    times = _interleaved_step_times(timed, rounds)
+    times = _interleaved_rounds(timed, rounds)
     baselines = {
         key: {"memory_bytes": memory_bytes(timed[key].compiled),
-              "flops": flops(timed[key].compiled),
-              "step_ms": float(np.min(times[key])) * 1e3}
+              "flops": flops(timed[key].compiled), **_timing(times, key)}
         for key in baseline_keys}
     baselines["noise"] = _ratio(times, "plain_again", "plain")
     out["baselines"][str(t)] = baselines
@@ -431,7 +463,7 @@ def run_speed(
       gramian = entry["kind"] == "gramian"
       reference = "jacobian" if gramian else "plain"
       compiled = timed[name].compiled
-      entry["step_ms"] = float(np.min(times[name])) * 1e3
+      entry.update(_timing(times, name))
       entry["ratio_plain"] = _ratio(times, name, "plain")
       entry["ratio_median"] = _median_ratio(times, name, "plain")
       entry["ratio_equal"] = _ratio(times, name, "equal")
@@ -451,7 +483,7 @@ def run_speed(
       progress(f"speed {model} T={t}/{name}")
     for label in option_labels:
       out["options"].setdefault(label, {})[str(t)] = {
-          "step_ms": float(np.min(times[label])) * 1e3,
+          **_timing(times, label),
           "ratio_plain": _ratio(times, label, "plain"),
           "ratio_base": _ratio(times, label, OPTIONS_BASE),
           "memory_bytes": memory_bytes(timed[label].compiled)}

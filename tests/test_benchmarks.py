@@ -329,7 +329,7 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
     entry = speed_result[model]["strategies"]["normalized_gradients"]["2"]
     assert entry["kind"] == "gramian" and entry["ratio_jacobian"] > 0
     assert entry["ratio_plain"] > 0 and entry["step_ms"] > 0
-    assert entry["memory_bytes"] > 0
+    assert entry["slowest_step_ms"] > 0 and entry["memory_bytes"] > 0
     assert speed_result[model]["strategies"]["equal"]["2"]["ratio_plain"] > 0
     assert speed_result[model]["options"] == {}  # upgrad was not run
   # The speed table gives every strategy's absolute time and ÷ plain.
@@ -360,6 +360,32 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   assert (published / "results" / "speed.png").exists()
 
 
+def test_speed_times_consecutive_top_level_steps_over_whole_cycles():
+  # A step that counts its calls in its state and moves the params by the
+  # minibatch it got: the harness must carry both from step to step (a
+  # training trajectory, not one step from the same state) and compile
+  # each step on its own, without a loop around it.
+  def step(params, state, batch):
+    return batch, -jnp.ones_like(params), state + 1
+
+  batches = jnp.arange(4.0)[:, None] * jnp.ones((4, 2))
+  trajectories = speed._prepare(
+      {"plain": (step, jnp.int32(0)), "again": (step, jnp.int32(0))},
+      learning_rate=0.5, params=jnp.zeros(2), batches=batches,
+      target_seconds=0.0)
+  rounds = speed._interleaved_rounds(trajectories, rounds=2)
+  steps = speed.RECOMPUTE_EVERY + 1 + 2 * speed.RECOMPUTE_EVERY
+  for trajectory in trajectories.values():
+    assert trajectory.cycles == 1 and trajectory.index == steps
+    assert int(trajectory.state) == steps
+    np.testing.assert_allclose(trajectory.params, 0.5 * steps)
+    assert "while" not in trajectory.compiled.as_text()
+  assert rounds.mean["plain"].shape == rounds.slowest["plain"].shape == (2,)
+  assert np.all(rounds.slowest["plain"] >= rounds.mean["plain"])
+  timing = speed._timing(rounds, "again")
+  assert timing["slowest_step_ms"] >= 0 and timing["step_ms"] > 0
+
+
 @pytest.mark.slow
 def test_speed_times_engine_options_on_a_conv_trunk():
   result = speed.run_speed(
@@ -371,6 +397,7 @@ def test_speed_times_engine_options_on_a_conv_trunk():
   for entry in result["options"].values():
     assert entry["2"]["ratio_plain"] > 0 and entry["2"]["ratio_base"] > 0
     assert entry["2"]["memory_bytes"] > 0
+    assert entry["2"]["slowest_step_ms"] > 0
   params, loss_fn, batches, encoder_fn, head_loss_fn = speed.make_model(
       3, speed.model_config("conv", dict(side=8, channels=(2, 4), hidden=5)))
   batch = jax.tree.map(lambda b: b[0], batches)
