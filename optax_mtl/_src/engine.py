@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import conv_layout
 from optax_mtl._src import per_layer
 from optax_mtl._src import step as step_lib
 from optax_mtl._src import tree as tree_lib
@@ -205,37 +206,49 @@ def value_and_grad(
     else:
       shared_mask = tree_lib.shared_mask(options.shared, params)
       own_gradients = None if options.weight_task_specific else shared_mask
-      if (representation_vjp is None and gramian_mode == "jacobian"
-          and options.recompute_every == 1):
-        # Hold J once: the Gramian and the combination Jᵀw both read it. A
-        # task with a non-finite gradient is excluded (zeroed, weight 0).
-        task_grads = jacobian()
-        gradients_valid = tree_lib.finite_tasks(task_grads)
-        task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
-        weights, new_state = step_lib.weights_step(
-            weighting, options, losses32, state,
-            lambda: tree_lib.gramian(task_grads, shared_mask), gradients_valid)
-        grads = tree_lib.combine(weights, task_grads, own_gradients)
-      else:
-        if representation_vjp is not None:
-          gramian_fn = lambda: _representation_gramian(
-              representation_vjp, num_tasks, out.dtype, devices)
-        elif per_layer_mode:
-          gramian_fn = lambda: linearized.gramian(shared_mask, num_tasks)
-        elif gramian_mode == "low_memory":
-          gramian_fn = lambda: _low_memory_gramian(
-              full_loss, vjp_fn, params, shared_mask, num_tasks, out.dtype,
-              has_aux, devices)
-        else:
-          gramian_fn = lambda: tree_lib.gramian(jacobian(), shared_mask)
-        weights, new_state = step_lib.weights_step(
-            weighting, options, losses32, state, gramian_fn)
+
+      def weighted_backward(weights):
         grads = backward(weights)
         if own_gradients is not None and not all(
             jax.tree.leaves(own_gradients)):
           unweighted = backward(jnp.ones_like(weights))
           grads = jax.tree.map(lambda keep, g, u: g if keep else u,
                                own_gradients, grads, unweighted)
+        return grads
+
+      def jacobian_step(inner):
+        # Hold J once: the Gramian and the combination Jᵀw both read it. A
+        # task with a non-finite gradient is excluded (zeroed, weight 0).
+        task_grads = jacobian()
+        gradients_valid = tree_lib.finite_tasks(task_grads)
+        task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
+        weights, inner = step_lib.weights_step(
+            weighting, options._replace(recompute_every=1), losses32, inner,
+            lambda: tree_lib.gramian(task_grads, shared_mask), gradients_valid)
+        return tree_lib.combine(weights, task_grads, own_gradients), inner
+
+      if representation_vjp is None and gramian_mode == "jacobian":
+        if options.recompute_every == 1:
+          grads, new_state = jacobian_step(state)
+        else:
+          # A recomputing step costs a step of the strategy (J, G, Jᵀw), the
+          # others one backward pass with the previous weights.
+          grads, new_state = step_lib.recompute_or_reuse(
+              weighting, options, losses32, state, jacobian_step,
+              weighted_backward)
+      else:
+        if representation_vjp is not None:
+          gramian_fn = lambda: _representation_gramian(
+              representation_vjp, num_tasks, out.dtype, devices)
+        elif per_layer_mode:
+          gramian_fn = lambda: linearized.gramian(shared_mask, num_tasks)
+        else:
+          gramian_fn = lambda: _low_memory_gramian(
+              full_loss, vjp_fn, params, shared_mask, num_tasks, out.dtype,
+              has_aux, devices)
+        weights, new_state = step_lib.weights_step(
+            weighting, options, losses32, state, gramian_fn)
+        grads = weighted_backward(weights)
 
     # A gradient that overflows although the losses were finite is counted.
     grads_finite = step_lib.all_finite(grads)
@@ -391,7 +404,10 @@ def _low_memory_gramian(full_loss, vjp_fn, params, mask, num_tasks, dtype,
     column_dtype = jnp.promote_types(dtype, jnp.float32)
     return devices.mean(gram_column).astype(column_dtype)
 
-  gramian = jax.lax.map(column, jnp.arange(num_tasks))
+  # Under lax.map, XLA:CPU runs a convolution fast only in its canonical
+  # form (conv_layout).
+  gramian = jax.lax.map(conv_layout.canonical_convolutions(column),
+                        jnp.arange(num_tasks))
   return 0.5 * (gramian + gramian.T)
 
 

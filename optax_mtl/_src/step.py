@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import conv_layout
 from optax_mtl._src import tree as tree_lib
 
 
@@ -99,16 +100,45 @@ def weights_step(
     # Both branches of the cond return the state's dtype.
     return weights.astype(inner.weights.dtype), inner
 
-  def reuse(inner):
-    # The previous weights again; a rejected loss is still counted.
+  return recompute_or_reuse(weighting, options, task_losses, state,
+                            recompute, lambda weights: weights)
+
+
+def recompute_or_reuse(
+    weighting: base.Weighting,
+    options: StrategyOptions,
+    task_losses: chex.Array,
+    state: RecomputeEveryState,
+    recompute: Callable[[Any], tuple[Any, Any]],
+    reuse: Callable[[chex.Array], Any],
+) -> tuple[Any, RecomputeEveryState]:
+  """The step of :func:`recompute_every`: ``recompute`` or ``reuse``.
+
+  On steps 0, n, 2n, ... ``recompute(inner_state) -> (out, inner_state)``;
+  on the others ``reuse(previous_weights) -> out``, with the inner state
+  kept (a rejected loss still counted). Both run under one ``lax.cond``
+  with their convolutions in the form XLA:CPU runs fast there
+  (:mod:`conv_layout`); ``reuse``'s output takes the dtypes of
+  ``recompute``'s.
+
+  Returns:
+    ``(out, new_state)``.
+  """
+  out_types = jax.eval_shape(recompute, state.inner)[0]
+
+  def reuse_branch(inner):
     valid = _valid_losses(weighting, task_losses)
-    return inner.weights, _count_rejections(weighting, inner, valid,
-                                            ~_step_ok(weighting, valid))
+    out = jax.tree.map(lambda value, like: value.astype(like.dtype),
+                       reuse(inner.weights), out_types)
+    return out, _count_rejections(weighting, inner, valid,
+                                  ~_step_ok(weighting, valid))
 
   due = state.steps_since_update % options.recompute_every == 0
-  weights, inner = jax.lax.cond(due, recompute, reuse, state.inner)
+  out, inner = jax.lax.cond(
+      due, conv_layout.canonical_convolutions(recompute),
+      conv_layout.canonical_convolutions(reuse_branch), state.inner)
   steps = jnp.where(due, 1, optax.safe_increment(state.steps_since_update))
-  return weights, RecomputeEveryState(inner, steps.astype(jnp.int32))
+  return out, RecomputeEveryState(inner, steps.astype(jnp.int32))
 
 
 def _valid_losses(weighting: base.Weighting,
