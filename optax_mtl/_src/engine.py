@@ -25,9 +25,12 @@ gradients           the per-task Jacobian ``J``, handed to the rule, which
                     then one VJP through the encoder
 ==================  =====================================================
 
-With ``recompute_every``, the weights are computed under a ``lax.cond`` that
-holds only the Gramian's computation; the final VJP with cotangent ``w``
-runs outside it on every step.
+With ``recompute_every`` (Jacobian mode), a ``lax.cond`` chooses between a
+step of the strategy (``J``, ``G``, the rule, ``Jᵀw``) and one VJP with the
+previous weights; in the other modes the cond holds the Gramian and the rule,
+and the VJP with cotangent ``w`` runs after it. The cond's branches and the
+low-memory ``lax.map`` body go through :mod:`conv_layout`, which keeps their
+convolutions on XLA:CPU's fast path.
 """
 
 from __future__ import annotations
