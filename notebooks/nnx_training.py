@@ -12,7 +12,7 @@ largest task.
   a gradient-balancing strategy, updates the BatchNorm statistics and the
   Dropout RNG state of the model as ``nnx.value_and_grad`` would, and returns
   the gradient as an ``nnx.State`` for any ``nnx.Optimizer``.
-* The same face with ``features_fn=``: a gradient-balancing strategy reads the
+* The same face with ``encoder_fn=``: a gradient-balancing strategy reads the
   gradients with respect to the trunk's output instead of every parameter,
   about the cost of one backward pass (``--features``).
 * The **optax face**: the strategy is the first link of the optax chain held
@@ -92,7 +92,7 @@ def task_losses(model: MultiTaskModel, inputs, targets):
   return jnp.mean((model(inputs) - targets) ** 2, axis=0)
 
 
-# With features_fn, the loss is computed from the trunk's output.
+# With encoder_fn, the loss is computed from the trunk's output.
 def trunk_features(model: MultiTaskModel, inputs, targets):
   del targets
   return model.trunk(inputs)
@@ -112,7 +112,7 @@ def make_training_step(strategy, use_features: bool = False):
   """A jitted step that computes only what ``strategy`` needs."""
   if use_features:
     step = mtl_nnx.value_and_grad(heads_losses, strategy, shared=TRUNK,
-                                  features_fn=trunk_features)
+                                  encoder_fn=trunk_features)
   else:
     step = mtl_nnx.value_and_grad(task_losses, strategy, shared=TRUNK)
 
@@ -219,10 +219,10 @@ def main():
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--features", action="store_true",
                       help="the training-step face balances on the trunk's "
-                      "output (features_fn)")
+                      "output (encoder_fn)")
   args = parser.parse_args()
   factory = getattr(optax_mtl, args.strategy)
-  step_face = "training-step face" + (" (features_fn)" if args.features
+  step_face = "training-step face" + (" (encoder_fn)" if args.features
                                       else "")
   runs = (("optax face", train_optax_face),
           (step_face, lambda strategy, steps: train_step_face(

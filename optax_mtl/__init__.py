@@ -16,6 +16,7 @@ from optax_mtl._src.base import Weighting
 from optax_mtl._src.base import common_state_fields
 from optax_mtl._src.diagnostics import diagnostics
 from optax_mtl._src.engine import value_and_grad
+from optax_mtl._src.losses import masked_mean
 from optax_mtl._src.solvers import SolverResult
 from optax_mtl._src.step import RecomputeEveryState
 from optax_mtl._src.step import as_gradient_transformation
@@ -199,6 +200,7 @@ __all__ = (
     "krum",
     "lbtw",
     "log_loss",
+    "masked_mean",
     "metrics",
     "mgda",
     "moco",

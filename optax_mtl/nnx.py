@@ -8,7 +8,7 @@ Import it explicitly (optax_mtl itself does not need Flax)::
   strategy_state, *args)`` returns the losses and the combined gradient as an
   ``nnx.State`` for ``nnx.Optimizer.update``, and updates the model's
   BatchNorm statistics and Dropout RNG state as ``nnx.value_and_grad`` would.
-  ``shared=`` takes an NNX filter; ``features_fn=`` balances the tasks on the
+  ``shared=`` takes an NNX filter; ``encoder_fn=`` balances the tasks on the
   shared features at about one backward pass's cost.
 * :func:`value_and_jacobian` — the optax face: the per-task gradients for
   ``nnx.Optimizer(model, optax.chain(strategy, ...), wrt=nnx.Param)``.

@@ -130,7 +130,8 @@ def test_krum_hyperparameter_errors(kwargs, message):
     optax_mtl.krum(**kwargs)
 
 
-@pytest.mark.parametrize("preference", [[1.0], [1.0, -1.0], [1.0, np.inf]])
+@pytest.mark.parametrize("preference", [[1.0], [1.0, -1.0], [1.0, np.inf],
+                                        ["1", "1"], "abc"])
 def test_config_preference_errors(preference):
   with pytest.raises(ValueError, match="preference"):
     optax_mtl.config(2, preference=preference)

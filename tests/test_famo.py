@@ -331,7 +331,8 @@ def test_learning_rate_can_be_injected():
     (dict(optimizer="adamw"),
      r"optimizer must be one of \('adam', 'sgd'\), got 'adamw'"),
     (dict(min_losses=[0.0, 1.0]),
-     r"min_losses must be None, a number or have shape \(3,\)"),
+     r"min_losses must be a number or 3 numbers, got shape \(2,\)"),
+    (dict(min_losses="0"), r"min_losses must be a number or 3 numbers, got '0'"),
     (dict(min_losses=[0.0, NAN, 0.0]), r"min_losses must be finite"),
     (dict(eps=-1e-8), r"eps must lie in \[0.0, inf[)\]], got -1e-08"),
 ])

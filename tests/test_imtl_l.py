@@ -193,12 +193,14 @@ def test_learning_rate_can_be_injected():
     (dict(optimizer="rmsprop"),
      r"optimizer must be one of \('adam', 'sgd'\), got 'rmsprop'"),
     (dict(initial_scales=[0.0, 1.0]),
-     r"initial_scales must be a number or have shape \(3,\).*shape \(2,\)"),
+     r"initial_scales must be a number or 3 numbers, got shape \(2,\)"),
     (dict(initial_scales=NAN), r"initial_scales must be finite.*got nan"),
     (dict(initial_scales=[0.0, 200.0, 0.0]),
      r"initial_scales must be finite.*got \[0.0, 200.0, 0.0\]"),
     (dict(initial_scales="zero"),
-     r"initial_scales must be a number or a sequence.*'zero'"),
+     r"initial_scales must be a number or 3 numbers, got 'zero'"),
+    (dict(initial_scales="0"),
+     r"initial_scales must be a number or 3 numbers, got '0'"),
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.imtl_l, kwargs, message)

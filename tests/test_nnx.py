@@ -88,7 +88,7 @@ def test_script_main_runs(monkeypatch, capsys):
   nnx_training.main()
   output = capsys.readouterr().out
   assert "upgrad, optax face" in output
-  assert "training-step face (features_fn)" in output
+  assert "training-step face (encoder_fn)" in output
   assert "held-out" in output
 
 

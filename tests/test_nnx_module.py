@@ -162,12 +162,12 @@ CONFIGS = {
         lambda: optax_mtl.recompute_every(optax_mtl.upgrad(NUM_TASKS), 2),
         {"shared": TRUNK}),
     "features": (lambda: optax_mtl.upgrad(NUM_TASKS),
-                 {"shared": TRUNK, "features_fn": trunk_features}),
+                 {"shared": TRUNK, "encoder_fn": trunk_features}),
 }
 
 
 def _loss_fn(options):
-  if "features_fn" in options:
+  if "encoder_fn" in options:
     return heads_losses
   if options.get("has_aux"):
     return task_losses_with_outputs
@@ -226,7 +226,7 @@ def test_features_fn_balances_on_the_feature_gradients():
   images, targets = make_batch(0)
   before = nnx.clone(model)
   step = nnx.jit(mtl_nnx.value_and_grad(heads_losses, strategy, shared=TRUNK,
-                                        features_fn=trunk_features))
+                                        encoder_fn=trunk_features))
   _, state = step(model, strategy.init(None), images, targets)
 
   reference = nnx.clone(before)
@@ -253,7 +253,7 @@ def test_features_fn_with_a_rule_on_the_gradients():
   state (BatchNorm), and a Dropout stream in it gives a clear error."""
   strategy = optax_mtl.graddrop(NUM_TASKS)
   step = mtl_nnx.value_and_grad(heads_losses, strategy, shared=TRUNK,
-                                features_fn=trunk_features)
+                                encoder_fn=trunk_features)
   images, targets = make_batch(0)
   model = make_model(dropout=False)
   plain = nnx.clone(model)
@@ -572,6 +572,23 @@ def test_params_shaped_states_initialise_from_the_nnx_param_state(name):
              for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def test_features_fn_still_works_with_a_deprecation_warning_naming_encoder_fn():
+  strategy = optax_mtl.upgrad(NUM_TASKS)
+  images, targets = make_batch(0)
+  with pytest.warns(DeprecationWarning, match="encoder_fn"):
+    old = mtl_nnx.value_and_grad(heads_losses, strategy, shared=TRUNK,
+                                 features_fn=trunk_features)
+  new = mtl_nnx.value_and_grad(heads_losses, strategy, shared=TRUNK,
+                               encoder_fn=trunk_features)
+  (_, old_grads), _ = old(make_model(dropout=False), strategy.init(None),
+                          images, targets)
+  (_, new_grads), _ = new(make_model(dropout=False), strategy.init(None),
+                          images, targets)
+  assert_trees_close(nnx.as_pure(old_grads), nnx.as_pure(new_grads))
+  with pytest.raises(TypeError, match="unexpected keyword argument"):
+    mtl_nnx.value_and_grad(heads_losses, strategy, feature_fn=trunk_features)
+
+
 # --------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------
@@ -610,8 +627,8 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="optax_mtl strategy"):
     mtl_nnx.value_and_grad(task_losses,
                            optax.chain(strategy, optax.adam(1e-3)))
-  with pytest.raises(ValueError, match="features_fn must be a callable"):
-    mtl_nnx.value_and_grad(heads_losses, strategy, features_fn="trunk")
+  with pytest.raises(ValueError, match="encoder_fn must be a callable"):
+    mtl_nnx.value_and_grad(heads_losses, strategy, encoder_fn="trunk")
   with pytest.raises(ValueError, match=r"shape \(num_tasks,\)"):
     mtl_nnx.value_and_jacobian(lambda m, x, t: jnp.sum(task_losses(m, x, t)))(
         model, images, targets)

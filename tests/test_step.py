@@ -382,3 +382,40 @@ def test_gradvac_per_leaf_on_the_representation_says_it_cannot_read_it():
       encoder_fn=lambda p, x: jnp.tanh(x @ p["trunk"]))
   with pytest.raises(ValueError, match="cannot read the representation"):
     step(params, strategy.init(params), jnp.ones((8, 4)))
+
+
+# --------------------------------------------------------------------------
+# Errors that say what to do.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "pcgrad", "graddrop"])
+def test_a_strategy_that_reads_only_gradients_needs_no_task_losses(name):
+  strategy = getattr(optax_mtl, name)(2)
+  grads = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  update, _ = strategy.update(grads, strategy.init(None))
+  expected, _ = strategy.update(grads, strategy.init(None),
+                                task_losses=jnp.array([3.0, 7.0]))
+  np.testing.assert_array_equal(update, expected)
+
+
+@pytest.mark.parametrize("name", ["ema", "imtl", "gradnorm"])
+def test_a_strategy_that_reads_the_losses_asks_for_them(name):
+  strategy = getattr(optax_mtl, name)(2)
+  with pytest.raises(ValueError, match=r"reads the per-task losses: pass "
+                     r"task_losses="):
+    strategy.update(jnp.eye(2), strategy.init(None))
+
+
+def test_losses_as_a_list_or_a_dict_point_to_jnp_stack():
+  params, inputs = make_params()
+  strategy = optax_mtl.ema(NUM_TASKS)
+  as_list = lambda p, x: list(loss_fn(p, x))
+  with pytest.raises(ValueError, match=r"list of 2 items: .*jnp\.stack"):
+    optax_mtl.value_and_grad(as_list, strategy)(params, strategy.init(None),
+                                                inputs)
+  as_dict = lambda p, x: dict(zip("ab", loss_fn(p, x)))
+  with pytest.raises(ValueError, match=r"got a dict with keys \['a', 'b'\]: "
+                     r".*jnp\.stack"):
+    optax_mtl.value_and_grad(as_dict, strategy)(params, strategy.init(None),
+                                                inputs)

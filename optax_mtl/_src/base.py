@@ -176,12 +176,111 @@ def check_in_range(
   if high is not None:
     bad |= number > high if high_inclusive else number >= high
   if bad:
-    left = "[" if low_inclusive and low is not None else "("
-    right = "]" if high_inclusive and high is not None else ")"
-    interval = (f"{left}{'-inf' if low is None else low}, "
-                f"{'inf' if high is None else high}{right}")
+    interval = _interval_text(low, high, low_inclusive, high_inclusive)
     raise ValueError(f"{name} must lie in {interval}, got {number!r}.")
   return number if _is_python_number(value) else value
+
+
+def _interval_text(low, high, low_inclusive, high_inclusive) -> str:
+  left = "[" if low_inclusive and low is not None else "("
+  right = "]" if high_inclusive and high is not None else ")"
+  return (f"{left}{'-inf' if low is None else low}, "
+          f"{'inf' if high is None else high}{right}")
+
+
+def _holds_tracer(value: Any) -> bool:
+  if isinstance(value, jax.core.Tracer):
+    return True
+  return isinstance(value, (list, tuple)) and any(
+      _holds_tracer(item) for item in value)
+
+
+def check_task_vector(
+    name: str,
+    value: Any,
+    num_tasks: int,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_scalar: bool = True,
+) -> Any:
+  """Checks a hyperparameter given as a number or T numbers; returns [T].
+
+  The one check of every option that takes "a number or one number per
+  task" (``leak``, ``weights``, ``preference``, ``min_losses``, ...). A
+  number is broadcast to the T tasks. Python and NumPy numbers, sequences
+  and arrays are checked (real, finite in float32, in the interval) and
+  returned as a float32 NumPy array. A traced value
+  (``optax.inject_hyperparams`` under ``jit``) is checked for its shape and
+  dtype only and returned as a float32 JAX array. Strings, bytes, bools and
+  None are rejected, also inside a sequence.
+
+  Args:
+    name: the argument's name, for the error message.
+    value: the value received.
+    num_tasks: T.
+    low: the lower bound, or None.
+    high: the upper bound, or None.
+    low_inclusive: whether ``low`` itself is allowed.
+    high_inclusive: whether ``high`` itself is allowed.
+    allow_scalar: whether one number for every task is accepted.
+
+  Returns:
+    f32[T], a NumPy array (or a JAX array for a traced value).
+
+  Raises:
+    ValueError: naming ``name`` and the value received.
+
+  Examples:
+    >>> from optax_mtl._src import base
+    >>> base.check_task_vector("leak", 0.5, 3, 0.0, 1.0).tolist()
+    [0.5, 0.5, 0.5]
+  """
+  what = (f"a number or {num_tasks} numbers" if allow_scalar
+          else f"{num_tasks} numbers")
+  if low is not None or high is not None:
+    what += " in " + _interval_text(low, high, low_inclusive, high_inclusive)
+
+  def fail(detail=""):
+    raise ValueError(f"{name} must be {what}, got {detail}{value!r}.")
+
+  if value is None or isinstance(value, (str, bytes, bool, np.bool_)):
+    fail()
+  if _holds_tracer(value):
+    array = jnp.asarray(value)
+    if not (jnp.issubdtype(array.dtype, jnp.floating)
+            or jnp.issubdtype(array.dtype, jnp.integer)):
+      fail(f"dtype {array.dtype}: ")
+    if array.shape == () and allow_scalar:
+      array = jnp.broadcast_to(array, (num_tasks,))
+    if array.shape != (num_tasks,):
+      fail(f"shape {array.shape}: ")
+    return array.astype(jnp.float32)
+  try:
+    array = np.asarray(value)
+  except (TypeError, ValueError):
+    fail()
+  if array.dtype.kind not in "iuf":
+    fail(f"dtype {array.dtype}: ")
+  if array.shape == () and allow_scalar:
+    array = np.full((num_tasks,), array)
+  if array.shape != (num_tasks,):
+    fail(f"shape {array.shape}: ")
+  with np.errstate(over="ignore", invalid="ignore"):
+    values = array.astype(np.float64)
+    values32 = values.astype(np.float32)
+  if not np.all(np.isfinite(values32)):
+    raise ValueError(f"{name} must be finite (in float32), got {value!r}.")
+  bad = np.zeros(values.shape, bool)
+  if low is not None:
+    bad |= values < low if low_inclusive else values <= low
+  if high is not None:
+    bad |= values > high if high_inclusive else values >= high
+  if np.any(bad):
+    fail()
+  return values32
 
 
 def _check_real_scalar_array(name: str, value: Any) -> None:
@@ -256,6 +355,12 @@ def check_solver_options(max_iters: Any, tol: Any) -> tuple[int, float | None]:
 
 def check_task_losses(task_losses: Any, num_tasks: int) -> jax.Array:
   """Returns the losses as an array of shape (T,); raises on a bad shape."""
+  if isinstance(task_losses, dict):
+    raise ValueError(
+        f"task_losses must be an array of shape ({num_tasks},) (one loss per "
+        f"task), got a dict with keys {sorted(map(str, task_losses))}: stack "
+        "the losses in a fixed order, e.g. "
+        "jnp.stack([losses[name] for name in TASK_NAMES]).")
   if isinstance(task_losses, (list, tuple)):
     task_losses = jnp.stack([jnp.asarray(loss) for loss in task_losses])
   shape = jnp.shape(task_losses)

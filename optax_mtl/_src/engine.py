@@ -342,9 +342,10 @@ def _checked_output(loss_fn, has_aux):
     out = loss_fn(*args)
     if not has_aux and isinstance(out, (tuple, list)):
       raise ValueError(
-          "loss_fn returned a tuple of "
-          f"{len(out)} items; if it returns (task_losses, aux), pass "
-          "has_aux=True.")
+          f"loss_fn returned a {type(out).__name__} of {len(out)} items: "
+          "return the per-task losses as one array of shape (num_tasks,), "
+          "e.g. jnp.stack([loss_a, loss_b, ...]). If it returns "
+          "(task_losses, aux), pass has_aux=True.")
     if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
       raise ValueError(
           "with has_aux=True, loss_fn must return (task_losses, aux), got "

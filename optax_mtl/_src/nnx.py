@@ -21,6 +21,7 @@ mask that :func:`optax_mtl.with_shared_parameters` takes.
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
+import warnings
 
 from flax import nnx
 import jax
@@ -38,9 +39,10 @@ def value_and_grad(
     shared: Any = None,
     has_aux: bool = False,
     gramian_mode: str = "jacobian",
-    features_fn: Optional[Callable[..., Any]] = None,
+    encoder_fn: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
     batch_axis: Optional[int] = None,
+    **deprecated_kwargs: Any,
 ) -> Callable[..., Any]:
   """Makes a training step for a multi-task ``nnx.Module``.
 
@@ -62,7 +64,7 @@ def value_and_grad(
   Args:
     loss_fn: ``loss_fn(model, *args)`` returns the per-task losses, shape
       ``(num_tasks,)`` (or ``(task_losses, aux)`` with ``has_aux``). With
-      ``features_fn`` it is called as ``loss_fn(model, features, *args)`` and
+      ``encoder_fn`` it is called as ``loss_fn(model, features, *args)`` and
       computes the losses from the shared features.
     strategy: an optax_mtl strategy, e.g. ``optax_mtl.upgrad(num_tasks=3)``.
     shared: an NNX filter selecting the parameters all tasks share, e.g.
@@ -76,7 +78,7 @@ def value_and_grad(
     gramian_mode: ``"jacobian"``, ``"low_memory"`` or ``"per_layer"``, as
       in :func:`optax_mtl.value_and_grad` (``"per_layer"`` finds the
       model's dense layers in the traced program: the model is unchanged).
-    features_fn: optional ``features_fn(model, *args) -> features``, the
+    encoder_fn: optional ``encoder_fn(model, *args) -> features``, the
       shared trunk's output (any pytree of arrays). When given, strategies
       that read the Gramian read it on the gradients of the losses with
       respect to the features (torchjd's ``mtl_backward(features=...)``,
@@ -86,7 +88,8 @@ def value_and_grad(
       gradients. With a strategy that transforms the per-task gradients
       themselves (``graddrop``, ``trimmed_mean``, ...), the trunk may update
       floating-point state (BatchNorm) but not a Dropout stream (a clear
-      ``ValueError`` says so).
+      ``ValueError`` says so). Formerly ``features_fn``, still accepted
+      with a ``DeprecationWarning``.
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis,
       as in :func:`optax_mtl.value_and_grad`.
     batch_axis: instance-wise objectives (``loss_fn`` returns one loss per
@@ -137,9 +140,10 @@ def value_and_grad(
   has_aux = base.check_bool("has_aux", has_aux)
   if shared is not None:
     _check_filter("shared", shared)
+  features_fn = _encoder_argument(encoder_fn, deprecated_kwargs)
   if features_fn is not None and not callable(features_fn):
     raise ValueError(
-        f"features_fn must be a callable (model, *args) -> features, got "
+        f"encoder_fn must be a callable (model, *args) -> features, got "
         f"{features_fn!r}.")
   # The engine validates the strategy and the options now, not at the first
   # step.
@@ -367,11 +371,11 @@ def _check_representation_state(trunk_updates):
               if not jnp.issubdtype(jnp.result_type(value), jnp.inexact)]
   if discrete:
     raise ValueError(
-        "with features_fn, a strategy that transforms the per-task gradients "
+        "with encoder_fn, a strategy that transforms the per-task gradients "
         "(rather than reading their Gramian) cannot yet run a trunk that "
         f"updates integer or key state ({discrete}: Dropout's random "
-        "stream, counters). Move that layer out of features_fn, use a "
-        "strategy that reads the Gramian, or leave features_fn out.")
+        "stream, counters). Move that layer out of encoder_fn, use a "
+        "strategy that reads the Gramian, or leave encoder_fn out.")
 
 
 def _merge_samples(rest):
@@ -414,6 +418,24 @@ def _mask(params, shared):
         f"shared={shared!r} selects no nnx.Param of the model{hint}; its "
         f"parameters are {paths[:8]}{' ...' if len(paths) > 8 else ''}.")
   return mask
+
+
+def _encoder_argument(encoder_fn, deprecated_kwargs):
+  """``encoder_fn``, or the deprecated ``features_fn`` (with a warning)."""
+  unknown = set(deprecated_kwargs) - {"features_fn"}
+  if unknown:
+    raise TypeError(
+        f"value_and_grad() got an unexpected keyword argument "
+        f"{sorted(unknown)[0]!r}.")
+  if "features_fn" not in deprecated_kwargs:
+    return encoder_fn
+  warnings.warn(
+      "optax_mtl.nnx.value_and_grad(features_fn=...) is deprecated: pass "
+      "encoder_fn=... (the same function, and the name "
+      "optax_mtl.value_and_grad takes).", DeprecationWarning, stacklevel=3)
+  if encoder_fn is not None:
+    raise ValueError("pass encoder_fn only, not features_fn as well.")
+  return deprecated_kwargs["features_fn"]
 
 
 def _check_filter(name, value):

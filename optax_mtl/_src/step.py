@@ -387,17 +387,39 @@ class StrategyUpdate:
     self.weighting = weighting
     self.options = options
     self._compiled = jax.jit(self._update)
+    self._reads_losses = None  # Known at the first update without losses.
 
-  def __call__(self, task_grads, state, params=None, *, task_losses,
+  def __call__(self, task_grads, state, params=None, *, task_losses=None,
                **extra_args):
     del extra_args
     weighting = self.weighting
+    if task_losses is None:
+      task_losses = self._losses_when_not_given(task_grads, state)
     if weighting.num_samples > 1:
       task_losses = _check_sampled(task_grads, task_losses, weighting)
     else:
       task_losses = base.check_task_losses(task_losses, weighting.num_tasks)
       tree_lib.check_task_axis(task_grads, weighting.num_tasks, "task_grads")
     return self._compiled(task_grads, state, params, task_losses)
+
+  def _losses_when_not_given(self, task_grads, state):
+    """Ones, for a rule that does not read the losses; a ValueError else.
+
+    Whether the rule reads them is seen in its traced program (once per
+    strategy): a strategy that reads the Gramian or the gradients only
+    (``upgrad``, ``mgda``, ...) needs no ``task_losses=``.
+    """
+    weighting = self.weighting
+    num_tasks = weighting.num_tasks
+    if self._reads_losses is None:
+      self._reads_losses = _rule_reads_losses(weighting, task_grads, state)
+    if self._reads_losses:
+      raise ValueError(
+          "this strategy reads the per-task losses: pass task_losses=... "
+          f"(shape ({num_tasks},)) to update, e.g. "
+          "optimizer.update(task_grads, opt_state, params, "
+          "task_losses=task_losses).")
+    return jnp.ones((num_tasks,), jnp.float32)
 
   def _update(self, task_grads, state, params, task_losses):
     weighting, options = self.weighting, self.options
@@ -421,6 +443,30 @@ class StrategyUpdate:
         weighting, options, losses32, state,
         lambda: tree_lib.gramian(task_grads, shared), gradients_valid)
     return tree_lib.combine(weights, task_grads, own_gradients), new_state
+
+
+def _rule_reads_losses(weighting: base.Weighting, task_grads: Any,
+                       state: Any) -> bool:
+  """Whether ``weighting.rule``'s output depends on its losses argument."""
+  if (weighting.needs is base.Needs.LOSSES
+      or weighting.requires_positive_losses):
+    return True
+  num_tasks = weighting.num_tasks
+  inner = state.inner if isinstance(state, RecomputeEveryState) else state
+  if weighting.needs is base.Needs.GRAMIAN:
+    rule_input = jnp.eye(num_tasks, dtype=jnp.float32)
+  else:
+    rule_input = task_grads
+  extra = dict(valid=jnp.ones((num_tasks,), bool)) if weighting.per_task else {}
+  try:
+    jaxpr = jax.make_jaxpr(
+        lambda losses: weighting.rule(losses, inner, rule_input, **extra))(
+            jnp.ones((num_tasks,), jnp.float32)).jaxpr
+  except Exception:  # pylint: disable=broad-except
+    return True  # Let the update itself report what is wrong.
+  losses = jaxpr.invars[0]
+  return (any(value is losses for eqn in jaxpr.eqns for value in eqn.invars)
+          or any(value is losses for value in jaxpr.outvars))
 
 
 def _check_sampled(task_grads, task_losses, weighting) -> chex.Array:

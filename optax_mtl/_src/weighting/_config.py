@@ -102,21 +102,21 @@ def config(num_tasks: int,
   if preference is None:
     preference_values = np.ones((num_tasks,), np.float32)
   else:
-    preference_values = np.asarray(preference, np.float64)
-    if (preference_values.shape != (num_tasks,)
-        or not np.all(np.isfinite(preference_values))
-        or np.any(preference_values <= 0)):
-      raise ValueError(
-          f"preference must be {num_tasks} positive finite numbers, got "
-          f"{preference!r}.")
-    preference_values = preference_values.astype(np.float32)
+    preference_values = base.check_task_vector(
+        "preference", preference, num_tasks, 0.0, low_inclusive=False,
+        allow_scalar=False)
+    if isinstance(preference_values, np.ndarray):
+      # Checked; kept in float64 (cast to the Gramian's dtype by the rule).
+      preference_values = np.asarray(preference, np.float64)
 
   def init():
     return ConfigState(**base.common_state_fields(num_tasks, gramian=True))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    return config_weights(gramian, jnp.asarray(preference_values)), state
+    # The preference in the Gramian's dtype (float64 under x64).
+    return config_weights(gramian, jnp.asarray(preference_values,
+                                               gramian.dtype)), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -62,11 +62,8 @@ def constant(
     arXiv:2406.16232, 2024 (torchjd's ``Constant`` aggregator).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  values = _check_weights(weights)
-  if values.shape[0] != num_tasks:
-    raise ValueError(
-        f"weights must hold num_tasks = {num_tasks} numbers, got "
-        f"{values.shape[0]}: {weights!r}.")
+  values = base.check_task_vector("weights", weights, num_tasks,
+                                  allow_scalar=False)
 
   def init():
     return ConstantState(**base.common_state_fields(num_tasks, values))
@@ -78,32 +75,3 @@ def constant(
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=False))
-
-
-def _check_weights(weights: Any) -> np.ndarray:
-  """The weights as a float32 NumPy array [T]; ValueError otherwise."""
-  if isinstance(weights, (str, bytes, bool, np.bool_)) or weights is None:
-    raise ValueError(
-        "weights must be a non-empty 1-D sequence of finite numbers, got "
-        f"{weights!r}.")
-  try:
-    values = np.asarray(weights)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        "weights must be a non-empty 1-D sequence of finite numbers, got "
-        f"{weights!r}.") from error
-  if values.ndim != 1 or values.shape[0] == 0:
-    raise ValueError(
-        "weights must be a non-empty 1-D sequence of finite numbers, got "
-        f"shape {values.shape}: {weights!r}.")
-  if not (np.issubdtype(values.dtype, np.floating)
-          or np.issubdtype(values.dtype, np.integer)):
-    raise ValueError(
-        "weights must be a non-empty 1-D sequence of finite numbers, got "
-        f"dtype {values.dtype}: {weights!r}.")
-  with np.errstate(over="ignore"):
-    values32 = values.astype(np.float32)
-  if not np.all(np.isfinite(values32)):
-    raise ValueError(
-        f"weights must be finite (in float32), got {weights!r}.")
-  return values32

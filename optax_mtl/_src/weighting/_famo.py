@@ -342,23 +342,7 @@ def famo_update_logits(
   return new_state
 
 
-def _check_min_losses(min_losses: Any, num_tasks: int) -> np.ndarray:
+def _check_min_losses(min_losses: Any, num_tasks: int):
   if min_losses is None:
     return np.zeros(num_tasks, np.float32)
-  try:
-    values = np.asarray(min_losses, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"min_losses must be None or {num_tasks} finite numbers, got "
-        f"{min_losses!r}.") from error
-  if values.shape == ():
-    values = np.full((num_tasks,), float(values))
-  if values.shape != (num_tasks,):
-    raise ValueError(
-        f"min_losses must be None, a number or have shape ({num_tasks},), got "
-        f"shape {values.shape}: {min_losses!r}.")
-  with np.errstate(over="ignore"):
-    values32 = values.astype(np.float32)
-  if not np.all(np.isfinite(values32)):
-    raise ValueError(f"min_losses must be finite, got {min_losses!r}.")
-  return values32
+  return base.check_task_vector("min_losses", min_losses, num_tasks)

@@ -152,18 +152,5 @@ def _drop_leaf(task_grads, key, leaks, purity_fn, batch_axis):
   return jnp.sum(kept, axis=0).astype(task_grads.dtype)
 
 
-def _check_leak(leak, num_tasks: int) -> np.ndarray:
-  try:
-    values = np.asarray(leak, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"leak must be a number or {num_tasks} numbers in [0, 1], got "
-        f"{leak!r}.") from error
-  if values.shape == ():
-    values = np.full((num_tasks,), float(values))
-  if (values.shape != (num_tasks,) or not np.all(np.isfinite(values))
-      or np.any(values < 0) or np.any(values > 1)):
-    raise ValueError(
-        f"leak must be a number or {num_tasks} numbers in [0, 1], got "
-        f"{leak!r}.")
-  return values.astype(np.float32)
+def _check_leak(leak, num_tasks: int):
+  return base.check_task_vector("leak", leak, num_tasks, 0.0, 1.0)

@@ -42,25 +42,16 @@ def check_scales_options(num_tasks: int, learning_rate: Any, optimizer: Any,
   if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
     raise ValueError(
         f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-  try:
-    values = np.asarray(initial_scales, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        "initial_scales must be a number or a sequence of "
-        f"{num_tasks} numbers, got {initial_scales!r}.") from error
-  if values.shape == ():
-    values = np.full((num_tasks,), float(values))
-  if values.shape != (num_tasks,):
-    raise ValueError(
-        f"initial_scales must be a number or have shape ({num_tasks},), got "
-        f"shape {values.shape}: {initial_scales!r}.")
-  with np.errstate(over="ignore"):
-    weights = np.exp(values.astype(np.float32))
-  if not np.all(np.isfinite(values) & np.isfinite(weights) & (weights > 0)):
-    raise ValueError(
-        "initial_scales must be finite, with e^s finite and positive in "
-        f"float32, got {initial_scales!r}.")
-  return learning_rate, optimizer, values.astype(np.float32)
+  values = base.check_task_vector("initial_scales", initial_scales,
+                                  num_tasks)
+  if isinstance(values, np.ndarray):
+    with np.errstate(over="ignore"):
+      weights = np.exp(values)
+    if not np.all(np.isfinite(weights) & (weights > 0)):
+      raise ValueError(
+          "initial_scales must be finite, with e^s finite and positive in "
+          f"float32, got {initial_scales!r}.")
+  return learning_rate, optimizer, values
 
 
 def step_loss_scales(transformation: optax.GradientTransformation,

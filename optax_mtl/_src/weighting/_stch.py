@@ -184,47 +184,24 @@ def _check_non_negative_int(name: str, value: Any) -> int:
 def _check_preference(preference: Any, num_tasks: int) -> np.ndarray:
   if preference is None:
     return np.ones(num_tasks, np.float32)
-  try:
-    values = np.asarray(preference, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"preference must be None or a sequence of {num_tasks} non-negative "
-        f"numbers, got {preference!r}.") from error
-  if values.shape != (num_tasks,):
-    raise ValueError(
-        f"preference must be None or have shape ({num_tasks},), got shape "
-        f"{values.shape}: {preference!r}.")
-  if (not np.all(np.isfinite(values)) or np.any(values < 0)
-      or not np.any(values > 0)):
+  values = base.check_task_vector("preference", preference, num_tasks, 0.0,
+                                  allow_scalar=False)
+  if isinstance(values, np.ndarray) and not np.any(values > 0):
     raise ValueError(
         "preference must be finite and non-negative, not all zero, got "
         f"{preference!r}.")
-  return values.astype(np.float32)
+  return values
 
 
 def _check_reference_point(reference_point: Any, num_tasks: int,
-                           log_losses: bool) -> Optional[np.ndarray]:
+                           log_losses: bool) -> Optional[Any]:
   if reference_point is None:
     return None
-  try:
-    values = np.asarray(reference_point, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"reference_point must be None, a number or {num_tasks} numbers, got "
-        f"{reference_point!r}.") from error
-  if values.shape == ():
-    values = np.full((num_tasks,), float(values))
-  if values.shape != (num_tasks,):
-    raise ValueError(
-        f"reference_point must be None, a number or have shape "
-        f"({num_tasks},), got shape {values.shape}: {reference_point!r}.")
-  with np.errstate(over="ignore"):
-    values32 = values.astype(np.float32)
-  if not np.all(np.isfinite(values32)):
-    raise ValueError(
-        f"reference_point must be finite, got {reference_point!r}.")
-  if log_losses and not np.all(values32 > 0):
+  values = base.check_task_vector("reference_point", reference_point,
+                                  num_tasks)
+  if (log_losses and isinstance(values, np.ndarray)
+      and not np.all(values > 0)):
     raise ValueError(
         "reference_point must be positive with log_losses=True, got "
         f"{reference_point!r}.")
-  return values32
+  return values
