@@ -137,9 +137,9 @@ def test_penalty_pulls_the_losses_towards_the_preference_ray():
     (dict(penalty=-0.1), r"penalty must lie in \[0.0, inf\), got -0.1"),
     (dict(penalty=float("nan")), "penalty must lie in"),
     (dict(penalty="big"), "penalty must be a real number"),
-    (dict(preference=[1.0, 2.0]), r"preference must be None or have shape"),
-    (dict(preference=[1.0, -1.0, 1.0]), "preference must be finite and "
-     "non-negative"),
+    (dict(preference=[1.0, 2.0]), r"preference must .*\[1.0, 2.0\]"),
+    (dict(preference=[1.0, -1.0, 1.0]),
+     r"preference must .*\[1.0, -1.0, 1.0\]"),
     (dict(preference=[0.0, 0.0, 0.0]), "not all zero"),
 ])
 def test_bad_hyperparameters_are_rejected(kwargs, message):

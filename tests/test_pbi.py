@@ -141,11 +141,11 @@ def test_step_along_minus_the_weights_decreases_pbi():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(theta=-1.0), r"theta must lie in \[0.0, inf\), got -1.0"),
     (dict(theta=float("inf")), "theta must be finite"),
-    (dict(preference=[1.0, 2.0]), r"preference must be None or have shape"),
+    (dict(preference=[1.0, 2.0]), r"preference must .*\[1.0, 2.0\]"),
     (dict(preference=[0.0, 0.0, 0.0]), "not all zero"),
-    (dict(reference_point=[1.0, 2.0]), "reference_point must be None, a "
-     "number or have shape"),
-    (dict(reference_point=float("nan")), "reference_point must be finite"),
+    (dict(reference_point=[1.0, 2.0]),
+     r"reference_point must .*\[1.0, 2.0\]"),
+    (dict(reference_point=float("nan")), "reference_point must .*nan"),
 ])
 def test_bad_hyperparameters_are_rejected(kwargs, message):
   harness.check_rejects(optax_mtl.pbi, kwargs, message)

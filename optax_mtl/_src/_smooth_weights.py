@@ -90,12 +90,12 @@ def smooth_weights(
     \lambda_k = \alpha\,\lambda_{k-1} + (1 - \alpha)\,\hat\lambda_k,
 
   with ``λ̂_k`` the wrapped strategy's weights at step ``k`` and ``α`` the
-  ``decay``; ``λ_0 = λ̂_1`` (so the first accepted step applies ``λ̂_1``;
-  per task, for a per-task strategy), or the given ``initial_weights``. Zhou et al. (2022) show that smoothing the
-  weights of a stochastic multi-objective gradient method (MGDA, PCGrad,
-  CAGrad, ...) removes the bias that noisy weights put in its update, and
-  so makes it converge. The update applies the smoothed weights to this
-  step's gradients, ``d_k = Σ_t λ_{k,t} g_t``.
+  ``decay``; ``λ_0 = λ̂_1`` (so the first accepted step applies ``λ̂_1``; per
+  task, for a per-task strategy), or the given ``initial_weights``. Zhou et
+  al. (2022) show that smoothing the weights of a stochastic multi-objective
+  gradient method (MGDA, PCGrad, CAGrad, ...) removes the bias that noisy
+  weights put in its update, and so makes it converge. The update applies the
+  smoothed weights to this step's gradients, ``d_k = Σ_t λ_{k,t} g_t``.
 
   It wraps any strategy that produces weights, loss-only or Gramian-based,
   and keeps its cost: through :func:`optax_mtl.value_and_grad` a loss-only

@@ -118,17 +118,18 @@ def cosmos(
   if preference is None:
     preference_values = np.full((num_tasks,), 1.0 / num_tasks, np.float32)
   else:
-    preference_values = _stch._check_preference(  # pylint: disable=protected-access
-        preference, num_tasks)
+    # pylint: disable-next=protected-access
+    preference_values = _stch._check_preference(preference, num_tasks)
 
   def init():
-    return CosmosState(**base.common_state_fields(num_tasks,
-                                                  preference_values))
+    return CosmosState(**base.common_state_fields(
+        num_tasks, jnp.asarray(preference_values, jnp.float32)))
 
   def rule(task_losses, state, gramian):
     del gramian
-    return cosmos_weights(task_losses, jnp.asarray(preference_values),
-                          penalty), state
+    return cosmos_weights(
+        task_losses, jnp.asarray(preference_values, task_losses.dtype),
+        penalty), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,

@@ -122,21 +122,22 @@ def pbi(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   theta = base.check_in_range("theta", theta, 0.0)
-  if preference is None:
-    preference = np.ones(num_tasks)
-  values = _check_preference(preference, num_tasks).astype(np.float64)
-  direction = (values / np.linalg.norm(values)).astype(np.float32)
+  values = _check_preference(preference, num_tasks)  # None: ones.
   point = _check_reference_point(reference_point, num_tasks, False)
   if point is None:
     point = np.zeros(num_tasks, np.float32)
 
+  def direction():  # ŵ (the preference may be an injected array).
+    unnormalised = jnp.asarray(values, jnp.float32)
+    return unnormalised / jnp.sqrt(jnp.sum(unnormalised**2))
+
   def init():
-    return PbiState(**base.common_state_fields(num_tasks, direction))
+    return PbiState(**base.common_state_fields(num_tasks, direction()))
 
   def rule(task_losses, state, gramian):
     del gramian
-    return pbi_weights(task_losses, jnp.asarray(direction),
-                       jnp.asarray(point), theta), state
+    return pbi_weights(task_losses, direction(),
+                       jnp.asarray(point, task_losses.dtype), theta), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
