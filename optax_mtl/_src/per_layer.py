@@ -580,6 +580,13 @@ class _ExampleParts:
           [self.flat_params[leaf] for leaf in consumer.leaves])
       cotangents = self.perturbation_cots[index]
       axes = self.examples.output_axes[index]
+      added = _added_parameter(consumer)
+      grads = None if added is None else _example_added_gradients(
+          consumer, added, cotangents[0], axes[0], self.num_objectives,
+          self.flat_params)
+      if grads is not None:
+        self.local[index] = grads
+        return grads
 
       def one_example(example):
         return pullback([_rows_of(cot, axis, example)
@@ -588,6 +595,53 @@ class _ExampleParts:
       grads = jax.vmap(one_example)(jnp.arange(self.num_objectives))
       self.local[index] = dict(zip(consumer.leaves, grads))
     return self.local[index]
+
+
+def _added_parameter(consumer):
+  """``(position, sign)`` of a parameter (a bias) added to data, or None.
+
+  The parameter's operand must be broadcast to the output by size-1
+  dimensions only (as ``x + b`` traces), so each example's gradient is its
+  rows' cotangents summed, never a cotangent masked per example.
+  """
+  if consumer.eqn.primitive.name not in ("add", "sub", "add_any"):
+    return None
+  infos = consumer.inputs
+  pure = [k for k, info in enumerate(infos) if isinstance(info, _Pure)]
+  if len(pure) != 1 or len(infos) != 2 or isinstance(
+      infos[1 - pure[0]], _Literal):
+    return None
+  position = pure[0]
+  operand = consumer.eqn.invars[position].aval.shape
+  output = consumer.eqn.outvars[0].aval.shape
+  if len(operand) != len(output) or any(
+      a not in (1, b) for a, b in zip(operand, output)):
+    return None
+  sign = -1.0 if (consumer.eqn.primitive.name == "sub"
+                  and position == 1) else 1.0
+  return position, sign
+
+
+def _example_added_gradients(consumer, added, cotangent, axis, num_examples,
+                             flat_params):
+  """Per-example gradients of a bias: each example's rows summed."""
+  position, sign = added
+  info = consumer.inputs[position]
+  operand = consumer.eqn.invars[position].aval.shape
+  dim, factor = axis
+  if operand[dim] != 1:
+    return None
+  # [..., B·m, ...] -> [B, ..., m, ...]: the example axis in front.
+  split = cotangent.reshape(cotangent.shape[:dim] + (num_examples, factor)
+                            + cotangent.shape[dim + 1:])
+  split = jnp.moveaxis(split, dim, 0)
+  summed = tuple(d + 1 for d, size in enumerate(operand) if size == 1)
+  per_example = sign * jnp.sum(split, axis=summed, keepdims=True)
+  per_example = per_example.reshape((num_examples,) + operand)
+  _, pullback = jax.vjp(info.fn, flat_params[info.leaf])
+  grads = jax.vmap(lambda cot: pullback(cot.astype(
+      consumer.eqn.invars[position].aval.dtype))[0])(per_example)
+  return {info.leaf: grads}
 
 
 def _rows_of(array, axis, example):
@@ -624,9 +678,14 @@ def _example_dense_gramian(dense, rows_dim, data, cotangents, num_examples,
   kernel_cost = n * b * b * m * m * (c + o)
   gradient_cost = n * b * m * c * o + b * b * n * c * o
   if kernel_cost <= gradient_cost:
-    kernel = jnp.einsum("nbmc,ndkc->nbdmk", rows, rows, precision=_HIGHEST)
-    outer = jnp.einsum("nbmo,ndko->nbdmk", deltas, deltas, precision=_HIGHEST)
-    return jnp.sum(kernel * outer, axis=(0, 3, 4))
+    # Two [n, B·m, B·m] Gram matrices (plain matrix products), multiplied
+    # entrywise, summed over each pair of examples' rows.
+    rows = rows.reshape(n, b * m, c)
+    deltas = deltas.reshape(n, b * m, o)
+    kernel = jnp.matmul(rows, jnp.swapaxes(rows, 1, 2), precision=_HIGHEST)
+    outer = jnp.matmul(deltas, jnp.swapaxes(deltas, 1, 2),
+                       precision=_HIGHEST)
+    return jnp.sum((kernel * outer).reshape(n, b, m, b, m), axis=(0, 2, 4))
   grads = jnp.einsum("nbmc,nbmo->bnco", rows, deltas,
                      precision=_HIGHEST).reshape(b, -1)
   return jnp.matmul(grads, grads.T, precision=_HIGHEST)
