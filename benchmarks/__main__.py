@@ -348,12 +348,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines.append("Main conclusions:")
     lines += [f"  {k + 1}. {text}" for k, text in enumerate(conclusions)]
   progress.note("\n".join(lines))
-  if interrupted:
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(130)  # pylint: disable=protected-access
-  return 0
+  return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  CODE = main()
+  if CODE == 130:
+    # Interrupted: a compilation may still run in a worker thread; leave
+    # without waiting for it (the report is written).
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(CODE)  # pylint: disable=protected-access
+  sys.exit(CODE)

@@ -504,6 +504,41 @@ def _plt():
   return plt
 
 
+def strategy_colors(names: list[str]) -> dict[str, tuple]:
+  """One distinct colour per strategy (tab20, tab20b, tab20c: 60 colours),
+  the same strategy in the same colour in every plot of a report."""
+  plt = _plt()
+  palette = [c for cmap in ("tab20", "tab20b", "tab20c")
+             for c in plt.get_cmap(cmap).colors]
+  # tab20 pairs a dark and a light shade: take the dark ones first.
+  palette = palette[0::2] + palette[1::2]
+  return {name: palette[k % len(palette)] for k, name in enumerate(names)}
+
+
+def _suptitle(fig, text: str, fontsize: float = 10) -> None:
+  """A figure title wrapped to the figure's width (never cut at the
+  edges)."""
+  import textwrap  # pylint: disable=import-outside-toplevel
+  width_chars = max(30, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+  fig.suptitle("\n".join(textwrap.wrap(text, width_chars)),
+               fontsize=fontsize)
+
+
+def _robust_limits(values, keep: float = 3.0) -> tuple[float, float, bool]:
+  """``(low, high, clipped)``: the range of ``values`` without the points
+  that lie more than ``keep`` interquartile ranges beyond the quartiles
+  (an outlier would squeeze every other point into a corner)."""
+  values = np.asarray(values, float)
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    return 0.0, 1.0, False
+  q1, q3 = np.percentile(values, [25, 75])
+  span = max(q3 - q1, 1e-3 * max(abs(q1), abs(q3), 1e-12))
+  inside = values[(values >= q1 - keep * span) & (values <= q3 + keep * span)]
+  low, high = float(inside.min()), float(inside.max())
+  return low, high, bool(inside.size < values.size)
+
+
 def _plain_log_ticks(axis, symlog: bool = False) -> None:
   """Ticks of a log axis at 1, 2, 5 × 10^k as plain numbers (0.5, 2, 40),
   not 5×10⁻¹; minor ticks unlabelled."""
@@ -593,10 +628,21 @@ def plot_cost_quality(result: dict, path: str) -> None:
     ax.set_ylim(low - pad, high + pad)
   ax.axhline(0.0, color="black", lw=0.8, ls="--",
              label="single-task models (Δm% = 0)")
-  ax.set_xscale("log")
-  _plain_log_ticks(ax.xaxis)
+  times = np.array([p[1] for p in points] or [1.0])
+  if times.max() / times.min() > 3:
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    if times.max() / times.min() < 20:  # Label the 1, 2, … 9 × 10^k ticks.
+      from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+      ax.xaxis.set_major_locator(ticker.LogLocator(subs=range(1, 10)))
+    ax.set_xlim(times.min() / 1.15, times.max() * 1.15)
+    scale_text = "log scale"
+  else:
+    ax.set_xlim(times.min() - 0.08 * (times.max() - times.min() + 1e-3),
+                times.max() + 0.08 * (times.max() - times.min() + 1e-3))
+    scale_text = "linear scale"
   ax.set_xlabel("training step time on this problem (ms, all seeds at once, "
-                "log scale)")
+                f"{scale_text})")
   ax.set_ylabel("Δm% against single-task (higher is better"
                 + ("; symlog scale)" if spread > 50 else ")"))
   ax.set_title(f"{result['problem']}: quality against cost "
@@ -634,22 +680,32 @@ def plot_outcomes(result: dict, path: str, top: int = 3) -> None:
       gridspec_kw={"width_ratios": [1, 1.3]})
   shown = names[:top] + (["equal"] if "equal" in names[top:] else [])
   markers = "osD^v<>"
-  for index, name in enumerate(shown):
-    ax_scatter.plot(stl, strategies[name]["per_task"][metric]["mean"],
-                    markers[index % len(markers)], ms=5, alpha=0.8,
-                    label=name)
-  finite = np.concatenate([stl] + [
+  colors = strategy_colors(names)
+  values = np.concatenate([stl] + [
       np.asarray(strategies[n]["per_task"][metric]["mean"], float)
       for n in shown])
-  finite = finite[np.isfinite(finite)]
-  low, high = float(finite.min()), float(finite.max())
+  low, high, clipped = _robust_limits(values)
   pad = 0.05 * (high - low or 1.0)
-  ax_scatter.plot([low - pad, high + pad], [low - pad, high + pad], "k--",
-                  lw=0.8, label="equal to single-task")
-  ax_scatter.set_xlim(low - pad, high + pad)
-  ax_scatter.set_ylim(low - pad, high + pad)
+  low, high = low - pad, high + pad
+  for index, name in enumerate(shown):
+    scores = np.asarray(strategies[name]["per_task"][metric]["mean"], float)
+    ax_scatter.plot(stl, np.clip(scores, low, high),
+                    markers[index % len(markers)], ms=5, alpha=0.8,
+                    color=colors[name], label=name)
+    for x, y in zip(stl, scores):
+      if np.isfinite(y) and not low <= y <= high:  # Drawn at the edge.
+        ax_scatter.annotate(f"{y:.3g}", (x, np.clip(y, low, high)),
+                            xytext=(4, 4 if y > high else -10),
+                            textcoords="offset pixels", fontsize=7,
+                            color=colors[name])
+  ax_scatter.plot([low, high], [low, high], "k--", lw=0.8,
+                  label="equal to single-task")
+  ax_scatter.set_xlim(low, high)
+  ax_scatter.set_ylim(low, high)
   ax_scatter.set_xlabel(f"single-task model's test {metric}")
-  ax_scatter.set_ylabel(f"multi-task model's test {metric}")
+  ax_scatter.set_ylabel(f"multi-task model's test {metric}"
+                        + (" (clipped: outliers drawn at the edge, value "
+                           "written)" if clipped else ""))
   ax_scatter.set_title(
       f"one point per task ({'above' if higher else 'below'} the diagonal "
       "= better than single-task)", fontsize=9)
@@ -685,8 +741,8 @@ def plot_outcomes(result: dict, path: str, top: int = 3) -> None:
                           format="%g")
   colorbar.set_label("% (blue: better than single-task, red: worse; "
                      f"symlog scale, clipped at ±{limit:.0f})", fontsize=7)
-  fig.suptitle(f"{result['problem']}: per-task outcomes against the "
-               "single-task models (mean over seeds)", fontsize=10)
+  _suptitle(fig, f"{result['problem']}: per-task outcomes against the "
+            "single-task models (mean over seeds)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -715,10 +771,13 @@ def plot_weights(result: dict, path: str) -> None:
   magnitudes = np.concatenate([np.abs(c[np.isfinite(c)]).ravel()
                                for c in curves.values()] + [np.ones(1)])
   positive = magnitudes[magnitudes > 0]
+  lowest = min([float(np.min(c[np.isfinite(c)])) for c in curves.values()
+                if np.isfinite(c).any()] + [0.0])
   # One scale for every panel: symlog (linear near 0, log beyond) when the
   # weights span more than a factor 100.
   symlog = positive.max() / positive.min() > 100
   linthresh = float(max(np.percentile(positive, 5), 1e-6))
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   for ax, name in zip(axes.flat, names):
     weights = curves[name]
     if weights.ndim != 2 or weights.shape[0] == 0:
@@ -739,7 +798,14 @@ def plot_weights(result: dict, path: str) -> None:
     ax.tick_params(labelsize=7)
     if symlog:
       ax.set_yscale("symlog", linthresh=linthresh)
-      ax.yaxis.get_major_locator().set_params(numticks=6)
+      ax.yaxis.set_major_locator(ticker.SymmetricalLogLocator(
+          base=10, linthresh=linthresh))
+      ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+      ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    # The same y range in every panel, so that panels compare at a glance
+    # and every panel has its tick labels.
+    grow = 1.5 if symlog else 1.05
+    ax.set_ylim(min(lowest * grow, 0.0), float(magnitudes.max()) * grow)
   ylabel = "task weight" + (" (symlog)" if symlog else "")
   for ax in axes[:, 0]:
     ax.set_ylabel(ylabel, fontsize=8)
@@ -754,10 +820,9 @@ def plot_weights(result: dict, path: str) -> None:
   if handles:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8),
                fontsize=7, frameon=False)
-  fig.suptitle(f"{result['problem']}: task weights over training (mean over "
-               "seeds; each point a mean over an evaluation interval)",
-               fontsize=10)
-  fig.tight_layout(rect=(0, 0.04, 1, 0.96))
+  _suptitle(fig, f"{result['problem']}: task weights over training (mean "
+            "over seeds; each point a mean over an evaluation interval)")
+  fig.tight_layout(rect=(0, 0.04, 1, 0.94))
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
@@ -799,10 +864,9 @@ def plot_toy(result: dict, path: str) -> None:
     ax.set_xlabel("x1", fontsize=8)
   for ax in list(axes.flat)[len(names):]:
     ax.set_axis_off()
-  fig.suptitle("toy2d: trajectories over contours of f1+f2 (grey dots: "
-               "Pareto set; black dot: start; green *: reached, red x: not)",
-               fontsize=10)
-  fig.tight_layout(rect=(0, 0, 1, 0.97))
+  _suptitle(fig, "toy2d: trajectories over contours of f1+f2 (grey dots: "
+            "Pareto set; black dot: start; green *: reached, red x: not)")
+  fig.tight_layout(rect=(0, 0, 1, 0.95))
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
@@ -812,9 +876,13 @@ def plot_speed(speed: dict, path: str) -> None:
   plt = _plt()
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   models = _speed_models(speed)
+  if all(len(run["num_tasks"]) == 1 for run in models.values()):
+    _plot_speed_bars(models, path)
+    return
   fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)),
                            squeeze=False)
-  colors = plt.get_cmap("tab10").colors
+  colors = strategy_colors(sorted({name for run in models.values()
+                                   for name in run["strategies"]}))
   handles = {}
   for row, (model, run) in enumerate(models.items()):
     ax_time, ax_ratio, ax_mem = axes[row]
@@ -827,13 +895,10 @@ def plot_speed(speed: dict, path: str) -> None:
       handles[label] = line
       ax_mem.plot(ts, [(run["baselines"][str(t)][key]["memory_bytes"] or 0)
                        / 2**20 for t in ts], style, lw=2)
-    counts = {"gramian": 0, "losses": 0}
     for name, per_t in run["strategies"].items():
       entries = [per_t.get(str(t), {}) for t in ts]
       gramian = entries[0].get("kind") == "gramian"
-      index = counts[entries[0].get("kind")]
-      counts[entries[0].get("kind")] += 1
-      style = dict(color=colors[index % len(colors)], lw=1.0, ms=3,
+      style = dict(color=colors[name], lw=1.0, ms=3,
                    marker="s" if gramian else "o",
                    ls="-" if gramian else "--")
       line, = ax_time.plot(ts, [e["step_ms"] for e in entries], **style,
@@ -872,6 +937,41 @@ def plot_speed(speed: dict, path: str) -> None:
              title="solid/squares: Gramian\ndashed/circles: loss-only",
              title_fontsize=7)
   fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _plot_speed_bars(models: dict[str, dict], path: str) -> None:
+  """Speed runs at one T: per model, every strategy's step ÷ a plain
+  training step as a horizontal bar, cheapest first, named on its row."""
+  plt = _plt()
+  rows = max(len(run["strategies"]) for run in models.values())
+  fig, axes = plt.subplots(1, len(models), squeeze=False,
+                           figsize=(7.5 * len(models), 0.22 * rows + 1.6))
+  for ax, (model, run) in zip(axes[0], models.items()):
+    t = str(run["num_tasks"][0])
+    entries = {n: e[t] for n, e in run["strategies"].items() if t in e}
+    names = sorted(entries, key=lambda n: entries[n]["ratio_plain"])
+    ratios = [entries[n]["ratio_plain"] for n in names]
+    colors = ["tab:orange" if entries[n]["kind"] == "gramian"
+              else "tab:blue" for n in names]
+    ax.barh(range(len(names)), ratios, color=colors, height=0.7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    for row, ratio in enumerate(ratios):
+      ax.text(ratio * 1.03, row, f"{ratio:.2g}×", va="center", fontsize=6)
+    ax.axvline(1.0, color="black", lw=1.0)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlim(min(min(ratios), 1.0) / 1.3, max(ratios) * 1.6)
+    ax.set_xlabel("step time ÷ plain training step (log scale; black line: "
+                  "plain)", fontsize=8)
+    plain = run["baselines"][t]["plain"]["step_ms"]
+    ax.set_title(f"{model} trunk, T = {t} (plain step {plain:.3g} ms); "
+                 "blue: loss-only, orange: reads the per-task gradients",
+                 fontsize=8)
+    ax.grid(alpha=0.3, axis="x", which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 

@@ -1,11 +1,13 @@
 """Fast tests of the benchmark suite: tiny configurations only."""
 
+import io
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import time
 import tomllib
 
 import jax
@@ -17,6 +19,7 @@ from sklearn import metrics as sk_metrics
 import benchmarks
 import optax_mtl
 from benchmarks import __main__ as cli
+from benchmarks import costs
 from benchmarks import data as data_lib
 from benchmarks import problems
 from benchmarks import publish
@@ -412,11 +415,13 @@ def test_speed_times_engine_options_on_a_conv_trunk():
 
 def test_cli_parsing():
   args = cli.parse_args([])
-  assert args.suite == "quick" and args.seeds == [0, 1, 2]
+  assert args.suite == "quick" and args.seeds == [0, 1]
   assert args.problems == ["scales", "digits", "manytask", "toy2d"]
   assert args.out == "bench_results"
   assert args.strategies == list(strategies_lib.STRATEGIES)
-  assert args.speed_models == ["mlp", "conv"]
+  assert args.speed_models == ["mlp"] and args.speed_tasks == [10]
+  args = cli.parse_args(["--suite", "full"])
+  assert args.speed_models == ["mlp", "conv"] and args.speed_tasks is None
   args = cli.parse_args(["--suite", "full", "--problem", "digits",
                          "--problem", "toy2d", "--strategies", "equal, mgda",
                          "--seeds", "0,4,7", "--out", "x",
@@ -581,3 +586,131 @@ def test_pcba_loader_and_problem_on_fixture():
 def test_run_problem_by_name_is_notebook_friendly():
   result = benchmarks.run_problem("toy2d", ["equal"], num_steps=3)
   assert result["problem"] == "toy2d" and "equal" in result["strategies"]
+
+
+# --------------------------------------------------------------------------
+# One compiled program per kind of strategy; the run's plan and progress.
+
+
+def test_a_shared_program_trains_each_strategy_as_its_own_program():
+  problem = problems.make("scales", **TINY["scales"])
+  names = ["equal", "ema", "normalized_gradients"]
+  built = [strategies_lib.make(n, problem.num_tasks) for n in names]
+  shared = runner.prepare_multitask(problem, built, [0, 1], num_steps=12,
+                                    eval_every=4)
+  ((compiled, seconds),) = runner.compile_jobs([shared])
+  for index, strategy in enumerate(built):
+    alone = runner.train_multitask(problem, strategy, [0, 1], num_steps=12,
+                                   eval_every=4)
+    together = runner.execute(shared, compiled, seconds, index=index)
+    for key in ("weights", "losses", "criterion", "best_step"):
+      np.testing.assert_allclose(together[key], alone[key], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{names[index]} {key}")
+
+
+def test_plan_groups_one_program_per_kind():
+  kinds = {"equal": "losses", "ema": "losses", "upgrad": "gramian",
+           "mgda": "gramian", "cagrad": "gramian", "modo": "samples"}
+  groups = runner.plan_groups(kinds, num_threads=2)
+  assert groups == [("losses", ["equal", "ema"]),
+                    ("gramian", ["upgrad", "cagrad"]), ("gramian", ["mgda"]),
+                    ("samples", ["modo"])]
+  assert runner.plan_groups(kinds, num_threads=1)[1] == (
+      "gramian", ["upgrad", "mgda", "cagrad"])
+  assert runner.kind_of(strategies_lib.make("upgrad", 3)) == "gramian"
+  assert runner.kind_of(strategies_lib.make("ema", 3)) == "losses"
+  assert runner.kind_of(strategies_lib.make("modo", 3)) == "samples"
+
+
+def test_plan_expected_time_is_the_sum_of_stored_unit_costs(tmp_path):
+  args = cli.parse_args(["--problem", "scales", "--problem", "toy2d",
+                         "--strategies", "equal,upgrad", "--no-speed"])
+  table = {"note": "test", "suites": {"quick": {
+      "scales": {"compile:single-task": 4.0, "compile:losses": 2.0,
+                 "compile:gramian": 3.0, "single-task": 5.0,
+                 "run:losses": 1.0, "run:gramian": 7.0},
+      "toy2d": {"compile:losses": 1.0, "run:losses": 0.5,
+                "run:gramian": 0.5}}}}
+  plan = costs.plan(args, table)
+  assert plan.units == [
+      "scales/compile single-task (1)", "scales/compile losses (1)",
+      "scales/compile gramian (1)", "scales/single-task", "scales/equal",
+      "scales/upgrad", "toy2d/compile losses (1)",
+      "toy2d/compile gramian (1)", "toy2d/equal", "toy2d/upgrad"]
+  # toy2d has no stored compile:gramian: the mean over the problems that
+  # have one (3.0), and the summary says so.
+  assert plan.total_seconds == pytest.approx(
+      4 + 2 + 3 + 5 + 1 + 7 + 1 + 3 + 0.5 + 0.5)
+  assert "toy2d compile:gramian" in plan.summary()
+  assert "expected ~0 min" in plan.summary()
+  path = str(tmp_path / "costs.json")
+  costs.record(args, [("scales/compile gramian (2)", 10.0),
+                      ("scales/upgrad", 6.0), ("scales/mgda", 8.0)], path)
+  stored = costs.load_table(path)["suites"]["quick"]["scales"]
+  assert stored == {"compile:gramian": 5.0, "run:gramian": 7.0}
+
+
+def test_progress_line_says_units_elapsed_and_left():
+  args = cli.parse_args(["--problem", "toy2d", "--strategies", "equal",
+                         "--no-speed"])
+  table = {"suites": {"quick": {"toy2d": {"compile:losses": 30.0,
+                                          "run:losses": 30.0}}}}
+  stream = io.StringIO()
+  progress = cli.Progress(costs.plan(args, table), stream=stream,
+                          tick_seconds=0.05)
+  time.sleep(0.2)  # The ticker writes while nothing finishes.
+  progress("toy2d/compile losses (1)")
+  progress.stop()
+  lines = stream.getvalue().splitlines()
+  assert lines[0].startswith("[0/2 units] starting")
+  assert lines[-1].startswith("[1/2 units] toy2d/compile losses (1)")
+  assert "elapsed, ~" in lines[-1] and lines[-1].endswith("left")
+  assert progress.unit_seconds[0][0] == "toy2d/compile losses (1)"
+
+
+def test_interrupt_writes_the_partial_report(tiny_results, tmp_path,
+                                             monkeypatch, capsys):
+  def interrupted(args, progress, results, speed_out):
+    results["scales"] = dict(tiny_results["scales"])
+    results["scales"].pop("ranking")
+    results["digits"] = {}  # Started, nothing trained yet.
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cli, "run_all", interrupted)
+  code = cli.main(["--problem", "scales", "--strategies",
+                   "equal,normalized_gradients", "--no-speed", "--no-cache",
+                   "--out", str(tmp_path)])
+  assert code == 130
+  text = (tmp_path / "report.md").read_text()
+  assert "## scales" in text and "## digits" not in text
+  err = capsys.readouterr().err
+  assert "interrupted: writing the partial results" in err
+  assert "Traceback" not in err and "Main conclusions:" in err
+  assert str(tmp_path / "report.md") in err
+
+
+def test_report_wording_one_value_and_single_seed(tiny_results):
+  assert report._span(0.91, 0.93, unit="×") == "0.91–0.93×"
+  assert report._span(0.9, 0.9004, unit="×") == "0.9×"
+  single = json.loads(json.dumps(tiny_results["scales"]))
+  for entry in single["strategies"].values():
+    entry["delta_m"]["per_seed"] = entry["delta_m"]["per_seed"][:1]
+  text = "\n".join(report._problem_findings(single))
+  assert "single seed" in text and "standard errors" not in text
+  conclusions = report.main_conclusions(tiny_results)
+  assert 1 <= len(conclusions) <= 3
+  assert conclusions[0].startswith("Best by Δm%: scales `")
+
+
+def test_an_extreme_delta_m_is_commented():
+  result = {"metrics": ["score"], "tasks": ["a", "b"],
+            "single_task": {"per_task": {"score": {"mean": [0.9, 0.8]}}},
+            "strategies": {}}
+  for name, delta in (("x", -5.0), ("y", -8.0), ("z", -2.0),
+                      ("mgda", -413.6)):
+    result["strategies"][name] = {
+        "delta_m": {"mean": delta},
+        "per_task": {"score": {"mean": [0.9, -13.7 if name == "mgda"
+                                        else 0.7]}}}
+  (line,) = report._outlier_findings(result)
+  assert "`mgda` is an outlier" in line and "b -13.7 against 0.8" in line
