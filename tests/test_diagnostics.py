@@ -4,6 +4,8 @@ The states come from each strategy's shared compiled update
 (``properties.update``).
 """
 
+import warnings
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -165,3 +167,33 @@ def test_num_skipped_counts_rejected_steps():
   _, state = strategy.update(TASK_GRADS, state,
                              task_losses=jnp.array([1.0, jnp.nan, 1.0]))
   assert int(optax_mtl.diagnostics(state)["mtl/num_skipped"]) == 1
+
+
+@pytest.mark.parametrize("face", ["optax", "nnx"])
+def test_an_optimizer_chained_before_the_strategy_is_flagged(face):
+  """chain(adam, strategy): Adam's moments get a task axis; flagged."""
+  params = {"trunk": jnp.zeros((4, 5)), "heads": jnp.zeros((5, 3))}
+  task_grads = jax.tree.map(lambda p: jnp.ones((3,) + p.shape), params)
+  logs = {}
+  for order in ("wrong", "right"):
+    strategy = optax_mtl.ema(3)
+    tx = (optax.chain(optax.adam(1e-2), strategy) if order == "wrong"
+          else optax.chain(strategy, optax.adam(1e-2)))
+    if face == "optax":
+      opt_state = tx.init(params)
+      _, opt_state = tx.update(task_grads, opt_state, params,
+                               task_losses=jnp.ones(3))
+    else:
+      model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      grads = jax.tree.map(lambda p: jnp.ones((3,) + p.shape),
+                           nnx.state(model, nnx.Param))
+      optimizer.update(model, grads, task_losses=jnp.ones(3))
+      opt_state = optimizer.opt_state
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      logs[order] = optax_mtl.diagnostics(opt_state)
+    assert any("wrong order" in str(w.message) for w in caught) == (
+        order == "wrong")
+  assert int(logs["wrong"]["mtl/wrong_chain_order"]) == 1
+  assert "mtl/wrong_chain_order" not in logs["right"]

@@ -345,3 +345,13 @@ def test_a_task_with_a_non_finite_gradient_is_excluded_from_a_gramian_step(
   (_, step_grads), step_state = step(params, state, -1.0)
   np.testing.assert_array_equal(step_grads, [0.0, 0.0])
   assert int(step_state.num_skipped) == 1
+
+
+@pytest.mark.parametrize("name", ["graddrop", "trimmed_mean"])
+def test_gradient_rules_on_the_representation_refuse_a_device_axis(name):
+  """Under shard_map each device would run the rule on its own batch."""
+  strategy = getattr(optax_mtl, name)(3)
+  with pytest.raises(ValueError, match=r"cannot read the representation's "
+                     r"gradients across devices .*axis_name='data'"):
+    optax_mtl.value_and_grad(lambda p, z, x: z, strategy,
+                             encoder_fn=lambda p, x: x, axis_name="data")

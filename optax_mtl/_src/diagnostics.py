@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
+import warnings
 
 import chex
 import jax
@@ -155,7 +156,11 @@ def diagnostics(
     n steps;
   * every other float statistic of the state that is a scalar or has one
     value per task (e.g. ``loss_average/average/<task>``), keyed by its path
-    in the state.
+    in the state;
+  * ``wrong_chain_order`` (int32, 1), only when a transformation chained
+    *before* the strategy keeps statistics that all have a leading axis of
+    size T (``optax.chain(optax.adam(...), strategy)``: Adam saw per-task
+    gradients); a warning says so too.
 
   The dict holds only scalars, so each entry can go to any logger as it is
   (``writer.add_scalar(key, value, step)``). It is a pure function of the
@@ -204,6 +209,54 @@ def diagnostics(
   out: dict[str, chex.Array] = {}
   for path, node in found:
     where = _path_name(path) if len(found) > 1 else ""
-    out.update(_state_statistics(
-        node, f"{prefix}{where}/" if where else prefix, task_names))
+    key_prefix = f"{prefix}{where}/" if where else prefix
+    out.update(_state_statistics(node, key_prefix, task_names))
+    if _optimizer_before_strategy(state, path, jnp.shape(node.weights)[0]):
+      warnings.warn(
+          "the optimizer state holds, before the strategy's state, a "
+          "transformation whose statistics all have a leading axis of size "
+          "num_tasks, as per-task gradients do: the chain is probably in the "
+          "wrong order. The strategy comes first, optax.chain(strategy, "
+          "optax.adam(...)) (see the README).", stacklevel=2)
+      out[f"{key_prefix}wrong_chain_order"] = jnp.asarray(1, jnp.int32)
   return out
+
+
+def _child(node: Any, key: Any) -> Any:
+  for attribute in ("idx", "key"):
+    if hasattr(key, attribute):
+      return node[getattr(key, attribute)]
+  if hasattr(key, "name"):
+    return getattr(node, key.name)
+  raise KeyError(key)
+
+
+def _optimizer_before_strategy(state: Any, path: Sequence[Any],
+                               num_tasks: int) -> bool:
+  """Whether a chain holds, before the strategy, a per-task-shaped state.
+
+  In ``optax.chain(optax.adam(...), strategy)`` Adam sees the per-task
+  gradients: every one of its params-shaped statistics gets a leading axis
+  of size T. A transformation that runs before the strategy and keeps
+  statistics of that shape is the sign of the wrong order.
+  """
+  if not path:
+    return False
+  try:
+    parent = state
+    for key in path[:-1]:
+      parent = _child(parent, key)
+  except (KeyError, IndexError, TypeError, AttributeError):
+    return False
+  position = getattr(path[-1], "idx", getattr(path[-1], "key", None))
+  if not isinstance(position, int) or position == 0:
+    return False
+  try:
+    before = [parent[index] for index in range(position)]
+  except (KeyError, IndexError, TypeError):
+    return False
+  arrays = [leaf for leaf in jax.tree.leaves(before)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+            and jnp.ndim(leaf) >= 1]
+  return bool(arrays) and all(jnp.shape(leaf)[0] == num_tasks
+                              for leaf in arrays)

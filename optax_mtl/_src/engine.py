@@ -95,7 +95,9 @@ def value_and_grad(
       instead of the parameters: about the cost of one backward pass.
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis:
       the losses and gradients (and the Jacobian or Gramian) are averaged
-      over it, so every device holds the same strategy state.
+      over it, so every device holds the same strategy state. Not with
+      ``encoder_fn`` for a strategy that transforms the per-task gradients
+      (a ``ValueError``: its rule would see one device's batch).
     batch_axis: instance-wise objectives (IWRM): ``loss_fn`` returns one loss
       per example, shape ``(batch,)``, and the examples lie along this axis
       of every array argument whose axis has the batch size; the strategy's
@@ -137,6 +139,19 @@ def value_and_grad(
     raise ValueError(
         "a strategy that samples several minibatches per step reads the "
         "parameters' gradients: encoder_fn is not supported with it.")
+  if (weighting.needs is base.Needs.GRADIENTS and encoder_fn is not None
+      and axis_name is not None):
+    # Its per-task representation gradients are per example: each device
+    # holds its own batch's, and the rule (GradDrop's purity, its random
+    # mask, trimmed_mean's per-coordinate order) would act on the local
+    # batch alone, not on what one device would see.
+    raise ValueError(
+        "a strategy that transforms the per-task gradients (graddrop, "
+        "trimmed_mean, ...) cannot read the representation's gradients "
+        f"across devices (encoder_fn with axis_name={axis_name!r}): each "
+        "device would apply the rule to its own batch. Use jax.jit with a "
+        "sharded batch (no shard_map), or leave encoder_fn out (the "
+        "parameters' gradients are averaged over the axis).")
 
   def step(params, state, *args):
     if not jax.tree.leaves(params):
