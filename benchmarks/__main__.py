@@ -159,10 +159,12 @@ class Progress:
     self.done = 0
     self.expected_done = 0.0
     self.start = self.last = time.perf_counter()
+    self.last_cpu = time.process_time()
     self.stream = stream or sys.stderr
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
     self.label = "starting"
-    self.unit_seconds: list[tuple[str, float]] = []
+    # (label, wall seconds, CPU seconds of this process) per unit.
+    self.unit_seconds: list[tuple[str, float, float]] = []
     self.lock = threading.Lock()
     self.stopped = threading.Event()
     self.tick_seconds = tick_seconds or (5.0 if self.tty else 60.0)
@@ -199,9 +201,9 @@ class Progress:
 
   def __call__(self, label: str) -> None:
     with self.lock:
-      now = time.perf_counter()
-      self.unit_seconds.append((label, now - self.last))
-      self.last = now
+      now, cpu = time.perf_counter(), time.process_time()
+      self.unit_seconds.append((label, now - self.last, cpu - self.last_cpu))
+      self.last, self.last_cpu = now, cpu
       self.done += 1
       self.expected_done += self.plan.cost_of(label)
       self.label = label

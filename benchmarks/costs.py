@@ -8,13 +8,19 @@ A run is a list of *units*, each ending with one progress line:
 * ``<problem>/<strategy>``: training (and scoring) one strategy;
 * ``speed <model> T=<t>/<strategy>``: the speed benchmark's units.
 
-``unit_costs.json`` (beside this file) holds the wall seconds each kind of
+``unit_costs.json`` (beside this file) holds the CPU seconds each kind of
 unit took on this project's machine, per suite and problem, written by
-``python -m benchmarks --record-costs`` from a whole run: the time between
-a unit's progress line and the previous one, so that units run side by
-side (two at a time on two cores) count at their share. A compilation is
-stored per strategy of its program. The expected time printed at the start
-of a run is the sum over its units.
+``python -m benchmarks --record-costs`` from a whole run: the process's
+CPU time between a unit's progress line and the previous one (both worker
+threads together). CPU time, not wall time, because this machine is
+shared: the wall time of a unit depends on the other jobs, its CPU time
+hardly does. A compilation is stored per strategy of its program.
+
+The expected time printed at the start of a run is the sum over its units
+divided by :func:`parallelism`: the runner keeps two threads busy
+(compilations, then trainings, two at a time), counted at 80 % efficiency.
+On a machine that other jobs share, the run takes longer; the progress
+line's remaining time follows the run's own pace.
 """
 
 from __future__ import annotations
@@ -65,6 +71,13 @@ def category(label: str, kinds: dict[str, str]) -> tuple[str, str, int]:
   return problem, f"run:{kinds.get(name, 'gramian')}", 1
 
 
+def parallelism() -> float:
+  """CPU seconds per wall second of an idle machine (see the module doc)."""
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import runner
+  return 0.8 * min(runner.COMPILE_THREADS, _cpus())
+
+
 class Plan(NamedTuple):
   """The units of a run and their expected wall seconds."""
 
@@ -85,7 +98,8 @@ class Plan(NamedTuple):
   def summary(self) -> str:
     minutes = self.total_seconds / 60.0
     text = (f"{self.description}: {len(self.units)} units, expected "
-            f"~{minutes:.0f} min on this machine ({self.table_note})")
+            f"~{minutes:.0f} min on this machine when idle (per-unit CPU "
+            f"times {self.table_note})")
     if self.missing:
       text += ("; no stored time for " + ", ".join(self.missing[:4])
                + (" …" if len(self.missing) > 4 else "")
@@ -134,7 +148,7 @@ def plan(args, table: Optional[dict] = None) -> Plan:
       value = sum(values) / len(values) if values else fallback
       if f"{section} {key}" not in missing:
         missing.append(f"{section} {key}")
-    expected[label] = value * count
+    expected[label] = value * count / parallelism()
   description = (f"suite {args.suite}: {', '.join(args.problems) or 'no'} "
                  f"problems × {len(args.strategies)} strategies, "
                  f"{len(args.seeds)} seeds"
@@ -144,12 +158,13 @@ def plan(args, table: Optional[dict] = None) -> Plan:
   return Plan(units, expected, programs, missing, description, note)
 
 
-def record(args, unit_seconds: Sequence[tuple[str, float]],
+def record(args, unit_seconds: Sequence[tuple[str, float, float]],
            path: str = TABLE) -> str:
-  """Stores a run's measured unit times in ``path``; returns the path."""
+  """Stores a run's measured unit CPU times (``(label, wall, cpu)`` per
+  unit) in ``path``; returns the path."""
   kinds = _kinds(args.strategies)
   sums: dict[tuple[str, str], list[float]] = {}
-  for label, seconds in unit_seconds:
+  for label, _, seconds in unit_seconds:
     section, key, count = category(label, kinds)
     entry = sums.setdefault((section, key), [0.0, 0])
     entry[0] += seconds
