@@ -1061,8 +1061,11 @@ def _problem_markdown(result: dict, images: dict[str, str]) -> list[str]:
 def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
   lines = ["## Speed and memory", "",
            "Step time of `optax_mtl.value_and_grad(loss_fn, strategy)` plus "
-           "an SGD update, jitted, after warm-up; the fastest step over "
-           "interleaved rounds. **÷ plain** divides by a plain training "
+           "an SGD update, each step one call of its jitted training step, "
+           "as a user's loop runs it: consecutive steps of a training "
+           "trajectory, timed over whole `recompute_every` cycles of 10 "
+           "steps; **ms** is the fastest round's mean step (amortised) "
+           "over interleaved rounds. **÷ plain** divides by a plain training "
            "step, `jax.value_and_grad` of the summed losses, timed in the "
            "same rounds; **÷ ref** divides loss-only strategies by `equal` "
            "and Gramian strategies by the Jacobian-only step (`vmap` of "
@@ -1105,17 +1108,21 @@ def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
       lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
     if run.get("options"):
       lines += ["", "Engine options on one Gramian strategy (÷ default: ÷ "
-                "the same strategy's default step):", "",
+                "the same strategy's default step; slowest: the slowest step "
+                "of a round ÷ the plain mean step, median over rounds — "
+                "`recompute_every`'s recomputing step):", "",
                 "| option | " + " | ".join(f"ms T={t}" for t in ts) + " | "
                 + " | ".join(f"÷plain T={t}" for t in ts) + " | "
                 + " | ".join(f"÷default T={t}" for t in ts) + " | "
+                + " | ".join(f"slowest ÷plain T={t}" for t in ts) + " | "
                 + " | ".join(f"MiB T={t}" for t in ts) + " |",
-                "|---|" + "---:|" * (4 * len(ts))]
+                "|---|" + "---:|" * (5 * len(ts))]
       for label, per_t in run["options"].items():
         entries = [per_t.get(str(t), {}) for t in ts]
         cells = [_ms(e.get("step_ms")) for e in entries]
         cells += [_ratio(e.get("ratio_plain")) for e in entries]
         cells += [_ratio(e.get("ratio_base")) for e in entries]
+        cells += [_ratio(e.get("slowest_ratio_plain")) for e in entries]
         cells += [_mib(e.get("memory_bytes")) for e in entries]
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines.append("")
