@@ -212,3 +212,63 @@ def test_pareto_stationary_points_converge(name, x64):
                              *gramian_harness.SOLVER_ERRORS))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.cagrad, kwargs, message)
+
+
+def test_a_worst_off_task_of_small_gradient_gets_the_exact_step_float32():
+  # Two orthogonal gradients of norms 1e4 and 1: w* = (0, 1) and g_w = g_2,
+  # whose ‖g_w‖² = G_22 is exact in float32. Algorithm 1's step is
+  # g_0 + c ‖g_0‖ g_2 / ‖g_2‖, not the mean gradient.
+  jacobian = np.array([[1e4, 0.0], [0.0, 1.0]])
+  strategy = optax_mtl.cagrad(2, c=0.5)
+  update, state = strategy.update(jnp.asarray(jacobian, jnp.float32),
+                                  strategy.init(None), task_losses=jnp.ones(2))
+  mean = jacobian.mean(0)
+  exact = mean + 0.5 * np.linalg.norm(mean) * jacobian[1]
+  np.testing.assert_allclose(update, exact, rtol=1e-6)
+  assert bool(state.solver_converged)
+
+
+def duality_gap_in_extended_precision(gramian, c, weights):
+  """h(w) − min_k g_kᵀd for d = g_0 + r g_w/‖g_w‖ (in the ball), in NumPy's
+  long double: by weak duality an upper bound of h(w) − h*, computed
+  independently of the solver's arithmetic."""
+  gramian = np.asarray(gramian, np.longdouble)
+  weights = np.asarray(weights, np.longdouble)
+  mean = np.full(len(weights), 1, np.longdouble) / len(weights)
+  linear = gramian @ mean
+  radius = np.longdouble(c) * np.sqrt(mean @ linear)
+  product = gramian @ weights
+  norm = np.sqrt(weights @ product)
+  value = weights @ linear + radius * norm
+  return float(value), float(value - np.min(linear + radius * product / norm))
+
+
+def test_converged_only_at_the_optimum_with_gradient_norms_1e_4_to_1e4():
+  # Norms spread over 1e-4 … 1e4 (float32 and float64): a reported
+  # convergence means h(w) within the dtype's precision of h*, certified by
+  # a primal point in extended precision; h* > 0 here (the primal point
+  # shows it), so the step then improves every task.
+  for seed in (3, 7, 11):
+    jacobian = np.random.default_rng(seed).normal(size=(5, 20))
+    jacobian *= np.logspace(-4, 4, 5)[:, None]
+    for x64, rtol in ((False, 1e-4), (True, 1e-9)):
+      with jax.enable_x64(x64):
+        dtype = jnp.float64 if x64 else jnp.float32
+        gramian = optax_mtl.gramian(jnp.asarray(jacobian, dtype))
+        strategy = optax_mtl.cagrad(5)
+        update, state = strategy.update(jnp.asarray(jacobian, dtype),
+                                        strategy.init(None),
+                                        task_losses=jnp.ones(5))
+      with jax.enable_x64(True):  # h* of this Gramian, certified below.
+        exact = optax_mtl.solve_cagrad(
+            jnp.asarray(gramian, jnp.float64), 0.5).weights
+      value, gap = duality_gap_in_extended_precision(gramian, 0.5, exact)
+      assert gap <= 1e-9 * abs(value), (seed, x64, value, gap)
+      ours, _ = duality_gap_in_extended_precision(gramian, 0.5,
+                                                  state.solution)
+      assert bool(state.solver_converged), (seed, x64)
+      assert ours - (value - gap) <= rtol * abs(value), (seed, x64, ours,
+                                                        value)
+      assert value - gap > 0, (seed, x64)  # h* > 0: every task improves.
+      products = jacobian @ np.asarray(update, np.float64)
+      assert products.min() > 0, (seed, x64, products)

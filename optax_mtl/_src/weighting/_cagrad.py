@@ -49,9 +49,9 @@ def cagrad(
   Algorithm 1), warm-started from the last step's ``w`` (kept in
   ``solution``). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``,
   divided according to ``rescale``. ``c = 0`` gives the mean gradient. When
-  ``g_w`` is zero to the precision of G (``‖g_w‖² ≤ T ε max_k ‖g_k‖²``,
-  below which G does not resolve its norm, let alone its direction: a
-  Pareto-stationary point), Algorithm 1's ``g_w / ‖g_w‖`` is undefined and
+  ``g_w`` is zero to the precision of G (``‖g_w‖² ≤ T ε wᵀ|G|w``, the
+  round-off of the quadratic form at ``w``, below which G does not resolve
+  its norm, let alone its direction: a Pareto-stationary point), Algorithm 1's ``g_w / ‖g_w‖`` is undefined and
   the weights are ``1/T``: ``d = g_0``. (torchjd's ``CAGrad`` returns zero
   weights there, below its absolute ``norm_eps``.) The ratio
   ``√φ / ‖g_w‖`` is scale-free and the solver divides ``G`` by a power of
@@ -126,10 +126,12 @@ def cagrad(
     radius = c * jnp.sqrt(jnp.maximum(mean @ normalised @ mean, 0))
     solution = result.weights.astype(dtype)
     squared = solution @ normalised @ solution
-    # ‖g_w‖² below the round-off of G (T ε max_k G_kk) is not resolved: its
-    # direction is noise (a Pareto-stationary point).
+    # ‖g_w‖² below its own round-off, T ε wᵀ|G|w (the magnitudes the
+    # quadratic form sums at w), is not resolved: its direction is noise
+    # (a Pareto-stationary point). A w resting on small gradients is
+    # resolved however large the other tasks' gradients are.
     positive = squared > solvers.resolve_cutoff(
-        dtype, num_tasks, jnp.max(jnp.diagonal(normalised)))
+        dtype, num_tasks, solution @ jnp.abs(normalised) @ solution)
     norm = jnp.sqrt(jnp.where(positive, squared, 1))
     ratio = jnp.where(positive, radius / norm, 0)
     weights = factor * (mean + ratio * solution)
