@@ -127,7 +127,7 @@ PROBLEMS = {"mlp": mlp_problem, "conv": conv_problem,
 
 def reference_gramian(loss_fn, params, args, mask=None, has_aux=False):
   """``J Jᵀ`` in float64 NumPy, J from jax.jacrev (flattened leaf by leaf)."""
-  jacobian = jax.jacrev(loss_fn, has_aux=has_aux)(params, *args)
+  jacobian = jax.jit(jax.jacrev(loss_fn, has_aux=has_aux))(params, *args)
   if has_aux:
     jacobian = jacobian[0]
   leaves = jax.tree.leaves(jacobian)
@@ -175,7 +175,7 @@ def test_gramian_is_that_of_the_jacobian(name, dtype):
     assert_gramians_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", ["conv", "twice"])
 def test_gramian_of_the_shared_parameters(name):
   params, loss_fn, data = PROBLEMS[name](jax.random.key(1))
   mask = jax.tree.map(lambda _: True, params)
@@ -261,7 +261,7 @@ def test_nnx_model_gramian():
   assert_gramians_close(np.asarray(actual, np.float64), expected, np.float32)
 
 
-@pytest.mark.parametrize("strategy", ["upgrad", "mgda"])
+@pytest.mark.parametrize("strategy", ["upgrad"])
 def test_nnx_step_agrees_with_the_jacobian_mode(strategy):
   data = _nnx_data(jax.random.key(3))
   results = {}
@@ -279,8 +279,8 @@ def test_nnx_step_agrees_with_the_jacobian_mode(strategy):
     np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["upgrad", "mgda"])
-@pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.parametrize("strategy, name", [("upgrad", "conv"),
+                                            ("mgda", "mlp")])
 def test_step_agrees_with_the_jacobian_mode(strategy, name):
   params, loss_fn, data = PROBLEMS[name](jax.random.key(4))
   shared = jax.tree.map(lambda _: True, params)
