@@ -69,6 +69,11 @@ SECTIONS = (
         ("MultiTaskStrategy", "Weighting", "Needs",
          "as_gradient_transformation", "weighting_of", "common_state_fields")),
     Section(
+        "Writing the loss function",
+        "Helpers for per-task losses: a mean over the labelled examples "
+        "that stays finite for a task without labels in the batch.",
+        ("masked_mean",)),
+    Section(
         "Logging and gradient geometry",
         "Diagnostics of any state tree, and the Gramian and cosines of "
         "per-task gradients.",
