@@ -156,3 +156,17 @@ def test_single_task_weight_is_the_scale():
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.imtl, kwargs, message)
+
+
+def test_first_step_is_imtl_g_in_float64_under_x64():
+  # Loss scales 0 at the start: imtl's first update is imtl_g's, to float64
+  # round-off (the IMTL-G weights were rounded to float32).
+  with jax.enable_x64(True):
+    jacobian = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)))
+    updates = []
+    for strategy in (optax_mtl.imtl(3), optax_mtl.imtl_g(3)):
+      update, _ = strategy.update(jacobian, strategy.init(None),
+                                  task_losses=jnp.ones(3))
+      assert update.dtype == jnp.float64
+      updates.append(np.asarray(update))
+    np.testing.assert_allclose(updates[0], updates[1], rtol=1e-13)

@@ -183,3 +183,47 @@ def test_per_task_state_has_the_params_structure():
 def test_hyperparameter_errors(factory, kwargs, message):
   with pytest.raises(ValueError, match=message):
     factory(NUM_TASKS, **kwargs)
+
+
+def test_excess_mtl_a_weight_that_fell_far_comes_back():
+  # One excess-risk swing of ~200 drives task 1's weight to e^-200 of task
+  # 0's (below float32); when task 1's risk then swings back, the exact
+  # exponentiated-gradient recursion (NumPy, float64, on log-weights) puts
+  # the weight on task 1, which must happen here too.
+  steps = [np.array([[1.0], [1.0]]), np.array([[200.0], [1.0]]),
+           np.array([[1.0], [400.0]])]
+  strategy = optax_mtl.excess_mtl(2, robust_step_size=1.0)
+  state = strategy.init(jnp.zeros(1))
+  sums, log_weights, initial = np.zeros((2, 1)), np.zeros(2), None
+  for grads in steps:
+    _, state = strategy.update(jnp.asarray(grads), state,
+                               task_losses=jnp.ones(2))
+    sums += grads * grads
+    risks = (grads * grads / np.sqrt(sums + 1e-7)).sum(axis=1)
+    if initial is None:
+      initial = risks
+    else:
+      log_weights = log_weights + risks / initial
+  exact = 2 * np.exp(log_weights - log_weights.max())
+  exact /= np.exp(log_weights - log_weights.max()).sum()
+  np.testing.assert_allclose(state.weights, exact, rtol=1e-6, atol=1e-30)
+
+
+def test_moco_computes_in_float64_under_x64():
+  # A 1e-10 relative change of float64 gradients is resolved: finite
+  # differences with steps 1e-10 and 1e-6 agree as in float64 (the tracked
+  # Gramian and λ were rounded to float32).
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    jacobian, change = rng.normal(size=(2, 3, 6))
+    strategy = optax_mtl.moco(3)
+
+    def update(grads):
+      out, _ = strategy.update(jnp.asarray(grads), strategy.init(jnp.zeros(6)),
+                               task_losses=jnp.array([0.9, 2.5, 0.3]))
+      assert out.dtype == jnp.float64
+      return np.asarray(out)
+
+    small = (update(jacobian + 1e-10 * change) - update(jacobian)) / 1e-10
+    large = (update(jacobian + 1e-6 * change) - update(jacobian)) / 1e-6
+    assert np.max(np.abs(small - large)) <= 1e-4 * np.max(np.abs(large))

@@ -430,7 +430,10 @@ class StrategyUpdate:
           task_grads)
       shared = tree_lib.shared_mask(options.shared, template)
     own_gradients = None if options.weight_task_specific else shared
-    losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
+    # At least float32 (bf16 losses are read in float32); float64 losses
+    # stay float64 under x64, so loss-driven weights are float64 there.
+    losses32 = jax.lax.stop_gradient(task_losses).astype(
+        jnp.promote_types(jnp.result_type(task_losses), jnp.float32))
     if weighting.needs is base.Needs.GRADIENTS:
       return gradients_step(weighting, losses32, state, task_grads, shared,
                             options.weight_task_specific)

@@ -23,6 +23,12 @@ class ExcessMtlState(NamedTuple):
   num_steps: chex.Array  # i32[], accepted steps (saturates).
 
 
+# How far below the largest a log-weight may fall: e^-80 ≈ 1.8e-35 is a
+# normal float32 (the smallest is about e^-87.3), so the weights kept in the
+# float32 state never underflow to 0, whose log would lose the task for good.
+LOG_WEIGHT_RANGE = 80.0
+
+
 def excess_mtl(
     num_tasks: int,
     *,
@@ -49,7 +55,10 @@ def excess_mtl(
 
   Tasks far from their optimum get more weight; tasks with label noise,
   whose loss stays high but whose excess risk is small, do not. A task
-  with :math:`r^0_k = 0` (a zero first gradient) keeps its weight.
+  with :math:`r^0_k = 0` (a zero first gradient) keeps its weight. A
+  log-weight is kept at most 80 below the largest (``λ_k ≥ e^{-80}``
+  relative), so that no weight underflows the float32 state to 0: a task
+  whose weight fell comes back when its excess risk rises again.
 
   Memory: the state keeps one params-shaped sum of squared gradients per
   task (T × params), on top of the per-task Jacobian; use it without
@@ -112,6 +121,11 @@ def excess_mtl(
     initial = jnp.where(first, risks, state.initial_excess_risks)
     log_weights = jnp.log(state.weights) + jnp.where(
         first, 0.0, robust_step_size * solvers.safe_divide(risks, initial))
+    # At most LOG_WEIGHT_RANGE below the largest: every weight stays a
+    # normal float32 (≥ e^-80), so log λ stays finite and a task whose
+    # weight fell that far comes back when its excess risk does.
+    log_weights = jnp.maximum(log_weights,
+                              jnp.max(log_weights) - LOG_WEIGHT_RANGE)
     weights = num_tasks * jax.nn.softmax(log_weights)
     update = task_tree.combine(weights, grads, task_grads)
     return update, state._replace(

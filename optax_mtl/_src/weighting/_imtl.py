@@ -111,13 +111,14 @@ def imtl(
 
   def rule(task_losses, state, gramian):
     scales = jnp.exp(state.loss_scales)
+    # In the Gramian's dtype (float64 under x64, as imtl_g).
+    factors = scales.astype(gramian.dtype)
     if num_tasks == 1:
-      alpha = jnp.ones((1,), jnp.float32)
+      alpha = jnp.ones((1,), gramian.dtype)
     else:
-      factors = scales.astype(gramian.dtype)
       alpha = _imtl_g._imtl_g_weights(  # pylint: disable=protected-access
           gramian * factors[:, None] * factors[None, :], eps)
-    weights = alpha.astype(jnp.float32) * scales
+    weights = alpha * factors
     loss_scales, optimizer_state, finite = _imtl_l.step_loss_scales(
         transformation, state.loss_scales, state.scales_optimizer,
         task_losses)

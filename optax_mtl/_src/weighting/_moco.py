@@ -123,13 +123,16 @@ def moco(
       grads = task_tree.scale_per_task(
           solvers.safe_divide(task_losses, norms), grads)
     num_steps = optax.safe_increment(state.num_steps)
-    t = num_steps.astype(jnp.float32)
+    # The Gramian, λ and the step sizes in the gradients' dtype (at least
+    # float32; float64 under x64).
+    tracked_dtype = jnp.result_type(*jax.tree.leaves(grads), jnp.float32)
+    t = num_steps.astype(tracked_dtype)
     beta_t = beta / t ** beta_sigma
     tracked = jax.tree.map(lambda y, g: y - beta_t * (y - g),
                            state.tracked_gradients, grads)
-    gramian = task_tree.gramian(tracked).astype(jnp.float32)
+    gramian = task_tree.gramian(tracked).astype(tracked_dtype)
     gamma_t = gamma / t ** gamma_sigma
-    lambdas = state.weights
+    lambdas = state.weights.astype(tracked_dtype)
     moved = lambdas - gamma_t * ((gramian + rho * jnp.eye(num_tasks))
                                  @ lambdas)
     if projection == "simplex":
