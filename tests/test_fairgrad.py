@@ -104,3 +104,22 @@ def test_strategy_in_both_faces():
 def test_hyperparameter_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     optax_mtl.fairgrad(3, **kwargs)
+
+
+def test_converged_means_every_task_within_its_own_round_off():
+  # Gradient norms 1e-5 … 1e5 (float32): when the solver reports
+  # convergence, every task's relative residual |(Gw)_i w_i^{1/α} − 1| (in
+  # float64) is within tol plus that task's own round-off T ε (|G|w)_i
+  # w_i^{1/α}; the large tasks' round-off no longer excuses the small ones.
+  base = np.random.default_rng(3).normal(size=(5, 20))
+  jacobian = jnp.asarray(base * np.logspace(-5, 5, 5)[:, None], jnp.float32)
+  strategy = optax_mtl.fairgrad(5)
+  _, state = strategy.update(jacobian, strategy.init(None),
+                             task_losses=jnp.ones(5))
+  gramian = np.asarray(optax_mtl.gramian(jacobian), np.float64)
+  weights = np.asarray(state.weights, np.float64)
+  residual = np.abs(gramian @ weights * np.sqrt(weights) - 1)
+  own = 5 * np.finfo(np.float32).eps * (np.abs(gramian) @ weights) * np.sqrt(
+      weights)
+  assert bool(state.solver_converged)
+  assert np.all(residual <= 1e-6 + 2 * own), (residual, own)

@@ -87,13 +87,16 @@ def solve_alpha_fair(
             - jnp.sum(jnp.where(active, utility(weights), 0)))
 
   def residual_gap(weights):
+    # Each task's relative residual against its own round-off, T ε
+    # (|G|w)_k w_k^{1/α}: a task of large gradients must not excuse the
+    # residual of a task of small ones.
     ratio = _common.matvec(matrix, weights) * power(weights, inverse_alpha)
-    absolute = jnp.max(jnp.where(active, jnp.abs(ratio - 1), 0))
-    floor = _common.resolve_cutoff(dtype, num_tasks, jnp.max(jnp.where(
-        active,
-        _common.matvec(magnitudes, weights) * power(weights, inverse_alpha),
-        0)))
-    return _common.relative_gap(absolute, jnp.ones([], dtype), floor)
+    absolute = jnp.where(active, jnp.abs(ratio - 1), 0)
+    floor = _common.resolve_cutoff(
+        dtype, num_tasks,
+        _common.matvec(magnitudes, weights) * power(weights, inverse_alpha))
+    return jnp.max(_common.relative_gap(absolute, jnp.ones([], dtype),
+                                        floor))
 
   def cancels(weights):
     weights = jnp.where(active, weights, 0)
