@@ -206,7 +206,9 @@ def check_rejected_step_keeps_state(name: str):
                                                                    losses)
   rejected_inputs = [(next_grads, bad) for bad in bad_losses]
   if case.needs != "losses":
-    nan_grads = jax.tree.map(lambda g: g.at[0].set(jnp.nan), next_grads)
+    # No task with a finite gradient (one such task alone is excluded, see
+    # check_non_finite_gradient_excludes_its_task).
+    nan_grads = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), next_grads)
     rejected_inputs.append((nan_grads, losses))
   for grads, bad in rejected_inputs:
     combined, new_state = update(name, grads, state, bad)
@@ -232,6 +234,25 @@ def check_rejected_step_keeps_state(name: str):
       if case.per_task:
         np.testing.assert_array_equal(new_state.num_rejected_losses,
                                       state.num_rejected_losses)
+
+
+def check_non_finite_gradient_excludes_its_task(name: str):
+  """A NaN in one task's gradient excludes that task: the step goes on for
+  the others (``num_skipped`` unchanged), no NaN reaches the update, and a
+  weighting keeps the excluded task's previous weight in its state."""
+  case = strategies.STRATEGIES[name]
+  if case.needs == "losses":
+    return  # One backward pass of Σ w_k L_k: see optax.apply_if_finite.
+  (task_grads, losses), (next_grads, _) = random_steps(seed=3, num_steps=2)
+  _, state = update(name, task_grads, strategies.strategy(name).init(PARAMS),
+                    losses)
+  nan_grads = jax.tree.map(lambda g: g.at[0].set(jnp.nan), next_grads)
+  combined, new_state = update(name, nan_grads, state, losses)
+  assert int(new_state.num_skipped) == int(state.num_skipped), name
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(combined)
+             ), name
+  if case.needs == "gramian":
+    assert float(new_state.weights[0]) == float(state.weights[0]), name
 
 
 def check_per_task(name: str):
@@ -460,6 +481,8 @@ def check_mean_without_conflict(name: str):
 EVERY_STRATEGY = {
     "finite_on_scaled_inputs": check_finite_on_scaled_inputs,
     "rejected_step_keeps_state": check_rejected_step_keeps_state,
+    "non_finite_gradient_excludes_its_task": (
+        check_non_finite_gradient_excludes_its_task),
     "faces_agree": check_faces_agree,
 }
 DECLARED = {
