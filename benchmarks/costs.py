@@ -98,8 +98,8 @@ class Plan(NamedTuple):
   def summary(self) -> str:
     minutes = self.total_seconds / 60.0
     text = (f"{self.description}: {len(self.units)} units, expected "
-            f"~{minutes:.0f} min on this machine when idle (per-unit CPU "
-            f"times {self.table_note})")
+            f"~{minutes:.0f} min on this machine when idle (from per-unit "
+            f"CPU times {self.table_note})")
     if self.missing:
       text += ("; no stored time for " + ", ".join(self.missing[:4])
                + (" …" if len(self.missing) > 4 else "")
@@ -154,7 +154,7 @@ def plan(args, table: Optional[dict] = None) -> Plan:
                  f"{len(args.seeds)} seeds"
                  + ("" if args.no_speed else
                     f", speed {','.join(args.speed_models)}"))
-  note = table.get("note", "no stored measurement")
+  note = table.get("note", "of no run: none stored, 10 s a unit assumed")
   return Plan(units, expected, programs, missing, description, note)
 
 

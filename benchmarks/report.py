@@ -384,6 +384,19 @@ def _cost_conclusion(speed: dict[str, dict], results: dict) -> str:
     if parts:
       return (f"Step ÷ a plain training step ({model}, T = {t}): "
               + ", ".join(parts) + ".")
+  for name, result in results.items():  # No speed run: the training steps.
+    strategies = result.get("strategies") or {}
+    base = strategies.get("equal", {}).get("step_ms")
+    if not base:
+      continue
+    parts = []
+    for gramian, label in ((False, "loss-only"), (True, "Gramian")):
+      ratios = [e["step_ms"] / base for e in strategies.values()
+                if e.get("gramian") == gramian and e.get("step_ms")]
+      if ratios:
+        parts.append(f"{label} {_span(min(ratios), max(ratios), unit='×')}")
+    return (f"Training step ÷ `equal`'s on {name} (T = "
+            f"{len(result['tasks'])}): " + ", ".join(parts) + ".")
   return ""
 
 
