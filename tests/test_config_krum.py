@@ -91,6 +91,21 @@ def test_config_leaves_a_zero_gradient_out_and_scales_linearly():
                                config_reference(jacobian), rtol=1e-3)
 
 
+def test_config_preference_is_float64_under_x64():
+  # ConFIG's update does not change when p is scaled; under x64 that holds
+  # to float64 round-off (the preference was stored in float32).
+  with jax.enable_x64(True):
+    jacobian = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)))
+    updates = []
+    for preference in ([0.1, 0.2, 0.3], [1.0, 2.0, 3.0]):
+      strategy = optax_mtl.config(3, preference=preference)
+      update, _ = strategy.update(jacobian, strategy.init(None),
+                                  task_losses=jnp.ones(3))
+      assert update.dtype == jnp.float64
+      updates.append(np.asarray(update))
+  np.testing.assert_allclose(updates[0], updates[1], rtol=1e-13)
+
+
 @pytest.mark.parametrize("num_tasks, num_byzantine, num_selected",
                          [(3, 0, 1), (5, 1, 1), (5, 1, 3), (6, 2, 2),
                           (4, 1, 4)])
