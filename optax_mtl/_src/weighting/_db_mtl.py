@@ -52,7 +52,9 @@ def db_mtl(
   A step with a non-finite, zero or negative loss, or a non-finite
   gradient, returns a zero update and keeps the state (``num_skipped``).
 
-  Defaults: β = 0.9, β_σ = 0.5, ε = 1e-8 (the authors' code, in LibMTL).
+  Defaults: β = 0.9, β_σ = 0.5, ε = 1e-8. LibMTL's ``DB_MTL`` runs with
+  ``DB_beta_sigma=0`` (a constant β): ``db_mtl(T, beta_sigma=0)``
+  reproduces it.
 
   Args:
     num_tasks: the number of tasks T.

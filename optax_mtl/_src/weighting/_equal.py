@@ -23,7 +23,9 @@ def equal(num_tasks: int, mean: bool = False) -> base.MultiTaskStrategy:
     L = \sum_{k=1}^{T} w_k L_k, \qquad w_k = 1 \quad (\text{or } 1/T
     \text{ with } \texttt{mean=True}).
 
-  This is the baseline every other strategy is compared with. A step with a
+  This is the baseline every other strategy is compared with. LibMTL's
+  ``EW`` and torchjd's ``Sum`` are ``equal(T)``; torchjd's ``Mean`` is
+  ``equal(T, mean=True)``. A step with a
   non-finite loss is counted in ``num_skipped``; the weights stay the same.
 
   Args:

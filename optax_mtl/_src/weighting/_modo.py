@@ -51,7 +51,8 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
     num_tasks: the number of tasks T.
     gamma: γ > 0, the step on λ (the authors tune it per problem; 1e-3 is
       this library's default).
-    rho: ρ >= 0, the ℓ2 regularisation of λ.
+    rho: ρ >= 0, the ℓ2 regularisation of λ (0 here; LibMTL's ``MoDo``
+      uses ``MoDo_rho=0.1``: pass ``rho=0.1`` to reproduce it).
     normalize_step: divide γ by the scale of the cross-Gramian.
 
   Returns:

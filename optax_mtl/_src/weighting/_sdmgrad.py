@@ -37,7 +37,10 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
   The step β is ``inner_learning_rate`` divided by the largest entry of
   :math:`|J_1 J_2^\top|`, so the weights do not depend on the gradients'
   scale. λ = 0 is stochastic MGDA; λ → ∞ the average gradient. w starts
-  each step from the last step's w.
+  each step from the last step's w. LibMTL's and torchjd's ``SDMGrad``
+  solve the same inner problem differently (SGD with momentum on a
+  rescaled cross-Gramian), so their weights differ by definition; no
+  option here reproduces them.
 
   Data: three minibatches per step, as :func:`optax_mtl.modo` (a leading
   axis of size 3 on every data argument of
