@@ -227,3 +227,24 @@ def test_moco_computes_in_float64_under_x64():
     small = (update(jacobian + 1e-10 * change) - update(jacobian)) / 1e-10
     large = (update(jacobian + 1e-6 * change) - update(jacobian)) / 1e-6
     assert np.max(np.abs(small - large)) <= 1e-4 * np.max(np.abs(large))
+
+
+def test_db_mtl_step_size_is_float64_under_x64():
+  # β_t = β / t^σ in float64: two steps of db_mtl(beta_sigma=0.5) match the
+  # NumPy recursion (LibMTL's DB_MTL with a decaying β) to float64 precision.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    jacobians = rng.normal(size=(3, 3, 4))
+    losses = rng.uniform(0.5, 2.0, size=(3, 3))
+    strategy = optax_mtl.db_mtl(3)
+    state = strategy.init(jnp.zeros(4))
+    averages = np.zeros((3, 4))
+    for t, (grads, task_losses) in enumerate(zip(jacobians, losses), 1):
+      update, state = strategy.update(jnp.asarray(grads), state,
+                                      task_losses=jnp.asarray(task_losses))
+      beta_t = 0.9 / np.sqrt(t)
+      averages = beta_t * averages + (1 - beta_t) * grads / (
+          task_losses + 1e-8)[:, None]
+      norms = np.linalg.norm(averages, axis=1)
+      np.testing.assert_allclose(update, (norms.max() / norms) @ averages,
+                                 rtol=1e-12)

@@ -95,7 +95,10 @@ def db_mtl(
     log_grads = task_tree.scale_per_task(
         1.0 / (task_losses + eps), task_tree.float_part(task_grads))
     num_steps = optax.safe_increment(state.num_steps)
-    beta_t = beta / num_steps.astype(jnp.float32) ** beta_sigma
+    # β_t in the averages' dtype (float64 under x64 with float64 params).
+    dtype = jnp.result_type(*jax.tree.leaves(state.gradient_averages),
+                            jnp.float32)
+    beta_t = beta / num_steps.astype(dtype) ** beta_sigma
     averages = jax.tree.map(lambda avg, h: beta_t * avg + (1 - beta_t) * h,
                             state.gradient_averages, log_grads)
     norms = jnp.sqrt(task_tree.per_task_sq_norms(averages))
