@@ -395,5 +395,46 @@ def test_iwrm_refusals():
     mean = jnp.mean(x, axis=0) @ params["trunk"][0]["w"]
     return loss_fn(params, x, y) + jnp.sum(mean ** 2)
 
-  with pytest.raises(ValueError, match="no example axis"):
+  with pytest.raises(ValueError, match="read another example"):
     per_layer.linearize(mixes, params, (x, y), False, batch_axis=0)
+
+  def shared_term(params, x, y, probe):  # a term common to all examples
+    common = jnp.sum((probe @ params["trunk"][0]["w"]) ** 2)
+    return loss_fn(params, x, y) + common
+
+  with pytest.raises(ValueError, match="no example axis"):
+    per_layer.linearize(shared_term, params, (x, y, jnp.ones((2, 4))), False,
+                        batch_axis=0)
+
+
+def _nnx_example_loss(model, x, y):
+  return jnp.sum((model(x) - y) ** 2, axis=1)
+
+
+def test_iwrm_nnx_model_with_running_batchnorm_and_dropout():
+  model = Model(nnx.Rngs(0))
+  model.norm.use_running_average = True  # Examples stay apart.
+  model.norm.mean[...] = jnp.linspace(-0.5, 0.5, 8)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = nnx.as_pure(rest)
+
+  def pure_loss(pure_params, x, y):
+    copy = nnx.merge(graphdef, pure_params, rest)
+    return _nnx_example_loss(copy, x, y)
+
+  data = _nnx_data(jax.random.key(9))
+  pure = nnx.as_pure(params)
+  expected = reference_gramian(pure_loss, pure, data)
+  actual = per_layer_gramian(pure_loss, pure, data,
+                             num_objectives=BATCH + 3, batch_axis=0)
+  assert_gramians_close(actual, expected, np.float32)
+
+
+def test_iwrm_refuses_batchnorm_in_training_mode():
+  model = Model(nnx.Rngs(0))
+  tx = optax_mtl.upgrad(num_tasks=BATCH + 3)
+  step = mtl_nnx.value_and_grad(_nnx_example_loss, tx,
+                                gramian_mode="per_layer", batch_axis=0)
+  with pytest.raises(ValueError, match="BatchNorm in training mode"):
+    step(model, tx.init(nnx.state(model, nnx.Param)),
+         *_nnx_data(jax.random.key(9)))

@@ -75,6 +75,8 @@ class _Pure:
 
 @dataclasses.dataclass(frozen=True)
 class _Literal:
+  """A value that depends on no argument: a literal, a constant of the
+  program (e.g. a model's BatchNorm statistics) or computed from them."""
   value: Any
 
 
@@ -143,7 +145,7 @@ def trace(fun: Callable[..., Any], flat_params: Sequence[Any],
     else:
       in_info.append(None)
   walker = _Walker()
-  out_info = walker.walk(jaxpr, in_info, ())
+  out_info = walker.walk(jaxpr, in_info, (), closed.consts)
   fallback = set(walker.fallback)
   # A parameter that reaches the losses without a consumer in between.
   losses_info = out_info[0]
@@ -166,8 +168,9 @@ class _Walker:
     self.calls = set()
     self.fallback = set()
 
-  def walk(self, jaxpr, in_info, path):
-    env = {var: info for var, info in zip(jaxpr.invars, in_info)}
+  def walk(self, jaxpr, in_info, path, consts):
+    env = {var: _Literal(value) for var, value in zip(jaxpr.constvars, consts)}
+    env.update(zip(jaxpr.invars, in_info))
 
     def read(atom):
       if isinstance(atom, jax_core.Literal):
@@ -178,7 +181,13 @@ class _Walker:
       infos = [read(atom) for atom in eqn.invars]
       pure = [info for info in infos if isinstance(info, _Pure)]
       eqn_path = path + (index,)
-      if not pure:
+      if not pure and not eqn.effects and all(
+          isinstance(info, _Literal) for info in infos):
+        # A constant: its value is computed now, for the functions of the
+        # parameters that read it (scale · rsqrt(running variance)).
+        out_info = [_Literal(value) for value in _bind(
+            eqn, [info.value for info in infos])]
+      elif not pure:
         out_info = [None] * len(eqn.outvars)
       elif (len({info.leaf for info in pure}) == 1
             and all(isinstance(info, (_Pure, _Literal)) for info in infos)
@@ -186,7 +195,8 @@ class _Walker:
         out_info = _chain(eqn, infos, pure[0].leaf)
       elif eqn.primitive.name in _CALLS and not eqn.effects:
         self.calls.add(eqn_path)
-        out_info = self.walk(_call_jaxpr(eqn).jaxpr, infos, eqn_path)
+        inner = _call_jaxpr(eqn)
+        out_info = self.walk(inner.jaxpr, infos, eqn_path, inner.consts)
       elif eqn.effects:
         self.fallback.update(info.leaf for info in pure)
         out_info = [None] * len(eqn.outvars)
@@ -195,8 +205,7 @@ class _Walker:
         out_info = [None] * len(eqn.outvars)
       for var, info in zip(eqn.outvars, out_info):
         env[var] = info
-    return [read(atom) if not isinstance(atom, jax_core.Literal) else None
-            for atom in jaxpr.outvars]
+    return [read(atom) for atom in jaxpr.outvars]
 
 
 def _call_jaxpr(eqn):
@@ -725,6 +734,13 @@ def _example_axes(fun, program, flat_params, array_args, batch_axis):
         "with batch_axis and gramian_mode='per_layer', the program must be "
         "the same for every batch size (its operations changed with one "
         "more example); use gramian_mode='jacobian'.")
+  if _mixes_examples(program.closed_jaxpr.jaxpr, other.closed_jaxpr.jaxpr,
+                     [False] * len(program.closed_jaxpr.jaxpr.invars))[0]:
+    raise ValueError(
+        "with batch_axis and gramian_mode='per_layer', no example's loss may "
+        "read another example, but the losses read a value computed across "
+        "the examples (BatchNorm in training mode, a batch mean or sum); "
+        "use gramian_mode='jacobian', which makes no such assumption.")
   output_axes, dense_rows = [], []
   for consumer, twin in zip(program.consumers, other.consumers):
     axes = []
@@ -750,6 +766,38 @@ def _example_axes(fun, program, flat_params, array_args, batch_axis):
         rows = axis[0]
     dense_rows.append(rows)
   return _Examples(num_examples, output_axes, dense_rows)
+
+
+def _mixes_examples(jaxpr, larger, in_mixed):
+  """Which outputs read a value computed across the examples.
+
+  ``jaxpr`` and ``larger`` are the same program traced with B and B + 1
+  examples: a value whose shape does not change although it is computed
+  from one whose shape does (a reduction over the examples) mixes them,
+  and so does every value computed from it. Calls are walked into; other
+  operations with a body (scan, while) are taken as a whole.
+  """
+  mixed = dict(zip(jaxpr.invars, in_mixed))
+  shapes = {}
+  for var, twin in zip(jaxpr.invars, larger.invars):
+    shapes[var] = var.aval.shape != twin.aval.shape
+  read = lambda atom, table: (False if isinstance(atom, jax_core.Literal)
+                              else table.get(atom, False))
+  for eqn, twin in zip(jaxpr.eqns, larger.eqns):
+    inputs_mixed = [read(atom, mixed) for atom in eqn.invars]
+    if eqn.primitive.name in _CALLS:
+      outputs_mixed = _mixes_examples(_call_jaxpr(eqn).jaxpr,
+                                      _call_jaxpr(twin).jaxpr, inputs_mixed)
+    else:
+      per_example = any(read(atom, shapes) for atom in eqn.invars)
+      outputs_mixed = [
+          any(inputs_mixed) or (per_example and var.aval.shape
+                                == twin_var.aval.shape)
+          for var, twin_var in zip(eqn.outvars, twin.outvars)]
+    for var, twin_var, flag in zip(eqn.outvars, twin.outvars, outputs_mixed):
+      mixed[var] = flag
+      shapes[var] = var.aval.shape != twin_var.aval.shape
+  return [read(atom, mixed) for atom in jaxpr.outvars]
 
 
 def _example_axis(shape, larger_shape, num_examples):
