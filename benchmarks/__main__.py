@@ -209,8 +209,11 @@ class Progress:
       self.label = label
       self._write(self.line(), final=self.done >= self.total)
 
-  def note(self, text: str) -> None:
+  def note(self, text: str, label: Optional[str] = None) -> None:
+    """Writes ``text`` on its own line; ``label`` (what runs now) replaces
+    the last unit's name in the progress lines that follow."""
     with self.lock:
+      self.label = label or self.label
       if self.tty:
         self.stream.write("\r" + " " * 150 + "\r")
       self.stream.write(text + "\n")
@@ -267,14 +270,16 @@ def run_all(args, progress, results: dict, speed_out: dict) -> None:
   for name in args.problems:
     progress.note(f"{name}: tracing and compiling "
                   f"{progress.plan.programs.get(name, '?')} programs "
-                  f"for {len(args.strategies)} strategies…")
+                  f"for {len(args.strategies)} strategies…",
+                  label=f"({name}: compiling)")
     problem = problems_lib.make(name, suite=args.suite, data_dir=args.data_dir)
     results[name] = {}
     runner.run_problem(problem, args.strategies, seeds=args.seeds,
                        num_steps=args.steps, progress=progress,
                        into=results[name])
   if not args.no_speed:
-    progress.note("speed: compiling and timing one step per strategy…")
+    progress.note("speed: compiling and timing one step per strategy…",
+                  label="(speed: compiling, timing)")
     speed_config = ({} if args.speed_batch is None
                     else {"batch_size": args.speed_batch})
     speed_out.update(speed.run_speed_models(

@@ -18,6 +18,7 @@ The result is a plain dict that ``json.dump`` accepts.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent import futures
@@ -285,6 +286,17 @@ def compile_jobs(jobs: Sequence[Job],
     return compiled, time.perf_counter() - start
 
   return in_parallel(compile_one, jobs, done)
+
+
+def trace_and_compile(prepare: Callable[[], Any]) -> tuple[Any, Any, float]:
+  """``(job, compiled, compile_seconds)`` of ``prepare()`` (a
+  :class:`Job`, or anything with ``lowered``); run in a worker thread by
+  :func:`in_parallel`, so that one program traces while another compiles."""
+  job = prepare()
+  lowered = getattr(job, "lowered", job)
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  return job, compiled, time.perf_counter() - start
 
 
 def execute(job: Job, compiled: Any, compile_seconds: float,
@@ -687,16 +699,20 @@ def run_problem(
   built = {name: strategies_lib.make(name, problem.num_tasks)
            for name in names}
   groups = plan_groups({n: kind_of(s) for n, s in built.items()})
-  labels, jobs = [], []
+  labels, makers = [], []
   if problem.single_task_baseline:
     labels.append(f"compile {_SINGLE_TASK} (1)")
-    jobs.append(prepare_single_task(problem, seeds, **overrides))
+    makers.append(functools.partial(prepare_single_task, problem, seeds,
+                                    **overrides))
   for kind, members in groups:
     labels.append(f"compile {kind} ({len(members)})")
-    jobs.append(prepare_multitask(problem, [built[n] for n in members],
-                                  seeds, **overrides))
-  compiled = compile_jobs(jobs, lambda i, _: progress(
+    makers.append(functools.partial(
+        prepare_multitask, problem, [built[n] for n in members], seeds,
+        **overrides))
+  traced = in_parallel(trace_and_compile, makers, lambda i, _: progress(
       f"{problem.name}/{labels[i]}"))
+  jobs = [job for job, _, _ in traced]
+  compiled = [(program, seconds) for _, program, seconds in traced]
   stl_scores = None
   if problem.single_task_baseline:
     stl = execute(jobs[0], *compiled[0])

@@ -182,17 +182,18 @@ def _run(problem, names, seeds, num_steps, progress, into=None):
   built = {name: strategies_lib.make(name, 2) for name in names}
   groups = runner.plan_groups({n: runner.kind_of(s)
                               for n, s in built.items()})
-  lowered = [
-      _toy_program([built[n] for n in members], steps, stride, scale,
-                   problem.learning_rate).lower(starts, jnp.int32(0))
-      for _, members in groups]
 
-  def compile_one(program):
-    start = time.perf_counter()
-    return program.compile(), time.perf_counter() - start
+  def lower(members):
+    return lambda: _toy_program(
+        [built[n] for n in members], steps, stride, scale,
+        problem.learning_rate).lower(starts, jnp.int32(0))
 
-  compiled = runner.in_parallel(compile_one, lowered, lambda i, _: progress(
-      f"toy2d/compile {groups[i][0]} ({len(groups[i][1])})"))
+  compiled = [(program, seconds) for _, program, seconds in
+              runner.in_parallel(
+                  runner.trace_and_compile,
+                  [lower(members) for _, members in groups],
+                  lambda i, _: progress(f"toy2d/compile {groups[i][0]} "
+                                        f"({len(groups[i][1])})"))]
   runs = [(g, k, name) for g, (_, members) in enumerate(groups)
           for k, name in enumerate(members)]
 
