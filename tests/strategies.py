@@ -111,7 +111,7 @@ STRATEGIES: dict[str, Case] = {
     "initial_loss": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "warmup_steps"), permutation_equivariant=True, scale_invariant_per_task=True),
     "log_loss": Case("losses", per_task=True, positive_losses=True, permutation_equivariant=True, scale_invariant_per_task=True),
     "geometric_mean": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(gamma=2.0), permutation_equivariant=True),
-    "uncertainty": Case("losses", positive_losses=True, static_args=("num_tasks", "initial_log_variances"), hyperparams=dict(learning_rate=0.05), permutation_equivariant=True),
+    "uncertainty": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "initial_log_variances"), hyperparams=dict(learning_rate=0.05), permutation_equivariant=True),
     "rlw": Case("losses", stochastic=True, static_args=("num_tasks", "seed")),
     "constant": Case("losses", kwargs=dict(weights=(0.5, 1.0, 2.0)), static_args=("num_tasks", "weights")),
     "famo": Case("losses", positive_losses=True, hyperparams=dict(learning_rate=0.05, weight_decay=0.01), permutation_equivariant=True),

@@ -3,6 +3,7 @@
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -27,10 +28,11 @@ class UncertaintyState(NamedTuple):
   """State of :func:`uncertainty`."""
 
   weights: chex.Array  # f32[T], the weights applied last: c_k exp(-s_k).
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], bad losses per task.
   log_variances: chex.Array  # f32[T], s_k = log σ_k², after the last update.
-  # optax.scale_by_adam's state for s: count (i32[], accepted updates of s),
-  # mu and nu (f32[T], the moments of ∂L/∂s).
+  # optax.scale_by_adam's state for each s_k: count (i32[T], accepted
+  # updates of s_k), mu and nu (f32[T], the moments of ∂L/∂s_k).
   adam: optax.ScaleByAdamState
 
 
@@ -78,14 +80,16 @@ def uncertainty(
   the total loss above. Every applied weight is at most 1e30 in any case, so
   it is never infinite.
 
-  A step with a non-finite or non-positive loss (a zero loss would drive
-  ``s_k`` to ``-∞``), or whose update of ``s`` is not finite (only with an
-  absurd ``learning_rate``), is counted in ``num_skipped``; ``s`` and Adam's
-  moments are kept and the previous weights are applied (``c_k e^{-s_k}`` of
-  the initial ``s`` before the first accepted step). One task's bad loss
-  rejects the whole step (the strategy is not per task): Adam's step count,
-  which sets the bias correction, is shared by all the log-variances, so a
-  task left out of an update would be corrected with the others' count.
+  A non-finite or non-positive loss (a zero loss would drive ``s_k`` to
+  ``-∞``: a task without labels in the batch) excludes its task only: its
+  ``s_k``, Adam moments and step count are kept, its previous weight is
+  applied, and ``num_rejected_losses`` counts it; the other tasks' ``s``
+  take their step. Each ``s_k`` has its own Adam step count, so the bias
+  correction of a task is that of its own updates. A step with no valid
+  loss, or whose update of ``s`` is not finite (only with an absurd
+  ``learning_rate``), is counted in ``num_skipped``; ``s`` and Adam's
+  moments are kept and the previous weights are applied (``c_k e^{-s_k}``
+  of the initial ``s`` before the first accepted step).
 
   Args:
     num_tasks: the number of tasks T.
@@ -148,20 +152,27 @@ def uncertainty(
     # Every field its own buffer (optax's init makes fresh zeros), so that a
     # fresh state can be donated to jax.jit.
     return UncertaintyState(
-        **base.common_state_fields(num_tasks, applied_weights(log_variances)),
+        **base.common_state_fields(num_tasks, applied_weights(log_variances),
+                                   per_task=True),
         log_variances=log_variances,
-        adam=adam.init(jnp.zeros((num_tasks,), jnp.float32)))
+        adam=jax.vmap(adam.init)(jnp.zeros((num_tasks,), jnp.float32)))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
+    if valid is None:  # Run as a whole-step weighting: all valid here.
+      valid = jnp.isfinite(task_losses) & (task_losses > 0)
     log_variances = state.log_variances
     # ∂L/∂s at the current s. For s < -88 the product is underestimated but
     # still > 1/2 (the loss is a normal float32), so the sign is right; a
     # product that overflows is clipped with the rest.
     grad = jnp.clip(0.5 - raw_weights(log_variances) * task_losses,
                     -MAX_GRADIENT, MAX_GRADIENT)
-    direction, adam_state = adam.update(grad, state.adam)
-    new_log_variances = log_variances - learning_rate * direction
+    # One Adam per task; an excluded task keeps its s, moments and count.
+    direction, adam_state = jax.vmap(adam.update)(grad, state.adam)
+    adam_state = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
+                              adam_state, state.adam)
+    new_log_variances = log_variances - learning_rate * jnp.where(
+        valid, direction, 0.0)
     # Only an absurd learning rate can overflow s: reject such a step.
     weights = jnp.where(jnp.all(jnp.isfinite(new_log_variances)),
                         applied_weights(log_variances), jnp.nan)
@@ -170,7 +181,7 @@ def uncertainty(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))
 
 
 def _check_classification(classification: Any, num_tasks: int) -> np.ndarray:
