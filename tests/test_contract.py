@@ -101,17 +101,27 @@ def test_update_is_the_weighted_sum_and_ignores_unknown_arguments(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_task_losses_is_a_required_keyword_argument(name):
+def test_task_losses_is_a_keyword_argument_required_where_read(name):
+  """``task_losses`` is keyword-only; a strategy whose rule reads the losses
+  requires it, one that reads only the gradients runs without it."""
   strategy = strategies.strategy(name)
   task_grads, losses = properties.task_grads_and_losses(PARAMS)
   state = strategy.init(PARAMS)
-  with pytest.raises(TypeError, match="task_losses"):
-    strategy.update(task_grads, state, PARAMS)
   with pytest.raises(TypeError):  # Keyword-only: not a fourth positional.
     strategy.update(task_grads, state, PARAMS, losses)  # pylint: disable=E1121
+  weighting = optax_mtl.weighting_of(strategy)
+  reads_losses = optax_mtl._src.step._rule_reads_losses(  # pylint: disable=protected-access
+      weighting, task_grads, state)
   chained = optax.chain(strategy, optax.sgd(0.1))
-  with pytest.raises(TypeError, match="task_losses"):
-    chained.update(task_grads, chained.init(PARAMS), PARAMS)
+  if reads_losses:
+    with pytest.raises(TypeError, match="task_losses"):
+      strategy.update(task_grads, state, PARAMS)
+    with pytest.raises(TypeError, match="task_losses"):
+      chained.update(task_grads, chained.init(PARAMS), PARAMS)
+  else:
+    assert strategies.STRATEGIES[name].needs != "losses", name
+    update, _ = chained.update(task_grads, chained.init(PARAMS), PARAMS)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(update))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -286,7 +296,9 @@ def test_wrappers_apply_adam_to_the_strategys_update(kind):
                         f"chain, step {index}")
 
   # apply_if_finite: the step with a NaN gradient gives zeros and leaves
-  # adam's state alone; the other steps are adam's.
+  # adam's state alone; the other steps are adam's. A strategy that reads
+  # the gradients excludes the task with the NaN itself: every update it
+  # returns is finite, and adam applies to all of them.
   nan_updates, nan_weights = out["bare_nan"]
   np.testing.assert_allclose(out["apply_if_finite"][1], nan_weights, rtol=1e-6)
   adam_state = adam.init(PARAMS)
@@ -294,7 +306,7 @@ def test_wrappers_apply_adam_to_the_strategys_update(kind):
     bare = _step(nan_updates, index)
     finite = all(bool(jnp.all(jnp.isfinite(leaf)))
                  for leaf in jax.tree.leaves(bare))
-    assert finite == (index != NAN_STEP), index
+    assert finite == (index != NAN_STEP or kind != "loss_only"), index
     if finite:
       expected, adam_state = adam.update(bare, adam_state, PARAMS)
     else:

@@ -402,7 +402,7 @@ def test_a_strategy_that_reads_only_gradients_needs_no_task_losses(name):
 @pytest.mark.parametrize("name", ["ema", "imtl", "gradnorm"])
 def test_a_strategy_that_reads_the_losses_asks_for_them(name):
   strategy = getattr(optax_mtl, name)(2)
-  with pytest.raises(ValueError, match=r"reads the per-task losses: pass "
+  with pytest.raises(TypeError, match=r"reads the per-task losses: pass "
                      r"task_losses="):
     strategy.update(jnp.eye(2), strategy.init(None))
 

@@ -403,7 +403,8 @@ class StrategyUpdate:
     return self._compiled(task_grads, state, params, task_losses)
 
   def _losses_when_not_given(self, task_grads, state):
-    """Ones, for a rule that does not read the losses; a ValueError else.
+    """Ones, for a rule that does not read the losses; a TypeError else
+    (as for a missing argument).
 
     Whether the rule reads them is seen in its traced program (once per
     strategy): a strategy that reads the Gramian or the gradients only
@@ -414,7 +415,7 @@ class StrategyUpdate:
     if self._reads_losses is None:
       self._reads_losses = _rule_reads_losses(weighting, task_grads, state)
     if self._reads_losses:
-      raise ValueError(
+      raise TypeError(
           "this strategy reads the per-task losses: pass task_losses=... "
           f"(shape ({num_tasks},)) to update, e.g. "
           "optimizer.update(task_grads, opt_state, params, "
