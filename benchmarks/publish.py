@@ -63,11 +63,11 @@ def speed_summary(speed: dict) -> list[str]:
   noise = [speed["baselines"][t].get("noise", float("nan")) for t in tasks]
   lines = ["## Requirements at a glance", "",
            f"Computed from `results.json` of this run (T = {', '.join(tasks)}"
-           "; a time ratio is the fastest round's mean step of the strategy "
-           "÷ that of the baseline over "
-           f"{speed['config']['rounds']} interleaved rounds within one run, "
-           "each round whole cycles of 10 consecutive top-level steps). Noise "
-           "floor of this run, the "
+           "; a time ratio is the amortised step of the strategy ÷ that of "
+           "the baseline: the mean over a cycle of 10 consecutive top-level "
+           "steps of each position's fastest step over "
+           f"{speed['config']['rounds']} interleaved rounds within one run). "
+           "Noise floor of this run, the "
            "plain step compiled twice and timed against itself: "
            + ", ".join(f"{x:.3f}" for x in noise) + ".", ""]
   if loss_rows:

@@ -1077,8 +1077,9 @@ def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
            "an SGD update, each step one call of its jitted training step, "
            "as a user's loop runs it: consecutive steps of a training "
            "trajectory, timed over whole `recompute_every` cycles of 10 "
-           "steps; **ms** is the fastest round's mean step (amortised) "
-           "over interleaved rounds. **÷ plain** divides by a plain training "
+           "steps in interleaved rounds; **ms** is the mean over the "
+           "cycle's 10 positions of each position's fastest step "
+           "(amortised). **÷ plain** divides by a plain training "
            "step, `jax.value_and_grad` of the summed losses, timed in the "
            "same rounds; **÷ ref** divides loss-only strategies by `equal` "
            "and Gramian strategies by the Jacobian-only step (`vmap` of "
@@ -1121,8 +1122,8 @@ def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
       lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
     if run.get("options"):
       lines += ["", "Engine options on one Gramian strategy (÷ default: ÷ "
-                "the same strategy's default step; slowest: the slowest step "
-                "of a round ÷ the plain mean step, median over rounds — "
+                "the same strategy's default step; slowest: the slowest "
+                "position's fastest step ÷ the plain step — "
                 "`recompute_every`'s recomputing step):", "",
                 "| option | " + " | ".join(f"ms T={t}" for t in ts) + " | "
                 + " | ".join(f"÷plain T={t}" for t in ts) + " | "

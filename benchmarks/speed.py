@@ -42,15 +42,18 @@ one returned, with the next minibatch, and every step is timed on its own
 other (interleaved, so that a slow spell of the shared machine hits all
 alike), so that a timing of ``recompute_every`` always holds its recomputing
 steps in their true proportion; ``cycles`` is set from the warm-up so that
-a round of the entry lasts about ``target_seconds``. Per entry and round we
-keep the mean step (amortised over the cycles) and the slowest step.
+a round of the entry lasts about ``target_seconds``.
 
-``step_ms`` is the fastest round's mean step (noise only ever adds time);
-``ratio_plain`` divides it by the plain step's, ``ratio_median`` is the
-median over rounds of the per-round ratio (the second estimator);
-``slowest_step_ms`` is the median over rounds of the round's slowest step
-and ``slowest_ratio_plain`` the median of that ÷ the plain mean step of the
-same round (a recomputing step of ``recompute_every`` shows there). The plain
+Each step is filed under its position in the cycle (its index mod
+``RECOMPUTE_EVERY``). ``step_ms`` is the mean over the cycle's positions of
+each position's fastest step over all rounds: noise only ever adds time, so
+the fastest of many interleaved rounds estimates a step's own cost, and
+averaging over the positions keeps a recomputing step of ``recompute_every``
+in its true proportion (amortised). ``ratio_plain`` divides it by the plain
+step's; ``ratio_median`` is the median over rounds of the per-round ratio of
+the mean steps (the second estimator); ``slowest_step_ms`` is the slowest
+position's fastest step (``recompute_every``'s recomputing step) and
+``slowest_ratio_plain`` that ÷ the plain step. The plain
 step compiled twice gives the run's noise floor (``baselines[T]["noise"]``).
 Timings start after a warm-up of ``RECOMPUTE_EVERY + 1`` steps (a step in
 training, not the first one, whose solvers have no previous solution to
@@ -276,10 +279,11 @@ def _prepare(steps: dict[str, tuple], learning_rate, params, batches,
 
 
 class _Rounds(NamedTuple):
-  """Per entry, one value per round: the mean and the slowest step (s)."""
+  """Per entry: the mean step of each round, and each cycle position's
+  fastest step over all rounds (s)."""
 
-  mean: dict[str, np.ndarray]
-  slowest: dict[str, np.ndarray]
+  mean: dict[str, np.ndarray]  # [rounds]
+  by_position: dict[str, np.ndarray]  # [RECOMPUTE_EVERY]
 
 
 def _interleaved_rounds(trajectories: dict[str, _Trajectory],
@@ -288,40 +292,53 @@ def _interleaved_rounds(trajectories: dict[str, _Trajectory],
 
   Every round runs every entry's next ``cycles × RECOMPUTE_EVERY`` steps,
   one entry after the other, so that a slow spell of a shared machine hits
-  all of them alike.
+  all of them alike. Each step is filed under its position in the cycle
+  (its index mod ``RECOMPUTE_EVERY``: ``recompute_every``'s recomputing
+  step always falls on the same position).
   """
   mean = {key: [] for key in trajectories}
-  slowest = {key: [] for key in trajectories}
+  by_position = {key: np.full(RECOMPUTE_EVERY, np.inf) for key in trajectories}
   for _ in range(rounds):
     for key, trajectory in trajectories.items():
+      first = trajectory.index
       seconds = trajectory.run(trajectory.cycles * RECOMPUTE_EVERY)
       mean[key].append(float(np.mean(seconds)))
-      slowest[key].append(float(np.max(seconds)))
-  return _Rounds({k: np.asarray(v) for k, v in mean.items()},
-                 {k: np.asarray(v) for k, v in slowest.items()})
+      positions = (first + np.arange(seconds.size)) % RECOMPUTE_EVERY
+      np.minimum.at(by_position[key], positions, seconds)
+  return _Rounds({k: np.asarray(v) for k, v in mean.items()}, by_position)
+
+
+def _amortised(times: _Rounds, key: str) -> float:
+  """Mean over the cycle's positions of each position's fastest step (s).
+
+  On a shared machine noise only ever adds time, so the fastest of many
+  interleaved rounds is the best estimate of a step's own cost; taken per
+  position of the ``recompute_every`` cycle and averaged over the cycle, it
+  keeps the recomputing step in its true proportion (1 in
+  ``RECOMPUTE_EVERY``) while each step is filtered of noise on its own.
+  """
+  return float(np.mean(times.by_position[key]))
 
 
 def _ratio(times: _Rounds, candidate: str, baseline: str) -> float:
-  """Fastest round's mean step of ``candidate`` ÷ that of ``baseline``.
-
-  On a shared machine noise only ever adds time, so the fastest of many
-  interleaved rounds is the best estimate of a step's own cost; each round
-  covers whole ``recompute_every`` cycles, so the mean is amortised.
-  """
-  return float(np.min(times.mean[candidate]) / np.min(times.mean[baseline]))
+  """Amortised step of ``candidate`` ÷ that of ``baseline``."""
+  return _amortised(times, candidate) / _amortised(times, baseline)
 
 
 def _median_ratio(times: _Rounds, candidate: str, baseline: str) -> float:
-  """Median over rounds of the per-round ratio (the second estimator)."""
+  """Median over rounds of the per-round ratio of the mean steps (the
+  second estimator)."""
   return float(np.median(times.mean[candidate] / times.mean[baseline]))
 
 
 def _timing(times: _Rounds, key: str) -> dict[str, float]:
-  """``step_ms`` (amortised), ``slowest_step_ms`` and its ratio to plain."""
-  return {"step_ms": float(np.min(times.mean[key])) * 1e3,
-          "slowest_step_ms": float(np.median(times.slowest[key])) * 1e3,
-          "slowest_ratio_plain": float(np.median(
-              times.slowest[key] / times.mean["plain"]))}
+  """``step_ms`` (amortised), ``slowest_step_ms`` (the slowest position's
+  fastest step: ``recompute_every``'s recomputing step) and its ratio to
+  the plain step."""
+  slowest = float(np.max(times.by_position[key]))
+  return {"step_ms": _amortised(times, key) * 1e3,
+          "slowest_step_ms": slowest * 1e3,
+          "slowest_ratio_plain": slowest / _amortised(times, "plain")}
 
 
 def model_config(model: str = "mlp", config: Optional[dict] = None) -> dict:

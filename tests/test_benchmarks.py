@@ -383,10 +383,11 @@ def test_speed_times_consecutive_top_level_steps_over_whole_cycles():
     assert int(trajectory.state) == steps
     np.testing.assert_allclose(trajectory.params, 0.5 * steps)
     assert "while" not in trajectory.compiled.as_text()
-  assert rounds.mean["plain"].shape == rounds.slowest["plain"].shape == (2,)
-  assert np.all(rounds.slowest["plain"] >= rounds.mean["plain"])
+  assert rounds.mean["plain"].shape == (2,)
+  assert rounds.by_position["plain"].shape == (speed.RECOMPUTE_EVERY,)
+  assert np.all(np.isfinite(rounds.by_position["plain"]))
   timing = speed._timing(rounds, "again")
-  assert timing["slowest_step_ms"] >= 0 and timing["step_ms"] > 0
+  assert timing["slowest_step_ms"] >= timing["step_ms"] > 0
 
 
 @pytest.mark.slow
