@@ -18,10 +18,12 @@ class ImtlLState(NamedTuple):
   """State of :func:`imtl_l`."""
 
   weights: chex.Array  # f32[T], the weights applied last: e^{s_k}.
-  num_skipped: chex.Array  # i32[], rejected steps.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], bad losses per task.
   loss_scales: chex.Array  # f32[T], s_k, after the last update.
-  # The optax state of the scales' optimizer: (ScaleByAdamState(count i32[],
-  # mu f32[T], nu f32[T]), EmptyState()) for "adam"; EmptyState() for "sgd".
+  # The optax state of each scale's optimizer, stacked over the tasks:
+  # (ScaleByAdamState(count i32[T], mu f32[T], nu f32[T]), EmptyState())
+  # for "adam"; EmptyState() for "sgd".
   scales_optimizer: Any
 
 
@@ -108,15 +110,16 @@ def imtl_l(
   and ``learning_rate = 1e-2`` are this library's choice (the paper gives
   none for :math:`s` separately).
 
-  A step with a non-finite or non-positive loss (a zero loss would drive
-  :math:`s_k` to :math:`+\infty`), or whose update of :math:`s` is not
-  finite, is counted in ``num_skipped``; :math:`s` and the optimizer state
-  are kept and the previous weights are applied (:math:`e^{s}` of the
-  initial :math:`s` before the first accepted step). One task's bad loss
-  rejects the whole step (the strategy is not per task): with
-  ``optimizer="adam"`` the step count of the bias correction is shared by
-  all the scales, so a task left out of an update would be corrected with
-  the others' count.
+  A non-finite or non-positive loss (a zero loss would drive :math:`s_k`
+  to :math:`+\infty`: a task without labels in the batch) excludes its
+  task only: its :math:`s_k` and optimizer state are kept, its previous
+  weight is applied and ``num_rejected_losses`` counts it. Each scale has
+  its own optimizer state (with ``"adam"``, its own step count, so the
+  bias correction is that of its own updates). A step with no valid loss,
+  or whose update of :math:`s` is not finite, is counted in
+  ``num_skipped``; :math:`s` and the optimizer state are kept and the
+  previous weights are applied (:math:`e^{s}` of the initial :math:`s`
+  before the first accepted step).
 
   Args:
     num_tasks: the number of tasks T.
@@ -153,20 +156,32 @@ def imtl_l(
   def init():
     loss_scales = jnp.asarray(initial)
     return ImtlLState(
-        **base.common_state_fields(num_tasks, jnp.exp(loss_scales)),
+        **base.common_state_fields(num_tasks, jnp.exp(loss_scales),
+                                   per_task=True),
         loss_scales=loss_scales,
-        scales_optimizer=transformation.init(loss_scales))
+        scales_optimizer=jax.vmap(transformation.init)(loss_scales))
 
-  def rule(task_losses, state, gramian):
+  def rule(task_losses, state, gramian, valid=None):
     del gramian
+    if valid is None:  # Run as a whole-step weighting: all valid here.
+      valid = jnp.isfinite(task_losses) & (task_losses > 0)
     weights = jnp.exp(state.loss_scales)
-    loss_scales, optimizer_state, finite = step_loss_scales(
-        transformation, state.loss_scales, state.scales_optimizer,
-        task_losses)
+    # One optimizer per scale; an excluded task keeps its s and state.
+    gradient = jnp.exp(state.loss_scales) * task_losses - 1.0
+    updates, optimizer_state = jax.vmap(transformation.update)(
+        gradient, state.scales_optimizer, state.loss_scales)
+    optimizer_state = jax.tree.map(
+        lambda new, old: jnp.where(valid, new, old), optimizer_state,
+        state.scales_optimizer)
+    loss_scales = (state.loss_scales
+                   + jnp.where(valid, updates, 0.0)).astype(jnp.float32)
+    finite = (jnp.all(jnp.isfinite(loss_scales))
+              & jnp.all(jnp.isfinite(jnp.exp(loss_scales)))
+              & step.all_finite(optimizer_state))
     weights = jnp.where(finite, weights, jnp.nan)
     return weights, state._replace(loss_scales=loss_scales,
                                    scales_optimizer=optimizer_state)
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, per_task=True))
