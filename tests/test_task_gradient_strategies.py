@@ -130,7 +130,9 @@ def test_rejected_steps_keep_the_state(name):
   _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32),
                     strategy.init(params), params,
                     task_losses=jnp.asarray(LOSSES[0], jnp.float32))
-  bad_grads = jnp.asarray(JACOBIANS[1], jnp.float32).at[0, 0].set(jnp.nan)
+  # No task with a finite gradient (one such task alone is excluded: see
+  # test_a_non_finite_gradient_excludes_its_task_only).
+  bad_grads = jnp.full((NUM_TASKS, 5), jnp.nan, jnp.float32)
   for grads, losses in ((bad_grads, LOSSES[1]),
                         (JACOBIANS[1], [1.0, jnp.inf, 1.0])):
     out, rejected = update(jnp.asarray(grads, jnp.float32), state, params,
@@ -140,6 +142,23 @@ def test_rejected_steps_keep_the_state(name):
     for kept, before in zip(jax.tree.leaves(rejected._replace(num_skipped=0)),
                             jax.tree.leaves(state._replace(num_skipped=0))):
       np.testing.assert_array_equal(kept, before)
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+def test_a_non_finite_gradient_excludes_its_task_only(name):
+  """The step goes on for the other tasks; no NaN in the update or state."""
+  strategy = getattr(optax_mtl, name)(NUM_TASKS)
+  params = jnp.zeros(5)
+  update = jax.jit(strategy.update)
+  _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32),
+                    strategy.init(params), params,
+                    task_losses=jnp.asarray(LOSSES[0], jnp.float32))
+  bad_grads = jnp.asarray(JACOBIANS[1], jnp.float32).at[0, 0].set(jnp.nan)
+  out, new_state = update(bad_grads, state, params,
+                          task_losses=jnp.asarray(LOSSES[1], jnp.float32))
+  assert int(new_state.num_skipped) == int(state.num_skipped)
+  assert np.all(np.isfinite(out)) and np.any(out != 0)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(new_state))
 
 
 def test_db_mtl_rejects_non_positive_losses_and_moco_accepts_them():
