@@ -612,6 +612,9 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="pass has_aux=True"):
     mtl_nnx.value_and_grad(task_losses_with_outputs, strategy)(
         model, state, images, targets)
+  with pytest.raises(ValueError, match=r"list of 3 items: .*jnp\.stack"):
+    mtl_nnx.value_and_grad(lambda *a: list(task_losses(*a)), strategy)(
+        model, state, images, targets)
   with pytest.raises(ValueError, match=r"\(task_losses, aux\)"):
     mtl_nnx.value_and_grad(task_losses, strategy, has_aux=True)(
         model, state, images, targets)

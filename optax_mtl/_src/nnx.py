@@ -341,7 +341,9 @@ def _call(loss_fn, has_aux, *args):
     return out[0], out[1]
   if isinstance(out, (tuple, list)):
     raise ValueError(
-        f"loss_fn returned a tuple of {len(out)} items; if it returns "
+        f"loss_fn returned a {type(out).__name__} of {len(out)} items: "
+        "return the per-task losses as one array of shape (num_tasks,), "
+        "e.g. jnp.stack([loss_a, loss_b, ...]). If it returns "
         "(task_losses, aux), pass has_aux=True.")
   return out, None
 
