@@ -323,12 +323,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   started = time.perf_counter()
   results: dict = {}
   speed_out: dict = {}
-  interrupted = False
+  interrupted, error = False, None
   try:
     run_all(args, progress, results, speed_out)
   except KeyboardInterrupt:
     interrupted = True
     progress.note("interrupted: writing the partial results and report…")
+  except Exception as caught:  # pylint: disable=broad-except
+    # Keep what finished, then fail loudly.
+    interrupted, error = True, caught
+    progress.note(f"failed ({type(caught).__name__}): writing the partial "
+                  "results and report, then the traceback…")
   progress.stop()
   meta = {
       "command": "python -m benchmarks " + " ".join(
@@ -355,6 +360,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines.append("Main conclusions:")
     lines += [f"  {k + 1}. {text}" for k, text in enumerate(conclusions)]
   progress.note("\n".join(lines))
+  if error is not None:
+    raise error
   return 130 if interrupted else 0
 
 
