@@ -438,3 +438,25 @@ def test_iwrm_refuses_batchnorm_in_training_mode():
   with pytest.raises(ValueError, match="BatchNorm in training mode"):
     step(model, tx.init(nnx.state(model, nnx.Param)),
          *_nnx_data(jax.random.key(9)))
+
+
+def test_the_jacobian_route_where_no_layer_is_cheaper():
+  # A batch of 64 on layers of width 8 or less: every dense layer's
+  # Gramian is cheaper through its per-task gradients, so the step takes
+  # the Jacobian mode's route (from the same forward pass).
+  params, loss_fn, _ = PROBLEMS["mlp"](jax.random.key(10))
+  keys = jax.random.split(jax.random.key(11))
+  data = (_normal(keys[0], (64, 4)), _normal(keys[1], (64, NUM_TASKS)))
+  linearized = per_layer.linearize(loss_fn, params, data, False)
+  assert not linearized.saves(None, NUM_TASKS)
+  small = per_layer.linearize(loss_fn, params, (data[0][:3], data[1][:3]),
+                              False)
+  assert small.saves(None, NUM_TASKS)
+  grads = {}
+  for mode in ("jacobian", "per_layer"):
+    tx = optax_mtl.upgrad(num_tasks=NUM_TASKS)
+    step = jax.jit(optax_mtl.value_and_grad(loss_fn, tx, gramian_mode=mode))
+    (_, grads[mode]), _ = step(params, tx.init(params), *data)
+  for expected, actual in zip(jax.tree.leaves(grads["jacobian"]),
+                              jax.tree.leaves(grads["per_layer"])):
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)

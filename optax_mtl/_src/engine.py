@@ -245,7 +245,11 @@ def value_and_grad(
             lambda: tree_lib.gramian(task_grads, shared_mask), gradients_valid)
         return tree_lib.combine(weights, task_grads, own_gradients), inner
 
-      if representation_vjp is None and gramian_mode == "jacobian":
+      # "per_layer" takes the Jacobian's route where no layer has a cheaper
+      # one (a batch larger than every dense layer is wide, say).
+      jacobian_route = gramian_mode == "jacobian" or (
+          per_layer_mode and not linearized.saves(shared_mask, num_tasks))
+      if representation_vjp is None and jacobian_route:
         if options.recompute_every == 1:
           grads, new_state = jacobian_step(state)
         else:
@@ -347,7 +351,6 @@ def _zero_unless(ok, tree):
   return jax.tree.map(
       lambda g: jnp.where(ok, g, jnp.zeros_like(g))
       if jnp.issubdtype(g.dtype, jnp.inexact) else g, tree)
-
 
 
 def _checked_output(loss_fn, has_aux):

@@ -386,17 +386,24 @@ def _dense_gramian(dense, data, cotangents, dtype):
       1 + d for d in dense.out_perm)).reshape(
           num_objectives, dense.batch_size, dense.rows,
           dense.outputs).astype(dtype)
-  n, r, c, o, t = (dense.batch_size, dense.rows, dense.contracting,
-                   dense.outputs, num_objectives)
-  kernel_cost = n * r * r * c + t * n * r * r * o + t * t * n * r * o
-  gradient_cost = t * n * r * c * o + t * t * n * c * o
+  kernel_cost, gradient_cost = _dense_costs(dense, num_objectives)
   if kernel_cost <= gradient_cost:
     kernel = jnp.einsum("nrc,nsc->nrs", rows, rows, precision=_HIGHEST)
     mixed = jnp.einsum("nrs,tnso->tnro", kernel, deltas, precision=_HIGHEST)
     return jnp.einsum("tnro,unro->tu", mixed, deltas, precision=_HIGHEST)
   grads = jnp.einsum("nrc,tnro->tnco", rows, deltas,
-                     precision=_HIGHEST).reshape(t, -1)
+                     precision=_HIGHEST).reshape(num_objectives, -1)
   return jnp.matmul(grads, grads.T, precision=_HIGHEST)
+
+
+def _dense_costs(dense, num_objectives):
+  """Multiply-adds of a dense layer's Gramian: through ``X Xᵀ``, through
+  the per-objective gradients ``Xᵀ Δ_k``."""
+  n, r, c, o, t = (dense.batch_size, dense.rows, dense.contracting,
+                   dense.outputs, num_objectives)
+  kernel_cost = n * r * r * c + t * n * r * r * o + t * t * n * r * o
+  gradient_cost = t * n * r * c * o + t * t * n * c * o
+  return kernel_cost, gradient_cost
 
 
 def _flat_gramian(grads, dtype):
@@ -416,11 +423,16 @@ class Linearized:
     gramian: ``gramian(mask, num_objectives) -> G``, the Gramian of the
       per-objective gradients of the parameters that ``mask`` (a pytree of
       bools like the parameters) marks, float32 or float64.
+    saves: ``saves(mask, num_objectives) -> bool``: whether some dense
+      layer's Gramian is cheaper through ``X Xᵀ`` than through its
+      per-objective gradients (always, for per-example objectives). When
+      not, the Jacobian mode computes the same with fewer passes.
   """
   out: Any
   aux: Any
   vjp_fn: Callable[..., Any]
   gramian: Callable[..., Any]
+  saves: Callable[..., bool]
 
 
 def linearize(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
@@ -482,7 +494,24 @@ def linearize(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
                             examples, out.dtype)
     return _sum_gramian(program, parts, flat_params, mask)
 
-  return Linearized(out, aux, vjp_fn, gramian)
+  def saves(mask, num_objectives):
+    if examples is not None:
+      return True
+    mask_leaves = (jax.tree.leaves(mask) if mask is not None
+                   else [True] * len(flat_params))
+    uses = {}
+    for consumer in program.consumers:
+      for leaf in consumer.leaves:
+        uses[leaf] = uses.get(leaf, 0) + 1
+    return any(
+        consumer.dense is not None and mask_leaves[consumer.leaves[0]]
+        and uses[consumer.leaves[0]] == 1
+        and consumer.leaves[0] not in program.fallback
+        and _dense_costs(consumer.dense, num_objectives)[0]
+        < _dense_costs(consumer.dense, num_objectives)[1]
+        for consumer in program.consumers)
+
+  return Linearized(out, aux, vjp_fn, gramian, saves)
 
 
 def _sum_gramian(program, parts, flat_params, mask):
