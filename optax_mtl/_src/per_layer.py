@@ -28,11 +28,17 @@ Gramian is summed consumer by consumer:
   operation with side effects, takes its per-objective gradient from the
   whole VJP (what the Jacobian mode does for every parameter).
 
+Where no dense operation is cheaper through ``X Xᵀ`` (a batch larger than
+every layer is wide), :meth:`Linearized.saves` says so and the engine takes
+the Jacobian mode's route from the same forward pass.
+
 With ``batch_axis`` (instance-wise objectives, one loss per example), ``Δ``
 comes from ONE backward pass of the summed losses: example ``b`` only
 touches its own rows, so a dense operation adds ``(X Xᵀ) ⊙ (Δ Δᵀ)`` summed
-over each example's rows. The rows of each example are found by tracing the
-loss function a second time with one more example.
+over each example's rows, and a bias each example's rows' cotangents
+summed. The rows of each example are found by tracing the loss function a
+second time with one more example; the same comparison refuses losses that
+read a value computed across the examples (BatchNorm in training mode).
 
 References:
   Rumelhart, Hinton & Williams, *Learning representations by
