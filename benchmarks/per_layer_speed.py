@@ -327,6 +327,10 @@ def main(argv=None):
   parser.add_argument("--part", choices=("all", "iwrm", "multitask"),
                       default="all")
   parser.add_argument("--models", default="mlp,conv")
+  parser.add_argument("--batch-sizes", default=None,
+                      help="multi-task minibatch sizes, e.g. 64,256")
+  parser.add_argument("--iwrm-batches", default=None,
+                      help="IWRM batch sizes, e.g. 32,64,128,256")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--target-seconds", type=float, default=0.2)
   parser.add_argument("--out", default=None, help="write the rows as JSON")
@@ -336,6 +340,10 @@ def main(argv=None):
   if args.quick:
     rounds, target = 2, 0.02
     iwrm_batches, tasks, batches = (32,), (2,), (64,)
+  if args.batch_sizes:
+    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+  if args.iwrm_batches:
+    iwrm_batches = tuple(int(b) for b in args.iwrm_batches.split(","))
   log = lambda row: print(json.dumps(row), flush=True)
   rows = []
   if args.part in ("all", "iwrm"):
