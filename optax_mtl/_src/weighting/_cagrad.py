@@ -49,9 +49,10 @@ def cagrad(
   Algorithm 1), warm-started from the last step's ``w`` (kept in
   ``solution``). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``,
   divided according to ``rescale``. ``c = 0`` gives the mean gradient. When
-  ``g_w`` is zero to the precision of G (``‖g_w‖² ≤ T ε wᵀ|G|w``, the
-  round-off of the quadratic form at ``w``, below which G does not resolve
-  its norm, let alone its direction: a Pareto-stationary point), Algorithm 1's ``g_w / ‖g_w‖`` is undefined and
+  ``g_w`` is zero to the precision of G and of ``w`` (``‖g_w‖² ≤ T ε
+  wᵀ|G|w``, the round-off of the quadratic form, on the weights above
+  ``T ε max_k w_k``, those the simplex resolves: below it the norm is not
+  resolved, let alone the direction; a Pareto-stationary point), Algorithm 1's ``g_w / ‖g_w‖`` is undefined and
   the weights are ``1/T``: ``d = g_0``. (torchjd's ``CAGrad`` returns zero
   weights there, below its absolute ``norm_eps``.) The ratio
   ``√φ / ‖g_w‖`` is scale-free and the solver divides ``G`` by a power of
@@ -126,12 +127,16 @@ def cagrad(
     radius = c * jnp.sqrt(jnp.maximum(mean @ normalised @ mean, 0))
     solution = result.weights.astype(dtype)
     squared = solution @ normalised @ solution
-    # ‖g_w‖² below its own round-off, T ε wᵀ|G|w (the magnitudes the
-    # quadratic form sums at w), is not resolved: its direction is noise
-    # (a Pareto-stationary point). A w resting on small gradients is
-    # resolved however large the other tasks' gradients are.
-    positive = squared > solvers.resolve_cutoff(
-        dtype, num_tasks, solution @ jnp.abs(normalised) @ solution)
+    # ‖g_w‖² below its own round-off is not resolved: its direction is
+    # noise (a Pareto-stationary point). Measured on the weights the simplex
+    # resolves (above T ε max_k w_k; the rest is the solver's round-off),
+    # against T ε wᵀ|G|w, the magnitudes the quadratic form sums there: a
+    # w resting on small gradients is resolved however large the others are.
+    resolved = jnp.where(
+        solution > solvers.resolve_cutoff(dtype, num_tasks,
+                                          jnp.max(solution)), solution, 0)
+    positive = resolved @ normalised @ resolved > solvers.resolve_cutoff(
+        dtype, num_tasks, resolved @ jnp.abs(normalised) @ resolved)
     norm = jnp.sqrt(jnp.where(positive, squared, 1))
     ratio = jnp.where(positive, radius / norm, 0)
     weights = factor * (mean + ratio * solution)
