@@ -130,3 +130,30 @@ def test_rejected_step_keeps_the_weights():
 def test_hyperparameter_errors(factory, kwargs, message):
   with pytest.raises(ValueError, match=message):
     factory(NUM_TASKS, **kwargs)
+
+
+def exact_simplex_projection(vector):
+  """The projection onto the simplex by sorting (Held et al. 1974), NumPy."""
+  descending = np.sort(vector)[::-1]
+  cumulative = np.cumsum(descending) - 1
+  ranks = np.arange(1, len(vector) + 1)
+  support = np.nonzero(descending * ranks > cumulative)[0][-1] + 1
+  return np.maximum(vector - cumulative[support - 1] / support, 0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_iterate_is_float64_under_x64(case, monkeypatch):
+  # Four steps in float64: λ / w are carried between steps in float64 (they
+  # were stored in float32), so the updates match the float64 recursion.
+  monkeypatch.setitem(globals(), "simplex_projection",
+                      exact_simplex_projection)
+  factory, kwargs, reference = CASES[case]
+  expected = reference(JACOBIANS)
+  with jax.enable_x64(True):
+    strategy = factory(NUM_TASKS, **kwargs)
+    state = strategy.init(None)
+    for t, jacobians in enumerate(JACOBIANS):
+      got, state = strategy.update(jnp.asarray(jacobians), state,
+                                   task_losses=jnp.ones((3, NUM_TASKS)))
+      assert state.weights.dtype == jnp.float64
+      np.testing.assert_allclose(got, expected[t], rtol=1e-11, atol=1e-13)

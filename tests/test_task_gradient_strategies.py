@@ -267,3 +267,21 @@ def test_db_mtl_step_size_is_float64_under_x64():
       norms = np.linalg.norm(averages, axis=1)
       np.testing.assert_allclose(update, (norms.max() / norms) @ averages,
                                  rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["moco_softmax_normalized", "excess_mtl"])
+def test_the_iterates_are_float64_under_x64(case):
+  # Six steps in float64: λ, the tracked Gramian and the risks stay float64
+  # between steps, so the updates match the float64 recursion.
+  factory, kwargs, reference, reference_kwargs = CASES[case]
+  expected, _ = reference(JACOBIANS, LOSSES, **reference_kwargs)
+  with jax.enable_x64(True):
+    strategy = factory(NUM_TASKS, **kwargs)
+    params = jnp.zeros(5, jnp.float64)
+    state = strategy.init(params)
+    for t in range(NUM_STEPS):
+      got, state = strategy.update(jnp.asarray(JACOBIANS[t]), state, params,
+                                   task_losses=jnp.asarray(LOSSES[t]))
+      assert state.weights.dtype == jnp.float64
+      np.testing.assert_allclose(got, expected[t], rtol=1e-11,
+                                 err_msg=f"{case} step {t}")

@@ -1,8 +1,30 @@
-"""Shared pieces of the double-sampling strategies (MoDo, SDMGrad)."""
+"""Shared pieces of the double-sampling strategies (MoDo, SDMGrad), and the
+dtype of the iterates that the per-task-gradient strategies keep between
+steps (MoDo, SDMGrad, MoCo, ExcessMTL)."""
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from optax_mtl._src import base
+
+
+def iterate_dtype() -> jnp.dtype:
+  """The dtype of an iterate kept in the state between steps (λ, w).
+
+  The default float: float32, or float64 under ``jax_enable_x64``, so that
+  a float64 run carries its recursion in float64. Fixed at init, so the
+  state's dtypes never change between steps.
+  """
+  return jnp.dtype(jnp.result_type(float))
+
+
+def iterate_fields(num_tasks: int) -> dict[str, jax.Array]:
+  """``common_state_fields`` with ``weights = 1/T`` in :func:`iterate_dtype`."""
+  fields = base.common_state_fields(num_tasks, 1.0 / num_tasks)
+  # 1/T rounded in the iterate's dtype, not through float32.
+  fields["weights"] = jnp.full((num_tasks,), 1.0 / num_tasks, iterate_dtype())
+  return fields
 
 
 def cross_gramian(task_grads, first: int, second: int) -> chex.Array:

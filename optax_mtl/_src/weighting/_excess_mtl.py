@@ -10,16 +10,17 @@ import optax
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _double_sampling
 from optax_mtl._src.weighting import _task_gradient_tree as task_tree
 
 
 class ExcessMtlState(NamedTuple):
   """State of :func:`excess_mtl`."""
 
-  weights: chex.Array  # f32[T], λ (ones at init, summing to T).
+  weights: chex.Array  # f32[T] (f64 under x64), λ (ones at init; sum T).
   num_skipped: chex.Array  # i32[], rejected steps.
   squared_gradient_sums: Any  # a: params-shaped, leading task axis (≥ f32).
-  initial_excess_risks: chex.Array  # f32[T], r⁰, the first step's estimates.
+  initial_excess_risks: chex.Array  # f32[T] (f64 under x64), r⁰.
   num_steps: chex.Array  # i32[], accepted steps (saturates).
 
 
@@ -103,10 +104,14 @@ def excess_mtl(
   eps = base.check_in_range("eps", eps, 0.0)
 
   def init(params):
+    fields = base.common_state_fields(num_tasks)
+    fields["weights"] = fields["weights"].astype(
+        _double_sampling.iterate_dtype())
     return ExcessMtlState(
-        **base.common_state_fields(num_tasks),
+        **fields,
         squared_gradient_sums=task_tree.zeros_per_task(params, num_tasks),
-        initial_excess_risks=jnp.zeros((num_tasks,), jnp.float32),
+        initial_excess_risks=jnp.zeros((num_tasks,),
+                                       _double_sampling.iterate_dtype()),
         num_steps=jnp.zeros([], jnp.int32))
 
   def rule(task_losses, state, task_grads):
@@ -116,7 +121,7 @@ def excess_mtl(
                         state.squared_gradient_sums, grads)
     risks = task_tree.per_task_sum(jax.tree.map(
         lambda g, a: jnp.square(g) / jnp.sqrt(a + eps), grads,
-        sums)).astype(jnp.float32)
+        sums)).astype(state.initial_excess_risks.dtype)
     first = state.num_steps == 0
     initial = jnp.where(first, risks, state.initial_excess_risks)
     log_weights = jnp.log(state.weights) + jnp.where(
@@ -129,7 +134,8 @@ def excess_mtl(
     weights = num_tasks * jax.nn.softmax(log_weights)
     update = task_tree.combine(weights, grads, task_grads)
     return update, state._replace(
-        weights=weights, squared_gradient_sums=sums,
+        weights=weights.astype(state.weights.dtype),
+        squared_gradient_sums=sums,
         initial_excess_risks=initial,
         num_steps=optax.safe_increment(state.num_steps))
 

@@ -10,6 +10,7 @@ import optax
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+from optax_mtl._src.weighting import _double_sampling
 from optax_mtl._src.weighting import _task_gradient_tree as task_tree
 
 PROJECTIONS = ("simplex", "softmax")
@@ -19,7 +20,7 @@ GRADIENT_NORMALIZATIONS = ("none", "loss")
 class MocoState(NamedTuple):
   """State of :func:`moco`."""
 
-  weights: chex.Array  # f32[T], λ: the weights of the tracked gradients.
+  weights: chex.Array  # f32[T] (f64 under x64), λ: the tracked gradients'.
   num_skipped: chex.Array  # i32[], rejected steps.
   tracked_gradients: Any  # Y: params-shaped, leading task axis (≥ f32).
   num_steps: chex.Array  # i32[], accepted steps t (saturates).
@@ -112,7 +113,7 @@ def moco(
 
   def init(params):
     return MocoState(
-        **base.common_state_fields(num_tasks, 1.0 / num_tasks),
+        **_double_sampling.iterate_fields(num_tasks),
         tracked_gradients=task_tree.zeros_per_task(params, num_tasks),
         num_steps=jnp.zeros([], jnp.int32))
 
@@ -141,7 +142,8 @@ def moco(
       lambdas = jax.nn.softmax(moved)
     update = task_tree.combine(lambdas, tracked, task_grads)
     return update, state._replace(
-        weights=lambdas.astype(jnp.float32), tracked_gradients=tracked,
+        weights=lambdas.astype(state.weights.dtype),
+        tracked_gradients=tracked,
         num_steps=num_steps)
 
   return step.as_gradient_transformation(base.Weighting(

@@ -14,7 +14,7 @@ from optax_mtl._src.weighting import _double_sampling
 class ModoState(NamedTuple):
   """State of :func:`modo`."""
 
-  weights: chex.Array  # f32[T], λ (1/T at init), on the simplex.
+  weights: chex.Array  # f32[T] (f64 under x64), λ (1/T at init), simplex.
   num_skipped: chex.Array  # i32[], rejected steps.
 
 
@@ -79,7 +79,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
 
   def init(params):
     del params
-    return ModoState(**base.common_state_fields(num_tasks, 1.0 / num_tasks))
+    return ModoState(**_double_sampling.iterate_fields(num_tasks))
 
   def rule(task_losses, state, task_grads):
     del task_losses
@@ -90,7 +90,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
     lambdas = solvers.project_simplex(
         lambdas - step_size * (product @ lambdas + rho * lambdas))
     update = _double_sampling.combine_sample(lambdas, task_grads, 2)
-    return update, state._replace(weights=lambdas.astype(jnp.float32))
+    return update, state._replace(weights=lambdas.astype(state.weights.dtype))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,

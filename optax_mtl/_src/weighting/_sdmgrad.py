@@ -15,7 +15,7 @@ from optax_mtl._src.weighting import _double_sampling
 class SdmgradState(NamedTuple):
   """State of :func:`sdmgrad`."""
 
-  weights: chex.Array  # f32[T], w after the inner steps (1/T at init).
+  weights: chex.Array  # f32[T] (f64 under x64), w after the inner steps.
   num_skipped: chex.Array  # i32[], rejected steps.
 
 
@@ -85,8 +85,7 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
 
   def init(params):
     del params
-    return SdmgradState(**base.common_state_fields(num_tasks,
-                                                   1.0 / num_tasks))
+    return SdmgradState(**_double_sampling.iterate_fields(num_tasks))
 
   def rule(task_losses, state, task_grads):
     del task_losses
@@ -102,7 +101,7 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
                                 state.weights.astype(product.dtype))
     combined = (weights + pull) / (1 + lamda)
     update = _double_sampling.combine_sample(combined, task_grads, 2)
-    return update, state._replace(weights=weights.astype(jnp.float32))
+    return update, state._replace(weights=weights.astype(state.weights.dtype))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
