@@ -92,3 +92,16 @@ def test_weight_errors(weights, message):
 def test_num_tasks_errors(num_tasks):
   with pytest.raises(ValueError, match=r"num_tasks must be an integer >= 1"):
     optax_mtl.constant(num_tasks, [1.0, 2.0])
+
+
+def test_weights_are_float64_under_x64():
+  # Under x64 the weights are applied in float64, unrounded: 0.1 is not
+  # float32's 0.1 (the losses were cast to float32 by the step).
+  with jax.enable_x64(True):
+    strategy = optax_mtl.constant(2, [0.1, 0.7])
+    jacobian = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3)))
+    update, _ = strategy.update(jacobian, strategy.init(None),
+                                task_losses=jnp.ones(2))
+    assert update.dtype == jnp.float64
+    np.testing.assert_allclose(update, np.array([0.1, 0.7]) @ np.asarray(
+        jacobian), rtol=1e-15, atol=1e-16)

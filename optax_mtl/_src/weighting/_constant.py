@@ -64,13 +64,16 @@ def constant(
   num_tasks = base.check_num_tasks(num_tasks)
   values = base.check_task_vector("weights", weights, num_tasks,
                                   allow_scalar=False)
+  # Checked; applied in the losses' dtype (float64 under x64), unrounded.
+  exact = (np.asarray(weights, np.float64) if isinstance(values, np.ndarray)
+           else values)
 
   def init():
     return ConstantState(**base.common_state_fields(num_tasks, values))
 
   def rule(task_losses, state, gramian):
-    del task_losses, gramian
-    return jnp.asarray(values), state
+    del gramian
+    return jnp.asarray(exact, task_losses.dtype), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
