@@ -87,6 +87,7 @@ class Plan(NamedTuple):
   missing: list[str]            # categories with no stored measurement
   description: str              # suite, problems, strategies, seeds
   table_note: str               # where and when the costs were measured
+  measured: bool = True         # whether the suite has stored costs
 
   @property
   def total_seconds(self) -> float:
@@ -96,6 +97,10 @@ class Plan(NamedTuple):
     return self.expected.get(label, 0.0)
 
   def summary(self) -> str:
+    if not self.measured:
+      return (f"{self.description}: {len(self.units)} units; expected time "
+              "unknown: no stored measurement of this suite on this "
+              "machine (run it once with --record-costs to store one).")
     minutes = self.total_seconds / 60.0
     text = (f"{self.description}: {len(self.units)} units, expected "
             f"~{minutes:.0f} min on this machine when idle (from per-unit "
@@ -138,7 +143,9 @@ def plan(args, table: Optional[dict] = None) -> Plan:
   units, programs, kinds = plan_units(args)
   stored = table.get("suites", {}).get(args.suite, {})
   known = [v for section in stored.values() for v in section.values()]
-  fallback = sum(known) / len(known) if known else 10.0
+  # Without any measurement of the suite, every unit counts the same (the
+  # remaining time then follows the count of units; no time is promised).
+  fallback = sum(known) / len(known) if known else 1.0
   expected, missing = {}, []
   for label in units:
     section, key, count = category(label, kinds)
@@ -154,8 +161,9 @@ def plan(args, table: Optional[dict] = None) -> Plan:
                  f"{len(args.seeds)} seeds"
                  + ("" if args.no_speed else
                     f", speed {','.join(args.speed_models)}"))
-  note = table.get("note", "of no run: none stored, 10 s a unit assumed")
-  return Plan(units, expected, programs, missing, description, note)
+  note = table.get("note", "")
+  return Plan(units, expected, programs, missing, description, note,
+              bool(known))
 
 
 def record(args, unit_seconds: Sequence[tuple[str, float, float]],
