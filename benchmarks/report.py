@@ -310,14 +310,16 @@ def _outlier_findings(result: dict) -> list[str]:
   median = float(np.median(list(deltas.values())))
   metric = result["metrics"][0]
   stl = result.get("single_task", {}).get("per_task", {}).get(metric, {})
+  sign = 1.0 if result.get("higher_is_better", [True])[0] else -1.0
+  outliers = [n for n in sorted(deltas, key=deltas.get)
+              if deltas[n] <= median - OUTLIER_GAP]
   lines = []
-  for name in sorted(deltas, key=deltas.get):
-    if deltas[name] > median - OUTLIER_GAP:
-      break
+  for name in outliers[:3]:
     per_task = strategies[name]["per_task"][metric]["mean"]
     reference = stl.get("mean", [float("nan")] * len(per_task))
     changes = sorted(
-        ((score - ref) / abs(ref) if ref else float("nan"), task, score, ref)
+        (sign * (score - ref) / abs(ref) if ref else float("nan"), task,
+         score, ref)
         for task, score, ref in zip(result["tasks"], per_task, reference))
     worst = ", ".join(f"{task} {score:.3g} against {ref:.3g} single-task"
                       for _, task, score, ref in changes[:2])
@@ -327,6 +329,11 @@ def _outlier_findings(result: dict) -> list[str]:
         f"(`{metric}`). A few tasks this far behind decide its Δm%; the "
         "plots clip such values so that the other strategies stay "
         "readable.")
+  if len(outliers) > 3:
+    lines.append("- Also more than " f"{OUTLIER_GAP:.0f} points of Δm% "
+                 "below the median strategy: "
+                 + ", ".join(f"`{n}` ({deltas[n]:+.0f})"
+                             for n in outliers[3:]) + ".")
   return lines
 
 
@@ -702,29 +709,28 @@ def plot_outcomes(result: dict, path: str, top: int = 3) -> None:
   low, high = low - pad, high + pad
   for index, name in enumerate(shown):
     scores = np.asarray(strategies[name]["per_task"][metric]["mean"], float)
+    # Points off the axes are drawn at its edge; the legend gives values.
+    outside = [f"{y:.3g}" for y in scores
+               if np.isfinite(y) and not low <= y <= high]
     ax_scatter.plot(stl, np.clip(scores, low, high),
                     markers[index % len(markers)], ms=5, alpha=0.8,
-                    color=colors[name], label=name)
-    for x, y in zip(stl, scores):
-      if np.isfinite(y) and not low <= y <= high:  # Drawn at the edge.
-        ax_scatter.annotate(f"{y:.3g}", (x, np.clip(y, low, high)),
-                            xytext=(4, 4 if y > high else -10),
-                            textcoords="offset pixels", fontsize=7,
-                            color=colors[name])
+                    color=colors[name],
+                    label=name + (f" (at the edge: {', '.join(outside)})"
+                                  if outside else ""))
   ax_scatter.plot([low, high], [low, high], "k--", lw=0.8,
                   label="equal to single-task")
   ax_scatter.set_xlim(low, high)
   ax_scatter.set_ylim(low, high)
   ax_scatter.set_xlabel(f"single-task model's test {metric}")
   ax_scatter.set_ylabel(f"multi-task model's test {metric}"
-                        + (" (clipped: outliers drawn at the edge, value "
-                           "written)" if clipped else ""))
+                        + (" (clipped: outliers at the edge)" if clipped
+                           else ""))
   ax_scatter.set_title(
       f"one point per task ({'above' if higher else 'below'} the diagonal "
       "= better than single-task)", fontsize=9)
   ax_scatter.grid(alpha=0.3)
   ax_scatter.legend(fontsize=7, loc="upper center",
-                    bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+                    bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
   limit = np.nanpercentile(np.abs(relative), 95) if np.isfinite(
       relative).any() else 1.0
   limit = max(float(limit), 1e-3)
