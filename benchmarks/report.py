@@ -584,15 +584,18 @@ def _label_points(ax, points: list[tuple[str, float, float]]) -> None:
                      (-8, -distance - 6), (distance + 8, -3),
                      (-distance - 8, -3))]
   char_width, height = 4.6, 9.0  # pixels, fontsize 7 at 100 dpi
+  frame = ax.get_window_extent()
   for name, x, y in sorted(points, key=lambda p: -p[2]):
     px, py = transform.transform((x, y))
     width = char_width * len(name)
-    chosen = offsets[0]
+    # Near the right edge, the label goes left of its point.
+    chosen = offsets[0] if px + 5 + width < frame.x1 else offsets[2]
     for dx, dy in offsets:
       left = px + dx if dx > 0 else px + dx - width
       box = (left, py + dy, left + width, py + dy + height)
-      if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3]
-                 and b[1] < box[3] for b in taken):
+      inside = frame.x0 <= box[0] and box[2] <= frame.x1
+      if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3]
+                            and b[1] < box[3] for b in taken):
         chosen = (dx, dy)
         taken.append(box)
         break
