@@ -94,8 +94,6 @@ def value_and_grad(
       as in :func:`optax_mtl.value_and_grad`.
     batch_axis: instance-wise objectives (``loss_fn`` returns one loss per
       example), as in :func:`optax_mtl.value_and_grad`.
-    batch_axis: instance-wise objectives (``loss_fn`` returns one loss per
-      example), as in :func:`optax_mtl.value_and_grad`.
 
   Returns:
     ``step(model, strategy_state, *args) -> ((task_losses, grads),
