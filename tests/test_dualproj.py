@@ -110,3 +110,21 @@ def test_preferences_and_regularization_reproduce_torchjd(
                               "regularization")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.dualproj, kwargs, message)
+
+
+def test_nearly_opposite_gradients_reach_the_optimum_float32():
+  # As test_upgrad's: the exact projection (float64, same float32 Gramian)
+  # puts ~99 on the nearly opposite pair; the solver stopped at ~57.
+  from tests import test_solvers  # pylint: disable=import-outside-toplevel
+  jacobian = test_upgrad.nearly_opposite_pair_jacobian()
+  strategy = optax_mtl.dualproj(5)
+  update, state = strategy.update(jnp.asarray(jacobian), strategy.init(None),
+                                  task_losses=jnp.ones(5))
+  gramian = np.asarray(optax_mtl.gramian(jnp.asarray(jacobian)), np.float64)
+  exact = test_solvers.exact_dual_cone(gramian, np.full(5, 0.2))
+  np.testing.assert_allclose(state.weights[2:4], exact[2:4], rtol=0.1)
+  rows = jacobian.astype(np.float64)
+  direction = np.asarray(update, np.float64)
+  cosines = rows @ direction / (np.linalg.norm(rows, axis=1)
+                                * np.linalg.norm(direction))
+  assert cosines.min() >= -3e-5, cosines

@@ -184,33 +184,44 @@ def _remove(factor: _Factor, leaving: chex.Array,
   return _Factor(free, whiten, whitened)
 
 
+# Refinement steps of solve_on_free_set when its solution is inaccurate.
+REFINEMENTS = 4
+
+
 def solve_on_free_set(problem: _Problem, factor: _Factor) -> chex.Array:
   r"""``λ_F = −(C_FF + μI)⁻¹ b_F``: ``Wᵀz``, refined against ``C_FF``.
 
   When the residual ``−b_F − C_FF x`` of some problem of the batch is
-  above its round-off (``T ε |C|(|x| + |u|)``: the ridge's bias where
+  above its round-off (:func:`gradient_round_off`: the ridge's bias where
   ``C_FF`` is well conditioned, or the round-off that the updates of
-  ``W`` accumulate), one step of iterative refinement
-  ``x ← x + Wᵀ W (−b_F − C_FF x)`` is taken.
+  ``W`` accumulate), ``REFINEMENTS`` steps of iterative refinement
+  ``x ← x + Wᵀ W (−b_F − C_FF x)`` are taken. Each divides the ridge's
+  bias by ``1 + δ/μ`` along an eigenvalue ``δ`` of ``C_FF``: on a nearly
+  opposite pair (``δ`` about ``μ``) one step leaves half of it, several
+  bring ``λ`` to the round-off of the residual.
 
   Returns:
     The trial point [B, T], zero off the free set.
   """
-  num_tasks = factor.free.shape[-1]
   solution = jnp.where(factor.free,
                        _apply_transposed(factor.whiten, factor.whitened), 0)
-  residual = jnp.where(
-      factor.free,
-      -problem.linear - _common.matmul_rows(solution, problem.cosines), 0)
-  magnitudes = _common.matmul_rows(jnp.abs(solution) + jnp.abs(problem.lower),
-                                   jnp.abs(problem.cosines))
-  inaccurate = jnp.abs(residual) > _common.resolve_cutoff(
-      solution.dtype, num_tasks, magnitudes)
+
+  def residual_of(point):
+    return jnp.where(
+        factor.free,
+        -problem.linear - _common.matmul_rows(point, problem.cosines), 0)
+
+  inaccurate = jnp.abs(residual_of(solution)) > gradient_round_off(
+      problem, solution)
 
   def refined():
-    correction = _apply_transposed(factor.whiten,
-                                   _apply(factor.whiten, residual))
-    return solution + jnp.where(factor.free, correction, 0)
+    point = solution
+    for _ in range(REFINEMENTS):
+      correction = _apply_transposed(factor.whiten,
+                                     _apply(factor.whiten,
+                                            residual_of(point)))
+      point = point + jnp.where(factor.free, correction, 0)
+    return point
 
   return jax.lax.cond(jnp.any(inaccurate), refined, lambda: solution)
 
@@ -270,7 +281,11 @@ def _kkt_gap(problem: _Problem, slack: chex.Array,
   ``d = Σ v_k ĝ_k``): ``|∇_k|`` where ``λ_k > 0`` and ``max(−∇_k, 0)``
   where ``λ_k = 0``, the largest over ``k``, relative to ``‖d‖`` (so it is
   the cosine by which ``d`` violates a condition), with the floor
-  ``T ε max_k (|C| (|λ| + |u|))_k``, the round-off of ``∇``.
+  ``T ε max_k (|C| (|λ| + |u|))_k``, the round-off of ``∇`` and of ``λ``
+  itself (the floor that certifies a zero ``d``). It may exceed the
+  residual of a nearly opposite pair's large multipliers: there
+  :func:`solve_on_free_set` refines against the tighter
+  :func:`gradient_round_off` first.
   """
   num_tasks = slack.shape[-1]
   dtype = slack.dtype
@@ -286,6 +301,24 @@ def _kkt_gap(problem: _Problem, slack: chex.Array,
   floor = _common.resolve_cutoff(dtype, num_tasks,
                                  jnp.max(magnitudes, axis=1))
   return _common.relative_gap(absolute, norm, floor)
+
+
+def gradient_round_off(problem: _Problem, slack: chex.Array) -> chex.Array:
+  """The round-off of ``∇ = Cλ + b`` per task, [B, T].
+
+  ``Cλ`` sums ``n`` non-zero terms (``n`` free tasks), and ``b = Cu`` (at
+  most ``T``) was summed once: ``γ_{n+1} (|C||λ|)_k + γ_{T+1} (|C||u|)_k``
+  with ``γ_m = m ε/2`` (Higham 2002, §3.1), the bound of the terms this
+  product actually adds, not ``T ε`` times the largest of them.
+  """
+  num_tasks = slack.shape[-1]
+  dtype = slack.dtype
+  terms = jnp.sum(slack != 0, axis=1, keepdims=True).astype(dtype) + 1
+  half_eps = jnp.asarray(jnp.finfo(dtype).eps / 2, dtype)
+  return half_eps * (
+      terms * _common.matmul_rows(jnp.abs(slack), jnp.abs(problem.cosines))
+      + (num_tasks + 1) * _common.matmul_rows(jnp.abs(problem.lower),
+                                              jnp.abs(problem.cosines)))
 
 
 def solve_dual_cone_qp(
@@ -334,8 +367,13 @@ def solve_dual_cone_qp(
   ``v' = λ + u'`` (``|(Cv')_k|`` where ``λ_k > 0``, ``max(−(Cv')_k, 0)``
   elsewhere) relative to ``‖d‖ = √(v'ᵀCv')``, i.e. the cosine by which
   ``d = Jᵀv`` conflicts with a task or misses a free one, with the floor
-  ``T ε max_k (|C|(|λ| + |u'|))_k``, the round-off of ``Cv'``. A
-  zero-gradient task keeps ``v_k = u_k`` exactly.
+  ``T ε max_k (|C|(|λ| + |u'|))_k``, the round-off of ``Cv'``. The
+  solution on the free set is refined (:func:`solve_on_free_set`) while
+  its residual exceeds the tighter bound of the terms it adds
+  (:func:`gradient_round_off`), so that on a nearly opposite pair, where
+  the ridge's bias is large and so are the multipliers (and the floor),
+  they reach the optimum before the test accepts them. A zero-gradient
+  task keeps ``v_k = u_k`` exactly.
 
   Warm start: given a guess of ``v*`` (e.g. the previous step's solution),
   the tasks with ``v_k > u_k`` are the starting free set; its whitening is
