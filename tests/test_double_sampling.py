@@ -108,14 +108,28 @@ def test_the_data_contract_is_checked():
 
 
 def test_rejected_step_keeps_the_weights():
+  # No task with a finite gradient in every minibatch: the step is rejected.
   strategy = optax_mtl.sdmgrad(NUM_TASKS)
   jacobians = jnp.asarray(JACOBIANS[0], jnp.float32)
-  update, state = strategy.update(jacobians.at[1, 0, 0].set(jnp.nan),
+  update, state = strategy.update(jnp.full_like(jacobians, jnp.nan),
                                   strategy.init(None),
                                   task_losses=jnp.ones(NUM_TASKS))
   np.testing.assert_array_equal(update, np.zeros(5))
   assert int(state.num_skipped) == 1
   np.testing.assert_allclose(state.weights, np.full(NUM_TASKS, 1 / 3))
+
+
+def test_a_non_finite_gradient_excludes_its_task_only():
+  # A NaN in one minibatch's gradient of task 0: the step goes on for the
+  # other tasks, and nothing non-finite reaches the update or the state.
+  strategy = optax_mtl.sdmgrad(NUM_TASKS)
+  jacobians = jnp.asarray(JACOBIANS[0], jnp.float32)
+  update, state = strategy.update(jacobians.at[1, 0, 0].set(jnp.nan),
+                                  strategy.init(None),
+                                  task_losses=jnp.ones(NUM_TASKS))
+  assert int(state.num_skipped) == 0
+  assert np.all(np.isfinite(update)) and np.any(np.asarray(update) != 0)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
 
 
 @pytest.mark.parametrize("factory, kwargs, message", [
