@@ -22,19 +22,6 @@ from tests import loss_weighting_harness as harness
 NUM_TASKS = harness.NUM_TASKS
 
 
-def numerical_gradient(function, losses):
-  """Im f(L + i h e_k) / h: exact to float64 rounding (Squire & Trapp 1998),
-  with h far below the size of the losses."""
-  losses = np.asarray(losses, np.float64)
-  step = 1e-20 * (np.max(np.abs(losses)) or 1.0)
-  gradient = np.zeros_like(losses)
-  for k in range(len(losses)):
-    perturbed = losses.astype(np.complex128)
-    perturbed[k] += 1j * step
-    gradient[k] = np.imag(function(perturbed)) / step
-  return gradient
-
-
 def cosmos_loss(losses, preference, penalty):
   """The paper's objective, on real or complex losses (no abs, no conj)."""
   r = np.asarray(preference, np.float64)
@@ -49,7 +36,7 @@ def reference_weights(losses, preference, penalty):
   out = []
   for step_losses in np.asarray(losses, np.float64):
     if np.all(np.isfinite(step_losses)):
-      weights = numerical_gradient(
+      weights = harness.complex_step_gradient(
           lambda x: cosmos_loss(x, preference, penalty), step_losses)
     out.append(weights)
   return np.stack(out)
@@ -86,7 +73,7 @@ def test_golden_values_value_and_grad_face():
 def test_default_preference_is_uniform():
   losses = jnp.array([1.0, 2.0, 4.0])
   default = _cosmos.cosmos_weights(losses, jnp.full(3, 1 / 3), 1.0)
-  expected = numerical_gradient(
+  expected = harness.complex_step_gradient(
       lambda x: cosmos_loss(x, np.full(3, 1 / 3), 1.0), losses)
   np.testing.assert_allclose(default, expected, rtol=1e-5)
   state = optax_mtl.cosmos(3).init(None)
@@ -104,7 +91,7 @@ def test_weights_match_reference_over_many_scales():
         x, jnp.asarray(preference, jnp.float32), 0.7))(
             jnp.asarray(losses, jnp.float32))
     for row, step_losses in zip(np.asarray(weights), losses):
-      expected = numerical_gradient(
+      expected = harness.complex_step_gradient(
           lambda x: cosmos_loss(x, preference, 0.7),
           np.asarray(step_losses, np.float32))
       # f32 round-off of a few terms, each of size |r| + λ/‖L‖ · 2.

@@ -22,19 +22,6 @@ from tests import loss_weighting_harness as harness
 NUM_TASKS = harness.NUM_TASKS
 
 
-def numerical_gradient(function, losses):
-  """Im f(L + i h e_k) / h: exact to float64 rounding (Squire & Trapp 1998),
-  with h far below the size of the losses."""
-  losses = np.asarray(losses, np.float64)
-  step = 1e-20 * (np.max(np.abs(losses)) or 1.0)
-  gradient = np.zeros_like(losses)
-  for k in range(len(losses)):
-    perturbed = losses.astype(np.complex128)
-    perturbed[k] += 1j * step
-    gradient[k] = np.imag(function(perturbed)) / step
-  return gradient
-
-
 def pbi_loss(losses, preference, reference_point, theta):
   """The paper's g(L), on real or complex losses (no abs, no conj)."""
   w = np.asarray(preference, np.float64)
@@ -51,7 +38,7 @@ def reference_weights(losses, preference, reference_point, theta):
   out = []
   for step_losses in np.asarray(losses, np.float64):
     if np.all(np.isfinite(step_losses)):
-      weights = numerical_gradient(
+      weights = harness.complex_step_gradient(
           lambda x: pbi_loss(x, preference, reference_point, theta),
           step_losses)
     out.append(weights)
@@ -102,7 +89,7 @@ def test_weights_match_reference_over_many_scales():
         x, jnp.asarray(direction, jnp.float32), jnp.asarray(point32),
         4.0))(jnp.asarray(losses32))
     for row, step_losses in zip(np.asarray(weights), losses32):
-      expected = numerical_gradient(
+      expected = harness.complex_step_gradient(
           lambda x: pbi_loss(x, preference, point32, 4.0), step_losses)
       # u/‖u‖ from f32 inputs: its round-off is ε‖L − z*‖/d₂ (the
       # conditioning of the direction of u), times θ.
