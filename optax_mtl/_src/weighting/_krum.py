@@ -52,6 +52,10 @@ def krum(num_tasks: int, num_byzantine: int = 0,
   (a corrupted or outlying task) is never selected while at most :math:`f`
   are. Computed from the Gramian.
 
+  torchjd's ``Krum`` scores with distances, not squared distances (the
+  paper's): the two may select different gradients, and no option here
+  reproduces torchjd's choice.
+
   Steps with a non-finite loss or Gramian are counted in ``num_skipped`` and
   the previous weights applied; zero and negative losses are ordinary
   values.

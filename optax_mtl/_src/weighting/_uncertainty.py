@@ -100,7 +100,9 @@ def uncertainty(
       ``e^{-s_k}``) rather than a regression loss (``½ e^{-s_k}``): one bool
       for all tasks or a sequence of ``num_tasks`` bools.
     initial_log_variances: the initial ``s``, one number for all tasks or a
-      sequence of ``num_tasks`` numbers (default 0: unit variances).
+      sequence of ``num_tasks`` numbers (default 0: unit variances). LibMTL's
+      ``UW`` starts at ``s = -0.5``: pass ``initial_log_variances=-0.5`` to
+      reproduce it.
     normalize: rescale the applied weights to sum to ``T``.
     max_weight: None, or a bound > 0 each applied weight is clipped at
       (after ``normalize``).
