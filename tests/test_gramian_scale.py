@@ -6,9 +6,10 @@
   update is a sum of unit gradients; nash_mtl, whose update has norm √T;
   mgda with the ``l2`` normalisation), over a scripted sequence of steps
   (warm starts and PRNG keys included), for ``c`` from 1e-20 to 1e6:
-  to 1e-9 in float64 (``jax.enable_x64``) and 1e-5 in float32 (1e-4 for
-  the iterative solvers, which stop at a relative gap of 1e-6: the solves
-  on G and on c²G, rounded differently, may stop at different iterates).
+  to 1e-9 in float64 (``jax.enable_x64``) and 1e-5 in float32 (2e-3 for
+  the iterative solvers, which stop at a relative gap of 1e-6, a direction
+  within √(2·1e-6) of the optimum: the solves on G and on c²G, rounded
+  differently, may stop at different iterates).
   In float32, gradients of 1e-20 give a Gramian below the normal range,
   flushed to zero before any rule sees it: that case waits for the step to
   hand the rules a Gramian scaled by a power of two (strict xfail).
@@ -100,7 +101,9 @@ def check_scaling(name, dtype_name):
     factor = scale if STRATEGIES[name][2] == LINEAR else 1.0
     tolerance = TOLERANCES[dtype_name]
     if dtype_name == "float32" and name in ITERATIVE:
-      tolerance = 1e-4
+      # Stopped at a relative gap of 1e-6: each direction is within
+      # √(2·1e-6) ≈ 1.4e-3 of the optimum's norm, whatever the scale.
+      tolerance = 2e-3
     for step, (actual, expected) in enumerate(zip(scaled, reference)):
       error = relative_error(actual / factor, expected)
       assert error <= tolerance, (name, scale, step, error)
