@@ -5,7 +5,8 @@ release of compiled programs.
 marked ``slow``: the checks of every strategy and every engine mode on 8
 simulated devices, the notebooks (the quickstart is also executed by the
 documentation build), the paper configurations end to end, the conv-trunk
-speed run. ``make test-all`` runs them too::
+speed run, and the sweeps of every strategy through Orbax checkpoints,
+mixed precision and the NNX module face. ``make test-all`` runs them too::
 
   make test       # pytest -n 2 --dist loadfile -m "not slow" optax_mtl tests
   make test-all   # pytest -n 2 --dist loadfile optax_mtl tests
@@ -37,6 +38,11 @@ import pytest
 SLOW_MODULES = frozenset({
     "test_sharding_modes.py",
     "test_notebooks.py",
+    # Sweeps of every strategy through Orbax, bf16/float16 and the NNX
+    # module face (test_nnx.py keeps the NNX face in the default tier).
+    "test_checkpoint.py",
+    "test_mixed_precision.py",
+    "test_nnx_module.py",
 })
 
 # A third of the default vm.max_map_count. A program holds about 3 mappings
