@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_mtl
+from benchmarks import speed
 from benchmarks.problems import _common
 
 INPUT_DIM, HIDDEN, DEPTH = 64, 256, 2
@@ -54,36 +55,9 @@ IWRM_OUTPUTS = 8
 IWRM_BATCHES = (32, 64, 128, 256)
 NUM_TASKS = (2, 10, 40)
 BATCH_SIZES = (64, 256)
-CONV = dict(side=16, channels=(16, 32), hidden=64)
+CONV = dict(side=16, channels=(16, 32), hidden=64)  # speed.py's conv trunk.
 POOL = 4
 LEARNING_RATE = 1e-4
-
-
-def _init_conv(key):
-  """He-initialised 3×3 stride-2 convolutions, then one dense layer (the
-  conv trunk of ``benchmarks/speed.py``)."""
-  keys = jax.random.split(key, len(CONV["channels"]) + 1)
-  layers, in_channels = [], 1
-  for layer_key, out_channels in zip(keys, CONV["channels"]):
-    layers.append({
-        "w": jax.random.normal(layer_key, (3, 3, in_channels, out_channels))
-             * np.sqrt(2.0 / (9 * in_channels)),
-        "b": jnp.zeros((out_channels,))})
-    in_channels = out_channels
-  side = CONV["side"] // 2 ** len(CONV["channels"])
-  return {"conv": layers, "dense": _common.init_mlp(
-      keys[-1], [side * side * in_channels, CONV["hidden"]])}
-
-
-def _apply_conv(trunk, images):
-  hidden = images
-  for layer in trunk["conv"]:
-    hidden = jax.lax.conv_general_dilated(
-        hidden, layer["w"], window_strides=(2, 2), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    hidden = jax.nn.relu(hidden + layer["b"])
-  return _common.apply_mlp(trunk["dense"],
-                           hidden.reshape(hidden.shape[0], -1))
 
 
 def multitask_model(model: str, num_tasks: int, batch_size: int):
@@ -94,8 +68,8 @@ def multitask_model(model: str, num_tasks: int, batch_size: int):
     apply_trunk, input_shape, features = (_common.apply_mlp, (INPUT_DIM,),
                                           HIDDEN)
   else:
-    trunk = _init_conv(trunk_key)
-    apply_trunk = _apply_conv
+    trunk = speed._init_conv(trunk_key, CONV)
+    apply_trunk = speed._apply_conv
     input_shape = (CONV["side"], CONV["side"], 1)
     features = CONV["hidden"]
   params = {"trunk": trunk,
