@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks [--suite quick|full] ...``."""
+"""Command line: ``python -m benchmarks [--suite quick|full|paper] ...``."""
 
 from __future__ import annotations
 
@@ -18,10 +18,16 @@ SUITES = {
     # CONFIGS of benchmarks/problems/<name>.py.
     "quick": dict(problems=("scales", "digits", "manytask", "toy2d"),
                   seeds=2, speed_models=("mlp",), speed_tasks=(10,)),
-    # The publication run (`make bench-full`): larger problems, five seeds,
-    # both speed models at every T of benchmarks/speed.py.
+    # The publication run (`make bench-full`, benchmarks/RESULTS.md): the
+    # quick problems with twice the step budgets and five seeds, both speed
+    # models at every T of benchmarks/speed.py. It fits a session on this
+    # project's 2-core machine (the time is in the README).
     "full": dict(problems=("scales", "digits", "manytask", "toy2d"),
                  seeds=5, speed_models=("mlp", "conv"), speed_tasks=None),
+    # The papers' sizes (manytask at T = 128, scales at 250 -> 100, larger
+    # digits): for a bigger machine; hours on 2 CPU cores.
+    "paper": dict(problems=("scales", "digits", "manytask", "toy2d"),
+                  seeds=5, speed_models=("mlp", "conv"), speed_tasks=None),
 }
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "optax_mtl",
                          "jax_compilation_cache")

@@ -432,6 +432,7 @@ def test_cli_parsing():
   assert args.speed_models == ["conv"]
   assert cli.parse_args(["--seeds", "2"]).seeds == [0, 1]
   assert cli.parse_args(["--suite", "full"]).seeds == [0, 1, 2, 3, 4]
+  assert cli.parse_args(["--suite", "paper"]).speed_models == ["mlp", "conv"]
   args = cli.parse_args(["--data-dir", FIXTURES])
   assert args.problems[-1] == "pcba"  # pcba.csv present, no CelebA images
   assert cli.parse_args(["--speed-only"]).problems == []
@@ -736,3 +737,14 @@ def test_an_extreme_delta_m_is_commented():
                                         else 0.7]}}}
   (line,) = report._outlier_findings(result)
   assert "`mgda` is an outlier" in line and "b -13.7 against 0.8" in line
+
+
+def test_every_problem_has_a_configuration_per_suite():
+  # A suite the command line offers must exist in every problem, or the
+  # run fails after minutes of other work.
+  import importlib  # pylint: disable=import-outside-toplevel
+  for name in ("scales", "digits", "manytask", "toy2d", "celeba", "pcba"):
+    configs = importlib.import_module(f"benchmarks.problems.{name}").CONFIGS
+    assert set(configs) == set(cli.SUITES), (name, sorted(configs))
+    # The full suite trains at least as long as the quick one.
+    assert configs["full"]["num_steps"] >= configs["quick"]["num_steps"]

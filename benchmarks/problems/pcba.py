@@ -23,6 +23,8 @@ CONFIGS = {
                   batch_size=256, num_steps=1000, learning_rate=1e-3),
     "full": dict(max_molecules=None, num_buckets=2048, hidden=512, depth=3,
                  batch_size=512, num_steps=20000, learning_rate=1e-3),
+    "paper": dict(max_molecules=None, num_buckets=2048, hidden=512, depth=3,
+                  batch_size=512, num_steps=20000, learning_rate=1e-3),
 }
 
 

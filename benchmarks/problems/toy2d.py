@@ -53,8 +53,10 @@ STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 CONFIGS = {
     "quick": dict(num_steps=20000, learning_rate=1e-3, scale=0.1,
                   grid_size=301),
-    "full": dict(num_steps=100000, learning_rate=1e-3, scale=0.1,
-                 grid_size=801),
+    "full": dict(num_steps=40000, learning_rate=1e-3, scale=0.1,
+                 grid_size=401),
+    "paper": dict(num_steps=100000, learning_rate=1e-3, scale=0.1,
+                  grid_size=801),
 }
 MAX_TRAJECTORY_POINTS = 400
 # The training losses are the objectives shifted by this (× scale for f1),
