@@ -1,0 +1,188 @@
+"""Tests of benchmarks/solver_cost.py: the sequential operation count."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import solver_cost
+
+# A hand-written module whose count follows from the rules: the entry has
+# 2 counted operations (copy, fusion) besides free ones, a call of a
+# computation with a while (known trip count 3) and a conditional whose
+# larger branch has 2 operations. The loop's condition has 1 operation, its
+# body 2 plus a nested while with no known count (condition 1, body 1).
+_MODULE = """\
+HloModule m, is_scheduled=true
+
+%fused (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  %c = f32[] constant(1)
+  %b = f32[2]{0} broadcast(%c), dimensions={}
+  ROOT %a = f32[2]{0} add(%p, %b)
+}
+
+%inner_cond (t: (s32[], f32[2])) -> pred[] {
+  %t = (s32[], f32[2]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %k = s32[] constant(9)
+  ROOT %lt = pred[] compare(%i, %k), direction=LT
+}
+
+%inner_body (t.1: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %t.1 = (s32[], f32[2]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%t.1), index=0
+  %x.1 = f32[2]{0} get-tuple-element(%t.1), index=1
+  %y.1 = f32[2]{0} fusion(%x.1), kind=kLoop, calls=%fused
+  ROOT %r.1 = (s32[], f32[2]{0}) tuple(%i.1, %y.1)
+}
+
+%outer_cond (t.2: (s32[], f32[2])) -> pred[] {
+  %t.2 = (s32[], f32[2]{0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%t.2), index=0
+  %k.2 = s32[] constant(3)
+  ROOT %lt.2 = pred[] compare(%i.2, %k.2), direction=LT
+}
+
+%outer_body (t.3: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %t.3 = (s32[], f32[2]{0}) parameter(0)
+  %i.3 = s32[] get-tuple-element(%t.3), index=0
+  %x.3 = f32[2]{0} get-tuple-element(%t.3), index=1
+  %n.3 = s32[] add(%i.3, %i.3)
+  %y.3 = f32[2]{0} sine(%x.3)
+  %s.3 = (s32[], f32[2]{0}) tuple(%n.3, %y.3)
+  ROOT %inner = (s32[], f32[2]{0}) while(%s.3), condition=%inner_cond, body=%inner_body
+}
+
+%loop_call (t.4: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %t.4 = (s32[], f32[2]{0}) parameter(0)
+  ROOT %outer = (s32[], f32[2]{0}) while(%t.4), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+}
+
+%small (x.5: f32[2]) -> f32[2] {
+  %x.5 = f32[2]{0} parameter(0)
+  ROOT %n.5 = f32[2]{0} negate(%x.5)
+}
+
+%large (x.6: f32[2]) -> f32[2] {
+  %x.6 = f32[2]{0} parameter(0)
+  %n.6 = f32[2]{0} negate(%x.6)
+  ROOT %e.6 = f32[2]{0} exponential(%n.6)
+}
+
+ENTRY %main (x: f32[2], q: pred[]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %q = pred[] parameter(1)
+  %z = s32[] constant(0)
+  %cx = f32[2]{0} copy(%x)
+  %tup = (s32[], f32[2]{0}) tuple(%z, %cx)
+  %call = (s32[], f32[2]{0}) call(%tup), to_apply=%loop_call
+  %out = f32[2]{0} get-tuple-element(%call), index=1
+  %f = f32[2]{0} fusion(%out), kind=kLoop, calls=%fused
+  %bc = f32[2]{0} bitcast(%f)
+  ROOT %cond = f32[2]{0} conditional(%q, %bc, %bc), true_computation=%small, false_computation=%large
+}
+"""
+
+
+def _inner_total(trips):
+  return trips * (1 + 1) + 1  # trips · (condition + body) + condition
+
+
+def test_hand_written_module_counts_by_the_rules():
+  for trips, inner_trips, source in ((None, 1, "assumed_once"),
+                                     (4, 4, "given"),
+                                     ({"inner": 6}, 6, "given")):
+    ops = solver_cost.count_hlo(_MODULE, trips=trips)
+    outer_per_trip = 1 + (2 + _inner_total(inner_trips))
+    assert ops["outside_loops"] == 2 + 2  # copy, fusion; the larger branch
+    assert ops["total"] == 4 + 3 * outer_per_trip + 1
+    assert ops["per_trip"] == {"outer": outer_per_trip, "inner": 2}
+    loops = {loop["name"]: loop for loop in ops["loops"]}
+    assert loops["outer"]["trip_source"] == "known"
+    assert loops["outer"]["trips"] == 3
+    assert loops["inner"]["trips"] == inner_trips
+    assert loops["inner"]["trip_source"] == source
+    assert loops["inner"]["depth"] == 1
+    assert ops["assumed_once"] == (["inner"] if trips is None else [])
+
+
+def test_tuple_shaped_instruction_opcodes_are_read():
+  assert solver_cost._opcode(
+      " ((s32[], f32[2]{0}), pred[]) while(%t), condition=%c") == "while"
+  assert solver_cost._opcode(" f32[3,3]{1,0} custom-call(%a)") == "custom-call"
+  with pytest.raises(ValueError, match="opcode"):
+    solver_cost._opcode(" f32[2] ")
+
+
+def test_module_without_entry_is_refused():
+  with pytest.raises(ValueError, match="ENTRY"):
+    solver_cost.count_hlo("HloModule m\n")
+
+
+def _fori(n):
+  def f(x):
+    return jax.lax.fori_loop(0, n, lambda i, y: jnp.sin(y) @ y, x)
+  return f
+
+
+def test_fori_loop_known_trip_count_scales_the_body():
+  x = jnp.ones((3, 3))
+  five = solver_cost.sequential_ops(_fori(5), x)
+  eight = solver_cost.sequential_ops(_fori(8), x)
+  (loop,) = five["loops"]
+  assert loop["trip_source"] == "known" and loop["trips"] == 5
+  # sin and dot at least, in the body; the compare in the condition.
+  assert loop["body"] >= 2 and loop["condition"] >= 1
+  assert eight["total"] - five["total"] == 3 * loop["per_trip"]
+  assert five["outside_loops"] == eight["outside_loops"]
+  assert five["total"] == five["outside_loops"] + loop["total"]
+  assert not five["assumed_once"]
+
+
+def _while(x, n):
+  def body(carry):
+    i, y = carry
+    return i + 1, jnp.cos(y) @ y
+  return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+
+def test_while_loop_uses_the_given_trips_or_counts_once():
+  args = (jnp.ones((3, 3)), 4)
+  once = solver_cost.sequential_ops(_while, *args)
+  given = solver_cost.sequential_ops(_while, *args, trips=4)
+  (loop,) = once["loops"]
+  assert once["assumed_once"] == [loop["name"]]
+  assert loop["trips"] == 1
+  assert given["loops"][0]["trip_source"] == "given"
+  assert given["total"] - once["total"] == 3 * loop["per_trip"]
+  by_name = solver_cost.sequential_ops(_while, *args,
+                                       trips={loop["name"]: 4})
+  assert by_name["total"] == given["total"]
+
+
+def test_nested_loops_multiply():
+  def f(x):
+    def outer(i, y):
+      return jax.lax.fori_loop(0, 4, lambda j, z: jnp.sin(z) @ z, y) * 2.0
+    return jax.lax.fori_loop(0, 3, outer, x)
+
+  ops = solver_cost.sequential_ops(f, jnp.ones((3, 3)))
+  loops = sorted(ops["loops"], key=lambda loop: loop["depth"])
+  assert [loop["trips"] for loop in loops] == [3, 4]
+  outer, inner = loops
+  assert inner["depth"] == 1
+  assert inner["total"] == 4 * inner["per_trip"] + inner["condition"]
+  # The outer body holds the inner loop's whole run, three times.
+  assert outer["body"] >= inner["total"] + 1
+  assert outer["total"] == 3 * outer["per_trip"] + outer["condition"]
+  assert ops["total"] == ops["outside_loops"] + outer["total"]
+
+
+def test_conditional_counts_its_larger_branch():
+  def f(x, q):
+    return jax.lax.cond(q, lambda y: -y,
+                        lambda y: jnp.exp(jnp.sin(y) @ y) @ y, x)
+
+  ops = solver_cost.sequential_ops(f, jnp.ones((3, 3)), True)
+  cheap = solver_cost.sequential_ops(lambda x: -x, jnp.ones((3, 3)))
+  assert ops["total"] >= cheap["total"] + 2  # two dots at least
