@@ -117,10 +117,15 @@ def plan_units(args) -> tuple[list[str], dict[str, int], dict[str, str]]:
   # pylint: disable=import-outside-toplevel
   from benchmarks import runner
   from benchmarks import speed
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import strategies as strategies_lib
   kinds = _kinds(args.strategies)
-  groups = runner.plan_groups(kinds)
   units, programs = [], {}
   for problem in args.problems:
+    # toy2d is the one built-in problem with fewer than 3 tasks (T = 2).
+    names = [name for name in args.strategies
+             if problem != "toy2d" or strategies_lib.runs_at(name, 2)]
+    groups = runner.plan_groups({name: kinds[name] for name in names})
     programs[problem] = len(groups) + (problem != "toy2d")
     if problem != "toy2d":
       units.append(f"{problem}/compile single-task (1)")
@@ -128,12 +133,13 @@ def plan_units(args) -> tuple[list[str], dict[str, int], dict[str, str]]:
               for kind, members in groups]
     if problem != "toy2d":
       units.append(f"{problem}/single-task")
-    units += [f"{problem}/{name}" for name in args.strategies]
+    units += [f"{problem}/{name}" for name in names]
   if not args.no_speed:
     for model in args.speed_models:
       tasks = args.speed_tasks or speed.model_config(model)["num_tasks"]
       units += [f"speed {model} T={t}/{name}" for t in tasks
-                for name in args.strategies]
+                for name in args.strategies
+                if strategies_lib.runs_at(name, t)]
   return units, programs, kinds
 
 

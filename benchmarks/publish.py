@@ -23,6 +23,17 @@ LOSS_TARGET = 1.05  # Issue: loss-only step within 5 % of jax.value_and_grad.
 GRAMIAN_TARGET = 1.10  # Issue: Gramian step ≤ 1.10 × the Jacobian-only step.
 
 
+def _low(values) -> float:
+  """The smallest value, NaN (a T where a strategy is not defined) left
+  out."""
+  return min((x for x in values if x == x), default=float("nan"))
+
+
+def _high(values) -> float:
+  """The largest value, NaN left out."""
+  return max((x for x in values if x == x), default=float("nan"))
+
+
 def speed_runs(speed: Optional[dict]) -> dict[str, dict]:
   """``{model: run_speed result}`` from a results.json ``speed`` entry."""
   if not speed:
@@ -48,10 +59,16 @@ def speed_summary(speed: dict) -> list[str]:
   loss_rows, gramian_rows = [], []
   for name, by_tasks in speed["strategies"].items():
     entries = [by_tasks.get(t, {}) for t in tasks]
-    if not entries[0]:
+    kinds = [e["kind"] for e in entries if e]
+    if not kinds:
       continue
-    flop_ratios = [e.get("flops_ratio", float("nan")) for e in entries]
-    if entries[0]["kind"] == "losses":
+    # A strategy not defined at some T (krum at T = 2) has NaN there.
+    nan = float("nan")
+    entries = [e or {"step_ms": nan, "ratio_plain": nan,
+                     "ratio_jacobian": nan, "memory_bytes": nan}
+               for e in entries]
+    flop_ratios = [e.get("flops_ratio", nan) for e in entries]
+    if kinds[0] == "losses":
       loss_rows.append((name, [e["ratio_plain"] for e in entries],
                         flop_ratios,
                         [e.get("ratio_by_hand", float("nan"))
@@ -88,7 +105,7 @@ def speed_summary(speed: dict) -> list[str]:
         f"losses: {within}/{len(loss_rows)} strategies within "
         f"{LOSS_TARGET:.2f} at every T; worst {worst[0]:.2f} ({worst[1]}). "
         "Per T: " + ", ".join(
-            f"T={t}: {min(col):.2f}–{max(col):.2f}"
+            f"T={t}: {_low(col):.2f}–{_high(col):.2f}"
             for t, col in zip(tasks, ratio_columns)) + ". Time added per "
         "step (µs; the plain step takes " + ", ".join(
             f"{b['plain']['step_ms'] * 1e3:.0f}" for b in baselines)
@@ -105,7 +122,7 @@ def speed_summary(speed: dict) -> list[str]:
         f"{max(by_hand):.2f}.")
   if gramian_rows:
     within = [n for n, r, _, _, _ in gramian_rows
-              if all(x <= GRAMIAN_TARGET for x in r)]
+              if all(x <= GRAMIAN_TARGET for x in r if x == x)]
     over = [f"{n} ({', '.join(f'{x:.2f}' for x in r)})"
             for n, r, _, _, _ in gramian_rows if n not in within]
     flop_columns = list(zip(*[f for _, _, _, f, _ in gramian_rows]))
@@ -114,12 +131,12 @@ def speed_summary(speed: dict) -> list[str]:
         "- Gramian strategies, floating-point operations ÷ the "
         "Jacobian-only step (XLA's count; a solver's loop body is counted "
         "once): " + ", ".join(
-            f"T={t}: {min(col):.3f}–{max(col):.3f}"
+            f"T={t}: {_low(col):.3f}–{_high(col):.3f}"
             for t, col in zip(tasks, flop_columns)) + ".")
     lines.append(
         "- Gramian strategies ÷ a plain training step (what a user pays "
         "against training without optax_mtl): " + ", ".join(
-            f"T={t}: {min(col):.1f}–{max(col):.1f}×"
+            f"T={t}: {_low(col):.1f}–{_high(col):.1f}×"
             for t, col in zip(tasks, plain_columns)) + "; the Jacobian-only "
         "step alone takes " + ", ".join(
             f"{b['jacobian']['step_ms'] / b['plain']['step_ms']:.1f}×"
@@ -134,7 +151,7 @@ def speed_summary(speed: dict) -> list[str]:
     lines.append(
         "- Peak memory of the Gramian strategies (MiB, at T = "
         f"{', '.join(tasks)}): "
-        + ", ".join(f"{min(col):.2f}–{max(col):.2f}" for col in zip(*memory))
+        + ", ".join(f"{_low(col):.2f}–{_high(col):.2f}" for col in zip(*memory))
         + (("; with `gramian_mode=\"low_memory\"` (upgrad): "
             + ", ".join(f"{low[t]['memory_bytes'] / 2**20:.2f}"
                         for t in tasks)) if low else "") + ".")

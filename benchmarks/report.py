@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks import strategies as strategies_lib
 from benchmarks.runner import STILL_IMPROVING
 
 CONFIDENCE = 0.95
@@ -488,6 +490,32 @@ def findings_markdown(results: dict[str, dict],
   return lines
 
 
+def coverage_markdown(results: dict[str, dict],
+                      speed: Optional[dict] = None) -> list[str]:
+  """Which strategies of ``optax_mtl`` this run covers, and why not the
+  others (``benchmarks.strategies.NOT_RUN``, and per problem the ones not
+  defined at its number of tasks)."""
+  run = sorted({name for result in results.values()
+                for name in result["strategies"]}
+               | {name for model in (speed or {}).values()
+                  for name in model["strategies"]})
+  lines = ["## Strategies covered", "",
+           f"This run: {len(run)} strategies ({', '.join(run)})."]
+  for name, why in strategies_lib.NOT_RUN.items():
+    lines.append(f"- `{name}` not run: {why}.")
+  for problem, result in results.items():
+    for name, why in result.get("skipped", {}).items():
+      lines.append(f"- `{name}` not run on `{problem}`: {why}.")
+  for model, run_ in (speed or {}).items():
+    for name, per_t in run_["strategies"].items():
+      missing = [str(t) for t in run_["num_tasks"] if str(t) not in per_t]
+      if missing:
+        lines.append(f"- `{name}` not timed on the {model} trunk at "
+                     f"T = {', '.join(missing)}: needs at least "
+                     f"{strategies_lib.MIN_TASKS.get(name, 2)} tasks.")
+  return lines + [""]
+
+
 def protocol_markdown(results: dict[str, dict]) -> list[str]:
   """How every model was trained and selected."""
   settings = next((r["protocol"] for r in results.values()
@@ -807,7 +835,9 @@ def plot_weights(result: dict, path: str) -> None:
       continue
     x = steps[:weights.shape[0]]
     if many:
-      with np.errstate(all="ignore"):
+      # krum and trimmed_mean have no weights (all NaN): an empty panel.
+      with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         ax.fill_between(x, np.nanmin(weights, 1), np.nanmax(weights, 1),
                         color="tab:blue", alpha=0.25, lw=0,
                         label="range over tasks")
@@ -919,14 +949,16 @@ def plot_speed(speed: dict, path: str) -> None:
                        / 2**20 for t in ts], style, lw=2)
     for name, per_t in run["strategies"].items():
       entries = [per_t.get(str(t), {}) for t in ts]
-      gramian = entries[0].get("kind") == "gramian"
+      gramian = any(e.get("kind") == "gramian" for e in entries)
       style = dict(color=colors[name], lw=1.0, ms=3,
                    marker="s" if gramian else "o",
                    ls="-" if gramian else "--")
-      line, = ax_time.plot(ts, [e["step_ms"] for e in entries], **style,
-                           label=name)
+      # NaN (no point) where the strategy is not defined (krum at T = 2).
+      line, = ax_time.plot(ts, [e.get("step_ms", np.nan) for e in entries],
+                           **style, label=name)
       handles.setdefault(name, line)
-      ax_ratio.plot(ts, [e["ratio_plain"] for e in entries], **style)
+      ax_ratio.plot(ts, [e.get("ratio_plain", np.nan) for e in entries],
+                    **style)
       ax_mem.plot(ts, [(e.get("memory_bytes") or 0) / 2**20
                        for e in entries], **style)
     for label, per_t in run.get("options", {}).items():
@@ -1122,7 +1154,7 @@ def _speed_markdown(speed: dict[str, dict], image: Optional[str]) -> list[str]:
     lines += [header, "|---|---|" + "---:|" * (4 * len(ts))]
     for name, per_t in run["strategies"].items():
       entries = [per_t.get(str(t), {}) for t in ts]
-      kind = entries[0].get("kind", "?")
+      kind = next((e["kind"] for e in entries if e), "?")
       cells = [_ms(e.get("step_ms")) for e in entries]
       cells += [_ratio(e.get("ratio_plain")) for e in entries]
       cells += [_ratio(e.get("ratio_jacobian", e.get("ratio_equal")))
@@ -1187,6 +1219,7 @@ def write_report(results: dict[str, dict], out_dir: str,
               f"- wall time: {meta.get('wall_seconds', float('nan')):.0f} s",
               ""]
   lines += findings_markdown(results, speed_models)
+  lines += coverage_markdown(results, speed_models)
   lines += protocol_markdown(results)
   lines += ["## Ranking summary", "",
             "| problem | best → worst (by Δm%, toy2d by Pareto reached) |",

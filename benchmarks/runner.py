@@ -656,7 +656,7 @@ def run_problem(
     strategies: names of ``benchmarks.strategies.STRATEGIES`` (default: all
       of them); an unknown name raises ``ValueError``.
     seeds: the number of seeds (0, 1, …) or a list of seeds.
-    suite: "quick" or "full" (used when ``problem`` is a name).
+    suite: "quick", "full" or "paper" (used when ``problem`` is a name).
     data_dir: folder of real data sets (used when ``problem`` is a name).
     num_steps: overrides the problem's training budget (the most steps).
     progress: called with a short label after every compiled program and
@@ -669,7 +669,8 @@ def run_problem(
   Returns:
     ``{"problem", "tasks", "metrics", "higher_is_better", "seeds",
     "protocol", "single_task", "strategies": {name: {..., "weights",
-    "losses", "selection", "step_ms", "train_seconds"}}, "ranking"}``.
+    "losses", "selection", "step_ms", "train_seconds"}}, "skipped":
+    {name: why} (the strategies not defined at this T), "ranking"}``.
   """
   if isinstance(problem, str):
     problem = problems_lib.make(problem, suite=suite, data_dir=data_dir)
@@ -677,9 +678,11 @@ def run_problem(
   names = strategies_lib.resolve(strategies)
   progress = progress or (lambda label: None)
   result = {} if into is None else into
+  names, skipped = strategies_lib.split_runnable(names, problem.num_tasks)
   if "run" in problem.extra:  # A problem with its own protocol (the toy).
     result.update(problem.extra["run"](problem, names, seeds, num_steps,
                                        progress, result))
+    result["skipped"] = skipped
     return result
   settings = protocol_settings(num_steps or problem.num_steps, **protocol)
   result.update({
@@ -694,6 +697,7 @@ def run_problem(
       "curve_steps": [(k + 1) * settings["eval_every"]
                       for k in range(settings["num_evals"])],
       "strategies": {},
+      "skipped": skipped,
   })
   overrides = settings_overrides(settings)
   built = {name: strategies_lib.make(name, problem.num_tasks)

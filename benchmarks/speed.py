@@ -106,8 +106,10 @@ def options(base: str = OPTIONS_BASE) -> tuple[str, ...]:
 def num_units(names: Sequence[str], models: Sequence[str] = DEFAULT_MODELS,
               num_tasks: Optional[Sequence[int]] = None) -> int:
   """Progress units of :func:`run_speed_models` (one per strategy and T)."""
-  return sum(len(names) * len(num_tasks or model_config(model)["num_tasks"])
-             for model in models)
+  return sum(strategies_lib.runs_at(name, t)
+             for model in models
+             for t in (num_tasks or model_config(model)["num_tasks"])
+             for name in names)
 
 
 def _init_conv(key, cfg):
@@ -451,6 +453,8 @@ def run_speed(
     baseline_keys = tuple(loops)
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
+      if not strategies_lib.runs_at(name, t):
+        continue  # Not defined at this T (krum at T = 2): no entry.
       strategy = strategies_lib.make(name, t)
       gramian = strategies_lib.reads_task_gradients(strategy)
       entries[name] = {"kind": "gramian" if gramian else "losses"}

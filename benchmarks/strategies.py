@@ -16,10 +16,10 @@ import optax_mtl
 # Loss-only strategies first, then those that read the per-task gradients
 # (through their Gramian, then the gradients themselves); "equal" is the
 # baseline. sdmgrad and modo read three minibatches a step: the step's own
-# and the next two steps'. Left out: krum and trimmed_mean, robust
-# aggregators that need T >= 3 (toy2d and the speed benchmark's smallest
-# run have two tasks), and constant (weights the user chooses; with equal
-# ones it is "equal").
+# and the next two steps'. krum and trimmed_mean, robust aggregators, run
+# where T >= 3 (MIN_TASKS); constant runs with the weights 1/T (the mean of
+# the losses: under Adam the same training as "equal" up to Adam's ε, a
+# check of the harness rather than a method).
 STRATEGIES: dict[str, dict[str, Any]] = {
     "equal": {},
     "ema": {},
@@ -58,6 +58,29 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "excess_mtl": {},
     "sdmgrad": {},
     "modo": {},
+    "krum": {},
+    "trimmed_mean": {},
+    "constant": {"weights": lambda num_tasks: [1.0 / num_tasks] * num_tasks},
+}
+
+# The fewest tasks a strategy is defined for (others: 2). A problem or
+# speed size with fewer tasks skips it and says so.
+MIN_TASKS: dict[str, int] = {"krum": 3, "trimmed_mean": 3}
+
+# The factories of optax_mtl.__all__ that the suite does not run, and why
+# (tests/test_benchmarks.py checks that every strategy factory is either in
+# STRATEGIES or here).
+NOT_RUN: dict[str, str] = {
+    "recompute_every": "a wrapper that reuses any strategy's weights for n "
+                       "steps; timed in the speed benchmark (upgrad, n = 10)",
+    "smooth_weights": "a wrapper that smooths any weighting's weights "
+                      "(CR-MOGM); its result depends on the strategy it "
+                      "wraps",
+    "with_shared_parameters": "a wrapper that restricts a strategy to the "
+                              "shared parameters; timed in the speed "
+                              "benchmark (upgrad, shared=trunk)",
+    "as_gradient_transformation": "the optax face of a strategy, not a "
+                                  "method of its own",
 }
 
 BASELINE = "equal"
@@ -87,7 +110,24 @@ def make(name: str, num_tasks: int, **overrides) -> Any:
     TypeError: a keyword argument the factory does not take.
   """
   (name,) = resolve([name])
-  return getattr(optax_mtl, name)(num_tasks, **STRATEGIES[name], **overrides)
+  kwargs = {key: value(num_tasks) if callable(value) else value
+            for key, value in STRATEGIES[name].items()}
+  return getattr(optax_mtl, name)(num_tasks, **{**kwargs, **overrides})
+
+
+def runs_at(name: str, num_tasks: int) -> bool:
+  """Whether ``name`` is defined for ``num_tasks`` tasks (:data:`MIN_TASKS`)."""
+  return num_tasks >= MIN_TASKS.get(name, 2)
+
+
+def split_runnable(names: Sequence[str],
+                   num_tasks: int) -> tuple[list[str], dict[str, str]]:
+  """``(runnable, skipped)``: the names defined at ``num_tasks`` tasks, and
+  ``{name: why}`` for the others."""
+  runnable = [name for name in names if runs_at(name, num_tasks)]
+  skipped = {name: f"needs at least {MIN_TASKS[name]} tasks"
+             for name in names if not runs_at(name, num_tasks)}
+  return runnable, skipped
 
 
 def reads_task_gradients(strategy: Any) -> bool:
