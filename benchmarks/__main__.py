@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--speed-batch", type=int, default=None,
                       help="minibatch size of the speed model (default "
                            "256); a larger batch makes every step longer")
+  parser.add_argument("--device-check", nargs="?", default=None,
+                      const=os.path.join("benchmarks", "results", "device"),
+                      metavar="FOLDER",
+                      help="run only the prepared GPU check (at most 5 "
+                           "minutes: speed of the Gramian strategies, solver "
+                           "trips and op counts, the device tests) and write "
+                           "it into FOLDER (default benchmarks/results/"
+                           "device); refuses without a GPU or TPU")
+  parser.add_argument("--allow-cpu", action="store_true",
+                      help="let --device-check run on the CPU (a dry run)")
   return parser
 
 
@@ -311,6 +321,11 @@ def finish_partial(results: dict) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  if args.device_check is not None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from benchmarks import solver_cost  # pylint: disable=import-outside-toplevel
+    solver_cost.device_check(args.device_check, allow_cpu=args.allow_cpu)
+    return 0
   os.environ.setdefault("MPLBACKEND", "Agg")
   # pylint: disable=import-outside-toplevel
   from benchmarks import costs

@@ -19,10 +19,26 @@ Command line::
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import re
-from typing import Any, Callable, Mapping, Optional, Union
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_mtl
+from benchmarks import speed
+from benchmarks import strategies as strategies_lib
+from optax_mtl._src import step as step_lib
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Opcodes that execute nothing: they name, group or reinterpret buffers
 # (parameter, constant, tuple, get-tuple-element, bitcast), order effects
@@ -219,3 +235,442 @@ def sequential_ops(fn: Callable, *args, trips: Trips = None) -> dict[str, Any]:
   """
   text = jax.jit(fn).lower(*args).compile().as_text()
   return count_hlo(text, trips)
+
+
+# --------------------------------------------------------------------------
+# Trips per step over a real training run, and the solver part's count.
+# --------------------------------------------------------------------------
+
+DEFAULT_TASKS = (10, 40)
+# The speed benchmark's MLP, a new minibatch at every step, trained by Adam.
+CONFIG = dict(model="mlp", steps=100, first_step=20, learning_rate=1e-3)
+# Parameters to build a state from where their shapes do not matter (the
+# state of a strategy that reads the Gramian does not depend on them).
+_PARAMS = {"w": np.zeros((1,), np.float32)}
+
+
+def solver_strategies(names: Optional[Sequence[str]] = None,
+                      num_tasks: int = 10) -> list[str]:
+  """The strategies of ``benchmarks/strategies.py`` (or ``names``) whose state
+  has ``solver_iterations`` at ``num_tasks`` tasks."""
+  names = strategies_lib.resolve(names)
+  # runs_at: the strategies defined at this T (older trees lack it).
+  runs_at = getattr(strategies_lib, "runs_at", lambda name, t: True)
+  return [name for name in names
+          if runs_at(name, num_tasks) and hasattr(
+              strategies_lib.make(name, num_tasks).init(_PARAMS),
+              "solver_iterations")]
+
+
+def solver_part(strategy: Any) -> Callable:
+  """``(gramian, task_losses, state) -> (weights, new_state)``: what a step of
+  ``optax_mtl.value_and_grad`` runs between the Gramian and the weighted
+  backward pass (the strategy's guarded rule, as the engine calls it)."""
+  weighting, options = step_lib.strategy_parts(strategy)
+  options = options._replace(recompute_every=1)
+
+  def part(gramian, task_losses, state):
+    return step_lib.weights_step(weighting, options, task_losses, state,
+                                 lambda: gramian)
+
+  return part
+
+
+def _statistics(values: np.ndarray) -> dict[str, float]:
+  return {"median": float(np.median(values)),
+          "p95": float(np.percentile(values, 95)),
+          "max": int(np.max(values)), "mean": float(np.mean(values))}
+
+
+def trips_per_step(name: str, num_tasks: int,
+                   config: Optional[dict] = None) -> dict[str, Any]:
+  """``solver_iterations`` at every step of a training run, warm and cold.
+
+  Trains the speed benchmark's MLP (``speed.make_model``, a new minibatch
+  at every step) with ``optax_mtl.value_and_grad(loss_fn, strategy)`` and
+  Adam for ``steps`` steps. Warm: the trips of the step as trained (state
+  carried). Cold: the same step (same parameters and minibatch, hence the
+  same Gramian) solved from a fresh ``init`` state.
+
+  Returns:
+    ``{"warm": [int] * steps, "cold": [int] * steps, "warm_stats",
+    "cold_stats"}``, the statistics (median, p95, max, mean) over steps
+    ``first_step`` to ``steps - 1``.
+  """
+  cfg = dict(CONFIG, **(config or {}))
+  model_cfg = speed.model_config(cfg["model"], {
+      "num_batches": cfg["steps"], **cfg.get("model_config", {})})
+  params, loss_fn, batches, _, _ = speed.make_model(num_tasks, model_cfg)
+  strategy = strategies_lib.make(name, num_tasks)
+  step = optax_mtl.value_and_grad(loss_fn, strategy)
+  optimizer = optax.adam(cfg["learning_rate"])
+
+  @jax.jit
+  def train_step(params, opt_state, state, batch):
+    (_, grads), new_state = step(params, state, batch)
+    _, cold_state = step(params, strategy.init(params), batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, new_state,
+            new_state.solver_iterations, cold_state.solver_iterations)
+
+  state, opt_state = strategy.init(params), optimizer.init(params)
+  warm, cold = [], []
+  for index in range(cfg["steps"]):
+    batch = jax.tree.map(lambda b, i=index: b[i], batches)
+    params, opt_state, state, warm_trips, cold_trips = train_step(
+        params, opt_state, state, batch)
+    warm.append(int(warm_trips))
+    cold.append(int(cold_trips))
+  kept = slice(cfg["first_step"], cfg["steps"])
+  return {"warm": warm, "cold": cold,
+          "warm_stats": _statistics(np.asarray(warm[kept])),
+          "cold_stats": _statistics(np.asarray(cold[kept]))}
+
+
+def solver_ops(name: str, num_tasks: int,
+               trips: Mapping[str, int]) -> dict[str, Any]:
+  """:func:`sequential_ops` of :func:`solver_part` on a ``[T, T]`` float32
+  Gramian, once per entry of ``trips`` (e.g. ``{"warm": 1, "cold": 5}``):
+  ``{"outside_loops", "loops", "unknown_loops", "total_<key>": int}``."""
+  strategy = strategies_lib.make(name, num_tasks)
+  args = (jax.ShapeDtypeStruct((num_tasks, num_tasks), jnp.float32),
+          jax.ShapeDtypeStruct((num_tasks,), jnp.float32),
+          strategy.init(_PARAMS))
+  text = jax.jit(solver_part(strategy)).lower(*args).compile().as_text()
+  out: dict[str, Any] = {}
+  for key, value in trips.items():
+    ops = count_hlo(text, int(round(value)))
+    out.setdefault("outside_loops", ops["outside_loops"])
+    out.setdefault("loops", [{k: loop[k] for k in (
+        "name", "depth", "trip_source", "per_trip")} for loop in ops["loops"]])
+    out["unknown_loops"] = sum(loop["trip_source"] != "known"
+                               for loop in ops["loops"])
+    out[f"total_{key}"] = ops["total"]
+  return out
+
+
+def _git_state() -> dict[str, Any]:
+  """HEAD's commit and the package's uncommitted files (the run's code)."""
+  def git(*command):
+    try:
+      return subprocess.run(("git",) + command, capture_output=True, text=True,
+                            check=True, cwd=_ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+  status = git("status", "--porcelain", "--", "optax_mtl")
+  return {"commit": git("rev-parse", "HEAD"),
+          "uncommitted": status.splitlines() if status else []}
+
+
+def run(names: Optional[Sequence[str]] = None,
+        num_tasks: Sequence[int] = DEFAULT_TASKS,
+        config: Optional[dict] = None,
+        progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+  """Trips per step and sequential operations of every solver strategy.
+
+  Returns:
+    ``{"config", "git", "machine", "strategies": {name: {T: {"warm",
+    "cold" (statistics of :func:`trips_per_step`), "trips": {"warm",
+    "cold"} (per step), "ops": :func:`solver_ops` at the median warm and
+    cold trips}}}}`` (T as a string key).
+  """
+  cfg = dict(CONFIG, **(config or {}))
+  progress = progress or (lambda label: None)
+  out: dict[str, Any] = {
+      "config": {**cfg, "num_tasks": list(num_tasks)}, "git": _git_state(),
+      "machine": {"backend": jax.default_backend(),
+                  "devices": [str(d) for d in jax.devices()]},
+      "strategies": {}}
+  for t in num_tasks:
+    for name in solver_strategies(names, t):
+      trips = trips_per_step(name, t, cfg)
+      ops = solver_ops(name, t, {"warm": trips["warm_stats"]["median"],
+                                 "cold": trips["cold_stats"]["median"]})
+      out["strategies"].setdefault(name, {})[str(t)] = {
+          "warm": trips["warm_stats"], "cold": trips["cold_stats"],
+          "trips": {"warm": trips["warm"], "cold": trips["cold"]},
+          "ops": ops}
+      progress(f"{name} T={t}")
+  return out
+
+
+def _rows(result: dict[str, Any]):
+  for name, by_t in result["strategies"].items():
+    for t, entry in by_t.items():
+      yield name, t, entry
+
+
+def table(result: dict[str, Any]) -> str:
+  """A Markdown table: trips (median / p95, cold and warm) and operations."""
+  lines = ["| strategy | T | trips cold (median / p95) | trips warm "
+           "(median / p95) | ops outside loops | ops per step (warm trips) "
+           "| ops (cold trips) | loops (unknown count) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, t, entry in _rows(result):
+    ops = entry["ops"]
+    lines.append(
+        f"| {name} | {t} | {entry['cold']['median']:g} / "
+        f"{entry['cold']['p95']:g} | {entry['warm']['median']:g} / "
+        f"{entry['warm']['p95']:g} | {ops['outside_loops']} | "
+        f"{ops['total_warm']} | {ops['total_cold']} | {len(ops['loops'])} "
+        f"({ops['unknown_loops']}) |")
+  return "\n".join(lines)
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+  """A Markdown table of before, after and after ÷ before for each figure."""
+  figures = (("trips warm median", lambda e: e["warm"]["median"]),
+             ("trips warm p95", lambda e: e["warm"]["p95"]),
+             ("trips cold median", lambda e: e["cold"]["median"]),
+             ("ops per step (warm)", lambda e: e["ops"]["total_warm"]))
+  lines = ["| strategy | T | " + " | ".join(
+      f"{label} before / after (ratio)" for label, _ in figures) + " |",
+           "|---|---|" + "---|" * len(figures)]
+  for name, t, entry in _rows(after):
+    old = before["strategies"].get(name, {}).get(t)
+    cells = []
+    for _, read in figures:
+      new_value = read(entry)
+      if old is None:
+        cells.append(f"– / {new_value:g}")
+        continue
+      old_value = read(old)
+      ratio = (f"{new_value / old_value:.2f}" if old_value else
+               ("1" if new_value == old_value else "–"))
+      cells.append(f"{old_value:g} / {new_value:g} ({ratio})")
+    lines.append(f"| {name} | {t} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# The prepared device check (issue 18, item 6).
+# --------------------------------------------------------------------------
+
+DEVICE_OUT = os.path.join("benchmarks", "results", "device")
+# What `python -m benchmarks --device-check` runs, in this order, each part
+# only if its estimate fits in what is left of budget_seconds (5 minutes
+# less a margin for starting Python and JAX).
+DEVICE_CHECK = dict(
+    budget_seconds=270.0,
+    # (model, T) of the speed benchmark, the Gramian strategies and the
+    # Jacobian-only baseline; fewer, shorter rounds than on the shared CPU
+    # (a lent GPU is quiet).
+    speed=(("mlp", 2), ("mlp", 10), ("mlp", 40), ("conv", 2), ("conv", 10)),
+    speed_config={"rounds": 5, "target_seconds": 0.02},
+    trips_tasks=DEFAULT_TASKS,
+    trips_strategies=None,  # None: every strategy with a solver.
+    trips_config={"steps": 100},
+    tests=("tests/test_solvers.py",),
+    # Seconds each part is expected to take on an H100 (compilation
+    # dominates); a speed part's estimate grows to the last one measured.
+    estimates={"speed": 30.0, "trips": 25.0, "tests": 30.0},
+)
+
+
+def has_accelerator() -> bool:
+  """Whether JAX's default backend is a GPU or TPU."""
+  return jax.default_backend() != "cpu"
+
+
+def gramian_strategies(num_tasks: int) -> list[str]:
+  """The strategies of ``benchmarks/strategies.py`` that read the Gramian."""
+  runs_at = getattr(strategies_lib, "runs_at", lambda name, t: True)
+  return [name for name in strategies_lib.STRATEGIES
+          if runs_at(name, num_tasks)
+          and optax_mtl.weighting_of(strategies_lib.make(
+              name, num_tasks)).needs is optax_mtl.Needs.GRAMIAN]
+
+
+def _device_info() -> dict[str, Any]:
+  devices = jax.devices()
+  info = {"backend": jax.default_backend(), "jax": jax.__version__,
+          "devices": [str(d) for d in devices],
+          "device_kind": [d.device_kind for d in devices],
+          "git": _git_state()}
+  try:
+    info["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+         "--format=csv,noheader"], capture_output=True, text=True,
+        timeout=20, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    info["nvidia_smi"] = None
+  return info
+
+
+def _merge_speed(total: dict[str, Any], part: dict[str, Any]) -> None:
+  """Adds one (model, T) :func:`speed.run_speed` result to ``total``."""
+  model = total.setdefault(part["model"], {
+      "model": part["model"], "config": part["config"], "num_tasks": [],
+      "baselines": {}, "strategies": {}, "options": {}})
+  model["num_tasks"] = model["config"]["num_tasks"] = (
+      model["num_tasks"] + list(part["num_tasks"]))
+  model["baselines"].update(part["baselines"])
+  for key in ("strategies", "options"):
+    for name, by_t in part[key].items():
+      model[key].setdefault(name, {}).update(by_t)
+
+
+class _Budget:
+  """Seconds left of the device check, and the log of what ran or not."""
+
+  def __init__(self, seconds: float):
+    self.started, self.seconds = time.perf_counter(), seconds
+    self.log: list[dict[str, Any]] = []
+
+  def left(self) -> float:
+    return self.seconds - (time.perf_counter() - self.started)
+
+  def run(self, label: str, estimate: float, fn: Callable[[], Any]):
+    """``fn()`` if ``estimate`` fits in what is left, else None (logged)."""
+    if estimate > self.left():
+      self.log.append({"part": label, "skipped": (
+          f"expected {estimate:.0f} s, {max(self.left(), 0):.0f} s left")})
+      print(f"  skipped {label}: {self.log[-1]['skipped']}", flush=True)
+      return None
+    start = time.perf_counter()
+    result = fn()
+    self.log.append({"part": label,
+                     "seconds": round(time.perf_counter() - start, 1)})
+    print(f"  {label}: {self.log[-1]['seconds']} s "
+          f"({max(self.left(), 0):.0f} s left)", flush=True)
+    return result
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w", encoding="utf-8") as file:
+    json.dump(value, file, indent=1, default=str)
+
+
+def _device_tests(check: dict[str, Any], budget: _Budget, out_dir: str):
+  """Runs the device's pytest subset, stopped at what is left of the
+  budget; its output goes to ``tests.log``."""
+  command = [sys.executable, "-m", "pytest", "-q", "-x", "-p",
+             "no:cacheprovider", *check["tests"]]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True,
+                          cwd=_ROOT, timeout=max(budget.left(), 1.0))
+    output, status = done.stdout + done.stderr, done.returncode
+  except subprocess.TimeoutExpired as error:
+    output = (error.stdout or b"").decode() if isinstance(
+        error.stdout, bytes) else (error.stdout or "")
+    status = "stopped: the budget ran out"
+  with open(os.path.join(out_dir, "tests.log"), "w", encoding="utf-8") as file:
+    file.write(" ".join(command) + "\n" + output)
+  tail = output.strip().splitlines()[-1:] or [""]
+  return {"command": " ".join(command), "status": status, "last": tail[0]}
+
+
+def device_check(out_dir: str = DEVICE_OUT, allow_cpu: bool = False,
+                 check: Optional[dict] = None) -> dict[str, Any]:
+  """The prepared device check: speed, trips and op counts, device tests.
+
+  Runs, each only if it fits in ``budget_seconds`` (:data:`DEVICE_CHECK`):
+  the speed benchmark of the Gramian strategies and the Jacobian-only step
+  (MLP at T = 2, 10, 40, conv trunk at T = 2, 10), :func:`run` (trips per
+  step and sequential operations at T = 10 and 40, on the device's own
+  optimised programs) and the device's pytest subset. Writes into
+  ``out_dir``: ``device.json`` (``jax.devices()``, the card's name),
+  ``results.json`` and ``report.md`` (the report generator's files, merge
+  them with ``python -m benchmarks --from-results``), ``solver_cost.json``
+  and ``solver_cost.md``, ``tests.log`` and ``summary.json`` (what ran, how
+  long, what was skipped and why).
+
+  Raises:
+    SystemExit: no GPU or TPU is found and ``allow_cpu`` is False.
+  """
+  check = {**DEVICE_CHECK, **(check or {})}
+  if not has_accelerator() and not allow_cpu:
+    raise SystemExit(
+        "--device-check: no GPU or TPU found (jax.default_backend() is "
+        f"{jax.default_backend()!r}, devices {jax.devices()}); run it on a "
+        "machine with an accelerator, or add --allow-cpu to try it here.")
+  budget = _Budget(check["budget_seconds"])
+  os.makedirs(out_dir, exist_ok=True)
+  info = _device_info()
+  _write_json(os.path.join(out_dir, "device.json"), info)
+  print(f"device check on {info['device_kind']} ({info['backend']}), "
+        f"{check['budget_seconds']:.0f} s budget; writing {out_dir}",
+        flush=True)
+  speed_out: dict[str, Any] = {}
+  estimate = check["estimates"]["speed"]
+  for model, t in check["speed"]:
+    part = budget.run(f"speed {model} T={t}", estimate, lambda m=model, t=t: (
+        speed.run_speed(gramian_strategies(t), [t], check["speed_config"],
+                        model=m)))
+    if part is not None:
+      _merge_speed(speed_out, part)
+      estimate = max(estimate, budget.log[-1]["seconds"])
+  trips = budget.run("trips and op counts",
+                     check["estimates"]["trips"] * len(check["trips_tasks"]),
+                     lambda: run(check["trips_strategies"],
+                                 check["trips_tasks"],
+                                 check["trips_config"]))
+  if trips is not None:
+    _write_json(os.path.join(out_dir, "solver_cost.json"), trips)
+    with open(os.path.join(out_dir, "solver_cost.md"), "w",
+              encoding="utf-8") as file:
+      file.write(table(trips) + "\n")
+  tests = (budget.run("device tests", check["estimates"]["tests"],
+                      lambda: _device_tests(check, budget, out_dir))
+           if check["tests"] else None)
+  from benchmarks import report  # pylint: disable=import-outside-toplevel
+  meta = {"command": "python -m benchmarks --device-check",
+          "machine": {"backend": info["backend"],
+                      "cpu": ", ".join(info["device_kind"]),
+                      "jax": info["jax"], "nproc": os.cpu_count()},
+          "wall_seconds": time.perf_counter() - budget.started}
+  paths = (report.write_report({}, out_dir, speed=speed_out, meta=meta)
+           if speed_out else {})
+  summary = {"device": info, "budget_seconds": check["budget_seconds"],
+             "wall_seconds": round(meta["wall_seconds"], 1),
+             "parts": budget.log, "tests": tests, "report": paths}
+  _write_json(os.path.join(out_dir, "summary.json"), summary)
+  print(f"device check done in {summary['wall_seconds']:.0f} s; results in "
+        f"{out_dir}", flush=True)
+  return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.solver_cost",
+      description="Solver trips per step (cold and warm) over a training run "
+                  "of the speed benchmark's MLP, and the sequential operation "
+                  "count of each solver strategy's part of a step.")
+  parser.add_argument("--tasks", default=",".join(map(str, DEFAULT_TASKS)),
+                      help="comma-separated task counts (default 10,40)")
+  parser.add_argument("--strategies", default=None,
+                      help="comma-separated names (default: every strategy "
+                           "of benchmarks/strategies.py with a solver)")
+  parser.add_argument("--steps", type=int, default=CONFIG["steps"],
+                      help=f"training steps (default {CONFIG['steps']}); "
+                           f"statistics from step {CONFIG['first_step']}")
+  parser.add_argument("--out", default=None, help="write the JSON here")
+  parser.add_argument("--compare", default=None, metavar="BEFORE_JSON",
+                      help="also print before / after / ratio against an "
+                           "earlier --out file")
+  args = parser.parse_args(argv)
+  names = ([n.strip() for n in args.strategies.split(",") if n.strip()]
+           if args.strategies else None)
+  tasks = [int(t) for t in args.tasks.split(",") if t.strip()]
+  started = time.perf_counter()
+  result = run(names, tasks, {"steps": args.steps,
+                              "first_step": min(CONFIG["first_step"],
+                                                args.steps - 1)},
+               progress=lambda label: print(
+                   f"  {label} ({time.perf_counter() - started:.0f} s)",
+                   file=sys.stderr, flush=True))
+  result["wall_seconds"] = time.perf_counter() - started
+  print(table(result))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as file:
+      json.dump(result, file, indent=1)
+    print(f"written: {args.out}")
+  if args.compare:
+    with open(args.compare, encoding="utf-8") as file:
+      print("\n" + compare(json.load(file), result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

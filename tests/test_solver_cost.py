@@ -1,5 +1,7 @@
 """Tests of benchmarks/solver_cost.py: the sequential operation count."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -186,3 +188,99 @@ def test_conditional_counts_its_larger_branch():
   ops = solver_cost.sequential_ops(f, jnp.ones((3, 3)), True)
   cheap = solver_cost.sequential_ops(lambda x: -x, jnp.ones((3, 3)))
   assert ops["total"] >= cheap["total"] + 2  # two dots at least
+
+
+# A model small enough to compile and train in a few seconds.
+_TINY_MODEL = {"input_dim": 4, "hidden": 8, "depth": 1, "batch_size": 8}
+
+
+def test_trips_per_step_cold_and_warm_agree_on_the_first_step():
+  out = solver_cost.trips_per_step(
+      "mgda", 3, {"steps": 3, "first_step": 1, "model_config": _TINY_MODEL})
+  assert len(out["warm"]) == len(out["cold"]) == 3
+  # The first step starts from init: warm and cold are the same solve.
+  assert out["warm"][0] == out["cold"][0] >= 1
+  assert all(isinstance(trips, int) and trips >= 0
+             for trips in out["warm"] + out["cold"])
+  assert out["warm_stats"]["max"] == max(out["warm"][1:])
+
+
+def test_solver_ops_grow_with_the_trips():
+  ops = solver_cost.solver_ops("mgda", 3, {"none": 0, "two": 2})
+  assert ops["unknown_loops"] >= 1
+  assert ops["outside_loops"] < ops["total_none"] < ops["total_two"]
+
+
+def _entry(warm, ops):
+  return {"warm": {"median": warm, "p95": warm}, "cold": {"median": 5,
+                                                          "p95": 6},
+          "ops": {"outside_loops": 10, "total_warm": ops, "total_cold": 90,
+                  "loops": [{}], "unknown_loops": 1}}
+
+
+def test_table_and_compare_show_before_after_and_ratio():
+  before = {"strategies": {"upgrad": {"40": _entry(4, 400)}}}
+  after = {"strategies": {"upgrad": {"40": _entry(1, 80)},
+                          "mgda": {"40": _entry(1, 50)}}}
+  assert "| upgrad | 40 | 5 / 6 | 4 / 4 | 10 | 400 | 90 | 1 (1) |" in (
+      solver_cost.table(before))
+  text = solver_cost.compare(before, after)
+  assert "400 / 80 (0.20)" in text and "4 / 1 (0.25)" in text
+  assert "| mgda | 40 | – / 1 |" in text
+
+
+def test_command_line_writes_json_and_compares(tmp_path, monkeypatch,
+                                               capsys):
+  result = {"config": {}, "strategies": {"upgrad": {"40": _entry(2, 200)}}}
+  monkeypatch.setattr(solver_cost, "run", lambda *args, **kwargs: result)
+  before = tmp_path / "before.json"
+  before.write_text(json.dumps(
+      {"strategies": {"upgrad": {"40": _entry(4, 400)}}}))
+  out = tmp_path / "after.json"
+  assert solver_cost.main(["--tasks", "40", "--out", str(out),
+                           "--compare", str(before)]) == 0
+  assert json.loads(out.read_text())["strategies"]["upgrad"]["40"]["ops"][
+      "total_warm"] == 200
+  assert "400 / 200 (0.50)" in capsys.readouterr().out
+
+
+def test_device_check_refuses_without_an_accelerator(tmp_path, monkeypatch):
+  from benchmarks import __main__ as cli  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(solver_cost, "has_accelerator", lambda: False)
+  with pytest.raises(SystemExit, match="no GPU or TPU found"):
+    cli.main(["--device-check", str(tmp_path / "device")])
+  assert not (tmp_path / "device").exists()
+
+
+def test_device_check_skips_what_does_not_fit(tmp_path, monkeypatch):
+  monkeypatch.setitem(solver_cost.DEVICE_CHECK, "budget_seconds", 0.0)
+  summary = solver_cost.device_check(str(tmp_path), allow_cpu=True)
+  assert [part["part"] for part in summary["parts"]] == [
+      "speed mlp T=2", "speed mlp T=10", "speed mlp T=40", "speed conv T=2",
+      "speed conv T=10", "trips and op counts", "device tests"]
+  assert all("skipped" in part for part in summary["parts"])
+  device = json.loads((tmp_path / "device.json").read_text())
+  assert device["backend"] == "cpu" and device["device_kind"]
+  assert json.loads((tmp_path / "summary.json").read_text())["parts"]
+
+
+def test_device_check_dry_run_on_cpu(tmp_path, monkeypatch):
+  from benchmarks import __main__ as cli  # pylint: disable=import-outside-toplevel
+  tiny = dict(_TINY_MODEL, num_batches=2, rounds=1, target_seconds=0.001)
+  monkeypatch.setattr(solver_cost, "gramian_strategies", lambda t: ["mgda"])
+  for key, value in (("speed", (("mlp", 2),)), ("speed_config", tiny),
+                     ("trips_tasks", (3,)), ("trips_strategies", ("mgda",)),
+                     ("trips_config", {"steps": 2, "first_step": 1,
+                                       "model_config": _TINY_MODEL}),
+                     ("tests", ())):
+    monkeypatch.setitem(solver_cost.DEVICE_CHECK, key, value)
+  assert cli.main(["--device-check", str(tmp_path), "--allow-cpu"]) == 0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert [part["part"] for part in summary["parts"]] == [
+      "speed mlp T=2", "trips and op counts"]
+  speed = json.loads((tmp_path / "results.json").read_text())["speed"]
+  assert "mgda" in speed["mlp"]["strategies"]
+  assert "jacobian" in speed["mlp"]["baselines"]["2"]
+  trips = json.loads((tmp_path / "solver_cost.json").read_text())
+  assert trips["strategies"]["mgda"]["3"]["ops"]["total_warm"] > 0
+  assert (tmp_path / "report.md").exists()
