@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks import claims
 from benchmarks import strategies as strategies_lib
 from benchmarks.runner import STILL_IMPROVING
 
@@ -1219,6 +1220,7 @@ def write_report(results: dict[str, dict], out_dir: str,
               f"- wall time: {meta.get('wall_seconds', float('nan')):.0f} s",
               ""]
   lines += findings_markdown(results, speed_models)
+  lines += claims.claims_markdown(results)
   lines += coverage_markdown(results, speed_models)
   lines += protocol_markdown(results)
   lines += ["## Ranking summary", "",

@@ -777,3 +777,55 @@ def test_strategies_not_defined_at_a_task_count_are_skipped_and_said():
   # constant's weights follow T: the mean of the losses.
   state = strategies_lib.make("constant", 4).init({"w": jnp.zeros(3)})
   np.testing.assert_allclose(state.weights, [0.25] * 4)
+
+
+def _claim_result(delta_m, scores, stl_scores):
+  """A results.json problem entry with per-seed Δm% and primary scores."""
+  return {
+      "metrics": ["accuracy"], "higher_is_better": [True],
+      "single_task": {"per_task": {"accuracy": {"per_seed": stl_scores}}},
+      "strategies": {
+          name: {"delta_m": {"per_seed": delta_m[name]},
+                 "per_task": {"accuracy": {"per_seed": scores[name]}}}
+          for name in delta_m}}
+
+
+def test_claims_are_paired_t_intervals_over_seeds():
+  from benchmarks import claims  # pylint: disable=import-outside-toplevel
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  ema = [3.0, 5.0, 4.0, 6.0, 2.0]
+  dwa = [1.0, 1.5, 2.5, 2.0, 1.0]
+  result = _claim_result({"ema": ema, "dwa": dwa},
+                         {"ema": [[0.9]] * 5, "dwa": [[0.9]] * 5},
+                         [[0.8]] * 5)
+  claim = claims.CLAIMS[0]
+  found = claims.compare(result, claim, "dwa")
+  diff = np.subtract(ema, dwa)
+  half = stats.t.ppf(0.975, 4) * diff.std(ddof=1) / np.sqrt(5)
+  np.testing.assert_allclose(
+      [found["mean"], found["low"], found["high"]],
+      [diff.mean(), diff.mean() - half, diff.mean() + half], rtol=1e-12)
+  assert found["verdict"] == "supported" and found["seeds"] == 5
+  assert claims.compare(result, claim, "gradnorm") is None  # Not run.
+  # The other way round the same interval is "contradicted".
+  swapped = _claim_result({"ema": dwa, "dwa": ema},
+                          {"ema": [[0.9]] * 5, "dwa": [[0.9]] * 5},
+                          [[0.8]] * 5)
+  assert claims.compare(swapped, claim, "dwa")["verdict"] == "contradicted"
+
+
+def test_negative_transfer_claim_counts_tasks_worse_than_the_same_seed():
+  from benchmarks import claims  # pylint: disable=import-outside-toplevel
+  stl = [[0.5, 0.5, 0.5], [0.6, 0.6, 0.6]]
+  scores = {"lbtw": [[0.6, 0.4, 0.7], [0.7, 0.7, 0.7]],   # 1, 0 worse
+            "equal": [[0.4, 0.4, 0.7], [0.5, 0.5, 0.7]]}  # 2, 2 worse
+  result = _claim_result({"lbtw": [0.0, 0.0], "equal": [0.0, 0.0]},
+                         scores, stl)
+  np.testing.assert_array_equal(
+      claims.negative_tasks_per_seed(result, "lbtw"), [1, 0])
+  found = claims.compare(result, claims.CLAIMS[1], "equal")
+  assert found["values"] == (0.5, 2.0)
+  assert found["mean"] == pytest.approx(1.5)  # Positive: lbtw has fewer.
+  lines = claims.claims_markdown({"manytask": result})
+  assert any("`lbtw` vs `equal`" in line for line in lines)
+  assert any("Not tested by this run" in line for line in lines)
