@@ -222,6 +222,14 @@ def check_rejected_step_keeps_state(name: str):
           new_state.num_rejected_losses,
           np.asarray(state.num_rejected_losses) + bad, err_msg=name)
       kept = kept._replace(num_rejected_losses=state.num_rejected_losses)
+    if "num_rejected_gradients" in state._fields:
+      # Every task of the all-NaN gradients is counted; none otherwise.
+      np.testing.assert_array_equal(
+          new_state.num_rejected_gradients,
+          np.asarray(state.num_rejected_gradients) + (grads is not next_grads),
+          err_msg=name)
+      kept = kept._replace(
+          num_rejected_gradients=state.num_rejected_gradients)
     jax.tree.map(np.testing.assert_array_equal, kept, state)
     if case.needs != "gradients" and grads is next_grads:
       expected = weighted_sum(state.weights, grads)
@@ -238,8 +246,10 @@ def check_rejected_step_keeps_state(name: str):
 
 def check_non_finite_gradient_excludes_its_task(name: str):
   """A NaN in one task's gradient excludes that task: the step goes on for
-  the others (``num_skipped`` unchanged), no NaN reaches the update, and a
-  weighting keeps the excluded task's previous weight in its state."""
+  the others (``num_skipped`` unchanged), no NaN reaches the update, a
+  weighting keeps the excluded task's previous weight in its state, and
+  ``num_rejected_gradients`` (where the state has it) counts that task
+  alone."""
   case = strategies.STRATEGIES[name]
   if case.needs == "losses":
     return  # One backward pass of Σ w_k L_k: see optax.apply_if_finite.
@@ -253,6 +263,11 @@ def check_non_finite_gradient_excludes_its_task(name: str):
              ), name
   if case.needs == "gramian":
     assert float(new_state.weights[0]) == float(state.weights[0]), name
+  if "num_rejected_gradients" in state._fields:
+    np.testing.assert_array_equal(
+        new_state.num_rejected_gradients,
+        np.asarray(state.num_rejected_gradients) + (np.arange(NUM_TASKS) == 0),
+        err_msg=name)
 
 
 def check_per_task(name: str):

@@ -139,8 +139,12 @@ def test_rejected_steps_keep_the_state(name):
                            task_losses=jnp.asarray(losses, jnp.float32))
     np.testing.assert_array_equal(out, np.zeros(5))
     assert int(rejected.num_skipped) == int(state.num_skipped) + 1
-    for kept, before in zip(jax.tree.leaves(rejected._replace(num_skipped=0)),
-                            jax.tree.leaves(state._replace(num_skipped=0))):
+    # Every task of the NaN gradients is counted; none for the bad loss.
+    np.testing.assert_array_equal(rejected.num_rejected_gradients,
+                                  [int(grads is bad_grads)] * NUM_TASKS)
+    unchanged = dict(num_skipped=0, num_rejected_gradients=0)
+    for kept, before in zip(jax.tree.leaves(rejected._replace(**unchanged)),
+                            jax.tree.leaves(state._replace(**unchanged))):
       np.testing.assert_array_equal(kept, before)
 
 
@@ -159,6 +163,7 @@ def test_a_non_finite_gradient_excludes_its_task_only(name):
   assert int(new_state.num_skipped) == int(state.num_skipped)
   assert np.all(np.isfinite(out)) and np.any(out != 0)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(new_state))
+  np.testing.assert_array_equal(new_state.num_rejected_gradients, [1, 0, 0])
 
 
 def test_db_mtl_rejects_non_positive_losses_and_moco_accepts_them():

@@ -18,7 +18,8 @@ from optax_mtl._src import tree as tree_lib
 # (optax_mtl._src.base), besides weights and num_skipped; the smoothed state
 # has those of the wrapped state.
 _OPTIONAL_FIELDS = ("gradient_cosines", "solver_iterations", "solver_gap",
-                    "solver_converged", "num_rejected_losses")
+                    "solver_converged", "num_rejected_losses",
+                    "num_rejected_gradients")
 _SOLVER_FIELDS = ("solver_iterations", "solver_gap", "solver_converged")
 
 
@@ -28,7 +29,8 @@ class SmoothWeightsState(tuple):
   * ``weights`` (f32[T]): the smoothed weights ``λ_k``, applied last;
   * ``num_skipped`` (i32[]): rejected steps;
   * the other conventional fields of the wrapped state
-    (``gradient_cosines``, ``solver_*``, ``num_rejected_losses``), kept
+    (``gradient_cosines``, ``solver_*``, ``num_rejected_losses``,
+    ``num_rejected_gradients``), kept
     here, where the guard and :func:`optax_mtl.diagnostics` read them;
   * ``started`` (bool[T]): whether ``λ_{k−1}`` exists: a step was accepted
     for the task, or ``initial_weights`` were given;

@@ -23,6 +23,11 @@ State conventions (checked by the contract test over every strategy):
   and the step goes on for the other tasks. Only a step with no valid loss
   (or a non-finite Gramian, gradient, weight or state) is rejected as a
   whole and counted in ``num_skipped``;
+* a strategy that reads the per-task gradients (:attr:`Needs.GRAMIAN` or
+  :attr:`Needs.GRADIENTS`) also has a field ``num_rejected_gradients``
+  (int32[T]): a task whose gradient is not finite (a NaN or inf in any
+  coordinate) is excluded from that step (weight 0, its previous weight
+  kept) and counted there; the step goes on for the other tasks;
 * a strategy that reads the Gramian also has a field ``gradient_cosines``
   (float32[T, T]), the pairwise cosines of the task gradients it saw last;
 * a strategy with an iterative solver also has ``solver_iterations``
@@ -383,6 +388,7 @@ def common_state_fields(
     gramian: bool = False,
     solver: bool = False,
     per_task: bool = False,
+    gradients: bool = False,
 ) -> dict[str, jax.Array]:
   """The initial values of the conventional state fields, as a dict.
 
@@ -397,6 +403,10 @@ def common_state_fields(
       ``solver_converged`` (True), for strategies with an iterative solver.
     per_task: also return ``num_rejected_losses`` (int32[T], zeros), for
       weightings that exclude a bad loss per task (``Weighting.per_task``).
+    gradients: also return ``num_rejected_gradients`` (int32[T], zeros), for
+      strategies that read the per-task gradients (:attr:`Needs.GRAMIAN`,
+      :attr:`Needs.GRADIENTS`): the guard counts there each task excluded
+      for a non-finite gradient.
 
   Returns:
     ``weights`` f32[T] and ``num_skipped`` i32[] (0), plus the optional fields.
@@ -418,4 +428,7 @@ def common_state_fields(
         solver_converged=jnp.asarray(True))
   if per_task:
     fields.update(num_rejected_losses=jnp.zeros((num_tasks,), jnp.int32))
+  if gradients:
+    fields.update(
+        num_rejected_gradients=jnp.zeros((num_tasks,), jnp.int32))
   return fields

@@ -15,7 +15,7 @@ _REQUIRED_FIELDS = ("weights", "num_skipped")
 # Integer or boolean fields worth logging; other integer fields (step
 # counters of a statistic) are left out.
 _LOGGED_DISCRETE_FIELDS = ("num_skipped", "num_rejected_losses",
-                           "solver_iterations",
+                           "num_rejected_gradients", "solver_iterations",
                            "solver_converged", "steps_since_update")
 
 
@@ -147,6 +147,9 @@ def diagnostics(
   * ``num_rejected_losses/<task>`` (int32), for per-task strategies
     (``Weighting.per_task``): the losses of that task rejected so far (a
     step that excluded that task alone went on for the others);
+  * ``num_rejected_gradients/<task>`` (int32), for strategies that read the
+    per-task gradients: the steps that excluded that task because its
+    gradient was not finite (the step went on for the others);
   * ``gradient_cosines/<i>_<j>`` for ``i < j``, ``gradient_cosines/min`` and
     ``gradient_conflicts`` (the number of pairs with a negative cosine), for
     strategies that read the Gramian;

@@ -18,6 +18,7 @@ class AlignedMtlState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last (B ω).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   rank: chex.Array  # i32[], eigenvalues of G kept (the rank R).
   condition_number: chex.Array  # f32[], λ_max / λ_R over the kept ones.
@@ -159,7 +160,7 @@ def aligned_mtl(
   def init():
     return AlignedMtlState(
         **base.common_state_fields(num_tasks, preference_values.astype(
-            np.float32), gramian=True),
+            np.float32), gramian=True, gradients=True),
         rank=jnp.zeros([], jnp.int32),
         condition_number=jnp.ones([], jnp.float32))
 

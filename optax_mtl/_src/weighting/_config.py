@@ -16,6 +16,7 @@ class ConfigState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
@@ -110,7 +111,8 @@ def config(num_tasks: int,
       preference_values = np.asarray(preference, np.float64)
 
   def init():
-    return ConfigState(**base.common_state_fields(num_tasks, gramian=True))
+    return ConfigState(**base.common_state_fields(
+        num_tasks, gramian=True, gradients=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

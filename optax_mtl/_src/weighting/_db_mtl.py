@@ -18,6 +18,7 @@ class DbMtlState(NamedTuple):
 
   weights: chex.Array  # f32[T], α_k / L_k: the weights of g_k applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_averages: Any  # ĝ: params-shaped, leading task axis (≥ f32).
   num_steps: chex.Array  # i32[], accepted steps t (saturates).
 
@@ -87,7 +88,7 @@ def db_mtl(
 
   def init(params):
     return DbMtlState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, gradients=True),
         gradient_averages=task_tree.zeros_per_task(params, num_tasks),
         num_steps=jnp.zeros([], jnp.int32))
 

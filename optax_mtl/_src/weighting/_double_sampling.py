@@ -21,7 +21,8 @@ def iterate_dtype() -> jnp.dtype:
 
 def iterate_fields(num_tasks: int) -> dict[str, jax.Array]:
   """``common_state_fields`` with ``weights = 1/T`` in :func:`iterate_dtype`."""
-  fields = base.common_state_fields(num_tasks, 1.0 / num_tasks)
+  fields = base.common_state_fields(num_tasks, 1.0 / num_tasks,
+                                   gradients=True)
   # 1/T rounded in the iterate's dtype, not through float32.
   fields["weights"] = jnp.full((num_tasks,), 1.0 / num_tasks, iterate_dtype())
   return fields

@@ -19,6 +19,7 @@ class ExcessMtlState(NamedTuple):
 
   weights: chex.Array  # f32[T] (f64 under x64), λ (ones at init; sum T).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   squared_gradient_sums: Any  # a: params-shaped, leading task axis (≥ f32).
   initial_excess_risks: chex.Array  # f32[T] (f64 under x64), r⁰.
   num_steps: chex.Array  # i32[], accepted steps (saturates).
@@ -104,7 +105,7 @@ def excess_mtl(
   eps = base.check_in_range("eps", eps, 0.0)
 
   def init(params):
-    fields = base.common_state_fields(num_tasks)
+    fields = base.common_state_fields(num_tasks, gradients=True)
     fields["weights"] = fields["weights"].astype(
         _double_sampling.iterate_dtype())
     return ExcessMtlState(

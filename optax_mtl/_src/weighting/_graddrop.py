@@ -16,6 +16,7 @@ class GraddropState(NamedTuple):
 
   weights: chex.Array  # f32[T], ones (GradDrop has no task weights).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   key: chex.Array  # u32[2], the raw key of the next step's uniforms.
 
 
@@ -103,7 +104,7 @@ def graddrop(
   def init(params):
     del params
     return GraddropState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, gradients=True),
         key=jnp.asarray(key_data))
 
   def rule(task_losses, state, task_grads):

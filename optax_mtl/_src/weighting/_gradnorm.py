@@ -17,6 +17,7 @@ class GradnormState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last, w(t).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   loss_weights: chex.Array  # f32[T], learnt weights w(t+1), applied next.
   initial_losses: chex.Array  # f32[T], L_i(0), the first accepted losses.
@@ -134,7 +135,7 @@ def gradnorm(
 
   def init():
     return GradnormState(
-        **base.common_state_fields(num_tasks, gramian=True),
+        **base.common_state_fields(num_tasks, gramian=True, gradients=True),
         loss_weights=jnp.ones((num_tasks,), jnp.float32),
         initial_losses=jnp.ones((num_tasks,), jnp.float32),
         num_updates=jnp.zeros([], jnp.int32),

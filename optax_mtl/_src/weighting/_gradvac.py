@@ -19,6 +19,7 @@ class GradvacState(NamedTuple):
 
   weights: chex.Array  # f32[T], Σ_i of the coefficient rows (whole model).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   target_cosines: chex.Array  # f32[T, T] ("model") or f32[L, T, T] ("leaf").
   key: chex.Array  # u32[2], the raw key of the next step's random orders.
@@ -155,7 +156,7 @@ def gradvac(
 
   def initial_state(target_shape):
     return GradvacState(
-        **base.common_state_fields(num_tasks, gramian=True),
+        **base.common_state_fields(num_tasks, gramian=True, gradients=True),
         target_cosines=jnp.zeros(target_shape, jnp.float32),
         key=jnp.asarray(key_data))
 

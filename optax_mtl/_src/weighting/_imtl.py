@@ -16,6 +16,7 @@ class ImtlState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last: α_k e^{s_k}.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   loss_scales: chex.Array  # f32[T], s_k, after the last update.
   # The optax state of the scales' optimizer, as in ImtlLState.
@@ -105,7 +106,7 @@ def imtl(
     loss_scales = jnp.asarray(initial)
     return ImtlState(
         **base.common_state_fields(num_tasks, jnp.exp(loss_scales),
-                                   gramian=True),
+                                   gramian=True, gradients=True),
         loss_scales=loss_scales,
         scales_optimizer=transformation.init(loss_scales))
 

@@ -15,6 +15,7 @@ class ImtlGState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last (α, Σ α = 1).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
@@ -119,7 +120,7 @@ def imtl_g(
 
   def init():
     return ImtlGState(**base.common_state_fields(
-        num_tasks, 1.0 / num_tasks, gramian=True))
+        num_tasks, 1.0 / num_tasks, gramian=True, gradients=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

@@ -15,6 +15,7 @@ class KrumState(NamedTuple):
 
   weights: chex.Array  # f32[T], 1/m on the selected tasks, 0 elsewhere.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
@@ -103,7 +104,7 @@ def krum(num_tasks: int, num_byzantine: int = 0,
 
   def init():
     return KrumState(**base.common_state_fields(
-        num_tasks, 1.0 / num_selected, gramian=True))
+        num_tasks, 1.0 / num_selected, gramian=True, gradients=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

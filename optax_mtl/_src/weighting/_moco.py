@@ -22,6 +22,7 @@ class MocoState(NamedTuple):
 
   weights: chex.Array  # f32[T] (f64 under x64), λ: the tracked gradients'.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   tracked_gradients: Any  # Y: params-shaped, leading task axis (≥ f32).
   num_steps: chex.Array  # i32[], accepted steps t (saturates).
 

@@ -16,6 +16,7 @@ class ModoState(NamedTuple):
 
   weights: chex.Array  # f32[T] (f64 under x64), λ (1/T at init), simplex.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
 
 
 def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,

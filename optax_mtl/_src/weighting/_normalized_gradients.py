@@ -14,6 +14,7 @@ class NormalizedGradientsState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last: 1/‖g_k‖.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
@@ -64,7 +65,8 @@ def normalized_gradients(
 
   def init():
     return NormalizedGradientsState(
-        **base.common_state_fields(num_tasks, gramian=True))
+        **base.common_state_fields(num_tasks, gramian=True,
+                                   gradients=True))
 
   def rule(task_losses, state, gramian):
     del task_losses

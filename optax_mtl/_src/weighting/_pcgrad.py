@@ -16,6 +16,7 @@ class PcgradState(NamedTuple):
 
   weights: chex.Array  # f32[T], the weights applied last (Σ_i a_i).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   key: chex.Array  # u32[...], raw key data (jax.random.key_data).
 
@@ -121,7 +122,7 @@ def pcgrad(
 
   def init():
     return PcgradState(
-        **base.common_state_fields(num_tasks, gramian=True),
+        **base.common_state_fields(num_tasks, gramian=True, gradients=True),
         key=jnp.asarray(key_data))
 
   def rule(task_losses, state, gramian):

@@ -17,6 +17,7 @@ class SdmgradState(NamedTuple):
 
   weights: chex.Array  # f32[T] (f64 under x64), w after the inner steps.
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
 
 
 def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,

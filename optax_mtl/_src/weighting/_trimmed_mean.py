@@ -16,6 +16,7 @@ class TrimmedMeanState(NamedTuple):
 
   weights: chex.Array  # f32[T], ones (no task weights).
   num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
 
 
 def trimmed_mean(num_tasks: int, trim_number: int = 1) -> base.MultiTaskStrategy:
@@ -71,7 +72,8 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1) -> base.MultiTaskStrategy
 
   def init(params):
     del params
-    return TrimmedMeanState(**base.common_state_fields(num_tasks))
+    return TrimmedMeanState(**base.common_state_fields(num_tasks,
+                                                       gradients=True))
 
   def rule(task_losses, state, task_grads):
     del task_losses
