@@ -361,6 +361,16 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   assert worst_line.count("(equal, conv, T=2)") == 2
   assert "## Speed and memory" in text and "](results/speed.png)" in text
   assert (published / "results" / "speed.png").exists()
+  # The README's generated section is replaced, the rest kept.
+  readme = tmp_path / "README.md"
+  readme.write_text(f"# x\n\nbefore\n{publish.README_BEGIN}\nstale 1.0\n"
+                    f"{publish.README_END}\nafter\n")
+  publish.publish(str(tmp_path), destination=published, readme=readme)
+  text = readme.read_text()
+  assert text.startswith("# x\n\nbefore\n") and text.endswith("\nafter\n")
+  assert "stale" not in text and text.count(publish.README_BEGIN) == 1
+  for name in TINY:
+    assert f"- **`{name}`**" in text
 
 
 def test_speed_times_consecutive_top_level_steps_over_whole_cycles():
