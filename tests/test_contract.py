@@ -327,3 +327,29 @@ def test_wrappers_apply_adam_to_the_strategys_update(kind):
       expected, adam_state = adam.update(mean, adam_state, PARAMS)
     _assert_trees_close(_step(out["multi_steps"][0], index), expected,
                         f"multi_steps, step {index}")
+
+
+def test_inject_hyperparams_without_static_num_tasks():
+  """``optax.inject_hyperparams(optax_mtl.ema)(num_tasks=3, beta=0.1)``:
+  num_tasks arrives as a concrete int32 array, read as its value outside
+  jit; inside jit it is traced, and the error names the static_args to
+  pass."""
+  injected = optax.inject_hyperparams(optax_mtl.ema)(num_tasks=NUM_TASKS,
+                                                      beta=0.1)
+  state = injected.init(PARAMS)
+  assert int(state.hyperparams["num_tasks"]) == NUM_TASKS
+  plain = optax_mtl.ema(NUM_TASKS, beta=0.1)
+  task_grads, losses = next(iter(properties.random_steps(seed=3,
+                                                         num_steps=1)))
+  update, new_state = injected.update(task_grads, state, PARAMS,
+                                      task_losses=losses)
+  plain_update, plain_state = plain.update(task_grads, plain.init(PARAMS),
+                                           PARAMS, task_losses=losses)
+  np.testing.assert_allclose(new_state.inner_state.weights,
+                             plain_state.weights, rtol=1e-6)
+  properties.assert_close_updates(
+      update, plain_update, rtol=1e-6,
+      size=properties.term_size(plain_state.weights, task_grads))
+  with pytest.raises(ValueError, match=r"static_args=\('num_tasks',\)"):
+    jax.jit(lambda s: injected.update(task_grads, s, PARAMS,
+                                      task_losses=losses))(state)

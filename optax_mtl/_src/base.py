@@ -110,6 +110,17 @@ class Weighting(NamedTuple):
       ``common_state_fields(..., per_task=True)``). Only
       :attr:`Needs.LOSSES` and :attr:`Needs.GRAMIAN` weightings may declare
       it.
+    gramian_degree: for :attr:`Needs.GRAMIAN`, the degree ``p`` (a multiple
+      of ½) such that the rule's weights for ``c G`` are ``c^p`` times its
+      weights for ``G`` and its new state is the same, for every ``c > 0``
+      (0: scale-free weights, as MGDA's or PCGrad's; -½: weights like
+      ``1/‖g_k‖``); the rule must not read ``state.weights`` unless ``p``
+      is 0. When given, the rule is handed ``G / 4^e``, the Gramian of the
+      gradients divided by a power of two ``2^e`` (their largest entry in
+      ``[½, 1)``, an exact rescaling), and its weights are multiplied by
+      ``2^{2ep}``: gradients far outside float32's range for their products
+      (1e-20, whose Gramian 1e-40 would be flushed to zero; 1e20) give the
+      same direction. None: the rule sees ``G`` itself.
   """
 
   num_tasks: int
@@ -119,6 +130,7 @@ class Weighting(NamedTuple):
   requires_positive_losses: bool
   num_samples: int = 1
   per_task: bool = False
+  gramian_degree: Optional[float] = None
 
 
 class MultiTaskStrategy(optax.GradientTransformationExtraArgs):
@@ -298,9 +310,25 @@ def _check_real_scalar_array(name: str, value: Any) -> None:
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
-  """Checks an integer >= 1 (Python or NumPy); returns it as a Python int."""
+  """Checks an integer >= 1 (Python or NumPy); returns it as a Python int.
+
+  A concrete integer scalar array is read as its value: that is how
+  ``optax.inject_hyperparams`` passes every number it was given (e.g.
+  ``inject_hyperparams(optax_mtl.ema)(num_tasks=3, beta=0.1)``). Inside
+  ``jit`` that array is traced and has no value: the error says to declare
+  the argument static.
+  """
   if value is None and allow_none:
     return None
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{name} must be a concrete integer, got a traced array {value!r}: "
+        "optax.inject_hyperparams turns every number into a hyperparameter "
+        "that is traced inside jit; pass "
+        f"optax.inject_hyperparams(factory, static_args=({name!r},)).")
+  if (isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0
+      and jnp.issubdtype(value.dtype, jnp.integer)):
+    value = int(value)
   if (isinstance(value, (bool, np.bool_))
       or not isinstance(value, (int, np.integer)) or value < 1):
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
