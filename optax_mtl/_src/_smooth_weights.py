@@ -202,5 +202,7 @@ def smooth_weights(
   return step._strategy(base.Weighting(  # pylint: disable=protected-access
       num_tasks=num_tasks, needs=weighting.needs, init=init, rule=rule,
       requires_positive_losses=weighting.requires_positive_losses,
-      num_samples=weighting.num_samples, per_task=weighting.per_task),
+      num_samples=weighting.num_samples, per_task=weighting.per_task,
+      # Smoothing is linear in the weights: scale-free weights stay so.
+      gramian_degree=0 if weighting.gramian_degree == 0 else None),
                                     options)

@@ -110,17 +110,19 @@ class Weighting(NamedTuple):
       ``common_state_fields(..., per_task=True)``). Only
       :attr:`Needs.LOSSES` and :attr:`Needs.GRAMIAN` weightings may declare
       it.
-    gramian_degree: for :attr:`Needs.GRAMIAN`, the degree ``p`` (a multiple
-      of ½) such that the rule's weights for ``c G`` are ``c^p`` times its
-      weights for ``G`` and its new state is the same, for every ``c > 0``
-      (0: scale-free weights, as MGDA's or PCGrad's; -½: weights like
-      ``1/‖g_k‖``); the rule must not read ``state.weights`` unless ``p``
-      is 0. When given, the rule is handed ``G / 4^e``, the Gramian of the
-      gradients divided by a power of two ``2^e`` (their largest entry in
-      ``[½, 1)``, an exact rescaling), and its weights are multiplied by
-      ``2^{2ep}``: gradients far outside float32's range for their products
-      (1e-20, whose Gramian 1e-40 would be flushed to zero; 1e20) give the
-      same direction. None: the rule sees ``G`` itself.
+    gramian_degree: for :attr:`Needs.GRAMIAN`, the degree ``p`` such that
+      the rule's weights for ``c G`` are ``c^p`` times its weights for ``G``
+      and its new state is the same, for every ``c > 0`` (0: scale-free
+      weights, as MGDA's or PCGrad's; -½: weights like ``1/‖g_k‖``); the
+      rule must not read ``state.weights`` unless ``p`` is 0. When given,
+      the rule is handed ``G / 4^e``, the Gramian of the gradients divided
+      by a power of two ``2^e`` (their largest entry in ``[½, 1)``, an
+      exact rescaling), and its weights are multiplied by ``2^{2ep}``
+      (exactly when ``2p`` is an integer): gradients far outside the range
+      of float32's products (1e-20, whose Gramian 1e-40 would be flushed to
+      zero; 1e20) give the same direction. None: the rule sees ``G``
+      itself. (Gramians of the low-memory, per-layer and representation
+      modes are not rescaled: ``e = 0`` there.)
   """
 
   num_tasks: int

@@ -242,7 +242,8 @@ def value_and_grad(
         task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
         weights, inner = step_lib.weights_step(
             weighting, options._replace(recompute_every=1), losses32, inner,
-            lambda: tree_lib.gramian(task_grads, shared_mask), gradients_valid)
+            lambda: tree_lib.scaled_gramian(task_grads, shared_mask),
+            gradients_valid)
         return tree_lib.combine(weights, task_grads, own_gradients), inner
 
       # "per_layer" takes the Jacobian's route where no layer has a cheaper

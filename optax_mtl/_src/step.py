@@ -200,26 +200,38 @@ def _rule_input(weighting, rule_input_fn, gradients_valid):
   on the Gramian's diagonal or given as ``gradients_valid``) is excluded
   from this step: its Gramian row and column are zero (as for a zero
   gradient), and the rule never sees a non-finite number.
+
+  A Gramian given as :class:`tree.ScaledGramian` (``G / 4^e``) is handed to
+  a rule that declares ``gramian_degree`` as it is, and to the others as
+  ``G``; the last value returned is ``e`` for the first, 0 otherwise.
   """
   num_tasks = weighting.num_tasks
   kept = (jnp.ones((num_tasks,), bool) if gradients_valid is None
           else jnp.asarray(gradients_valid))
+  exponent = jnp.zeros([], jnp.int32)
   if weighting.needs is base.Needs.GRAMIAN:
-    gramian = jnp.asarray(rule_input_fn())
+    gramian = rule_input_fn()
+    if isinstance(gramian, tree_lib.ScaledGramian):
+      if weighting.gramian_degree is None:
+        gramian = jnp.ldexp(gramian.gramian, 2 * gramian.exponent)
+      else:
+        gramian, exponent = gramian
+    gramian = jnp.asarray(gramian)
     if not jnp.issubdtype(gramian.dtype, jnp.floating):
       gramian = gramian.astype(jnp.float32)
     kept &= jnp.isfinite(jnp.diagonal(gramian))
     gramian = jnp.where(kept[:, None] & kept[None, :], gramian, 0.0)
     usable = jnp.any(kept) & all_finite(gramian)
-    return jnp.where(usable, gramian,
-                     jnp.eye(num_tasks, dtype=gramian.dtype)), kept, usable
+    return (jnp.where(usable, gramian, jnp.eye(num_tasks, dtype=gramian.dtype)),
+            kept, usable, exponent)
   if weighting.needs is base.Needs.GRADIENTS:
     task_grads = rule_input_fn()
     usable = jnp.any(kept) & all_finite(task_grads)
     return jax.tree.map(
         lambda g: jnp.where(usable, g, jnp.zeros_like(g))
-        if jnp.issubdtype(g.dtype, jnp.inexact) else g, task_grads), kept, usable
-  return None, kept, jnp.asarray(True)
+        if jnp.issubdtype(g.dtype, jnp.inexact) else g,
+        task_grads), kept, usable, exponent
+  return None, kept, jnp.asarray(True), exponent
 
 
 def _guarded_rule(weighting, task_losses, state, rule_input_fn,
@@ -249,8 +261,8 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn,
   """
   valid = _valid_losses(weighting, task_losses)
   per_task = weighting.per_task
-  rule_input, kept, usable = _rule_input(weighting, rule_input_fn,
-                                         gradients_valid)
+  rule_input, kept, usable, exponent = _rule_input(weighting, rule_input_fn,
+                                                   gradients_valid)
   inputs_ok = usable & (jnp.any(valid & kept) if per_task
                         else jnp.all(valid))
   # Rejected inputs are replaced by harmless ones, so that no rule ever
@@ -262,12 +274,14 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn,
     safe_losses = jnp.where(valid, task_losses, jnp.ones_like(task_losses))
     output, new_state = weighting.rule(safe_losses, state, rule_input,
                                        valid=valid & kept)
+    output = _unscaled_weights(weighting, output, exponent)
     # An excluded task keeps its previous weight, whatever the rule gave it.
     output = jnp.where(valid & kept, output, state.weights)
   else:
     safe_losses = jnp.where(inputs_ok, task_losses,
                             jnp.ones_like(task_losses))
     output, new_state = weighting.rule(safe_losses, state, rule_input)
+    output = _unscaled_weights(weighting, output, exponent)
   if weighting.needs is base.Needs.GRADIENTS:
     accepted = new_state  # The rule reports its own weights, if any.
   else:
@@ -293,6 +307,16 @@ def _guarded_rule(weighting, task_losses, state, rule_input_fn,
   # without a usable gradient gets 0.
   applied = jnp.where(ok, output, state.weights.astype(output.dtype))
   return jnp.where(kept, applied, 0.0).astype(applied.dtype), new_state
+
+
+def _unscaled_weights(weighting, weights, exponent):
+  """The weights for ``G`` from the rule's for ``G / 4^e``: × ``2^{2ep}``."""
+  degree = weighting.gramian_degree
+  if degree is None or degree == 0:
+    return weights
+  if 2 * degree == int(2 * degree):  # Exact.
+    return jnp.ldexp(weights, int(2 * degree) * exponent)
+  return weights * jnp.exp2(2 * degree * exponent.astype(weights.dtype))
 
 
 class ParamsShapedStateError(ValueError):
@@ -445,7 +469,7 @@ class StrategyUpdate:
       task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
     weights, new_state = weights_step(
         weighting, options, losses32, state,
-        lambda: tree_lib.gramian(task_grads, shared), gradients_valid)
+        lambda: tree_lib.scaled_gramian(task_grads, shared), gradients_valid)
     return tree_lib.combine(weights, task_grads, own_gradients), new_state
 
 
@@ -562,6 +586,14 @@ def as_gradient_transformation(
     raise ValueError(
         "weighting.num_samples > 1 needs Needs.GRADIENTS, got "
         f"{weighting.needs}.")
+  degree = weighting.gramian_degree
+  if degree is not None and (
+      weighting.needs is not base.Needs.GRAMIAN
+      or not isinstance(degree, (int, float)) or isinstance(degree, bool)
+      or not abs(degree) < 1e3):
+    raise ValueError(
+        "weighting.gramian_degree must be None or a finite number, for "
+        f"Needs.GRAMIAN only, got {degree!r} with {weighting.needs}.")
   if weighting.per_task and weighting.needs is base.Needs.GRADIENTS:
     raise ValueError(
         "weighting.per_task needs Needs.LOSSES or Needs.GRAMIAN (the guard "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -102,6 +102,57 @@ def gramian(task_grads: Any, mask: Any = None) -> chex.Array:
                         preferred_element_type=dtype,
                         **_replicated_output(flat))
   return total
+
+
+class ScaledGramian(NamedTuple):
+  """``G / 4^e`` and ``e``: the Gramian of the gradients divided by ``2^e``."""
+
+  gramian: chex.Array  # [T, T], G / 4^e.
+  exponent: chex.Array  # i32[], e.
+
+
+def scaled_gramian(task_grads: Any, mask: Any = None) -> ScaledGramian:
+  """``G / 4^e`` computed from the gradients divided by ``2^e``.
+
+  ``2^e`` is the smallest power of two above the largest finite absolute
+  entry of the (kept) gradients (``e = 0`` when they are all zero), so the
+  products that form the Gramian neither underflow nor overflow: gradients
+  of 1e-20 give the Gramian that gradients of 1 give, divided by an exact
+  power of two, where :func:`gramian` would give zeros (1e-40 is below
+  float32's normal range). Dividing by ``2^e`` is exact, so within the
+  normal range ``4^e · (G / 4^e)`` is :func:`gramian`'s ``G`` bit for bit.
+
+  Args:
+    task_grads: as for :func:`gramian`.
+    mask: as for :func:`gramian`.
+  """
+  leaves = jax.tree.leaves(task_grads)
+  mask_leaves = ([True] * len(leaves) if mask is None
+                 else jax.tree.leaves(mask))
+  exponent = power_of_two_exponent(
+      [leaf for leaf, keep in zip(leaves, mask_leaves) if keep])
+  return ScaledGramian(gramian(scale_by(task_grads, exponent), mask), exponent)
+
+
+def power_of_two_exponent(tree: Any) -> chex.Array:
+  """i32[]: ``e`` with ``2^e`` the smallest power of two above the largest
+  finite absolute entry of the float leaves of ``tree`` (0 if none)."""
+  kept = [leaf for leaf in jax.tree.leaves(tree) if _is_inexact(leaf)]
+  largest = jnp.zeros([], jnp.result_type(
+      jnp.float32, *[leaf.dtype for leaf in kept]))
+  for leaf in kept:
+    magnitude = jnp.abs(leaf).astype(largest.dtype)
+    largest = jnp.maximum(largest, jnp.max(
+        jnp.where(jnp.isfinite(magnitude), magnitude, 0), initial=0))
+  _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 0.5))
+  return exponent.astype(jnp.int32)
+
+
+def scale_by(tree: Any, exponent: chex.Array) -> Any:
+  """Every float leaf of ``tree`` divided by ``2^exponent`` (exact)."""
+  return jax.tree.map(
+      lambda leaf: jnp.ldexp(leaf, -exponent) if _is_inexact(leaf) else leaf,
+      tree)
 
 
 def _replicated_output(operand: chex.Array) -> dict[str, Any]:

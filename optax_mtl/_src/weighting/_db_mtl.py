@@ -102,7 +102,7 @@ def db_mtl(
     beta_t = beta / num_steps.astype(dtype) ** beta_sigma
     averages = jax.tree.map(lambda avg, h: beta_t * avg + (1 - beta_t) * h,
                             state.gradient_averages, log_grads)
-    norms = jnp.sqrt(task_tree.per_task_sq_norms(averages))
+    norms = task_tree.per_task_norms(averages)
     scales = solvers.safe_divide(jnp.max(norms), norms)
     update = task_tree.combine(scales, averages, task_grads)
     return update, state._replace(

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import tree as tree_lib
 
 
 def iterate_dtype() -> jnp.dtype:
@@ -28,8 +29,18 @@ def iterate_fields(num_tasks: int) -> dict[str, jax.Array]:
   return fields
 
 
-def cross_gramian(task_grads, first: int, second: int) -> chex.Array:
-  """``J_a J_bᵀ`` ([T, T]) of minibatches ``a`` and ``b`` (float leaves)."""
+def cross_gramian(task_grads, first: int, second: int, *,
+                  scaled: bool = False) -> chex.Array:
+  """``J_a J_bᵀ`` ([T, T]) of minibatches ``a`` and ``b`` (float leaves).
+
+  With ``scaled``, ``J_a J_bᵀ / 4^e`` from the gradients divided by a power
+  of two ``2^e`` (their largest entry in ``[½, 1)``), so that the products
+  neither underflow nor overflow: for a rule that reads the cross-Gramian
+  only up to a positive factor.
+  """
+  if scaled:
+    task_grads = tree_lib.scale_by(
+        task_grads, tree_lib.power_of_two_exponent(task_grads))
   total = None
   for leaf in jax.tree.leaves(task_grads):
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):

@@ -179,7 +179,7 @@ def gradvac(
 
     return step.as_gradient_transformation(base.Weighting(
         num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-        requires_positive_losses=False))
+        requires_positive_losses=False, gramian_degree=0))
 
   def init_per_leaf(params):
     num_leaves = len([leaf for leaf in jax.tree.leaves(params)

@@ -129,4 +129,4 @@ def imtl(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=True))
+      requires_positive_losses=True, gramian_degree=0))

@@ -112,4 +112,4 @@ def krum(num_tasks: int, num_byzantine: int = 0,
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False, gramian_degree=0))

@@ -121,7 +121,7 @@ def moco(
   def rule(task_losses, state, task_grads):
     grads = task_tree.float_part(task_grads)
     if gradient_normalization == "loss":
-      norms = jnp.sqrt(task_tree.per_task_sq_norms(grads))
+      norms = task_tree.per_task_norms(grads)
       grads = task_tree.scale_per_task(
           solvers.safe_divide(task_losses, norms), grads)
     num_steps = optax.safe_increment(state.num_steps)

@@ -84,7 +84,8 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
 
   def rule(task_losses, state, task_grads):
     del task_losses
-    product = _double_sampling.cross_gramian(task_grads, 0, 1)
+    product = _double_sampling.cross_gramian(task_grads, 0, 1,
+                                             scaled=normalize_step)
     step_size = gamma / (_double_sampling.scale_of(product)
                          if normalize_step else 1)
     lambdas = state.weights.astype(product.dtype)

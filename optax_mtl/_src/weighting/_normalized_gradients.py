@@ -77,4 +77,4 @@ def normalized_gradients(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False, gramian_degree=-0.5))

@@ -134,4 +134,4 @@ def pcgrad(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False, gramian_degree=0))

@@ -90,7 +90,9 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
 
   def rule(task_losses, state, task_grads):
     del task_losses
-    product = _double_sampling.cross_gramian(task_grads, 0, 1)
+    # Read up to a positive factor (β · product): scaled, so that tiny or
+    # huge gradients give the same weights.
+    product = _double_sampling.cross_gramian(task_grads, 0, 1, scaled=True)
     beta = inner_learning_rate / _double_sampling.scale_of(product)
     pull = lamda / num_tasks
 

@@ -10,6 +10,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from optax_mtl._src import tree as tree_lib
+
 
 def _is_float(leaf: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
@@ -45,6 +47,15 @@ def per_task_sum(tree: Any) -> chex.Array:
 def per_task_sq_norms(tree: Any) -> chex.Array:
   """``‖x_k‖²`` of every task's slice: shape [T]."""
   return per_task_sum(jax.tree.map(jnp.square, tree))
+
+
+def per_task_norms(tree: Any) -> chex.Array:
+  """``‖x_k‖`` of every task's slice: shape [T], without the squares
+  underflowing or overflowing (the slices are divided by a power of two
+  first, exactly)."""
+  exponent = tree_lib.power_of_two_exponent(tree)
+  return jnp.ldexp(jnp.sqrt(per_task_sq_norms(
+      tree_lib.scale_by(tree, exponent))), exponent)
 
 
 def gramian(tree: Any) -> chex.Array:
