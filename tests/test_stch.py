@@ -49,38 +49,57 @@ def numerical_gradient(function, losses):
 def reference_run(losses, mu=1.0, preference=None, warmup_epochs=4,
                   steps_per_epoch=None, reference_point=None,
                   log_losses=True):
-  """Weights per step and the final reference point (loss units)."""
+  """Weights per step, the final reference point (loss units) and the
+  number of steps with a valid loss.
+
+  A bad loss (non-finite; not positive for log losses) excludes its task:
+  the task keeps its weight and its estimate, and its last accepted term
+  λ_k (f_k − z_k) / μ stands in the scalarization. A task's nadir estimate
+  is the mean of its valid losses in the nadir epoch (its first valid one
+  after it when it had none).
+  """
   lambdas = (np.ones(NUM_TASKS) if preference is None
              else np.asarray(preference, np.float64))
   objective = np.log if log_losses else (lambda x: x)
-  accepted = harness.is_accepted if log_losses else is_finite
   epoch = steps_per_epoch or 1
   warmup_steps = warmup_epochs * epoch
   nadir_steps = epoch if reference_point is None else 0
-  point = (None if reference_point is None
+  point = (np.ones(NUM_TASKS) if reference_point is None
            else np.broadcast_to(np.asarray(reference_point, np.float64),
-                                (NUM_TASKS,)))
-  nadir_losses = []
+                                (NUM_TASKS,)).copy())
+  nadir_losses = [[] for _ in range(NUM_TASKS)]
   weights = np.ones(NUM_TASKS)
+  last_terms = np.zeros(NUM_TASKS)
   num_accepted = 0
   out = []
   for step_losses in np.asarray(losses, np.float64):
-    if accepted(step_losses):
-      if num_accepted < warmup_steps + nadir_steps:
-        if num_accepted >= warmup_steps:
-          nadir_losses.append(step_losses)
-          point = np.mean(nadir_losses, axis=0)
-        weights = numerical_gradient(lambda x: np.sum(objective(x)),
-                                     step_losses)
+    valid = np.isfinite(step_losses)
+    if log_losses:
+      valid &= step_losses > 0
+    if valid.any():
+      warming_up = num_accepted < warmup_steps + nadir_steps
+      for k in np.flatnonzero(valid):
+        if nadir_steps and num_accepted >= warmup_steps and (
+            warming_up or not nadir_losses[k]):
+          nadir_losses[k].append(step_losses[k])
+          point[k] = np.mean(nadir_losses[k])
+      safe = np.where(valid, step_losses, 1.0)
+      z = objective(point)
+
+      def terms(x, z=z, valid=valid):
+        return np.where(valid, lambdas * (objective(x) - z) / mu, last_terms)
+
+      if warming_up:
+        new_weights = numerical_gradient(lambda x: np.sum(objective(x)), safe)
       else:
-        z = objective(point)
+        def scalarization(x, terms=terms):
+          values = terms(x)
+          top = np.max(values.real)
+          return NUM_TASKS * mu * (top + np.log(np.sum(np.exp(values - top))))
 
-        def scalarization(x, z=z):
-          terms = lambdas * (objective(x) - z) / mu
-          top = np.max(terms.real)
-          return NUM_TASKS * mu * (top + np.log(np.sum(np.exp(terms - top))))
-
-        weights = numerical_gradient(scalarization, step_losses)
+        new_weights = numerical_gradient(scalarization, safe)
+      weights = np.where(valid, new_weights, weights)
+      last_terms = terms(safe)
       num_accepted += 1
     out.append(weights)
   return np.array(out), point, num_accepted
@@ -132,7 +151,9 @@ def test_golden_values_value_and_grad_face():
   state = harness.check_value_and_grad_face(
       optax_mtl.stch(NUM_TASKS, **kwargs), losses,
       harness.scripted_grads(losses)[0], expected_weights, grads_atol=1e-5)
-  assert int(state.num_skipped) == 3
+  # Each bad loss excluded its task only (two of task 0, one of task 1).
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
 
 
 def test_small_mu_approaches_the_tchebycheff_max():
@@ -176,16 +197,26 @@ def test_weights_finite_positive_and_match_reference(losses):
   np.testing.assert_allclose(weights, expected, rtol=1e-4)
 
 
-def test_rejected_steps_do_not_count():
+def test_a_bad_loss_excludes_its_task_only():
+  """A task without labels (loss 0) keeps its weight and estimate; the others
+  move on; a step with no valid loss is skipped and not counted as a step."""
   strategy = optax_mtl.stch(NUM_TASKS, warmup_epochs=1)
   state = strategy.init(None)
-  for step_losses in ([1.0, 2.0, NAN], [0.0, 1.0, 1.0], [1.0, INF, 1.0],
-                      [-1.0, 1.0, 1.0]):
+  for step_losses in ([NAN, 0.0, -1.0], [1.0, 2.0, NAN], [2.0, 4.0, 0.0],
+                      [1.0, 1.0, 0.0]):
     _, state = strategy.update(jnp.eye(NUM_TASKS), state,
                                task_losses=jnp.array(step_losses))
-  assert int(state.num_skipped) == 4 and int(state.num_steps) == 0
-  np.testing.assert_array_equal(state.weights, 1.0)
-  np.testing.assert_array_equal(state.reference_point, 1.0)
+  assert int(state.num_skipped) == 1 and int(state.num_steps) == 3
+  np.testing.assert_array_equal(state.num_rejected_losses, [1, 1, 4])
+  # Warm-up step 1, nadir step 2 (tasks 0 and 1), STCH at step 3: task 2
+  # never had a valid loss, its weight and reference point are the initial
+  # ones (its term in the softmax: 0).
+  np.testing.assert_array_equal(state.reference_point, [2.0, 4.0, 1.0])
+  terms = np.log([1.0 / 2.0, 1.0 / 4.0])
+  softmax = np.exp(terms) / (np.exp(terms).sum() + 1.0)
+  np.testing.assert_allclose(state.weights[:2], 3 * softmax / [1.0, 1.0],
+                             rtol=1e-6)
+  assert float(state.weights[2]) == 1.0
 
 
 def test_mu_can_be_injected():

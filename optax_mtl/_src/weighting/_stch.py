@@ -16,11 +16,16 @@ class StchState(NamedTuple):
   """State of :func:`stch`."""
 
   weights: chex.Array  # f32[T], the weights applied last.
-  num_skipped: chex.Array  # i32[], rejected steps.
-  num_steps: chex.Array  # i32[], accepted steps so far.
+  num_skipped: chex.Array  # i32[], steps rejected as a whole.
+  num_rejected_losses: chex.Array  # i32[T], bad losses per task.
+  num_steps: chex.Array  # i32[], accepted steps so far (any valid loss).
   # f32[T], the reference point z in loss units: the given one, or the mean
-  # of the losses of the nadir epoch so far (ones until that epoch starts).
+  # of the task's valid losses of the nadir epoch so far (ones until then).
   reference_point: chex.Array
+  nadir_counts: chex.Array  # i32[T], the valid losses in that mean.
+  # f32[T], λ_k (f_k − z_k) / μ at the task's last accepted loss (0 at
+  # init): an excluded task's term in the softmax.
+  scaled_gaps: chex.Array
 
 
 def stch(
@@ -75,13 +80,17 @@ def stch(
   [1/T] * T`` gives its uniform preference (with :math:`\mu/T` for the same
   softmax as :math:`\lambda = 1`).
 
-  A step with a non-finite loss (or, with ``log_losses=True``, a zero or
-  negative one) is counted in ``num_skipped`` and never enters the estimate;
-  the previous weights are applied. With ``log_losses=False`` a zero or
-  negative loss is an ordinary value. One task's bad loss rejects the whole
-  step (the strategy is not per task): the warm-up and the nadir epoch are
-  counted in steps shared by all the tasks, and the softmax of the STCH
-  weights mixes every task's loss.
+  A non-finite loss (or, with ``log_losses=True``, a zero or negative one:
+  a task without labels in the batch) excludes its task only: it never
+  enters the estimate, the task keeps its previous weight, and
+  ``num_rejected_losses`` counts it. The other tasks' weights are computed
+  as usual, with the excluded task's term in the softmax taken from its last
+  accepted loss. The warm-up and the nadir epoch count the steps with at
+  least one valid loss; a task's nadir estimate is the mean of its own valid
+  losses in that epoch (a task with none there takes its first valid loss
+  after it). A step with no valid loss is counted in ``num_skipped`` and the
+  previous weights are applied. With ``log_losses=False`` a zero or
+  negative loss is an ordinary value.
 
   Args:
     num_tasks: the number of tasks T.
@@ -136,9 +145,11 @@ def stch(
     point = (np.ones(num_tasks, np.float32) if given_point is None
              else given_point)
     return StchState(
-        **base.common_state_fields(num_tasks),
+        **base.common_state_fields(num_tasks, per_task=True),
         num_steps=jnp.zeros([], jnp.int32),
-        reference_point=jnp.asarray(point))
+        reference_point=jnp.asarray(point),
+        nadir_counts=jnp.zeros((num_tasks,), jnp.int32),
+        scaled_gaps=jnp.zeros((num_tasks,), jnp.float32))
 
   def objective(losses):
     return jnp.log(losses) if log_losses else losses
@@ -146,32 +157,46 @@ def stch(
   def derivative(losses):
     return 1.0 / losses if log_losses else jnp.ones_like(losses)
 
-  def rule(task_losses, state, gramian):
-    del gramian
+  def nadir_estimate(task_losses, state, valid):
+    """The reference point and counts after this step's valid losses."""
     index = state.num_steps  # This step's index among the accepted steps.
-    in_nadir_epoch = (index >= warmup_steps) & (
-        index < warmup_steps + nadir_steps)
-    # The running mean of the nadir epoch's losses.
-    count = (index - warmup_steps + 1).astype(jnp.float32)
+    after_warmup = index >= warmup_steps
+    in_nadir_epoch = after_warmup & (index < warmup_steps + nadir_steps)
+    # A task with no valid loss in the nadir epoch takes its first one.
+    collecting = valid & (in_nadir_epoch | (
+        after_warmup & (state.nadir_counts == 0) & (nadir_steps > 0)))
+    counts = state.nadir_counts + collecting.astype(jnp.int32)
+    # The running mean of the task's valid losses (the first one replaces
+    # the initial ones).
     running_mean = jnp.where(
-        index == warmup_steps, task_losses,
-        state.reference_point
-        + (task_losses - state.reference_point) / jnp.maximum(count, 1.0))
-    reference = jnp.where(in_nadir_epoch, running_mean, state.reference_point)
-    warming_up = index < warmup_steps + nadir_steps
-    scaled = jnp.asarray(lambdas) * (
-        objective(task_losses) - objective(reference)) / mu
-    probabilities = jax.nn.softmax(scaled)
+        counts == 1, task_losses, state.reference_point
+        + (task_losses - state.reference_point) / jnp.maximum(counts, 1))
+    reference = jnp.where(collecting, running_mean, state.reference_point)
+    return reference, counts
+
+  def rule(task_losses, state, gramian, valid=None):
+    del gramian
+    if valid is None:  # Run as a whole-step weighting: all valid here.
+      valid = jnp.isfinite(task_losses) & (
+          (task_losses > 0) if log_losses else True)
+    reference, counts = nadir_estimate(task_losses, state, valid)
+    warming_up = state.num_steps < warmup_steps + nadir_steps
+    gaps = jnp.where(valid, jnp.asarray(lambdas) * (
+        objective(task_losses) - objective(reference)) / mu,
+                     state.scaled_gaps)
+    probabilities = jax.nn.softmax(gaps)
     stch_weights = num_tasks * jnp.asarray(lambdas) * probabilities
     weights = derivative(task_losses) * jnp.where(
         warming_up, jnp.ones_like(stch_weights), stch_weights)
     return weights, state._replace(
         num_steps=optax.safe_increment(state.num_steps),
-        reference_point=reference.astype(jnp.float32))
+        reference_point=reference.astype(jnp.float32),
+        nadir_counts=counts,
+        scaled_gaps=gaps.astype(jnp.float32))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=log_losses))
+      requires_positive_losses=log_losses, per_task=True))
 
 
 def _check_non_negative_int(name: str, value: Any) -> int:
