@@ -20,6 +20,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -37,6 +38,7 @@ import optax_mtl
 from benchmarks import speed
 from benchmarks import strategies as strategies_lib
 from optax_mtl._src import step as step_lib
+from optax_mtl._src import tree as tree_lib
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,9 +123,10 @@ Trips = Union[None, int, Mapping[str, int]]
 class _Counter:
   """Counts a parsed module's sequential operations, loops unrolled."""
 
-  def __init__(self, computations, trips: Trips):
+  def __init__(self, computations, trips: Trips, label: str = "given"):
     self.computations = computations
     self.trips = trips
+    self.label = label
     self.loops: list[dict[str, Any]] = []
 
   def _loop_trips(self, name: str, text: str) -> tuple[int, str]:
@@ -132,9 +135,9 @@ class _Counter:
       return int(known.group(1)), "known"
     if isinstance(self.trips, Mapping):
       if name in self.trips:
-        return int(self.trips[name]), "given"
+        return int(self.trips[name]), self.label
     elif self.trips is not None:
-      return int(self.trips), "given"
+      return int(self.trips), self.label
     return 1, "assumed_once"
 
   def count(self, computation: str, depth: int = 0) -> tuple[int, int]:
@@ -155,7 +158,7 @@ class _Counter:
         # The larger branch (by all its operations); its loops are recorded.
         best = None
         for branch in _branches(text):
-          counter = _Counter(self.computations, self.trips)
+          counter = _Counter(self.computations, self.trips, self.label)
           result = counter.count(branch, depth)
           if best is None or result[1] > best[0][1]:
             best = (result, counter.loops)
@@ -180,10 +183,12 @@ class _Counter:
     return loop_total
 
 
-def count_hlo(text: str, trips: Trips = None) -> dict[str, Any]:
-  """:func:`sequential_ops` of an optimised HLO module's text."""
+def count_hlo(text: str, trips: Trips = None,
+              label: str = "given") -> dict[str, Any]:
+  """:func:`sequential_ops` of an optimised HLO module's text (``label``:
+  the ``trip_source`` of the loops whose trips ``trips`` gives)."""
   computations, entry = parse_hlo(text)
-  counter = _Counter(computations, trips)
+  counter = _Counter(computations, trips, label)
   outside, total = counter.count(entry)
   return dict(
       outside_loops=outside,
@@ -234,7 +239,124 @@ def sequential_ops(fn: Callable, *args, trips: Trips = None) -> dict[str, Any]:
     [5]
   """
   text = jax.jit(fn).lower(*args).compile().as_text()
+  if isinstance(trips, str):
+    if trips != "measured":
+      raise ValueError(f"trips must be None, an int, a mapping or "
+                       f"'measured', got {trips!r}.")
+    return count_hlo(text, match_trips(text, loop_trips(fn, *args)),
+                     label="measured")
   return count_hlo(text, trips)
+
+
+def while_sources(text: str) -> dict[str, list[tuple[str, int]]]:
+  """``{while name: [(file's base name, line), ...]}``, innermost frame
+  first: where in Python each loop of an HLO module was built (from the
+  module's stack-frame tables; empty where the text has none)."""
+  tables: dict[str, dict[int, str]] = {}
+  section = None
+  for line in text.splitlines():
+    if line.strip() in ("FileNames", "FunctionNames", "FileLocations",
+                        "StackFrames"):
+      section = line.strip()
+      tables[section] = {}
+      continue
+    match = re.match(r"^(\d+) (.*)$", line)
+    if section and match:
+      tables[section][int(match.group(1))] = match.group(2)
+    elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+      section = None
+  files = {k: os.path.basename(v.strip('"'))
+           for k, v in tables.get("FileNames", {}).items()}
+  locations, frames = {}, {}
+  for key, value in tables.get("FileLocations", {}).items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", value))
+    locations[key] = (files.get(int(fields.get("file_name_id", 0)), "?"),
+                      int(fields.get("line", 0)))
+  for key, value in tables.get("StackFrames", {}).items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", value))
+    frames[key] = (int(fields.get("file_location_id", 0)),
+                   int(fields.get("parent_frame_id", 0)))
+  sources = {}
+  for line in text.splitlines():
+    instruction = _INSTRUCTION.match(line)
+    if not instruction or " while(" not in line:
+      continue
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    chain, seen = [], set()
+    frame_id = int(frame.group(1)) if frame else 0
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      location_id, parent = frames[frame_id]
+      chain.append(locations.get(location_id, ("?", 0)))
+      frame_id = parent
+    sources[instruction.group(2)] = chain
+  return sources
+
+
+def loop_trips(fn: Callable, *args) -> list[dict[str, Any]]:
+  """The trips of every ``lax.while_loop`` that ``fn(*args)`` runs.
+
+  Runs ``fn`` once, eagerly (``jax.disable_jit``, so that each loop runs
+  in Python), with ``jax.lax.while_loop`` counting its body's calls.
+
+  Returns:
+    ``[{"stack": [(file's base name, line), ...] (innermost first, user
+    frames only, as in XLA's metadata), "trips": int}]`` in the order the
+    loops finished.
+  """
+  from jax._src import source_info_util  # pylint: disable=import-outside-toplevel
+  records: list[dict[str, Any]] = []
+  original = jax.lax.while_loop
+
+  def counting_while_loop(cond_fun, body_fun, init_val):
+    trips = [0]
+
+    def body(value):
+      trips[0] += 1
+      return body_fun(value)
+
+    stack, frame = [], sys._getframe(1)  # pylint: disable=protected-access
+    while frame is not None:
+      if source_info_util.is_user_filename(frame.f_code.co_filename):
+        stack.append((os.path.basename(frame.f_code.co_filename),
+                      frame.f_lineno))
+      frame = frame.f_back
+    out = original(cond_fun, body, init_val)
+    records.append({"stack": stack, "trips": trips[0]})
+    return out
+
+  jax.lax.while_loop = counting_while_loop
+  try:
+    with jax.disable_jit():
+      jax.block_until_ready(fn(*args))
+  finally:
+    jax.lax.while_loop = original
+  return records
+
+
+def match_trips(text: str, records: Sequence[dict[str, Any]]
+                ) -> dict[str, int]:
+  """``{while name: trips}`` for the loops of an HLO module that
+  :func:`loop_trips` records: each record goes to the loop whose source
+  stack shares the most innermost frames with its own; a loop given several
+  records (one inside another loop) gets their mean, rounded. Loops with no
+  record (a branch not taken, say) are left out."""
+  sources = while_sources(text)
+  matched: dict[str, list[int]] = {}
+  for record in records:
+    best, best_length = None, 0
+    for name, chain in sources.items():
+      length = 0
+      for ours, theirs in zip(record["stack"], chain):
+        if ours != theirs:
+          break
+        length += 1
+      if length > best_length:
+        best, best_length = name, length
+    if best is not None:
+      matched.setdefault(best, []).append(record["trips"])
+  return {name: int(round(float(np.mean(trips))))
+          for name, trips in matched.items()}
 
 
 # --------------------------------------------------------------------------
@@ -295,7 +417,10 @@ def trips_per_step(name: str, num_tasks: int,
   Returns:
     ``{"warm": [int] * steps, "cold": [int] * steps, "warm_stats",
     "cold_stats"}``, the statistics (median, p95, max, mean) over steps
-    ``first_step`` to ``steps - 1``.
+    ``first_step`` to ``steps - 1``, and ``"median_step"``: ``{"index",
+    "inputs": {"warm": (gramian, task_losses, state), "cold": (...)}}``,
+    the solver part's inputs at the first of those steps whose warm trips
+    are closest to the median (for :func:`solver_ops`).
   """
   cfg = dict(CONFIG, **(config or {}))
   model_cfg = speed.model_config(cfg["model"], {
@@ -314,37 +439,64 @@ def trips_per_step(name: str, num_tasks: int,
             new_state.solver_iterations, cold_state.solver_iterations)
 
   state, opt_state = strategy.init(params), optimizer.init(params)
-  warm, cold = [], []
+  warm, cold, history = [], [], []
   for index in range(cfg["steps"]):
     batch = jax.tree.map(lambda b, i=index: b[i], batches)
+    history.append((params, state, batch))
     params, opt_state, state, warm_trips, cold_trips = train_step(
         params, opt_state, state, batch)
     warm.append(int(warm_trips))
     cold.append(int(cold_trips))
   kept = slice(cfg["first_step"], cfg["steps"])
-  return {"warm": warm, "cold": cold,
-          "warm_stats": _statistics(np.asarray(warm[kept])),
-          "cold_stats": _statistics(np.asarray(cold[kept]))}
+  warm_stats = _statistics(np.asarray(warm[kept]))
+  index = cfg["first_step"] + int(np.argmin(
+      np.abs(np.asarray(warm[kept]) - warm_stats["median"])))
+  params, state, batch = history[index]
+  gramian, task_losses = _gramian_and_losses(loss_fn, params, batch)
+  return {"warm": warm, "cold": cold, "warm_stats": warm_stats,
+          "cold_stats": _statistics(np.asarray(cold[kept])),
+          "median_step": {"index": index, "inputs": {
+              "warm": (gramian, task_losses, state),
+              "cold": (gramian, task_losses, strategy.init(params))}}}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gramian_and_losses(loss_fn, params, batch):
+  """The Gramian and float32 losses that the engine's step computes."""
+  task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
+  task_grads = jax.vmap(vjp_fn)(jnp.eye(task_losses.shape[0],
+                                        dtype=task_losses.dtype))[0]
+  mask = tree_lib.shared_mask(None, params)
+  return (tree_lib.gramian(task_grads, mask),
+          task_losses.astype(jnp.float32))
 
 
 def solver_ops(name: str, num_tasks: int,
-               trips: Mapping[str, int]) -> dict[str, Any]:
-  """:func:`sequential_ops` of :func:`solver_part` on a ``[T, T]`` float32
-  Gramian, once per entry of ``trips`` (e.g. ``{"warm": 1, "cold": 5}``):
-  ``{"outside_loops", "loops", "unknown_loops", "total_<key>": int}``."""
-  strategy = strategies_lib.make(name, num_tasks)
-  args = (jax.ShapeDtypeStruct((num_tasks, num_tasks), jnp.float32),
-          jax.ShapeDtypeStruct((num_tasks,), jnp.float32),
-          strategy.init(_PARAMS))
-  text = jax.jit(solver_part(strategy)).lower(*args).compile().as_text()
+               inputs: Mapping[str, tuple]) -> dict[str, Any]:
+  """:func:`sequential_ops` of :func:`solver_part`, for each entry of
+  ``inputs`` (``{"warm": (gramian, task_losses, state), ...}``), every loop
+  unrolled by the trips it runs on those inputs (:func:`loop_trips`); the
+  program is compiled once.
+
+  Returns:
+    ``{"outside_loops", "loops": [{"name", "depth", "per_trip",
+    "trips_<key>"}], "unmatched_loops" (loops given no trips, counted
+    once), "total_<key>"}``.
+  """
+  part = solver_part(strategies_lib.make(name, num_tasks))
+  first = next(iter(inputs.values()))
+  text = jax.jit(part).lower(*first).compile().as_text()
   out: dict[str, Any] = {}
-  for key, value in trips.items():
-    ops = count_hlo(text, int(round(value)))
+  for key, args in inputs.items():
+    ops = count_hlo(text, match_trips(text, loop_trips(part, *args)),
+                    label="measured")
     out.setdefault("outside_loops", ops["outside_loops"])
-    out.setdefault("loops", [{k: loop[k] for k in (
-        "name", "depth", "trip_source", "per_trip")} for loop in ops["loops"]])
-    out["unknown_loops"] = sum(loop["trip_source"] != "known"
-                               for loop in ops["loops"])
+    loops = out.setdefault("loops", [
+        {k: loop[k] for k in ("name", "depth", "per_trip")}
+        for loop in ops["loops"]])
+    for record, loop in zip(loops, ops["loops"]):
+      record[f"trips_{key}"] = loop["trips"]
+    out["unmatched_loops"] = len(ops["assumed_once"])
     out[f"total_{key}"] = ops["total"]
   return out
 
@@ -371,8 +523,8 @@ def run(names: Optional[Sequence[str]] = None,
   Returns:
     ``{"config", "git", "machine", "strategies": {name: {T: {"warm",
     "cold" (statistics of :func:`trips_per_step`), "trips": {"warm",
-    "cold"} (per step), "ops": :func:`solver_ops` at the median warm and
-    cold trips}}}}`` (T as a string key).
+    "cold"} (per step), "ops": {"step": the median step, **}:func:`solver_ops`
+    on that step's inputs, warm and cold}}}`` (T as a string key).
   """
   cfg = dict(CONFIG, **(config or {}))
   progress = progress or (lambda label: None)
@@ -384,12 +536,12 @@ def run(names: Optional[Sequence[str]] = None,
   for t in num_tasks:
     for name in solver_strategies(names, t):
       trips = trips_per_step(name, t, cfg)
-      ops = solver_ops(name, t, {"warm": trips["warm_stats"]["median"],
-                                 "cold": trips["cold_stats"]["median"]})
+      median_step = trips["median_step"]
       out["strategies"].setdefault(name, {})[str(t)] = {
           "warm": trips["warm_stats"], "cold": trips["cold_stats"],
           "trips": {"warm": trips["warm"], "cold": trips["cold"]},
-          "ops": ops}
+          "ops": {"step": median_step["index"],
+                  **solver_ops(name, t, median_step["inputs"])}}
       progress(f"{name} T={t}")
   return out
 
@@ -403,17 +555,23 @@ def _rows(result: dict[str, Any]):
 def table(result: dict[str, Any]) -> str:
   """A Markdown table: trips (median / p95, cold and warm) and operations."""
   lines = ["| strategy | T | trips cold (median / p95) | trips warm "
-           "(median / p95) | ops outside loops | ops per step (warm trips) "
-           "| ops (cold trips) | loops (unknown count) |",
+           "(median / p95) | ops outside loops | ops per step, warm (loop "
+           "trips) | ops per step, cold (loop trips) | at step |",
            "|---|---|---|---|---|---|---|---|"]
   for name, t, entry in _rows(result):
     ops = entry["ops"]
+    cells = []
+    for key in ("warm", "cold"):
+      trips = "+".join(str(loop.get(f"trips_{key}", "?"))
+                       for loop in ops["loops"]) or "no loop"
+      cells.append(f"{ops[f'total_{key}']} ({trips})")
+    unmatched = (f" ({ops['unmatched_loops']} loops counted once)"
+                 if ops.get("unmatched_loops") else "")
     lines.append(
         f"| {name} | {t} | {entry['cold']['median']:g} / "
         f"{entry['cold']['p95']:g} | {entry['warm']['median']:g} / "
-        f"{entry['warm']['p95']:g} | {ops['outside_loops']} | "
-        f"{ops['total_warm']} | {ops['total_cold']} | {len(ops['loops'])} "
-        f"({ops['unknown_loops']}) |")
+        f"{entry['warm']['p95']:g} | {ops['outside_loops']} | {cells[0]} | "
+        f"{cells[1]} | {ops.get('step', '?')}{unmatched} |")
   return "\n".join(lines)
 
 

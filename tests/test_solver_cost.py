@@ -197,6 +197,9 @@ _TINY_MODEL = {"input_dim": 4, "hidden": 8, "depth": 1, "batch_size": 8}
 def test_trips_per_step_cold_and_warm_agree_on_the_first_step():
   out = solver_cost.trips_per_step(
       "mgda", 3, {"steps": 3, "first_step": 1, "model_config": _TINY_MODEL})
+  gramian, losses, _ = out["median_step"]["inputs"]["warm"]
+  assert gramian.shape == (3, 3) and losses.shape == (3,)
+  assert out["median_step"]["index"] in (1, 2)
   assert len(out["warm"]) == len(out["cold"]) == 3
   # The first step starts from init: warm and cold are the same solve.
   assert out["warm"][0] == out["cold"][0] >= 1
@@ -205,24 +208,53 @@ def test_trips_per_step_cold_and_warm_agree_on_the_first_step():
   assert out["warm_stats"]["max"] == max(out["warm"][1:])
 
 
-def test_solver_ops_grow_with_the_trips():
-  ops = solver_cost.solver_ops("mgda", 3, {"none": 0, "two": 2})
-  assert ops["unknown_loops"] >= 1
-  assert ops["outside_loops"] < ops["total_none"] < ops["total_two"]
+def test_loop_trips_are_measured_and_matched_to_the_program():
+  def f(x, n):
+    inner = jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1,
+                                                              c[1] * 2.0),
+                               (0, x))[1]
+    return jax.lax.while_loop(lambda c: c[0] < 2 * n,
+                              lambda c: (c[0] + 1, jnp.sin(c[1])),
+                              (0, inner))[1]
+
+  records = solver_cost.loop_trips(f, jnp.ones(3), 3)
+  assert [record["trips"] for record in records] == [3, 6]
+  assert records[0]["stack"][0][0] == "test_solver_cost.py"
+  ops = solver_cost.sequential_ops(f, jnp.ones(3), 3, trips="measured")
+  assert sorted(loop["trips"] for loop in ops["loops"]) == [3, 6]
+  assert {loop["trip_source"] for loop in ops["loops"]} == {"measured"}
+  given = solver_cost.sequential_ops(f, jnp.ones(3), 3, trips={
+      loop["name"]: loop["trips"] for loop in ops["loops"]})
+  assert given["total"] == ops["total"]
+  with pytest.raises(ValueError, match="trips"):
+    solver_cost.sequential_ops(f, jnp.ones(3), 3, trips="median")
+
+
+def test_solver_ops_of_a_strategy_count_its_loop_trips():
+  strategy = solver_cost.strategies_lib.make("mgda", 3)
+  gramian = jnp.array([[2.0, -1.0, 0.5], [-1.0, 3.0, 0.0], [0.5, 0.0, 1.0]])
+  state = strategy.init(solver_cost._PARAMS)
+  ops = solver_cost.solver_ops("mgda", 3, {
+      "cold": (gramian, jnp.ones(3), state)})
+  (loop,) = ops["loops"]
+  assert ops["unmatched_loops"] == 0
+  assert loop["trips_cold"] >= 1
+  assert ops["total_cold"] > ops["outside_loops"] + loop["trips_cold"]
 
 
 def _entry(warm, ops):
   return {"warm": {"median": warm, "p95": warm}, "cold": {"median": 5,
                                                           "p95": 6},
           "ops": {"outside_loops": 10, "total_warm": ops, "total_cold": 90,
-                  "loops": [{}], "unknown_loops": 1}}
+                  "loops": [{"trips_warm": warm, "trips_cold": 5}],
+                  "unmatched_loops": 0, "step": 20}}
 
 
 def test_table_and_compare_show_before_after_and_ratio():
   before = {"strategies": {"upgrad": {"40": _entry(4, 400)}}}
   after = {"strategies": {"upgrad": {"40": _entry(1, 80)},
                           "mgda": {"40": _entry(1, 50)}}}
-  assert "| upgrad | 40 | 5 / 6 | 4 / 4 | 10 | 400 | 90 | 1 (1) |" in (
+  assert "| upgrad | 40 | 5 / 6 | 4 / 4 | 10 | 400 (4) | 90 (5) | 20 |" in (
       solver_cost.table(before))
   text = solver_cost.compare(before, after)
   assert "400 / 80 (0.20)" in text and "4 / 1 (0.25)" in text
