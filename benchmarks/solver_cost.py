@@ -9,12 +9,16 @@ that stand in for kernel launches on an accelerator:
   from a fresh ``init`` state);
 * **sequential operations** (:func:`sequential_ops`): the operations the
   optimised XLA program of the solver part of a step executes one after
-  another, loops unrolled by their trip counts.
+  another, each loop unrolled by the trips it runs (:func:`loop_trips`).
 
 Command line::
 
     python -m benchmarks.solver_cost [--tasks 10,40] [--steps 100]
         [--out FILE.json] [--compare BEFORE.json]
+
+The prepared device check (:func:`device_check`, ``python -m benchmarks
+--device-check``) runs these figures, the speed benchmark of the Gramian
+strategies and the device's tests on a GPU within 5 minutes.
 """
 
 from __future__ import annotations
@@ -580,7 +584,8 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
   figures = (("trips warm median", lambda e: e["warm"]["median"]),
              ("trips warm p95", lambda e: e["warm"]["p95"]),
              ("trips cold median", lambda e: e["cold"]["median"]),
-             ("ops per step (warm)", lambda e: e["ops"]["total_warm"]))
+             ("ops per step (warm)", lambda e: e["ops"]["total_warm"]),
+             ("ops per step (cold)", lambda e: e["ops"]["total_cold"]))
   lines = ["| strategy | T | " + " | ".join(
       f"{label} before / after (ratio)" for label, _ in figures) + " |",
            "|---|---|" + "---|" * len(figures)]
