@@ -114,7 +114,7 @@ STRATEGIES: dict[str, Case] = {
     "uncertainty": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "initial_log_variances"), hyperparams=dict(learning_rate=0.05), permutation_equivariant=True),
     "rlw": Case("losses", stochastic=True, static_args=("num_tasks", "seed")),
     "constant": Case("losses", kwargs=dict(weights=(0.5, 1.0, 2.0)), static_args=("num_tasks", "weights")),
-    "famo": Case("losses", positive_losses=True, hyperparams=dict(learning_rate=0.05, weight_decay=0.01), permutation_equivariant=True),
+    "famo": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(learning_rate=0.05, weight_decay=0.01), permutation_equivariant=True),
     "stch": Case("losses", kwargs=dict(warmup_epochs=1), per_task=True, positive_losses=True, static_args=("num_tasks", "warmup_epochs"), hyperparams=dict(mu=0.5), permutation_equivariant=True, scale_invariant_per_task=True),
     "imtl_l": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "initial_scales"), hyperparams=dict(learning_rate=0.05), permutation_equivariant=True),
     "cosmos": Case("losses", static_args=("num_tasks", "preference"), hyperparams=dict(penalty=0.5), permutation_equivariant=True),

@@ -6,6 +6,11 @@ the logits' gradient J_z(ξ)ᵀ δ + γ ξ with the explicit softmax Jacobian
 J_z = diag(z) − z zᵀ and δ = log(L_before − b + ε) − log(L_after − b + ε);
 then one step of gradient descent (Algorithm 1) or of Adam (Kingma & Ba
 2015, bias-corrected; the authors' code).
+
+A bad loss excludes its task (R3): it keeps ξ_k, its Adam moments and step
+count, and its weight; in c its last accepted loss stands in; in δ only the
+tasks with a pair of valid losses enter, FAMO's step on them alone (the
+softmax restricted to them: an excluded task's gradient is 0).
 """
 
 import jax
@@ -32,6 +37,7 @@ class ReferenceFamo:
     self.learning_rate = learning_rate
     self.weight_decay = weight_decay
     self.optimizer = optimizer
+    self.default_bounds = min_losses is None
     self.bounds = (np.zeros(NUM_TASKS) if min_losses is None
                    else np.broadcast_to(np.asarray(min_losses, np.float64),
                                         (NUM_TASKS,)))
@@ -39,11 +45,19 @@ class ReferenceFamo:
     self.logits = np.zeros(NUM_TASKS)
     self.m = np.zeros(NUM_TASKS)
     self.v = np.zeros(NUM_TASKS)
-    self.t = 0
+    self.t = np.zeros(NUM_TASKS)  # One Adam step count per logit.
+
+  def valid(self, losses):
+    """The losses that enter (finite; positive without min_losses)."""
+    losses = np.asarray(losses, np.float64)
+    valid = np.isfinite(losses)
+    return valid & (losses > 0) if self.default_bounds else valid
 
   def accepts(self, losses):
+    """Whether the step goes on: some valid loss, all above their bound."""
     losses = np.asarray(losses, np.float64)
-    return bool(np.all(np.isfinite(losses)) and np.all(losses > self.bounds))
+    valid = self.valid(losses)
+    return bool(valid.any() and np.all(losses[valid] > self.bounds[valid]))
 
   def z(self):
     e = np.exp(self.logits - self.logits.max())
@@ -54,37 +68,53 @@ class ReferenceFamo:
                          + self.eps)
     return scaled / scaled.sum()
 
-  def update_logits(self, before, after):
+  def update_logits(self, before, after, paired=None):
+    """FAMO's step on the paired tasks' logits (the softmax restricted to
+    them: z_P = z on P, renormalised; the others unchanged)."""
+    paired = (np.ones(NUM_TASKS, bool) if paired is None
+              else np.asarray(paired))
+    if not paired.any():
+      return
     log = lambda x: np.log(np.asarray(x, np.float64) - self.bounds + self.eps)
-    delta = log(before) - log(after)
+    delta = np.where(paired, log(np.where(paired, before, 1.0))
+                     - log(np.where(paired, after, 1.0)), 0.0)
     z = self.z()
+    # ∂/∂ξ_k of zᵀδ over the paired tasks with z's own normalisation, i.e.
+    # the softmax Jacobian's rows and columns of the paired tasks, with δ
+    # measured against the paired tasks' z-weighted mean.
+    mean = np.sum(z[paired] * delta[paired]) / np.sum(z[paired])
     jacobian = np.diag(z) - np.outer(z, z)
-    g = jacobian.T @ delta + self.weight_decay * self.logits
+    centred = np.where(paired, delta - mean, 0.0)
+    g = jacobian.T @ centred + self.weight_decay * self.logits
     if self.optimizer == "adam":
       beta1, beta2, epsilon = 0.9, 0.999, 1e-8
-      self.t += 1
-      self.m = beta1 * self.m + (1 - beta1) * g
-      self.v = beta2 * self.v + (1 - beta2) * g**2
-      m_hat = self.m / (1 - beta1**self.t)
-      v_hat = self.v / (1 - beta2**self.t)
-      self.logits = self.logits - self.learning_rate * m_hat / (
-          np.sqrt(v_hat) + epsilon)
+      t = self.t + 1
+      m = beta1 * self.m + (1 - beta1) * g
+      v = beta2 * self.v + (1 - beta2) * g**2
+      step = self.learning_rate * (m / (1 - beta1**t)) / (
+          np.sqrt(v / (1 - beta2**t)) + epsilon)
+      self.t = np.where(paired, t, self.t)
+      self.m = np.where(paired, m, self.m)
+      self.v = np.where(paired, v, self.v)
     else:
-      self.logits = self.logits - self.learning_rate * g
+      step = self.learning_rate * g
+    self.logits = np.where(paired, self.logits - step, self.logits)
 
 
 def one_pass_reference(losses, **kwargs):
   """Weights and logits per step of the one-pass variant."""
   famo = ReferenceFamo(**kwargs)
   weights = np.full(NUM_TASKS, 1.0 / NUM_TASKS)
-  previous = None
+  previous = np.ones(NUM_TASKS)
+  has_previous = np.zeros(NUM_TASKS, bool)
   out_weights, out_logits = [], []
   for step_losses in np.asarray(losses, np.float64):
     if famo.accepts(step_losses):
-      if previous is not None:
-        famo.update_logits(previous, step_losses)
-      weights = famo.weights(step_losses)
-      previous = step_losses
+      valid = famo.valid(step_losses)
+      famo.update_logits(previous, step_losses, valid & has_previous)
+      stand_in = np.where(valid, step_losses, previous)
+      weights = np.where(valid, famo.weights(stand_in), weights)
+      previous, has_previous = stand_in, has_previous | valid
     out_weights.append(weights)
     out_logits.append(famo.logits.copy())
   return np.array(out_weights), np.array(out_logits)
@@ -109,13 +139,19 @@ def logits_check(expected_logits):
 @pytest.mark.parametrize("kwargs", ONE_PASS_CASES)
 def test_one_pass_golden_values_optax_face(kwargs):
   expected_weights, expected_logits = one_pass_reference(LOSSES, **kwargs)
-  num_rejected = sum(not ReferenceFamo(**kwargs).accepts(l) for l in LOSSES)
+  reference = ReferenceFamo(**kwargs)
+  num_rejected = sum(not reference.accepts(l) for l in LOSSES)
   state = harness.check_optax_face(
       optax_mtl.famo(NUM_TASKS, **kwargs), LOSSES, GRADS, expected_weights,
       weights_rtol=2e-5, update_atol=1e-5,
       check_step=logits_check(expected_logits))
-  assert int(state.num_skipped) == num_rejected
-  assert num_rejected == (2 if "min_losses" in kwargs else NUM_REJECTED)
+  # Each bad loss excluded its task only.
+  assert int(state.num_skipped) == num_rejected == 0
+  np.testing.assert_array_equal(
+      state.num_rejected_losses,
+      np.sum([~reference.valid(l) for l in LOSSES], axis=0))
+  assert int(np.sum(state.num_rejected_losses)) == (
+      2 if "min_losses" in kwargs else NUM_REJECTED)
   assert not np.allclose(expected_logits[-1], 0.0, atol=1e-2)
 
 
@@ -126,7 +162,8 @@ def test_one_pass_golden_values_value_and_grad_face():
       optax_mtl.famo(NUM_TASKS, **kwargs), LOSSES, GRADS[0],
       expected_weights, weights_rtol=2e-5, grads_atol=1e-5,
       check_step=logits_check(expected_logits))
-  assert int(state.num_skipped) == NUM_REJECTED
+  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, [1, 1, 1])
 
 
 def test_weights_are_convex_and_follow_the_logits():
@@ -151,33 +188,46 @@ def test_weights_are_convex_and_follow_the_logits():
 REMEASURED = [
     ([2.0, 0.5, 10.0], [1.6, 0.49, 9.0]),
     ([1.5, 0.4, 8.0], [1.4, 0.30, 7.9]),
-    ([NAN, 0.3, 7.0], [1.0, 0.2, 6.0]),  # Rejected step: nothing pending.
-    ([1.2, 0.3, 6.0], [1.0, 0.25, NAN]),  # Rejected re-measurement.
+    ([NAN, 0.3, 7.0], [1.0, 0.2, 6.0]),  # Task 0 excluded from the step.
+    ([1.2, 0.3, 6.0], [1.0, 0.25, NAN]),  # Task 2's re-measurement bad.
     ([1.0, 0.25, 5.0], [0.9, 0.2, 4.0]),
     ([0.8, 0.2, 4.5], [0.7, 0.19, 4.4]),
 ]
 
 
 def remeasured_reference(pairs, **kwargs):
+  """Weights and logits per step, and the counts (skipped, per task)."""
   famo = ReferenceFamo(**kwargs)
   weights = np.full(NUM_TASKS, 1.0 / NUM_TASKS)
+  previous = np.ones(NUM_TASKS)
+  skipped, rejected = 0, np.zeros(NUM_TASKS, int)
   out_weights, out_logits = [], []
   for step_losses, next_losses in pairs:
+    valid = famo.valid(step_losses)
+    rejected += ~valid
     if famo.accepts(step_losses):
-      weights = famo.weights(step_losses)
-      if famo.accepts(next_losses):
-        famo.update_logits(step_losses, next_losses)
+      previous = np.where(valid, step_losses, previous)
+      weights = np.where(valid, famo.weights(previous), weights)
+      next_losses = np.asarray(next_losses, np.float64)
+      usable = np.isfinite(next_losses) & (next_losses > famo.bounds)
+      rejected += valid & ~usable
+      if (valid & usable).any():
+        famo.update_logits(previous, next_losses, valid & usable)
+      else:
+        skipped += 1
+    else:
+      skipped += 1
     out_weights.append(weights)
     out_logits.append(famo.logits.copy())
-  return np.array(out_weights), np.array(out_logits)
+  return np.array(out_weights), np.array(out_logits), skipped, rejected
 
 
 @pytest.mark.parametrize("kwargs", [dict(learning_rate=0.1),
                                     dict(optimizer="sgd", learning_rate=0.5,
                                          weight_decay=0.1)])
 def test_remeasured_golden_values(kwargs):
-  expected_weights, expected_logits = remeasured_reference(REMEASURED,
-                                                           **kwargs)
+  expected_weights, expected_logits, skipped, rejected = (
+      remeasured_reference(REMEASURED, **kwargs))
   strategy = optax_mtl.famo(NUM_TASKS, remeasured_losses=True, **kwargs)
   update_fn = jax.jit(strategy.update)
   logits_fn = jax.jit(lambda state, losses: optax_mtl.famo_update_logits(
@@ -194,9 +244,12 @@ def test_remeasured_golden_values(kwargs):
     state = logits_fn(state, np.asarray(next_losses, np.float32))
     np.testing.assert_allclose(state.logits, expected_logits[step],
                                rtol=1e-5, atol=2e-6)
-    assert not bool(state.has_previous_losses)
-  # One rejected step, one rejected re-measurement.
-  assert int(state.num_skipped) == 2
+    assert not np.any(state.has_previous_losses)
+  # A NaN of task 0 in a step, a NaN of task 2 in a re-measurement: each
+  # excluded its task only.
+  assert int(state.num_skipped) == skipped == 0
+  np.testing.assert_array_equal(state.num_rejected_losses, rejected)
+  np.testing.assert_array_equal(rejected, [1, 0, 1])
 
 
 def test_remeasured_value_and_grad_face_in_a_training_loop():

@@ -18,15 +18,19 @@ class FamoState(NamedTuple):
   """State of :func:`famo`."""
 
   weights: chex.Array  # f32[T], the weights applied last (Σ w = 1).
-  num_skipped: chex.Array  # i32[], rejected steps (and re-measurements).
+  # i32[], steps rejected as a whole (no valid loss; in the re-measured
+  # variant also a logits update with no valid re-measured loss).
+  num_skipped: chex.Array
+  num_rejected_losses: chex.Array  # i32[T], bad losses per task.
   logits: chex.Array  # f32[T], ξ; the task weights are z = softmax(ξ).
-  # The optax state of the logits' optimizer: (EmptyState(),
-  # ScaleByAdamState(count i32[], mu f32[T], nu f32[T]), EmptyState()) for
-  # "adam"; (EmptyState(), EmptyState()) for "sgd".
+  # The optax state of each logit's optimizer (one per task, so that an
+  # excluded task keeps its own): (EmptyState(), ScaleByAdamState(count
+  # i32[T], mu f32[T], nu f32[T]), EmptyState()) for "adam";
+  # (EmptyState(), EmptyState()) for "sgd".
   logits_optimizer: Any
-  previous_losses: chex.Array  # f32[T], the losses of the last accepted step.
-  # bool[], whether previous_losses await the logits update (in the
-  # re-measured variant, famo_update_logits clears it).
+  previous_losses: chex.Array  # f32[T], each task's last accepted loss.
+  # bool[T], whether a task's previous loss awaits the logits update (in
+  # the re-measured variant, famo_update_logits clears it).
   has_previous_losses: chex.Array
 
 
@@ -44,22 +48,33 @@ class _FamoRule:
     return losses - jnp.asarray(self.min_losses) + self.eps
 
   def _above_bounds(self, losses):
-    return jnp.all(losses - jnp.asarray(self.min_losses) > 0)
+    return losses - jnp.asarray(self.min_losses) > 0
 
-  def _logits_step(self, state, losses_before, losses_after):
-    """One optimizer step of ξ on ∇_ξ softmax(ξ)ᵀ δ (+ weight decay)."""
-    delta = (jnp.log(self._shifted(losses_before))
-             - jnp.log(self._shifted(losses_after)))
+  def _logits_step(self, state, losses_before, losses_after, paired):
+    """One optimizer step of the paired tasks' ξ_k on ∇_ξ softmax(ξ)ᵀ δ
+    (+ weight decay); the others keep ξ_k and their optimizer's state.
+
+    An unpaired task's δ_k is the z-weighted mean of the paired ones', so
+    that its gradient z_k (δ_k − zᵀδ) is 0 and the paired tasks' is FAMO's
+    on them alone. Returns ``(logits, optimizer_state, finite)``.
+    """
+    delta = (jnp.log(self._shifted(jnp.where(paired, losses_before, 1.0)))
+             - jnp.log(self._shifted(jnp.where(paired, losses_after, 1.0))))
     z = jax.nn.softmax(state.logits)
+    paired_z = jnp.where(paired, z, 0.0)
+    mean = jnp.sum(paired_z * delta) / jnp.maximum(jnp.sum(paired_z),
+                                                   jnp.finfo(z.dtype).tiny)
+    delta = jnp.where(paired, delta, mean)
     # The softmax Jacobian diag(z) − z zᵀ is symmetric: Jᵀδ = z ⊙ (δ − zᵀδ).
     gradient = z * (delta - jnp.dot(z, delta))
-    updates, optimizer_state = self.transformation.update(
+    updates, optimizer_state = jax.vmap(self.transformation.update)(
         gradient, state.logits_optimizer, state.logits)
-    logits = (state.logits + updates).astype(jnp.float32)
-    finite = jnp.all(jnp.isfinite(logits))
-    for leaf in jax.tree.leaves(optimizer_state):
-      if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-        finite &= jnp.all(jnp.isfinite(leaf))
+    logits = jnp.where(paired, state.logits + updates,
+                       state.logits).astype(jnp.float32)
+    optimizer_state = jax.tree.map(
+        lambda new, old: jnp.where(paired, new, old).astype(old.dtype),
+        optimizer_state, state.logits_optimizer)
+    finite = jnp.all(jnp.isfinite(logits)) & step.all_finite(optimizer_state)
     return logits, optimizer_state, finite
 
   def weights(self, logits, losses):
@@ -67,47 +82,53 @@ class _FamoRule:
     scaled = z / self._shifted(losses)
     return scaled / jnp.sum(scaled)
 
-  def __call__(self, task_losses, state, gramian):
+  def __call__(self, task_losses, state, gramian, valid=None):
     del gramian
+    if valid is None:  # Run as a whole-step weighting: all valid here.
+      valid = jnp.isfinite(task_losses)
+    # A loss not above its bound (min_losses given) rejects the whole step.
+    above_bounds = jnp.all(self._above_bounds(task_losses) | ~valid)
     logits, optimizer_state = state.logits, state.logits_optimizer
     update_ok = jnp.asarray(True)
     if not self.remeasured:
-      new_logits, new_optimizer_state, finite = self._logits_step(
-          state, state.previous_losses, task_losses)
-      use = state.has_previous_losses
-      logits = jnp.where(use, new_logits, logits)
-      optimizer_state = jax.tree.map(
-          lambda new, old: jnp.where(use, new, old).astype(old.dtype),
-          new_optimizer_state, optimizer_state)
-      update_ok = finite | ~use
-    weights = self.weights(logits, task_losses)
-    weights = jnp.where(update_ok & self._above_bounds(task_losses), weights,
-                        jnp.nan)
+      # Each valid task pairs its loss with its own last accepted one.
+      paired = valid & state.has_previous_losses & above_bounds
+      logits, optimizer_state, finite = self._logits_step(
+          state, state.previous_losses, task_losses, paired)
+      update_ok = finite
+    # An excluded task's term in c is its last accepted loss.
+    losses = jnp.where(valid, task_losses, state.previous_losses)
+    weights = self.weights(logits, losses)
+    weights = jnp.where(update_ok & above_bounds, weights, jnp.nan)
     return weights, state._replace(
         logits=logits, logits_optimizer=optimizer_state,
-        previous_losses=task_losses.astype(jnp.float32),
-        has_previous_losses=jnp.asarray(True))
+        previous_losses=losses.astype(jnp.float32),
+        has_previous_losses=(state.has_previous_losses | valid
+                             if not self.remeasured else valid))
 
   def update_logits(self, state, next_task_losses):
     """The re-measured variant's logits update (see famo_update_logits)."""
-    losses_ok = jnp.all(jnp.isfinite(next_task_losses)) & self._above_bounds(
+    losses_ok = jnp.isfinite(next_task_losses) & self._above_bounds(
         next_task_losses)
-    safe_losses = jnp.where(losses_ok, next_task_losses,
-                            state.previous_losses)
-    logits, optimizer_state, finite = self._logits_step(
-        state, state.previous_losses, safe_losses)
     pending = state.has_previous_losses
-    apply = pending & losses_ok & finite
-    rejected = pending & ~apply
+    paired = pending & losses_ok
+    logits, optimizer_state, finite = self._logits_step(
+        state, state.previous_losses, next_task_losses, paired)
+    apply = jnp.any(paired) & finite
+    rejected = jnp.any(pending) & ~apply
     return state._replace(
         logits=jnp.where(apply, logits, state.logits),
         logits_optimizer=jax.tree.map(
             lambda new, old: jnp.where(apply, new, old).astype(old.dtype),
             optimizer_state, state.logits_optimizer),
-        has_previous_losses=jnp.asarray(False),
+        has_previous_losses=jnp.zeros_like(pending),
         num_skipped=jnp.where(rejected,
                               optax.safe_increment(state.num_skipped),
-                              state.num_skipped))
+                              state.num_skipped),
+        num_rejected_losses=jnp.where(
+            pending & ~losses_ok,
+            optax.safe_increment(state.num_rejected_losses),
+            state.num_rejected_losses).astype(jnp.int32))
 
 
 def famo(
@@ -170,14 +191,20 @@ def famo(
   ``FAMO_w_gamma`` and the authors' QM9 script; their CelebA script and
   their parser default use 0.01), ``eps = 1e-8`` (the authors' code).
 
-  A step whose losses are non-finite or not above ``min_losses`` (zero or
-  negative losses by default), or whose logits update is not finite, is
-  counted in ``num_skipped``; the logits are kept and the previous weights
-  are applied. In the one-pass variant the next accepted step pairs with
-  the last accepted one. One task's bad loss rejects the whole step (the
-  strategy is not per task): the logits' update
-  :math:`z \odot (\delta - z^\top \delta)` and the normalisation
-  :math:`c` mix every task's loss, so no task can be left out of them alone.
+  A bad loss (non-finite; zero or negative by default: a task without
+  labels in the batch) excludes its task only: the task keeps its logit,
+  its optimizer's state (each logit has its own, with its own Adam step
+  count) and its previous weight, ``num_rejected_losses`` counts it, and
+  the other tasks go on. In :math:`c` the excluded task's last accepted
+  loss stands in; in the logits' update its :math:`\delta_k` is the
+  :math:`z`-weighted mean of the other tasks', so that its gradient
+  :math:`z_k(\delta_k - z^\top \delta)` is 0 and the others take FAMO's
+  step among themselves. In the one-pass variant each task pairs its loss
+  with its own last accepted one. With every loss valid this is FAMO
+  exactly. A step with no valid loss, a loss at or below a given
+  ``min_losses``, or a logits update that is not finite is rejected as a
+  whole and counted in ``num_skipped``: the logits are kept and the previous
+  weights applied.
 
   Args:
     num_tasks: the number of tasks T.
@@ -245,15 +272,16 @@ def famo(
   def init():
     logits = jnp.zeros((num_tasks,), jnp.float32)
     return FamoState(
-        **base.common_state_fields(num_tasks, 1.0 / num_tasks),
+        **base.common_state_fields(num_tasks, 1.0 / num_tasks,
+                                   per_task=True),
         logits=logits,
-        logits_optimizer=transformation.init(logits),
+        logits_optimizer=jax.vmap(transformation.init)(logits),
         previous_losses=jnp.ones((num_tasks,), jnp.float32),
-        has_previous_losses=jnp.asarray(False))
+        has_previous_losses=jnp.zeros((num_tasks,), bool))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=min_losses is None))
+      requires_positive_losses=min_losses is None, per_task=True))
 
 
 def famo_update_logits(
@@ -275,9 +303,11 @@ def famo_update_logits(
   jittable.
 
   Nothing changes when the last weights step was rejected, or when this
-  function was already called since it. Non-finite re-measured losses (or
-  losses not above ``min_losses``) leave the logits unchanged and are
-  counted in ``num_skipped``.
+  function was already called since it. A non-finite re-measured loss (or
+  one not above ``min_losses``) of a task leaves that task's logit unchanged
+  and is counted in its ``num_rejected_losses``; the other tasks take their
+  step. When no task has a usable pair, the logits are unchanged and
+  ``num_skipped`` counts it.
 
   Args:
     strategy: the strategy built by ``optax_mtl.famo(...,
