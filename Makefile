@@ -20,9 +20,11 @@ $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,docs]"
 	touch $(DOCS_STAMP)
 
-# The documentation site, warnings as errors; executes the notebooks.
+# The documentation site, warnings as errors; executes the notebooks; then
+# checks that a page loads MathJax (and everything else) from the site itself.
 docs: $(DOCS_STAMP)
 	$(PY) -m sphinx -b html -W --keep-going docs docs/_build/html
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_docs.py -k without_a_network
 
 # The README's test command and CI: everything but the tests marked slow
 # (tests/conftest.py says which). A crashed worker ends the run at once.

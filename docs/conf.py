@@ -81,6 +81,31 @@ html_theme_options = {
 }
 html_static_path: list[str] = []
 
+# -- Formulas, rendered offline ------------------------------------------------
+# MathJax 3 comes from the PyPI package django-static-mathjax (the docs
+# extras; its module is ``mathjax``, without Django): the pages load it from
+# the site's own _static/mathjax, never from a CDN, so formulas render with
+# no network. Only what tex-mml-chtml needs is copied (the component, its
+# CHTML fonts, the TeX extensions it may load on demand).
+mathjax_path = "mathjax/tex-mml-chtml.js"
+_MATHJAX_PARTS = ("tex-mml-chtml.js", "output/chtml/fonts/woff-v2",
+                  "input/tex/extensions")
+
+
+def _copy_mathjax(app, exception):
+  if exception is not None or app.builder.format != "html":
+    return
+  import shutil  # pylint: disable=import-outside-toplevel
+  import mathjax  # pylint: disable=import-outside-toplevel
+  source = pathlib.Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+  target = pathlib.Path(app.outdir) / "_static" / "mathjax"
+  for part in _MATHJAX_PARTS:
+    if (source / part).is_dir():
+      shutil.copytree(source / part, target / part, dirs_exist_ok=True)
+    else:
+      (target / part).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(source / part, target / part)
+
 
 def _write_api_page():
   """Writes ``api.rst`` from ``optax_mtl.__all__`` (only when it changed)."""
@@ -169,3 +194,4 @@ def setup(app):
   app.connect("autodoc-skip-member", _skip_uncommented_fields)
   app.connect("autodoc-process-docstring", _document_namedtuple_fields)
   app.connect("builder-inited", _check_api_sections)
+  app.connect("build-finished", _copy_mathjax)

@@ -277,3 +277,32 @@ def test_api_page_sections_are_current():
       f"file these names under a section of docs/api_sections.py: {unfiled}")
   assert not api_sections.stale_names(optax_mtl)
   assert "Loss-weighting strategies" in titles
+
+
+_EXTERNAL = re.compile(
+    r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']"
+    r"(?P<url>(?:[a-z][a-z0-9+.-]*:)?//[^\"']*)", re.IGNORECASE)
+
+
+def test_formulas_render_without_a_network(tmp_path):
+  """A page with formulas, built with the site's configuration, loads
+  MathJax and every other script, style or font from the site itself."""
+  sphinx_cmd = pytest.importorskip("sphinx.cmd.build")
+  source = tmp_path / "src"
+  source.mkdir()
+  (source / "index.md").write_text(
+      "# Formulas\n\nInline $w_k = 1/L_k$, and displayed:\n\n"
+      "$$\\sum_k w_k \\nabla L_k$$\n", encoding="utf-8")
+  out = tmp_path / "html"
+  assert sphinx_cmd.build_main(
+      ["-q", "-b", "html", "-c", str(DOCS), str(source), str(out)]) == 0
+  page = (out / "index.html").read_text(encoding="utf-8")
+  assert 'src="_static/mathjax/tex-mml-chtml.js"' in page
+  assert (out / "_static" / "mathjax" / "tex-mml-chtml.js").is_file()
+  assert any((out / "_static" / "mathjax" / "output" / "chtml" / "fonts"
+              / "woff-v2").glob("*.woff"))
+  for html in out.rglob("*.html"):
+    external = [m["url"] for m in _EXTERNAL.finditer(
+        html.read_text(encoding="utf-8")) if "//" in m["url"]]
+    # Links (<a href>) may point anywhere; nothing the page loads may.
+    assert not external, (html.name, external)
