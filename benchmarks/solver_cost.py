@@ -242,7 +242,7 @@ def sequential_ops(fn: Callable, *args, trips: Trips = None) -> dict[str, Any]:
     >>> [loop["trips"] for loop in ops["loops"]]
     [5]
   """
-  text = jax.jit(fn).lower(*args).compile().as_text()
+  text = optimised_hlo(fn, *args)
   if isinstance(trips, str):
     if trips != "measured":
       raise ValueError(f"trips must be None, an int, a mapping or "
@@ -250,6 +250,19 @@ def sequential_ops(fn: Callable, *args, trips: Trips = None) -> dict[str, Any]:
     return count_hlo(text, match_trips(text, loop_trips(fn, *args)),
                      label="measured")
   return count_hlo(text, trips)
+
+
+def optimised_hlo(fn: Callable, *args) -> str:
+  """The optimised HLO text of ``jax.jit(fn)`` on ``args``, compiled afresh:
+  an executable from the persistent compilation cache keeps the source
+  locations of the code it was first compiled from (its key leaves them
+  out), which :func:`match_trips` reads."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return jax.jit(fn).lower(*args).compile().as_text()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def while_sources(text: str) -> dict[str, list[tuple[str, int]]]:
@@ -421,10 +434,11 @@ def trips_per_step(name: str, num_tasks: int,
   Returns:
     ``{"warm": [int] * steps, "cold": [int] * steps, "warm_stats",
     "cold_stats"}``, the statistics (median, p95, max, mean) over steps
-    ``first_step`` to ``steps - 1``, and ``"median_step"``: ``{"index",
-    "inputs": {"warm": (gramian, task_losses, state), "cold": (...)}}``,
-    the solver part's inputs at the first of those steps whose warm trips
-    are closest to the median (for :func:`solver_ops`).
+    ``first_step`` to ``steps - 1``, and ``"median_step"``: ``{"index":
+    {"warm": int, "cold": int}, "inputs": {"warm": (gramian, task_losses,
+    state), "cold": (...)}}``, the solver part's inputs at the first of
+    those steps whose warm (cold) trips are closest to their median (for
+    :func:`solver_ops`).
   """
   cfg = dict(CONFIG, **(config or {}))
   model_cfg = speed.model_config(cfg["model"], {
@@ -452,16 +466,18 @@ def trips_per_step(name: str, num_tasks: int,
     warm.append(int(warm_trips))
     cold.append(int(cold_trips))
   kept = slice(cfg["first_step"], cfg["steps"])
-  warm_stats = _statistics(np.asarray(warm[kept]))
-  index = cfg["first_step"] + int(np.argmin(
-      np.abs(np.asarray(warm[kept]) - warm_stats["median"])))
-  params, state, batch = history[index]
-  gramian, task_losses = _gramian_and_losses(loss_fn, params, batch)
-  return {"warm": warm, "cold": cold, "warm_stats": warm_stats,
-          "cold_stats": _statistics(np.asarray(cold[kept])),
-          "median_step": {"index": index, "inputs": {
-              "warm": (gramian, task_losses, state),
-              "cold": (gramian, task_losses, strategy.init(params))}}}
+  out = {"warm": warm, "cold": cold, "median_step": {"index": {},
+                                                     "inputs": {}}}
+  for key, trips in (("warm", warm), ("cold", cold)):
+    stats = out[f"{key}_stats"] = _statistics(np.asarray(trips[kept]))
+    index = cfg["first_step"] + int(np.argmin(
+        np.abs(np.asarray(trips[kept]) - stats["median"])))
+    params, state, batch = history[index]
+    out["median_step"]["index"][key] = index
+    out["median_step"]["inputs"][key] = (
+        *_gramian_and_losses(loss_fn, params, batch),
+        state if key == "warm" else strategy.init(params))
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -489,7 +505,7 @@ def solver_ops(name: str, num_tasks: int,
   """
   part = solver_part(strategies_lib.make(name, num_tasks))
   first = next(iter(inputs.values()))
-  text = jax.jit(part).lower(*first).compile().as_text()
+  text = optimised_hlo(part, *first)
   out: dict[str, Any] = {}
   for key, args in inputs.items():
     ops = count_hlo(text, match_trips(text, loop_trips(part, *args)),
@@ -560,22 +576,24 @@ def table(result: dict[str, Any]) -> str:
   """A Markdown table: trips (median / p95, cold and warm) and operations."""
   lines = ["| strategy | T | trips cold (median / p95) | trips warm "
            "(median / p95) | ops outside loops | ops per step, warm (loop "
-           "trips) | ops per step, cold (loop trips) | at step |",
-           "|---|---|---|---|---|---|---|---|"]
+           "trips; at step) | ops per step, cold (loop trips; at step) |",
+           "|---|---|---|---|---|---|---|"]
   for name, t, entry in _rows(result):
     ops = entry["ops"]
     cells = []
     for key in ("warm", "cold"):
       trips = "+".join(str(loop.get(f"trips_{key}", "?"))
                        for loop in ops["loops"]) or "no loop"
-      cells.append(f"{ops[f'total_{key}']} ({trips})")
+      step = ops.get("step", {})
+      step = step.get(key, "?") if isinstance(step, dict) else step
+      cells.append(f"{ops[f'total_{key}']} ({trips}; step {step})")
     unmatched = (f" ({ops['unmatched_loops']} loops counted once)"
                  if ops.get("unmatched_loops") else "")
     lines.append(
         f"| {name} | {t} | {entry['cold']['median']:g} / "
         f"{entry['cold']['p95']:g} | {entry['warm']['median']:g} / "
         f"{entry['warm']['p95']:g} | {ops['outside_loops']} | {cells[0]} | "
-        f"{cells[1]} | {ops.get('step', '?')}{unmatched} |")
+        f"{cells[1]}{unmatched} |")
   return "\n".join(lines)
 
 

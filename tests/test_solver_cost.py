@@ -199,7 +199,11 @@ def test_trips_per_step_cold_and_warm_agree_on_the_first_step():
       "mgda", 3, {"steps": 3, "first_step": 1, "model_config": _TINY_MODEL})
   gramian, losses, _ = out["median_step"]["inputs"]["warm"]
   assert gramian.shape == (3, 3) and losses.shape == (3,)
-  assert out["median_step"]["index"] in (1, 2)
+  for key in ("warm", "cold"):
+    index = out["median_step"]["index"][key]
+    assert index in (1, 2)
+    assert abs(out[key][index] - out[f"{key}_stats"]["median"]) == min(
+        abs(trips - out[f"{key}_stats"]["median"]) for trips in out[key][1:])
   assert len(out["warm"]) == len(out["cold"]) == 3
   # The first step starts from init: warm and cold are the same solve.
   assert out["warm"][0] == out["cold"][0] >= 1
@@ -247,14 +251,15 @@ def _entry(warm, ops):
                                                           "p95": 6},
           "ops": {"outside_loops": 10, "total_warm": ops, "total_cold": 90,
                   "loops": [{"trips_warm": warm, "trips_cold": 5}],
-                  "unmatched_loops": 0, "step": 20}}
+                  "unmatched_loops": 0, "step": {"warm": 20, "cold": 21}}}
 
 
 def test_table_and_compare_show_before_after_and_ratio():
   before = {"strategies": {"upgrad": {"40": _entry(4, 400)}}}
   after = {"strategies": {"upgrad": {"40": _entry(1, 80)},
                           "mgda": {"40": _entry(1, 50)}}}
-  assert "| upgrad | 40 | 5 / 6 | 4 / 4 | 10 | 400 (4) | 90 (5) | 20 |" in (
+  assert ("| upgrad | 40 | 5 / 6 | 4 / 4 | 10 | 400 (4; step 20) | "
+          "90 (5; step 21) |") in (
       solver_cost.table(before))
   text = solver_cost.compare(before, after)
   assert "400 / 80 (0.20)" in text and "4 / 1 (0.25)" in text
