@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src.solvers import _common
+from optax_mtl._src.solvers import _newton
 
 DEFAULT_MAX_ITERS = 100
 _NUM_STEP_SIZES = 24
@@ -20,6 +21,7 @@ def solve_alpha_fair(
     *,
     max_iters: int = DEFAULT_MAX_ITERS,
     tol: Optional[float] = None,
+    warm_start: Optional[chex.Array] = None,
 ) -> _common.SolverResult:
   r"""The α-fair weights: ``G w = w^{-1/α}``, ``w > 0`` (elementwise).
 
@@ -45,14 +47,29 @@ def solve_alpha_fair(
   the solver stops before the weights overflow and reports
   ``Outcome.NO_SOLUTION`` with the fallback ``w = 0``.
 
+  Warm start: ``warm_start`` is a guess of the scale-free solution
+  ``u_i = w_i G_ii^{α/(α+1)}`` (:func:`scale_free_solution`; for instance the
+  previous training step's). It is exact when every gradient's norm
+  changes and the gradients are orthogonal, and for any G when all norms
+  change by the same factor (``G_ii^{-α/(α+1)}`` is the solution of a
+  diagonal G), so that it follows the gradients' norms from step to step;
+  ``α = 1`` gives Nash-MTL's ``β``. Its entries that are positive and finite
+  replace the cold start's ``w_i = 1`` (on the scaled problem); the others
+  (a zero-gradient task's 0, the fallback 0) keep it. ``F`` is strictly
+  convex, so the solution is the same; from a nearby guess one or two
+  Newton steps meet ``tol``.
+
   Args:
     gramian: ``G``, [T, T], symmetric positive semi-definite.
     alpha: α > 0.
     max_iters: the most Newton steps.
     tol: the relative residual to reach (None: the dtype's default).
+    warm_start: None (a cold start), or a guess of ``u = w ⊙
+      diag(G)^{α/(α+1)}``, shape [T] (see above).
 
   Returns:
-    A :class:`SolverResult` with ``weights = w``.
+    A :class:`SolverResult` with ``weights = w``; ``iterations`` is 0 when
+    the warm start already met ``tol``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -138,7 +155,13 @@ def solve_alpha_fair(
     weights = newton_step(weights)
     return weights, iteration + 1, residual_gap(weights), cancels(weights)
 
-  start = jnp.ones((num_tasks,), dtype)
+  # The guess u = w ⊙ diag(G)^{α/(α+1)} is w ⊙ diag(M)^{α/(α+1)} on M.
+  start = _newton.positive_start(
+      None if warm_start is None else
+      _common.check_vector("warm_start", warm_start, num_tasks, dtype)
+      * jnp.power(jnp.diagonal(prepared.matrix), -alpha / (alpha + 1)),
+      num_tasks, dtype)
+  start = jnp.where(active, start, 1)
   weights, iterations, gap, no_solution = jax.lax.while_loop(
       cond, body, (start, jnp.zeros([], jnp.int32), residual_gap(start),
                    cancels(start)))
@@ -152,3 +175,33 @@ def solve_alpha_fair(
   weights = jnp.where(active & ~no_solution, weights * scale, 0)
   return _common.finish(weights, iterations, gap, tol,
                         finite=prepared.finite, no_solution=no_solution)
+
+
+def scale_free_solution(weights: chex.Array, gramian: chex.Array,
+                        alpha: float) -> chex.Array:
+  r"""``u = w ⊙ diag(G)^{α/(α+1)}``: the α-fair weights without their scale.
+
+  What a strategy keeps to warm-start the next step's solve
+  (:func:`solve_alpha_fair`'s ``warm_start``); for ``α = 1`` it is
+  ``α_i ‖g_i‖``, :func:`solve_nash`'s ``β``. A zero-gradient task's
+  ``u_i`` is 0.
+
+  Args:
+    weights: ``w``, shape [T].
+    gramian: ``G``, shape [T, T].
+    alpha: α > 0.
+
+  Returns:
+    ``u``, shape [T], in the dtype of ``weights``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src.solvers import _alpha_fair
+    >>> gramian = jnp.array([[4.0, 0.0], [0.0, 0.25]])
+    >>> weights = _alpha_fair.solve_alpha_fair(gramian, 1.0).weights
+    >>> [round(u, 4) for u in _alpha_fair.scale_free_solution(
+    ...     weights, gramian, 1.0).tolist()]
+    [1.0, 1.0]
+  """
+  diagonal = jnp.clip(jnp.diagonal(gramian), min=0).astype(weights.dtype)
+  return weights * jnp.power(diagonal, alpha / (alpha + 1))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+from optax_mtl._src.solvers import _alpha_fair
 
 
 class FairgradState(NamedTuple):
@@ -19,6 +20,8 @@ class FairgradState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Newton steps used.
   solver_gap: chex.Array  # f32[], final relative residual.
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
+  solution: chex.Array  # f32[T], u = w ⊙ diag(G)^{α/(α+1)} of the last
+  #                       solve (its warm start; 0 before the first: cold).
 
 
 def fairgrad(
@@ -47,9 +50,16 @@ def fairgrad(
   When no solution exists (a non-negative combination of the task gradients
   is zero, e.g. two opposite gradients), the solver reports it
   (``solver_converged`` False) and the weights are 0: a zero update, as at a
-  Pareto-stationary point. A zero-gradient task gets weight 0. A step with
-  a non-finite loss or Gramian is counted in ``num_skipped`` and the
-  previous weights applied; zero and negative losses are ordinary values.
+  Pareto-stationary point. A zero-gradient task gets weight 0. Each solve
+  is warm-started from the previous step's solution, kept in the state
+  without the gradients' scale (``solution`` :math:`u = w \odot
+  \operatorname{diag}(G)^{\alpha/(\alpha+1)}`, which follows the norms of
+  the gradients from step to step): one or two Newton steps usually
+  suffice in training. The solution does not depend on the start; the
+  first step starts cold.
+  A step with a non-finite loss or Gramian is counted in ``num_skipped``
+  and the previous weights applied (the state, ``solution`` included, is
+  kept); zero and negative losses are ordinary values.
 
   Args:
     num_tasks: the number of tasks T.
@@ -81,14 +91,18 @@ def fairgrad(
   max_iters, tol = base.check_solver_options(max_iters, tol)
 
   def init():
-    return FairgradState(**base.common_state_fields(
-        num_tasks, gramian=True, solver=True))
+    return FairgradState(
+        **base.common_state_fields(num_tasks, gramian=True, solver=True),
+        solution=jnp.zeros((num_tasks,), jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
     result = solvers.solve_alpha_fair(gramian, alpha, max_iters=max_iters,
-                                     tol=tol)
-    return result.weights, state._replace(**solvers.state_fields(result))
+                                     tol=tol, warm_start=state.solution)
+    return result.weights, state._replace(
+        solution=_alpha_fair.scale_free_solution(
+            result.weights, gramian, alpha).astype(jnp.float32),
+        **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+from optax_mtl._src.solvers import _alpha_fair
 
 
 class NashMtlState(NamedTuple):
@@ -20,6 +21,8 @@ class NashMtlState(NamedTuple):
   solver_gap: chex.Array  # f32[], relative residual of Gα = 1/α (see doc).
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
   solver_outcome: chex.Array  # i32[], a solvers.Outcome code (see doc).
+  solution: chex.Array  # f32[T], β = α ⊙ ‖g‖ of the last solve (its warm
+  #                       start; 0 before the first: a cold start).
 
 
 def nash_mtl(
@@ -79,8 +82,14 @@ def nash_mtl(
   fixed point is the same :math:`G \alpha = 1/\alpha`, with
   :math:`\lVert d \rVert = \sqrt{T}` at every scale, as here.
 
+  Each solve is warm-started from the previous step's solution, kept in
+  the state as the scale-free ``solution`` :math:`\beta = \alpha \odot
+  \lVert g \rVert` (the cosines change little from step to step, so one or
+  two Newton steps usually suffice); the solution does not depend on the
+  start. The first step, and the step after a fallback, start cold.
+
   A step with a non-finite loss or Gramian is counted in ``num_skipped``;
-  the previous weights and solver diagnostics are kept.
+  the previous weights, solver diagnostics and ``solution`` are kept.
 
   Args:
     num_tasks: the number of tasks T.
@@ -117,12 +126,15 @@ def nash_mtl(
   def init():
     return NashMtlState(
         **base.common_state_fields(num_tasks, gramian=True, solver=True),
-        solver_outcome=jnp.zeros([], jnp.int32))
+        solver_outcome=jnp.zeros([], jnp.int32),
+        solution=jnp.zeros((num_tasks,), jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
-    result = solvers.solve_nash(gramian, max_iters=max_iters, tol=tol)
+    result = solvers.solve_nash(gramian, max_iters=max_iters, tol=tol,
+                                warm_start=state.solution)
     weights = result.weights
+    solution = _alpha_fair.scale_free_solution(weights, gramian, 1.0)
     if max_norm is not None:
       norm = jnp.sqrt(jnp.clip(weights @ (gramian @ weights), min=0))
       weights = jnp.where(norm > max_norm,
@@ -130,6 +142,7 @@ def nash_mtl(
                           weights)
     return weights, state._replace(
         solver_outcome=result.outcome.astype(jnp.int32),
+        solution=solution.astype(jnp.float32),
         **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
