@@ -34,7 +34,9 @@ def solve_alpha_fair(
   the strictly convex ``F(w) = ½ wᵀGw − Σ_i h(w_i)`` on ``w > 0``, with
   ``h(w) = log w`` for α = 1 and ``w^{1−1/α} / (1 − 1/α)`` otherwise.
   Damped Newton steps in the multiplicative form ``w ⊙ (1 + δ)`` with an
-  Armijo line search that keeps ``w > 0``.
+  Armijo line search that keeps ``w > 0``; near the solution the full step,
+  then a second correction with the same factorisation
+  (:func:`_newton.chord_step`).
 
   Scale: ``G`` is first divided by a power of two ``2^e`` (exact); the
   weights of ``c G`` are ``c^{-α/(α+1)}`` times those of ``G``, so the
@@ -129,7 +131,8 @@ def solve_alpha_fair(
     system = (weights[:, None] * matrix * weights[None, :]
               + jnp.diag(inverse_alpha * power(weights, 1 - inverse_alpha)))
     system = jnp.where(both, system, eye)
-    delta = _common.cholesky_solver(system)(-gradient_scaled)
+    solve = _common.cholesky_solver(system)
+    delta = solve(-gradient_scaled)
     decrease = jnp.maximum(-jnp.dot(gradient_scaled, delta), 0)
     most_negative = jnp.max(-delta)
     largest = jnp.where(
@@ -143,8 +146,14 @@ def solve_alpha_fair(
     size = jnp.where(jnp.any(armijo), sizes[jnp.argmax(armijo)], sizes[-1])
     # Near the solution round-off in F defeats the line search: take the
     # full (feasible) Newton step, which converges quadratically there.
-    size = jnp.where((decrease <= 1e-2) & (largest == 1), 1, size)
-    return jnp.where(active, weights * (1 + size * delta), 1)
+    quadratic = (decrease <= 1e-2) & (largest == 1)
+    size = jnp.where(quadratic, 1, size)
+    stepped = jnp.where(active, weights * (1 + size * delta), 1)
+    return _newton.chord_step(
+        solve, lambda new: jnp.where(active, weights * (
+            _common.matvec(matrix, new) - power(new, -inverse_alpha)), 0),
+        residual_gap, objective, weights, stepped, delta, full=size == 1,
+        quadratic=quadratic)
 
   def cond(carry):
     _, iteration, gap, no_solution = carry
