@@ -143,7 +143,8 @@ def check_warm_start_repeats(strategy, jacobian):
   """The same Jacobian twice: the second solve starts from the first's
   solution (kept in the state), is certified in at most one trip (one, where
   a CPU's summation order leaves the recomputed certificate a few ε above
-  tol) and gives the same update.
+  tol) and gives the same update. (The first step may need no trip either:
+  the dual-cone solver corrects its start outside the loop.)
 
   Returns ``(first update, state after the first step)``.
   """
@@ -151,7 +152,7 @@ def check_warm_start_repeats(strategy, jacobian):
   losses = jnp.ones(len(jacobian))
   first, first_state = update(jnp.asarray(jacobian, jnp.float32),
                               strategy.init(None), task_losses=losses)
-  assert int(first_state.solver_iterations) > 0
+  assert bool(first_state.solver_converged)
   again, state = update(jnp.asarray(jacobian, jnp.float32), first_state,
                         task_losses=losses)
   assert int(state.solver_iterations) <= 1 and bool(state.solver_converged)

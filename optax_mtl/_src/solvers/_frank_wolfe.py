@@ -408,6 +408,32 @@ def _task_gaps(value, lower, scale, floor):
                               floor[bounding])
 
 
+def _projection_point(gramian, radius, per_task_cutoff):
+  """CAGrad's primal point independent of ``w``: ``J d`` and its round-off.
+
+  ``d = g_0 + t (Π(g_0) − g_0)``, the mean gradient projected onto the cone
+  ``{d : J d ≥ 0}`` (DualProj's direction, :func:`solve_dual_cone_qp` with
+  ``u = m``), shortened to the ball ``‖d − g_0‖ ≤ r`` if need be. When
+  ``h* = 0`` (Pareto-stationary: ``g_{w*} = 0``) some ``d`` of the ball has
+  ``J d ≥ 0``, so the projection lies in the ball and certifies ``h* = 0``.
+  ``J d`` is ``−∞`` where not finite (no certificate).
+  """
+  num_tasks = gramian.shape[0]
+  mean = jnp.full((num_tasks,), 1 / num_tasks, gramian.dtype)
+  projection = _active_set.solve_dual_cone_qp(gramian, mean, tol=0.0).weights
+  offset = projection - mean
+  offset_norm = jnp.sqrt(jnp.maximum(
+      _common.dot(offset, _common.matvec(gramian, offset)), 0))
+  fraction = jnp.where(offset_norm > radius,
+                       _common.safe_divide(radius, offset_norm), 1)
+  product = _common.matvec(gramian, mean) + fraction * _common.matvec(
+      gramian, offset)  # J d, [T].
+  magnitudes = jnp.abs(gramian)
+  error = per_task_cutoff(_common.matvec(magnitudes, mean) + fraction
+                          * _common.matvec(magnitudes, jnp.abs(offset)))
+  return jnp.where(jnp.all(jnp.isfinite(product)), product, -jnp.inf), error
+
+
 def solve_cagrad(
     gramian: chex.Array,
     c: float,
@@ -525,21 +551,7 @@ def solve_cagrad(
     return jnp.minimum(_common.safe_divide(squared_error, 2 * norm),
                        jnp.sqrt(squared_error))
 
-  # Primal point 2 (independent of w): g_0 projected onto the cone
-  # {d : J d ≥ 0} (DualProj's direction), shortened to the ball if need be.
-  # When h* = 0 (Pareto-stationary: g_{w*} = 0) some d of the ball has
-  # J d ≥ 0, so the projection lies in the ball and certifies h* = 0.
-  projection = _active_set.solve_dual_cone_qp(gramian, mean, tol=0.0).weights
-  offset = projection - mean
-  offset_norm = jnp.sqrt(jnp.maximum(
-      _common.dot(offset, _common.matvec(gramian, offset)), 0))
-  fraction = jnp.where(offset_norm > radius,
-                       _common.safe_divide(radius, offset_norm), 1)
-  second = linear + fraction * _common.matvec(gramian, offset)  # J d, [T].
-  second_error = per_task_cutoff(mean_magnitudes + fraction * _common.matvec(
-      magnitudes, jnp.abs(offset)))
-  usable = jnp.all(jnp.isfinite(second))
-  second = jnp.where(usable, second, -jnp.inf)
+  second, second_error = _projection_point(gramian, radius, per_task_cutoff)
 
   def measure(weights, product):
     # product = (G + κ nnᵀ) w: the loop runs on the smoothed matrix.
