@@ -146,7 +146,7 @@ _UNDECLARED = pytest.mark.xfail(strict=True, reason=(
 
 @pytest.mark.parametrize("name", [
     pytest.param(name, id=name, marks=[_UNDECLARED] if STRATEGIES[name][0] in (
-        "mgda", "cagrad", "nash_mtl", "upgrad", "dualproj") else [])
+        "mgda", "cagrad", "upgrad", "dualproj") else [])
     for name in sorted(set(STRATEGIES) - {"gradnorm"})])
 def test_float32_scaling_below_the_gramians_range(name):
   jacobians = scripted_jacobians()

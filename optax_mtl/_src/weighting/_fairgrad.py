@@ -17,6 +17,7 @@ class FairgradState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (w).
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], Newton steps used.
   solver_gap: chex.Array  # f32[], final relative residual.
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
@@ -92,7 +93,8 @@ def fairgrad(
 
   def init():
     return FairgradState(
-        **base.common_state_fields(num_tasks, gramian=True, solver=True),
+        **base.common_state_fields(num_tasks, gramian=True, solver=True,
+                                   gradients=True),
         solution=jnp.zeros((num_tasks,), jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -106,4 +108,6 @@ def fairgrad(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False,
+      # c G w' = w'^{-1/α} is solved by w' = c^{-α/(α+1)} w.
+      gramian_degree=-alpha / (alpha + 1)))

@@ -17,6 +17,7 @@ class NashMtlState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (α, after max_norm).
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], Newton steps of the last solve.
   solver_gap: chex.Array  # f32[], relative residual of Gα = 1/α (see doc).
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
@@ -125,7 +126,8 @@ def nash_mtl(
 
   def init():
     return NashMtlState(
-        **base.common_state_fields(num_tasks, gramian=True, solver=True),
+        **base.common_state_fields(num_tasks, gramian=True, solver=True,
+                                   gradients=True),
         solver_outcome=jnp.zeros([], jnp.int32),
         solution=jnp.zeros((num_tasks,), jnp.float32))
 
@@ -147,4 +149,7 @@ def nash_mtl(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False,
+      # α for c·G is c^{-1/2} α; max_norm caps ‖d‖ at a fixed size, which
+      # does not scale with G.
+      gramian_degree=-0.5 if max_norm is None else None))

@@ -18,6 +18,7 @@ class PcdState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], active-set iterations used.
   solver_gap: chex.Array  # f32[], final relative violation (max f32 when
   #                         the constraints were infeasible).
@@ -173,7 +174,8 @@ def pcd(
 
   def init():
     return PcdState(
-        **base.common_state_fields(num_tasks, gramian=True, solver=True),
+        **base.common_state_fields(num_tasks, gramian=True, solver=True,
+                                   gradients=True),
         squared_norm_average=jnp.zeros((num_tasks,), jnp.float32),
         num_steps=jnp.zeros([], jnp.int32))
 
