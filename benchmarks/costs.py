@@ -18,7 +18,7 @@ hardly does. A compilation is stored per strategy of its program.
 
 The expected time printed at the start of a run is the sum over its units
 divided by :func:`parallelism`: the runner keeps two threads busy
-(compilations, then trainings, two at a time), counted at 80 % efficiency.
+(compilations two at a time; trainings one at a time, XLA using both cores), counted at 80 % efficiency.
 On a machine that other jobs share, the run takes longer; the progress
 line's remaining time follows the run's own pace.
 """

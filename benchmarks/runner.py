@@ -231,11 +231,12 @@ def initial_params_and_batches(problem: problems_lib.Problem,
   return params, indices
 
 
-# XLA compiles (and a small training loop runs) on one core; the runner
-# compiles, then runs, this many programs at once.
+# XLA compiles on one core; the runner compiles this many programs at once.
 COMPILE_THREADS = max(1, min(2, len(os.sched_getaffinity(0))
                                if hasattr(os, "sched_getaffinity")
                                else os.cpu_count() or 1))
+# Trained models: one at a time (see run_problem).
+TRAIN_THREADS = 1
 
 
 class Job(NamedTuple):
@@ -247,21 +248,24 @@ class Job(NamedTuple):
 
 
 def in_parallel(fn: Callable, items: Sequence[Any],
-                done: Optional[Callable[[int, Any], None]] = None) -> list:
-  """``[fn(item)]``, COMPILE_THREADS at a time; ``done(index, result)`` is
-  called in this thread as each one finishes (for progress lines).
+                done: Optional[Callable[[int, Any], None]] = None,
+                threads: Optional[int] = None) -> list:
+  """``[fn(item)]``, ``threads`` (default COMPILE_THREADS) at a time;
+  ``done(index, result)`` is called in this thread as each one finishes
+  (for progress lines).
 
   On an interrupt the items not started are cancelled and the interrupt is
   raised at once (a compilation under way is left to finish in its thread).
   """
-  if COMPILE_THREADS == 1 or len(items) < 2:
+  threads = COMPILE_THREADS if threads is None else threads
+  if threads == 1 or len(items) < 2:
     results = []
     for index, item in enumerate(items):
       results.append(fn(item))
       if done is not None:
         done(index, results[-1])
     return results
-  pool = futures.ThreadPoolExecutor(COMPILE_THREADS)
+  pool = futures.ThreadPoolExecutor(threads)
   try:
     pending = {pool.submit(fn, item): index
                for index, item in enumerate(items)}
@@ -648,8 +652,8 @@ def run_problem(
   """Runs the protocol on one problem; returns a JSON-able result dict.
 
   The strategies of one kind share one compiled program
-  (:func:`plan_groups`, :func:`switch_step`); programs compile, then
-  models train, :data:`COMPILE_THREADS` at a time.
+  (:func:`plan_groups`, :func:`switch_step`); programs compile two at a
+  time, then models train one at a time (:data:`TRAIN_THREADS`).
 
   Args:
     problem: a :class:`benchmarks.problems.Problem` or a problem name.
@@ -738,7 +742,10 @@ def run_problem(
         problem, out, stl_scores, built[name], settings, len(seeds))
     progress(f"{problem.name}/{name}")
 
-  in_parallel(train, runs, finished)
+  # One training at a time (XLA runs each on both cores): two executions
+  # at once on XLA:CPU once both stopped for good, their threads waiting on
+  # results that no worker computed (a full-suite run, manytask, 2026-12-07).
+  in_parallel(train, runs, finished, threads=TRAIN_THREADS)
   result["strategies"] = {n: result["strategies"][n] for n in names}
   result["ranking"] = rank(result)
   return result

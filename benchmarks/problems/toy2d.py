@@ -215,7 +215,7 @@ def _run(problem, names, seeds, num_steps, progress, into=None):
     result["strategies"][name] = entry
     progress(f"{problem.name}/{name}")
 
-  runner.in_parallel(train, runs, finished)
+  runner.in_parallel(train, runs, finished, threads=runner.TRAIN_THREADS)
   result["strategies"] = {n: result["strategies"][n] for n in names}
   result["ranking"] = toy_ranking(result)
   return result
