@@ -347,7 +347,8 @@ def _warm_start(problem: _Problem, guess: chex.Array, finite: chex.Array,
   already optimal: ``x`` the solution on ``F``, then
   ``F ← {k ∈ F : x_k > 0} ∪ {k ∉ F : (Cx + b)_k < 0}``, all changes at
   once where an iteration of the loop makes one, each round one
-  factorisation (:func:`_rebuild`) outside the loop. Where the solution on
+  factorisation (:func:`_rebuild`) outside the loop (none runs when every
+  guessed set is optimal: one ``cond``). Where the solution on
   the corrected set is feasible the iterations start there (done when it
   is also optimal); elsewhere on the guessed set, as Lawson and Hanson's
   inner loop does: from its solution when feasible, else from the guess
@@ -363,19 +364,25 @@ def _warm_start(problem: _Problem, guess: chex.Array, finite: chex.Array,
   # Optimal on the guessed set (e.g. the guess was the solution): kept.
   kept = jnp.all(jnp.where(guessed, trial > 0, True), axis=1) & (
       _kkt_gap(problem, trial) <= tol)
-  factor = first
-  for _ in range(WARM_ROUNDS):
-    descent = _common.matmul_rows(trial, problem.cosines) + problem.linear < 0
-    free = jnp.where(factor.free, trial > 0, descent) & finite[:, None]
-    factor = _rebuild(problem, jnp.where(kept[:, None], guessed, free))
-    trial = jnp.where(factor.free,
-                      _apply_transposed(factor.whiten, factor.whitened), 0)
-  corrected = ~kept & jnp.all(jnp.where(factor.free, trial > 0, True), axis=1)
-  # The corrected set where its solution is feasible, else the guessed one.
-  factor = jax.tree.map(
-      lambda new, old: jnp.where(
-          jnp.reshape(corrected, corrected.shape + (1,) * (new.ndim - 1)),
-          new, old), factor, first)
+
+  def corrected():
+    factor, point = first, trial
+    for _ in range(WARM_ROUNDS):
+      descent = (_common.matmul_rows(point, problem.cosines) + problem.linear
+                 < 0)
+      free = jnp.where(factor.free, point > 0, descent) & finite[:, None]
+      factor = _rebuild(problem, jnp.where(kept[:, None], guessed, free))
+      point = jnp.where(factor.free,
+                        _apply_transposed(factor.whiten, factor.whitened), 0)
+    better = ~kept & jnp.all(jnp.where(factor.free, point > 0, True), axis=1)
+    # The corrected set where its solution is feasible, else the guessed one.
+    return jax.tree.map(
+        lambda new, old: jnp.where(
+            jnp.reshape(better, better.shape + (1,) * (new.ndim - 1)),
+            new, old), factor, first)
+
+  # Every guessed set optimal (steady training): no round to run.
+  factor = jax.lax.cond(jnp.all(kept), lambda: first, corrected)
   trial = solve_on_free_set(problem, factor)
   usable = jnp.all(jnp.where(factor.free, trial > 0, True), axis=1)
   slack = jnp.where(usable[:, None], trial,
