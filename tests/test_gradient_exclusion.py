@@ -23,18 +23,10 @@ from tests import strategies
 NUM_TASKS = strategies.NUM_TASKS
 READS_GRADIENTS = [name for name in strategies.NAMES
                    if strategies.STRATEGIES[name].needs != "losses"]
-# Their modules are being edited elsewhere: each needs the field
-# ``num_rejected_gradients: chex.Array  # i32[T], ...`` and
-# ``gradients=True`` in its ``common_state_fields`` call.
-_COUNTER_PENDING = {"upgrad", "dualproj", "cagrad", "mgda",
-                    "smooth_weights(upgrad)"}
 
 
 @pytest.mark.parametrize("name", READS_GRADIENTS)
-def test_a_strategy_reading_gradients_has_the_counter(name, request):
-  if name in _COUNTER_PENDING:
-    request.applymarker(pytest.mark.xfail(
-        strict=True, reason="state field not added yet"))
+def test_a_strategy_reading_gradients_has_the_counter(name):
   state = strategies.strategy(name).init(properties.PARAMS)
   assert "num_rejected_gradients" in state._fields, name
   assert state.num_rejected_gradients.shape == (NUM_TASKS,)

@@ -13,7 +13,7 @@
   In float32, gradients of 1e-20 give a Gramian below the normal range: the
   step hands a rule that declares ``gramian_degree`` the Gramian of the
   gradients divided by a power of two, so the direction is the same (the
-  rules that do not declare it yet: strict xfail).
+  rules declare how their weights scale).
 * Rank: duplicated tasks, a zero task and more tasks than dimensions give
   each method's defined update, checked against a NumPy float64 reference
   written from the method's definition (enumeration of active sets,
@@ -137,16 +137,12 @@ def test_float32_update_scales_with_the_gradients(name):
 
 # Gradients of 1e-20 give a Gramian of 1e-40, below float32's normal range.
 # The step hands a rule that declares its gramian_degree the Gramian of the
-# gradients divided by a power of two (tree.scaled_gramian); these rules'
-# modules do not declare it yet (gramian_degree=0 in their Weighting).
-_UNDECLARED = pytest.mark.xfail(strict=True, reason=(
-    "the Weighting does not declare gramian_degree: its rule sees the "
-    "Gramian of 1e-40, flushed to zero"))
+# gradients divided by a power of two (tree.scaled_gramian): every rule of
+# the table gives the same direction.
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(name, id=name, marks=[_UNDECLARED] if STRATEGIES[name][0] in (
-        "mgda", "cagrad", "upgrad", "dualproj") else [])
+    pytest.param(name, id=name)
     for name in sorted(set(STRATEGIES) - {"gradnorm"})])
 def test_float32_scaling_below_the_gramians_range(name):
   jacobians = scripted_jacobians()

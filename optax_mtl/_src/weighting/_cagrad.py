@@ -17,6 +17,7 @@ class CagradState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
   solver_gap: chex.Array  # f32[], final relative duality gap (f32 max: none).
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
@@ -111,7 +112,7 @@ def cagrad(
   def init():
     return CagradState(
         **base.common_state_fields(num_tasks, factor / num_tasks, gramian=True,
-                                   solver=True),
+                                   solver=True, gradients=True),
         solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -145,4 +146,4 @@ def cagrad(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False, gramian_degree=0))

@@ -18,6 +18,7 @@ class DualprojState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], active-set iterations used.
   solver_gap: chex.Array  # f32[], final relative KKT residual.
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
@@ -98,7 +99,7 @@ def dualproj(
   def init():
     return DualprojState(**base.common_state_fields(
         num_tasks, preference_values.astype(np.float32), gramian=True,
-        solver=True))
+        solver=True, gradients=True))
 
   def rule(task_losses, state, gramian):
     del task_losses
@@ -111,4 +112,4 @@ def dualproj(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False, gramian_degree=0))

@@ -18,6 +18,7 @@ class MgdaState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
   solver_gap: chex.Array  # f32[], final relative duality gap (f32 max: none).
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
@@ -112,7 +113,7 @@ def mgda(
   def init():
     return MgdaState(
         **base.common_state_fields(num_tasks, 1.0 / num_tasks, gramian=True,
-                                   solver=True),
+                                   solver=True, gradients=True),
         solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -126,7 +127,9 @@ def mgda(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=normalization in ("loss", "loss+")))
+      requires_positive_losses=normalization in ("loss", "loss+"),
+      # The min-norm point is scale-free; 1/‖g_k‖ scales as c^{-1/2}.
+      gramian_degree=-0.5 if normalization in ("l2", "loss+") else 0))
 
 
 def task_scales(normalization: str, task_losses: chex.Array,

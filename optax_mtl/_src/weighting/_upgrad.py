@@ -17,6 +17,7 @@ class UpgradState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last.
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   solver_iterations: chex.Array  # i32[], most active-set iterations of the T.
   solver_gap: chex.Array  # f32[], largest relative KKT residual of the T.
   solver_converged: chex.Array  # bool[], all T problems converged.
@@ -141,7 +142,7 @@ def upgrad(
   def init():
     return UpgradState(
         **base.common_state_fields(num_tasks, preference_values.astype(
-            np.float32), gramian=True, solver=True),
+            np.float32), gramian=True, solver=True, gradients=True),
         solutions=jnp.eye(num_tasks, dtype=jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -159,4 +160,4 @@ def upgrad(
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,
-      requires_positive_losses=False))
+      requires_positive_losses=False, gramian_degree=0))
