@@ -361,6 +361,13 @@ def test_report_writes_json_markdown_png(tiny_results, tmp_path):
   assert worst_line.count("(equal, conv, T=2)") == 2
   assert "## Speed and memory" in text and "](results/speed.png)" in text
   assert (published / "results" / "speed.png").exists()
+  # A part below KEEP_MARKER survives republishing.
+  results_md.write_text(results_md.read_text() + f"\n{publish.KEEP_MARKER}"
+                        "\n\n## Hand-made run\n")
+  text = publish.publish(str(tmp_path), destination=published).read_text()
+  assert text.count(publish.KEEP_MARKER) == 1
+  assert text.endswith(f"{publish.KEEP_MARKER}\n\n## Hand-made run\n")
+  assert "## Requirements at a glance" in text
   # The README's generated section is replaced, the rest kept.
   readme = tmp_path / "README.md"
   readme.write_text(f"# x\n\nbefore\n{publish.README_BEGIN}\nstale 1.0\n"
