@@ -960,8 +960,8 @@ def plot_speed(speed: dict, path: str) -> None:
       handles.setdefault(name, line)
       ax_ratio.plot(ts, [e.get("ratio_plain", np.nan) for e in entries],
                     **style)
-      ax_mem.plot(ts, [(e.get("memory_bytes") or 0) / 2**20
-                       for e in entries], **style)
+      ax_mem.plot(ts, [e["memory_bytes"] / 2**20 if e.get("memory_bytes")
+                       else np.nan for e in entries], **style)
     for label, per_t in run.get("options", {}).items():
       if "low_memory" in label:
         line, = ax_mem.plot(ts, [(per_t[str(t)]["memory_bytes"] or 0) / 2**20
