@@ -20,19 +20,18 @@ import numpy as np
 from benchmarks.problems import Problem
 from benchmarks.problems import _binary
 
+# The quick suite uses 32 tasks: at T = 128 the Gramian strategies
+# backpropagate 128 times per step and some solve T×T problems T times
+# per step (UPGrad), minutes per strategy on 2 CPU cores. The paper suite
+# uses the 128 tasks of the LBTW study. num_steps is the most steps: the
+# single-task models stop early (100-500 steps); UPGrad's step costs
+# ~0.1 s here (3 seeds), so the budget bounds the suite's time.
+_QUICK = dict(num_tasks=32, num_factors=16, input_dim=64, hidden=32,
+              depth=2, num_train=4000, num_test=4000, batch_size=64,
+              num_steps=600, learning_rate=3e-3)
 CONFIGS = {
-    # The quick suite uses 32 tasks: at T = 128 the Gramian strategies
-    # backpropagate 128 times per step and some solve T×T problems T times
-    # per step (UPGrad), minutes per strategy on 2 CPU cores. The full suite
-    # uses the 128 tasks of the LBTW study. num_steps is the most steps: the
-    # single-task models stop early (100-500 steps); UPGrad's step costs
-    # ~0.1 s here (3 seeds), so the budget bounds the suite's time.
-    "quick": dict(num_tasks=32, num_factors=16, input_dim=64, hidden=32,
-                  depth=2, num_train=4000, num_test=4000, batch_size=64,
-                  num_steps=600, learning_rate=3e-3),
-    "full": dict(num_tasks=32, num_factors=16, input_dim=64, hidden=32,
-                 depth=2, num_train=4000, num_test=4000, batch_size=64,
-                 num_steps=1200, learning_rate=3e-3),
+    "quick": _QUICK,
+    "full": dict(_QUICK, num_steps=1200),
     # The LBTW study's 128 tasks (`--suite paper`): hours on 2 CPU cores.
     "paper": dict(num_tasks=128, num_factors=32, input_dim=128, hidden=256,
                   depth=3, num_train=40000, num_test=20000, batch_size=256,

@@ -50,11 +50,11 @@ from benchmarks.problems import Problem
 
 LOWER = 5e-6
 STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
+_QUICK = dict(num_steps=20000, learning_rate=1e-3, scale=0.1,
+              grid_size=301)
 CONFIGS = {
-    "quick": dict(num_steps=20000, learning_rate=1e-3, scale=0.1,
-                  grid_size=301),
-    "full": dict(num_steps=40000, learning_rate=1e-3, scale=0.1,
-                 grid_size=401),
+    "quick": _QUICK,
+    "full": dict(_QUICK, num_steps=40000, grid_size=401),
     "paper": dict(num_steps=100000, learning_rate=1e-3, scale=0.1,
                   grid_size=801),
 }
