@@ -111,7 +111,7 @@ from optax_mtl._src.weighting._uncertainty import uncertainty
 from optax_mtl._src.weighting._upgrad import UpgradState
 from optax_mtl._src.weighting._upgrad import upgrad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):
