@@ -37,7 +37,7 @@ class Claim(NamedTuple):
 CLAIMS = (
     Claim("Lakkapragada et al. (2022): EMA loss weighting (β = 0.2) performs "
           "comparably to, if not better than, uncertainty weighting, DWA and "
-          "GradNorm", "ema", ("uncertainty", "dwa", "gradnorm"), "delta_m",
+          "GradNorm", "loss_ema", ("uncertainty", "dwa", "gradnorm"), "delta_m",
           None, True),
     Claim("Liu et al. (2019): loss-balanced task weighting (α = 0.5) has "
           "fewer tasks with negative transfer than the plain sum, on many "

@@ -32,7 +32,7 @@ _HUGE_MEANS = ("weights this large mean that a task with a near-zero loss or "
                "between the tasks.")
 # Why a strategy's weights can grow without bound (README formulas).
 _WEIGHT_CAUSES = {
-    "ema": "w_k = 1/L̃_k, the inverse of a running average of the loss",
+    "loss_ema": "w_k = 1/L̃_k, the inverse of a running average of the loss",
     "rema": "w_k = r_k/L̃_k, the inverse of a running average of the loss",
     "dwema": "w_k ∝ 1/L̃_k, the inverse of a running average of the loss",
     "log_loss": "w_k = 1/L_k",

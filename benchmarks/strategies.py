@@ -22,7 +22,7 @@ import optax_mtl
 # check of the harness rather than a method).
 STRATEGIES: dict[str, dict[str, Any]] = {
     "equal": {},
-    "ema": {"beta": 0.2},  # The setting of the claim tested (report: claims).
+    "loss_ema": {"beta": 0.2},  # The setting of the claim tested (report: claims).
     "rema": {},
     "dwema": {},
     "dwa": {},

@@ -41,7 +41,7 @@ SECTIONS = (
         "They read the per-task losses only. Through "
         ":func:`optax_mtl.value_and_grad` a step costs one forward and one "
         "backward pass, like ``jax.value_and_grad`` of the summed losses.",
-        ("equal", "constant", "ema", "rema", "dwema", "dwa", "lbtw",
+        ("equal", "constant", "loss_ema", "rema", "dwema", "dwa", "lbtw",
          "initial_loss", "log_loss", "geometric_mean", "uncertainty", "imtl_l",
          "stch", "cosmos", "pbi", "famo", "famo_update_logits", "rlw")),
     Section(

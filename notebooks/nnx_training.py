@@ -214,7 +214,7 @@ def _stack(history):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--strategy", default="ema",
+  parser.add_argument("--strategy", default="loss_ema",
                       help="any optax_mtl strategy taking num_tasks")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--features", action="store_true",

@@ -8,6 +8,7 @@ that computes only what the strategy needs.
 """
 
 from optax_mtl import metrics
+from optax_mtl._src import deprecation as _deprecation
 from optax_mtl._src._smooth_weights import SmoothWeightsState
 from optax_mtl._src._smooth_weights import smooth_weights
 from optax_mtl._src.base import MultiTaskStrategy
@@ -47,8 +48,6 @@ from optax_mtl._src.weighting._dwa import DwaState
 from optax_mtl._src.weighting._dwa import dwa
 from optax_mtl._src.weighting._dwema import DwemaState
 from optax_mtl._src.weighting._dwema import dwema
-from optax_mtl._src.weighting._ema import EmaState
-from optax_mtl._src.weighting._ema import ema
 from optax_mtl._src.weighting._equal import EqualState
 from optax_mtl._src.weighting._equal import equal
 from optax_mtl._src.weighting._excess_mtl import ExcessMtlState
@@ -80,6 +79,8 @@ from optax_mtl._src.weighting._lbtw import LbtwState
 from optax_mtl._src.weighting._lbtw import lbtw
 from optax_mtl._src.weighting._log_loss import LogLossState
 from optax_mtl._src.weighting._log_loss import log_loss
+from optax_mtl._src.weighting._loss_ema import LossEmaState
+from optax_mtl._src.weighting._loss_ema import loss_ema
 from optax_mtl._src.weighting._mgda import MgdaState
 from optax_mtl._src.weighting._mgda import mgda
 from optax_mtl._src.weighting._moco import MocoState
@@ -114,12 +115,23 @@ from optax_mtl._src.weighting._upgrad import upgrad
 __version__ = "0.2.0"
 
 
+# The public names of optax_mtl 0.1 that were renamed: {old: (new, object)},
+# served with a DeprecationWarning until 0.3 (docs/guides/api_rules.md).
+_RENAMED = {
+    "EmaState": ("LossEmaState", LossEmaState),
+    "ema": ("loss_ema", loss_ema),
+}
+_renamed_getattr = _deprecation.module_getattr("optax_mtl", _RENAMED)
+
+
 def __getattr__(name):
   # optax_mtl.nnx imports flax: loaded on first use, so that
   # `import optax_mtl` works without flax.
   if name == "nnx":
     import importlib  # pylint: disable=g-import-not-at-top
     return importlib.import_module("optax_mtl.nnx")
+  if name in _RENAMED:
+    return _renamed_getattr(name)
   raise AttributeError(f"module 'optax_mtl' has no attribute {name!r}")
 
 __all__ = (
@@ -132,7 +144,6 @@ __all__ = (
     "DualprojState",
     "DwaState",
     "DwemaState",
-    "EmaState",
     "EqualState",
     "ExcessMtlState",
     "FairgradState",
@@ -148,6 +159,7 @@ __all__ = (
     "KrumState",
     "LbtwState",
     "LogLossState",
+    "LossEmaState",
     "MgdaState",
     "MocoState",
     "ModoState",
@@ -182,7 +194,6 @@ __all__ = (
     "dualproj",
     "dwa",
     "dwema",
-    "ema",
     "equal",
     "excess_mtl",
     "fairgrad",
@@ -200,6 +211,7 @@ __all__ = (
     "krum",
     "lbtw",
     "log_loss",
+    "loss_ema",
     "masked_mean",
     "metrics",
     "mgda",

@@ -55,7 +55,7 @@ def main():
       "shared": (loss_fn, {"shared": shared}),
   }
   strategies = {
-      "ema": optax_mtl.ema(NUM_TASKS),
+      "loss_ema": optax_mtl.loss_ema(NUM_TASKS),
       "mgda": optax_mtl.mgda(NUM_TASKS),
       "upgrad": optax_mtl.upgrad(NUM_TASKS),
       "recompute_every": optax_mtl.recompute_every(
@@ -85,7 +85,7 @@ def main():
 
   # shard_map: the engine averages over the named axis (check_vma both ways).
   replicated = PartitionSpec()
-  for strategy_name in ("ema", "mgda"):
+  for strategy_name in ("loss_ema", "mgda"):
     strategy = strategies[strategy_name]
     for mode_name, (function, kwargs) in modes.items():
       expected = jax.jit(optax_mtl.value_and_grad(function, strategy,

@@ -103,7 +103,7 @@ _SOLVER = ("num_tasks", "max_iters")
 STRATEGIES: dict[str, Case] = {
     # Loss weighting: the weights read the losses only.
     "equal": Case("losses", permutation_equivariant=True),
-    "ema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
+    "loss_ema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
     "rema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3), permutation_equivariant=True, scale_invariant_per_task=True),
     "dwema": Case("losses", per_task=True, positive_losses=True, hyperparams=dict(beta=0.3, temperature=1.5), permutation_equivariant=True, scale_invariant_per_task=True),
     "dwa": Case("losses", per_task=True, positive_losses=True, static_args=("num_tasks", "steps_per_epoch"), hyperparams=dict(temperature=1.5), permutation_equivariant=True),
@@ -141,7 +141,7 @@ STRATEGIES: dict[str, Case] = {
     "trimmed_mean": Case("gradients", static_args=("num_tasks", "trim_number"), permutation_equivariant=True),
     "moco": Case("gradients", static_args=("num_tasks", "projection", "gradient_normalization"), hyperparams=dict(beta=0.3, gamma=0.05), permutation_equivariant=True, rtol=1e-4),
     # Wrappers over a strategy of the table (the entry's factory builds it).
-    "smooth_weights(ema)": Case("losses", factory=_smoothed("ema"), per_task=True, positive_losses=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, scale_invariant_per_task=True),
+    "smooth_weights(loss_ema)": Case("losses", factory=_smoothed("loss_ema"), per_task=True, positive_losses=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, scale_invariant_per_task=True),
     "smooth_weights(upgrad)": Case("gramian", factory=_smoothed("upgrad"), has_solver=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, rtol=1e-4),
     "db_mtl": Case("gradients", positive_losses=True, hyperparams=dict(beta=0.8), permutation_equivariant=True, scale_invariant_per_task=True, rtol=1e-3),
     "excess_mtl": Case("gradients", hyperparams=dict(robust_step_size=0.05), permutation_equivariant=True, rtol=1e-4),

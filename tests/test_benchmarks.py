@@ -276,9 +276,9 @@ def _finding_result(**overrides):
                   skipped_steps=[30, 40, 50], weight_max=[7.5e37, 2.0],
                   mean_score={"mean": 0.3, "std": 0.0})
   result = {"problem": "p", "tasks": ["a", "b"], "metrics": ["score"],
-            "higher_is_better": [True], "ranking": ["ema", "equal",
+            "higher_is_better": [True], "ranking": ["loss_ema", "equal",
                                                     "log_loss"],
-            "strategies": {"ema": entry, "equal": equal,
+            "strategies": {"loss_ema": entry, "equal": equal,
                            "log_loss": log_loss},
             "single_task": {"still_improving": {}}}
   result.update(overrides)
@@ -288,11 +288,11 @@ def _finding_result(**overrides):
 def test_findings_name_best_interval_skips_and_overflow():
   text = "\n".join(report.findings_markdown({"p": _finding_result()}))
   half = 4.302653 / np.sqrt(3)
-  assert (f"**Best by Δm%: `ema`**, Δm% +5.0 (95% CI {5 - half:+.1f} to "
+  assert (f"**Best by Δm%: `loss_ema`**, Δm% +5.0 (95% CI {5 - half:+.1f} to "
           f"{5 + half:+.1f}) over 3 seeds") in text
   assert "ahead of every other strategy beyond seed noise" in text
-  assert "`ema` gains +25.0" in text
-  assert "No task worse than single-task" in text and "`ema`" in text
+  assert "`loss_ema` gains +25.0" in text
+  assert "No task worse than single-task" in text and "`loss_ema`" in text
   assert "`log_loss` rejected 40 of 100 steps" in text
   assert "reached 7.5e+37" in text and "w_k = 1/L_k" in text
   assert "Every single-task baseline converged" in text
@@ -469,7 +469,7 @@ def test_unknown_strategy_or_keyword_raises():
   with pytest.raises(ValueError, match="no_such_strategy"):
     runner.run_problem("toy2d", ["no_such_strategy"], num_steps=2)
   with pytest.raises(TypeError, match="no_such_argument"):
-    strategies_lib.make("ema", 2, no_such_argument=1.0)
+    strategies_lib.make("loss_ema", 2, no_such_argument=1.0)
   with pytest.raises(TypeError, match="no_such_setting"):
     runner.run_problem(problems.make("scales", **TINY["scales"]), ["equal"],
                        num_steps=2, no_such_setting=1)
@@ -478,7 +478,7 @@ def test_unknown_strategy_or_keyword_raises():
 
 
 # What the README documents for each strategy (loss-only or Gramian).
-LOSS_ONLY = {"equal", "ema", "rema", "dwema", "dwa", "lbtw", "initial_loss",
+LOSS_ONLY = {"equal", "loss_ema", "rema", "dwema", "dwa", "lbtw", "initial_loss",
              "log_loss", "geometric_mean", "uncertainty", "rlw", "imtl_l",
              "stch", "famo", "cosmos", "pbi", "constant"}
 
@@ -613,7 +613,7 @@ def test_run_problem_by_name_is_notebook_friendly():
 
 def test_a_shared_program_trains_each_strategy_as_its_own_program():
   problem = problems.make("scales", **TINY["scales"])
-  names = ["equal", "ema", "normalized_gradients"]
+  names = ["equal", "loss_ema", "normalized_gradients"]
   built = [strategies_lib.make(n, problem.num_tasks) for n in names]
   shared = runner.prepare_multitask(problem, built, [0, 1], num_steps=12,
                                     eval_every=4)
@@ -628,16 +628,16 @@ def test_a_shared_program_trains_each_strategy_as_its_own_program():
 
 
 def test_plan_groups_one_program_per_kind():
-  kinds = {"equal": "losses", "ema": "losses", "upgrad": "gramian",
+  kinds = {"equal": "losses", "loss_ema": "losses", "upgrad": "gramian",
            "mgda": "gramian", "cagrad": "gramian", "modo": "samples"}
   groups = runner.plan_groups(kinds, num_threads=2)
-  assert groups == [("losses", ["equal", "ema"]),
+  assert groups == [("losses", ["equal", "loss_ema"]),
                     ("gramian", ["upgrad", "cagrad"]), ("gramian", ["mgda"]),
                     ("samples", ["modo"])]
   assert runner.plan_groups(kinds, num_threads=1)[1] == (
       "gramian", ["upgrad", "mgda", "cagrad"])
   assert runner.kind_of(strategies_lib.make("upgrad", 3)) == "gramian"
-  assert runner.kind_of(strategies_lib.make("ema", 3)) == "losses"
+  assert runner.kind_of(strategies_lib.make("loss_ema", 3)) == "losses"
   assert runner.kind_of(strategies_lib.make("modo", 3)) == "samples"
 
 
@@ -812,8 +812,8 @@ def test_claims_are_paired_t_intervals_over_seeds():
   from scipy import stats  # pylint: disable=import-outside-toplevel
   ema = [3.0, 5.0, 4.0, 6.0, 2.0]
   dwa = [1.0, 1.5, 2.5, 2.0, 1.0]
-  result = _claim_result({"ema": ema, "dwa": dwa},
-                         {"ema": [[0.9]] * 5, "dwa": [[0.9]] * 5},
+  result = _claim_result({"loss_ema": ema, "dwa": dwa},
+                         {"loss_ema": [[0.9]] * 5, "dwa": [[0.9]] * 5},
                          [[0.8]] * 5)
   claim = claims.CLAIMS[0]
   found = claims.compare(result, claim, "dwa")
@@ -825,8 +825,8 @@ def test_claims_are_paired_t_intervals_over_seeds():
   assert found["verdict"] == "supported" and found["seeds"] == 5
   assert claims.compare(result, claim, "gradnorm") is None  # Not run.
   # The other way round the same interval is "contradicted".
-  swapped = _claim_result({"ema": dwa, "dwa": ema},
-                          {"ema": [[0.9]] * 5, "dwa": [[0.9]] * 5},
+  swapped = _claim_result({"loss_ema": dwa, "dwa": ema},
+                          {"loss_ema": [[0.9]] * 5, "dwa": [[0.9]] * 5},
                           [[0.8]] * 5)
   assert claims.compare(swapped, claim, "dwa")["verdict"] == "contradicted"
 

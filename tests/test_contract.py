@@ -208,7 +208,7 @@ def _recompute_every():
 
 
 REPRESENTATIVES = {
-    "loss_only": lambda: _shared("ema"),
+    "loss_only": lambda: _shared("loss_ema"),
     "gramian": lambda: _shared("upgrad"),
     "recompute_every": _recompute_every,
 }
@@ -330,15 +330,15 @@ def test_wrappers_apply_adam_to_the_strategys_update(kind):
 
 
 def test_inject_hyperparams_without_static_num_tasks():
-  """``optax.inject_hyperparams(optax_mtl.ema)(num_tasks=3, beta=0.1)``:
+  """``optax.inject_hyperparams(optax_mtl.loss_ema)(num_tasks=3, beta=0.1)``:
   num_tasks arrives as a concrete int32 array, read as its value outside
   jit; inside jit it is traced, and the error names the static_args to
   pass."""
-  injected = optax.inject_hyperparams(optax_mtl.ema)(num_tasks=NUM_TASKS,
+  injected = optax.inject_hyperparams(optax_mtl.loss_ema)(num_tasks=NUM_TASKS,
                                                       beta=0.1)
   state = injected.init(PARAMS)
   assert int(state.hyperparams["num_tasks"]) == NUM_TASKS
-  plain = optax_mtl.ema(NUM_TASKS, beta=0.1)
+  plain = optax_mtl.loss_ema(NUM_TASKS, beta=0.1)
   task_grads, losses = next(iter(properties.random_steps(seed=3,
                                                          num_steps=1)))
   update, new_state = injected.update(task_grads, state, PARAMS,

@@ -176,7 +176,7 @@ def test_an_optimizer_chained_before_the_strategy_is_flagged(face):
   task_grads = jax.tree.map(lambda p: jnp.ones((3,) + p.shape), params)
   logs = {}
   for order in ("wrong", "right"):
-    strategy = optax_mtl.ema(3)
+    strategy = optax_mtl.loss_ema(3)
     tx = (optax.chain(optax.adam(1e-2), strategy) if order == "wrong"
           else optax.chain(strategy, optax.adam(1e-2)))
     if face == "optax":

@@ -33,7 +33,7 @@ CASES = {
                                           optax.adam(1e-2)),
     # A wrapper state around a loss strategy with nested statistics.
     "ema-recompute": lambda: optax_mtl.recompute_every(
-        optax_mtl.ema(NUM_TASKS), 2),
+        optax_mtl.loss_ema(NUM_TASKS), 2),
     # A state with a PRNG key (one seed per run), and a solver strategy.
     "rlw": lambda seed=0: optax_mtl.rlw(NUM_TASKS, seed=seed),
     "mgda": lambda: optax_mtl.mgda(NUM_TASKS),

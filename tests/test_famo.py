@@ -345,7 +345,7 @@ def test_update_logits_errors():
   one_pass = optax_mtl.famo(2)
   with pytest.raises(ValueError, match=r"remeasured_losses=True"):
     optax_mtl.famo_update_logits(one_pass, one_pass.init(None), jnp.ones(2))
-  ema = optax_mtl.ema(2)
+  ema = optax_mtl.loss_ema(2)
   with pytest.raises(ValueError, match=r"remeasured_losses=True"):
     optax_mtl.famo_update_logits(ema, ema.init(None), jnp.ones(2))
   with pytest.raises(ValueError, match=r"must be an optax_mtl strategy"):

@@ -38,7 +38,7 @@ def test_an_unlabelled_task_gives_zero_loss_and_zero_gradient():
   np.testing.assert_array_equal(grad, [[0.5, 0.0], [0.5, 0.0]])
 
 
-@pytest.mark.parametrize("name", ["ema", "upgrad"])
+@pytest.mark.parametrize("name", ["loss_ema", "upgrad"])
 def test_training_with_an_unlabelled_task_keeps_the_params_finite(name):
   def loss_fn(params, x, y, labelled):
     per_example = (x @ params - y) ** 2

@@ -24,7 +24,7 @@ _spec.loader.exec_module(nnx_training)
 NUM_STEPS = 40
 # Several strategies of each kind (equal and normalized_gradients run in
 # test_both_faces_follow_the_same_trajectory).
-STRATEGIES = ("ema", "uncertainty", "mgda", "upgrad")
+STRATEGIES = ("loss_ema", "uncertainty", "mgda", "upgrad")
 
 
 def _factory(name):

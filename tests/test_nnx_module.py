@@ -152,8 +152,8 @@ plain_step = nnx.jit(nnx.value_and_grad(
 
 CONFIGS = {
     # name: (strategy factory, value_and_grad options)
-    "loss_only": (lambda: optax_mtl.ema(NUM_TASKS), {}),
-    "loss_only_aux": (lambda: optax_mtl.ema(NUM_TASKS), {"has_aux": True}),
+    "loss_only": (lambda: optax_mtl.loss_ema(NUM_TASKS), {}),
+    "loss_only_aux": (lambda: optax_mtl.loss_ema(NUM_TASKS), {"has_aux": True}),
     "gramian": (lambda: optax_mtl.upgrad(NUM_TASKS), {"shared": TRUNK}),
     "gramian_all_shared": (lambda: optax_mtl.mgda(NUM_TASKS), {}),
     "low_memory": (lambda: optax_mtl.upgrad(NUM_TASKS),
@@ -319,7 +319,7 @@ def test_runs_eagerly_like_under_jit():
 
 NUM_STEPS, RESUME_AT = 4, 2
 FACE_STRATEGIES = {
-    "ema": lambda: optax_mtl.ema(NUM_TASKS),
+    "loss_ema": lambda: optax_mtl.loss_ema(NUM_TASKS),
     "upgrad": lambda: optax_mtl.upgrad(NUM_TASKS),
 }
 

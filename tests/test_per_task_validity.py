@@ -51,7 +51,7 @@ def _two_task_problem():
   return params, inputs, losses_fn
 
 
-def test_negative_loss_of_one_task_no_longer_freezes_ema():
+def test_negative_loss_of_one_task_no_longer_freezes_loss_ema():
   """The review's repro: a Gaussian-NLL-like task (loss shifted below 0)
   used to keep weights [1, 1] and num_skipped = 5 for ever."""
   params, inputs, losses_fn = _two_task_problem()
@@ -60,7 +60,7 @@ def test_negative_loss_of_one_task_no_longer_freezes_ema():
     losses = losses_fn(params, inputs)
     return jnp.stack([losses[0], losses[1] - 50.0])
 
-  strategy = optax_mtl.ema(2, beta=0.5)
+  strategy = optax_mtl.loss_ema(2, beta=0.5)
   state = strategy.init(params)
   step = jax.jit(optax_mtl.value_and_grad(nll, strategy))
   for _ in range(5):
@@ -81,7 +81,7 @@ def test_masked_task_with_zero_loss_does_not_stop_the_others():
   """A task without labels in a batch (masked loss 0): the others go on,
   and the task is started when its labels appear."""
   task_grads = jnp.eye(2, dtype=jnp.float32)
-  strategy = optax_mtl.ema(2, beta=0.5)
+  strategy = optax_mtl.loss_ema(2, beta=0.5)
   state = strategy.init(None)
   scripted = [([2.0, 0.0], [0.5, 1.0]), ([4.0, 0.0], [1 / 3, 1.0]),
               ([4.0, 8.0], [1 / 3.5, 1 / 8]), ([2.0, 4.0], [1 / 2.75, 1 / 6])]
@@ -94,7 +94,7 @@ def test_masked_task_with_zero_loss_does_not_stop_the_others():
   assert int(state.num_skipped) == 0
 
 
-@pytest.mark.parametrize("name", ["ema", "rema", "dwema", "log_loss",
+@pytest.mark.parametrize("name", ["loss_ema", "rema", "dwema", "log_loss",
                                   "initial_loss"])
 def test_normalized_weights_still_sum_to_num_tasks(name):
   """With normalize=True an excluded task keeps its previous weight and the
@@ -117,7 +117,7 @@ def test_normalized_weights_still_sum_to_num_tasks(name):
 
 
 def test_no_valid_loss_rejects_the_whole_step_and_counts_every_task():
-  strategy = optax_mtl.ema(NUM_TASKS)
+  strategy = optax_mtl.loss_ema(NUM_TASKS)
   state = strategy.init(None)
   _, state = strategy.update(jnp.eye(3), state, task_losses=jnp.ones(3))
   _, new_state = strategy.update(
@@ -224,7 +224,7 @@ def test_a_step_without_a_usable_task_is_rejected_as_a_whole():
 
 
 def test_recompute_every_counts_rejected_losses_per_task():
-  strategy = optax_mtl.recompute_every(optax_mtl.ema(2), 2)
+  strategy = optax_mtl.recompute_every(optax_mtl.loss_ema(2), 2)
   state = strategy.init(None)
   for losses in ([1.0, 2.0], [1.0, -1.0], [0.0, 1.0], [jnp.nan, 0.0]):
     _, state = strategy.update(jnp.eye(2), state,

@@ -54,6 +54,6 @@ def test_jit_and_shard_map_match_single_device(results, name):
 
 def test_shard_map_with_check_vma(tmp_path):
   """shard_map's default type check: the losses are typed device-varying."""
-  names = ["equal", "ema", "normalized_gradients", "mgda"]
+  names = ["equal", "loss_ema", "normalized_gradients", "mgda"]
   checked = _run_check(tmp_path / "vma.json", "--check-vma", *names)
   assert checked == {name: [] for name in names}

@@ -101,13 +101,13 @@ def test_golden_values_value_and_grad_face():
 def test_needs_are_the_wrapped_strategys():
   """The engine computes what the weighting needs: a smoothed loss-only
   strategy stays one backward pass (no Jacobian, no Gramian)."""
-  for factory in (optax_mtl.ema, optax_mtl.mgda):
+  for factory in (optax_mtl.loss_ema, optax_mtl.mgda):
     bare = factory(NUM_TASKS)
     smoothed = optax_mtl.smooth_weights(bare, 0.5)
     assert (optax_mtl.weighting_of(smoothed).needs
             is optax_mtl.weighting_of(bare).needs)
   assert optax_mtl.weighting_of(optax_mtl.smooth_weights(
-      optax_mtl.ema(NUM_TASKS))).needs is optax_mtl.Needs.LOSSES
+      optax_mtl.loss_ema(NUM_TASKS))).needs is optax_mtl.Needs.LOSSES
 
 
 def test_decay_zero_is_the_bare_strategy_and_one_keeps_lambda_zero():
@@ -195,7 +195,7 @@ def test_state_reads_through_to_the_wrapped_state():
   assert state.solutions.shape == (NUM_TASKS, NUM_TASKS)  # UPGrad's own.
   assert "gradient_cosines" in state._fields
   assert "gradient_cosines" not in optax_mtl.smooth_weights(
-      optax_mtl.ema(NUM_TASKS)).init(None)._fields
+      optax_mtl.loss_ema(NUM_TASKS)).init(None)._fields
   diagnostics = optax_mtl.diagnostics(state)
   assert "mtl/weights/0" in diagnostics and "mtl/solver_gap" in diagnostics
 

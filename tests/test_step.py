@@ -58,7 +58,7 @@ def test_rebuilt_strategy_still_runs_in_value_and_grad(rebuild):
 
 
 def test_a_chain_is_refused_with_a_clear_message():
-  chained = optax.chain(optax_mtl.ema(NUM_TASKS), optax.adam(1e-3))
+  chained = optax.chain(optax_mtl.loss_ema(NUM_TASKS), optax.adam(1e-3))
   with pytest.raises(ValueError, match="optax_mtl strategy .* got"):
     optax_mtl.value_and_grad(loss_fn, chained)
   with pytest.raises(ValueError, match="optax_mtl strategy"):
@@ -66,7 +66,7 @@ def test_a_chain_is_refused_with_a_clear_message():
 
 
 def test_missing_task_losses_is_a_type_error_naming_it():
-  strategy = optax_mtl.ema(NUM_TASKS)
+  strategy = optax_mtl.loss_ema(NUM_TASKS)
   with pytest.raises(TypeError, match="task_losses"):
     strategy.update(jnp.eye(NUM_TASKS), strategy.init(None))  # pylint: disable=missing-kwoa
 
@@ -91,13 +91,13 @@ def test_recompute_every_state_reads_like_the_inner_state():
 
 
 def test_recompute_every_counts_rejected_losses_on_reuse_steps():
-  strategy = optax_mtl.recompute_every(optax_mtl.ema(NUM_TASKS), 4)
+  strategy = optax_mtl.recompute_every(optax_mtl.loss_ema(NUM_TASKS), 4)
   update = jax.jit(strategy.update)
   state = strategy.init(None)
   _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, 2.0]))
   for bad in (jnp.nan, jnp.inf, 0.0):
     _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, bad]))
-  # ema is per task: each bad loss is counted for its task, no step is
+  # loss_ema is per task: each bad loss is counted for its task, no step is
   # rejected as a whole; a step with no valid loss is.
   assert int(state.num_skipped) == 0
   np.testing.assert_array_equal(state.num_rejected_losses, [0, 3])
@@ -138,7 +138,7 @@ def test_with_shared_parameters_accepts_a_prefix_and_rejects_a_wrong_tree():
 
 def test_a_tuple_without_has_aux_says_to_pass_has_aux():
   params, inputs = make_params()
-  strategy = optax_mtl.ema(NUM_TASKS)
+  strategy = optax_mtl.loss_ema(NUM_TASKS)
   step = optax_mtl.value_and_grad(
       lambda p, x: (loss_fn(p, x), {"aux": 1.0}), strategy)
   with pytest.raises(ValueError, match="has_aux=True"):
@@ -146,7 +146,7 @@ def test_a_tuple_without_has_aux_says_to_pass_has_aux():
 
 
 def test_task_losses_as_a_list_are_stacked():
-  strategy = optax_mtl.ema(NUM_TASKS)
+  strategy = optax_mtl.loss_ema(NUM_TASKS)
   update, state = strategy.update(
       jnp.eye(2), strategy.init(None),
       task_losses=[jnp.asarray(2.0), jnp.asarray(4.0)])
@@ -154,7 +154,7 @@ def test_task_losses_as_a_list_are_stacked():
   np.testing.assert_allclose(update, [0.5, 0.25])
 
 
-@pytest.mark.parametrize("name", ["ema", "mgda"])
+@pytest.mark.parametrize("name", ["loss_ema", "mgda"])
 @pytest.mark.parametrize("mode", ["jacobian", "low_memory"])
 def test_integer_parameters_get_a_zero_gradient(name, mode):
   params, inputs = make_params()
@@ -399,7 +399,7 @@ def test_a_strategy_that_reads_only_gradients_needs_no_task_losses(name):
   np.testing.assert_array_equal(update, expected)
 
 
-@pytest.mark.parametrize("name", ["ema", "imtl", "gradnorm"])
+@pytest.mark.parametrize("name", ["loss_ema", "imtl", "gradnorm"])
 def test_a_strategy_that_reads_the_losses_asks_for_them(name):
   strategy = getattr(optax_mtl, name)(2)
   with pytest.raises(TypeError, match=r"reads the per-task losses: pass "
@@ -409,7 +409,7 @@ def test_a_strategy_that_reads_the_losses_asks_for_them(name):
 
 def test_losses_as_a_list_or_a_dict_point_to_jnp_stack():
   params, inputs = make_params()
-  strategy = optax_mtl.ema(NUM_TASKS)
+  strategy = optax_mtl.loss_ema(NUM_TASKS)
   as_list = lambda p, x: list(loss_fn(p, x))
   with pytest.raises(ValueError, match=r"list of 2 items: .*jnp\.stack"):
     optax_mtl.value_and_grad(as_list, strategy)(params, strategy.init(None),

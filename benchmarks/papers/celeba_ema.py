@@ -297,7 +297,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_strategy(name: str, num_tasks: int, beta: float):
   if name in ("ema", "rema", "dwema"):
-    return getattr(optax_mtl, name)(num_tasks, beta=beta)
+    # The paper's EMA is optax_mtl.loss_ema (optax_mtl.ema before 0.2).
+    factory = (optax_mtl.loss_ema if name == "ema"
+               else getattr(optax_mtl, name))
+    return factory(num_tasks, beta=beta)
   return getattr(optax_mtl, name)(num_tasks)
 
 

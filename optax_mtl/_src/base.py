@@ -316,7 +316,7 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
 
   A concrete integer scalar array is read as its value: that is how
   ``optax.inject_hyperparams`` passes every number it was given (e.g.
-  ``inject_hyperparams(optax_mtl.ema)(num_tasks=3, beta=0.1)``). Inside
+  ``inject_hyperparams(optax_mtl.loss_ema)(num_tasks=3, beta=0.1)``). Inside
   ``jit`` that array is traced and has no value: the error says to declare
   the argument static.
   """

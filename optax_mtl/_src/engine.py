@@ -76,7 +76,7 @@ def value_and_grad(
       ``(num_tasks,)`` (or ``(task_losses, aux)`` with ``has_aux``). With
       ``encoder_fn`` it is called as ``loss_fn(params, representation,
       *args)``.
-    strategy: an optax_mtl strategy, e.g. ``optax_mtl.ema(num_tasks=3)``.
+    strategy: an optax_mtl strategy, e.g. ``optax_mtl.loss_ema(num_tasks=3)``.
     has_aux: whether ``loss_fn`` returns ``(task_losses, aux)``.
     shared: which parameters all tasks share, for strategies that read the
       Gramian (see :func:`optax_mtl.with_shared_parameters`): a pytree of

@@ -1,22 +1,17 @@
 """DWEMA loss weighting: the DWA coefficients divided by the loss EMA."""
 
-from typing import NamedTuple, Optional
-
-import chex
+import functools
+from typing import Optional
 
 from optax_mtl._src import base
-from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting import _rema
 
 
-class DwemaState(NamedTuple):
-  """State of :func:`dwema`."""
+class DwemaState(_rema.RemaState):
+  """State of :func:`dwema`: the fields of :class:`optax_mtl.RemaState`."""
 
-  weights: chex.Array  # f32[T], the weights applied last (ones at init).
-  num_skipped: chex.Array  # i32[], steps rejected as a whole.
-  num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
-  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
-  loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
+  __slots__ = ()
 
 
 def dwema(
@@ -38,14 +33,14 @@ def dwema(
 
   with :math:`\tilde L_k(1) = L_k(1)` and the DWA factor 1 until two earlier
   steps exist (the first two accepted steps are weighted as by
-  :func:`optax_mtl.ema`). The DWA factor (:func:`optax_mtl.dwa`, per step)
-  favours the tasks whose loss falls slowest; dividing by the average puts
-  every loss on the same scale, so the combined update does not change when
-  one task's loss (and gradient) is multiplied by a constant.
+  :func:`optax_mtl.loss_ema`). The DWA factor (:func:`optax_mtl.dwa`, per
+  step) favours the tasks whose loss falls slowest; dividing by the average
+  puts every loss on the same scale, so the combined update does not change
+  when one task's loss (and gradient) is multiplied by a constant.
 
-  As with :func:`optax_mtl.ema`, the weights grow as the losses fall: Adam
-  and other scale-invariant optimizers need nothing more, while plain SGD
-  (or momentum) needs ``normalize=True`` (weights that sum to ``T``) or
+  As with :func:`optax_mtl.loss_ema`, the weights grow as the losses fall:
+  Adam and other scale-invariant optimizers need nothing more, while plain
+  SGD (or momentum) needs ``normalize=True`` (weights that sum to ``T``) or
   ``max_weight``. Every weight is at most 1e30 (and the DWA factor at most
   ``T``, the ratios being clipped at 1e30), so the weights are always
   finite.
@@ -65,8 +60,8 @@ def dwema(
     temperature: the softmax temperature τ > 0 of the DWA factor (larger is
       closer to equal factors).
     normalize: rescale the weights to sum to ``T`` (computed in log space).
-    max_weight: None, or a bound > 0 each weight is clipped at (after
-      ``normalize``).
+    max_weight: None, or a bound > 0 on each weight (the DWA factor over
+      :math:`\tilde L_k`, applied after ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -90,39 +85,11 @@ def dwema(
     Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
     CVPR 2019 (DWA).
   """
-  num_tasks = base.check_num_tasks(num_tasks)
-  beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
   temperature = base.check_in_range("temperature", temperature, 0.0,
                                     low_inclusive=False)
-  normalize, max_weight = _loss_history.check_weight_options(normalize,
-                                                             max_weight)
-
-  def init():
-    return DwemaState(
-        **base.common_state_fields(num_tasks, per_task=True),
-        loss_average=_loss_history.init_loss_average(num_tasks),
-        loss_ratios=_loss_history.init_loss_ratios(num_tasks))
-
-  def rule(task_losses, state, gramian, valid=None):
-    del gramian
-    coefficients = _loss_history.dwa_coefficients(state.loss_ratios,
-                                                  temperature)
-    loss_average = _loss_history.update_loss_average(
-        state.loss_average, task_losses, beta, valid)
-    average = loss_average.average
-    log_weights = None
-    if normalize:
-      log_weights = (
-          _loss_history.log_dwa_coefficients(state.loss_ratios, temperature)
-          - _loss_history.log_positive(average))
-    weights = _loss_history.finish_weights(
-        _loss_history.bounded_ratio(coefficients, average), log_weights,
-        normalize, max_weight, valid, state.weights)
-    return weights, state._replace(
-        loss_average=loss_average,
-        loss_ratios=_loss_history.record_losses(
-            state.loss_ratios, task_losses, 1, valid))
-
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True, per_task=True))
+  return _loss_history.average_weighting(
+      num_tasks, beta, normalize, max_weight, DwemaState,
+      functools.partial(_loss_history.dwa_coefficients,
+                        temperature=temperature),
+      functools.partial(_loss_history.log_dwa_coefficients,
+                        temperature=temperature))

@@ -30,11 +30,13 @@ holds a value that makes every later step fail.
 Loss-weighting strategies whose weights grow as the losses fall
 (``w = 1/L̃``) share two options, checked by :func:`check_weight_options`:
 ``normalize`` (weights rescaled to sum to ``T``) and ``max_weight`` (each
-weight clipped), applied by :func:`finish_weights`.
+weight clipped), applied by :func:`finish_weights`. The three that divide a
+factor by the loss average (``loss_ema``, ``rema``, ``dwema``) are one
+weighting, :func:`average_weighting`, with different factors.
 """
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import jax
@@ -43,6 +45,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import step
 
 # The largest weight (and loss ratio) any loss-weighting strategy returns,
 # whatever the losses: 1/L reaches it only for a loss below 1e-30.
@@ -281,3 +284,67 @@ def log_dwa_coefficients(state: LossRatioState,
   num_tasks = logits.shape[0]
   log_coefficients = math.log(num_tasks) + jax.nn.log_softmax(logits)
   return jnp.where(available, log_coefficients, 0.0).astype(jnp.float32)
+
+
+def average_weighting(
+    num_tasks: Any,
+    beta: Any,
+    normalize: Any,
+    max_weight: Any,
+    state_type: type,
+    factor: Optional[Callable[[LossRatioState], chex.Array]] = None,
+    log_factor: Optional[Callable[[LossRatioState], chex.Array]] = None,
+) -> base.MultiTaskStrategy:
+  """The weighting ``w_k = f_k / L̃_k`` of ``loss_ema``, ``rema`` and ``dwema``.
+
+  Checks ``num_tasks``, ``beta`` (in (0, 1]) and the weight options, and
+  returns the per-task strategy whose state (``state_type``) holds the loss
+  average and, when a ``factor`` is given, the loss-ratio history.
+
+  Args:
+    num_tasks: T.
+    beta: the weight of the newest loss in the average ``L̃``.
+    normalize: the option of :func:`finish_weights`.
+    max_weight: the option of :func:`finish_weights`.
+    state_type: the strategy's state, with the fields of
+      ``common_state_fields(per_task=True)``, ``loss_average`` and (with a
+      ``factor``) ``loss_ratios``.
+    factor: None (``f = 1``), or ``f`` (f32[T], finite, >= 0) from the loss
+      ratios before this step's losses are recorded.
+    log_factor: ``log f`` (finite), used when ``normalize`` is True.
+
+  Returns:
+    A :class:`optax_mtl.MultiTaskStrategy`.
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
+  normalize, max_weight = check_weight_options(normalize, max_weight)
+
+  def init():
+    ratios = {} if factor is None else {
+        "loss_ratios": init_loss_ratios(num_tasks)}
+    return state_type(
+        **base.common_state_fields(num_tasks, per_task=True),
+        loss_average=init_loss_average(num_tasks), **ratios)
+
+  def rule(task_losses, state, gramian, valid=None):
+    del gramian
+    loss_average = update_loss_average(
+        state.loss_average, task_losses, beta, valid)
+    average = loss_average.average
+    log_weights = -log_positive(average) if normalize else None
+    if factor is None:
+      weights, ratios = bounded_ratio(1.0, average), {}
+    else:
+      weights = bounded_ratio(factor(state.loss_ratios), average)
+      if normalize:
+        log_weights = log_factor(state.loss_ratios) + log_weights
+      ratios = {"loss_ratios": record_losses(state.loss_ratios, task_losses,
+                                             1, valid)}
+    weights = finish_weights(weights, log_weights, normalize, max_weight,
+                             valid, state.weights)
+    return weights, state._replace(loss_average=loss_average, **ratios)
+
+  return step.as_gradient_transformation(base.Weighting(
+      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
+      requires_positive_losses=True, per_task=True))

@@ -5,7 +5,6 @@ from typing import NamedTuple, Optional
 import chex
 
 from optax_mtl._src import base
-from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
 
@@ -15,7 +14,7 @@ class RemaState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
   num_skipped: chex.Array  # i32[], steps rejected as a whole.
   num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
-  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
+  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[T]).
   loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
 
@@ -35,14 +34,14 @@ def rema(
 
   with :math:`\tilde L_k(1) = L_k(1)` and :math:`r_k = 1` until two earlier
   steps exist (the first two accepted steps are weighted as by
-  :func:`optax_mtl.ema`). A task whose loss has recently stopped falling
-  (``r`` near or above 1) keeps a larger weight than one still improving
-  fast. Like EMA, the combined update does not change when one task's loss
-  (and gradient) is multiplied by a constant.
+  :func:`optax_mtl.loss_ema`). A task whose loss has recently stopped
+  falling (``r`` near or above 1) keeps a larger weight than one still
+  improving fast. Like EMA, the combined update does not change when one
+  task's loss (and gradient) is multiplied by a constant.
 
-  As with :func:`optax_mtl.ema`, the weights grow as the losses fall: Adam
-  and other scale-invariant optimizers need nothing more, while plain SGD
-  (or momentum) needs ``normalize=True`` (weights that sum to ``T``) or
+  As with :func:`optax_mtl.loss_ema`, the weights grow as the losses fall:
+  Adam and other scale-invariant optimizers need nothing more, while plain
+  SGD (or momentum) needs ``normalize=True`` (weights that sum to ``T``) or
   ``max_weight``. The ratio ``r`` and every weight are at most 1e30 (a loss
   that jumps from 1e-30 to 1e9 gives ``r = 1e30``, not inf), so the weights
   are always finite.
@@ -60,8 +59,8 @@ def rema(
     num_tasks: the number of tasks T.
     beta: the weight of the newest loss in the average, in (0, 1].
     normalize: rescale the weights to sum to ``T`` (computed in log space).
-    max_weight: None, or a bound > 0 each weight is clipped at (after
-      ``normalize``).
+    max_weight: None, or a bound > 0 on each weight :math:`r_k/\tilde L_k`
+      (applied after ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -83,33 +82,7 @@ def rema(
     Multi-Task Learning with Exponential Moving Average Loss Weighting
     Strategies", AAAI 2023 student abstract, arXiv:2211.12999 (Eq. 2).
   """
-  num_tasks = base.check_num_tasks(num_tasks)
-  beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
-  normalize, max_weight = _loss_history.check_weight_options(normalize,
-                                                             max_weight)
-
-  def init():
-    return RemaState(
-        **base.common_state_fields(num_tasks, per_task=True),
-        loss_average=_loss_history.init_loss_average(num_tasks),
-        loss_ratios=_loss_history.init_loss_ratios(num_tasks))
-
-  def rule(task_losses, state, gramian, valid=None):
-    del gramian
-    ratios, _ = _loss_history.loss_ratios(state.loss_ratios)
-    loss_average = _loss_history.update_loss_average(
-        state.loss_average, task_losses, beta, valid)
-    average = loss_average.average
-    weights = _loss_history.finish_weights(
-        _loss_history.bounded_ratio(ratios, average),
-        (_loss_history.log_loss_ratios(state.loss_ratios)
-         - _loss_history.log_positive(average)), normalize, max_weight,
-        valid, state.weights)
-    return weights, state._replace(
-        loss_average=loss_average,
-        loss_ratios=_loss_history.record_losses(
-            state.loss_ratios, task_losses, 1, valid))
-
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True, per_task=True))
+  return _loss_history.average_weighting(
+      num_tasks, beta, normalize, max_weight, RemaState,
+      lambda ratios: _loss_history.loss_ratios(ratios)[0],
+      _loss_history.log_loss_ratios)

@@ -5,20 +5,19 @@ from typing import NamedTuple, Optional
 import chex
 
 from optax_mtl._src import base
-from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
 
-class EmaState(NamedTuple):
-  """State of :func:`ema`."""
+class LossEmaState(NamedTuple):
+  """State of :func:`loss_ema` (named ``EmaState`` before optax_mtl 0.2)."""
 
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
   num_skipped: chex.Array  # i32[], steps rejected as a whole.
   num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
-  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[]).
+  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[T]).
 
 
-def ema(
+def loss_ema(
     num_tasks: int,
     beta: float = 0.1,
     *,
@@ -26,6 +25,10 @@ def ema(
     max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""EMA loss weighting: every loss scaled by its exponential moving average.
+
+  Named ``ema`` before optax_mtl 0.2 (``optax.ema`` is a different thing: an
+  average of the parameters' updates); the old name still works, with a
+  ``DeprecationWarning``.
 
   .. math::
     \tilde L_k(t) = \beta\, L_k(t) + (1 - \beta)\, \tilde L_k(t-1),
@@ -60,8 +63,8 @@ def ema(
       (``beta=1`` gives :math:`w_k = 1/L_k(t)`).
     normalize: rescale the weights to sum to ``T``,
       :math:`w_k = T \tilde L_k^{-1} / \sum_i \tilde L_i^{-1}`.
-    max_weight: None, or a bound > 0 each weight is clipped at (after
-      ``normalize``).
+    max_weight: None, or a bound > 0 on each weight :math:`1/\tilde L_k`
+      (applied after ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -69,7 +72,7 @@ def ema(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_mtl
-    >>> strategy = optax_mtl.ema(num_tasks=2, beta=0.5)
+    >>> strategy = optax_mtl.loss_ema(num_tasks=2, beta=0.5)
     >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
     >>> state = strategy.init(None)
     >>> update, state = strategy.update(
@@ -83,7 +86,7 @@ def ema(
 
     For plain SGD, weights that sum to T:
 
-    >>> strategy = optax_mtl.ema(num_tasks=2, beta=0.5, normalize=True)
+    >>> strategy = optax_mtl.loss_ema(num_tasks=2, beta=0.5, normalize=True)
     >>> update, state = strategy.update(
     ...     task_grads, strategy.init(None), task_losses=jnp.array([1.0, 3.0]))
     >>> [round(w, 4) for w in state.weights.tolist()]  # 2·(1, 1/3) / (4/3)
@@ -94,27 +97,5 @@ def ema(
     Multi-Task Learning with Exponential Moving Average Loss Weighting
     Strategies", AAAI 2023 student abstract, arXiv:2211.12999 (Eq. 1).
   """
-  num_tasks = base.check_num_tasks(num_tasks)
-  beta = base.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False)
-  normalize, max_weight = _loss_history.check_weight_options(normalize,
-                                                             max_weight)
-
-  def init():
-    return EmaState(
-        **base.common_state_fields(num_tasks, per_task=True),
-        loss_average=_loss_history.init_loss_average(num_tasks))
-
-  def rule(task_losses, state, gramian, valid=None):
-    del gramian
-    loss_average = _loss_history.update_loss_average(
-        state.loss_average, task_losses, beta, valid)
-    average = loss_average.average
-    weights = _loss_history.finish_weights(
-        _loss_history.bounded_ratio(1.0, average),
-        -_loss_history.log_positive(average), normalize, max_weight, valid,
-        state.weights)
-    return weights, state._replace(loss_average=loss_average)
-
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
-      requires_positive_losses=True, per_task=True))
+  return _loss_history.average_weighting(num_tasks, beta, normalize,
+                                         max_weight, LossEmaState)

@@ -1,4 +1,4 @@
-"""Tests of the EMA loss weightings ema, rema and dwema (arXiv:2211.12999).
+"""Tests of the EMA loss weightings loss_ema, rema and dwema (arXiv:2211.12999).
 
 Each is checked against a NumPy reference of its equation (EMA: Eq. 1, REMA:
 Eq. 2, DWEMA: the DWA factors divided by the EMA) on both faces. Their
@@ -48,7 +48,7 @@ def reference_weights(name, losses, beta, temperature=None):
     available = np.array([len(h) >= 2 for h in histories])
     ratios = np.array([h[-1] / h[-2] if len(h) >= 2 else 1.0
                        for h in histories])
-    if name == "ema":
+    if name == "loss_ema":
       factors = np.ones(NUM_TASKS)
     elif name == "rema":
       factors = ratios
@@ -68,7 +68,7 @@ def test_a_task_first_seen_late_starts_its_average_then():
   """EMA per task: L̃_k(1) = L_k at the task's first accepted loss."""
   losses = np.array([[2.0, 0.0], [4.0, 0.0], [4.0, 8.0], [2.0, 4.0]],
                     np.float32)
-  strategy = optax_mtl.ema(2, beta=0.5)
+  strategy = optax_mtl.loss_ema(2, beta=0.5)
   state = strategy.init(None)
   for step_losses in losses:
     _, state = strategy.update(np.eye(2, dtype=np.float32), state,
@@ -81,9 +81,9 @@ def test_a_task_first_seen_late_starts_its_average_then():
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("ema", dict(beta=0.1)),
-    ("ema", dict(beta=0.5)),
-    ("ema", dict(beta=1.0)),
+    ("loss_ema", dict(beta=0.1)),
+    ("loss_ema", dict(beta=0.5)),
+    ("loss_ema", dict(beta=1.0)),
     ("rema", dict(beta=0.1)),
     ("rema", dict(beta=0.5)),
     ("rema", dict(beta=1.0)),
@@ -100,12 +100,12 @@ def test_golden_values_optax_face(name, kwargs):
   assert int(state.num_skipped) == 0
   np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
   np.testing.assert_array_equal(state.loss_average.num_steps, [8, 9, 10])
-  if name != "ema":
+  if name != "loss_ema":
     np.testing.assert_array_equal(state.loss_ratios.num_periods, [8, 9, 10])
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("ema", dict(beta=0.3)),
+    ("loss_ema", dict(beta=0.3)),
     ("rema", dict(beta=0.3)),
     ("dwema", dict(beta=0.3, temperature=2.0)),
 ])
@@ -124,7 +124,7 @@ def scan_run(name):
 
 
 # DWEMA's softmax of loss ratios is checked on a narrower range.
-POSITIVE_LOSSES = {"ema": harness.uniform_losses(6, 1e-3, 1e3),
+POSITIVE_LOSSES = {"loss_ema": harness.uniform_losses(6, 1e-3, 1e3),
                    "rema": harness.uniform_losses(6, 1e-3, 1e3),
                    "dwema": harness.uniform_losses(6, 0.1, 10.0)}
 
@@ -141,7 +141,7 @@ def test_weights_finite_and_positive(name):
   check()  # pylint: disable=no-value-for-parameter
 
 
-@pytest.mark.parametrize("name", ["ema", "rema", "dwema"])
+@pytest.mark.parametrize("name", ["loss_ema", "rema", "dwema"])
 @pytest.mark.parametrize("kwargs, message", [
     (dict(beta=0.0), r"beta must lie in \(0.0, 1.0\], got 0.0"),
     (dict(beta=1.5), r"beta must lie in \(0.0, 1.0\], got 1.5"),
@@ -158,3 +158,15 @@ def test_beta_errors(name, kwargs, message):
 ])
 def test_dwema_temperature_errors(kwargs, message):
   harness.check_rejects(optax_mtl.dwema, kwargs, message)
+
+
+def test_the_names_of_optax_mtl_0_1_warn_and_give_the_same_strategy():
+  """``optax_mtl.ema``/``EmaState`` (0.1) are ``loss_ema``/``LossEmaState``."""
+  with pytest.warns(DeprecationWarning, match="use optax_mtl.loss_ema"):
+    old = optax_mtl.ema
+  with pytest.warns(DeprecationWarning, match="use optax_mtl.LossEmaState"):
+    old_state = optax_mtl.EmaState
+  assert old is optax_mtl.loss_ema
+  assert old_state is optax_mtl.LossEmaState
+  state = old(2, beta=0.5).init(None)
+  assert isinstance(state, optax_mtl.LossEmaState)
