@@ -1,6 +1,6 @@
 """Scaffolding shared by the tests of the loss-weighting strategies.
 
-The tests of ema, rema, dwema, dwa, lbtw, initial_loss, log_loss,
+The tests of loss_ema, rema, dwema, dwa, lbtw, initial_loss, log_loss,
 geometric_mean, uncertainty and rlw (``from tests import
 loss_weighting_harness``) drive their strategy the same ways: through a
 scripted run on both faces (``strategy.update`` and
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import optax_mtl
 from tests import strategies
@@ -175,6 +176,32 @@ def scan_states(strategy, grads, outputs=lambda state: state.weights):
     return jax.lax.scan(body, strategy.init(None), losses)[1]
 
   return jax.jit(run)
+
+
+def check_old_spelling(old_call, new_call, losses=EPOCHS,
+                       match="deprecated"):
+  """``old_call()``, a spelling of optax_mtl 0.1, warns and runs as the new.
+
+  ``old_call`` must raise a ``DeprecationWarning`` that matches ``match``;
+  both strategies then run the scripted ``losses`` (with the gradients of
+  :func:`scripted_grads`) and must give the same updates and final state,
+  bit for bit.
+  """
+  with pytest.warns(DeprecationWarning, match=match):
+    old = old_call()
+  new = new_call()
+  grads = scripted_grads(losses)
+
+  def final(strategy):
+    def body(state, inputs):
+      update, state = strategy.update(inputs[1], state, task_losses=inputs[0])
+      return state, update
+    return jax.jit(lambda: jax.lax.scan(body, strategy.init(None),
+                                        (losses, grads)))()
+
+  for old_leaf, new_leaf in zip(jax.tree.leaves(final(old)),
+                                jax.tree.leaves(final(new)), strict=True):
+    np.testing.assert_array_equal(old_leaf, new_leaf)
 
 
 def uniform_losses(num_steps: int, low: float, high: float,

@@ -111,3 +111,11 @@ def test_weights_finite_positive_and_sum_to_num_tasks(losses, steps_per_epoch):
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.dwa, kwargs, message)
+
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``steps_per_epoch`` by position."""
+  harness.check_old_spelling(
+      lambda: optax_mtl.dwa(NUM_TASKS, 1.5, 2),
+      lambda: optax_mtl.dwa(NUM_TASKS, 1.5, steps_per_epoch=2),
+      match="steps_per_epoch=2")

@@ -132,16 +132,17 @@ def test_update_invariant_to_scaling_one_task(losses, log_scale, task, seed):
     (dict(warmup_steps=0), r"warmup_steps must be an integer >= 1, got 0"),
     (dict(warmup_steps=2.5), r"warmup_steps must be an integer >= 1, got 2.5"),
     (dict(prior_losses=[1.0, 2.0]),
-     r"prior_losses must have shape \(3,\).*got shape \(2,\)"),
+     r"prior_losses must be 3 numbers in .*got shape \(2,\)"),
+    (dict(prior_losses=2.0), r"prior_losses must be 3 numbers in .*got"),
     (dict(prior_losses=[1.0, 0.0, 2.0]),
-     r"prior_losses must be finite and positive.*got \[1.0, 0.0, 2.0\]"),
+     r"prior_losses must be 3 numbers in \[1.17.*got \[1.0, 0.0, 2.0\]"),
     (dict(prior_losses=[1.0, -1.0, 2.0]),
-     r"prior_losses must be finite and positive.*got \[1.0, -1.0, 2.0\]"),
+     r"prior_losses must be 3 numbers in .*got \[1.0, -1.0, 2.0\]"),
     (dict(prior_losses=[1.0, NAN, 2.0]),
-     r"prior_losses must be finite and positive.*got \[1.0, nan, 2.0\]"),
+     r"prior_losses must be finite.*got \[1.0, nan, 2.0\]"),
     (dict(prior_losses=[1.0, 1e-45, 2.0]),
-     r"prior_losses must be finite and positive.*got \[1.0, 1e-45, 2.0\]"),
-    (dict(prior_losses=["a", "b", "c"]), r"prior_losses must be an array"),
+     r"prior_losses must be 3 numbers in .*got \[1.0, 1e-45, 2.0\]"),
+    (dict(prior_losses=["a", "b", "c"]), r"prior_losses must be 3 numbers"),
     (dict(prior_losses=[1.0, 2.0, 3.0], warmup_steps=4),
      r"warmup_steps has no effect .*got 4"),
 ])
@@ -154,3 +155,11 @@ def test_prior_accepts_arrays_and_log_num_classes():
       2, prior_losses=jnp.array([math.log(10), math.log(1000)]))
   np.testing.assert_allclose(strategy.init(None).weights,
                              [1 / math.log(10), 1 / math.log(1000)], rtol=1e-6)
+
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``warmup_steps`` by position."""
+  harness.check_old_spelling(
+      lambda: optax_mtl.initial_loss(NUM_TASKS, None, 2),
+      lambda: optax_mtl.initial_loss(NUM_TASKS, warmup_steps=2),
+      match="warmup_steps=2")

@@ -62,7 +62,7 @@ def test_golden_values_optax_face(alpha, steps_per_epoch, normalize):
   np.testing.assert_array_equal(state.num_rejected_losses, [2, 1, 0])
   if steps_per_epoch is not None:  # 12, 13 and 14 accepted losses.
     np.testing.assert_array_equal(
-        state.steps_in_epoch, np.array([12, 13, 14]) % steps_per_epoch)
+        state.num_epoch_steps, np.array([12, 13, 14]) % steps_per_epoch)
 
 
 @pytest.mark.parametrize("steps_per_epoch", [None, 2])
@@ -104,3 +104,16 @@ def test_weights_finite_and_positive(losses, steps_per_epoch, normalize):
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.lbtw, kwargs, message)
+
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``steps_per_epoch`` and ``normalize`` by position and named
+  the state field ``steps_in_epoch``."""
+  harness.check_old_spelling(
+      lambda: optax_mtl.lbtw(NUM_TASKS, 0.5, 3, False),
+      lambda: optax_mtl.lbtw(NUM_TASKS, 0.5, steps_per_epoch=3,
+                             normalize=False),
+      match="by position")
+  state = optax_mtl.lbtw(NUM_TASKS, steps_per_epoch=3).init(None)
+  with pytest.warns(DeprecationWarning, match="LbtwState.num_epoch_steps"):
+    assert state.steps_in_epoch is state.num_epoch_steps

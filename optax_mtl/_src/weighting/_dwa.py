@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 import chex
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
@@ -18,9 +19,12 @@ class DwaState(NamedTuple):
   loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
 
+@deprecation.renamed_arguments(
+    old_positional=("num_tasks", "temperature", "steps_per_epoch"))
 def dwa(
     num_tasks: int,
     temperature: float = 2.0,
+    *,
     steps_per_epoch: Optional[int] = None,
 ) -> base.MultiTaskStrategy:
   r"""Dynamic Weight Average: weights from the rate at which each loss falls.

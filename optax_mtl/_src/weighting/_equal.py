@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 
 
@@ -16,7 +17,8 @@ class EqualState(NamedTuple):
   num_skipped: chex.Array  # i32[], steps with a non-finite loss.
 
 
-def equal(num_tasks: int, mean: bool = False) -> base.MultiTaskStrategy:
+@deprecation.renamed_arguments(old_positional=("num_tasks", "mean"))
+def equal(num_tasks: int, *, mean: bool = False) -> base.MultiTaskStrategy:
   r"""Equal weighting: the gradient of the plain sum of the task losses.
 
   .. math::

@@ -4,9 +4,9 @@ from typing import Any, NamedTuple, Optional
 
 import chex
 import jax.numpy as jnp
-import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
@@ -26,12 +26,14 @@ class InitialLossState(NamedTuple):
   num_measured: chex.Array
 
 
+@deprecation.renamed_arguments(
+    old_positional=("num_tasks", "prior_losses", "warmup_steps"))
 def initial_loss(
     num_tasks: int,
     prior_losses: Optional[Any] = None,
-    warmup_steps: int = 1,
     *,
     normalize: bool = False,
+    warmup_steps: int = 1,
     max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Initial-loss normalisation: every loss divided by its initial value.
@@ -68,14 +70,15 @@ def initial_loss(
 
   Args:
     num_tasks: the number of tasks T.
-    prior_losses: optional reference losses, shape ``(num_tasks,)``, finite
-      and positive. When given nothing is measured.
-    warmup_steps: the number of accepted steps whose mean losses become the
-      reference (only when ``prior_losses`` is None).
+    prior_losses: optional reference losses, ``T`` numbers, finite and at
+      least the smallest normal float32 (so that their inverses are finite).
+      When given nothing is measured.
     normalize: rescale the weights to sum to ``T``,
       :math:`w_k = T / (L_k^{\text{prior}} \sum_i 1/L_i^{\text{prior}})`.
-    max_weight: None, or a bound > 0 each weight is clipped at (after
-      ``normalize``).
+    warmup_steps: the number of accepted steps whose mean losses become the
+      reference (only when ``prior_losses`` is None).
+    max_weight: None, or a bound > 0 on each weight
+      :math:`1/L_k^{\text{prior}}` (applied after ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -101,11 +104,12 @@ def initial_loss(
     ``L_k(t) / L_k(0)``, here used directly as the training objective).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  warmup_steps = base.check_positive_int("warmup_steps", warmup_steps)
   normalize, max_weight = _loss_history.check_weight_options(normalize,
                                                              max_weight)
+  warmup_steps = base.check_positive_int("warmup_steps", warmup_steps)
   if prior_losses is not None:
-    prior = _check_prior_losses(prior_losses, num_tasks)
+    prior = base.check_task_vector("prior_losses", prior_losses, num_tasks,
+                                   _loss_history.TINY, allow_scalar=False)
     if warmup_steps != 1:
       raise ValueError(
           "warmup_steps has no effect when prior_losses is given (nothing is "
@@ -148,24 +152,3 @@ def initial_loss(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
       requires_positive_losses=prior_losses is None, per_task=True))
 
-
-def _check_prior_losses(prior_losses: Any, num_tasks: int) -> np.ndarray:
-  try:
-    prior = np.asarray(prior_losses, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"prior_losses must be an array of {num_tasks} positive numbers, got "
-        f"{prior_losses!r}.") from error
-  if prior.shape != (num_tasks,):
-    raise ValueError(
-        f"prior_losses must have shape ({num_tasks},) (one loss per task), "
-        f"got shape {prior.shape}: {prior_losses!r}.")
-  with np.errstate(over="ignore", divide="ignore"):
-    prior32 = prior.astype(np.float32)
-    inverse32 = np.float32(1.0) / prior32
-  if not np.all(np.isfinite(prior) & (prior > 0) & np.isfinite(prior32)
-                & (prior32 > 0) & np.isfinite(inverse32)):
-    raise ValueError(
-        "prior_losses must be finite and positive (and so must their "
-        f"inverses in float32), got {prior_losses!r}.")
-  return prior

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
@@ -21,14 +22,19 @@ class LbtwState(NamedTuple):
   # i32[T], each task's accepted losses since its reference was taken: in
   # [0, steps_per_epoch), or saturating when steps_per_epoch is None. A task
   # that finds 0 here takes its loss as the reference.
-  steps_in_epoch: chex.Array
+  num_epoch_steps: chex.Array
+
+  steps_in_epoch = deprecation.renamed_field("num_epoch_steps")  # 0.1 name.
 
 
+@deprecation.renamed_arguments(
+    old_positional=("num_tasks", "alpha", "steps_per_epoch", "normalize"))
 def lbtw(
     num_tasks: int,
     alpha: float = 0.5,
-    steps_per_epoch: Optional[int] = None,
+    *,
     normalize: bool = True,
+    steps_per_epoch: Optional[int] = None,
 ) -> base.MultiTaskStrategy:
   r"""Loss-Balanced Task Weighting: each loss relative to a reference loss.
 
@@ -61,10 +67,10 @@ def lbtw(
   Args:
     num_tasks: the number of tasks T.
     alpha: the exponent α >= 0 (the paper uses 0.5).
+    normalize: rescale the weights to sum to ``T``.
     steps_per_epoch: None to keep the losses of the first step as the
       reference for ever, or the number of steps per epoch (an integer >= 1):
       the reference is then retaken at the first step of each epoch.
-    normalize: rescale the weights to sum to ``T``.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -87,19 +93,19 @@ def lbtw(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   alpha = base.check_in_range("alpha", alpha, 0.0)
+  normalize = base.check_bool("normalize", normalize)
   steps_per_epoch = base.check_positive_int("steps_per_epoch", steps_per_epoch,
                                             allow_none=True)
-  normalize = base.check_bool("normalize", normalize)
 
   def init():
     return LbtwState(
         **base.common_state_fields(num_tasks, per_task=True),
         reference_losses=jnp.ones((num_tasks,), jnp.float32),
-        steps_in_epoch=jnp.zeros((num_tasks,), jnp.int32))
+        num_epoch_steps=jnp.zeros((num_tasks,), jnp.int32))
 
   def rule(task_losses, state, gramian, valid=None):
     del gramian
-    takes_reference = state.steps_in_epoch == 0
+    takes_reference = state.num_epoch_steps == 0
     if valid is not None:
       takes_reference &= valid
     reference = jnp.where(takes_reference, task_losses,
@@ -113,14 +119,14 @@ def lbtw(
       weights = jnp.exp(jnp.minimum(log_weights,
                                     _loss_history.LOG_MAX_WEIGHT))
     if steps_per_epoch is None:
-      steps = optax.safe_increment(state.steps_in_epoch)
+      steps = optax.safe_increment(state.num_epoch_steps)
     else:
-      steps = (state.steps_in_epoch + 1) % steps_per_epoch
+      steps = (state.num_epoch_steps + 1) % steps_per_epoch
     if valid is not None:
-      steps = jnp.where(valid, steps, state.steps_in_epoch)
+      steps = jnp.where(valid, steps, state.num_epoch_steps)
     return weights, state._replace(
         reference_losses=reference.astype(jnp.float32),
-        steps_in_epoch=steps.astype(jnp.int32))
+        num_epoch_steps=steps.astype(jnp.int32))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,

@@ -53,7 +53,7 @@ MAX_WEIGHT = 1e30
 LOG_MAX_WEIGHT = math.log(MAX_WEIGHT)
 # The smallest positive normal float32; a smaller statistic (a denormal, which
 # XLA:CPU flushes to zero) is read as this in a division or a logarithm.
-_TINY = float(np.finfo(np.float32).tiny)
+TINY = float(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -65,13 +65,13 @@ def bounded_ratio(numerator: chex.Array, denominator: chex.Array,
   denominator is read as the smallest normal float32). Exact whenever the
   quotient is at most ``bound`` and the denominator is normal; never inf.
   """
-  floor = jnp.maximum(numerator / bound, _TINY)
+  floor = jnp.maximum(numerator / bound, TINY)
   return jnp.minimum(numerator / jnp.maximum(denominator, floor), bound)
 
 
 def log_positive(value: chex.Array) -> chex.Array:
   """``log(value)`` of a non-negative statistic, floored at log(tiny)."""
-  return jnp.log(jnp.maximum(value, _TINY))
+  return jnp.log(jnp.maximum(value, TINY))
 
 
 def check_weight_options(normalize: Any, max_weight: Any):

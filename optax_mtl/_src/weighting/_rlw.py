@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 
 
@@ -22,7 +23,8 @@ class RlwState(NamedTuple):
   key: chex.Array
 
 
-def rlw(num_tasks: int, seed: int = 0) -> base.MultiTaskStrategy:
+@deprecation.renamed_arguments(old_positional=("num_tasks", "seed"))
+def rlw(num_tasks: int, *, seed: int = 0) -> base.MultiTaskStrategy:
   r"""Random loss weighting: weights drawn afresh at every step.
 
   .. math::
