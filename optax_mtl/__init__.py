@@ -12,6 +12,7 @@ from optax_mtl._src import deprecation as _deprecation
 from optax_mtl._src._smooth_weights import SmoothWeightsState
 from optax_mtl._src._smooth_weights import smooth_weights
 from optax_mtl._src.base import MultiTaskStrategy
+from optax_mtl._src.base import GradientRule
 from optax_mtl._src.base import Needs
 from optax_mtl._src.base import Weighting
 from optax_mtl._src.base import common_state_fields
@@ -150,6 +151,7 @@ __all__ = (
     "FamoState",
     "GeometricMeanState",
     "GraddropState",
+    "GradientRule",
     "GradnormState",
     "GradvacState",
     "ImtlGState",

@@ -159,7 +159,7 @@ def test_training_step_face_and_periodic_state_round_trip(tmp_path):
   state = checkpointer.restore(tmp_path / "ckpt", target)
   checkpointer.close()
   assert isinstance(state["strategy"], optax_mtl.RecomputeEveryState)
-  assert isinstance(state["strategy"].inner,
+  assert isinstance(state["strategy"].inner_state,
                     optax_mtl.NormalizedGradientsState)
   for index in range(RESUME_AT, NUM_STEPS):
     state, losses = step(state, _BATCHES[index], _TARGETS[index])

@@ -255,7 +255,7 @@ def test_recompute_every_reuses_weights_between_updates(problem):
   calls = []
   for _ in range(7):
     (_, grads), state = step(params, state, inputs, targets)
-    calls.append(int(state.inner.calls))
+    calls.append(int(state.inner_state.calls))
     flat_grads = np.concatenate(
         [np.ravel(leaf) for leaf in jax.tree.leaves(grads)])
     np.testing.assert_allclose(flat_grads, WEIGHTS @ full, rtol=1e-4,
@@ -269,7 +269,7 @@ def test_recompute_every_reuses_weights_between_updates(problem):
   opt_calls = []
   for _ in range(4):
     _, opt_state = update(task_grads, opt_state, task_losses=jnp.ones(3))
-    opt_calls.append(int(opt_state.inner.calls))
+    opt_calls.append(int(opt_state.inner_state.calls))
   assert opt_calls == [1, 1, 1, 2]
 
 

@@ -1,6 +1,8 @@
 """The shared step, the wrappers and the engine's handling of unusual input."""
 
 import functools
+import inspect
+import re
 from typing import NamedTuple
 
 import jax
@@ -76,18 +78,28 @@ def test_missing_task_losses_is_a_type_error_naming_it():
 # --------------------------------------------------------------------------
 
 
-def test_recompute_every_state_reads_like_the_inner_state():
+def test_recompute_every_state_names_its_inner_state_and_forwards_nothing():
   strategy = optax_mtl.recompute_every(optax_mtl.mgda(NUM_TASKS), 3)
   state = strategy.init(None)
   assert isinstance(state, optax_mtl.RecomputeEveryState)
-  assert isinstance(state.inner, optax_mtl.MgdaState)
-  for field in optax_mtl.MgdaState._fields:
-    np.testing.assert_array_equal(getattr(state, field),
-                                  getattr(state.inner, field))
+  assert state._fields == ("inner_state", "steps_since_update")
+  assert isinstance(state.inner_state, optax_mtl.MgdaState)
   with pytest.raises(AttributeError):
     _ = state.no_such_field
   with pytest.raises(ValueError, match="already recomputes"):
     optax_mtl.recompute_every(strategy, 2)
+
+
+def test_recompute_every_state_old_spellings_warn_and_read_the_same():
+  state = optax_mtl.recompute_every(optax_mtl.mgda(NUM_TASKS), 3).init(None)
+  with pytest.warns(DeprecationWarning,
+                    match=r"RecomputeEveryState\.inner_state"):
+    inner = state.inner
+  assert inner is state.inner_state
+  with pytest.warns(DeprecationWarning,
+                    match=r"state\.inner_state\.solver_gap"):
+    gap = state.solver_gap
+  assert gap is state.inner_state.solver_gap
 
 
 def test_recompute_every_counts_rejected_losses_on_reuse_steps():
@@ -99,18 +111,23 @@ def test_recompute_every_counts_rejected_losses_on_reuse_steps():
     _, state = update(jnp.eye(2), state, task_losses=jnp.array([1.0, bad]))
   # loss_ema is per task: each bad loss is counted for its task, no step is
   # rejected as a whole; a step with no valid loss is.
-  assert int(state.num_skipped) == 0
-  np.testing.assert_array_equal(state.num_rejected_losses, [0, 3])
+  inner = state.inner_state
+  assert int(inner.num_skipped) == 0
+  np.testing.assert_array_equal(inner.num_rejected_losses, [0, 3])
   assert int(state.steps_since_update) == 4
-  np.testing.assert_allclose(state.weights, [1.0, 0.5])
+  np.testing.assert_allclose(inner.weights, [1.0, 0.5])
   _, state = update(jnp.eye(2), state, task_losses=jnp.array([0.0, jnp.nan]))
-  assert int(state.num_skipped) == 1
-  np.testing.assert_array_equal(state.num_rejected_losses, [1, 4])
+  assert int(state.inner_state.num_skipped) == 1
+  np.testing.assert_array_equal(state.inner_state.num_rejected_losses, [1, 4])
 
 
-def test_recompute_every_refuses_a_gradient_strategy():
-  with pytest.raises(ValueError, match="Needs.GRADIENTS"):
-    optax_mtl.recompute_every(_sum_of_absolute_values(), 2)
+@pytest.mark.parametrize("wrapper", ["recompute_every", "smooth_weights"])
+def test_weight_wrappers_refuse_a_gradient_rule_when_wrapping(wrapper):
+  wrap = (functools.partial(optax_mtl.recompute_every, every=2)
+          if wrapper == "recompute_every" else optax_mtl.smooth_weights)
+  with pytest.raises(ValueError, match=r"graddrop is a GradientRule.*"
+                     r"optax_mtl\.mgda"):
+    wrap(optax_mtl.graddrop(NUM_TASKS))
 
 
 def test_with_shared_parameters_accepts_a_prefix_and_rejects_a_wrong_tree():
@@ -202,13 +219,14 @@ def test_float16_losses_give_the_optax_face_gradient():
   assert int(state.num_skipped) == 0
 
 
-def test_un_jitted_update_compiles_once():
+def test_update_is_not_jitted_inside_and_jit_compiles_it_once():
   strategy = optax_mtl.mgda(3)
+  assert not hasattr(strategy.update, "_compiled")
+  update = jax.jit(strategy.update)
   state = strategy.init(None)
   for scale in (1.0, 2.0, 3.0, 4.0):
-    _, state = strategy.update(jnp.eye(3) * scale, state,
-                               task_losses=jnp.ones(3))
-  assert strategy.update._compiled._cache_size() == 1  # pylint: disable=protected-access
+    _, state = update(jnp.eye(3) * scale, state, task_losses=jnp.ones(3))
+  assert update._cache_size() == 1  # pylint: disable=protected-access
 
 
 # --------------------------------------------------------------------------
@@ -251,8 +269,8 @@ def test_guard_rejects_a_step_whose_new_state_is_not_finite():
   np.testing.assert_allclose(recovered.total, 4e30)
 
 
-def _sum_of_absolute_values():
-  """A gradient strategy: the coordinate-wise sum of |g_k| (a test rule)."""
+def _sum_of_absolute_values(deprecated_weighting=False):
+  """A gradient rule: the coordinate-wise sum of |g_k| (a test rule)."""
 
   def init(params):
     del params
@@ -264,9 +282,25 @@ def _sum_of_absolute_values():
     return jax.tree.map(lambda g: jnp.sum(jnp.abs(g), axis=0),
                         task_grads), state
 
-  return optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
-      num_tasks=NUM_TASKS, needs=optax_mtl.Needs.GRADIENTS, init=init,
-      rule=rule, requires_positive_losses=False))
+  if deprecated_weighting:  # The spelling of optax_mtl 0.1.
+    return optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
+        num_tasks=NUM_TASKS, needs=optax_mtl.Needs.GRADIENTS, init=init,
+        rule=rule, requires_positive_losses=False))
+  return optax_mtl.as_gradient_transformation(optax_mtl.GradientRule(
+      num_tasks=NUM_TASKS, init=init, rule=rule))
+
+
+def test_a_gradients_weighting_warns_and_is_the_same_gradient_rule():
+  with pytest.warns(DeprecationWarning, match="optax_mtl.GradientRule"):
+    old = _sum_of_absolute_values(deprecated_weighting=True)
+  new = _sum_of_absolute_values()
+  assert isinstance(optax_mtl.weighting_of(old), optax_mtl.GradientRule)
+  grads = jnp.array([[1.0, -2.0], [-3.0, 0.5]])
+  old_update, old_state = old.update(grads, old.init(None))
+  new_update, new_state = new.update(grads, new.init(None))
+  np.testing.assert_array_equal(old_update, new_update)
+  for have, want in zip(old_state, new_state):
+    np.testing.assert_array_equal(have, want)
 
 
 @pytest.mark.parametrize("shared", [None, {"trunk": True, "heads": False}])
@@ -353,10 +387,10 @@ def test_gradient_rules_read_only_the_shared_parameters(name):
         wrapped = optax_mtl.with_shared_parameters(strategy, shared)
         update, _ = wrapped.update(task_grads, wrapped.init(params), params,
                                    task_losses=jnp.ones(3))
-      else:
-        update, _ = optax_mtl._src.step.gradients_step(
+      else:  # The guard itself, as the training-step face calls it.
+        update, _ = optax_mtl._src.step.guarded(
             optax_mtl.weighting_of(strategy), jnp.ones(3),
-            strategy.init(params), task_grads, shared)
+            strategy.init(params), lambda: task_grads, own_gradients=shared)
       mean_heads = heads.mean(axis=0) if num_samples > 1 else heads
       np.testing.assert_allclose(update["heads"], mean_heads.sum(axis=0),
                                  rtol=1e-6)
@@ -367,21 +401,32 @@ def test_gradient_rules_read_only_the_shared_parameters(name):
   np.testing.assert_array_equal(updates[1], updates[3])
 
 
-@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+PARAMS_SHAPED = {"moco": optax_mtl.moco, "db_mtl": optax_mtl.db_mtl,
+                 "excess_mtl": optax_mtl.excess_mtl,
+                 "gradvac(groups='leaf')": functools.partial(
+                     optax_mtl.gradvac, groups="leaf")}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_SHAPED))
 def test_a_params_shaped_state_from_init_none_says_to_pass_the_params(name):
-  strategy = getattr(optax_mtl, name)(3)
-  with pytest.raises(ValueError, match=r"strategy.init\(params\)"):
-    strategy.update(jnp.eye(3), strategy.init(None), task_losses=jnp.ones(3))
+  strategy = PARAMS_SHAPED[name](3)
+  assert optax_mtl.weighting_of(strategy).state_like_params
+  with pytest.raises(ValueError, match=re.escape(name) + r" keeps .*"
+                     r"strategy.init\(params\)"):
+    strategy.init(None)
 
 
-def test_gradvac_per_leaf_on_the_representation_says_it_cannot_read_it():
-  params = {"trunk": jnp.ones((4, 6)), "heads": jnp.ones((6, 3))}
-  strategy = optax_mtl.gradvac(3, groups="leaf")
-  step = optax_mtl.value_and_grad(
-      lambda p, z, x: jnp.sum(z @ p["heads"], axis=0), strategy,
-      encoder_fn=lambda p, x: jnp.tanh(x @ p["trunk"]))
-  with pytest.raises(ValueError, match="cannot read the representation"):
-    step(params, strategy.init(params), jnp.ones((8, 4)))
+@pytest.mark.parametrize("name", sorted(PARAMS_SHAPED) + ["modo"])
+def test_encoder_fn_is_refused_when_the_step_is_built(name):
+  """A rule whose state is shaped like the params, or that samples
+  minibatches, cannot read the representation: refused by value_and_grad
+  itself, with the strategy's name and what to use instead."""
+  factory = PARAMS_SHAPED.get(name, getattr(optax_mtl, name, None))
+  with pytest.raises(ValueError, match=re.escape(name) + r" .*encoder_fn.*"
+                     r"optax_mtl\.upgrad"):
+    optax_mtl.value_and_grad(
+        lambda p, z, x: jnp.sum(z @ p["heads"], axis=0), factory(3),
+        encoder_fn=lambda p, x: jnp.tanh(x @ p["trunk"]))
 
 
 # --------------------------------------------------------------------------
@@ -419,3 +464,105 @@ def test_losses_as_a_list_or_a_dict_point_to_jnp_stack():
                      r".*jnp\.stack"):
     optax_mtl.value_and_grad(as_dict, strategy)(params, strategy.init(None),
                                                 inputs)
+
+
+# --------------------------------------------------------------------------
+# A rule rejects a step by returning accepted=False.
+# --------------------------------------------------------------------------
+
+
+def _rejecting(kind):
+  """A rule that accepts a step only when the first loss is below 10."""
+
+  def init(params=None):
+    del params
+    return _CountState(**optax_mtl.common_state_fields(NUM_TASKS),
+                       total=jnp.zeros([], jnp.float32))
+
+  def rule(task_losses, state, rule_input):
+    state = state._replace(total=state.total + jnp.sum(task_losses))
+    if kind == "gradient_rule":
+      output = jax.tree.map(lambda g: jnp.sum(g, axis=0), rule_input)
+    else:
+      output = task_losses
+    return output, state, task_losses[0] < 10.0
+
+  if kind == "gradient_rule":
+    return optax_mtl.as_gradient_transformation(optax_mtl.GradientRule(
+        num_tasks=NUM_TASKS, init=init, rule=rule))
+  return optax_mtl.as_gradient_transformation(optax_mtl.Weighting(
+      num_tasks=NUM_TASKS, needs=optax_mtl.Needs.LOSSES, init=init,
+      rule=rule, requires_positive_losses=False))
+
+
+@pytest.mark.parametrize("kind", ["weighting", "gradient_rule"])
+def test_a_rule_that_returns_accepted_false_rejects_the_step(kind):
+  strategy = _rejecting(kind)
+  update = jax.jit(strategy.update)
+  grads = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+  first, state = update(grads, strategy.init(None),
+                        task_losses=jnp.array([1.0, 2.0]))
+  rejected, kept = update(grads, state, task_losses=jnp.array([20.0, 2.0]))
+  assert int(kept.num_skipped) == 1
+  np.testing.assert_array_equal(kept.total, state.total)
+  np.testing.assert_array_equal(kept.weights, state.weights)
+  if kind == "weighting":  # The previous weights, applied again.
+    np.testing.assert_array_equal(rejected, first)
+  else:  # No update.
+    np.testing.assert_array_equal(rejected, [0.0, 0.0])
+
+
+# --------------------------------------------------------------------------
+# Every engine mode counts an overflowing gradient.
+# --------------------------------------------------------------------------
+
+
+def test_the_sampled_mode_counts_an_overflowing_gradient():
+  """The heads' gradient Σ_k ∇L_k overflows float32 although each task's is
+  finite: the step is counted in num_skipped and gives a zero gradient."""
+  strategy = optax_mtl.modo(NUM_TASKS)
+  params = {"trunk": jnp.ones(3), "heads": jnp.ones(())}
+
+  def loss_fn(p, x):
+    shared = jnp.sum((p["trunk"] * x) ** 2)
+    return jnp.stack([shared + 2e38 * p["heads"], 2.0 * shared
+                      + 2e38 * p["heads"]]) * 1e-38
+
+  step = jax.jit(optax_mtl.value_and_grad(
+      lambda p, x: loss_fn(p, x) * 1e38, strategy,
+      shared={"trunk": True, "heads": False}))
+  batches = jnp.ones((3, 3))  # num_samples = 3 minibatches.
+  (losses, grads), state = step(params, strategy.init(params), batches)
+  assert bool(jnp.all(jnp.isfinite(losses)))
+  assert int(state.num_skipped) == 1
+  for leaf in jax.tree.leaves(grads):
+    np.testing.assert_array_equal(leaf, jnp.zeros_like(leaf))
+
+
+# --------------------------------------------------------------------------
+# The two faces take the same options.
+# --------------------------------------------------------------------------
+
+
+def test_both_faces_share_option_names_and_order():
+  pytest.importorskip("flax")
+  from optax_mtl import nnx as mtl_nnx  # pylint: disable=import-outside-toplevel
+  faces = [optax_mtl.value_and_grad, mtl_nnx.value_and_grad]
+  options = [
+      [name for name, parameter in inspect.signature(face).parameters.items()
+       if parameter.kind is parameter.KEYWORD_ONLY] for face in faces]
+  assert options[0] == options[1]
+  assert options[0][:3] == ["has_aux", "encoder_fn", "shared"]
+
+
+def test_has_aux_by_position_warns_and_gives_the_same_step():
+  params, inputs = make_params()
+  strategy = optax_mtl.mgda(NUM_TASKS)
+  with_aux = lambda p, x: (loss_fn(p, x), {"inputs": x})
+  with pytest.warns(DeprecationWarning, match="has_aux=True"):
+    old = optax_mtl.value_and_grad(with_aux, strategy, True)  # pylint: disable=too-many-function-args
+  new = optax_mtl.value_and_grad(with_aux, strategy, has_aux=True)
+  got = old(params, strategy.init(params), inputs)
+  expected = new(params, strategy.init(params), inputs)
+  for have, want in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(have, want)

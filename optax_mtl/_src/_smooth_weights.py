@@ -152,11 +152,12 @@ def smooth_weights(
     torchjd's ``CRMOGMWeighting``.
   """
   weighting, options = step.strategy_parts(strategy)
-  if weighting.needs is base.Needs.GRADIENTS:
+  if isinstance(weighting, base.GradientRule):
     raise ValueError(
-        "smooth_weights needs a strategy that computes weights (Needs.LOSSES "
-        "or Needs.GRAMIAN); this one transforms the per-task gradients "
-        "themselves (Needs.GRADIENTS) and returns an update, not weights.")
+        "smooth_weights needs a strategy that computes weights (a Weighting); "
+        f"{weighting.title} is a GradientRule: it transforms the per-task "
+        "gradients themselves and returns an update, not weights. Smooth a "
+        "weighting instead (e.g. optax_mtl.mgda).")
   decay = base.check_in_range("decay", decay, 0.0, 1.0)
   num_tasks = weighting.num_tasks
   initial = _check_initial_weights(initial_weights, num_tasks)
@@ -181,12 +182,13 @@ def smooth_weights(
     if weighting.per_task:
       if valid is None:  # Run as a whole-step weighting: every task valid.
         valid = jnp.ones((num_tasks,), bool)
-      raw, inner = weighting.rule(task_losses, state.inner_state, rule_input,
-                                  valid=valid)
+      raw, inner, accepted = step.rule_output(weighting.rule(
+          task_losses, state.inner_state, rule_input, valid=valid))
       # An excluded task keeps its previous weights, smoothed or not.
       raw = jnp.where(valid, raw, previous_raw.astype(raw.dtype))
     else:
-      raw, inner = weighting.rule(task_losses, state.inner_state, rule_input)
+      raw, inner, accepted = step.rule_output(weighting.rule(
+          task_losses, state.inner_state, rule_input))
     inner = inner._replace(weights=raw.astype(previous_raw.dtype))
     if "gradient_cosines" in optional:
       inner = inner._replace(gradient_cosines=tree_lib.cosine_matrix(
@@ -197,7 +199,7 @@ def smooth_weights(
     return smoothed, state._replace(
         started=state.started | (True if valid is None else valid),
         inner_state=inner,
-        **{f: getattr(inner, f) for f in solver_fields})
+        **{f: getattr(inner, f) for f in solver_fields}), accepted
 
   return step._strategy(base.Weighting(  # pylint: disable=protected-access
       num_tasks=num_tasks, needs=weighting.needs, init=init, rule=rule,

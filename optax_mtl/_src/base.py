@@ -1,9 +1,14 @@
-"""The strategy author's kit: the weighting type, the checks, the state fields.
+"""The strategy author's kit: the two rule types, the checks, the state fields.
 
-Every strategy of optax_mtl is one pure *weighting*: a small rule that turns
-the per-task losses (and, for gradient-balancing strategies, the T×T Gramian
-``G = J Jᵀ`` of the per-task gradients) into task weights ``w``. A weighting
-becomes an optax transformation with
+Every strategy of optax_mtl is one pure rule of one of two types:
+
+* a :class:`Weighting` turns the per-task losses (and, for
+  gradient-balancing strategies, the T×T Gramian ``G = J Jᵀ`` of the
+  per-task gradients) into task weights ``w``;
+* a :class:`GradientRule` turns the per-task gradients themselves into the
+  update (GradDrop, MoCo, ...).
+
+Either becomes an optax transformation with
 :func:`optax_mtl.as_gradient_transformation`; both faces of the library
 (the optax face and :func:`optax_mtl.value_and_grad`) then run the same
 guarded step on it (``optax_mtl._src.step``).
@@ -14,7 +19,8 @@ State conventions (checked by the contract test over every strategy):
 * it has a field ``weights`` (float32[T]) holding the weights applied last;
 * it has a field ``num_skipped`` (int32[]) counting the steps whose input was
   rejected as a whole (a non-finite loss, a non-positive loss where the rule
-  divides by it, a non-finite Gramian, or non-finite weights). On such a step
+  divides by it, a non-finite Gramian, non-finite weights, or a rule that
+  returned ``accepted`` false: see :class:`Weighting`). On such a step
   the previous weights are applied again and every other statistic is kept;
 * a *per-task* weighting (``Weighting.per_task``) also has a field
   ``num_rejected_losses`` (int32[T]): a bad loss of one task (non-finite, or
@@ -23,8 +29,8 @@ State conventions (checked by the contract test over every strategy):
   and the step goes on for the other tasks. Only a step with no valid loss
   (or a non-finite Gramian, gradient, weight or state) is rejected as a
   whole and counted in ``num_skipped``;
-* a strategy that reads the per-task gradients (:attr:`Needs.GRAMIAN` or
-  :attr:`Needs.GRADIENTS`) also has a field ``num_rejected_gradients``
+* a strategy that reads the per-task gradients (:attr:`Needs.GRAMIAN`, or
+  a :class:`GradientRule`) also has a field ``num_rejected_gradients``
   (int32[T]): a task whose gradient is not finite (a NaN or inf in any
   coordinate) is excluded from that step (weight 0, its previous weight
   kept) and counted there; the step goes on for the other tasks;
@@ -52,53 +58,62 @@ import optax
 
 
 class Needs(enum.Enum):
-  """What a weighting reads, so that the engine computes only that."""
+  """What a strategy reads, so that the engine computes only that."""
 
   LOSSES = "losses"  # One forward and one backward pass.
   GRAMIAN = "gramian"  # The Gramian of the per-task gradients.
   # The per-task gradients themselves (the Jacobian, a leading task axis on
-  # every leaf): the rule returns the combined update, not weights.
+  # every leaf): what a GradientRule reads. A Weighting that declares it is
+  # deprecated (turned into a GradientRule with a DeprecationWarning).
   GRADIENTS = "gradients"
 
 
 # A weight rule: (task_losses f32[T], state, gramian [T,T] | None)
-#   -> (weights [T], new_state); for Needs.GRADIENTS: (task_losses, state,
-#   task_grads) -> (update, new_state). A per-task rule is also given
-#   valid=bool[T]. It never sees invalid input: the guard replaces rejected
-#   losses (by 1.0) and Gramians by harmless values and throws the result
-#   (or, per task, the excluded tasks' weights) away.
-WeightRule = Callable[[chex.Array, Any, Optional[chex.Array]],
-                      tuple[chex.Array, Any]]
+#   -> (weights [T], new_state) or (weights, new_state, accepted bool[]).
+#   A per-task rule is also given valid=bool[T]. It never sees invalid input:
+#   the guard replaces rejected losses (by 1.0) and Gramians by harmless
+#   values and throws the result (or, per task, the excluded tasks' weights)
+#   away.
+WeightRule = Callable[..., tuple]
+# A gradient rule: (task_losses f32[T], state, task_grads) -> (update,
+#   new_state) or (update, new_state, accepted bool[]).
+UpdateRule = Callable[..., tuple]
 
 
 class Weighting(NamedTuple):
-  """A strategy's weight rule and what it reads.
+  """A strategy's weight rule: the losses (and the Gramian) → task weights.
 
   Build one to write your own strategy, then turn it into an optax
-  transformation with :func:`optax_mtl.as_gradient_transformation`.
+  transformation with :func:`optax_mtl.as_gradient_transformation`. A rule
+  over the per-task gradients themselves, which returns the update, is a
+  :class:`GradientRule` instead.
+
+  **Rejecting a step.** A rule that finds it cannot give weights for this
+  step (its inner optimizer overflowed, a bound on the losses is violated)
+  returns a third value, ``(weights, new_state, accepted)`` with
+  ``accepted`` a bool[] (traced) array: where it is false the guard keeps
+  the previous state, applies the previous weights and counts the step in
+  ``num_skipped``, exactly as for a non-finite loss. (A non-finite weight
+  or state is rejected the same way, but ``accepted`` says so on purpose.)
 
   Attributes:
     num_tasks: the number of tasks T.
     needs: :attr:`Needs.LOSSES` (the rule reads only the losses, a step costs
-      one backward pass), :attr:`Needs.GRAMIAN` (the rule also reads the
-      T×T Gramian of the per-task gradients) or :attr:`Needs.GRADIENTS`
-      (the rule reads the per-task gradients, a pytree like the params with
-      a leading task axis, and returns the combined update itself).
+      one backward pass) or :attr:`Needs.GRAMIAN` (the rule also reads the
+      T×T Gramian of the per-task gradients). :attr:`Needs.GRADIENTS` is
+      deprecated here: such a weighting is turned into a
+      :class:`GradientRule` (``init(params)``, ``rule`` returns the update)
+      with a ``DeprecationWarning``.
     init: ``init() -> state``, a NamedTuple with at least the fields of
-      :func:`common_state_fields` (for :attr:`Needs.GRADIENTS`,
-      ``init(params) -> state``, so that the state may hold per-task
-      statistics shaped like the params).
-    rule: ``rule(task_losses, state, gramian) -> (weights, new_state)``;
-      ``gramian`` is None for :attr:`Needs.LOSSES`. For
-      :attr:`Needs.GRADIENTS`: ``rule(task_losses, state, task_grads) ->
-      (update, new_state)``.
+      :func:`common_state_fields`.
+    rule: ``rule(task_losses, state, gramian) -> (weights, new_state)`` or
+      ``(weights, new_state, accepted)``; ``gramian`` is None for
+      :attr:`Needs.LOSSES`.
     requires_positive_losses: whether the rule divides by, or takes the log
       of, the losses: a zero or negative loss is then rejected like a
       non-finite one.
-    num_samples: for :attr:`Needs.GRADIENTS` rules that use independent
-      minibatches (double sampling): the rule then receives the per-task
-      gradients of each minibatch, leaves ``[num_samples, T, ...]``, and the
-      mean of their losses.
+    num_samples: 1 (a deprecated :attr:`Needs.GRADIENTS` weighting may give
+      more: see :attr:`GradientRule.num_samples`).
     per_task: whether a bad loss excludes only its own task (False: it
       rejects the whole step). A per-task rule is called as
       ``rule(task_losses, state, gramian, valid=valid)`` with ``valid``
@@ -133,6 +148,87 @@ class Weighting(NamedTuple):
   num_samples: int = 1
   per_task: bool = False
   gramian_degree: Optional[float] = None
+
+
+class GradientRule(NamedTuple):
+  """A strategy's rule over the per-task gradients: they → the update.
+
+  For the methods that act on the gradients themselves (GradDrop, MoCo,
+  trimmed mean, ...) rather than on task weights. Turn one into an optax
+  transformation with :func:`optax_mtl.as_gradient_transformation`; both
+  faces hand the rule the per-task gradients (a pytree like the params with
+  a leading task axis; with shared parameters declared, the shared
+  parameters' only) and apply the update it returns. The guard around it is
+  the weightings' one: a non-finite loss (or a non-positive one where
+  ``requires_positive_losses``), gradient, update or state, or
+  ``accepted`` false, keeps the previous state, gives a zero update and
+  counts the step in ``num_skipped``; a task whose gradient is not finite
+  is excluded (a zero gradient for the rule) and counted in
+  ``num_rejected_gradients`` where the state has that field.
+
+  Attributes:
+    num_tasks: the number of tasks T.
+    init: ``init(params) -> state``, a NamedTuple with at least the fields
+      of :func:`common_state_fields`; it may hold per-task statistics shaped
+      like ``params`` (then declare ``state_like_params``).
+    rule: ``rule(task_losses, state, task_grads) -> (update, new_state)`` or
+      ``(update, new_state, accepted)`` (``accepted`` bool[], as for a
+      :class:`Weighting`).
+    requires_positive_losses: as for a :class:`Weighting`.
+    num_samples: the number of independent minibatches the rule reads per
+      step (double sampling: MoDo, SDMGrad). Above 1 the rule receives the
+      per-task gradients of each minibatch, leaves ``[num_samples, T,
+      ...]``, and the mean of their losses; the training-step face then
+      reads the parameters' gradients only (no ``encoder_fn``).
+    state_like_params: whether the state holds statistics shaped like the
+      params (MoCo's tracked gradients): the state then fits only the
+      gradients of those params, so ``init`` needs them (not None) and the
+      training-step face refuses ``encoder_fn`` (the representation's
+      gradients have another shape) when the step is built.
+    name: the strategy's name, for the messages that refuse an option.
+
+  Examples:
+    >>> from typing import NamedTuple
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_mtl
+    >>> class MaxState(NamedTuple):
+    ...   weights: jnp.ndarray  # f32[T], unused here.
+    ...   num_skipped: jnp.ndarray  # i32[], rejected steps.
+    >>> def init(params):
+    ...   return MaxState(**optax_mtl.common_state_fields(2))
+    >>> def rule(task_losses, state, task_grads):  # The coordinate-wise max.
+    ...   return jax.tree.map(lambda g: jnp.max(g, axis=0), task_grads), state
+    >>> strategy = optax_mtl.as_gradient_transformation(
+    ...     optax_mtl.GradientRule(num_tasks=2, init=init, rule=rule))
+    >>> update, _ = strategy.update(jnp.array([[1.0, -2.0], [0.0, 3.0]]),
+    ...                             strategy.init(None))
+    >>> update.tolist()
+    [1.0, 3.0]
+  """
+
+  num_tasks: int
+  init: Callable[[Any], Any]
+  rule: UpdateRule
+  requires_positive_losses: bool = False
+  num_samples: int = 1
+  state_like_params: bool = False
+  name: Optional[str] = None
+
+  @property
+  def needs(self) -> Needs:
+    """What the rule reads: always :attr:`Needs.GRADIENTS`."""
+    return Needs.GRADIENTS
+
+  @property
+  def per_task(self) -> bool:
+    """False: a bad loss rejects the whole step."""
+    return False
+
+  @property
+  def title(self) -> str:
+    """The strategy's name for a message (``name``, or a description)."""
+    return self.name or "this strategy (a GradientRule)"
 
 
 class MultiTaskStrategy(optax.GradientTransformationExtraArgs):
@@ -435,7 +531,7 @@ def common_state_fields(
       weightings that exclude a bad loss per task (``Weighting.per_task``).
     gradients: also return ``num_rejected_gradients`` (int32[T], zeros), for
       strategies that read the per-task gradients (:attr:`Needs.GRAMIAN`,
-      :attr:`Needs.GRADIENTS`): the guard counts there each task excluded
+      a :class:`GradientRule`): the guard counts there each task excluded
       for a non-finite gradient.
 
   Returns:

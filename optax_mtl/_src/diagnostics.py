@@ -24,14 +24,14 @@ def is_strategy_state(node: Any) -> bool:
 
   Every strategy state is a NamedTuple with the fields ``weights`` and
   ``num_skipped``, or a wrapper state (:class:`optax_mtl.RecomputeEveryState`)
-  around one in its field ``inner``.
+  around one in its field ``inner_state``.
   """
   fields = getattr(type(node), "_fields", None)
   if not isinstance(node, tuple) or fields is None:
     return False
   if all(name in fields for name in _REQUIRED_FIELDS):
     return True
-  return "inner" in fields and is_strategy_state(node.inner)
+  return "inner_state" in fields and is_strategy_state(node.inner_state)
 
 
 def _unwrap(tree: Any) -> Any:

@@ -1,47 +1,53 @@
 """The training-step face: a ``jax.value_and_grad`` for multi-task losses.
 
 ``value_and_grad(loss_fn, strategy)`` returns ``step(params, state, *args)``
-which evaluates the per-task losses, asks the strategy for its weights and
-returns the combined gradient, computing only what the strategy needs:
+which evaluates the per-task losses, asks the strategy for its weights (or,
+for a gradient rule, its update) and returns the combined gradient,
+computing only what the strategy needs. The mode is chosen once, when the
+step is built; each mode is one function that returns the losses and what
+the guarded step needs (:class:`optax_mtl._src.step.RuleCall`):
 
 ==================  =====================================================
-strategy needs      what one step computes
+mode                what one step computes
 ==================  =====================================================
-losses              one forward pass and one VJP with cotangent ``w``
-Gramian, jacobian   the per-task Jacobian ``J`` (one ``vmap`` of the VJP
+loss-only           one forward pass and one VJP with cotangent ``w``
+Jacobian            the per-task Jacobian ``J`` (one ``vmap`` of the VJP
                     over the T unit cotangents), ``G = J Jᵀ`` leaf by leaf,
-                    then ``Jᵀ w`` from the ``J`` already held
-Gramian, low_memory never holds ``J``: for each task ``g_i = Jᵀ e_i`` (a VJP)
+                    then ``Jᵀ w`` from the ``J`` already held; a gradient
+                    rule gets ``J`` itself and returns the update
+low-memory          never holds ``J``: for each task ``g_i = Jᵀ e_i`` (a VJP)
                     and the Gramian column ``J g_i`` (a JVP), one task at a
                     time under ``lax.map``; then one VJP with cotangent ``w``.
                     Memory O(params) instead of O(T · params)
-Gramian, encoder_fn MGDA-UB: the Gramian of the gradients with respect to
-                    the shared representation ``z = encoder_fn(params)``;
-                    then one VJP with cotangent ``w``
-gradients           the per-task Jacobian ``J``, handed to the rule, which
-                    returns the update (memory O(T · params), like the
-                    Jacobian mode); with ``encoder_fn``, the per-task
-                    gradients with respect to the representation instead,
-                    then one VJP through the encoder
+per-layer           the Gramian layer by layer from each dense layer's
+                    inputs and output cotangents (:mod:`per_layer`); then
+                    one VJP with cotangent ``w``
+representation      ``encoder_fn``: the Gramian (MGDA-UB), or for a gradient
+                    rule the per-task gradients, with respect to the shared
+                    representation ``z = encoder_fn(params)``; then one VJP
+sampled             a gradient rule with ``num_samples`` minibatches: the
+                    Jacobian of each, leaves ``[S, T, ...]``
 ==================  =====================================================
 
-With ``recompute_every`` (Jacobian mode), a ``lax.cond`` chooses between a
-step of the strategy (``J``, ``G``, the rule, ``Jᵀw``) and one VJP with the
-previous weights; in the other modes the cond holds the Gramian and the rule,
-and the VJP with cotangent ``w`` runs after it. The cond's branches and the
-low-memory ``lax.map`` body go through :mod:`conv_layout`, which keeps their
-convolutions on XLA:CPU's fast path.
+``step`` then makes one call of :func:`optax_mtl._src.step.run`: the guarded
+rule, its output applied, the overflow count. With ``recompute_every`` a
+``lax.cond`` there chooses between a step of the strategy (the mode's
+Jacobian or Gramian, the rule, the weighted gradient) and one VJP with the
+previous weights. The cond's branches and the low-memory ``lax.map`` body
+go through :mod:`conv_layout`, which keeps their convolutions on XLA:CPU's
+fast path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import conv_layout
+from optax_mtl._src import deprecation
 from optax_mtl._src import per_layer
 from optax_mtl._src import step as step_lib
 from optax_mtl._src import tree as tree_lib
@@ -49,14 +55,16 @@ from optax_mtl._src import tree as tree_lib
 GRAMIAN_MODES = ("jacobian", "low_memory", "per_layer")
 
 
+@deprecation.renamed_arguments(
+    old_positional=("loss_fn", "strategy", "has_aux"))
 def value_and_grad(
     loss_fn: Callable[..., Any],
     strategy: base.MultiTaskStrategy,
-    has_aux: bool = False,
     *,
+    has_aux: bool = False,
+    encoder_fn: Optional[Callable[..., Any]] = None,
     shared: Any = None,
     gramian_mode: str = "jacobian",
-    encoder_fn: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
     batch_axis: Optional[int] = None,
 ) -> Callable[..., Any]:
@@ -69,7 +77,10 @@ def value_and_grad(
   ``Σ_k w_k ∇L_k``. Under a strategy that reads the Gramian, with ``shared``
   declared (here or by :func:`optax_mtl.with_shared_parameters`), the shared
   parameters receive ``Σ_k w_k ∇L_k`` and every other parameter its own
-  task's gradient, unweighted (as torchjd and LibMTL do).
+  task's gradient, unweighted (as torchjd and LibMTL do); a
+  :class:`optax_mtl.GradientRule` likewise updates the shared parameters
+  only. Options the strategy cannot serve are refused here, when the step is
+  built, not at its first call.
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` returns the per-task losses, shape
@@ -77,10 +88,18 @@ def value_and_grad(
       ``encoder_fn`` it is called as ``loss_fn(params, representation,
       *args)``.
     strategy: an optax_mtl strategy, e.g. ``optax_mtl.loss_ema(num_tasks=3)``.
-    has_aux: whether ``loss_fn`` returns ``(task_losses, aux)``.
+    has_aux: whether ``loss_fn`` returns ``(task_losses, aux)``
+      (keyword-only; by position it is deprecated).
+    encoder_fn: optional ``encoder_fn(params, *args) -> representation``. When
+      given, Gramian strategies read the Gramian of the per-task gradients
+      with respect to the representation (MGDA-UB, Sener & Koltun 2018)
+      instead of the parameters: about the cost of one backward pass. A
+      gradient rule then transforms the representation's gradients (refused
+      when the step is built for a rule whose state is shaped like the
+      params, or that samples several minibatches).
     shared: which parameters all tasks share, for strategies that read the
-      Gramian (see :func:`optax_mtl.with_shared_parameters`): a pytree of
-      bools like the params (or a prefix of it), or a callable
+      Gramian or the gradients (see :func:`optax_mtl.with_shared_parameters`):
+      a pytree of bools like the params (or a prefix of it), or a callable
       ``params -> bools``. None keeps the strategy's own declaration (by
       default every parameter is shared).
     gramian_mode: for strategies that read the Gramian, ``"jacobian"``
@@ -89,10 +108,6 @@ def value_and_grad(
       (the Gramian layer by layer from each dense layer's inputs and output
       cotangents, never the per-task gradients of those layers; see
       :mod:`optax_mtl._src.per_layer`).
-    encoder_fn: optional ``encoder_fn(params, *args) -> representation``. When
-      given, Gramian strategies read the Gramian of the per-task gradients
-      with respect to the representation (MGDA-UB, Sener & Koltun 2018)
-      instead of the parameters: about the cost of one backward pass.
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis:
       the losses and gradients (and the Jacobian or Gramian) are averaged
       over it, so every device holds the same strategy state. Not with
@@ -123,166 +138,21 @@ def value_and_grad(
     >>> losses.tolist(), grads.tolist()
     ([12.0, 3.0], [10.0, 10.0, 10.0])
   """
-  weighting, options = step_lib.strategy_parts(strategy)
-  if shared is not None:
-    options = options._replace(shared=shared)
-  if gramian_mode not in GRAMIAN_MODES:
-    raise ValueError(
-        f"gramian_mode must be one of {GRAMIAN_MODES}, got {gramian_mode!r}.")
-  has_aux = base.check_bool("has_aux", has_aux)
-  num_tasks = weighting.num_tasks
-  per_layer_mode = (gramian_mode == "per_layer"
-                    and weighting.needs is base.Needs.GRAMIAN)
-  _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis)
-
-  if weighting.num_samples > 1 and encoder_fn is not None:
-    raise ValueError(
-        "a strategy that samples several minibatches per step reads the "
-        "parameters' gradients: encoder_fn is not supported with it.")
-  if (weighting.needs is base.Needs.GRADIENTS and encoder_fn is not None
-      and axis_name is not None):
-    # Its per-task representation gradients are per example: each device
-    # holds its own batch's, and the rule (GradDrop's purity, its random
-    # mask, trimmed_mean's per-coordinate order) would act on the local
-    # batch alone, not on what one device would see.
-    raise ValueError(
-        "a strategy that transforms the per-task gradients (graddrop, "
-        "trimmed_mean, ...) cannot read the representation's gradients "
-        f"across devices (encoder_fn with axis_name={axis_name!r}): each "
-        "device would apply the rule to its own batch. Use jax.jit with a "
-        "sharded batch (no shard_map), or leave encoder_fn out (the "
-        "parameters' gradients are averaged over the axis).")
+  rule, options, mode = build(
+      strategy, has_aux=has_aux, encoder_fn=encoder_fn, shared=shared,
+      gramian_mode=gramian_mode, axis_name=axis_name, batch_axis=batch_axis)
 
   def step(params, state, *args):
     if not jax.tree.leaves(params):
       raise ValueError("params has no array leaves: nothing to differentiate.")
-    devices = _DeviceAverage(axis_name)
-    task_loss_fn = devices.wrap(_checked_output(loss_fn, has_aux), has_aux)
-    if weighting.num_samples > 1:
-      return _sampled_step(weighting, options, task_loss_fn, has_aux, devices,
-                           params, state, args)
-    if per_layer_mode:
-      linearized = per_layer.linearize(task_loss_fn, params, args, has_aux,
-                                       batch_axis=batch_axis)
-      out, vjp_fn, aux = linearized.out, linearized.vjp_fn, linearized.aux
-      full_loss = representation_vjp = None
-    elif encoder_fn is None:
-      full_loss = lambda p: task_loss_fn(p, *args)
-      out, vjp_fn, aux = _vjp(full_loss, (params,), has_aux)
-      representation_vjp = None
-    else:
-      full_loss = None
-      out, vjp_fn, aux, representation_vjp, split_backward = _encoder_vjp(
-          encoder_fn, task_loss_fn, params, args, has_aux)
-    base.check_task_losses(out, num_tasks)
-    task_losses = devices.mean(out)
+    devices = _DeviceAverage.inside(axis_name)
+    context = _Context(rule, options, devices.wrap(
+        _checked_output(loss_fn, has_aux), has_aux), has_aux, devices,
+                       encoder_fn, batch_axis)
+    task_losses, aux, prepare, reuse = mode(context, params, args)
     losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
-
-    def backward(weights):
-      if jnp.finfo(out.dtype).max >= jnp.finfo(jnp.float32).max:
-        return devices.mean(vjp_fn(weights.astype(out.dtype))[0])
-      # float16: weights like 1/L overflow its range (6.5e4), so the VJP
-      # runs with weights scaled to at most 1, and the scale is put back in
-      # float32.
-      scale = jnp.maximum(jnp.max(jnp.abs(weights)), 1.0)
-      scaled = vjp_fn((weights / scale).astype(out.dtype))[0]
-      return devices.mean(jax.tree.map(
-          lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype)
-          if jnp.issubdtype(g.dtype, jnp.inexact) else g, scaled))
-
-    def jacobian():
-      return devices.mean(
-          jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0])
-
-    if weighting.needs is base.Needs.LOSSES:
-      weights, new_state = step_lib.weights_step(weighting, options, losses32,
-                                                 state)
-      grads = backward(weights)
-    elif weighting.needs is base.Needs.GRADIENTS:
-      if representation_vjp is not None:
-        # The rule transforms the gradients with respect to the shared
-        # representation; the heads receive their own tasks' gradients.
-        representation_grads = jax.vmap(representation_vjp)(
-            jnp.eye(num_tasks, dtype=out.dtype))
-        try:
-          update, new_state = step_lib.gradients_step(
-              weighting, losses32, state, representation_grads)
-        except step_lib.ParamsShapedStateError as error:
-          raise ValueError(
-              "this strategy keeps per-task statistics shaped like the params "
-              "(moco, db_mtl, excess_mtl, gradvac(groups='leaf')), so it "
-              "cannot read the representation's gradients: use it without "
-              "encoder_fn.") from error
-        # The heads of a task whose gradient is not finite get nothing.
-        kept = tree_lib.finite_tasks(representation_grads)
-        grads = devices.mean(split_backward(update, kept.astype(out.dtype)))
-      else:
-        grads, new_state = step_lib.gradients_step(
-            weighting, losses32, state, jacobian(),
-            tree_lib.shared_mask(options.shared, params),
-            options.weight_task_specific)
-    else:
-      shared_mask = tree_lib.shared_mask(options.shared, params)
-      own_gradients = None if options.weight_task_specific else shared_mask
-
-      def weighted_backward(weights):
-        grads = backward(weights)
-        if own_gradients is not None and not all(
-            jax.tree.leaves(own_gradients)):
-          unweighted = backward(jnp.ones_like(weights))
-          grads = jax.tree.map(lambda keep, g, u: g if keep else u,
-                               own_gradients, grads, unweighted)
-        return grads
-
-      def jacobian_step(inner):
-        # Hold J once: the Gramian and the combination Jᵀw both read it. A
-        # task with a non-finite gradient is excluded (zeroed, weight 0).
-        task_grads = jacobian()
-        gradients_valid = tree_lib.finite_tasks(task_grads)
-        task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
-        weights, inner = step_lib.weights_step(
-            weighting, options._replace(recompute_every=1), losses32, inner,
-            lambda: tree_lib.scaled_gramian(task_grads, shared_mask),
-            gradients_valid)
-        return tree_lib.combine(weights, task_grads, own_gradients), inner
-
-      # "per_layer" takes the Jacobian's route where no layer has a cheaper
-      # one (a batch larger than every dense layer is wide, say).
-      jacobian_route = gramian_mode == "jacobian" or (
-          per_layer_mode and not linearized.saves(shared_mask, num_tasks))
-      if representation_vjp is None and jacobian_route:
-        if options.recompute_every == 1:
-          grads, new_state = jacobian_step(state)
-        else:
-          # A recomputing step costs a step of the strategy (J, G, Jᵀw), the
-          # others one backward pass with the previous weights.
-          grads, new_state = step_lib.recompute_or_reuse(
-              weighting, options, losses32, state, jacobian_step,
-              weighted_backward)
-      else:
-        if representation_vjp is not None:
-          gramian_fn = lambda: _representation_gramian(
-              representation_vjp, num_tasks, out.dtype, devices)
-        elif per_layer_mode:
-          gramian_fn = lambda: linearized.gramian(shared_mask, num_tasks)
-        else:
-          gramian_fn = lambda: _low_memory_gramian(
-              full_loss, vjp_fn, params, shared_mask, num_tasks, out.dtype,
-              has_aux, devices)
-        weights, new_state = step_lib.weights_step(
-            weighting, options, losses32, state, gramian_fn)
-        grads = weighted_backward(weights)
-
-    # A gradient that overflows although the losses were finite is counted.
-    grads_finite = step_lib.all_finite(grads)
-    overflow = (jnp.all(jnp.isfinite(losses32)) & ~grads_finite
-                & (new_state.num_skipped == state.num_skipped))
-    new_state = step_lib.count_skipped(new_state, overflow)
-    if weighting.needs is not base.Needs.LOSSES:
-      # A strategy that reads gradients never lets a non-finite one reach
-      # the parameters: where excluding its task did not remove it (a VJP
-      # of 0 · NaN), the step's gradient is zero.
-      grads = _zero_unless(grads_finite, grads)
+    grads, new_state = step_lib.run(rule, options, losses32, state, prepare,
+                                    reuse, count_overflow=True)
     if has_aux:
       return ((task_losses, aux), grads), new_state
     return (task_losses, grads), new_state
@@ -290,40 +160,75 @@ def value_and_grad(
   return step
 
 
-def _sampled_step(weighting, options, task_loss_fn, has_aux, devices, params,
-                  state, args):
-  """The step of a strategy that reads several independent minibatches.
+def build(
+    strategy: base.MultiTaskStrategy,
+    *,
+    has_aux: bool = False,
+    encoder_fn: Any = None,
+    shared: Any = None,
+    gramian_mode: str = "jacobian",
+    axis_name: Optional[str] = None,
+    batch_axis: Optional[int] = None,
+) -> tuple[step_lib.Rule, step_lib.StrategyOptions, Callable[..., Any]]:
+  """Checks the options of a training step; returns the rule, options, mode.
 
-  Every array in ``args`` has a leading axis of size ``num_samples``: entry
-  ``s`` is minibatch ``s``. The per-task Jacobian of each minibatch is
-  handed to the rule (leaves ``[num_samples, T, ...]``); the losses returned
-  are the mean over the minibatches.
+  Every refusal of an option that the strategy cannot serve is here, when
+  the step is built (both faces call it), and reads the rule's declared
+  properties (its type, ``num_samples``, ``state_like_params``).
   """
-  num_samples, num_tasks = weighting.num_samples, weighting.num_tasks
-  for leaf in jax.tree.leaves(args):
-    if jnp.shape(leaf)[:1] != (num_samples,):
-      raise ValueError(
-          f"this strategy samples {num_samples} minibatches per step: every "
-          f"data argument needs a leading axis of size {num_samples}, got "
-          f"shape {jnp.shape(leaf)}.")
+  rule, options = step_lib.strategy_parts(strategy)
+  if shared is not None:
+    options = options._replace(shared=shared)
+  base.check_bool("has_aux", has_aux)
+  if gramian_mode not in GRAMIAN_MODES:
+    raise ValueError(
+        f"gramian_mode must be one of {GRAMIAN_MODES}, got {gramian_mode!r}.")
+  if encoder_fn is not None and not callable(encoder_fn):
+    raise ValueError(
+        "encoder_fn must be a callable (params or model, *args) -> "
+        f"representation, or None, got {encoder_fn!r}.")
+  _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis)
+  if isinstance(rule, base.GradientRule):
+    if encoder_fn is not None:
+      _check_gradient_rule_on_representation(rule, axis_name)
+    if rule.num_samples > 1:
+      return rule, options, _sampled
+    return rule, options, (_jacobian if encoder_fn is None
+                           else _representation)
+  if rule.needs is base.Needs.LOSSES:
+    return rule, options, _loss_only
+  if encoder_fn is not None:
+    return rule, options, _representation
+  return rule, options, {"jacobian": _jacobian, "low_memory": _low_memory,
+                         "per_layer": _per_layer}[gramian_mode]
 
-  def one_sample(*sample_args):
-    out, vjp_fn, aux = _vjp(lambda p: task_loss_fn(p, *sample_args),
-                            (params,), has_aux)
-    base.check_task_losses(out, num_tasks)
-    jacobian = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=out.dtype))[0]
-    return devices.mean(out), devices.mean(jacobian), aux
 
-  outs, task_grads, aux = jax.vmap(one_sample)(*args)
-  task_losses = jnp.mean(outs, axis=0)
-  losses32 = jax.lax.stop_gradient(task_losses).astype(jnp.float32)
-  grads, new_state = step_lib.gradients_step(
-      weighting, losses32, state, task_grads,
-      tree_lib.shared_mask(options.shared, params),
-      options.weight_task_specific)
-  if has_aux:
-    return ((task_losses, aux), grads), new_state
-  return (task_losses, grads), new_state
+def _check_gradient_rule_on_representation(rule, axis_name):
+  """Refuses ``encoder_fn`` for the gradient rules that cannot serve it."""
+  if rule.num_samples > 1:
+    raise ValueError(
+        f"{rule.title} samples {rule.num_samples} minibatches per step and "
+        "reads the parameters' gradients: encoder_fn is not supported with "
+        "it. Leave encoder_fn out, or use a weighting that reads the Gramian "
+        "(e.g. optax_mtl.upgrad) with encoder_fn.")
+  if rule.state_like_params:
+    raise ValueError(
+        f"{rule.title} keeps per-task statistics shaped like the params, so "
+        "it cannot read the representation's gradients: use it without "
+        "encoder_fn, or use a weighting that reads the Gramian (e.g. "
+        "optax_mtl.upgrad) with encoder_fn.")
+  if axis_name is not None:
+    # Its per-task representation gradients are per example: each device
+    # holds its own batch's, and the rule (GradDrop's purity, its random
+    # mask, trimmed_mean's per-coordinate order) would act on the local
+    # batch alone, not on what one device would see.
+    raise ValueError(
+        f"{rule.title} transforms the per-task gradients, so it cannot read "
+        "the representation's gradients across devices (encoder_fn with "
+        f"axis_name={axis_name!r}): each device would apply the rule to its "
+        "own batch. Use jax.jit with a sharded batch (no shard_map), or "
+        "leave encoder_fn out (the parameters' gradients are averaged over "
+        "the axis).")
 
 
 def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
@@ -347,45 +252,246 @@ def _check_per_layer(gramian_mode, encoder_fn, axis_name, batch_axis):
         "or use gramian_mode='jacobian'.")
 
 
-def _zero_unless(ok, tree):
-  """``tree`` where ``ok``, zeros (of each leaf's dtype) otherwise."""
-  return jax.tree.map(
-      lambda g: jnp.where(ok, g, jnp.zeros_like(g))
-      if jnp.issubdtype(g.dtype, jnp.inexact) else g, tree)
+def check_output(out: Any, has_aux: bool) -> tuple[Any, Any]:
+  """A loss function's output as ``(task_losses, aux)``, with a clear error.
 
-
-def _checked_output(loss_fn, has_aux):
-  """``loss_fn`` with a clear error when its output does not fit ``has_aux``."""
-
-  def checked(*args):
-    out = loss_fn(*args)
-    if not has_aux and isinstance(out, (tuple, list)):
+  The one check of both faces that the output fits ``has_aux``.
+  """
+  if not has_aux:
+    if isinstance(out, (tuple, list)):
       raise ValueError(
           f"loss_fn returned a {type(out).__name__} of {len(out)} items: "
           "return the per-task losses as one array of shape (num_tasks,), "
           "e.g. jnp.stack([loss_a, loss_b, ...]). If it returns "
           "(task_losses, aux), pass has_aux=True.")
-    if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
-      raise ValueError(
-          "with has_aux=True, loss_fn must return (task_losses, aux), got "
-          f"{type(out).__name__}.")
-    return out
+    return out, None
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    raise ValueError(
+        "with has_aux=True, loss_fn must return (task_losses, aux), got "
+        f"{type(out).__name__}.")
+  return out[0], out[1]
+
+
+def _checked_output(loss_fn, has_aux):
+  """``loss_fn`` with :func:`check_output` on what it returns."""
+
+  def checked(*args):
+    task_losses, aux = check_output(loss_fn(*args), has_aux)
+    return (task_losses, aux) if has_aux else task_losses
 
   return checked
 
 
-def _encoder_vjp(encoder_fn, task_loss_fn, params, args, has_aux):
+# --------------------------------------------------------------------------
+# The modes: each returns (task_losses, aux, prepare, reuse).
+# --------------------------------------------------------------------------
+
+
+class _Context(NamedTuple):
+  """What every mode reads, fixed for one step."""
+
+  rule: step_lib.Rule
+  options: step_lib.StrategyOptions
+  loss_fn: Callable[..., Any]  # Checked and averaged over devices.
+  has_aux: bool
+  devices: "_DeviceAverage"
+  encoder_fn: Optional[Callable[..., Any]]
+  batch_axis: Optional[int]
+
+  @property
+  def num_tasks(self) -> int:
+    return self.rule.num_tasks
+
+
+class _Forward(NamedTuple):
+  """One forward pass: its losses and how to differentiate them."""
+
+  out: jax.Array  # [T], this device's losses.
+  vjp_fn: Callable[[jax.Array], tuple[Any]]  # Loss cotangent → (grads,).
+  aux: Any
+
+  def jacobian(self, devices):
+    """The per-task gradients: one ``vmap`` of the VJP (leaves [T, ...])."""
+    eye = jnp.eye(self.out.shape[0], dtype=self.out.dtype)
+    return devices.mean(jax.vmap(self.vjp_fn)(eye)[0])
+
+
+def _forward(context, params, args) -> _Forward:
+  """The forward pass of the full loss, checked for its shape."""
+  forward = _Forward(*_vjp(lambda p: context.loss_fn(p, *args), (params,),
+                           context.has_aux))
+  base.check_task_losses(forward.out, context.num_tasks)
+  return forward
+
+
+def _backward(context, forward, own_gradients=None):
+  """``weights -> Σ_k w_k ∇L_k`` by one VJP (the task-specific leaves of
+  ``own_gradients`` get ``Σ_k ∇L_k``, a second VJP)."""
+  out, vjp_fn, devices = forward.out, forward.vjp_fn, context.devices
+
+  def weighted(weights):
+    if jnp.finfo(out.dtype).max >= jnp.finfo(jnp.float32).max:
+      return devices.mean(vjp_fn(weights.astype(out.dtype))[0])
+    # float16: weights like 1/L overflow its range (6.5e4), so the VJP runs
+    # with weights scaled to at most 1, and the scale is put back in
+    # float32.
+    scale = jnp.maximum(jnp.max(jnp.abs(weights)), 1.0)
+    scaled = vjp_fn((weights / scale).astype(out.dtype))[0]
+    return devices.mean(jax.tree.map(
+        lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype)
+        if jnp.issubdtype(g.dtype, jnp.inexact) else g, scaled))
+
+  if own_gradients is None or all(jax.tree.leaves(own_gradients)):
+    return weighted
+
+  def with_own_gradients(weights):
+    unweighted = weighted(jnp.ones_like(weights))
+    return jax.tree.map(lambda keep, g, u: g if keep else u, own_gradients,
+                        weighted(weights), unweighted)
+
+  return with_own_gradients
+
+
+def _loss_only(context, params, args):
+  """A loss weighting: the weights are the cotangent of one VJP."""
+  if context.encoder_fn is None:
+    forward = _forward(context, params, args)
+  else:
+    forward = _encoder_forward(context, params, args)[0]
+  backward = _backward(context, forward)
+  return (context.devices.mean(forward.out), forward.aux,
+          lambda: step_lib.RuleCall(None, backward), backward)
+
+
+def _jacobian(context, params, args, forward=None):
+  """The per-task Jacobian, held once: the rule's input and ``Jᵀw``."""
+  forward = forward or _forward(context, params, args)
+  options, devices = context.options, context.devices
+  task_losses = devices.mean(forward.out)
+  if isinstance(context.rule, base.GradientRule):
+    call = lambda: step_lib.RuleCall(
+        lambda: forward.jacobian(devices), lambda update: update,
+        own_gradients=options.own_gradients_mask(params))
+    return task_losses, forward.aux, call, None
+  shared = options.shared_mask(params)
+  own = options.own_gradients_mask(params)
+
+  def prepare():
+    # A task with a non-finite gradient is excluded (zeroed, weight 0).
+    task_grads = forward.jacobian(devices)
+    gradients_valid = tree_lib.finite_tasks(task_grads)
+    task_grads = tree_lib.keep_tasks(task_grads, gradients_valid)
+    return step_lib.RuleCall(
+        lambda: tree_lib.scaled_gramian(task_grads, shared),
+        lambda weights: tree_lib.combine(weights, task_grads, own),
+        gradients_valid)
+
+  return task_losses, forward.aux, prepare, _backward(context, forward, own)
+
+
+def _gramian_then_backward(context, forward, params, gramian_fn):
+  """A Gramian by ``gramian_fn``, then the weights by one VJP."""
+  backward = _backward(context, forward,
+                       context.options.own_gradients_mask(params))
+  return (context.devices.mean(forward.out), forward.aux,
+          lambda: step_lib.RuleCall(gramian_fn, backward), backward)
+
+
+def _low_memory(context, params, args):
+  """Gram-vector products: never holds the Jacobian."""
+  forward = _forward(context, params, args)
+  full_loss = lambda p: context.loss_fn(p, *args)
+  mask = context.options.shared_mask(params)
+  return _gramian_then_backward(
+      context, forward, params, lambda: _low_memory_gramian(
+          full_loss, forward, params, mask, context))
+
+
+def _per_layer(context, params, args):
+  """The Gramian layer by layer (:mod:`per_layer`), where that is cheaper."""
+  linearized = per_layer.linearize(context.loss_fn, params, args,
+                                   context.has_aux,
+                                   batch_axis=context.batch_axis)
+  forward = _Forward(linearized.out, linearized.vjp_fn, linearized.aux)
+  base.check_task_losses(forward.out, context.num_tasks)
+  mask = context.options.shared_mask(params)
+  if not linearized.saves(mask, context.num_tasks):
+    # No layer has a cheaper route (a batch larger than every dense layer
+    # is wide, say): the Jacobian's.
+    return _jacobian(context, params, args, forward)
+  return _gramian_then_backward(
+      context, forward, params,
+      lambda: linearized.gramian(mask, context.num_tasks))
+
+
+def _representation(context, params, args):
+  """``encoder_fn``: the rule reads the representation's gradients."""
+  forward, representation_vjp, split_backward = _encoder_forward(
+      context, params, args)
+  devices, out = context.devices, forward.out
+  eye = jnp.eye(context.num_tasks, dtype=out.dtype)
+  if not isinstance(context.rule, base.GradientRule):
+    gramian_fn = lambda: devices.sum_gramian(tree_lib.gramian(
+        jax.vmap(representation_vjp)(eye)))
+    return _gramian_then_backward(context, forward, params, gramian_fn)
+  # The rule transforms the gradients with respect to the shared
+  # representation; the heads receive their own tasks' gradients (nothing
+  # for a task whose gradient is not finite).
+  representation_grads = jax.vmap(representation_vjp)(eye)
+  kept = tree_lib.finite_tasks(representation_grads).astype(out.dtype)
+  call = lambda: step_lib.RuleCall(
+      lambda: representation_grads,
+      lambda update: devices.mean(split_backward(update, kept)))
+  return devices.mean(out), forward.aux, call, None
+
+
+def _sampled(context, params, args):
+  """A gradient rule that reads ``num_samples`` independent minibatches.
+
+  Every array in ``args`` has a leading axis of size ``num_samples``: entry
+  ``s`` is minibatch ``s``. The per-task Jacobian of each minibatch is
+  handed to the rule (leaves ``[num_samples, T, ...]``); the losses returned
+  are the mean over the minibatches.
+  """
+  num_samples = context.rule.num_samples
+  for leaf in jax.tree.leaves(args):
+    if jnp.shape(leaf)[:1] != (num_samples,):
+      raise ValueError(
+          f"this strategy samples {num_samples} minibatches per step: every "
+          f"data argument needs a leading axis of size {num_samples}, got "
+          f"shape {jnp.shape(leaf)}.")
+
+  def one_sample(*sample_args):
+    forward = _forward(context, params, sample_args)
+    return (context.devices.mean(forward.out),
+            forward.jacobian(context.devices), forward.aux)
+
+  outs, task_grads, aux = jax.vmap(one_sample)(*args)
+  call = lambda: step_lib.RuleCall(
+      lambda: task_grads, lambda update: update,
+      own_gradients=context.options.own_gradients_mask(params))
+  return jnp.mean(outs, axis=0), aux, call, None
+
+
+# --------------------------------------------------------------------------
+# Differentiation helpers.
+# --------------------------------------------------------------------------
+
+
+def _encoder_forward(context, params, args):
   """One forward pass through the encoder, then the heads.
 
-  Returns ``(out, vjp_fn, aux, representation_vjp, split_backward)``:
-  ``vjp_fn`` maps a cotangent of the losses to the full parameter gradient,
-  ``representation_vjp`` to the gradient with respect to the representation,
-  and ``split_backward`` backpropagates a representation cotangent through
-  the encoder and a loss cotangent through the heads.
+  Returns ``(forward, representation_vjp, split_backward)``: ``forward``'s
+  VJP maps a cotangent of the losses to the full parameter gradient,
+  ``representation_vjp`` to the gradient with respect to the
+  representation, and ``split_backward`` backpropagates a representation
+  cotangent through the encoder and a loss cotangent through the heads.
   """
-  representation, encoder_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
-  out, heads_vjp, aux = _vjp(lambda p, z: task_loss_fn(p, z, *args),
-                             (params, representation), has_aux)
+  representation, encoder_vjp = jax.vjp(
+      lambda p: context.encoder_fn(p, *args), params)
+  out, heads_vjp, aux = _vjp(lambda p, z: context.loss_fn(p, z, *args),
+                             (params, representation), context.has_aux)
+  base.check_task_losses(out, context.num_tasks)
 
   def vjp_fn(cotangent):
     params_part, representation_part = heads_vjp(cotangent)
@@ -399,8 +505,8 @@ def _encoder_vjp(encoder_fn, task_loss_fn, params, args, has_aux):
     (encoder_part,) = encoder_vjp(representation_cotangent)
     return jax.tree.map(_add_cotangents, params_part, encoder_part)
 
-  return (out, vjp_fn, aux, lambda cotangent: heads_vjp(cotangent)[1],
-          split_backward)
+  return (_Forward(out, vjp_fn, aux),
+          lambda cotangent: heads_vjp(cotangent)[1], split_backward)
 
 
 def _add_cotangents(a, b):
@@ -409,17 +515,18 @@ def _add_cotangents(a, b):
   return a + b
 
 
-def _low_memory_gramian(full_loss, vjp_fn, params, mask, num_tasks, dtype,
-                        has_aux, devices):
+def _low_memory_gramian(full_loss, forward, params, mask, context):
   """``G = J Jᵀ`` one column at a time: ``g_i = Jᵀe_i``, then ``J g_i``."""
+  dtype, devices = forward.out.dtype, context.devices
+  num_tasks = context.num_tasks
 
   def column(index):
     unit = jax.nn.one_hot(index, num_tasks, dtype=dtype)
-    task_grad = devices.mean(vjp_fn(unit)[0])
+    task_grad = devices.mean(forward.vjp_fn(unit)[0])
     tangent = jax.tree.map(
         lambda g, keep: g if keep or not jnp.issubdtype(g.dtype, jnp.inexact)
         else jnp.zeros_like(g), task_grad, mask)
-    if has_aux:
+    if context.has_aux:
       _, gram_column, _ = jax.jvp(full_loss, (params,), (tangent,),
                                   has_aux=True)
     else:
@@ -442,39 +549,42 @@ def _vjp(fun, primals, has_aux):
   return out, vjp_fn, None
 
 
-def _representation_gramian(representation_vjp, num_tasks, dtype, devices):
-  """Gramian of the per-task gradients w.r.t. the shared representation."""
-  rep_jacobian = jax.vmap(representation_vjp)(jnp.eye(num_tasks, dtype=dtype))
-  return devices.sum_gramian(tree_lib.gramian(rep_jacobian))
-
-
 class _DeviceAverage:
   """Averages over the data axis of ``shard_map`` / ``pmap``, if one is named.
 
-  The global loss is the mean of the devices' local losses. Two regimes:
+  The global loss is the mean of the devices' local losses. Two regimes,
+  told apart when the step starts (from how ``lax.axis_index`` is typed),
+  not while the loss is traced:
 
-  * the local losses are typed as varying over the axis (``shard_map`` with
-    its default ``check_vma=True``): the loss function is wrapped in
-    ``pmean``, so its VJP already yields the global gradients of the
-    replicated parameters (AD sums their cotangents over devices) and
-    nothing is averaged afterwards;
+  * values are typed as varying over the axis (``shard_map`` with its
+    default ``check_vma=True``): a local loss that varies over the axis is
+    ``pmean``-ed inside the loss function, so its VJP already yields the
+    global gradients of the replicated parameters (AD sums their cotangents
+    over devices) and nothing is averaged afterwards;
   * otherwise (``check_vma=False``, ``pmap``): losses, gradients, Jacobians
     and Gramian columns are ``pmean``-ed explicitly after the fact.
   """
 
-  def __init__(self, axis_name):
+  def __init__(self, axis_name: Optional[str], averaged_inside: bool):
     self.axis_name = axis_name
-    self.averaged_inside = False
+    self.averaged_inside = averaged_inside
+
+  @classmethod
+  def inside(cls, axis_name: Optional[str]) -> "_DeviceAverage":
+    """The averaging for a step traced now (inside its ``shard_map``)."""
+    if axis_name is None:
+      return cls(None, False)
+    typed = axis_name in _varying_axes(jax.lax.axis_index(axis_name))
+    return cls(axis_name, typed)
 
   def wrap(self, loss_fn, has_aux):
-    if self.axis_name is None:
+    if not self.averaged_inside:
       return loss_fn
 
     def averaged(*args):
       out = loss_fn(*args)
       losses = out[0] if has_aux else out
       if self.axis_name in _varying_axes(losses):
-        self.averaged_inside = True
         losses = jax.lax.pmean(losses, self.axis_name)
       return (losses, out[1]) if has_aux else losses
 

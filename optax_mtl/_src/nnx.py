@@ -20,29 +20,29 @@ mask that :func:`optax_mtl.with_shared_parameters` takes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
-import warnings
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import engine
-from optax_mtl._src import step as step_lib
 
 
+@deprecation.renamed_arguments({"features_fn": "encoder_fn"})
 def value_and_grad(
     loss_fn: Callable[..., Any],
     strategy: Any,
     *,
-    shared: Any = None,
     has_aux: bool = False,
-    gramian_mode: str = "jacobian",
     encoder_fn: Optional[Callable[..., Any]] = None,
+    shared: Any = None,
+    gramian_mode: str = "jacobian",
     axis_name: Optional[str] = None,
     batch_axis: Optional[int] = None,
-    **deprecated_kwargs: Any,
 ) -> Callable[..., Any]:
   """Makes a training step for a multi-task ``nnx.Module``.
 
@@ -67,17 +67,7 @@ def value_and_grad(
       ``encoder_fn`` it is called as ``loss_fn(model, features, *args)`` and
       computes the losses from the shared features.
     strategy: an optax_mtl strategy, e.g. ``optax_mtl.upgrad(num_tasks=3)``.
-    shared: an NNX filter selecting the parameters all tasks share, e.g.
-      ``nnx.PathContains("trunk")``, a ``Variable`` type, ``nnx.All(...)``,
-      ``nnx.Any(...)``, ``nnx.Not(...)`` or ``(path, variable) -> bool``.
-      Strategies that read the Gramian then measure it on these parameters
-      only, and every other parameter receives its own task's gradient. None
-      keeps the strategy's own declaration (every parameter is shared unless
-      :func:`optax_mtl.with_shared_parameters` says otherwise).
     has_aux: whether ``loss_fn`` returns ``(task_losses, aux)``.
-    gramian_mode: ``"jacobian"``, ``"low_memory"`` or ``"per_layer"``, as
-      in :func:`optax_mtl.value_and_grad` (``"per_layer"`` finds the
-      model's dense layers in the traced program: the model is unchanged).
     encoder_fn: optional ``encoder_fn(model, *args) -> features``, the
       shared trunk's output (any pytree of arrays). When given, strategies
       that read the Gramian read it on the gradients of the losses with
@@ -90,6 +80,16 @@ def value_and_grad(
       floating-point state (BatchNorm) but not a Dropout stream (a clear
       ``ValueError`` says so). Formerly ``features_fn``, still accepted
       with a ``DeprecationWarning``.
+    shared: an NNX filter selecting the parameters all tasks share, e.g.
+      ``nnx.PathContains("trunk")``, a ``Variable`` type, ``nnx.All(...)``,
+      ``nnx.Any(...)``, ``nnx.Not(...)`` or ``(path, variable) -> bool``.
+      Strategies that read the Gramian then measure it on these parameters
+      only, and every other parameter receives its own task's gradient. None
+      keeps the strategy's own declaration (every parameter is shared unless
+      :func:`optax_mtl.with_shared_parameters` says otherwise).
+    gramian_mode: ``"jacobian"``, ``"low_memory"`` or ``"per_layer"``, as
+      in :func:`optax_mtl.value_and_grad` (``"per_layer"`` finds the
+      model's dense layers in the traced program: the model is unchanged).
     axis_name: inside ``shard_map`` / ``pmap``, the name of the data axis,
       as in :func:`optax_mtl.value_and_grad`.
     batch_axis: instance-wise objectives (``loss_fn`` returns one loss per
@@ -135,67 +135,34 @@ def value_and_grad(
     >>> [round(v, 2) for v in model.norm.var[...].tolist()]  # Updated.
     [0.99, 0.99, 0.99, 0.99]
   """
-  has_aux = base.check_bool("has_aux", has_aux)
   if shared is not None:
     _check_filter("shared", shared)
-  features_fn = _encoder_argument(encoder_fn, deprecated_kwargs)
-  if features_fn is not None and not callable(features_fn):
-    raise ValueError(
-        f"encoder_fn must be a callable (model, *args) -> features, got "
-        f"{features_fn!r}.")
-  # The engine validates the strategy and the options now, not at the first
+  # Every option is checked now, as the engine checks it, not at the first
   # step.
-  engine_options = dict(gramian_mode=gramian_mode, axis_name=axis_name,
-                        batch_axis=batch_axis)
-  engine.value_and_grad(
-      _unused_loss, strategy, True,
-      encoder_fn=None if features_fn is None else _unused_loss,
-      **engine_options)
-  weighting = step_lib.strategy_parts(strategy)[0]
-  num_samples = weighting.num_samples
-  needs_gradients = weighting.needs is base.Needs.GRADIENTS
+  rule = engine.build(strategy, has_aux=has_aux, encoder_fn=encoder_fn,
+                      gramian_mode=gramian_mode, axis_name=axis_name,
+                      batch_axis=batch_axis)[0]
+  engine_options = dict(has_aux=True, gramian_mode=gramian_mode,
+                        axis_name=axis_name, batch_axis=batch_axis)
+  model_functions = functools.partial(
+      _pure_functions, loss_fn, has_aux, encoder_fn,
+      isinstance(rule, base.GradientRule))
 
   def step(model, strategy_state, *args):
     _check_model(model)
     _check_args(args)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = nnx.as_pure(rest)
-    mask = None if shared is None else _mask(params, shared)
-
     # The data goes through the engine (a strategy that samples several
     # minibatches maps over it); the model's state is closed over.
-    if features_fn is None:
-      def pure_loss(pure_params, *args):
-        copy = nnx.merge(graphdef, pure_params, rest)
-        task_losses, aux = _call(loss_fn, has_aux, copy, *args)
-        return task_losses, (aux, _non_params(copy))
-      encoder_fn = None
-    else:
-      # The representation carries the non-parameter state that the trunk
-      # changed, so the heads run on a model with the trunk's updates. That
-      # state does not enter the loss differentiably (stop_gradient): it
-      # adds zeros to the Gramian.
-      def encoder_fn(pure_params, *args):
-        copy = nnx.merge(graphdef, pure_params, rest)
-        features = features_fn(copy, *args)
-        trunk_updates = _changed(rest, _non_params(copy))
-        if needs_gradients:
-          _check_representation_state(trunk_updates)
-        return features, _stop_gradient(trunk_updates)
-
-      def pure_loss(pure_params, representation, *args):
-        features, trunk_updates = representation
-        copy = nnx.merge(graphdef, pure_params, rest)
-        nnx.update(copy, _stop_gradient(trunk_updates))
-        task_losses, aux = _call(loss_fn, has_aux, copy, features, *args)
-        return task_losses, (aux, _non_params(copy))
-
+    pure_loss, pure_encoder = model_functions(graphdef, rest)
     engine_step = engine.value_and_grad(
-        pure_loss, strategy, True, shared=mask, encoder_fn=encoder_fn,
+        pure_loss, strategy, encoder_fn=pure_encoder,
+        shared=None if shared is None else _mask(params, shared),
         **engine_options)
     ((task_losses, (aux, new_rest)), pure_grads), new_state = engine_step(
         nnx.as_pure(params), nnx.as_pure(strategy_state), *args)
-    if num_samples > 1:
+    if rule.num_samples > 1:
       new_rest = _merge_samples(new_rest)
     nnx.update(model, new_rest)
     grads = _as_variables(params, pure_grads)
@@ -204,6 +171,43 @@ def value_and_grad(
     return (task_losses, grads), new_state
 
   return step
+
+
+def _pure_functions(loss_fn, has_aux, encoder_fn, reads_gradients, graphdef,
+                    rest):
+  """The engine's ``(loss_fn, encoder_fn)``: pure functions of the params.
+
+  Each rebuilds a private copy of the model and returns, beside the losses,
+  ``(aux, the copy's non-parameter state)``.
+  """
+  if encoder_fn is None:
+    def pure_loss(pure_params, *args):
+      copy = nnx.merge(graphdef, pure_params, rest)
+      task_losses, aux = engine.check_output(loss_fn(copy, *args), has_aux)
+      return task_losses, (aux, _non_params(copy))
+    return pure_loss, None
+
+  # The representation carries the non-parameter state that the trunk
+  # changed, so the heads run on a model with the trunk's updates. That
+  # state does not enter the loss differentiably (stop_gradient): it adds
+  # zeros to the Gramian.
+  def pure_encoder(pure_params, *args):
+    copy = nnx.merge(graphdef, pure_params, rest)
+    features = encoder_fn(copy, *args)
+    trunk_updates = _changed(rest, _non_params(copy))
+    if reads_gradients:
+      _check_representation_state(trunk_updates)
+    return features, _stop_gradient(trunk_updates)
+
+  def pure_loss(pure_params, representation, *args):
+    features, trunk_updates = representation
+    copy = nnx.merge(graphdef, pure_params, rest)
+    nnx.update(copy, _stop_gradient(trunk_updates))
+    task_losses, aux = engine.check_output(
+        loss_fn(copy, features, *args), has_aux)
+    return task_losses, (aux, _non_params(copy))
+
+  return pure_loss, pure_encoder
 
 
 def value_and_jacobian(
@@ -258,7 +262,7 @@ def value_and_jacobian(
 
     def pure_loss(pure_params):
       copy = nnx.merge(graphdef, pure_params, rest)
-      task_losses, aux = _call(loss_fn, has_aux, copy, *args)
+      task_losses, aux = engine.check_output(loss_fn(copy, *args), has_aux)
       if jnp.ndim(task_losses) != 1:
         raise ValueError(
             "loss_fn must return the per-task losses, shape (num_tasks,), "
@@ -321,29 +325,6 @@ def shared_mask(model: Any, shared: Any) -> Any:
 # --------------------------------------------------------------------------
 # Helpers.
 # --------------------------------------------------------------------------
-
-
-def _unused_loss(params, *args):
-  del args
-  return params
-
-
-def _call(loss_fn, has_aux, *args):
-  """``loss_fn(*args)`` as ``(task_losses, aux)``, with a clear error."""
-  out = loss_fn(*args)
-  if has_aux:
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-      raise ValueError(
-          "with has_aux=True, loss_fn must return (task_losses, aux), got "
-          f"{type(out).__name__}.")
-    return out[0], out[1]
-  if isinstance(out, (tuple, list)):
-    raise ValueError(
-        f"loss_fn returned a {type(out).__name__} of {len(out)} items: "
-        "return the per-task losses as one array of shape (num_tasks,), "
-        "e.g. jnp.stack([loss_a, loss_b, ...]). If it returns "
-        "(task_losses, aux), pass has_aux=True.")
-  return out, None
 
 
 def _non_params(model):
@@ -418,24 +399,6 @@ def _mask(params, shared):
         f"shared={shared!r} selects no nnx.Param of the model{hint}; its "
         f"parameters are {paths[:8]}{' ...' if len(paths) > 8 else ''}.")
   return mask
-
-
-def _encoder_argument(encoder_fn, deprecated_kwargs):
-  """``encoder_fn``, or the deprecated ``features_fn`` (with a warning)."""
-  unknown = set(deprecated_kwargs) - {"features_fn"}
-  if unknown:
-    raise TypeError(
-        f"value_and_grad() got an unexpected keyword argument "
-        f"{sorted(unknown)[0]!r}.")
-  if "features_fn" not in deprecated_kwargs:
-    return encoder_fn
-  warnings.warn(
-      "optax_mtl.nnx.value_and_grad(features_fn=...) is deprecated: pass "
-      "encoder_fn=... (the same function, and the name "
-      "optax_mtl.value_and_grad takes).", DeprecationWarning, stacklevel=3)
-  if encoder_fn is not None:
-    raise ValueError("pass encoder_fn only, not features_fn as well.")
-  return deprecated_kwargs["features_fn"]
 
 
 def _check_filter(name, value):

@@ -109,6 +109,6 @@ def db_mtl(
         weights=(scales / (task_losses + eps)).astype(jnp.float32),
         gradient_averages=averages, num_steps=num_steps)
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=True))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=True, state_like_params=True, name="db_mtl"))

@@ -140,6 +140,7 @@ def excess_mtl(
         initial_excess_risks=initial,
         num_steps=optax.safe_increment(state.num_steps))
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=False))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=False, state_like_params=True,
+      name="excess_mtl"))

@@ -98,13 +98,13 @@ class _FamoRule:
       update_ok = finite
     # An excluded task's term in c is its last accepted loss.
     losses = jnp.where(valid, task_losses, state.previous_losses)
-    weights = self.weights(logits, losses)
-    weights = jnp.where(update_ok & above_bounds, weights, jnp.nan)
-    return weights, state._replace(
+    new_state = state._replace(
         logits=logits, logits_optimizer=optimizer_state,
         previous_losses=losses.astype(jnp.float32),
         has_previous_losses=(state.has_previous_losses | valid
                              if not self.remeasured else valid))
+    # A failed logits step or a loss below its bound rejects the step.
+    return self.weights(logits, losses), new_state, update_ok & above_bounds
 
   def update_logits(self, state, next_task_losses):
     """The re-measured variant's logits update (see famo_update_logits)."""

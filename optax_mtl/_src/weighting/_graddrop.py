@@ -116,9 +116,9 @@ def graddrop(
                for leaf, leaf_key in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, dropped), state._replace(key=next_key)
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=False))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=False, name="graddrop"))
 
 
 def _drop_leaf(task_grads, key, leaks, purity_fn, batch_axis):

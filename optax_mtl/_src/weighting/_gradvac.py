@@ -214,6 +214,7 @@ def gradvac(
         gradient_cosines=tree_lib.cosine_matrix(sum(gramians)).astype(
             jnp.float32))
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init_per_leaf,
-      rule=rule_per_leaf, requires_positive_losses=False))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init_per_leaf, rule=rule_per_leaf,
+      requires_positive_losses=False, state_like_params=True,
+      name="gradvac(groups='leaf')"))

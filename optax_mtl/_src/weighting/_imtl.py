@@ -123,9 +123,9 @@ def imtl(
     loss_scales, optimizer_state, finite = _imtl_l.step_loss_scales(
         transformation, state.loss_scales, state.scales_optimizer,
         task_losses)
-    weights = jnp.where(finite, weights, jnp.nan)
+    # A scales step that overflowed rejects the step.
     return weights, state._replace(loss_scales=loss_scales,
-                                   scales_optimizer=optimizer_state)
+                                   scales_optimizer=optimizer_state), finite
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

@@ -178,9 +178,9 @@ def imtl_l(
     finite = (jnp.all(jnp.isfinite(loss_scales))
               & jnp.all(jnp.isfinite(jnp.exp(loss_scales)))
               & step.all_finite(optimizer_state))
-    weights = jnp.where(finite, weights, jnp.nan)
+    # A scales step that overflowed rejects the step.
     return weights, state._replace(loss_scales=loss_scales,
-                                   scales_optimizer=optimizer_state)
+                                   scales_optimizer=optimizer_state), finite
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,

@@ -147,6 +147,7 @@ def moco(
         tracked_gradients=tracked,
         num_steps=num_steps)
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=gradient_normalization == "loss"))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=gradient_normalization == "loss",
+      state_like_params=True, name="moco"))

@@ -94,6 +94,6 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
     update = _double_sampling.combine_sample(lambdas, task_grads, 2)
     return update, state._replace(weights=lambdas.astype(state.weights.dtype))
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=False, num_samples=3))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=False, num_samples=3, name="modo"))

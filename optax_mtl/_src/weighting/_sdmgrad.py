@@ -106,6 +106,6 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
     update = _double_sampling.combine_sample(combined, task_grads, 2)
     return update, state._replace(weights=weights.astype(state.weights.dtype))
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=False, num_samples=3))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=False, num_samples=3, name="sdmgrad"))

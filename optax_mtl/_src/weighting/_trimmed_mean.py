@@ -87,6 +87,6 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1) -> base.MultiTaskStrategy
     return jnp.mean(kept.astype(jnp.promote_types(leaf.dtype, jnp.float32)),
                     axis=0).astype(leaf.dtype)
 
-  return step.as_gradient_transformation(base.Weighting(
-      num_tasks=num_tasks, needs=base.Needs.GRADIENTS, init=init, rule=rule,
-      requires_positive_losses=False))
+  return step.as_gradient_transformation(base.GradientRule(
+      num_tasks=num_tasks, init=init, rule=rule,
+      requires_positive_losses=False, name="trimmed_mean"))

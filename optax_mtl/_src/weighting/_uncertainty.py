@@ -176,10 +176,9 @@ def uncertainty(
     new_log_variances = log_variances - learning_rate * jnp.where(
         valid, direction, 0.0)
     # Only an absurd learning rate can overflow s: reject such a step.
-    weights = jnp.where(jnp.all(jnp.isfinite(new_log_variances)),
-                        applied_weights(log_variances), jnp.nan)
-    return weights, state._replace(log_variances=new_log_variances,
-                                   adam=adam_state)
+    return applied_weights(log_variances), state._replace(
+        log_variances=new_log_variances, adam=adam_state), jnp.all(
+            jnp.isfinite(new_log_variances))
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
