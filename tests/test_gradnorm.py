@@ -76,7 +76,7 @@ def test_scripted_sequence_matches_reference(alpha, learning_rate):
     assert np.all(np.asarray(state.loss_weights) > 0)
   np.testing.assert_allclose(state.loss_weights, expected_final, rtol=1e-4)
   np.testing.assert_allclose(state.initial_losses, losses[0])
-  assert int(state.num_updates) == NUM_STEPS
+  assert int(state.num_steps) == NUM_STEPS
 
 
 def test_value_and_grad_face_with_a_filter_matches_reference():
@@ -133,7 +133,7 @@ def test_rejected_steps_learn_nothing_and_initial_losses_are_the_first_accepted(
   bad = np.array([1.0, -1.0, 1.0], np.float32)
   _, state = update(jnp.asarray(jacobians[0]), state,
                     task_losses=jnp.asarray(bad))
-  assert int(state.num_skipped) == 1 and int(state.num_updates) == 0
+  assert int(state.num_skipped) == 1 and int(state.num_steps) == 0
   np.testing.assert_array_equal(state.loss_weights, np.ones(NUM_TASKS))
   for jacobian, loss in zip(jacobians[1:], losses[1:]):
     _, state = update(jnp.asarray(jacobian), state,
@@ -165,3 +165,10 @@ def test_zero_and_duplicated_gradients_keep_finite_weights():
                               "min_weight")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.gradnorm, kwargs, message)
+
+
+def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
+  """0.1 named ``GradnormState.num_steps`` ``num_updates``."""
+  state = optax_mtl.gradnorm(NUM_TASKS).init(None)
+  with pytest.warns(DeprecationWarning, match="GradnormState.num_steps"):
+    assert state.num_updates is state.num_steps

@@ -46,7 +46,7 @@ def test_ratios_and_dwa_factors_match_period_means(steps_per_period):
       np.testing.assert_array_equal(factors[step], np.ones(NUM_TASKS))
   np.testing.assert_array_equal(final.num_periods,
                                 [len(losses) // steps_per_period] * NUM_TASKS)
-  np.testing.assert_array_equal(final.steps_in_period,
+  np.testing.assert_array_equal(final.num_period_steps,
                                 [len(losses) % steps_per_period] * NUM_TASKS)
 
 
@@ -106,3 +106,10 @@ def test_masked_normalisation_keeps_the_sum_and_the_excluded_weight():
       log_weights, jnp.array([True] * 3), previous)
   np.testing.assert_array_equal(all_valid,
                                 _loss_history.normalized_weights(log_weights))
+
+
+def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
+  """0.1 named ``LossRatioState.num_period_steps`` ``steps_in_period``."""
+  state = _loss_history.init_loss_ratios(3)
+  with pytest.warns(DeprecationWarning, match="LossRatioState.num_period"):
+    assert state.steps_in_period is state.num_period_steps

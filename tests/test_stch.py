@@ -268,3 +268,10 @@ def test_negative_reference_point_allowed_for_raw_losses():
   expected, _, _ = reference_run([[0.0, -0.5, 2.0]], reference_point=-1.0,
                                  log_losses=False, warmup_epochs=0)
   np.testing.assert_allclose(state.weights, expected[0], rtol=1e-5)
+
+
+def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
+  """0.1 named ``StchState.num_nadir_losses`` ``nadir_counts``."""
+  state = optax_mtl.stch(NUM_TASKS).init(None)
+  with pytest.warns(DeprecationWarning, match="StchState.num_nadir_losses"):
+    assert state.nadir_counts is state.num_nadir_losses

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import solvers
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _stch
 
@@ -32,16 +33,17 @@ def cosmos_weights(task_losses: chex.Array, preference: chex.Array,
   """
   losses = task_losses
   # ‖L‖ as m ‖L / m‖ (m = max |L_k|): no overflow or underflow of L².
+  # At L = 0 every quotient below is 0 (solvers.safe_divide): no penalty.
   largest = jnp.max(jnp.abs(losses))
-  safe_largest = jnp.where(largest > 0, largest, 1)
-  unit = losses / safe_largest  # L / m, of norm in [1, √T].
+  unit = solvers.safe_divide(losses, largest)  # L / m, of norm in [1, √T].
   unit_norm = jnp.sqrt(jnp.sum(unit**2))
   preference_norm = jnp.sqrt(jnp.sum(preference**2))
-  cosine = jnp.sum(preference * unit) / (preference_norm * unit_norm)
+  cosine = solvers.safe_divide(jnp.sum(preference * unit),
+                               preference_norm * unit_norm)
   # ∂ cos(r, L) / ∂L = (r / ‖r‖ − cos · L / ‖L‖) / ‖L‖.
-  direction = preference / preference_norm - cosine * unit / unit_norm
-  cosine_gradient = direction / (unit_norm * safe_largest)
-  cosine_gradient = jnp.where(largest > 0, cosine_gradient, 0)
+  direction = (preference / preference_norm
+               - solvers.safe_divide(cosine * unit, unit_norm))
+  cosine_gradient = solvers.safe_divide(direction, unit_norm * largest)
   return preference - jnp.asarray(penalty, losses.dtype) * cosine_gradient
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
+from optax_mtl._src import solvers
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
@@ -21,8 +23,10 @@ class GradnormState(NamedTuple):
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   loss_weights: chex.Array  # f32[T], learnt weights w(t+1), applied next.
   initial_losses: chex.Array  # f32[T], L_i(0), the first accepted losses.
-  num_updates: chex.Array  # i32[], accepted weight updates so far.
+  num_steps: chex.Array  # i32[], accepted weight updates so far.
   gradnorm_loss: chex.Array  # f32[], L_grad of the last accepted step.
+
+  num_updates = deprecation.renamed_field("num_steps")  # 0.1 name.
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -38,7 +42,7 @@ def _gradnorm_step(loss_weights, task_losses, initial_losses, gramian, alpha,
   ``L_grad`` saturate at the float32 maximum.
   """
   num_tasks = loss_weights.shape[0]
-  norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0.0))  # ‖∇_W L_i‖.
+  norms = solvers.gradient_norms(gramian)  # ‖∇_W L_i‖.
   weighted_norms = loss_weights * norms  # G_W^{(i)}.
   log_ratios = (_loss_history.log_positive(task_losses)
                 - _loss_history.log_positive(initial_losses))  # log L̃_i.
@@ -138,11 +142,11 @@ def gradnorm(
         **base.common_state_fields(num_tasks, gramian=True, gradients=True),
         loss_weights=jnp.ones((num_tasks,), jnp.float32),
         initial_losses=jnp.ones((num_tasks,), jnp.float32),
-        num_updates=jnp.zeros([], jnp.int32),
+        num_steps=jnp.zeros([], jnp.int32),
         gradnorm_loss=jnp.zeros([], jnp.float32))
 
   def rule(task_losses, state, gramian):
-    initial_losses = jnp.where(state.num_updates == 0, task_losses,
+    initial_losses = jnp.where(state.num_steps == 0, task_losses,
                                state.initial_losses)
     applied = state.loss_weights
     new_weights, gradnorm_loss = _gradnorm_step(
@@ -151,7 +155,7 @@ def gradnorm(
     return applied, state._replace(
         loss_weights=new_weights,
         initial_losses=initial_losses,
-        num_updates=optax.safe_increment(state.num_updates),
+        num_steps=optax.safe_increment(state.num_steps),
         gradnorm_loss=gradnorm_loss)
 
   return step.as_gradient_transformation(base.Weighting(

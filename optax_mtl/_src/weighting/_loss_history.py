@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 
 # The largest weight (and loss ratio) any loss-weighting strategy returns,
@@ -181,16 +182,18 @@ class LossRatioState(NamedTuple):
 
   period_mean: chex.Array  # f32[T], running mean of the current period.
   # i32[T], each task's accepted losses in its current period.
-  steps_in_period: chex.Array
+  num_period_steps: chex.Array
   last_mean: chex.Array  # f32[T], mean losses of the last period, L(t−1).
   before_last_mean: chex.Array  # f32[T], of the period before, L(t−2).
   num_periods: chex.Array  # i32[T], complete periods so far (saturates).
+
+  steps_in_period = deprecation.renamed_field("num_period_steps")  # 0.1.
 
 
 def init_loss_ratios(num_tasks: int) -> LossRatioState:
   return LossRatioState(
       period_mean=jnp.zeros((num_tasks,), jnp.float32),
-      steps_in_period=jnp.zeros((num_tasks,), jnp.int32),
+      num_period_steps=jnp.zeros((num_tasks,), jnp.int32),
       last_mean=jnp.ones((num_tasks,), jnp.float32),
       before_last_mean=jnp.ones((num_tasks,), jnp.float32),
       num_periods=jnp.zeros((num_tasks,), jnp.int32))
@@ -231,18 +234,18 @@ def record_losses(
   previous one ``L(t−2)``. With ``steps_per_period=1`` every step is a
   period: ``L(t−1)`` is the task's previous accepted loss.
   """
-  steps = state.steps_in_period + 1
+  steps = state.num_period_steps + 1
   # A running mean: accurate in float32 even over long epochs.
   mean = state.period_mean + (task_losses - state.period_mean) / steps
   if valid is not None:
-    steps = jnp.where(valid, steps, state.steps_in_period)
+    steps = jnp.where(valid, steps, state.num_period_steps)
     mean = jnp.where(valid, mean, state.period_mean)
   complete = steps >= steps_per_period
   if valid is not None:
     complete &= valid
   return LossRatioState(
       period_mean=jnp.where(complete, 0.0, mean).astype(jnp.float32),
-      steps_in_period=jnp.where(complete, 0, steps).astype(jnp.int32),
+      num_period_steps=jnp.where(complete, 0, steps).astype(jnp.int32),
       last_mean=jnp.where(complete, mean, state.last_mean).astype(jnp.float32),
       before_last_mean=jnp.where(complete, state.last_mean,
                                  state.before_last_mean).astype(jnp.float32),

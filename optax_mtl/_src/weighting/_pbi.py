@@ -46,10 +46,8 @@ def pbi_weights(task_losses: chex.Array, direction: chex.Array,
   largest = jnp.max(jnp.abs(across))
   on_line = largest <= solvers.resolve_cutoff(
       task_losses.dtype, task_losses.shape[0], jnp.sum(jnp.abs(shifted)))
-  safe_largest = jnp.where(on_line, 1, largest)
-  unit = across / safe_largest
-  norm = jnp.sqrt(jnp.sum(unit**2))
-  unit = jnp.where(on_line, 0, unit / jnp.where(on_line, 1, norm))
+  unit = solvers.safe_divide(across, jnp.where(on_line, 0, largest))
+  unit = solvers.safe_divide(unit, jnp.sqrt(jnp.sum(unit**2)))
   return direction + jnp.asarray(theta, task_losses.dtype) * unit
 
 
@@ -57,7 +55,6 @@ def pbi(
     num_tasks: int,
     theta: float = 5.0,
     preference: Optional[Sequence[float]] = None,
-    *,
     reference_point: Union[None, float, Sequence[float]] = 0.0,
 ) -> base.MultiTaskStrategy:
   r"""PBI: MOEA/D's penalty-based boundary intersection (its gradient).

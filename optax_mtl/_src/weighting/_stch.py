@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 
 
@@ -22,21 +23,23 @@ class StchState(NamedTuple):
   # f32[T], the reference point z in loss units: the given one, or the mean
   # of the task's valid losses of the nadir epoch so far (ones until then).
   reference_point: chex.Array
-  nadir_counts: chex.Array  # i32[T], the valid losses in that mean.
+  num_nadir_losses: chex.Array  # i32[T], the valid losses in that mean.
   # f32[T], λ_k (f_k − z_k) / μ at the task's last accepted loss (0 at
   # init): an excluded task's term in the softmax.
   scaled_gaps: chex.Array
+
+  nadir_counts = deprecation.renamed_field("num_nadir_losses")  # 0.1 name.
 
 
 def stch(
     num_tasks: int,
     mu: float = 1.0,
     preference: Optional[Sequence[float]] = None,
+    reference_point: Union[None, float, Sequence[float]] = None,
     *,
+    log_losses: bool = True,
     warmup_epochs: int = 4,
     steps_per_epoch: Optional[int] = None,
-    reference_point: Union[None, float, Sequence[float]] = None,
-    log_losses: bool = True,
 ) -> base.MultiTaskStrategy:
   r"""STCH: weights from the smooth Tchebycheff scalarization of the losses.
 
@@ -97,13 +100,13 @@ def stch(
     mu: the smoothing parameter :math:`\mu > 0` (small: close to the max).
     preference: None, or T non-negative numbers :math:`\lambda`, not all
       zero.
-    warmup_epochs: epochs (an integer ``>= 0``) trained on
-      :math:`\sum_k f_k` before the nadir epoch.
-    steps_per_epoch: the number of accepted steps per epoch, or None (one).
     reference_point: None (estimated), or the reference point in loss units:
       a number or T numbers (positive when ``log_losses``).
     log_losses: whether the objectives are :math:`\log L_k` (authors' code)
       or :math:`L_k`.
+    warmup_epochs: epochs (an integer ``>= 0``) trained on
+      :math:`\sum_k f_k` before the nadir epoch.
+    steps_per_epoch: the number of accepted steps per epoch, or None (one).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -148,7 +151,7 @@ def stch(
         **base.common_state_fields(num_tasks, per_task=True),
         num_steps=jnp.zeros([], jnp.int32),
         reference_point=jnp.asarray(point),
-        nadir_counts=jnp.zeros((num_tasks,), jnp.int32),
+        num_nadir_losses=jnp.zeros((num_tasks,), jnp.int32),
         scaled_gaps=jnp.zeros((num_tasks,), jnp.float32))
 
   def objective(losses):
@@ -164,8 +167,8 @@ def stch(
     in_nadir_epoch = after_warmup & (index < warmup_steps + nadir_steps)
     # A task with no valid loss in the nadir epoch takes its first one.
     collecting = valid & (in_nadir_epoch | (
-        after_warmup & (state.nadir_counts == 0) & (nadir_steps > 0)))
-    counts = state.nadir_counts + collecting.astype(jnp.int32)
+        after_warmup & (state.num_nadir_losses == 0) & (nadir_steps > 0)))
+    counts = state.num_nadir_losses + collecting.astype(jnp.int32)
     # The running mean of the task's valid losses (the first one replaces
     # the initial ones).
     running_mean = jnp.where(
@@ -191,7 +194,7 @@ def stch(
     return weights, state._replace(
         num_steps=optax.safe_increment(state.num_steps),
         reference_point=reference.astype(jnp.float32),
-        nadir_counts=counts,
+        num_nadir_losses=counts,
         scaled_gaps=gaps.astype(jnp.float32))
 
   return step.as_gradient_transformation(base.Weighting(
