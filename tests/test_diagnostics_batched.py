@@ -1,9 +1,9 @@
-"""optax_mtl.diagnostics of a batched state (review D13).
+"""optax_mtl.diagnostics of a batched state.
 
 An ensemble or seed sweep run under ``jax.vmap`` has states whose fields
-carry a leading run axis. ``diagnostics`` of such a state used to read the
+carry a leading run axis. ``diagnostics`` of such a state never reads the
 number of runs as the number of tasks (mislabelled keys, values that are not
-scalars); it now raises a ValueError that says to vmap it, and
+scalars): it raises a ValueError that says to vmap it, and
 ``jax.vmap(optax_mtl.diagnostics)`` gives, under the keys of one run, one
 value per run: the value ``diagnostics`` gives for that run alone.
 """

@@ -3,7 +3,7 @@
 Under every strategy that reads the per-task gradients (the Gramian and the
 per-task-gradient ones), a task whose gradient holds a NaN or inf is left
 out of that step as if its gradient were zero, the step goes on for the
-others, and ``num_rejected_gradients[k]`` counts it (issue 23, item 4).
+others, and ``num_rejected_gradients[k]`` counts it.
 The property over every strategy is
 ``check_non_finite_gradient_excludes_its_task`` in tests/properties.py.
 """

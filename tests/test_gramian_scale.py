@@ -404,7 +404,8 @@ def test_float64_update_end_to_end(name):
 
 
 # --------------------------------------------------------------------------
-# The products behind the Gramian, scaled by a power of two (R1).
+# The products behind the Gramian, scaled by a power of two, so that
+# gradients of 1e-20 give a Gramian within float32's normal range.
 # --------------------------------------------------------------------------
 
 
@@ -433,7 +434,7 @@ def test_scaled_gramian_is_the_gramian_divided_by_a_power_of_four(scale):
 
 @pytest.mark.parametrize("name", ["db_mtl", "sdmgrad", "moco"])
 def test_float32_gradient_rules_below_the_products_range(name):
-  """Per-task norms and cross-Gramians of gradients of 1e-20 (rel_R1).
+  """Per-task norms and cross-Gramians of gradients of 1e-20.
 
   db_mtl's and sdmgrad's updates are linear in a common scale of the
   gradients; moco's with gradients normalised to the losses does not

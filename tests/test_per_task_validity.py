@@ -1,11 +1,12 @@
-"""A bad loss of one task excludes that task only (issue 11, item 3).
+"""A bad loss of one task excludes that task only.
 
 Per-task strategies (``Weighting.per_task``, declared ``per_task`` in
 tests/strategies.py) go on with the other tasks when one task's loss is
-zero, negative or non-finite; the rest reject the step as before. The
+zero, negative or non-finite; the rest reject the whole step. The
 generic property (every per-task strategy) is ``check_per_task`` in
-tests/properties.py; here are the end-to-end cases of the newcomer review
-(finding 4), the guard's own rules and the declarations.
+tests/properties.py; here are end-to-end cases (a task whose loss goes
+negative, a masked task with loss 0), the guard's own rules and the
+declarations.
 """
 
 from typing import NamedTuple
@@ -51,9 +52,9 @@ def _two_task_problem():
   return params, inputs, losses_fn
 
 
-def test_negative_loss_of_one_task_no_longer_freezes_loss_ema():
-  """The review's repro: a Gaussian-NLL-like task (loss shifted below 0)
-  used to keep weights [1, 1] and num_skipped = 5 for ever."""
+def test_negative_loss_of_one_task_excludes_that_task_only():
+  """A Gaussian-NLL-like task (loss shifted below 0) is excluded at every
+  step and counted; the other task is weighted and no step is skipped."""
   params, inputs, losses_fn = _two_task_problem()
 
   def nll(params, inputs):
@@ -190,14 +191,20 @@ def test_per_task_rule_gets_the_mask_and_harmless_losses():
   assert int(state.num_skipped) == 0
 
 
-def test_a_non_finite_gradient_excludes_its_task_only():
+def _second_step(task_grads, task_losses):
+  """After a clean first step (I, losses [1, 2]): the state it left, and the
+  update and state of a second step on ``task_grads`` and ``task_losses``."""
   strategy = _inverse_loss_on_gramian(2)
-  state = strategy.init(None)
-  _, state = strategy.update(jnp.eye(2), state,
+  _, state = strategy.update(jnp.eye(2), strategy.init(None),
                              task_losses=jnp.array([1.0, 2.0]))
-  update, new_state = strategy.update(
-      jnp.array([[jnp.nan, 0.0], [0.0, 2.0]]), state,
-      task_losses=jnp.array([1.0, 2.0]))
+  update, new_state = strategy.update(jnp.array(task_grads), state,
+                                      task_losses=jnp.array(task_losses))
+  return state, update, new_state
+
+
+def test_a_non_finite_gradient_excludes_its_task_only():
+  _, update, new_state = _second_step([[jnp.nan, 0.0], [0.0, 2.0]],
+                                      [1.0, 2.0])
   # Task 0: weight 0 in the update, its previous weight kept in the state;
   # task 1: 4 / 2.
   np.testing.assert_array_equal(update, [0.0, 4.0])
@@ -207,13 +214,8 @@ def test_a_non_finite_gradient_excludes_its_task_only():
 
 
 def test_a_step_without_a_usable_task_is_rejected_as_a_whole():
-  strategy = _inverse_loss_on_gramian(2)
-  state = strategy.init(None)
-  _, state = strategy.update(jnp.eye(2), state,
-                             task_losses=jnp.array([1.0, 2.0]))
-  _, new_state = strategy.update(
-      jnp.array([[jnp.nan, 0.0], [0.0, 1.0]]), state,
-      task_losses=jnp.array([1.0, -2.0]))
+  state, _, new_state = _second_step([[jnp.nan, 0.0], [0.0, 1.0]],
+                                     [1.0, -2.0])
   assert int(new_state.num_skipped) == 1
   # The bad loss is still counted; nothing else changes.
   np.testing.assert_array_equal(new_state.num_rejected_losses, [0, 1])

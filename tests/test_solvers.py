@@ -939,7 +939,10 @@ def test_argument_errors(call, message):
 
 def test_numpy_scalars_are_accepted():
   gramian = jnp.eye(3)
-  solvers.solve_min_norm(gramian, max_iters=np.int32(5), tol=np.float64(1e-4))
-  solvers.solve_dual_cone_qp(gramian, jnp.ones(3), max_iters=np.int64(5),
-                             tol=np.float32(1e-4))
-  solvers.solve_nash(gramian, max_iters=np.int16(5), tol=np.float32(0))
+  results = [
+      solvers.solve_min_norm(gramian, max_iters=np.int32(5),
+                             tol=np.float64(1e-4)),
+      solvers.solve_dual_cone_qp(gramian, jnp.ones(3), max_iters=np.int64(5),
+                                 tol=np.float32(1e-4)),
+      solvers.solve_nash(gramian, max_iters=np.int16(5), tol=np.float32(0))]
+  assert all(bool(result.converged) for result in results)
