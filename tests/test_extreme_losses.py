@@ -145,7 +145,7 @@ FORGETFUL = {
     "dwa": lambda: optax_mtl.dwa(NUM_TASKS),
     "rema": lambda: optax_mtl.rema(NUM_TASKS),
     "dwema": lambda: optax_mtl.dwema(NUM_TASKS),
-    "ema": lambda: optax_mtl.ema(NUM_TASKS),
+    "loss_ema": lambda: optax_mtl.loss_ema(NUM_TASKS),
     "lbtw": lambda: optax_mtl.lbtw(NUM_TASKS, steps_per_epoch=10),
     "log_loss": lambda: optax_mtl.log_loss(NUM_TASKS),
     "geometric_mean": lambda: optax_mtl.geometric_mean(NUM_TASKS),
@@ -257,11 +257,11 @@ def long_run(strategy):
 
 LONG_RUN_CASES = {
     # The paper's formulas: finite, at most 1e30.
-    "ema": dict(), "rema": dict(), "dwema": dict(), "log_loss": dict(),
+    "loss_ema": dict(), "rema": dict(), "dwema": dict(), "log_loss": dict(),
     "initial_loss": dict(), "geometric_mean": dict(), "uncertainty": dict(),
     "dwa": dict(), "gradnorm": dict(), "lbtw": dict(normalize=False),
     # Bounded for SGD: weights that sum to T ...
-    "ema-normalize": dict(normalize=True),
+    "loss_ema-normalize": dict(normalize=True),
     "rema-normalize": dict(normalize=True),
     "dwema-normalize": dict(normalize=True),
     "log_loss-normalize": dict(normalize=True),
@@ -269,7 +269,7 @@ LONG_RUN_CASES = {
     "uncertainty-normalize": dict(normalize=True),
     "lbtw-normalize": dict(normalize=True),
     # ... or a clip.
-    "ema-max_weight": dict(max_weight=10.0),
+    "loss_ema-max_weight": dict(max_weight=10.0),
     "log_loss-max_weight": dict(max_weight=10.0),
     "geometric_mean-max_weight": dict(max_weight=10.0),
     "uncertainty-max_weight": dict(max_weight=10.0),
@@ -306,8 +306,8 @@ def test_ema_long_run_matches_reference_with_and_without_normalize():
     average[t] = 0.1 * losses[t] + 0.9 * average[t - 1]
   inverse = np.minimum(1.0 / average, MAX_WEIGHT)
   steps = [0, 1000, HALFWAY // 2, HALFWAY, LONG_RUN_STEPS - 1]
-  plain, _, _ = long_run(optax_mtl.ema(NUM_TASKS))
-  normalized, _, _ = long_run(optax_mtl.ema(NUM_TASKS, normalize=True))
+  plain, _, _ = long_run(optax_mtl.loss_ema(NUM_TASKS))
+  normalized, _, _ = long_run(optax_mtl.loss_ema(NUM_TASKS, normalize=True))
   np.testing.assert_allclose(plain[steps], inverse[steps], rtol=1e-3)
   expected = NUM_TASKS * inverse / inverse.sum(1, keepdims=True)
   np.testing.assert_allclose(normalized[steps], expected[steps], rtol=1e-3,
@@ -322,7 +322,7 @@ SCRIPTED[0, 0] = 0.05  # So that every strategy reaches max_weight.
 
 # The paper's weights (float64) of each strategy with a 1/L-like scale.
 PAPER_WEIGHTS = {
-    "ema": lambda l: 1.0 / ema_history(l, 0.1),
+    "loss_ema": lambda l: 1.0 / ema_history(l, 0.1),
     "rema": reference_rema,
     "dwema": reference_dwema,
     "log_loss": lambda l: 1.0 / l,
@@ -366,7 +366,7 @@ TINY_LOSSES = np.array([2e-38, 1e-35, 1.0], np.float32)
 
 @pytest.mark.parametrize("name, reference", [
     ("log_loss", lambda l: 1.0 / l),
-    ("ema", lambda l: 1.0 / l),
+    ("loss_ema", lambda l: 1.0 / l),
     ("rema", lambda l: 1.0 / l),
     ("dwema", lambda l: 1.0 / l),
     ("initial_loss", lambda l: 1.0 / l),

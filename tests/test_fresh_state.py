@@ -22,7 +22,7 @@ def test_uncertainty_state_is_optax_adam_state():
 
 
 @pytest.mark.parametrize("name", [
-    "uncertainty", "rlw", "ema", "rema", "dwema", "dwa", "lbtw",
+    "uncertainty", "rlw", "loss_ema", "rema", "dwema", "dwa", "lbtw",
     "initial_loss", "log_loss", "geometric_mean", "gradnorm", "equal"])
 def test_a_fresh_state_can_be_donated(name):
   strategy = strategies.build(name)

@@ -65,17 +65,17 @@ def _is_bool(value):
 NAMED_FLOAT_PARAMETERS = _with_defaults([
     ("lbtw", "alpha"), ("gradnorm", "learning_rate"), ("gradnorm", "alpha"),
     ("cagrad", "c"), ("mgda", "eps"), ("normalized_gradients", "eps"),
-    ("ema", "beta"), ("uncertainty", "learning_rate")])
+    ("loss_ema", "beta"), ("uncertainty", "learning_rate")])
 NAMED_FLAGS = _with_defaults([
-    ("equal", "mean"), ("lbtw", "normalize"), ("ema", "normalize")])
+    ("equal", "mean"), ("lbtw", "normalize"), ("loss_ema", "normalize")])
 
 FLOAT_PARAMETERS = _union(_parameters(_is_float), NAMED_FLOAT_PARAMETERS)
 FLAGS = _union(_parameters(_is_bool), NAMED_FLAGS)
 # Optional real hyperparameters (default None) of the loss strategies.
 OPTIONAL_FLOAT_PARAMETERS = [
     (name, "max_weight") for name in (
-        "ema", "rema", "dwema", "log_loss", "initial_loss", "geometric_mean",
-        "uncertainty")] + [("geometric_mean", "gamma")]
+        "loss_ema", "rema", "dwema", "log_loss", "initial_loss",
+        "geometric_mean", "uncertainty")] + [("geometric_mean", "gamma")]
 
 
 @pytest.mark.parametrize(
