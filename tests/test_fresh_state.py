@@ -18,7 +18,7 @@ NUM_TASKS = 3
 
 def test_uncertainty_state_is_optax_adam_state():
   state = optax_mtl.uncertainty(NUM_TASKS).init(None)
-  assert isinstance(state.adam, optax.ScaleByAdamState)
+  assert isinstance(state.optimizer_state, optax.ScaleByAdamState)
 
 
 @pytest.mark.parametrize("name", [

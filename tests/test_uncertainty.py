@@ -102,7 +102,7 @@ def test_golden_values_optax_face(case):
   # counts its own bad losses and its own Adam updates.
   assert int(state.num_skipped) == 0
   np.testing.assert_array_equal(state.num_rejected_losses, [1, 1, 1])
-  np.testing.assert_array_equal(state.adam.count, num_updates)
+  np.testing.assert_array_equal(state.optimizer_state.count, num_updates)
   np.testing.assert_array_equal(num_updates, len(LOSSES) - 1)
 
 
@@ -199,12 +199,12 @@ def test_a_loss_of_1e30_moves_s_by_the_learning_rate():
   expected_weights, expected_s, _ = reference_run(
       losses, 1e-2, np.zeros(NUM_TASKS, bool), 0.0)
   assert int(state.num_skipped) == 0
-  np.testing.assert_array_equal(state.adam.count, [1, 1, 1])
+  np.testing.assert_array_equal(state.optimizer_state.count, [1, 1, 1])
   np.testing.assert_allclose(state.log_variances, expected_s[0], atol=1e-7)
   np.testing.assert_allclose(state.log_variances, [0.0, 0.01, 0.0], atol=1e-7)
   np.testing.assert_array_equal(state.weights, expected_weights[0])
-  assert np.all(np.isfinite(state.adam.nu))
-  assert np.all(np.isfinite(state.adam.mu))
+  assert np.all(np.isfinite(state.optimizer_state.nu))
+  assert np.all(np.isfinite(state.optimizer_state.mu))
 
 
 def test_normalize_and_max_weight_change_only_the_applied_weights():
@@ -238,14 +238,31 @@ def test_normalize_and_max_weight_change_only_the_applied_weights():
      r"classification must be a bool .*got \[1, 0, 1\]"),
     (dict(classification="yes"), r"classification must be a bool .*'yes'"),
     (dict(initial_log_variances=[0.0, 1.0]),
-     r"initial_log_variances must be a number or have shape \(3,\).*"
+     r"initial_log_variances must be a number or 3 numbers, "
      r"got shape \(2,\)"),
     (dict(initial_log_variances=NAN),
      r"initial_log_variances must be finite.*got nan"),
     (dict(initial_log_variances=[0.0, -200.0, 0.0]),
-     r"initial_log_variances must be finite.*got \[0.0, -200.0, 0.0\]"),
+     r"initial_log_variances must give weights c·exp\(-s\) finite .*"
+     r"got \[0.0, -200.0, 0.0\]"),
     (dict(initial_log_variances="zero"),
-     r"initial_log_variances must be a number or a sequence.*'zero'"),
+     r"initial_log_variances must be a number or 3 numbers, got 'zero'"),
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.uncertainty, kwargs, message)
+
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``classification`` and ``initial_log_variances`` by position
+  and named the state field ``optimizer_state`` ``adam``."""
+  harness.check_old_spelling(
+      lambda: optax_mtl.uncertainty(NUM_TASKS, 0.05, [True, False, True],
+                                    -0.5),
+      lambda: optax_mtl.uncertainty(NUM_TASKS, 0.05,
+                                    classification=[True, False, True],
+                                    initial_log_variances=-0.5),
+      match="by position")
+  state = optax_mtl.uncertainty(NUM_TASKS).init(None)
+  with pytest.warns(DeprecationWarning,
+                    match="UncertaintyState.optimizer_state"):
+    assert state.adam is state.optimizer_state

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _loss_history
 
@@ -33,15 +34,19 @@ class UncertaintyState(NamedTuple):
   log_variances: chex.Array  # f32[T], s_k = log σ_k², after the last update.
   # optax.scale_by_adam's state for each s_k: count (i32[T], accepted
   # updates of s_k), mu and nu (f32[T], the moments of ∂L/∂s_k).
-  adam: optax.ScaleByAdamState
+  optimizer_state: optax.ScaleByAdamState
+
+  adam = deprecation.renamed_field("optimizer_state")  # 0.1 name.
 
 
+@deprecation.renamed_arguments(old_positional=(
+    "num_tasks", "learning_rate", "classification", "initial_log_variances"))
 def uncertainty(
     num_tasks: int,
     learning_rate: float = 1e-2,
-    classification: Union[bool, Sequence[bool]] = False,
-    initial_log_variances: Union[float, Sequence[float]] = 0.0,
     *,
+    initial_log_variances: Union[float, Sequence[float]] = 0.0,
+    classification: Union[bool, Sequence[bool]] = False,
     normalize: bool = False,
     max_weight: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
@@ -96,16 +101,16 @@ def uncertainty(
     learning_rate: Adam's learning rate for ``s``, ``> 0``. Each update moves
       ``s_k`` by about ``learning_rate`` at most, i.e. changes a weight by a
       factor of about ``e^{±learning_rate}``.
-    classification: whether a task's loss is a classification loss (weight
-      ``e^{-s_k}``) rather than a regression loss (``½ e^{-s_k}``): one bool
-      for all tasks or a sequence of ``num_tasks`` bools.
     initial_log_variances: the initial ``s``, one number for all tasks or a
       sequence of ``num_tasks`` numbers (default 0: unit variances). LibMTL's
       ``UW`` starts at ``s = -0.5``: pass ``initial_log_variances=-0.5`` to
       reproduce it.
+    classification: whether a task's loss is a classification loss (weight
+      ``e^{-s_k}``) rather than a regression loss (``½ e^{-s_k}``): one bool
+      for all tasks or a sequence of ``num_tasks`` bools.
     normalize: rescale the applied weights to sum to ``T``.
-    max_weight: None, or a bound > 0 each applied weight is clipped at
-      (after ``normalize``).
+    max_weight: None, or a bound > 0 on each applied weight
+      :math:`c_k e^{-s_k}` (after ``normalize``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -157,7 +162,8 @@ def uncertainty(
         **base.common_state_fields(num_tasks, applied_weights(log_variances),
                                    per_task=True),
         log_variances=log_variances,
-        adam=jax.vmap(adam.init)(jnp.zeros((num_tasks,), jnp.float32)))
+        optimizer_state=jax.vmap(adam.init)(
+            jnp.zeros((num_tasks,), jnp.float32)))
 
   def rule(task_losses, state, gramian, valid=None):
     del gramian
@@ -170,14 +176,14 @@ def uncertainty(
     grad = jnp.clip(0.5 - raw_weights(log_variances) * task_losses,
                     -MAX_GRADIENT, MAX_GRADIENT)
     # One Adam per task; an excluded task keeps its s, moments and count.
-    direction, adam_state = jax.vmap(adam.update)(grad, state.adam)
+    direction, adam_state = jax.vmap(adam.update)(grad, state.optimizer_state)
     adam_state = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
-                              adam_state, state.adam)
+                              adam_state, state.optimizer_state)
     new_log_variances = log_variances - learning_rate * jnp.where(
         valid, direction, 0.0)
     # Only an absurd learning rate can overflow s: reject such a step.
     return applied_weights(log_variances), state._replace(
-        log_variances=new_log_variances, adam=adam_state), jnp.all(
+        log_variances=new_log_variances, optimizer_state=adam_state), jnp.all(
             jnp.isfinite(new_log_variances))
 
   return step.as_gradient_transformation(base.Weighting(
@@ -204,25 +210,16 @@ def _check_classification(classification: Any, num_tasks: int) -> np.ndarray:
     raise ValueError(message) from error
 
 
+
 def _check_initial_log_variances(initial_log_variances: Any, num_tasks: int,
-                                 coefficients: np.ndarray) -> np.ndarray:
-  try:
-    values = np.asarray(initial_log_variances, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        "initial_log_variances must be a number or a sequence of "
-        f"{num_tasks} numbers, got {initial_log_variances!r}.") from error
-  if values.shape == ():
-    values = np.full((num_tasks,), float(values))
-  if values.shape != (num_tasks,):
-    raise ValueError(
-        "initial_log_variances must be a number or have shape "
-        f"({num_tasks},), got shape {values.shape}: "
-        f"{initial_log_variances!r}.")
-  with np.errstate(over="ignore"):
-    weights = coefficients * np.exp(-values.astype(np.float32))
-  if not np.all(np.isfinite(values) & np.isfinite(weights) & (weights > 0)):
-    raise ValueError(
-        "initial_log_variances must be finite, with weights c·exp(-s) "
-        f"finite and positive in float32, got {initial_log_variances!r}.")
+                                 coefficients: np.ndarray) -> Any:
+  values = base.check_task_vector("initial_log_variances",
+                                  initial_log_variances, num_tasks)
+  if isinstance(values, np.ndarray):
+    with np.errstate(over="ignore"):
+      weights = coefficients * np.exp(-values)
+    if not np.all(np.isfinite(weights) & (weights > 0)):
+      raise ValueError(
+          "initial_log_variances must give weights c·exp(-s) finite and "
+          f"positive in float32, got {initial_log_variances!r}.")
   return values
