@@ -83,7 +83,8 @@ SECTIONS = (
         "The jittable solvers on the T×T Gramian that the strategies use "
         "(``lax.while_loop``, no SciPy).",
         ("solve_min_norm", "project_simplex", "solve_dual_cone_qp",
-         "solve_cagrad", "SolverResult")),
+         "solve_cagrad", "solve_nash", "solve_alpha_fair",
+         "solve_priority_qp", "SolverResult", "Outcome")),
 )
 
 GRADIENTS_SECTION = Section(

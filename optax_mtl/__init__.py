@@ -19,6 +19,7 @@ from optax_mtl._src.base import common_state_fields
 from optax_mtl._src.diagnostics import diagnostics
 from optax_mtl._src.engine import value_and_grad
 from optax_mtl._src.losses import masked_mean
+from optax_mtl._src.solvers import Outcome
 from optax_mtl._src.solvers import SolverResult
 from optax_mtl._src.step import RecomputeEveryState
 from optax_mtl._src.step import as_gradient_transformation
@@ -26,9 +27,12 @@ from optax_mtl._src.step import recompute_every
 from optax_mtl._src.step import weighting_of
 from optax_mtl._src.step import with_shared_parameters
 from optax_mtl._src.solvers import project_simplex
+from optax_mtl._src.solvers import solve_alpha_fair
 from optax_mtl._src.solvers import solve_cagrad
 from optax_mtl._src.solvers import solve_dual_cone_qp
 from optax_mtl._src.solvers import solve_min_norm
+from optax_mtl._src.solvers import solve_nash
+from optax_mtl._src.solvers import solve_priority_qp
 from optax_mtl._src.tree import cosine_matrix
 from optax_mtl._src.tree import gramian
 from optax_mtl._src.weighting._aligned_mtl import AlignedMtlState
@@ -169,6 +173,7 @@ __all__ = (
     "NashMtlState",
     "Needs",
     "NormalizedGradientsState",
+    "Outcome",
     "PbiState",
     "PcdState",
     "PcgradState",
@@ -230,9 +235,12 @@ __all__ = (
     "rlw",
     "sdmgrad",
     "smooth_weights",
+    "solve_alpha_fair",
     "solve_cagrad",
     "solve_dual_cone_qp",
     "solve_min_norm",
+    "solve_nash",
+    "solve_priority_qp",
     "stch",
     "trimmed_mean",
     "uncertainty",

@@ -220,3 +220,35 @@ def hyperparameter_errors(*cases):
 # ``check_rejects(factory, kwargs, message)``: ``factory(**kwargs)`` raises
 # ValueError(message).
 check_rejects = strategies.check_rejects
+
+
+def check_old_spelling(old_call: Callable[[], Any], new_call: Callable[[], Any],
+                       *, old: str, renamed_fields: dict[str, str] = None,
+                       jacobian=None):
+  """An 0.1 spelling still works: it warns and gives the same strategy.
+
+  ``old_call()`` builds the strategy with the old spelling (a renamed
+  argument, or an option passed by its old position) and must raise a
+  ``DeprecationWarning`` whose message names ``old``; ``new_call()`` builds
+  it with the new one. Both take one jitted step on ``jacobian`` (default:
+  FIXED_JACOBIANS["t3_mixed"]) and must give the same update and state.
+  ``renamed_fields`` maps an old state-field name to the new one: reading it
+  warns and gives the new field's value.
+  """
+  import pytest  # pylint: disable=import-outside-toplevel
+  with pytest.warns(DeprecationWarning, match=old):
+    old_strategy = old_call()
+  new_strategy = new_call()
+  jacobian = jnp.asarray(FIXED_JACOBIANS["t3_mixed"] if jacobian is None
+                         else jacobian, jnp.float32)
+  losses = jnp.ones(jacobian.shape[0])
+  old_update, old_state = jax.jit(old_strategy.update)(
+      jacobian, old_strategy.init(None), task_losses=losses)
+  new_update, new_state = jax.jit(new_strategy.update)(
+      jacobian, new_strategy.init(None), task_losses=losses)
+  np.testing.assert_array_equal(old_update, new_update)
+  jax.tree.map(np.testing.assert_array_equal, old_state, new_state)
+  for old_name, new_name in (renamed_fields or {}).items():
+    with pytest.warns(DeprecationWarning, match=new_name):
+      value = getattr(new_state, old_name)
+    np.testing.assert_array_equal(value, getattr(new_state, new_name))

@@ -120,12 +120,12 @@ STRATEGIES: dict[str, Case] = {
     "cosmos": Case("losses", static_args=("num_tasks", "preference"), hyperparams=dict(penalty=0.5), permutation_equivariant=True),
     "pbi": Case("losses", static_args=("num_tasks", "preference", "reference_point"), hyperparams=dict(theta=3.0), permutation_equivariant=True),
     # Gradient balancing: the weights read the Gramian G = J Jᵀ.
-    "normalized_gradients": Case("gramian", hyperparams=dict(eps=1e-10), permutation_equivariant=True, scale_invariant_per_task=True),
-    "mgda": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-5, eps=1e-10), permutation_equivariant=True, non_conflicting=True, rtol=1e-3),
+    "normalized_gradients": Case("gramian", hyperparams=dict(min_relative_norm=1e-10), permutation_equivariant=True, scale_invariant_per_task=True),
+    "mgda": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-5, min_relative_norm=1e-10), permutation_equivariant=True, non_conflicting=True, rtol=1e-3),
     "gradnorm": Case("gramian", positive_losses=True, hyperparams=dict(alpha=1.0, learning_rate=0.05, min_weight=0.01), permutation_equivariant=True),
     "pcgrad": Case("gramian", stochastic=True, static_args=("num_tasks", "seed"), linear_under_scaling=True),
     "cagrad": Case("gramian", has_solver=True, static_args=_SOLVER + ("rescale",), hyperparams=dict(c=0.3, tol=1e-5), permutation_equivariant=True, rtol=1e-3),
-    "imtl_g": Case("gramian", hyperparams=dict(eps=1e-7), permutation_equivariant=True, rtol=1e-4),
+    "imtl_g": Case("gramian", hyperparams=dict(min_relative_norm=1e-7), permutation_equivariant=True, rtol=1e-4),
     "imtl": Case("gramian", positive_losses=True, static_args=("num_tasks", "initial_scales"), hyperparams=dict(learning_rate=0.05, eps=1e-7), permutation_equivariant=True, rtol=1e-4),
     "nash_mtl": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-4), permutation_equivariant=True, scale_invariant_per_task=True, non_conflicting=True, rtol=1e-4),
     "aligned_mtl": Case("gramian", hyperparams=dict(eigenvalue_rtol=1e-5), permutation_equivariant=True, rtol=1e-4),
@@ -135,7 +135,7 @@ STRATEGIES: dict[str, Case] = {
     "krum": Case("gramian", static_args=("num_tasks", "num_byzantine", "num_selected")),  # Ties go to the lower index.
     "fairgrad": Case("gramian", has_solver=True, static_args=("num_tasks", "alpha", "max_iters"), hyperparams=dict(tol=1e-5), permutation_equivariant=True, non_conflicting=True, rtol=1e-4),
     "gradvac": Case("gramian", stochastic=True, static_args=("num_tasks", "seed", "target", "groups"), hyperparams=dict(beta=0.3)),
-    "pcd": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tau=0.3, beta=0.9, eps=1e-6, tol=1e-5), rtol=1e-4),  # Task 0 is the primary one.
+    "pcd": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tau=0.3, decay=0.9, eps=1e-6, tol=1e-5), rtol=1e-4),  # Task 0 is the primary one.
     # Per-task gradients: the rule reads the Jacobian and returns the update.
     "graddrop": Case("gradients", stochastic=True, static_args=("num_tasks", "seed", "leak", "purity_fn", "batch_axis")),
     "trimmed_mean": Case("gradients", static_args=("num_tasks", "trim_number"), permutation_equivariant=True),

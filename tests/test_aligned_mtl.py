@@ -205,13 +205,20 @@ def test_parallel_gradients_have_rank_one(dtype, x64):
 
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
-                             (dict(num_tasks=2, preferences=(1.0,)),
-                              "preferences"),
-                             (dict(num_tasks=2, preferences=(1.0, -1.0)),
-                              "preferences"),
+                             (dict(num_tasks=2, preference=(1.0,)),
+                              "preference"),
+                             (dict(num_tasks=2, preference=(1.0, -1.0)),
+                              "preference"),
                              (dict(num_tasks=2, eigenvalue_rtol=1.0),
                               "eigenvalue_rtol"),
                              (dict(num_tasks=2, scale_mode="max"),
                               "scale_mode")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.aligned_mtl, kwargs, message)
+
+
+def test_old_spelling_warns_and_gives_the_same_strategy():
+  # 0.1: aligned_mtl(T, preferences=...).
+  gramian_harness.check_old_spelling(
+      lambda: optax_mtl.aligned_mtl(3, preferences=(1.0, 2.0, 0.5)),
+      lambda: optax_mtl.aligned_mtl(3, (1.0, 2.0, 0.5)), old="preferences")

@@ -73,16 +73,16 @@ def test_both_faces_agree():
   np.testing.assert_allclose(grads, numpy_dualproj(JACOBIANS[0]), atol=1e-5)
 
 
-@pytest.mark.parametrize("preferences", [None, (0.5, 0.3, 0.2),
+@pytest.mark.parametrize("preference", [None, (0.5, 0.3, 0.2),
                                          (1.0, -0.5, 0.2)])
 @pytest.mark.parametrize("regularization", [0.0, 1e-4, 0.1])
-def test_preferences_and_regularization_reproduce_torchjd(
-    preferences, regularization):
+def test_preference_and_regularization_reproduce_torchjd(
+    preference, regularization):
   # torchjd's DualProj: argmin_{v >= p} vᵀ (G / tr(G) + reg_eps I) v.
-  strategy = optax_mtl.dualproj(num_tasks=3, preferences=preferences,
+  strategy = optax_mtl.dualproj(num_tasks=3, preference=preference,
                                 regularization=regularization)
-  pref_vector = np.full(3, 1 / 3) if preferences is None else np.asarray(
-      preferences)
+  pref_vector = np.full(3, 1 / 3) if preference is None else np.asarray(
+      preference)
   update = jax.jit(strategy.update)
   state = strategy.init(None)
   for jacobian in JACOBIANS[:4]:
@@ -101,11 +101,11 @@ def test_preferences_and_regularization_reproduce_torchjd(
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
                              *gramian_harness.SOLVER_ERRORS,
-                             ({"num_tasks": 2, "preferences": (1.0,)},
-                              "preferences"),
+                             ({"num_tasks": 2, "preference": (1.0,)},
+                              "preference"),
                              ({"num_tasks": 2,
-                               "preferences": (1.0, float("nan"))},
-                              "preferences"),
+                               "preference": (1.0, float("nan"))},
+                              "preference"),
                              ({"num_tasks": 2, "regularization": -1.0},
                               "regularization")))
 def test_hyperparameter_errors(kwargs, message):
@@ -128,3 +128,10 @@ def test_nearly_opposite_gradients_reach_the_optimum_float32():
   cosines = rows @ direction / (np.linalg.norm(rows, axis=1)
                                 * np.linalg.norm(direction))
   assert cosines.min() >= -3e-5, cosines
+
+
+def test_old_spelling_warns_and_gives_the_same_strategy():
+  # 0.1: dualproj(T, preferences=...).
+  gramian_harness.check_old_spelling(
+      lambda: optax_mtl.dualproj(3, preferences=(1.0, -0.5, 2.0)),
+      lambda: optax_mtl.dualproj(3, (1.0, -0.5, 2.0)), old="preferences")

@@ -203,7 +203,17 @@ def test_parallel_float32_gradients(x64):
 
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
-                             (dict(num_tasks=2, eps=-1.0), "eps"),
-                             (dict(num_tasks=2, eps=1.0), "eps")))
+                             (dict(num_tasks=2, min_relative_norm=-1.0),
+                              "min_relative_norm"),
+                             (dict(num_tasks=2, min_relative_norm=1.0),
+                              "min_relative_norm")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.imtl_g, kwargs, message)
+
+
+def test_old_spelling_warns_and_gives_the_same_strategy():
+  # 0.1: imtl_g(T, eps=...), a cut-off on the relative norm.
+  gramian_harness.check_old_spelling(
+      lambda: optax_mtl.imtl_g(3, eps=0.5),
+      lambda: optax_mtl.imtl_g(3, min_relative_norm=0.5), old="eps",
+      jacobian=[[1.0, 0.0], [0.0, 0.4], [3.0, 1.0]])

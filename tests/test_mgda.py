@@ -173,7 +173,21 @@ def test_state_and_periodic_recomputation():
                              *gramian_harness.SOLVER_ERRORS,
                              ({"num_tasks": 2, "normalization": "l1"},
                               "normalization"),
-                             ({"num_tasks": 2, "eps": -1.0}, "eps"),
-                             ({"num_tasks": 2, "eps": 1.0}, "eps")))
+                             ({"num_tasks": 2, "min_relative_norm": -1.0},
+                              "min_relative_norm"),
+                             ({"num_tasks": 2, "min_relative_norm": 1.0},
+                              "min_relative_norm")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.mgda, kwargs, message)
+
+
+@pytest.mark.parametrize("factory, kwargs", [
+    (optax_mtl.mgda, dict(normalization="l2")),
+    (optax_mtl.normalized_gradients, {})])
+def test_old_spelling_warns_and_gives_the_same_strategy(factory, kwargs):
+  # 0.1: mgda(T, eps=...) and normalized_gradients(T, eps=...), a cut-off
+  # on the relative norm (now min_relative_norm).
+  gramian_harness.check_old_spelling(
+      lambda: factory(3, eps=0.5, **kwargs),
+      lambda: factory(3, min_relative_norm=0.5, **kwargs), old="eps",
+      jacobian=[[1.0, 0.0], [0.0, 0.4], [3.0, 1.0]])

@@ -279,3 +279,11 @@ def test_recompute_every_and_both_faces():
                              (dict(num_tasks=2, max_norm=-1.0), "max_norm")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.nash_mtl, kwargs, message)
+
+
+def test_old_positions_warn_and_give_the_same_strategy():
+  # 0.1: nash_mtl(T, max_iters, tol, max_norm), all positional.
+  gramian_harness.check_old_spelling(
+      lambda: optax_mtl.nash_mtl(3, 20, 1e-5, 1.0),
+      lambda: optax_mtl.nash_mtl(3, max_norm=1.0, max_iters=20, tol=1e-5),
+      old="by position")

@@ -23,6 +23,7 @@ from scipy import optimize
 
 import optax_mtl
 from optax_mtl._src import solvers
+from tests import gramian_harness
 from tests import strategies
 
 
@@ -163,8 +164,8 @@ def reference_run(jacobians, tau, beta, eps):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(tau=0.02, beta=0.999, eps=1e-8),
-    dict(tau=(0.5, 0.2, 0.9), beta=0.5, eps=0.0),
+    dict(tau=0.02, decay=0.999, eps=1e-8),
+    dict(tau=(0.5, 0.2, 0.9), decay=0.5, eps=0.0),
 ])
 def test_golden_values_optax_face(kwargs):
   """A run of six steps; the fourth, with a NaN loss, is rejected and
@@ -174,7 +175,7 @@ def test_golden_values_optax_face(kwargs):
   jacobians = [rng.normal(size=(num_tasks, 6)) * np.array(
       [[1.0], [10.0], [0.1], [3.0]]) for _ in range(6)]
   expected = reference_run([j for i, j in enumerate(jacobians) if i != 3],
-                           np.asarray(kwargs["tau"]), kwargs["beta"],
+                           np.asarray(kwargs["tau"]), kwargs["decay"],
                            kwargs["eps"])
   expected.insert(3, expected[2])  # The rejected step keeps the last ones.
   strategy = optax_mtl.pcd(num_tasks, **kwargs)
@@ -266,10 +267,17 @@ def test_value_and_grad_face_matches_the_optax_face():
     (dict(tau=1.5), r"tau must lie in \[0.0, 1.0\], got 1.5"),
     (dict(tau=(0.1,)), r"tau must be a number in \[0, 1\] or 2 numbers"),
     (dict(tau=(0.1, 2.0)), r"tau must be a number in \[0, 1\] or 2 numbers"),
-    (dict(beta=1.0), r"beta must lie in \[0.0, 1.0\), got 1.0"),
+    (dict(decay=1.0), r"decay must lie in \[0.0, 1.0\), got 1.0"),
     (dict(eps=-1e-8), r"eps must lie in \[0.0, inf\), got -1e-08"),
     (dict(max_iters=0), "max_iters must be an integer >= 1, got 0"),
     (dict(tol=-1.0), r"tol must lie in \[0.0, inf\), got -1.0"),
 ])
 def test_bad_hyperparameters_are_rejected(kwargs, message):
   strategies.check_rejects(optax_mtl.pcd, kwargs, message)
+
+
+def test_old_spelling_warns_and_gives_the_same_strategy():
+  # 0.1: pcd(T, tau, beta=...) (the old average's weight is now decay).
+  gramian_harness.check_old_spelling(
+      lambda: optax_mtl.pcd(3, 0.3, beta=0.9),
+      lambda: optax_mtl.pcd(3, 0.3, 0.9), old="beta")

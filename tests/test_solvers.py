@@ -855,10 +855,10 @@ def test_helpers():
   np.testing.assert_array_equal(
       solvers.gradient_norms(jnp.array([[4.0, 1.0], [1.0, -1e-9]])),
       [2.0, 0.0])
-  assert solvers.check_max_iters(np.int64(7)) == 7
-  assert solvers.check_tolerance(np.float32(1e-3), jnp.float32) == (
-      pytest.approx(1e-3))
-  assert solvers.check_tolerance(None, jnp.float64) == 1e-12
+  np.testing.assert_array_equal(
+      solvers.inverse_gradient_norms(
+          jnp.array([[4.0, 0, 0], [0, 1e-6, 0], [0, 0, 0]]), 1e-2),
+      [0.5, 0.0, 0.0])
 
 
 @pytest.mark.parametrize("largest, exponent", [

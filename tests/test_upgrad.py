@@ -71,13 +71,13 @@ def test_permutation_invariance_and_linearity_under_scaling():
         scales @ projections / 4, atol=1e-5 * scales.max(), rtol=1e-4)
 
 
-def test_warm_start_from_the_solutions_of_the_last_step():
-  # state.solutions[i] is v^(i): Jᵀ v^(i) is the projection of g_i.
+def test_warm_start_from_the_solution_of_the_last_step():
+  # state.solution[i] is v^(i): Jᵀ v^(i) is the projection of g_i.
   _, state = gramian_harness.check_warm_start_repeats(
       optax_mtl.upgrad(num_tasks=3), JACOBIANS[0])
   projections = [numpy_project_onto_dual_cone(JACOBIANS[0], row)
                  for row in JACOBIANS[0]]
-  np.testing.assert_allclose(np.asarray(state.solutions) @ JACOBIANS[0],
+  np.testing.assert_allclose(np.asarray(state.solution) @ JACOBIANS[0],
                              projections, atol=1e-5)
 
 
@@ -125,15 +125,15 @@ def torchjd_upgrad_weights(jacobian, pref_vector, reg_eps, norm_eps=0.0):
   return sum(numpy_box_qp(matrix, row) for row in np.diag(pref_vector))
 
 
-@pytest.mark.parametrize("preferences", [None, (0.5, 0.3, 0.2),
+@pytest.mark.parametrize("preference", [None, (0.5, 0.3, 0.2),
                                          (0.7, 0.0, 0.3)])
 @pytest.mark.parametrize("regularization", [0.0, 1e-4, 0.1])
-def test_preferences_and_regularization_reproduce_torchjd(
-    preferences, regularization):
-  strategy = optax_mtl.upgrad(num_tasks=3, preferences=preferences,
+def test_preference_and_regularization_reproduce_torchjd(
+    preference, regularization):
+  strategy = optax_mtl.upgrad(num_tasks=3, preference=preference,
                               regularization=regularization)
-  pref_vector = np.full(3, 1 / 3) if preferences is None else np.asarray(
-      preferences)
+  pref_vector = np.full(3, 1 / 3) if preference is None else np.asarray(
+      preference)
   update = jax.jit(strategy.update)
   state = strategy.init(None)
   for jacobian in JACOBIANS[:4]:
@@ -166,10 +166,10 @@ def test_regularization_is_relative_to_the_gradients():
 @pytest.mark.parametrize("kwargs, message",
                          gramian_harness.hyperparameter_errors(
                              *gramian_harness.SOLVER_ERRORS,
-                             ({"num_tasks": 2, "preferences": (1.0,)},
-                              "preferences"),
-                             ({"num_tasks": 2, "preferences": (1.0, -0.1)},
-                              "preferences"),
+                             ({"num_tasks": 2, "preference": (1.0,)},
+                              "preference"),
+                             ({"num_tasks": 2, "preference": (1.0, -0.1)},
+                              "preference"),
                              ({"num_tasks": 2, "regularization": -1e-4},
                               "regularization")))
 def test_hyperparameter_errors(kwargs, message):
@@ -205,3 +205,11 @@ def test_nearly_opposite_gradients_reach_the_optimum_float32():
   # float32's own floor here: the exact weights, rounded to float32 and
   # combined in float32, conflict by about 7e-6.
   assert cosines.min() >= -3e-5, cosines
+
+
+def test_old_spellings_warn_and_give_the_same_strategy():
+  # 0.1: upgrad(T, preferences=...), state.solutions.
+  gramian_harness.check_old_spelling(
+      lambda: optax_mtl.upgrad(3, preferences=(0.5, 0.3, 0.2)),
+      lambda: optax_mtl.upgrad(3, (0.5, 0.3, 0.2)), old="preferences",
+      renamed_fields={"solutions": "solution"})

@@ -37,7 +37,8 @@ State conventions (checked by the contract test over every strategy):
 * a strategy that reads the Gramian also has a field ``gradient_cosines``
   (float32[T, T]), the pairwise cosines of the task gradients it saw last;
 * a strategy with an iterative solver also has ``solver_iterations``
-  (int32[]), ``solver_gap`` (float32[]) and ``solver_converged`` (bool[]).
+  (int32[]), ``solver_gap`` (float32[]), ``solver_converged`` (bool[]) and
+  ``solver_outcome`` (int32[], an :class:`optax_mtl.Outcome` code).
 
 The guard fills ``weights`` and ``gradient_cosines``; rules only update their
 own statistics. :func:`common_state_fields` gives the initial values of these
@@ -525,8 +526,9 @@ def common_state_fields(
     initial_weights: a scalar or a float32[T] array, the initial ``weights``.
     gramian: also return ``gradient_cosines`` (the identity), for strategies
       that read the Gramian.
-    solver: also return ``solver_iterations`` (0), ``solver_gap`` (0.0) and
-      ``solver_converged`` (True), for strategies with an iterative solver.
+    solver: also return ``solver_iterations`` (0), ``solver_gap`` (0.0),
+      ``solver_converged`` (True) and ``solver_outcome`` (0,
+      ``Outcome.SUCCESS``), for strategies with an iterative solver.
     per_task: also return ``num_rejected_losses`` (int32[T], zeros), for
       weightings that exclude a bad loss per task (``Weighting.per_task``).
     gradients: also return ``num_rejected_gradients`` (int32[T], zeros), for
@@ -551,7 +553,8 @@ def common_state_fields(
     fields.update(
         solver_iterations=jnp.zeros([], jnp.int32),
         solver_gap=jnp.zeros([], jnp.float32),
-        solver_converged=jnp.asarray(True))
+        solver_converged=jnp.asarray(True),
+        solver_outcome=jnp.zeros([], jnp.int32))
   if per_task:
     fields.update(num_rejected_losses=jnp.zeros((num_tasks,), jnp.int32))
   if gradients:

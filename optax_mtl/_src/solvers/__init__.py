@@ -25,25 +25,26 @@ Every solver's test is relative to the problem's own scale, with a floor at
 the dtype's round-off (:func:`relative_gap`), and each first scales ``G`` by
 a power of two (exact): the weights do not change when ``G`` is multiplied
 by any ``c > 0`` (Nash-MTL's ``α`` scales as ``c^{-1/2}``, as it must).
+
+Public: every solver a strategy calls (``solve_min_norm``, ``solve_cagrad``,
+``solve_dual_cone_qp``, ``solve_nash``, ``solve_alpha_fair``,
+``solve_priority_qp``), ``project_simplex``, ``SolverResult`` and
+``Outcome`` are exported as ``optax_mtl.<name>``; the helpers below are the
+strategies' own (``optax_mtl._src.solvers``).
 """
 
-from optax_mtl._src.solvers._active_set import entering_task
 from optax_mtl._src.solvers._active_set import solve_dual_cone_qp
-from optax_mtl._src.solvers._active_set import solve_on_free_set
-from optax_mtl._src.solvers._active_set import step_back_to_feasibility
 from optax_mtl._src.solvers._alpha_fair import solve_alpha_fair
 from optax_mtl._src.solvers._common import Outcome
 from optax_mtl._src.solvers._common import SolverResult
-from optax_mtl._src.solvers._common import check_max_iters
-from optax_mtl._src.solvers._common import check_tolerance
 from optax_mtl._src.solvers._common import default_tolerance
 from optax_mtl._src.solvers._common import gradient_norms
+from optax_mtl._src.solvers._common import inverse_gradient_norms
 from optax_mtl._src.solvers._common import relative_gap
 from optax_mtl._src.solvers._common import resolve_cutoff
 from optax_mtl._src.solvers._common import safe_divide
 from optax_mtl._src.solvers._common import scale_by_power_of_two
 from optax_mtl._src.solvers._common import state_fields
-from optax_mtl._src.solvers._frank_wolfe import pairwise_frank_wolfe
 from optax_mtl._src.solvers._frank_wolfe import project_simplex
 from optax_mtl._src.solvers._frank_wolfe import solve_cagrad
 from optax_mtl._src.solvers._frank_wolfe import solve_min_norm
@@ -53,12 +54,9 @@ from optax_mtl._src.solvers._priority import solve_priority_qp
 __all__ = (
     "Outcome",
     "SolverResult",
-    "check_max_iters",
-    "check_tolerance",
     "default_tolerance",
-    "entering_task",
     "gradient_norms",
-    "pairwise_frank_wolfe",
+    "inverse_gradient_norms",
     "project_simplex",
     "relative_gap",
     "resolve_cutoff",
@@ -69,8 +67,6 @@ __all__ = (
     "solve_dual_cone_qp",
     "solve_min_norm",
     "solve_nash",
-    "solve_on_free_set",
     "solve_priority_qp",
     "state_fields",
-    "step_back_to_feasibility",
 )

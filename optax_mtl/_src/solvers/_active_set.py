@@ -11,11 +11,11 @@ import jax.numpy as jnp
 
 from optax_mtl._src.solvers import _common
 
-# The default max_iters of solve_dual_cone_qp. An iteration frees one task
-# or bounds one again; a solve takes about as many iterations as it frees
-# tasks (up to T) plus a few: about 157 at T = 256 from a cold start in the
-# timings. The bound leaves room for T up to several hundred.
-DEFAULT_MAX_ITERS = 1000
+# The default max_iters of solve_dual_cone_qp (and of upgrad and dualproj).
+# An iteration frees one task or bounds one again; a solve takes about as
+# many iterations as it frees tasks (up to T) plus a few: about 157 at
+# T = 256 from a cold start in the timings.
+DEFAULT_MAX_ITERS = 200
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -468,7 +468,7 @@ def solve_dual_cone_qp(
   24 iterations per step before, none after). A guess changes only where
   the search starts, never the test it has to pass.
 
-  Defaults: ``max_iters = 1000`` (about one iteration per freed task: from
+  Defaults: ``max_iters = 200`` (about one iteration per freed task: from
   a cold start 28, 82 and 157 iterations for UPGrad at T = 40, 128, 256),
   ``tol`` from
   :func:`_common.default_tolerance`.

@@ -3,13 +3,13 @@ convergence rule, the argument checks and the small numerical helpers."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from optax_mtl._src import base
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -24,11 +24,11 @@ class Outcome:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_mtl._src import solvers
-    >>> result = solvers.solve_min_norm(jnp.eye(3))
-    >>> int(result.outcome) == solvers.Outcome.SUCCESS
+    >>> import optax_mtl
+    >>> result = optax_mtl.solve_min_norm(jnp.eye(3))
+    >>> int(result.outcome) == optax_mtl.Outcome.SUCCESS
     True
-    >>> solvers.Outcome.message(solvers.Outcome.MAX_ITERS)[:29]
+    >>> optax_mtl.Outcome.message(optax_mtl.Outcome.MAX_ITERS)[:29]
     'max_iters iterations were run'
   """
 
@@ -85,12 +85,20 @@ class SolverResult(NamedTuple):
   outcome: chex.Array  # i32[], an :class:`Outcome` code.
 
 
+# The severity of each outcome code (indexed by the code), to summarise a
+# batch by its worst member: NONFINITE, NO_SOLUTION, STALLED, MAX_ITERS,
+# SUCCESS, from the worst.
+_SEVERITY = (0, 1, 4, 3, 2)
+
+
 def state_fields(result: SolverResult) -> dict[str, jax.Array]:
   """The conventional solver fields of a strategy's state, from a result.
 
   Used as ``state._replace(**solvers.state_fields(result))``. A batch of
   results (UPGrad's T problems) is summarised by its worst member: the
-  most iterations, the largest gap, and converged only if all converged.
+  most iterations, the largest gap, converged only if all converged, and
+  the most severe outcome (NONFINITE, NO_SOLUTION, STALLED, MAX_ITERS,
+  SUCCESS, from the worst).
   The dtypes are fixed (the state's dtypes never change between steps), so
   a float64 solve still stores a float32 gap.
 
@@ -99,25 +107,29 @@ def state_fields(result: SolverResult) -> dict[str, jax.Array]:
 
   Returns:
     ``dict(solver_iterations=i32[], solver_gap=f32[],
-    solver_converged=bool[])``.
+    solver_converged=bool[], solver_outcome=i32[])``.
 
   Examples:
     >>> import jax.numpy as jnp
+    >>> import optax_mtl
     >>> from optax_mtl._src import solvers
-    >>> fields = solvers.state_fields(solvers.solve_min_norm(jnp.eye(2)))
+    >>> fields = solvers.state_fields(optax_mtl.solve_min_norm(jnp.eye(2)))
     >>> {k: v.dtype.name for k, v in fields.items()}
     {'solver_iterations': 'int32', 'solver_gap': 'float32', \
-'solver_converged': 'bool'}
+'solver_converged': 'bool', 'solver_outcome': 'int32'}
   """
   # An infinite gap (no solution, a NaN met) is stored as the largest
   # float32: a state stays finite, so the guard accepts the solver's
   # documented fallback instead of rejecting the step.
   gap = jnp.minimum(jnp.max(result.gap).astype(jnp.float32),
                     jnp.finfo(jnp.float32).max)
+  outcomes = jnp.ravel(result.outcome).astype(jnp.int32)
+  worst = jnp.argmax(jnp.asarray(_SEVERITY, jnp.int32)[outcomes])
   return dict(
       solver_iterations=jnp.max(result.iterations).astype(jnp.int32),
       solver_gap=jnp.where(jnp.isnan(gap), jnp.finfo(jnp.float32).max, gap),
-      solver_converged=jnp.all(result.converged))
+      solver_converged=jnp.all(result.converged),
+      solver_outcome=outcomes[worst])
 
 
 # --------------------------------------------------------------------------
@@ -187,8 +199,7 @@ def relative_gap(absolute: chex.Array, scale: chex.Array,
     The relative gap, in the dtype of ``absolute``.
   """
   absolute = jnp.asarray(absolute)
-  ratio = jnp.where(scale > 0, absolute / jnp.where(scale > 0, scale, 1.0),
-                    jnp.inf)
+  ratio = jnp.where(scale > 0, safe_divide(absolute, scale), jnp.inf)
   return jnp.where(absolute <= floor, jnp.zeros_like(absolute),
                    ratio.astype(absolute.dtype))
 
@@ -242,6 +253,15 @@ def safe_divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
 def gradient_norms(gramian: chex.Array) -> chex.Array:
   """``‖g_k‖ = sqrt(max(G_kk, 0))``, the task gradients' norms, shape [T]."""
   return jnp.sqrt(jnp.maximum(jnp.diagonal(gramian), 0))
+
+
+def inverse_gradient_norms(gramian: chex.Array,
+                           min_relative_norm: Any) -> chex.Array:
+  """``1/‖g_k‖`` from ``diag(G)``, [T]; 0 for a gradient whose norm is at
+  or below ``min_relative_norm`` times the largest (or zero)."""
+  norms = gradient_norms(gramian)
+  keep = (norms > min_relative_norm * jnp.max(norms)) & (norms > 0)
+  return safe_divide(1.0, jnp.where(keep, norms, 0))
 
 
 def dot(first: chex.Array, second: chex.Array) -> chex.Array:
@@ -327,53 +347,33 @@ def prepare_gramian(gramian: chex.Array) -> Gramian:
 
 
 # --------------------------------------------------------------------------
-# Argument checks (eager, on Python and NumPy values).
+# Argument checks (eager): the budget's checks are base's, the package's one
+# home for them; these resolve what only a solver knows (the dtype's tol).
 # --------------------------------------------------------------------------
 
 
-def _is_real_number(value: Any) -> bool:
-  return (isinstance(value, (int, float, np.integer, np.floating))
-          and not isinstance(value, (bool, np.bool_)))
-
-
 def check_max_iters(max_iters: Any) -> int:
-  """``max_iters`` as a Python int >= 1 (NumPy integers accepted).
+  """``max_iters`` as a Python int >= 1 (:func:`base.check_positive_int`).
 
   Raises:
     ValueError: naming ``max_iters`` and the value received.
   """
-  if (isinstance(max_iters, (bool, np.bool_))
-      or not isinstance(max_iters, (int, np.integer)) or max_iters < 1):
-    raise ValueError(f"max_iters must be an integer >= 1, got {max_iters!r}.")
-  return int(max_iters)
+  return base.check_positive_int("max_iters", max_iters)
 
 
 def check_tolerance(tol: Any, dtype) -> Any:
-  """``tol`` as a finite number >= 0, or the default for ``dtype`` if None.
+  """``tol`` checked (>= 0, :func:`base.check_in_range`), or the default.
 
-  Python and NumPy numbers are checked and returned as floats; a scalar
-  JAX array is checked when its value is known and passes through under
-  ``jit`` (e.g. ``optax.inject_hyperparams``).
+  None gives :func:`default_tolerance` of ``dtype``; a scalar JAX array is
+  checked when its value is known and passes through under ``jit`` (e.g.
+  ``optax.inject_hyperparams``).
 
   Raises:
     ValueError: naming ``tol`` and the value received.
   """
   if tol is None:
     return default_tolerance(dtype)
-  if _is_real_number(tol):
-    number = float(tol)
-  elif isinstance(tol, (jax.Array, np.ndarray)) and jnp.shape(tol) == () and (
-      jnp.issubdtype(tol.dtype, jnp.floating)
-      or jnp.issubdtype(tol.dtype, jnp.integer)):
-    if isinstance(tol, jax.core.Tracer):
-      return tol
-    number = float(tol)
-  else:
-    raise ValueError(f"tol must be a real number >= 0 or None, got {tol!r}.")
-  if not (math.isfinite(number) and number >= 0):
-    raise ValueError(f"tol must be a finite number >= 0 or None, got "
-                     f"{tol!r}.")
-  return number if _is_real_number(tol) else tol
+  return base.check_in_range("tol", tol, 0.0)
 
 
 def check_vector(name: str, vector: Any, num_tasks: int, dtype,

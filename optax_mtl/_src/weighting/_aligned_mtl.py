@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 
@@ -24,7 +25,7 @@ class AlignedMtlState(NamedTuple):
   condition_number: chex.Array  # f32[], λ_max / λ_R over the kept ones.
 
 
-def _aligned_mtl_weights(gramian: chex.Array, preferences: chex.Array,
+def _aligned_mtl_weights(gramian: chex.Array, preference: chex.Array,
                          eigenvalue_rtol: Optional[float],
                          scale_mode: str = "min"):
   """``(B ω, rank, λ_max / λ_R)`` from the Gramian, in its dtype."""
@@ -47,27 +48,29 @@ def _aligned_mtl_weights(gramian: chex.Array, preferences: chex.Array,
     scale = ascending[jnp.maximum(rank - 1, 0) // 2]
   else:  # "rmse"
     scale = jnp.sum(jnp.where(kept, eigenvalues, 0)) / jnp.maximum(rank, 1)
-  inv_sqrt = jnp.where(kept, 1 / jnp.sqrt(jnp.where(kept, eigenvalues, 1)), 0)
+  inv_sqrt = solvers.safe_divide(1.0, jnp.sqrt(jnp.where(kept, eigenvalues,
+                                                         0)))
   sigma = jnp.where(any_kept, jnp.sqrt(jnp.where(any_kept, scale, 1)), 0)
   # B = σ V Λ^{-1/2} Vᵀ over the kept eigenpairs.
   b_matrix = sigma * (eigenvectors * inv_sqrt[None, :]) @ eigenvectors.T
-  weights = b_matrix @ preferences.astype(dtype)
+  weights = b_matrix @ preference.astype(dtype)
   condition = jnp.where(any_kept, largest / smallest_kept, 1)
   return weights, rank, condition
 
 
+@deprecation.renamed_arguments({"preferences": "preference"})
 def aligned_mtl(
     num_tasks: int,
-    preferences: Optional[Sequence[float]] = None,
+    preference: Optional[Sequence[float]] = None,
     *,
-    eigenvalue_rtol: Optional[float] = None,
     scale_mode: str = "min",
+    eigenvalue_rtol: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Aligned-MTL: a well-conditioned update from the aligned gradients.
 
   With the Gramian :math:`G = J J^\top = V \Lambda V^\top` (eigenvalues
   :math:`\lambda_1 \ge \dots \ge \lambda_R > 0` kept, :math:`R` the rank)
-  and task preferences :math:`\omega` (default all ones), Algorithm 1 of the
+  and the preference vector :math:`\omega` (default all ones), Algorithm 1 of the
   paper is
 
   .. math::
@@ -96,7 +99,7 @@ def aligned_mtl(
 
   Options that reproduce the peers:
 
-  * ``preferences=[1/T] * T``: torchjd's ``AlignedMTL`` (its default
+  * ``preference=[1/T] * T``: torchjd's ``AlignedMTL`` (its default
     preference vector is the mean, so its update is this one divided by
     T); the default all-ones is the paper's and LibMTL's
     (``alpha = B.sum(0)``).
@@ -113,12 +116,12 @@ def aligned_mtl(
 
   Args:
     num_tasks: the number of tasks T.
-    preferences: the task preferences :math:`\omega` (T positive numbers),
+    preference: the preference vector :math:`\omega` (T positive numbers),
       default all ones.
-    eigenvalue_rtol: relative threshold at or below which an eigenvalue of
-      G is treated as zero; None for :math:`T \varepsilon`.
     scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``: which
       :math:`\sigma^2` the aligned gradients get (see above).
+    eigenvalue_rtol: relative threshold at or below which an eigenvalue of
+      G is treated as zero; None for :math:`T \varepsilon`.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -136,20 +139,16 @@ def aligned_mtl(
     [1.0, 1.0]
 
   References:
-    Senushkin et al., "Independent Component Alignment for Multi-Task
-    Learning", CVPR 2023.
+    Senushkin et al., `Independent Component Alignment for Multi-Task
+    Learning <https://arxiv.org/abs/2305.19000>`_, CVPR 2023.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  if preferences is None:
+  if preference is None:
     preference_values = np.ones((num_tasks,), np.float32)
   else:
-    preference_values = np.asarray(preferences, np.float64)
-    if (preference_values.shape != (num_tasks,)
-        or not np.all(np.isfinite(preference_values))
-        or np.any(preference_values <= 0)):
-      raise ValueError(
-          f"preferences must be {num_tasks} positive finite numbers, got "
-          f"{preferences!r}.")
+    base.check_task_vector("preference", preference, num_tasks, 0.0,
+                           low_inclusive=False, allow_scalar=False)
+    preference_values = np.asarray(preference, np.float64)
   if eigenvalue_rtol is not None:
     eigenvalue_rtol = base.check_in_range(
         "eigenvalue_rtol", eigenvalue_rtol, 0.0, 1.0, high_inclusive=False)

@@ -18,10 +18,12 @@ class CagradState(NamedTuple):
   num_skipped: chex.Array  # i32[], rejected steps.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
-  solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
-  solver_gap: chex.Array  # f32[], final relative duality gap (f32 max: none).
-  solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
-  solution: chex.Array  # f32[T], the solver's w* of the last step.
+  solver_iterations: chex.Array  # i32[], Frank-Wolfe steps on the dual.
+  solver_gap: chex.Array  # f32[], the dual's relative gap (f32 max: none).
+  solver_converged: chex.Array  # bool[], that gap met tol in max_iters.
+  solver_outcome: chex.Array  # i32[], the dual solve's Outcome code.
+  solution: chex.Array  # f32[T], the dual's w of the last step (its warm
+  #                       start; 1/T before the first).
 
 
 RESCALE_MODES = (0, 1, 2)
@@ -29,8 +31,8 @@ RESCALE_MODES = (0, 1, 2)
 
 def cagrad(
     num_tasks: int,
-    *,
     c: float = 0.5,
+    *,
     rescale: int = 0,
     max_iters: int = 1000,
     tol: Optional[float] = None,
@@ -46,7 +48,7 @@ def cagrad(
   with ``g_0 = (1/T) Σ_k g_k`` the mean gradient, ``φ = c² ‖g_0‖²``,
   ``g_w = Σ_k w_k g_k`` and ``w`` the solution of the dual problem
   ``min_{w ∈ Δ} g_wᵀ g_0 + √φ ‖g_w‖``, solved on the Gramian by
-  :func:`~optax_mtl._src.solvers.solve_cagrad` (Liu et al. 2021, Eq. 4 and
+  :func:`optax_mtl.solve_cagrad` (Liu et al. 2021, Eq. 4 and
   Algorithm 1), warm-started from the last step's ``w`` (kept in
   ``solution``). The returned weights are ``1/T + (√φ / ‖g_w‖) w_k``,
   divided according to ``rescale``. ``c = 0`` gives the mean gradient. When
@@ -76,10 +78,10 @@ def cagrad(
       ``c ≥ 0`` (the paper recommends ``c < 1`` for convergence).
     rescale: ``0``, ``1`` or ``2``, LibMTL's rescaling of the update (see
       above).
-    max_iters: the most Frank-Wolfe iterations per step.
-    tol: the relative duality gap at which to stop (see
-      :func:`~optax_mtl._src.solvers.solve_cagrad`); None: 1e-6 in float32,
-      1e-12 in float64.
+    max_iters: the most Frank-Wolfe iterations on the dual per step
+      (:func:`optax_mtl.solve_cagrad`'s default).
+    tol: the dual's relative duality gap at which to stop; None: the
+      solver's default for the Gramian's dtype.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -95,8 +97,8 @@ def cagrad(
     [0.75, 0.75]
 
   References:
-    Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for
-    Multi-task Learning", NeurIPS 2021.
+    Liu, Liu, Jin, Stone & Liu, `Conflict-Averse Gradient Descent for
+    Multi-task Learning <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   c = base.check_in_range("c", c, 0.0)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _upgrad
@@ -22,12 +23,14 @@ class DualprojState(NamedTuple):
   solver_iterations: chex.Array  # i32[], active-set iterations used.
   solver_gap: chex.Array  # f32[], final relative KKT residual.
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
+  solver_outcome: chex.Array  # i32[], the solve's Outcome code.
 
 
+@deprecation.renamed_arguments({"preferences": "preference"})
 def dualproj(
     num_tasks: int,
+    preference: Optional[Sequence[float]] = None,
     *,
-    preferences: Optional[Sequence[float]] = None,
     regularization: float = 0.0,
     max_iters: int = 200,
     tol: Optional[float] = None,
@@ -39,10 +42,10 @@ def dualproj(
       = J^\top w, \qquad
     w = \operatorname*{argmin}_{v \ge p} v^\top G v,
 
-  with the preferences ``p`` (default ``1/T``: the mean gradient): the
+  with the preference vector ``p`` (default ``1/T``: the mean gradient): the
   closest direction to ``Jᵀp`` that conflicts with no task, ``J d = G w ≥ 0``
   (Quinton & Rey 2024). The box-constrained QP on the Gramian is solved by
-  :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`, warm-started from the
+  :func:`optax_mtl.solve_dual_cone_qp`, warm-started from the
   previous step's weights (its previous solution). The solver divides
   ``G`` by a power of two (exactly), so scaling every gradient by the same
   factor scales ``d`` by it (the weights do not change).
@@ -50,7 +53,7 @@ def dualproj(
   Options that reproduce torchjd's ``DualProj(pref_vector, norm_eps,
   reg_eps)``:
 
-  * ``preferences``: torchjd's ``pref_vector`` (any finite vector).
+  * ``preference``: torchjd's ``pref_vector`` (any finite vector).
   * ``regularization``: torchjd's ``reg_eps`` (1e-4 there, 0 here): the QP
     is solved on ``G / tr(G) + reg_eps · I``, which is relative to
     ``tr(G) = ‖J‖²_F``; ``J d ≥ 0`` then holds only up to the
@@ -63,16 +66,19 @@ def dualproj(
 
   Args:
     num_tasks: the number of tasks T.
-    preferences: ``p``, T finite numbers; None for ``1/T`` each.
-    regularization: ``ρ ≥ 0``: the QP is solved on ``G / tr(G) + ρ I``
-      (torchjd's ``reg_eps``); 0 for the exact projection.
-    max_iters: the most active-set iterations per step.
-    tol: the relative KKT residual at which to stop (see
-      :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`); None: 1e-6 in
-      float32, 1e-12 in float64.
+    preference: ``p``, T finite numbers (of any sign), the combination
+      ``Jᵀp`` to project; None for ``1/T`` each (the mean gradient).
+    regularization: ``ρ ≥ 0``, a ridge: the one QP is solved on
+      ``G / tr(G) + ρ I`` (torchjd's ``reg_eps``); 0 for the exact
+      projection.
+    max_iters: the most active-set iterations of the step's QP
+      (:func:`optax_mtl.solve_dual_cone_qp`'s default).
+    tol: the relative KKT residual at which it stops; None: the solver's
+      default for the Gramian's dtype.
 
   Returns:
-    A :class:`optax_mtl.MultiTaskStrategy`.
+    A :class:`optax_mtl.MultiTaskStrategy` (the dual-cone projection of one
+    combination, where :func:`optax_mtl.upgrad` projects every gradient).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -85,16 +91,12 @@ def dualproj(
     [-0.3, 0.6]
 
   References:
-    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024.
+    Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024.
   """
-  num_tasks = base.check_num_tasks(num_tasks)
-  max_iters, tol = base.check_solver_options(max_iters, tol)
-  if preferences is None:
-    preference_values = np.full((num_tasks,), 1.0 / num_tasks)
-  else:
-    preference_values = _upgrad.check_preferences(preferences, num_tasks,
-                                                  non_negative=False)
-  regularization = base.check_in_range("regularization", regularization, 0.0)
+  num_tasks, preference_values, regularization, max_iters, tol = (
+      _upgrad.check_dual_cone_options(num_tasks, preference, regularization,
+                                      max_iters, tol, low=None))
 
   def init():
     return DualprojState(**base.common_state_fields(

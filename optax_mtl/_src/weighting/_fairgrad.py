@@ -21,6 +21,7 @@ class FairgradState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Newton steps used.
   solver_gap: chex.Array  # f32[], final relative residual.
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
+  solver_outcome: chex.Array  # i32[], the solve's Outcome code.
   solution: chex.Array  # f32[T], u = w ⊙ diag(G)^{α/(α+1)} of the last
   #                       solve (its warm start; 0 before the first: cold).
 
@@ -42,7 +43,7 @@ def fairgrad(
     G w = w^{-1/\alpha} \quad (\text{elementwise}, w > 0),
 
   solved in the compiled step by damped Newton steps
-  (``solvers.solve_alpha_fair``). α = 1 gives Nash-MTL's
+  (:func:`optax_mtl.solve_alpha_fair`). α = 1 gives Nash-MTL's
   bargaining solution (proportional fairness), α → ∞ max-min fairness,
   α → 0 the plain sum. The weights of gradients scaled by c are
   :math:`c^{-\alpha/(\alpha+1)}` times the weights, so the update scales as
@@ -65,7 +66,8 @@ def fairgrad(
   Args:
     num_tasks: the number of tasks T.
     alpha: α > 0 (default 2.0, the value of the authors' scripts).
-    max_iters: the most Newton steps per step.
+    max_iters: the most Newton steps per step
+      (:func:`optax_mtl.solve_alpha_fair`'s default).
     tol: the solver's relative residual (None: the dtype's default).
 
   Returns:
@@ -82,7 +84,8 @@ def fairgrad(
     [0.5, 1.0]
 
   References:
-    Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
+    Ban & Ji, `Fair Resource Allocation in Multi-Task Learning
+    <https://arxiv.org/abs/2402.15638>`_, ICML 2024.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   alpha = base.check_in_range("alpha", alpha, 0.0, low_inclusive=False)

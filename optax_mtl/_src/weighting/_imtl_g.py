@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 
@@ -19,10 +20,12 @@ class ImtlGState(NamedTuple):
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
-def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
+def _imtl_g_weights(gramian: chex.Array,
+                    min_relative_norm: float) -> chex.Array:
   """The IMTL-G weights ``α = G⁺n / 1ᵀG⁺n`` from the Gramian (its dtype).
 
-  ``n_k = ‖g_k‖``. A task with ``‖g_k‖ ≤ eps · max_j ‖g_j‖`` is left out
+  ``n_k = ‖g_k‖``. A task with ``‖g_k‖ ≤ min_relative_norm · max_j ‖g_j‖``
+  is left out
   (α_k = 0). The pseudo-inverse drops the eigenvalues of G at or below
   ``T ε λ_max``, the round-off of G itself.
   """
@@ -30,13 +33,13 @@ def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
   dtype = gramian.dtype
   gramian, _ = solvers.scale_by_power_of_two(0.5 * (gramian + gramian.T))
   norms = solvers.gradient_norms(gramian)
-  active = (norms > eps * jnp.max(norms)) & (norms > 0)
+  active = (norms > min_relative_norm * jnp.max(norms)) & (norms > 0)
   both = active[:, None] & active[None, :]
   gramian = jnp.where(both, gramian, jnp.zeros((), dtype))
   eigenvalues, eigenvectors = jnp.linalg.eigh(gramian)
   cutoff = solvers.resolve_cutoff(dtype, num_tasks, jnp.max(eigenvalues))
   kept = eigenvalues > cutoff
-  inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues, 1), 0)
+  inverse = solvers.safe_divide(1.0, jnp.where(kept, eigenvalues, 0))
   norms = jnp.where(active, norms, 0)
   # v = G⁺ n over the kept eigenpairs.
   solution = eigenvectors @ (inverse * (eigenvectors.T @ norms))
@@ -46,14 +49,14 @@ def _imtl_g_weights(gramian: chex.Array, eps: float) -> chex.Array:
   # (e.g. unit gradients summing to zero); α = 0.
   cancels = jnp.abs(total) <= solvers.resolve_cutoff(
       dtype, num_tasks, jnp.sum(jnp.abs(solution)))
-  return jnp.where(cancels, jnp.zeros_like(solution),
-                   solution / jnp.where(cancels, 1, total))
+  return solvers.safe_divide(solution, jnp.where(cancels, 0, total))
 
 
+@deprecation.renamed_arguments({"eps": "min_relative_norm"})
 def imtl_g(
     num_tasks: int,
     *,
-    eps: float = 1e-8,
+    min_relative_norm: float = 1e-8,
 ) -> base.MultiTaskStrategy:
   r"""IMTL-G: the update whose projections on all unit gradients are equal.
 
@@ -83,7 +86,8 @@ def imtl_g(
   direction is kept only where G resolves it. G is first divided by a
   power of two, so the weights do not depend on the common scale of the
   gradients: the update scales with them. A task whose gradient norm is at
-  most ``eps`` times the largest is left out (:math:`\alpha_i = 0`). When
+  most ``min_relative_norm`` times the largest is left out
+  (:math:`\alpha_i = 0`). When
   :math:`\mathbf 1^\top G^{+} n` cancels to round-off (no direction has
   equal positive projections, e.g. unit gradients that sum to zero), and
   for all-zero gradients, :math:`\alpha = 0`.
@@ -93,7 +97,8 @@ def imtl_g(
 
   Args:
     num_tasks: the number of tasks T.
-    eps: gradient norms at or below ``eps`` times the largest count as zero.
+    min_relative_norm: gradient norms at or below ``min_relative_norm``
+      times the largest count as zero.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -116,7 +121,8 @@ def imtl_g(
     (the pseudo-inverse form, torchjd's ``IMTLG``).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
+  min_relative_norm = base.check_in_range(
+      "min_relative_norm", min_relative_norm, 0.0, 1.0, high_inclusive=False)
 
   def init():
     return ImtlGState(**base.common_state_fields(
@@ -124,7 +130,7 @@ def imtl_g(
 
   def rule(task_losses, state, gramian):
     del task_losses
-    return _imtl_g_weights(gramian, eps), state
+    return _imtl_g_weights(gramian, min_relative_norm), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

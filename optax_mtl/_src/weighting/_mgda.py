@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 
@@ -22,16 +23,19 @@ class MgdaState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Frank-Wolfe iterations used.
   solver_gap: chex.Array  # f32[], final relative duality gap (f32 max: none).
   solver_converged: chex.Array  # bool[], gap <= tol within max_iters.
-  solution: chex.Array  # f32[T], the solver's w* of the last step.
+  solver_outcome: chex.Array  # i32[], the solve's Outcome code.
+  solution: chex.Array  # f32[T], the min-norm α* of the last step (its
+  #                       warm start; 1/T before the first).
 
 
+@deprecation.renamed_arguments({"eps": "min_relative_norm"})
 def mgda(
     num_tasks: int,
     *,
+    normalization: str = "none",
+    min_relative_norm: float = 1e-12,
     max_iters: int = 1000,
     tol: Optional[float] = None,
-    normalization: str = "none",
-    eps: float = 1e-12,
 ) -> base.MultiTaskStrategy:
   r"""MGDA: the min-norm point of the convex hull of the task gradients.
 
@@ -47,11 +51,11 @@ def mgda(
   ``1/(L_k ‖g_k‖)`` (``"loss+"``). ``d`` is a common descent direction of all
   tasks unless it is zero (a Pareto-stationary point): ``g_kᵀ d ≥ ‖d‖²`` for
   every task with ``α_k > 0`` (KKT). The problem is solved by
-  :func:`~optax_mtl._src.solvers.solve_min_norm` (closed form for two tasks,
+  :func:`optax_mtl.solve_min_norm` (closed form for two tasks,
   pairwise Frank-Wolfe with exact line search otherwise, warm-started from
   the last step's solution, kept in ``solution``). A gradient of norm
-  at most ``eps`` times the largest gets ``s_k = 0`` under the ``l2``
-  normalisations.
+  at most ``min_relative_norm`` times the largest gets ``s_k = 0`` under
+  the ``l2`` normalisations.
 
   Scale: the solver divides ``G`` by a power of two (exactly), so with
   ``"none"`` and ``"loss"`` the weights do not depend on the common scale
@@ -74,13 +78,13 @@ def mgda(
 
   Args:
     num_tasks: the number of tasks T.
-    max_iters: the most Frank-Wolfe iterations per step.
-    tol: the relative duality gap at which to stop (see
-      :func:`~optax_mtl._src.solvers.solve_min_norm`); None: 1e-6 in
-      float32, 1e-12 in float64.
     normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
-    eps: gradient norms at or below ``eps`` times the largest count as zero
-      (``l2``, ``loss+``).
+    min_relative_norm: gradient norms at or below ``min_relative_norm``
+      times the largest count as zero (``l2``, ``loss+``).
+    max_iters: the most Frank-Wolfe iterations per step
+      (:func:`optax_mtl.solve_min_norm`'s default).
+    tol: the relative duality gap at which the min-norm solve stops; None:
+      the solver's default for the Gramian's dtype.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -100,7 +104,8 @@ def mgda(
   References:
     Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective
     optimization", Comptes Rendus Mathematique 2012; Sener & Koltun,
-    "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
+    `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   max_iters, tol = base.check_solver_options(max_iters, tol)
@@ -108,7 +113,8 @@ def mgda(
     raise ValueError(
         f"normalization must be one of {NORMALIZATIONS}, got "
         f"{normalization!r}.")
-  eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
+  min_relative_norm = base.check_in_range(
+      "min_relative_norm", min_relative_norm, 0.0, 1.0, high_inclusive=False)
 
   def init():
     return MgdaState(
@@ -117,7 +123,8 @@ def mgda(
         solution=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
   def rule(task_losses, state, gramian):
-    scales = task_scales(normalization, task_losses, gramian, eps)
+    scales = task_scales(normalization, task_losses, gramian,
+                         min_relative_norm)
     scaled = scales[:, None] * gramian * scales[None, :]
     result = solvers.solve_min_norm(scaled, max_iters=max_iters, tol=tol,
                                     warm_start=state.solution)
@@ -133,11 +140,9 @@ def mgda(
 
 
 def task_scales(normalization: str, task_losses: chex.Array,
-                gramian: chex.Array, eps: float) -> chex.Array:
+                gramian: chex.Array, min_relative_norm: float) -> chex.Array:
   """The diagonal ``s`` of the normalisation ``D = diag(s)`` of :func:`mgda`."""
-  norms = solvers.gradient_norms(gramian)
-  keep = (norms > eps * jnp.max(norms)) & (norms > 0)
-  inverse_norms = jnp.where(keep, 1 / jnp.where(keep, norms, 1), 0)
+  inverse_norms = solvers.inverse_gradient_norms(gramian, min_relative_norm)
   losses = task_losses.astype(gramian.dtype)
   if normalization == "l2":
     return inverse_norms
@@ -145,4 +150,5 @@ def task_scales(normalization: str, task_losses: chex.Array,
     return 1 / losses
   if normalization == "loss+":
     return inverse_norms / losses
-  return jnp.ones_like(norms)
+  return jnp.ones_like(inverse_norms)
+

@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 from optax_mtl._src.solvers import _alpha_fair
@@ -21,16 +22,19 @@ class NashMtlState(NamedTuple):
   solver_iterations: chex.Array  # i32[], Newton steps of the last solve.
   solver_gap: chex.Array  # f32[], relative residual of Gα = 1/α (see doc).
   solver_converged: chex.Array  # bool[], solver_gap <= tol.
-  solver_outcome: chex.Array  # i32[], a solvers.Outcome code (see doc).
+  solver_outcome: chex.Array  # i32[], an optax_mtl.Outcome code (see doc).
   solution: chex.Array  # f32[T], β = α ⊙ ‖g‖ of the last solve (its warm
   #                       start; 0 before the first: a cold start).
 
 
+@deprecation.renamed_arguments(
+    old_positional=("num_tasks", "max_iters", "tol", "max_norm"))
 def nash_mtl(
     num_tasks: int,
+    *,
+    max_norm: Optional[float] = None,
     max_iters: int = 50,
     tol: Optional[float] = None,
-    max_norm: Optional[float] = None,
 ) -> base.MultiTaskStrategy:
   r"""Nash-MTL: the update as the Nash bargaining solution of the tasks.
 
@@ -45,7 +49,7 @@ def nash_mtl(
   not depend on the scale of the gradients (scaling them all by
   :math:`c > 0` scales :math:`\alpha` by :math:`1/c` and leaves :math:`d`
   unchanged). The paper solves this by a sequence of convex programs
-  (cvxpy); here :func:`~optax_mtl._src.solvers.solve_nash` finds the
+  (cvxpy); here :func:`optax_mtl.solve_nash` finds the
   stationary point of the convex :math:`F(\alpha) = \tfrac12 \alpha^\top
   G \alpha - \sum_i \log \alpha_i` by damped Newton steps
   (``lax.while_loop``, at most ``max_iters``), in the unit-gradient
@@ -64,7 +68,7 @@ def nash_mtl(
   :math:`\alpha = 0`, a zero update: the disagreement point of the
   bargaining game, as MGDA's update is zero at such a Pareto-stationary
   point. The step is accepted (not counted in ``num_skipped``) and
-  reported: ``solver_outcome = solvers.Outcome.NO_SOLUTION`` (3),
+  reported: ``solver_outcome = optax_mtl.Outcome.NO_SOLUTION`` (3),
   ``solver_converged = False`` and ``solver_gap`` the largest float32.
   Otherwise ``solver_outcome`` is ``SUCCESS`` (0), ``MAX_ITERS`` (1) or
   ``STALLED`` (4).
@@ -94,11 +98,12 @@ def nash_mtl(
 
   Args:
     num_tasks: the number of tasks T.
-    max_iters: the largest number of Newton steps per solve.
-    tol: the relative residual at which the solver stops (>= 0); None for
-      1e-6 in float32, 1e-12 in float64.
     max_norm: optional bound on the norm of the combined update (on the
       parameters of the Gramian); None for no bound, 1.0 for the peers'.
+    max_iters: the largest number of Newton steps per solve
+      (:func:`optax_mtl.solve_nash`'s default).
+    tol: the relative residual at which the solver stops (>= 0); None for
+      1e-6 in float32, 1e-12 in float64.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -116,7 +121,8 @@ def nash_mtl(
     True
 
   References:
-    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022.
+    Navon et al., `Multi-Task Learning as a Bargaining Game
+    <https://arxiv.org/abs/2202.01017>`_, ICML 2022.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   max_iters, tol = base.check_solver_options(max_iters, tol)
@@ -128,7 +134,6 @@ def nash_mtl(
     return NashMtlState(
         **base.common_state_fields(num_tasks, gramian=True, solver=True,
                                    gradients=True),
-        solver_outcome=jnp.zeros([], jnp.int32),
         solution=jnp.zeros((num_tasks,), jnp.float32))
 
   def rule(task_losses, state, gramian):
@@ -140,10 +145,9 @@ def nash_mtl(
     if max_norm is not None:
       norm = jnp.sqrt(jnp.clip(weights @ (gramian @ weights), min=0))
       weights = jnp.where(norm > max_norm,
-                          weights * (max_norm / jnp.where(norm > 0, norm, 1)),
+                          weights * solvers.safe_divide(max_norm, norm),
                           weights)
     return weights, state._replace(
-        solver_outcome=result.outcome.astype(jnp.int32),
         solution=solution.astype(jnp.float32),
         **solvers.state_fields(result))
 

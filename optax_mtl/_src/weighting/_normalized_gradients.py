@@ -3,9 +3,10 @@
 from typing import NamedTuple
 
 import chex
-import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
+from optax_mtl._src import solvers
 from optax_mtl._src import step
 
 
@@ -18,10 +19,11 @@ class NormalizedGradientsState(NamedTuple):
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
 
 
+@deprecation.renamed_arguments({"eps": "min_relative_norm"})
 def normalized_gradients(
     num_tasks: int,
     *,
-    eps: float = 1e-12,
+    min_relative_norm: float = 1e-12,
 ) -> base.MultiTaskStrategy:
   r"""Gradient normalisation: every task gradient scaled to unit norm.
 
@@ -29,7 +31,8 @@ def normalized_gradients(
     d = \sum_{k=1}^{T} \frac{g_k}{\lVert g_k \rVert},
     \qquad w_k = \frac{1}{\sqrt{G_{kk}}}, \quad G = J J^\top.
 
-  A task whose gradient norm is at most ``eps`` times the largest gets
+  A task whose gradient norm is at most ``min_relative_norm`` times the
+  largest gets
   weight 0 (its gradient is zero, or negligible, so nothing is lost). The
   threshold is relative so that the update does not depend on the scale
   of the gradients: scaling them all by any ``c > 0`` leaves ``d``
@@ -39,7 +42,8 @@ def normalized_gradients(
 
   Args:
     num_tasks: the number of tasks T.
-    eps: norms at or below ``eps`` times the largest are treated as zero.
+    min_relative_norm: norms at or below ``min_relative_norm`` times the
+      largest are treated as zero.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -55,13 +59,16 @@ def normalized_gradients(
     [0.6, 1.8]
 
   References:
-    Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss Balancing
-    in Deep Multitask Networks", ICML 2018 (the "gradient normalisation"
-    baseline); Sener & Koltun, "Multi-Task Learning as Multi-Objective
-    Optimization", NeurIPS 2018 (the ``l2`` normalisation).
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks <https://arxiv.org/abs/1711.02257>`_,
+    ICML 2018 (the "gradient normalisation" baseline); Sener & Koltun,
+    `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018 (the ``l2``
+    normalisation).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
+  min_relative_norm = base.check_in_range(
+      "min_relative_norm", min_relative_norm, 0.0, 1.0, high_inclusive=False)
 
   def init():
     return NormalizedGradientsState(
@@ -70,10 +77,7 @@ def normalized_gradients(
 
   def rule(task_losses, state, gramian):
     del task_losses
-    norms = jnp.sqrt(jnp.clip(jnp.diag(gramian), min=0))
-    keep = (norms > eps * jnp.max(norms)) & (norms > 0)
-    weights = jnp.where(keep, 1 / jnp.where(keep, norms, 1), 0)
-    return weights, state
+    return solvers.inverse_gradient_norms(gramian, min_relative_norm), state
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

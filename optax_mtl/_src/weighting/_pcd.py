@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 
@@ -23,6 +24,7 @@ class PcdState(NamedTuple):
   solver_gap: chex.Array  # f32[], final relative violation (max f32 when
   #                         the constraints were infeasible).
   solver_converged: chex.Array  # bool[], gap <= tol (False: infeasible).
+  solver_outcome: chex.Array  # i32[], the solve's Outcome code.
   # f32[T], the moving average of ‖g_k‖² (not bias-corrected).
   squared_norm_average: chex.Array
   num_steps: chex.Array  # i32[], accepted steps (for the bias correction).
@@ -46,7 +48,7 @@ def _check_taus(tau: Any, num_tasks: int) -> Union[float, np.ndarray, Any]:
 
 
 def pcd_weights(gramian: chex.Array, squared_norm_average: chex.Array,
-                num_steps: chex.Array, tau: Any, beta: Any, eps: Any, *,
+                num_steps: chex.Array, tau: Any, decay: Any, eps: Any, *,
                 max_iters: int, tol: Any):
   """PCD's weights from the Gramian and the moving average (one step).
 
@@ -58,12 +60,12 @@ def pcd_weights(gramian: chex.Array, squared_norm_average: chex.Array,
   squared_norms = jnp.maximum(jnp.diagonal(gramian), 0)
   # 1 − β from a Python β in float64 (1 − float32(0.999) is off by 1e-5),
   # and 1 − βⁿ = −expm1(n log1p(−(1 − β))), accurate to float32 round-off.
-  one_minus_beta = (jnp.float32(1.0 - beta) if isinstance(beta, float)
-                    else 1 - jnp.asarray(beta, jnp.float32))
-  average = squared_norm_average + one_minus_beta * (
+  one_minus_decay = (jnp.float32(1.0 - decay) if isinstance(decay, float)
+                     else 1 - jnp.asarray(decay, jnp.float32))
+  average = squared_norm_average + one_minus_decay * (
       squared_norms.astype(jnp.float32) - squared_norm_average)
   correction = -jnp.expm1(num_steps.astype(jnp.float32)
-                          * jnp.log1p(-one_minus_beta))
+                          * jnp.log1p(-one_minus_decay))
   debiased = average / correction
   denominators = jnp.sqrt(debiased + jnp.asarray(eps, jnp.float32))
   # A zero average: the gradient was always zero, its scale does not matter.
@@ -84,11 +86,12 @@ def pcd_weights(gramian: chex.Array, squared_norm_average: chex.Array,
   return weights, average, result
 
 
+@deprecation.renamed_arguments({"beta": "decay"})
 def pcd(
     num_tasks: int,
     tau: Union[float, Sequence[float]] = 0.02,
+    decay: float = 0.999,
     *,
-    beta: float = 0.999,
     eps: float = 1e-8,
     max_iters: int = 200,
     tol: Union[None, float] = None,
@@ -109,8 +112,9 @@ def pcd(
 
   with the normalised gradients ``g̃_k = s_k g_k``, ``s_k = 1/√(v̂_k + ε)``
   and ``v̂_k`` the bias-corrected moving average of ``‖g_k‖²`` (decay
-  ``β``) over the steps. The QP is solved exactly through its dual on the
-  Gramian (:func:`~optax_mtl._src.solvers.solve_priority_qp`): ``d̃ = g̃_1
+  ``β``, the old average's weight) over the steps. The QP is solved exactly
+  through its dual on the Gramian (:func:`optax_mtl.solve_priority_qp`):
+  ``d̃ = g̃_1
   + Σ_j μ_j g̃_j`` with the multipliers ``μ ≥ 0``, so the weights are
   ``w = (1, μ) ∘ s · ‖g_1‖/‖d̃‖``. Special cases (Varam et al.; torchjd's
   ``PCD``): ``g_1 = 0`` gives ``d = 0``; constraints that cannot hold
@@ -123,8 +127,9 @@ def pcd(
   ``ε``), and ``d`` scales with the primary gradient. The strategy is not
   symmetric in the tasks: order them with the primary first.
 
-  Defaults ``tau = 0.02``, ``beta = 0.999``, ``eps = 1e-8`` are torchjd's
-  (``PCD(tau, beta, eps)``, which this reproduces); ``tau`` may also give
+  Defaults ``tau = 0.02``, ``decay = 0.999``, ``eps = 1e-8`` are torchjd's
+  (``PCD(tau, beta, eps)``, whose ``beta`` is ``decay`` here, the name of
+  an old average's weight; this reproduces it); ``tau`` may also give
   one fraction per secondary task. Differences from torchjd: it solves in
   float64 on the CPU, this in the Gramian's dtype (float32; float64 under
   ``jax_enable_x64``, the way to match it to round-off); it treats a
@@ -140,15 +145,16 @@ def pcd(
   Args:
     num_tasks: the number of tasks T; task 0 is the primary one.
     tau: ``τ`` in ``[0, 1]``, or T − 1 such numbers (tasks 1, ..., T − 1).
-    beta: ``β`` in ``[0, 1)``, the decay of the moving average of ``‖g_k‖²``.
+    decay: ``β`` in ``[0, 1)``, the weight of the old average in the moving
+      average of ``‖g_k‖²``, ``v ← β v + (1 − β) ‖g_k‖²``.
     eps: ``ε >= 0``, added to the average before its inverse square root.
-    max_iters: the most active-set iterations per step.
-    tol: the relative constraint violation at which to stop (see
-      :func:`~optax_mtl._src.solvers.solve_priority_qp`); None: 1e-6 in
-      float32, 1e-12 in float64.
+    max_iters: the most dual active-set iterations of the step's QP
+      (:func:`optax_mtl.solve_priority_qp`'s default).
+    tol: the relative constraint violation at which that QP stops; None:
+      the solver's default for the Gramian's dtype.
 
   Returns:
-    A :class:`optax_mtl.MultiTaskStrategy`.
+    A :class:`optax_mtl.MultiTaskStrategy` that favours task 0.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -168,7 +174,7 @@ def pcd(
   """
   num_tasks = base.check_num_tasks(num_tasks)
   tau = _check_taus(tau, num_tasks)
-  beta = base.check_in_range("beta", beta, 0.0, 1.0, high_inclusive=False)
+  decay = base.check_in_range("decay", decay, 0.0, 1.0, high_inclusive=False)
   eps = base.check_in_range("eps", eps, 0.0)
   max_iters, tol = base.check_solver_options(max_iters, tol)
 
@@ -183,7 +189,7 @@ def pcd(
     del task_losses
     num_steps = optax.safe_increment(state.num_steps)
     weights, average, result = pcd_weights(
-        gramian, state.squared_norm_average, num_steps, tau, beta, eps,
+        gramian, state.squared_norm_average, num_steps, tau, decay, eps,
         max_iters=max_iters, tol=tol)
     return weights, state._replace(
         squared_norm_average=average, num_steps=num_steps,

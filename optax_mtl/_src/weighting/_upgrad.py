@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
 
@@ -21,22 +22,31 @@ class UpgradState(NamedTuple):
   solver_iterations: chex.Array  # i32[], most active-set iterations of the T.
   solver_gap: chex.Array  # f32[], largest relative KKT residual of the T.
   solver_converged: chex.Array  # bool[], all T problems converged.
-  solutions: chex.Array  # f32[T, T], row i: v^(i) of the last step.
+  solver_outcome: chex.Array  # i32[], the worst Outcome code of the T.
+  solution: chex.Array  # f32[T, T], row i: v^(i) of the last step.
+  solutions = deprecation.renamed_field("solution")
 
 
-def check_preferences(preferences: Any, num_tasks: int, *,
-                       non_negative: bool) -> np.ndarray:
-  """The preference vector as float64 NumPy, or a ValueError naming it."""
-  values = np.asarray(preferences, np.float64)
-  bad = values.shape != (num_tasks,) or not np.all(np.isfinite(values))
-  if non_negative:
-    bad = bad or np.any(values < 0)
-  if bad:
-    kind = "non-negative finite" if non_negative else "finite"
-    raise ValueError(
-        f"preferences must be {num_tasks} {kind} numbers, got "
-        f"{preferences!r}.")
-  return values
+def check_dual_cone_options(
+    num_tasks: Any, preference: Any, regularization: Any, max_iters: Any,
+    tol: Any, *, low: Optional[float]) -> tuple[int, np.ndarray, Any, int,
+                                                Any]:
+  """The checked options of the dual-cone strategies (upgrad, dualproj).
+
+  Returns ``(T, p, ρ, max_iters, tol)`` with ``p`` in float64 (``1/T`` each
+  for None; cast to the Gramian's dtype by the rule); ``low`` is the
+  preference's lower bound (None: any finite number).
+  """
+  num_tasks = base.check_num_tasks(num_tasks)
+  if preference is None:
+    values = np.full((num_tasks,), 1.0 / num_tasks)
+  else:
+    base.check_task_vector("preference", preference, num_tasks, low,
+                           allow_scalar=False)
+    values = np.asarray(preference, np.float64)
+  regularization = base.check_in_range("regularization", regularization, 0.0)
+  return (num_tasks, values, regularization,
+          *base.check_solver_options(max_iters, tol))
 
 
 def regularized_gramian(gramian: chex.Array, regularization: Any):
@@ -48,17 +58,17 @@ def regularized_gramian(gramian: chex.Array, regularization: Any):
   """
   if isinstance(regularization, float) and regularization == 0.0:
     return gramian
-  trace = jnp.trace(gramian)
-  positive = trace > 0
-  normalised = jnp.where(positive, gramian / jnp.where(positive, trace, 1), 0)
+  normalised = solvers.safe_divide(gramian,
+                                   jnp.maximum(jnp.trace(gramian), 0))
   return normalised + jnp.asarray(regularization, gramian.dtype) * jnp.eye(
       gramian.shape[0], dtype=gramian.dtype)
 
 
+@deprecation.renamed_arguments({"preferences": "preference"})
 def upgrad(
     num_tasks: int,
+    preference: Optional[Sequence[float]] = None,
     *,
-    preferences: Optional[Sequence[float]] = None,
     regularization: float = 0.0,
     max_iters: int = 200,
     tol: Optional[float] = None,
@@ -71,7 +81,7 @@ def upgrad(
     w = \sum_{i=1}^{T} p_i v^{(i)}, \quad
     v^{(i)} = \operatorname*{argmin}_{v \ge e_i} v^\top G v,
 
-  (Quinton & Rey 2024) with the preferences ``p`` (default ``1/T``: the
+  (Quinton & Rey 2024) with the preference vector ``p`` (default ``1/T``: the
   average of the projections). ``d`` conflicts with no task,
   ``J d = G w ≥ 0``; it equals ``Σ p_i g_i`` when no two gradients
   conflict; and it is linear under scaling: with the gradients scaled by
@@ -79,15 +89,15 @@ def upgrad(
   ``G`` by a power of two, exactly, so the weights do not depend on a
   common scale and ``d`` scales with it). The T box-constrained QPs on the
   Gramian are solved as one batch by
-  :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`, each warm-started
-  from its solution of the previous step (kept in ``solutions``): when the
+  :func:`optax_mtl.solve_dual_cone_qp`, each warm-started
+  from its solution of the previous step (kept in ``solution``): when the
   Gramian changes little, the active sets do not change and no iteration
   is needed. The diagnostics report the worst of the T problems.
 
   Options that reproduce torchjd's ``UPGrad(pref_vector, norm_eps,
   reg_eps)`` (and LibMTL's ``UPGrad``, which copies it):
 
-  * ``preferences``: torchjd's ``pref_vector`` (non-negative; a zero
+  * ``preference``: torchjd's ``pref_vector`` (non-negative; a zero
     preference drops that task's projection, as torchjd's QP does).
   * ``regularization``: torchjd's ``reg_eps`` (1e-4 there, 0 here). torchjd
     solves the QPs on ``G / tr(G) + reg_eps · I``, and so does this with
@@ -106,13 +116,15 @@ def upgrad(
 
   Args:
     num_tasks: the number of tasks T.
-    preferences: ``p``, T non-negative numbers; None for ``1/T`` each.
-    regularization: ``ρ ≥ 0``: the QPs are solved on ``G / tr(G) + ρ I``
-      (torchjd's ``reg_eps``); 0 for the exact projections.
-    max_iters: the most active-set iterations per problem and step.
-    tol: the relative KKT residual at which to stop (see
-      :func:`~optax_mtl._src.solvers.solve_dual_cone_qp`); None: 1e-6 in
-      float32, 1e-12 in float64.
+    preference: ``p``, T non-negative numbers weighting the T projections;
+      None for ``1/T`` each (their average).
+    regularization: ``ρ ≥ 0``, a ridge: each of the T QPs is solved on
+      ``G / tr(G) + ρ I`` (torchjd's ``reg_eps``); 0 for the exact
+      projections.
+    max_iters: the most active-set iterations of each of the T problems in
+      a step (:func:`optax_mtl.solve_dual_cone_qp`'s default).
+    tol: the relative KKT residual at which each of them stops; None: the
+      solver's default, 1e-6 in float32 and 1e-12 in float64.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -128,22 +140,18 @@ def upgrad(
     [0.25, 0.75]
 
   References:
-    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024.
+    Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024.
   """
-  num_tasks = base.check_num_tasks(num_tasks)
-  max_iters, tol = base.check_solver_options(max_iters, tol)
-  if preferences is None:
-    preference_values = np.full((num_tasks,), 1.0 / num_tasks)
-  else:
-    preference_values = check_preferences(preferences, num_tasks,
-                                           non_negative=True)
-  regularization = base.check_in_range("regularization", regularization, 0.0)
+  num_tasks, preference_values, regularization, max_iters, tol = (
+      check_dual_cone_options(num_tasks, preference, regularization,
+                              max_iters, tol, low=0.0))
 
   def init():
     return UpgradState(
         **base.common_state_fields(num_tasks, preference_values.astype(
             np.float32), gramian=True, solver=True, gradients=True),
-        solutions=jnp.eye(num_tasks, dtype=jnp.float32))
+        solution=jnp.eye(num_tasks, dtype=jnp.float32))
 
   def rule(task_losses, state, gramian):
     del task_losses
@@ -151,11 +159,11 @@ def upgrad(
     results = solvers.solve_dual_cone_qp(
         regularized_gramian(gramian, regularization),
         jnp.eye(num_tasks, dtype=dtype), max_iters=max_iters, tol=tol,
-        warm_start=state.solutions)
+        warm_start=state.solution)
     # v ≥ p_i e_i is solved by p_i v^(i) (p_i > 0) and by 0 (p_i = 0).
-    solutions = results.weights.astype(dtype)
-    weights = jnp.asarray(preference_values, dtype) @ solutions
-    return weights, state._replace(solutions=solutions.astype(jnp.float32),
+    solution = results.weights.astype(dtype)
+    weights = jnp.asarray(preference_values, dtype) @ solution
+    return weights, state._replace(solution=solution.astype(jnp.float32),
                                    **solvers.state_fields(results))
 
   return step.as_gradient_transformation(base.Weighting(
