@@ -126,7 +126,7 @@ STRATEGIES: dict[str, Case] = {
     "pcgrad": Case("gramian", stochastic=True, static_args=("num_tasks", "seed"), linear_under_scaling=True),
     "cagrad": Case("gramian", has_solver=True, static_args=_SOLVER + ("rescale",), hyperparams=dict(c=0.3, tol=1e-5), permutation_equivariant=True, rtol=1e-3),
     "imtl_g": Case("gramian", hyperparams=dict(min_relative_norm=1e-7), permutation_equivariant=True, rtol=1e-4),
-    "imtl": Case("gramian", positive_losses=True, static_args=("num_tasks", "initial_scales"), hyperparams=dict(learning_rate=0.05, eps=1e-7), permutation_equivariant=True, rtol=1e-4),
+    "imtl": Case("gramian", positive_losses=True, static_args=("num_tasks", "initial_scales"), hyperparams=dict(learning_rate=0.05, min_relative_norm=1e-7), permutation_equivariant=True, rtol=1e-4),
     "nash_mtl": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-4), permutation_equivariant=True, scale_invariant_per_task=True, non_conflicting=True, rtol=1e-4),
     "aligned_mtl": Case("gramian", hyperparams=dict(eigenvalue_rtol=1e-5), permutation_equivariant=True, rtol=1e-4),
     "upgrad": Case("gramian", has_solver=True, static_args=_SOLVER, hyperparams=dict(tol=1e-5), permutation_equivariant=True, non_conflicting=True, linear_under_scaling=True, mean_without_conflict=True, rtol=1e-4),

@@ -151,8 +151,10 @@ def test_single_task_weight_is_the_scale():
     (dict(optimizer="Adam"), r"optimizer must be one of .*got 'Adam'"),
     (dict(initial_scales=[1.0]),
      r"initial_scales must be a number or 3 numbers, got shape \(1,\)"),
-    (dict(eps=1.0), r"eps must lie in \[0.0, 1.0\), got 1.0"),
-    (dict(eps=-1e-3), r"eps must lie in \[0.0, 1.0\), got -0.001"),
+    (dict(min_relative_norm=1.0),
+     r"min_relative_norm must lie in \[0.0, 1.0\), got 1.0"),
+    (dict(min_relative_norm=-1e-3),
+     r"min_relative_norm must lie in \[0.0, 1.0\), got -0.001"),
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.imtl, kwargs, message)
@@ -170,3 +172,18 @@ def test_first_step_is_imtl_g_in_float64_under_x64():
       assert update.dtype == jnp.float64
       updates.append(np.asarray(update))
     np.testing.assert_allclose(updates[0], updates[1], rtol=1e-13)
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``optimizer`` and ``initial_scales`` by position, spelled
+  ``min_relative_norm`` ``eps`` and named ``optimizer_state``
+  ``scales_optimizer``."""
+  harness.check_old_spelling(
+      lambda: optax_mtl.imtl(NUM_TASKS, 0.1, "sgd", [0.5, -1.0, 1.5],
+                             eps=1e-6),
+      lambda: optax_mtl.imtl(NUM_TASKS, 0.1, optimizer="sgd",
+                             initial_scales=[0.5, -1.0, 1.5],
+                             min_relative_norm=1e-6),
+      losses=LOSSES)
+  state = optax_mtl.imtl(NUM_TASKS).init(None)
+  with pytest.warns(DeprecationWarning, match="ImtlState.optimizer_state"):
+    assert state.scales_optimizer is state.optimizer_state

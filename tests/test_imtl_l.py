@@ -172,7 +172,7 @@ def test_overflowing_update_is_rejected():
       task_losses=np.array([1.0, 1e30, 1.0], np.float32))
   assert int(state.num_skipped) == 1
   np.testing.assert_array_equal(state.loss_scales, 0.0)
-  adam_state = state.scales_optimizer[0]
+  adam_state = state.optimizer_state[0]
   np.testing.assert_array_equal(adam_state.count, 0)
   np.testing.assert_array_equal(adam_state.nu, 0.0)
 
@@ -211,3 +211,15 @@ def test_learning_rate_can_be_injected():
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.imtl_l, kwargs, message)
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``optimizer`` and ``initial_scales`` by position and named
+  ``optimizer_state`` ``scales_optimizer``."""
+  harness.check_old_spelling(
+      lambda: optax_mtl.imtl_l(NUM_TASKS, 0.1, "sgd", [0.5, -1.0, 1.5]),
+      lambda: optax_mtl.imtl_l(NUM_TASKS, 0.1, optimizer="sgd",
+                               initial_scales=[0.5, -1.0, 1.5]),
+      match="by position")
+  state = optax_mtl.imtl_l(NUM_TASKS).init(None)
+  with pytest.warns(DeprecationWarning, match="ImtlLState.optimizer_state"):
+    assert state.scales_optimizer is state.optimizer_state

@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 from optax_mtl._src.weighting import _imtl_g
 from optax_mtl._src.weighting import _imtl_l
@@ -19,17 +20,23 @@ class ImtlState(NamedTuple):
   num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   loss_scales: chex.Array  # f32[T], s_k, after the last update.
-  # The optax state of the scales' optimizer, as in ImtlLState.
-  scales_optimizer: Any
+  # The optax state of each scale's optimizer, as in ImtlLState.
+  optimizer_state: Any
+
+  scales_optimizer = deprecation.renamed_field("optimizer_state")  # 0.1.
 
 
+@deprecation.renamed_arguments(
+    {"eps": "min_relative_norm"},
+    old_positional=("num_tasks", "learning_rate", "optimizer",
+                    "initial_scales"))
 def imtl(
     num_tasks: int,
     learning_rate: float = 1e-2,
-    optimizer: str = "adam",
-    initial_scales: Union[float, Sequence[float]] = 0.0,
     *,
-    eps: float = 1e-8,
+    initial_scales: Union[float, Sequence[float]] = 0.0,
+    optimizer: str = "adam",
+    min_relative_norm: float = 1e-8,
 ) -> base.MultiTaskStrategy:
   r"""IMTL (hybrid): IMTL-L loss scales, then IMTL-G on the scaled gradients.
 
@@ -61,7 +68,8 @@ def imtl(
 
   Defaults: :math:`s = 0` at the start (the paper); the scales' optimizer
   (Adam) and ``learning_rate = 1e-2`` are this library's choice, as in
-  :func:`optax_mtl.imtl_l`; ``eps`` as in :func:`optax_mtl.imtl_g`.
+  :func:`optax_mtl.imtl_l`; ``min_relative_norm`` as in
+  :func:`optax_mtl.imtl_g`.
 
   A step with a non-finite or non-positive loss, a non-finite Gramian or a
   non-finite update of :math:`s` is counted in ``num_skipped``; :math:`s` and
@@ -70,10 +78,13 @@ def imtl(
   Args:
     num_tasks: the number of tasks T.
     learning_rate: the scales' learning rate, ``> 0``.
-    optimizer: ``"adam"`` or ``"sgd"``, the scales' optimizer.
     initial_scales: the initial :math:`s`, one number or ``num_tasks``
       numbers.
-    eps: IMTL-G's relative threshold below which a gradient counts as zero.
+    optimizer: ``"adam"`` or ``"sgd"``, the scales' optimizer (one per
+      scale, as in :func:`optax_mtl.imtl_l`).
+    min_relative_norm: IMTL-G's threshold: a gradient norm at or below
+      ``min_relative_norm`` times the largest counts as zero (``eps``
+      before optax_mtl 0.2).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -99,16 +110,15 @@ def imtl(
   num_tasks = base.check_num_tasks(num_tasks)
   learning_rate, optimizer, initial = _imtl_l.check_scales_options(
       num_tasks, learning_rate, optimizer, initial_scales)
-  eps = base.check_in_range("eps", eps, 0.0, 1.0, high_inclusive=False)
+  min_relative_norm = base.check_in_range(
+      "min_relative_norm", min_relative_norm, 0.0, 1.0, high_inclusive=False)
   transformation = _imtl_l.scales_optimizer(optimizer, learning_rate)
 
   def init():
-    loss_scales = jnp.asarray(initial)
+    scales = _imtl_l.init_loss_scales(transformation, initial)
     return ImtlState(
-        **base.common_state_fields(num_tasks, jnp.exp(loss_scales),
-                                   gramian=True, gradients=True),
-        loss_scales=loss_scales,
-        scales_optimizer=transformation.init(loss_scales))
+        **base.common_state_fields(num_tasks, jnp.exp(scales["loss_scales"]),
+                                   gramian=True, gradients=True), **scales)
 
   def rule(task_losses, state, gramian):
     scales = jnp.exp(state.loss_scales)
@@ -118,14 +128,10 @@ def imtl(
       alpha = jnp.ones((1,), gramian.dtype)
     else:
       alpha = _imtl_g._imtl_g_weights(  # pylint: disable=protected-access
-          gramian * factors[:, None] * factors[None, :], eps)
-    weights = alpha * factors
-    loss_scales, optimizer_state, finite = _imtl_l.step_loss_scales(
-        transformation, state.loss_scales, state.scales_optimizer,
-        task_losses)
-    # A scales step that overflowed rejects the step.
-    return weights, state._replace(loss_scales=loss_scales,
-                                   scales_optimizer=optimizer_state), finite
+          gramian * factors[:, None] * factors[None, :], min_relative_norm)
+    new_state, finite = _imtl_l.step_loss_scales(transformation, state,
+                                                 task_losses)
+    return alpha * factors, new_state, finite
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.GRAMIAN, init=init, rule=rule,

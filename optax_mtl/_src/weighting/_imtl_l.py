@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 
 OPTIMIZERS = ("adam", "sgd")
@@ -24,7 +25,9 @@ class ImtlLState(NamedTuple):
   # The optax state of each scale's optimizer, stacked over the tasks:
   # (ScaleByAdamState(count i32[T], mu f32[T], nu f32[T]), EmptyState())
   # for "adam"; EmptyState() for "sgd".
-  scales_optimizer: Any
+  optimizer_state: Any
+
+  scales_optimizer = deprecation.renamed_field("optimizer_state")  # 0.1.
 
 
 def scales_optimizer(optimizer: str,
@@ -56,30 +59,60 @@ def check_scales_options(num_tasks: int, learning_rate: Any, optimizer: Any,
   return learning_rate, optimizer, values
 
 
-def step_loss_scales(transformation: optax.GradientTransformation,
-                     loss_scales: chex.Array, optimizer_state: Any,
-                     task_losses: chex.Array):
-  """One step of s on ∂/∂s of Σ_k e^{s_k} L_k − s_k; also whether it is finite.
+def init_loss_scales(transformation: optax.GradientTransformation,
+                     initial_scales: Any) -> dict[str, Any]:
+  """The state fields ``loss_scales`` (f32[T]) and ``optimizer_state``.
 
-  Returns ``(new_scales, new_optimizer_state, finite)``.
+  One optimizer state per scale, stacked over the tasks (``jax.vmap`` of
+  ``transformation.init``), so that each task has its own step count.
   """
+  loss_scales = jnp.asarray(initial_scales)
+  return dict(loss_scales=loss_scales,
+              optimizer_state=jax.vmap(transformation.init)(loss_scales))
+
+
+def step_loss_scales(transformation: optax.GradientTransformation,
+                     state: Any, task_losses: chex.Array,
+                     valid: Any = None) -> tuple[Any, chex.Array]:
+  """One step of s on ∂/∂s of Σ_k e^{s_k} L_k − s_k (imtl_l and imtl).
+
+  Args:
+    transformation: the scales' optimizer (:func:`scales_optimizer`).
+    state: a state with the fields of :func:`init_loss_scales`.
+    task_losses: f32[T].
+    valid: None, or bool[T]: an excluded task keeps its s and its
+      optimizer state.
+
+  Returns:
+    ``(new_state, finite)``: the state with the new ``loss_scales`` and
+    ``optimizer_state``, and whether they are finite (``e^s`` included);
+    a rule rejects the step when they are not.
+  """
+  loss_scales = state.loss_scales
   gradient = jnp.exp(loss_scales) * task_losses - 1.0
-  updates, optimizer_state = transformation.update(
-      gradient, optimizer_state, loss_scales)
-  new_scales = (loss_scales + updates).astype(jnp.float32)
-  finite = jnp.all(jnp.isfinite(new_scales)) & jnp.all(
-      jnp.isfinite(jnp.exp(new_scales)))
-  for leaf in jax.tree.leaves(optimizer_state):
-    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-      finite &= jnp.all(jnp.isfinite(leaf))
-  return new_scales, optimizer_state, finite
+  updates, optimizer_state = jax.vmap(transformation.update)(
+      gradient, state.optimizer_state, loss_scales)
+  if valid is not None:
+    optimizer_state = jax.tree.map(
+        lambda new, old: jnp.where(valid, new, old), optimizer_state,
+        state.optimizer_state)
+    updates = jnp.where(valid, updates, 0.0)
+  loss_scales = (loss_scales + updates).astype(jnp.float32)
+  finite = (jnp.all(jnp.isfinite(loss_scales))
+            & jnp.all(jnp.isfinite(jnp.exp(loss_scales)))
+            & step.all_finite(optimizer_state))
+  return state._replace(loss_scales=loss_scales,
+                        optimizer_state=optimizer_state), finite
 
 
+@deprecation.renamed_arguments(old_positional=(
+    "num_tasks", "learning_rate", "optimizer", "initial_scales"))
 def imtl_l(
     num_tasks: int,
     learning_rate: float = 1e-2,
-    optimizer: str = "adam",
+    *,
     initial_scales: Union[float, Sequence[float]] = 0.0,
+    optimizer: str = "adam",
 ) -> base.MultiTaskStrategy:
   r"""IMTL-L: each loss scaled by a learned :math:`e^{s_k}`.
 
@@ -124,9 +157,9 @@ def imtl_l(
   Args:
     num_tasks: the number of tasks T.
     learning_rate: the scales' learning rate, ``> 0``.
-    optimizer: ``"adam"`` or ``"sgd"``.
     initial_scales: the initial :math:`s`, one number or ``num_tasks``
       numbers.
+    optimizer: ``"adam"`` or ``"sgd"``.
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -154,33 +187,18 @@ def imtl_l(
   transformation = scales_optimizer(optimizer, learning_rate)
 
   def init():
-    loss_scales = jnp.asarray(initial)
+    scales = init_loss_scales(transformation, initial)
     return ImtlLState(
-        **base.common_state_fields(num_tasks, jnp.exp(loss_scales),
-                                   per_task=True),
-        loss_scales=loss_scales,
-        scales_optimizer=jax.vmap(transformation.init)(loss_scales))
+        **base.common_state_fields(num_tasks, jnp.exp(scales["loss_scales"]),
+                                   per_task=True), **scales)
 
   def rule(task_losses, state, gramian, valid=None):
     del gramian
     if valid is None:  # Run as a whole-step weighting: all valid here.
       valid = jnp.isfinite(task_losses) & (task_losses > 0)
-    weights = jnp.exp(state.loss_scales)
-    # One optimizer per scale; an excluded task keeps its s and state.
-    gradient = jnp.exp(state.loss_scales) * task_losses - 1.0
-    updates, optimizer_state = jax.vmap(transformation.update)(
-        gradient, state.scales_optimizer, state.loss_scales)
-    optimizer_state = jax.tree.map(
-        lambda new, old: jnp.where(valid, new, old), optimizer_state,
-        state.scales_optimizer)
-    loss_scales = (state.loss_scales
-                   + jnp.where(valid, updates, 0.0)).astype(jnp.float32)
-    finite = (jnp.all(jnp.isfinite(loss_scales))
-              & jnp.all(jnp.isfinite(jnp.exp(loss_scales)))
-              & step.all_finite(optimizer_state))
-    # A scales step that overflowed rejects the step.
-    return weights, state._replace(loss_scales=loss_scales,
-                                   scales_optimizer=optimizer_state), finite
+    new_state, finite = step_loss_scales(transformation, state, task_losses,
+                                         valid)
+    return jnp.exp(state.loss_scales), new_state, finite
 
   return step.as_gradient_transformation(base.Weighting(
       num_tasks=num_tasks, needs=base.Needs.LOSSES, init=init, rule=rule,
