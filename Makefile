@@ -1,4 +1,6 @@
-# Two commands: `make test` and `make bench`. Both create .venv if missing.
+# `make test` and `make bench` (the README's two commands), their longer forms
+# `make test-all` and `make bench-full`, `make docs`, `make install` and
+# `make clean`. Every target but clean creates .venv if missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
