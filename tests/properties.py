@@ -309,8 +309,10 @@ def check_per_task(name: str):
         np.testing.assert_array_equal(leaf[task], before[task],
                                       err_msg=f"{message}, {field}")
         # Weights may couple the tasks; so does FAMO's logits step (a
-        # softmax over the tasks whose losses are valid).
-        if field not in ("weights", "logits", "logits_optimizer"):
+        # softmax over the tasks whose losses are valid), with its optimizer.
+        coupled = ("weights", "logits") + (
+            ("optimizer_state",) if "logits" in new_state._fields else ())
+        if field not in coupled:
           np.testing.assert_array_equal(
               np.asarray(leaf)[others], np.asarray(after_normal)[others],
               err_msg=f"{message}, {field}")

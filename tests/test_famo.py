@@ -331,14 +331,14 @@ def test_update_logits_once_per_step_and_inside_recompute_every():
                              task_losses=jnp.array([1.0, 3.0]))
   state = optax_mtl.famo_update_logits(strategy, state,
                                        jnp.array([0.5, 2.9]))
-  logits = np.asarray(state.logits)
+  logits = np.asarray(state.inner_state.logits)
   assert isinstance(state, optax_mtl.RecomputeEveryState)
   assert logits[1] > logits[0]
   # A second call has nothing to pair with: no change, nothing counted.
   state = optax_mtl.famo_update_logits(strategy, state,
                                        jnp.array([0.1, 2.0]))
-  np.testing.assert_array_equal(state.logits, logits)
-  assert int(state.num_skipped) == 0
+  np.testing.assert_array_equal(state.inner_state.logits, logits)
+  assert int(state.inner_state.num_skipped) == 0
 
 
 def test_update_logits_errors():
@@ -391,3 +391,10 @@ def test_learning_rate_can_be_injected():
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.famo, kwargs, message)
+
+
+def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
+  """0.1 named ``FamoState.optimizer_state`` ``logits_optimizer``."""
+  state = optax_mtl.famo(2).init(None)
+  with pytest.warns(DeprecationWarning, match="FamoState.optimizer_state"):
+    assert state.logits_optimizer is state.optimizer_state

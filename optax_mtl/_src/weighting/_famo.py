@@ -1,5 +1,6 @@
 """FAMO: fast adaptive multitask optimization (learned task logits)."""
 
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import chex
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 
 OPTIMIZERS = ("adam", "sgd")
@@ -27,118 +29,91 @@ class FamoState(NamedTuple):
   # excluded task keeps its own): (EmptyState(), ScaleByAdamState(count
   # i32[T], mu f32[T], nu f32[T]), EmptyState()) for "adam";
   # (EmptyState(), EmptyState()) for "sgd".
-  logits_optimizer: Any
+  optimizer_state: Any
   previous_losses: chex.Array  # f32[T], each task's last accepted loss.
   # bool[T], whether a task's previous loss awaits the logits update (in
   # the re-measured variant, famo_update_logits clears it).
   has_previous_losses: chex.Array
 
+  logits_optimizer = deprecation.renamed_field("optimizer_state")  # 0.1.
 
-class _FamoRule:
-  """FAMO's weight rule; it also performs the re-measured logits update."""
 
-  def __init__(self, num_tasks, transformation, min_losses, eps, remeasured):
-    self.num_tasks = num_tasks
-    self.transformation = transformation
-    self.min_losses = min_losses
-    self.eps = eps
-    self.remeasured = remeasured
+def _above_bounds(losses, min_losses):
+  return losses - jnp.asarray(min_losses) > 0
 
-  def _shifted(self, losses):
-    return losses - jnp.asarray(self.min_losses) + self.eps
 
-  def _above_bounds(self, losses):
-    return losses - jnp.asarray(self.min_losses) > 0
+def _shifted(losses, min_losses, eps):
+  return losses - jnp.asarray(min_losses) + eps
 
-  def _logits_step(self, state, losses_before, losses_after, paired):
-    """One optimizer step of the paired tasks' ξ_k on ∇_ξ softmax(ξ)ᵀ δ
-    (+ weight decay); the others keep ξ_k and their optimizer's state.
 
-    An unpaired task's δ_k is the z-weighted mean of the paired ones', so
-    that its gradient z_k (δ_k − zᵀδ) is 0 and the paired tasks' is FAMO's
-    on them alone. Returns ``(logits, optimizer_state, finite)``.
-    """
-    delta = (jnp.log(self._shifted(jnp.where(paired, losses_before, 1.0)))
-             - jnp.log(self._shifted(jnp.where(paired, losses_after, 1.0))))
-    z = jax.nn.softmax(state.logits)
-    paired_z = jnp.where(paired, z, 0.0)
-    mean = jnp.sum(paired_z * delta) / jnp.maximum(jnp.sum(paired_z),
-                                                   jnp.finfo(z.dtype).tiny)
-    delta = jnp.where(paired, delta, mean)
-    # The softmax Jacobian diag(z) − z zᵀ is symmetric: Jᵀδ = z ⊙ (δ − zᵀδ).
-    gradient = z * (delta - jnp.dot(z, delta))
-    updates, optimizer_state = jax.vmap(self.transformation.update)(
-        gradient, state.logits_optimizer, state.logits)
-    logits = jnp.where(paired, state.logits + updates,
-                       state.logits).astype(jnp.float32)
-    optimizer_state = jax.tree.map(
-        lambda new, old: jnp.where(paired, new, old).astype(old.dtype),
-        optimizer_state, state.logits_optimizer)
-    finite = jnp.all(jnp.isfinite(logits)) & step.all_finite(optimizer_state)
-    return logits, optimizer_state, finite
+def _famo_weights(logits, losses, min_losses, eps):
+  """``w = c z / (L − b + ε)``, ``z = softmax(ξ)``, summing to one."""
+  scaled = jax.nn.softmax(logits) / _shifted(losses, min_losses, eps)
+  return scaled / jnp.sum(scaled)
 
-  def weights(self, logits, losses):
-    z = jax.nn.softmax(logits)
-    scaled = z / self._shifted(losses)
-    return scaled / jnp.sum(scaled)
 
-  def __call__(self, task_losses, state, gramian, valid=None):
-    del gramian
-    if valid is None:  # Run as a whole-step weighting: all valid here.
-      valid = jnp.isfinite(task_losses)
-    # A loss not above its bound (min_losses given) rejects the whole step.
-    above_bounds = jnp.all(self._above_bounds(task_losses) | ~valid)
-    logits, optimizer_state = state.logits, state.logits_optimizer
-    update_ok = jnp.asarray(True)
-    if not self.remeasured:
-      # Each valid task pairs its loss with its own last accepted one.
-      paired = valid & state.has_previous_losses & above_bounds
-      logits, optimizer_state, finite = self._logits_step(
-          state, state.previous_losses, task_losses, paired)
-      update_ok = finite
-    # An excluded task's term in c is its last accepted loss.
-    losses = jnp.where(valid, task_losses, state.previous_losses)
-    new_state = state._replace(
-        logits=logits, logits_optimizer=optimizer_state,
-        previous_losses=losses.astype(jnp.float32),
-        has_previous_losses=(state.has_previous_losses | valid
-                             if not self.remeasured else valid))
-    # A failed logits step or a loss below its bound rejects the step.
-    return self.weights(logits, losses), new_state, update_ok & above_bounds
+def _logits_step(transformation, state, min_losses, eps, losses_before,
+                 losses_after, paired):
+  """One optimizer step of the paired tasks' ξ_k on ∇_ξ softmax(ξ)ᵀ δ
+  (+ weight decay); the others keep ξ_k and their optimizer's state.
 
-  def update_logits(self, state, next_task_losses):
-    """The re-measured variant's logits update (see famo_update_logits)."""
-    losses_ok = jnp.isfinite(next_task_losses) & self._above_bounds(
-        next_task_losses)
-    pending = state.has_previous_losses
-    paired = pending & losses_ok
-    logits, optimizer_state, finite = self._logits_step(
-        state, state.previous_losses, next_task_losses, paired)
-    apply = jnp.any(paired) & finite
-    rejected = jnp.any(pending) & ~apply
-    return state._replace(
-        logits=jnp.where(apply, logits, state.logits),
-        logits_optimizer=jax.tree.map(
-            lambda new, old: jnp.where(apply, new, old).astype(old.dtype),
-            optimizer_state, state.logits_optimizer),
-        has_previous_losses=jnp.zeros_like(pending),
-        num_skipped=jnp.where(rejected,
-                              optax.safe_increment(state.num_skipped),
-                              state.num_skipped),
-        num_rejected_losses=jnp.where(
-            pending & ~losses_ok,
-            optax.safe_increment(state.num_rejected_losses),
-            state.num_rejected_losses).astype(jnp.int32))
+  An unpaired task's δ_k is the z-weighted mean of the paired ones', so
+  that its gradient z_k (δ_k − zᵀδ) is 0 and the paired tasks' is FAMO's
+  on them alone. Returns ``(logits, optimizer_state, finite)``.
+  """
+  delta = (jnp.log(_shifted(jnp.where(paired, losses_before, 1.0),
+                            min_losses, eps))
+           - jnp.log(_shifted(jnp.where(paired, losses_after, 1.0),
+                              min_losses, eps)))
+  z = jax.nn.softmax(state.logits)
+  paired_z = jnp.where(paired, z, 0.0)
+  mean = jnp.sum(paired_z * delta) / jnp.maximum(jnp.sum(paired_z),
+                                                 jnp.finfo(z.dtype).tiny)
+  delta = jnp.where(paired, delta, mean)
+  # The softmax Jacobian diag(z) − z zᵀ is symmetric: Jᵀδ = z ⊙ (δ − zᵀδ).
+  gradient = z * (delta - jnp.dot(z, delta))
+  updates, optimizer_state = jax.vmap(transformation.update)(
+      gradient, state.optimizer_state, state.logits)
+  logits = jnp.where(paired, state.logits + updates,
+                     state.logits).astype(jnp.float32)
+  optimizer_state = jax.tree.map(
+      lambda new, old: jnp.where(paired, new, old).astype(old.dtype),
+      optimizer_state, state.optimizer_state)
+  finite = jnp.all(jnp.isfinite(logits)) & step.all_finite(optimizer_state)
+  return logits, optimizer_state, finite
+
+
+def _update_logits(transformation, min_losses, eps, state, next_task_losses):
+  """The re-measured variant's logits update (see famo_update_logits)."""
+  losses_ok = jnp.isfinite(next_task_losses) & _above_bounds(
+      next_task_losses, min_losses)
+  pending = state.has_previous_losses
+  paired = pending & losses_ok
+  logits, optimizer_state, finite = _logits_step(
+      transformation, state, min_losses, eps, state.previous_losses,
+      next_task_losses, paired)
+  apply = jnp.any(paired) & finite
+  new_state = state._replace(
+      logits=jnp.where(apply, logits, state.logits),
+      optimizer_state=jax.tree.map(
+          lambda new, old: jnp.where(apply, new, old).astype(old.dtype),
+          optimizer_state, state.optimizer_state),
+      has_previous_losses=jnp.zeros_like(pending),
+      num_rejected_losses=jnp.where(
+          pending & ~losses_ok,
+          optax.safe_increment(state.num_rejected_losses),
+          state.num_rejected_losses).astype(jnp.int32))
+  return step.count_skipped(new_state, jnp.any(pending) & ~apply)
 
 
 def famo(
     num_tasks: int,
     learning_rate: float = 0.025,
     weight_decay: float = 1e-3,
+    min_losses: Optional[Sequence[float]] = None,
     *,
     remeasured_losses: bool = False,
     optimizer: str = "adam",
-    min_losses: Optional[Sequence[float]] = None,
     eps: float = 1e-8,
 ) -> base.MultiTaskStrategy:
   r"""FAMO: weights that decrease every task's log loss at the same rate.
@@ -210,11 +185,11 @@ def famo(
     num_tasks: the number of tasks T.
     learning_rate: the logits' learning rate :math:`\beta > 0`.
     weight_decay: the logits' weight decay :math:`\gamma \ge 0`.
+    min_losses: None (zeros) or T finite lower bounds :math:`b` of the
+      losses.
     remeasured_losses: False for the one-pass variant, True for the
       authors' (call :func:`optax_mtl.famo_update_logits` after each step).
     optimizer: ``"adam"`` (authors' code) or ``"sgd"`` (Algorithm 1).
-    min_losses: None (zeros) or T finite lower bounds :math:`b` of the
-      losses.
     eps: the :math:`\epsilon \ge 0` added to :math:`L_k - b_k`.
 
   Returns:
@@ -267,7 +242,34 @@ def famo(
       optax.add_decayed_weights(weight_decay),
       *([optax.scale_by_adam()] if optimizer == "adam" else []),
       optax.scale_by_learning_rate(learning_rate))
-  rule = _FamoRule(num_tasks, transformation, bounds, eps, remeasured_losses)
+
+  def rule(task_losses, state, gramian, valid=None):
+    del gramian
+    if valid is None:  # Run as a whole-step weighting: all valid here.
+      valid = jnp.isfinite(task_losses)
+    # A loss not above its bound (min_losses given) rejects the whole step.
+    above_bounds = jnp.all(_above_bounds(task_losses, bounds) | ~valid)
+    logits, optimizer_state = state.logits, state.optimizer_state
+    update_ok = jnp.asarray(True)
+    if not remeasured_losses:
+      # Each valid task pairs its loss with its own last accepted one.
+      logits, optimizer_state, update_ok = _logits_step(
+          transformation, state, bounds, eps, state.previous_losses,
+          task_losses, valid & state.has_previous_losses & above_bounds)
+    # An excluded task's term in c is its last accepted loss.
+    losses = jnp.where(valid, task_losses, state.previous_losses)
+    new_state = state._replace(
+        logits=logits, optimizer_state=optimizer_state,
+        previous_losses=losses.astype(jnp.float32),
+        has_previous_losses=(valid if remeasured_losses
+                             else state.has_previous_losses | valid))
+    # A failed logits step or a loss below its bound rejects the step.
+    return (_famo_weights(logits, losses, bounds, eps), new_state,
+            update_ok & above_bounds)
+
+  if remeasured_losses:  # The update that famo_update_logits applies.
+    rule.update_logits = functools.partial(_update_logits, transformation,
+                                           bounds, eps)
 
   def init():
     logits = jnp.zeros((num_tasks,), jnp.float32)
@@ -275,7 +277,7 @@ def famo(
         **base.common_state_fields(num_tasks, 1.0 / num_tasks,
                                    per_task=True),
         logits=logits,
-        logits_optimizer=jax.vmap(transformation.init)(logits),
+        optimizer_state=jax.vmap(transformation.init)(logits),
         previous_losses=jnp.ones((num_tasks,), jnp.float32),
         has_previous_losses=jnp.zeros((num_tasks,), bool))
 
@@ -346,21 +348,22 @@ def famo_update_logits(
     True
   """
   weighting = step.weighting_of(strategy)
-  rule = weighting.rule
-  if not isinstance(rule, _FamoRule) or not rule.remeasured:
+  update_logits = getattr(weighting.rule, "update_logits", None)
+  if update_logits is None:
+    rule = weighting.rule
     raise ValueError(
         "famo_update_logits needs a strategy built by optax_mtl.famo(..., "
         "remeasured_losses=True); the one-pass famo updates its logits "
         "itself, got a strategy whose weighting is "
         f"{getattr(rule, '__qualname__', type(rule).__name__)}.")
-  losses = base.check_task_losses(next_task_losses, rule.num_tasks)
+  losses = base.check_task_losses(next_task_losses, weighting.num_tasks)
   losses = jax.lax.stop_gradient(losses).astype(jnp.float32)
   found = []
 
   def visit(node):
     if isinstance(node, FamoState):
       found.append(True)
-      return rule.update_logits(node, losses)
+      return update_logits(node, losses)
     return node
 
   new_state = jax.tree.map(visit, state,
