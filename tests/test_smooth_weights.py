@@ -208,10 +208,10 @@ def test_state_reads_through_to_the_wrapped_state():
     (lambda: optax_mtl.mgda(NUM_TASKS), dict(decay=float("nan")),
      "decay must lie in"),
     (lambda: optax_mtl.mgda(NUM_TASKS), dict(initial_weights=[1.0, 2.0]),
-     "initial_weights must be None or 3 finite numbers"),
+     re.escape("initial_weights must be 3 numbers, got shape (2,)")),
     (lambda: optax_mtl.mgda(NUM_TASKS),
      dict(initial_weights=[1.0, float("inf"), 2.0]),
-     "initial_weights must be None or 3 finite numbers"),
+     "initial_weights must be finite"),
     (lambda: optax.sgd(0.1), {}, "strategy must be an optax_mtl strategy"),
 ])
 def test_bad_arguments_are_rejected(strategy, kwargs, message):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optax_mtl._src import base
 from optax_mtl._src import step
@@ -62,23 +61,6 @@ def _state_type(optional_fields: tuple[str, ...]) -> type:
   return type("SmoothWeightsState", (SmoothWeightsState, base_type),
               {"__slots__": (), "__module__": __name__,
                "__doc__": SmoothWeightsState.__doc__})
-
-
-def _check_initial_weights(initial_weights: Any,
-                           num_tasks: int) -> Optional[np.ndarray]:
-  if initial_weights is None:
-    return None
-  try:
-    values = np.asarray(initial_weights, np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"initial_weights must be None or {num_tasks} finite numbers, got "
-        f"{initial_weights!r}.") from error
-  if values.shape != (num_tasks,) or not np.all(np.isfinite(values)):
-    raise ValueError(
-        f"initial_weights must be None or {num_tasks} finite numbers, got "
-        f"{initial_weights!r}.")
-  return values.astype(np.float32)
 
 
 def smooth_weights(
@@ -160,7 +142,8 @@ def smooth_weights(
         "weighting instead (e.g. optax_mtl.mgda).")
   decay = base.check_in_range("decay", decay, 0.0, 1.0)
   num_tasks = weighting.num_tasks
-  initial = _check_initial_weights(initial_weights, num_tasks)
+  initial = (None if initial_weights is None else base.check_task_vector(
+      "initial_weights", initial_weights, num_tasks, allow_scalar=False))
   template = jax.eval_shape(weighting.init)
   optional = tuple(f for f in _OPTIONAL_FIELDS if f in template._fields)
   state_type = _state_type(optional)
