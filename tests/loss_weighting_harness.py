@@ -178,6 +178,115 @@ def scan_states(strategy, grads, outputs=lambda state: state.weights):
   return jax.jit(run)
 
 
+def per_task_reference(losses, step) -> np.ndarray:
+  """The weights f64[S, T] of a per-task reference over scripted losses.
+
+  ``step(step_losses, valid, weights)`` returns the weights after one step
+  from the previous ones (ones at the start); ``valid`` marks the losses
+  that are finite and positive, as the strategies' guard does.
+  """
+  weights = np.ones(NUM_TASKS)
+  out = []
+  for step_losses in np.asarray(losses, np.float64):
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    weights = step(step_losses, valid, weights)
+    out.append(np.array(weights, np.float64))
+  return np.array(out)
+
+
+def share_the_rest(weights, valid, shares) -> np.ndarray:
+  """An excluded task keeps its weight; the valid ones share the rest of T
+  (``T − Σ_excluded w``) in proportion to ``shares``: the weights still sum
+  to T."""
+  budget = NUM_TASKS - np.sum(weights[~valid])
+  shares = np.where(valid, shares, 0.0)
+  return np.where(valid, budget * shares / shares.sum(), weights)
+
+
+class ReferenceAdam:
+  """Adam written from Kingma & Ba (2015, Algorithm 1) in float64, one per
+  task (optax's defaults: β₁ = 0.9, β₂ = 0.999, ε = 1e-8, bias-corrected).
+
+  ``count`` (int[T]) holds each task's own steps, as in the strategies that
+  run one optimizer per learned task variable.
+  """
+
+  def __init__(self, learning_rate: float):
+    self.learning_rate = learning_rate
+    self.m = np.zeros(NUM_TASKS)
+    self.v = np.zeros(NUM_TASKS)
+    self.count = np.zeros(NUM_TASKS, int)
+
+  def step(self, gradient, active) -> np.ndarray:
+    """The change of the ``active`` (bool[T]) tasks' variables,
+    ``−lr · m̂ / (√v̂ + ε)``, for ``gradient`` (f64[T]); 0 elsewhere."""
+    beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+    gradient = np.where(active, gradient, 0.0)
+    self.count = self.count + active
+    self.m = np.where(active, beta1 * self.m + (1 - beta1) * gradient, self.m)
+    self.v = np.where(active, beta2 * self.v + (1 - beta2) * gradient**2,
+                      self.v)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      m_hat = self.m / (1 - beta1**self.count)
+      v_hat = self.v / (1 - beta2**self.count)
+      change = -self.learning_rate * m_hat / (np.sqrt(v_hat) + epsilon)
+    return np.where(active, change, 0.0)
+
+
+def field_check(field: str, expected: np.ndarray) -> StepCheck:
+  """A ``check_step`` that compares ``state.<field>`` with ``expected[step]``.
+
+  For a learned per-task state (IMTL's scales ``s``, uncertainty's
+  log-variances) against the float64 reference's values after each step.
+  Adam divides by ``|ĝ|``, so the float32 rounding of a near-zero gradient
+  shows in ``s`` at the level of ``learning_rate · 1e-5``: hence the
+  tolerance of 1e-5.
+  """
+
+  def check(step, unused_previous_state, state):
+    np.testing.assert_allclose(getattr(state, field), expected[step],
+                               rtol=1e-5, atol=1e-5, err_msg=field)
+
+  return check
+
+
+def check_gradient_of_total_loss(strategy, field, total_loss,
+                                 reference_gradient):
+  """The model's gradient is that of the method's total loss.
+
+  A strategy that learns a per-task state ``s`` (``state.<field>``) from a
+  total loss ``total_loss(task_losses, s)`` (a scalar) is run for three
+  steps of ``optax_mtl.value_and_grad`` on a linear model with three tasks
+  of different scales. At each step the model's gradient must be
+  ``∇_θ total_loss`` at ``s`` before the step (``jax.grad``), the
+  reference's ``reference_gradient(s, task_losses)`` must be its ``∂/∂s``,
+  and ``s`` must move.
+  """
+  rng = np.random.default_rng(1)
+  inputs = rng.normal(size=(8, NUM_PARAMS)).astype(np.float32)
+  targets = rng.normal(size=(8, NUM_TASKS)).astype(np.float32)
+  params = jnp.asarray(rng.normal(size=(NUM_PARAMS, NUM_TASKS)), jnp.float32)
+
+  def loss_fn(params, inputs, targets):
+    errors = jnp.mean((inputs @ params - targets) ** 2, axis=0)
+    return errors * jnp.array([1.0, 30.0, 0.1])
+
+  def model_loss(params, learned):
+    return total_loss(loss_fn(params, inputs, targets), learned)
+
+  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
+  state = strategy.init(params)
+  for _ in range(3):
+    before = getattr(state, field)
+    (task_losses, grads), state = step_fn(params, state, inputs, targets)
+    grad_params, grad_s = jax.grad(model_loss, argnums=(0, 1))(params, before)
+    np.testing.assert_allclose(grads, grad_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        reference_gradient(np.asarray(before), np.asarray(task_losses)),
+        grad_s, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(getattr(state, field), before)
+
+
 def check_old_spelling(old_call, new_call, losses=EPOCHS,
                        match="deprecated"):
   """``old_call()``, a spelling of optax_mtl 0.1, warns and runs as the new.

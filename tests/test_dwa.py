@@ -30,10 +30,8 @@ def reference_weights(losses, temperature, steps_per_epoch):
   """
   period = 1 if steps_per_epoch is None else steps_per_epoch
   histories = [[] for _ in range(NUM_TASKS)]
-  weights = np.ones(NUM_TASKS)
-  out = []
-  for step_losses in np.asarray(losses, np.float64):
-    valid = np.isfinite(step_losses) & (step_losses > 0)
+
+  def step(step_losses, valid, weights):
     ratios = np.ones(NUM_TASKS)
     for k, history in enumerate(histories):
       epoch = len(history) // period  # The task's complete epochs.
@@ -42,15 +40,15 @@ def reference_weights(losses, temperature, steps_per_epoch):
         before = np.mean(history[(epoch - 2) * period:(epoch - 1) * period])
         ratios[k] = previous / before
     if any(len(h) // period >= 2 for h in histories):
-      budget = NUM_TASKS - np.sum(weights[~valid])
-      shares = np.where(valid, np.exp(ratios / temperature), 0.0)
-      weights = np.where(valid, budget * shares / shares.sum(), weights)
+      weights = harness.share_the_rest(weights, valid,
+                                       np.exp(ratios / temperature))
     else:
       weights = np.where(valid, 1.0, weights)
     for k in np.flatnonzero(valid):
       histories[k].append(step_losses[k])
-    out.append(weights.copy())
-  return np.array(out)
+    return weights
+
+  return harness.per_task_reference(losses, step)
 
 
 @pytest.mark.parametrize("temperature, steps_per_epoch", [

@@ -27,10 +27,8 @@ def reference_weights(losses, alpha, steps_per_epoch, normalize):
   the other tasks share the rest of T in proportion to their ratios.
   """
   histories = [[] for _ in range(NUM_TASKS)]
-  weights = np.ones(NUM_TASKS)
-  out = []
-  for step_losses in np.asarray(losses, np.float64):
-    valid = np.isfinite(step_losses) & (step_losses > 0)
+
+  def step(step_losses, valid, weights):
     ratios = np.ones(NUM_TASKS)
     for k in np.flatnonzero(valid):
       history = histories[k]
@@ -40,13 +38,10 @@ def reference_weights(losses, alpha, steps_per_epoch, normalize):
           index // steps_per_epoch * steps_per_epoch)
       ratios[k] = (step_losses[k] / history[start]) ** alpha
     if normalize:
-      budget = NUM_TASKS - np.sum(weights[~valid])
-      shares = np.where(valid, ratios, 0.0)
-      weights = np.where(valid, budget * shares / shares.sum(), weights)
-    else:
-      weights = np.where(valid, ratios, weights)
-    out.append(weights.copy())
-  return np.array(out)
+      return harness.share_the_rest(weights, valid, ratios)
+    return np.where(valid, ratios, weights)
+
+  return harness.per_task_reference(losses, step)
 
 
 @pytest.mark.parametrize("alpha, steps_per_epoch, normalize", [

@@ -40,10 +40,8 @@ def reference_weights(name, losses, beta, temperature=None):
   in DWEMA's softmax.
   """
   histories = [[] for _ in range(NUM_TASKS)]
-  weights = np.ones(NUM_TASKS)
-  out = []
-  for step_losses in np.asarray(losses, np.float64):
-    valid = np.isfinite(step_losses) & (step_losses > 0)
+
+  def step(step_losses, valid, weights):
     # The ratios L(t−1)/L(t−2) from each task's history before this step.
     available = np.array([len(h) >= 2 for h in histories])
     ratios = np.array([h[-1] / h[-2] if len(h) >= 2 else 1.0
@@ -57,11 +55,13 @@ def reference_weights(name, losses, beta, temperature=None):
           np.exp(ratios / temperature))
     else:
       factors = np.ones(NUM_TASKS)
+    weights = weights.copy()
     for k in np.flatnonzero(valid):
       histories[k].append(step_losses[k])
       weights[k] = factors[k] / loss_average(np.array(histories[k]), beta)
-    out.append(weights.copy())
-  return np.array(out)
+    return weights
+
+  return harness.per_task_reference(losses, step)
 
 
 def test_a_task_first_seen_late_starts_its_average_then():

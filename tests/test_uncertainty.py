@@ -33,36 +33,28 @@ def total_loss_gradient(log_variances, losses, coefficients):
 
 
 def reference_run(losses, learning_rate, classification, initial_s):
-  """Weights and log-variances over a run, Adam written from the paper.
+  """Weights and log-variances over a run, with the reference Adam.
 
   Each task runs its own Adam on its s_k; a bad loss (not finite, or not
   positive) skips that task's update and keeps its weight. Returns the
   weights, the log-variances and each task's number of updates.
   """
-  beta1, beta2, epsilon = 0.9, 0.999, 1e-8
   coefficients = np.where(classification, 1.0, 0.5)
   s = np.broadcast_to(np.asarray(initial_s, np.float64), (NUM_TASKS,)).copy()
-  m = np.zeros(NUM_TASKS)
-  v = np.zeros(NUM_TASKS)
-  t = np.zeros(NUM_TASKS, int)
+  adam = harness.ReferenceAdam(learning_rate)
   weights = coefficients * np.exp(-s)
   out_weights, out_s = [], []
   for step_losses in np.asarray(losses, np.float64):
-    weights = weights.copy()
-    for k in range(NUM_TASKS):
-      if not (np.isfinite(step_losses[k]) and step_losses[k] > 0):
-        continue
-      weights[k] = coefficients[k] * np.exp(-s[k])  # From s before its update.
-      g = total_loss_gradient(s[k], step_losses[k], coefficients[k])
-      t[k] += 1
-      m[k] = beta1 * m[k] + (1 - beta1) * g
-      v[k] = beta2 * v[k] + (1 - beta2) * g**2
-      m_hat = m[k] / (1 - beta1**t[k])
-      v_hat = v[k] / (1 - beta2**t[k])
-      s[k] = s[k] - learning_rate * m_hat / (np.sqrt(v_hat) + epsilon)
+    valid = np.isfinite(step_losses) & (step_losses > 0)
+    # From s before its update.
+    weights = np.where(valid, coefficients * np.exp(-s), weights)
+    with np.errstate(invalid="ignore"):
+      g = np.where(valid, total_loss_gradient(s, step_losses, coefficients),
+                   0.0)
+    s = s + adam.step(g, valid)
     out_weights.append(weights)
     out_s.append(s.copy())
-  return np.array(out_weights), np.array(out_s), t
+  return np.array(out_weights), np.array(out_s), adam.count
 
 
 CASES = [
@@ -79,25 +71,13 @@ def reference_for(case, losses=LOSSES):
                        case["initial_log_variances"])
 
 
-def log_variances_check(expected_s):
-  """A per-step check of the state's log-variances s against the reference."""
-
-  def check(step, unused_previous_state, state):
-    # Adam divides by |ĝ|, so float32 rounding of a near-zero gradient shows
-    # in s at the level of learning_rate · 1e-5.
-    np.testing.assert_allclose(state.log_variances, expected_s[step],
-                               rtol=1e-5, atol=1e-5)
-
-  return check
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_golden_values_optax_face(case):
   expected_weights, expected_s, num_updates = reference_for(case)
   state = harness.check_optax_face(
       optax_mtl.uncertainty(NUM_TASKS, **case), LOSSES, GRADS,
       expected_weights, update_atol=1e-5,
-      check_step=log_variances_check(expected_s))
+      check_step=harness.field_check("log_variances", expected_s))
   # Every step had a valid loss: no step rejected as a whole; each task
   # counts its own bad losses and its own Adam updates.
   assert int(state.num_skipped) == 0
@@ -112,7 +92,7 @@ def test_golden_values_value_and_grad_face():
   state = harness.check_value_and_grad_face(
       optax_mtl.uncertainty(NUM_TASKS, **case), LOSSES, GRADS[0],
       expected_weights, grads_atol=1e-5,
-      check_step=log_variances_check(expected_s))
+      check_step=harness.field_check("log_variances", expected_s))
   assert int(state.num_skipped) == 0
   np.testing.assert_array_equal(state.num_rejected_losses, [1, 1, 1])
 
@@ -120,37 +100,16 @@ def test_golden_values_value_and_grad_face():
 def test_gradient_is_that_of_the_total_loss():
   """Model gradient = ∇_θ of the total loss at s before the update; and the
   reference's ∂/∂s is the derivative of that same total loss."""
-  rng = np.random.default_rng(1)
-  inputs = rng.normal(size=(8, NUM_PARAMS)).astype(np.float32)
-  targets = rng.normal(size=(8, NUM_TASKS)).astype(np.float32)
-  params = jnp.asarray(rng.normal(size=(NUM_PARAMS, NUM_TASKS)), jnp.float32)
   classification = np.array([True, False, False])
   coefficients = np.where(classification, 1.0, 0.5).astype(np.float32)
-
-  def loss_fn(params, inputs, targets):
-    errors = jnp.mean((inputs @ params - targets) ** 2, axis=0)
-    return errors * jnp.array([1.0, 30.0, 0.1])
-
-  def total_loss(params, log_variances):
-    task_losses = loss_fn(params, inputs, targets)
-    return jnp.sum(coefficients * jnp.exp(-log_variances) * task_losses
-                   + 0.5 * log_variances)
-
-  strategy = optax_mtl.uncertainty(
-      NUM_TASKS, learning_rate=0.3, classification=tuple(classification),
-      initial_log_variances=[0.2, -0.4, 1.0])
-  step_fn = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))
-  state = strategy.init(params)
-  for _ in range(3):
-    s_before = state.log_variances
-    (task_losses, grads), state = step_fn(params, state, inputs, targets)
-    grad_params, grad_s = jax.grad(total_loss, argnums=(0, 1))(params,
-                                                              s_before)
-    np.testing.assert_allclose(grads, grad_params, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        total_loss_gradient(np.asarray(s_before), np.asarray(task_losses),
-                            coefficients), grad_s, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(state.log_variances, s_before)
+  harness.check_gradient_of_total_loss(
+      optax_mtl.uncertainty(
+          NUM_TASKS, learning_rate=0.3, classification=tuple(classification),
+          initial_log_variances=[0.2, -0.4, 1.0]),
+      "log_variances",
+      lambda losses, s: jnp.sum(coefficients * jnp.exp(-s) * losses
+                                + 0.5 * s),
+      lambda s, losses: total_loss_gradient(s, losses, coefficients))
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,9 +178,9 @@ def test_normalize_and_max_weight_change_only_the_applied_weights():
     if options.get("normalize"):
       expected = NUM_TASKS * expected / expected.sum(1, keepdims=True)
     expected = np.minimum(expected, options.get("max_weight", np.inf))
-    harness.check_optax_face(strategy, losses,
-                             harness.scripted_grads(losses), expected,
-                             check_step=log_variances_check(expected_s))
+    harness.check_optax_face(
+        strategy, losses, harness.scripted_grads(losses), expected,
+        check_step=harness.field_check("log_variances", expected_s))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -230,7 +189,8 @@ def test_normalize_and_max_weight_change_only_the_applied_weights():
     (dict(learning_rate=-1e-3),
      r"learning_rate must lie in \(0.0, inf[)\]], got -0.001"),
     (dict(learning_rate=INF), r"learning_rate must be finite, got inf"),
-    (dict(learning_rate=None), r"learning_rate must be a real number, got None"),
+    (dict(learning_rate=None),
+     r"learning_rate must be a real number, got None"),
     (dict(classification=[True, False]),
      r"classification must be a bool or a sequence of 3 bools.*"
      r"got \[True, False\]"),
