@@ -64,7 +64,8 @@ def _is_bool(value):
 # Checked by name as well as found from the signatures.
 NAMED_FLOAT_PARAMETERS = _with_defaults([
     ("lbtw", "alpha"), ("gradnorm", "learning_rate"), ("gradnorm", "alpha"),
-    ("cagrad", "c"), ("mgda", "eps"), ("normalized_gradients", "eps"),
+    ("cagrad", "c"), ("mgda", "min_relative_norm"),
+    ("normalized_gradients", "min_relative_norm"),
     ("loss_ema", "beta"), ("uncertainty", "learning_rate")])
 NAMED_FLAGS = _with_defaults([
     ("equal", "mean"), ("lbtw", "normalize"), ("loss_ema", "normalize")])
