@@ -128,10 +128,10 @@ def smooth_weights(
     [0.65, 0.35]
 
   References:
-    Zhou, Zhang, Jiang, Li, Cheng & Kwok, "On the Convergence of Stochastic
-    Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022,
-    https://proceedings.neurips.cc/paper_files/paper/2022/hash/f91bd64a3620aad8e70a27ad9cb3ca57-Abstract-Conference.html;
-    torchjd's ``CRMOGMWeighting``.
+    Zhou, Zhang, Jiang, Zhong, Gu & Zhu, `On the Convergence of Stochastic
+    Multi-Objective Gradient Manipulation and Beyond
+    <https://proceedings.neurips.cc/paper_files/paper/2022/hash/f91bd64a3620aad8e70a27ad9cb3ca57-Abstract-Conference.html>`_,
+    NeurIPS 2022; torchjd's ``CRMOGMWeighting``.
   """
   weighting, options = step.strategy_parts(strategy)
   if isinstance(weighting, base.GradientRule):

@@ -58,8 +58,9 @@ def constant(
     ([1.0, 2.0], [0.25, 2.0])
 
   References:
-    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization",
-    arXiv:2406.16232, 2024 (torchjd's ``Constant`` aggregator).
+    Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024 (torchjd's ``Constant``
+    aggregator).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   values = base.check_task_vector("weights", weights, num_tasks,

@@ -111,9 +111,8 @@ def cosmos(
     [0.4774, 0.517]
 
   References:
-    Ruchte & Grabocka, "Scalable Pareto Front Approximation for Deep
-    Multi-Objective Learning", ICDM 2021,
-    https://arxiv.org/abs/2103.13392.
+    Ruchte & Grabocka, `Scalable Pareto Front Approximation for Deep
+    Multi-Objective Learning <https://arxiv.org/abs/2103.13392>`_, ICDM 2021.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   penalty = base.check_in_range("penalty", penalty, 0.0)

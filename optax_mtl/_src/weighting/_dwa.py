@@ -79,8 +79,8 @@ def dwa(
     [0.5379, 1.4621]
 
   References:
-    Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
-    CVPR 2019 (Eq. 7).
+    Liu, Johns & Davison, `End-to-End Multi-Task Learning with Attention
+    <https://arxiv.org/abs/1803.10704>`_, CVPR 2019 (Eq. 7).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   temperature = base.check_in_range("temperature", temperature, 0.0,

@@ -79,11 +79,12 @@ def dwema(
     [0.5, 0.25]
 
   References:
-    Lakkapragada, Sleiman, Surabhi & Wall, "Mitigating Negative Transfer in
+    Lakkapragada, Sleiman, Surabhi & Wall, `Mitigating Negative Transfer in
     Multi-Task Learning with Exponential Moving Average Loss Weighting
-    Strategies", AAAI 2023 student abstract, arXiv:2211.12999;
-    Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
-    CVPR 2019 (DWA).
+    Strategies <https://arxiv.org/abs/2211.12999>`_, AAAI 2023 student
+    abstract;
+    Liu, Johns & Davison, `End-to-End Multi-Task Learning with Attention
+    <https://arxiv.org/abs/1803.10704>`_, CVPR 2019 (DWA).
   """
   temperature = base.check_in_range("temperature", temperature, 0.0,
                                     low_inclusive=False)

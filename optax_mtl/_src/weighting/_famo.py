@@ -225,8 +225,9 @@ def famo(
     [-0.1, 0.1]
 
   References:
-    Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
-    NeurIPS 2023 (Algorithm 1); the authors' code, Cranial-XIX/FAMO.
+    Liu, Feng, Stone & Liu, `FAMO: Fast Adaptive Multitask Optimization
+    <https://arxiv.org/abs/2306.03792>`_, NeurIPS 2023 (Algorithm 1); the
+    authors' code, Cranial-XIX/FAMO.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,

@@ -74,8 +74,9 @@ def geometric_mean(
     [1.0, 0.25]
 
   References:
-    Chennupati et al., "MultiNet++: Multi-Stream Feature Aggregation and
-    Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019.
+    Chennupati et al., `MultiNet++: Multi-Stream Feature Aggregation and
+    Geometric Loss Strategy for Multi-Task Learning
+    <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   if gamma is None:

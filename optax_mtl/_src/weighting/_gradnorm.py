@@ -127,8 +127,9 @@ def gradnorm(
     [0.7778, 1.2222]
 
   References:
-    Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss
-    Balancing in Deep Multitask Networks", ICML 2018.
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks <https://arxiv.org/abs/1711.02257>`_,
+    ICML 2018.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   alpha = base.check_in_range("alpha", alpha, 0.0)

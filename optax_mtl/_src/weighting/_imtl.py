@@ -103,9 +103,9 @@ def imtl(
     [1.1522, 1.1522]
 
   References:
-    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial
-    Multi-task Learning", ICLR 2021 (IMTL, the hybrid of IMTL-G and
-    IMTL-L).
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, `Towards Impartial
+    Multi-task Learning <https://openreview.net/forum?id=IMPnRXEWpvr>`_,
+    ICLR 2021 (IMTL, the hybrid of IMTL-G and IMTL-L).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   learning_rate, optimizer, initial = _imtl_l.check_scales_options(

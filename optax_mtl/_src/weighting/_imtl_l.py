@@ -178,8 +178,9 @@ def imtl_l(
     [0.0, -1.5]
 
   References:
-    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial
-    Multi-task Learning", ICLR 2021 (IMTL-L, the loss balance).
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, `Towards Impartial
+    Multi-task Learning <https://openreview.net/forum?id=IMPnRXEWpvr>`_,
+    ICLR 2021 (IMTL-L, the loss balance).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   learning_rate, optimizer, initial = check_scales_options(

@@ -99,8 +99,9 @@ def initial_loss(
     [2.0, 0.25]
 
   References:
-    Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss Balancing
-    in Deep Multitask Networks", ICML 2018 (the loss ratio
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks <https://arxiv.org/abs/1711.02257>`_,
+    ICML 2018 (the loss ratio
     ``L_k(t) / L_k(0)``, here used directly as the training objective).
   """
   num_tasks = base.check_num_tasks(num_tasks)

@@ -69,9 +69,11 @@ def log_loss(
     [2.0, 0.25]
 
   References:
-    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (the
-    scale-invariant baseline ``Σ log L_k``); Lin et al., "Dual-Balancing for
-    Multi-Task Learning", 2023 (the log transformation of the losses).
+    Navon et al., `Multi-Task Learning as a Bargaining Game
+    <https://arxiv.org/abs/2202.01017>`_, ICML 2022 (the scale-invariant
+    baseline ``Σ log L_k``); Lin et al., `Dual-Balancing for Multi-Task
+    Learning <https://arxiv.org/abs/2308.12029>`_, 2023 (the log
+    transformation of the losses).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   normalize, max_weight = _loss_history.check_weight_options(normalize,

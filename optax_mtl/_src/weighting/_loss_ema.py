@@ -93,9 +93,10 @@ def loss_ema(
     [1.5, 0.5]
 
   References:
-    Lakkapragada, Sleiman, Surabhi & Wall, "Mitigating Negative Transfer in
+    Lakkapragada, Sleiman, Surabhi & Wall, `Mitigating Negative Transfer in
     Multi-Task Learning with Exponential Moving Average Loss Weighting
-    Strategies", AAAI 2023 student abstract, arXiv:2211.12999 (Eq. 1).
+    Strategies <https://arxiv.org/abs/2211.12999>`_, AAAI 2023 student
+    abstract (Eq. 1).
   """
   return _loss_history.average_weighting(num_tasks, beta, normalize,
                                          max_weight, LossEmaState)

@@ -113,9 +113,9 @@ def pbi(
     [-2.8284, 4.2426]
 
   References:
-    Zhang & Li, "MOEA/D: A Multiobjective Evolutionary Algorithm Based on
-    Decomposition", IEEE Transactions on Evolutionary Computation 11(6),
-    2007, https://doi.org/10.1109/TEVC.2007.892759.
+    Zhang & Li, `MOEA/D: A Multiobjective Evolutionary Algorithm Based on
+    Decomposition <https://doi.org/10.1109/TEVC.2007.892759>`_, IEEE
+    Transactions on Evolutionary Computation 11(6), 2007.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   theta = base.check_in_range("theta", theta, 0.0)

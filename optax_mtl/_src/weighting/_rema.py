@@ -78,9 +78,10 @@ def rema(
     [0.5, 1.0]
 
   References:
-    Lakkapragada, Sleiman, Surabhi & Wall, "Mitigating Negative Transfer in
+    Lakkapragada, Sleiman, Surabhi & Wall, `Mitigating Negative Transfer in
     Multi-Task Learning with Exponential Moving Average Loss Weighting
-    Strategies", AAAI 2023 student abstract, arXiv:2211.12999 (Eq. 2).
+    Strategies <https://arxiv.org/abs/2211.12999>`_, AAAI 2023 student
+    abstract (Eq. 2).
   """
   return _loss_history.average_weighting(
       num_tasks, beta, normalize, max_weight, RemaState,

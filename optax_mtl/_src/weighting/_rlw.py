@@ -64,8 +64,8 @@ def rlw(num_tasks: int, *, seed: int = 0) -> base.MultiTaskStrategy:
     (1.0, True)
 
   References:
-    Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus Test
-    for Multi-Task Learning", TMLR 2022.
+    Lin et al., `Reasonable Effectiveness of Random Weighting: A Litmus Test
+    for Multi-Task Learning <https://arxiv.org/abs/2111.10603>`_, TMLR 2022.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   key_data = base.key_data_from_seed("seed", seed)

@@ -127,8 +127,9 @@ def stch(
     [0.6667, 0.3333]
 
   References:
-    Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization
-    for Multi-Objective Optimization", ICML 2024; the multi-task setting
+    Lin, Zhang, Yang, Liu, Wang & Zhang, `Smooth Tchebycheff Scalarization
+    for Multi-Objective Optimization <https://arxiv.org/abs/2402.19078>`_,
+    ICML 2024; the multi-task setting
     (log losses, nadir warm-up) from the authors' code (Xi-L/STCH,
     ``STCH_MTL``), also in LibMTL.
   """

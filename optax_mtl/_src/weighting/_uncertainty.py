@@ -128,9 +128,11 @@ def uncertainty(
     [0.0, 0.01]
 
   References:
-    Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
-    Losses for Scene Geometry and Semantics", CVPR 2018; Kingma & Ba, "Adam:
-    A Method for Stochastic Optimization", ICLR 2015.
+    Kendall, Gal & Cipolla, `Multi-Task Learning Using Uncertainty to Weigh
+    Losses for Scene Geometry and Semantics
+    <https://arxiv.org/abs/1705.07115>`_, CVPR 2018; Kingma & Ba, `Adam: A
+    Method for Stochastic Optimization <https://arxiv.org/abs/1412.6980>`_,
+    ICLR 2015.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
