@@ -396,5 +396,6 @@ def test_hyperparameter_errors(kwargs, message):
 def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
   """0.1 named ``FamoState.optimizer_state`` ``logits_optimizer``."""
   state = optax_mtl.famo(2).init(None)
-  with pytest.warns(DeprecationWarning, match="FamoState.optimizer_state"):
+  with pytest.warns(DeprecationWarning,
+                    match="logits_optimizer .*FamoState.optimizer_state"):
     assert state.logits_optimizer is state.optimizer_state

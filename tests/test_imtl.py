@@ -174,5 +174,6 @@ def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
                              min_relative_norm=1e-6),
       losses=LOSSES)
   state = optax_mtl.imtl(NUM_TASKS).init(None)
-  with pytest.warns(DeprecationWarning, match="ImtlState.optimizer_state"):
+  with pytest.warns(DeprecationWarning,
+                    match="scales_optimizer .*ImtlState.optimizer_state"):
     assert state.scales_optimizer is state.optimizer_state

@@ -181,5 +181,6 @@ def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
                                initial_scales=[0.5, -1.0, 1.5]),
       match="by position")
   state = optax_mtl.imtl_l(NUM_TASKS).init(None)
-  with pytest.warns(DeprecationWarning, match="ImtlLState.optimizer_state"):
+  with pytest.warns(DeprecationWarning,
+                    match="scales_optimizer .*ImtlLState.optimizer_state"):
     assert state.scales_optimizer is state.optimizer_state

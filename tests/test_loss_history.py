@@ -111,5 +111,6 @@ def test_masked_normalisation_keeps_the_sum_and_the_excluded_weight():
 def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
   """0.1 named ``LossRatioState.num_period_steps`` ``steps_in_period``."""
   state = _loss_history.init_loss_ratios(3)
-  with pytest.warns(DeprecationWarning, match="LossRatioState.num_period"):
+  with pytest.warns(DeprecationWarning,
+                    match="steps_in_period .*LossRatioState.num_period"):
     assert state.steps_in_period is state.num_period_steps

@@ -273,5 +273,6 @@ def test_negative_reference_point_allowed_for_raw_losses():
 def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
   """0.1 named ``StchState.num_nadir_losses`` ``nadir_counts``."""
   state = optax_mtl.stch(NUM_TASKS).init(None)
-  with pytest.warns(DeprecationWarning, match="StchState.num_nadir_losses"):
+  with pytest.warns(DeprecationWarning,
+                    match="StchState.nadir_counts .*num_nadir_losses"):
     assert state.nadir_counts is state.num_nadir_losses

@@ -224,5 +224,5 @@ def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
       match="by position")
   state = optax_mtl.uncertainty(NUM_TASKS).init(None)
   with pytest.warns(DeprecationWarning,
-                    match="UncertaintyState.optimizer_state"):
+                    match="UncertaintyState.adam .*optimizer_state"):
     assert state.adam is state.optimizer_state

@@ -152,5 +152,15 @@ class renamed_field:  # pylint: disable=invalid-name
     if instance is None:
       return self
     kind = type(instance).__name__
-    warn(f"the state field {kind}.{self.old_name}", f"{kind}.{self.new_name}")
+    warn(f"the state field {kind}.{self._old_name(type(instance))}",
+         f"{kind}.{self.new_name}")
     return getattr(instance, self.new_name)
+
+  def _old_name(self, owner):
+    # typing.NamedTuple copies a class attribute onto the tuple class
+    # without __set_name__ before Python 3.12: find the name it is under.
+    if self.old_name is None:
+      self.old_name = next(
+          name for klass in owner.__mro__
+          for name, value in vars(klass).items() if value is self)
+    return self.old_name
