@@ -7,6 +7,7 @@ import pytest
 
 import optax_mtl
 from optax_mtl._src.weighting import _pcgrad
+from optax_mtl._src.weighting._helpers import gradient_surgery
 from tests import gramian_harness
 
 # Fixed Jacobians (rows are task gradients): conflicting, rank-deficient,
@@ -80,7 +81,7 @@ def test_optax_face_uses_the_orders_drawn_from_its_key():
   for _ in range(3):
     key = jax.random.wrap_key_data(state.key)
     _, orders_key = jax.random.split(key)
-    orders = np.asarray(_pcgrad._random_orders(orders_key, num_tasks))
+    orders = np.asarray(gradient_surgery.random_orders(orders_key, num_tasks))
     combined, state = update(jnp.asarray(jacobian), state,
                              task_losses=jnp.ones(num_tasks))
     np.testing.assert_allclose(combined, pcgrad_reference(jacobian, orders),

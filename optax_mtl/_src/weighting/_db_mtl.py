@@ -10,7 +10,7 @@ import optax
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _task_gradient_tree as task_tree
+from optax_mtl._src.weighting._helpers import task_gradient_tree as task_tree
 
 
 class DbMtlState(NamedTuple):

@@ -10,8 +10,8 @@ import optax
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _double_sampling
-from optax_mtl._src.weighting import _task_gradient_tree as task_tree
+from optax_mtl._src.weighting._helpers import double_sampling as _double_sampling
+from optax_mtl._src.weighting._helpers import task_gradient_tree as task_tree
 
 PROJECTIONS = ("simplex", "softmax")
 GRADIENT_NORMALIZATIONS = ("none", "loss")

@@ -3,12 +3,13 @@
 from typing import NamedTuple
 
 import chex
-import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
+from optax_mtl._src.weighting._helpers import gradient_surgery
 
 
 class PcgradState(NamedTuple):
@@ -21,54 +22,25 @@ class PcgradState(NamedTuple):
   key: chex.Array  # u32[...], raw key data (jax.random.key_data).
 
 
-def _projection_coefficients(gramian: chex.Array,
-                             orders: chex.Array) -> chex.Array:
-  """Coefficients ``A`` (f32[T, T]) with ``g_i^PC = Σ_j A[i, j] g_j``.
-
-  Args:
-    gramian: f32[T, T], ``G = J Jᵀ``.
-    orders: i32[T, T]; row i is the order in which task i visits the tasks
-      (a permutation of 0..T-1; the entry equal to i is skipped).
-
-  Returns:
-    The coefficient matrix; the PCGrad weights are its column sums.
-  """
-  num_tasks = gramian.shape[0]
-  squared_norms = jnp.diag(gramian)
-  task_ids = jnp.arange(num_tasks)
-
-  def visit(position, coefficients):
-    other = orders[:, position]  # i32[T]: the task each row visits now.
-    # (g_i^PC · g_other) = a_iᵀ G e_other, for every i at once.
-    dots = jnp.sum(coefficients * gramian[:, other].T, axis=1)
-    other_norm2 = squared_norms[other]
-    project = (dots < 0) & (other != task_ids) & (other_norm2 > 0)
-    step = jnp.where(project, dots / jnp.where(project, other_norm2, 1.0), 0.0)
-    return coefficients.at[task_ids, other].add(-step)
-
-  return jax.lax.fori_loop(0, num_tasks, visit,
-                           jnp.eye(num_tasks, dtype=gramian.dtype))
-
-
 def _pcgrad_weights(gramian: chex.Array, orders: chex.Array) -> chex.Array:
   """The PCGrad weights ``Σ_i a_i`` for fixed visiting orders.
 
+  GradVac's loop with the target cosine 0
+  (:func:`~optax_mtl._src.weighting._helpers.gradient_surgery.surgery_coefficients`).
   The coefficients are ratios of entries of G: G is first divided by a
   power of two (exactly), so they do not depend on the common scale of the
   gradients and nothing underflows or overflows on the way.
   """
   gramian, _ = solvers.scale_by_power_of_two(gramian)
-  return jnp.sum(_projection_coefficients(gramian, orders), axis=0)
+  coefficients, _ = gradient_surgery.surgery_coefficients(
+      gramian, jnp.zeros_like(gramian), orders, beta=0.0, fixed_target=0.0)
+  return jnp.sum(coefficients, axis=0)
 
 
-def _random_orders(key: chex.Array, num_tasks: int) -> chex.Array:
-  """One independent random permutation of the tasks per task (i32[T, T])."""
-  keys = jax.random.split(key, num_tasks)
-  return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
-
-
+@deprecation.renamed_arguments(old_positional=("seed",))
 def pcgrad(
     num_tasks: int,
+    *,
     seed: int = 0,
 ) -> base.MultiTaskStrategy:
   r"""PCGrad ("gradient surgery"): conflicting components projected away.
@@ -128,7 +100,7 @@ def pcgrad(
   def rule(task_losses, state, gramian):
     del task_losses
     key, orders_key = base.split_key(state.key)
-    orders = _random_orders(orders_key, num_tasks)
+    orders = gradient_surgery.random_orders(orders_key, num_tasks)
     weights = _pcgrad_weights(gramian, orders)
     return weights, state._replace(key=key)
 

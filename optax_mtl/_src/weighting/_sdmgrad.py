@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from optax_mtl._src import base
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _double_sampling
+from optax_mtl._src.weighting._helpers import double_sampling as _double_sampling
 
 
 class SdmgradState(NamedTuple):
