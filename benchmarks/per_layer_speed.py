@@ -254,44 +254,51 @@ def run_multitask(models, num_tasks, batch_sizes, rounds, target_seconds,
 
 def summary(rows) -> str:
   """Markdown tables of the ratios."""
-  lines = ["IWRM (MLP trunk, upgrad(num_tasks=B), batch_axis=0):", "",
-           "| B | plain ms | per_layer ÷ plain | jacobian ÷ plain | "
-           "jacobian ÷ per_layer | per_layer, regularization=1e-4 ÷ plain | "
-           "Gramian only: per_layer ÷ plain | jacobian ÷ per_layer | "
-           "MiB plain / per_layer / jacobian |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for row in rows:
-    if row["part"] != "iwrm":
-      continue
-    ms, mib = row["ms"], row["mib"]
-    lines.append(
-        f"| {row['batch']} | {ms['plain']:.2f} | "
-        f"{ms['per_layer'] / ms['plain']:.2f} | "
-        f"{ms['jacobian'] / ms['plain']:.1f} | "
-        f"{ms['jacobian'] / ms['per_layer']:.1f} | "
-        f"{ms['per_layer_reg'] / ms['plain']:.2f} | "
-        f"{ms['gramian_per_layer'] / ms['plain']:.2f} | "
-        f"{ms['gramian_jacobian'] / ms['gramian_per_layer']:.1f} | "
-        f"{mib['plain']:.1f} / {mib['per_layer']:.1f} / "
-        f"{mib['jacobian']:.1f} |")
-  lines += ["", "Multi-task (upgrad(num_tasks=T), trunk shared):", "",
-            "| model | batch | T | plain ms | per_layer ÷ plain | "
-            "jacobian ÷ plain | low_memory ÷ plain | jacobian ÷ per_layer | "
-            "MiB plain / per_layer / jacobian / low_memory |",
-            "|---|---|---|---|---|---|---|---|---|"]
-  for row in rows:
-    if row["part"] != "multitask":
-      continue
-    ms, mib = row["ms"], row["mib"]
-    lines.append(
-        f"| {row['model']} | {row['batch']} | {row['num_tasks']} | "
-        f"{ms['plain']:.2f} | {ms['per_layer'] / ms['plain']:.2f} | "
-        f"{ms['jacobian'] / ms['plain']:.2f} | "
-        f"{ms['low_memory'] / ms['plain']:.2f} | "
-        f"{ms['jacobian'] / ms['per_layer']:.2f} | "
-        f"{mib['plain']:.1f} / {mib['per_layer']:.1f} / "
-        f"{mib['jacobian']:.1f} / {mib['low_memory']:.1f} |")
-  return "\n".join(lines)
+
+  def iwrm(ms, mib, row):
+    return [f"{row['batch']}", f"{ms['plain']:.2f}",
+            f"{ms['per_layer'] / ms['plain']:.2f}",
+            f"{ms['jacobian'] / ms['plain']:.1f}",
+            f"{ms['jacobian'] / ms['per_layer']:.1f}",
+            f"{ms['per_layer_reg'] / ms['plain']:.2f}",
+            f"{ms['gramian_per_layer'] / ms['plain']:.2f}",
+            f"{ms['gramian_jacobian'] / ms['gramian_per_layer']:.1f}",
+            f"{mib['plain']:.1f} / {mib['per_layer']:.1f} / "
+            f"{mib['jacobian']:.1f}"]
+
+  def multitask(ms, mib, row):
+    return [f"{row['model']}", f"{row['batch']}", f"{row['num_tasks']}",
+            f"{ms['plain']:.2f}", f"{ms['per_layer'] / ms['plain']:.2f}",
+            f"{ms['jacobian'] / ms['plain']:.2f}",
+            f"{ms['low_memory'] / ms['plain']:.2f}",
+            f"{ms['jacobian'] / ms['per_layer']:.2f}",
+            f"{mib['plain']:.1f} / {mib['per_layer']:.1f} / "
+            f"{mib['jacobian']:.1f} / {mib['low_memory']:.1f}"]
+
+  return "\n".join(
+      _table(rows, "iwrm",
+             "IWRM (MLP trunk, upgrad(num_tasks=B), batch_axis=0):",
+             ("B", "plain ms", "per_layer ÷ plain", "jacobian ÷ plain",
+              "jacobian ÷ per_layer",
+              "per_layer, regularization=1e-4 ÷ plain",
+              "Gramian only: per_layer ÷ plain", "jacobian ÷ per_layer",
+              "MiB plain / per_layer / jacobian"), iwrm)
+      + [""] + _table(
+          rows, "multitask",
+          "Multi-task (upgrad(num_tasks=T), trunk shared):",
+          ("model", "batch", "T", "plain ms", "per_layer ÷ plain",
+           "jacobian ÷ plain", "low_memory ÷ plain", "jacobian ÷ per_layer",
+           "MiB plain / per_layer / jacobian / low_memory"), multitask))
+
+
+def _table(rows, part: str, title: str, columns, cells) -> list[str]:
+  """A titled markdown table: one row ``cells(ms, mib, row)`` per row of
+  ``part``."""
+  lines = [title, "", "| " + " | ".join(columns) + " |",
+           "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cells(row["ms"], row["mib"], row)) + " |"
+            for row in rows if row["part"] == part]
+  return lines
 
 
 def main(argv=None):

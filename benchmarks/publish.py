@@ -56,6 +56,28 @@ def worst_loss_ratio(speed: dict) -> tuple[float, str, str] | None:
 def speed_summary(speed: dict) -> list[str]:
   """Markdown lines checking the step-time and memory targets."""
   tasks = [str(t) for t in speed["num_tasks"]]
+  loss_rows, gramian_rows = _speed_rows(speed, tasks)
+  noise = [speed["baselines"][t].get("noise", float("nan")) for t in tasks]
+  lines = ["## Requirements at a glance", "",
+           f"Computed from `results.json` of this run (T = {', '.join(tasks)}"
+           "; a time ratio is the amortised step of the strategy ÷ that of "
+           "the baseline: the mean over a cycle of 10 consecutive top-level "
+           "steps of each position's fastest step over "
+           f"{speed['config']['rounds']} interleaved rounds within one run). "
+           "Noise floor of this run, the "
+           "plain step compiled twice and timed against itself: "
+           + ", ".join(f"{x:.3f}" for x in noise) + ".", ""]
+  if loss_rows:
+    lines += _loss_only_summary(speed, tasks, loss_rows)
+  if gramian_rows:
+    lines += _gramian_summary(speed, tasks, gramian_rows)
+  return lines + [""]
+
+
+def _speed_rows(speed: dict, tasks: list[str]) -> tuple[list, list]:
+  """Per strategy and T: the loss-only rows ``(name, ÷ plain, flops ÷
+  plain, ÷ by hand)`` and the Gramian rows ``(name, ÷ Jacobian-only, MiB,
+  flops ÷ Jacobian-only, ÷ plain)``."""
   loss_rows, gramian_rows = [], []
   for name, by_tasks in speed["strategies"].items():
     entries = [by_tasks.get(t, {}) for t in tasks]
@@ -77,85 +99,87 @@ def speed_summary(speed: dict) -> list[str]:
       gramian_rows.append((name, [e["ratio_jacobian"] for e in entries],
                            [e["memory_bytes"] / 2**20 for e in entries],
                            flop_ratios, [e["ratio_plain"] for e in entries]))
-  noise = [speed["baselines"][t].get("noise", float("nan")) for t in tasks]
-  lines = ["## Requirements at a glance", "",
-           f"Computed from `results.json` of this run (T = {', '.join(tasks)}"
-           "; a time ratio is the amortised step of the strategy ÷ that of "
-           "the baseline: the mean over a cycle of 10 consecutive top-level "
-           "steps of each position's fastest step over "
-           f"{speed['config']['rounds']} interleaved rounds within one run). "
-           "Noise floor of this run, the "
-           "plain step compiled twice and timed against itself: "
-           + ", ".join(f"{x:.3f}" for x in noise) + ".", ""]
-  if loss_rows:
-    worst = worst_loss_ratio(speed)
-    within = sum(all(x <= LOSS_TARGET for x in r)
-                 for _, r, _, _ in loss_rows)
-    flop_ratios = [x for _, _, f, _ in loss_rows for x in f]
-    by_hand = [x for _, _, _, h in loss_rows for x in h]
-    ratio_columns = list(zip(*[r for _, r, _, _ in loss_rows]))
-    baselines = [speed["baselines"][t] for t in tasks]
-    hand_vs_plain = [b["by_hand"]["step_ms"] / b["plain"]["step_ms"]
-                     for b in baselines]
-    added_us = [[(speed["strategies"][n][t]["step_ms"]
-                  - b["plain"]["step_ms"]) * 1e3 for n, _, _, _ in loss_rows]
-                for t, b in zip(tasks, baselines)]
-    lines.append(
-        f"- Loss-only strategies ÷ plain `jax.value_and_grad` of the summed "
-        f"losses: {within}/{len(loss_rows)} strategies within "
-        f"{LOSS_TARGET:.2f} at every T; worst {worst[0]:.2f} ({worst[1]}). "
-        "Per T: " + ", ".join(
-            f"T={t}: {_low(col):.2f}–{_high(col):.2f}"
-            for t, col in zip(tasks, ratio_columns)) + ". Time added per "
-        "step (µs; the plain step takes " + ", ".join(
-            f"{b['plain']['step_ms'] * 1e3:.0f}" for b in baselines)
-        + " µs): " + ", ".join(
-            f"T={t}: {min(col):+.0f} to {max(col):+.0f}"
-            for t, col in zip(tasks, added_us)) + ". "
-        f"Floating-point operations per step (XLA's count, noise-free): "
-        f"{min(flop_ratios):.3f}–{max(flop_ratios):.3f} × plain.")
-    lines.append(
-        "- The same data-dependent weighting written by hand (a VJP with "
-        "cotangent 1/L, no optax_mtl code) ÷ plain: " + ", ".join(
-            f"T={t}: {x:.2f}" for t, x in zip(tasks, hand_vs_plain))
-        + f"; the strategies ÷ that by-hand step: {min(by_hand):.2f}–"
-        f"{max(by_hand):.2f}.")
-  if gramian_rows:
-    within = [n for n, r, _, _, _ in gramian_rows
-              if all(x <= GRAMIAN_TARGET for x in r if x == x)]
-    over = [f"{n} ({', '.join(f'{x:.2f}' for x in r)})"
-            for n, r, _, _, _ in gramian_rows if n not in within]
-    flop_columns = list(zip(*[f for _, _, _, f, _ in gramian_rows]))
-    plain_columns = list(zip(*[p for _, _, _, _, p in gramian_rows]))
-    lines.append(
-        "- Gramian strategies, floating-point operations ÷ the "
-        "Jacobian-only step (XLA's count; a solver's loop body is counted "
-        "once): " + ", ".join(
-            f"T={t}: {_low(col):.3f}–{_high(col):.3f}"
-            for t, col in zip(tasks, flop_columns)) + ".")
-    lines.append(
-        "- Gramian strategies ÷ a plain training step (what a user pays "
-        "against training without optax_mtl): " + ", ".join(
-            f"T={t}: {_low(col):.1f}–{_high(col):.1f}×"
-            for t, col in zip(tasks, plain_columns)) + "; the Jacobian-only "
-        "step alone takes " + ", ".join(
-            f"{b['jacobian']['step_ms'] / b['plain']['step_ms']:.1f}×"
-            for b in (speed["baselines"][t] for t in tasks)) + " plain.")
-    lines.append(
-        f"- Gramian strategies ÷ the Jacobian-only step: {len(within)}/"
-        f"{len(gramian_rows)} within {GRAMIAN_TARGET:.2f} at every T"
-        + (f"; over it somewhere: {'; '.join(over)}." if over else "."))
-    memory = [m for _, _, m, _, _ in gramian_rows]
-    low = next((by_t for label, by_t in speed.get("options", {}).items()
-                if "low_memory" in label), None)
-    lines.append(
-        "- Peak memory of the Gramian strategies (MiB, at T = "
-        f"{', '.join(tasks)}): "
-        + ", ".join(f"{_low(col):.2f}–{_high(col):.2f}" for col in zip(*memory))
-        + (("; with `gramian_mode=\"low_memory\"` (upgrad): "
-            + ", ".join(f"{low[t]['memory_bytes'] / 2**20:.2f}"
-                        for t in tasks)) if low else "") + ".")
-  return lines + [""]
+  return loss_rows, gramian_rows
+
+
+def _loss_only_summary(speed: dict, tasks: list[str],
+                       loss_rows: list) -> list[str]:
+  """The loss-only strategies against plain and by-hand steps."""
+  lines = []
+  worst = worst_loss_ratio(speed)
+  within = sum(all(x <= LOSS_TARGET for x in r)
+               for _, r, _, _ in loss_rows)
+  flop_ratios = [x for _, _, f, _ in loss_rows for x in f]
+  by_hand = [x for _, _, _, h in loss_rows for x in h]
+  ratio_columns = list(zip(*[r for _, r, _, _ in loss_rows]))
+  baselines = [speed["baselines"][t] for t in tasks]
+  hand_vs_plain = [b["by_hand"]["step_ms"] / b["plain"]["step_ms"]
+                   for b in baselines]
+  added_us = [[(speed["strategies"][n][t]["step_ms"]
+                - b["plain"]["step_ms"]) * 1e3 for n, _, _, _ in loss_rows]
+              for t, b in zip(tasks, baselines)]
+  lines.append(
+      f"- Loss-only strategies ÷ plain `jax.value_and_grad` of the summed "
+      f"losses: {within}/{len(loss_rows)} strategies within "
+      f"{LOSS_TARGET:.2f} at every T; worst {worst[0]:.2f} ({worst[1]}). "
+      "Per T: " + ", ".join(
+          f"T={t}: {_low(col):.2f}–{_high(col):.2f}"
+          for t, col in zip(tasks, ratio_columns)) + ". Time added per "
+      "step (µs; the plain step takes " + ", ".join(
+          f"{b['plain']['step_ms'] * 1e3:.0f}" for b in baselines)
+      + " µs): " + ", ".join(
+          f"T={t}: {min(col):+.0f} to {max(col):+.0f}"
+          for t, col in zip(tasks, added_us)) + ". "
+      f"Floating-point operations per step (XLA's count, noise-free): "
+      f"{min(flop_ratios):.3f}–{max(flop_ratios):.3f} × plain.")
+  lines.append(
+      "- The same data-dependent weighting written by hand (a VJP with "
+      "cotangent 1/L, no optax_mtl code) ÷ plain: " + ", ".join(
+          f"T={t}: {x:.2f}" for t, x in zip(tasks, hand_vs_plain))
+      + f"; the strategies ÷ that by-hand step: {min(by_hand):.2f}–"
+      f"{max(by_hand):.2f}.")
+  return lines
+
+
+def _gramian_summary(speed: dict, tasks: list[str],
+                     gramian_rows: list) -> list[str]:
+  """The Gramian strategies' operations, times and memory."""
+  lines = []
+  within = [n for n, r, _, _, _ in gramian_rows
+            if all(x <= GRAMIAN_TARGET for x in r if x == x)]
+  over = [f"{n} ({', '.join(f'{x:.2f}' for x in r)})"
+          for n, r, _, _, _ in gramian_rows if n not in within]
+  flop_columns = list(zip(*[f for _, _, _, f, _ in gramian_rows]))
+  plain_columns = list(zip(*[p for _, _, _, _, p in gramian_rows]))
+  lines.append(
+      "- Gramian strategies, floating-point operations ÷ the "
+      "Jacobian-only step (XLA's count; a solver's loop body is counted "
+      "once): " + ", ".join(
+          f"T={t}: {_low(col):.3f}–{_high(col):.3f}"
+          for t, col in zip(tasks, flop_columns)) + ".")
+  lines.append(
+      "- Gramian strategies ÷ a plain training step (what a user pays "
+      "against training without optax_mtl): " + ", ".join(
+          f"T={t}: {_low(col):.1f}–{_high(col):.1f}×"
+          for t, col in zip(tasks, plain_columns)) + "; the Jacobian-only "
+      "step alone takes " + ", ".join(
+          f"{b['jacobian']['step_ms'] / b['plain']['step_ms']:.1f}×"
+          for b in (speed["baselines"][t] for t in tasks)) + " plain.")
+  lines.append(
+      f"- Gramian strategies ÷ the Jacobian-only step: {len(within)}/"
+      f"{len(gramian_rows)} within {GRAMIAN_TARGET:.2f} at every T"
+      + (f"; over it somewhere: {'; '.join(over)}." if over else "."))
+  memory = [m for _, _, m, _, _ in gramian_rows]
+  low = next((by_t for label, by_t in speed.get("options", {}).items()
+              if "low_memory" in label), None)
+  lines.append(
+      "- Peak memory of the Gramian strategies (MiB, at T = "
+      f"{', '.join(tasks)}): "
+      + ", ".join(f"{_low(col):.2f}–{_high(col):.2f}" for col in zip(*memory))
+      + (("; with `gramian_mode=\"low_memory\"` (upgrad): "
+          + ", ".join(f"{low[t]['memory_bytes'] / 2**20:.2f}"
+                      for t in tasks)) if low else "") + ".")
+  return lines
 
 
 KEEP_MARKER = ("<!-- benchmarks.publish keeps everything below this line: "

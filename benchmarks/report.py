@@ -183,12 +183,21 @@ def _speed_models(speed: Optional[dict]) -> dict[str, dict]:
 
 def _problem_findings(result: dict) -> list[str]:
   """Bullet points for one problem with single-task baselines."""
-  strategies = result["strategies"]
-  tasks = result["tasks"]
-  lines = []
   best, ties = ties_with_best(result)
   if best is None:
     return ["- No strategy has a finite Δm%."]
+  return (_best_findings(result, best, ties)
+          + _outlier_findings(result)
+          + _score_finding(result, best, ties)
+          + _rejection_findings(result)
+          + _budget_findings(result)
+          + _cost_finding(result, best))
+
+
+def _best_findings(result: dict, best: str, ties: list[str]) -> list[str]:
+  """The best strategy by Δm%, its ties, its gain over ``equal`` and the
+  tasks worse than single-task."""
+  strategies = result["strategies"]
   best_entry = strategies[best]
   seeds = len(best_entry["delta_m"]["per_seed"])
   text = (f"- **Best by Δm%: `{best}`**, Δm% "
@@ -205,7 +214,7 @@ def _problem_findings(result: dict) -> list[str]:
     text += "ahead of every other strategy beyond seed noise."
   else:
     text += "one seed, so ties are not assessed."
-  lines.append(text)
+  lines = [text]
   if "equal" in strategies and best != "equal":
     difference = (np.asarray(best_entry["delta_m"]["per_seed"], float)
                   - np.asarray(strategies["equal"]["delta_m"]["per_seed"],
@@ -226,21 +235,32 @@ def _problem_findings(result: dict) -> list[str]:
   else:
     lines.append(
         f"- Every strategy is worse than the single-task models on at least "
-        f"{fewest} of {len(tasks)} tasks ({beyond}); "
+        f"{fewest} of {len(result['tasks'])} tasks ({beyond}); "
         f"`{best}` on {transfer[best]}.")
-  lines += _outlier_findings(result)
+  return lines
+
+
+def _score_finding(result: dict, best: str, ties: list[str]) -> list[str]:
+  """Says so when the best mean score is not the best Δm%'s."""
+  strategies = result["strategies"]
   higher = result["higher_is_better"][0]
   by_score = max(strategies, key=lambda n: (
       strategies[n]["mean_score"]["mean"] if higher
       else -strategies[n]["mean_score"]["mean"]))
-  if by_score != best and by_score not in ties:
-    lines.append(
-        f"- The best mean `{result['metrics'][0]}` over tasks is "
-        f"`{by_score}`'s, not `{best}`'s: Δm% averages *relative* changes, "
-        "so a task whose single-task score is small (or error is small) "
-        "weighs more in Δm% than in the mean score.")
+  if by_score == best or by_score in ties:
+    return []
+  return [
+      f"- The best mean `{result['metrics'][0]}` over tasks is "
+      f"`{by_score}`'s, not `{best}`'s: Δm% averages *relative* changes, "
+      "so a task whose single-task score is small (or error is small) "
+      "weighs more in Δm% than in the mean score."]
+
+
+def _rejection_findings(result: dict) -> list[str]:
+  """The strategies that rejected steps or whose weights grew huge."""
+  lines = []
   for name in result["ranking"]:
-    entry = strategies[name]
+    entry = result["strategies"][name]
     skipped = np.asarray(entry.get("skipped_steps", [0]), float)
     weight_max = max(entry.get("weight_max", [0.0]) or [0.0])
     steps = np.asarray(entry["selection"]["steps_run"], float)
@@ -263,6 +283,12 @@ def _problem_findings(result: dict) -> list[str]:
       sentence = _HUGE_MEANS[0].upper() + _HUGE_MEANS[1:]
       lines.append(f"- `{name}`: {huge}. {sentence} Adam normalises the "
                    "update's overall scale, so training goes on.")
+  return lines
+
+
+def _budget_findings(result: dict) -> list[str]:
+  """Whether the single-task and multi-task models converged in budget."""
+  lines = []
   stl = result.get("single_task", {})
   unconverged = stl.get("still_improving") or {}
   if unconverged:
@@ -279,6 +305,7 @@ def _problem_findings(result: dict) -> list[str]:
                  "(early stopping on its validation loss, or less than "
                  f"{STILL_IMPROVING:.0%} of its progress in the last "
                  "fifth of the budget).")
+  strategies = result["strategies"]
   improving = {n: float(np.mean(strategies[n]["selection"]["late_gain"]))
                for n in result["ranking"]
                if "late_gain" in strategies[n]["selection"]}
@@ -288,13 +315,22 @@ def _problem_findings(result: dict) -> list[str]:
         "- Multi-task models still improving when the budget ran out: "
         + ", ".join(f"`{n}` ({g:.0%})" for n, g in improving.items())
         + "; a longer budget may raise their Δm%.")
-  if "equal" in strategies and best != "equal" and "step_ms" in best_entry:
-    lines.append(
-        f"- Cost on this problem: a training step of `{best}` took "
-        f"{best_entry['step_ms'] / strategies['equal']['step_ms']:.1f}× "
-        f"the step of `equal` ({seeds} seeds at once, validation included;"
-        " figure below).")
   return lines
+
+
+def _cost_finding(result: dict, best: str) -> list[str]:
+  """The best strategy's step time against ``equal``'s."""
+  strategies = result["strategies"]
+  best_entry = strategies[best]
+  if "equal" not in strategies or best == "equal" or (
+      "step_ms" not in best_entry):
+    return []
+  seeds = len(best_entry["delta_m"]["per_seed"])
+  return [
+      f"- Cost on this problem: a training step of `{best}` took "
+      f"{best_entry['step_ms'] / strategies['equal']['step_ms']:.1f}× "
+      f"the step of `equal` ({seeds} seeds at once, validation included;"
+      " figure below)."]
 
 
 # A Δm% this far below the median of the strategies is commented on.
@@ -573,6 +609,16 @@ def _suptitle(fig, text: str, fontsize: float = 10) -> None:
                fontsize=fontsize)
 
 
+def _save(fig, path: str, title: Optional[str] = None,
+          rect: Optional[tuple[float, ...]] = None, dpi: int = 100) -> None:
+  """Titles (``_suptitle``), lays out within ``rect``, writes and closes."""
+  if title is not None:
+    _suptitle(fig, title)
+  fig.tight_layout(rect=rect)
+  fig.savefig(path, dpi=dpi)
+  _plt().close(fig)
+
+
 def _robust_limits(values, keep: float = 3.0) -> tuple[float, float, bool]:
   """``(low, high, clipped)``: the range of ``values`` without the points
   that lie more than ``keep`` interquartile ranges beyond the quartiles
@@ -717,86 +763,103 @@ def plot_outcomes(result: dict, path: str, top: int = 3) -> None:
   task (a heatmap, strategies best first).
   """
   plt = _plt()
+  fig, (ax_scatter, ax_heat) = plt.subplots(
+      1, 2, figsize=(13, max(4.5, 0.28 * len(result["ranking"]) + 2.2)),
+      gridspec_kw={"width_ratios": [1, 1.3]})
+  _outcome_scatter(ax_scatter, result, top)
+  _outcome_heatmap(fig, ax_heat, result)
+  _save(fig, path, f"{result['problem']}: per-task outcomes against the "
+        "single-task models (mean over seeds)")
+
+
+def _mean_scores(result: dict, name: str) -> np.ndarray:
+  """A strategy's mean test score per task (the first metric)."""
+  entry = result["strategies"][name]["per_task"][result["metrics"][0]]
+  return np.asarray(entry["mean"], float)
+
+
+def _single_task_scores(result: dict) -> np.ndarray:
+  """The single-task models' mean test score per task (the first metric)."""
+  return np.asarray(
+      result["single_task"]["per_task"][result["metrics"][0]]["mean"], float)
+
+
+def _outcome_scatter(ax, result: dict, top: int) -> None:
+  """Each task's multi-task score against its single-task score."""
   metric = result["metrics"][0]
   higher = result["higher_is_better"][0]
-  tasks = result["tasks"]
   names = result["ranking"]
-  strategies = result["strategies"]
-  stl = np.asarray(result["single_task"]["per_task"][metric]["mean"], float)
-  relative = np.array([
-      (1.0 if higher else -1.0)
-      * (np.asarray(strategies[n]["per_task"][metric]["mean"], float) - stl)
-      / np.abs(stl) * 100.0 for n in names])
-  fig, (ax_scatter, ax_heat) = plt.subplots(
-      1, 2, figsize=(13, max(4.5, 0.28 * len(names) + 2.2)),
-      gridspec_kw={"width_ratios": [1, 1.3]})
+  stl = _single_task_scores(result)
   shown = names[:top] + (["equal"] if "equal" in names[top:] else [])
   markers = "osD^v<>"
   colors = strategy_colors(names)
-  values = np.concatenate([stl] + [
-      np.asarray(strategies[n]["per_task"][metric]["mean"], float)
-      for n in shown])
+  values = np.concatenate([stl] + [_mean_scores(result, n) for n in shown])
   low, high, clipped = _robust_limits(values)
   pad = 0.05 * (high - low or 1.0)
   low, high = low - pad, high + pad
   for index, name in enumerate(shown):
-    scores = np.asarray(strategies[name]["per_task"][metric]["mean"], float)
+    scores = _mean_scores(result, name)
     # Points off the axes are drawn at its edge; the legend gives values.
     outside = [f"{y:.3g}" for y in scores
                if np.isfinite(y) and not low <= y <= high]
-    ax_scatter.plot(stl, np.clip(scores, low, high),
-                    markers[index % len(markers)], ms=5, alpha=0.8,
-                    color=colors[name],
-                    label=name + (f" (at the edge: {', '.join(outside)})"
-                                  if outside else ""))
-  ax_scatter.plot([low, high], [low, high], "k--", lw=0.8,
-                  label="equal to single-task")
-  ax_scatter.set_xlim(low, high)
-  ax_scatter.set_ylim(low, high)
-  ax_scatter.set_xlabel(f"single-task model's test {metric}")
-  ax_scatter.set_ylabel(f"multi-task model's test {metric}"
-                        + (" (clipped: outliers at the edge)" if clipped
-                           else ""))
-  ax_scatter.set_title(
+    ax.plot(stl, np.clip(scores, low, high),
+            markers[index % len(markers)], ms=5, alpha=0.8,
+            color=colors[name],
+            label=name + (f" (at the edge: {', '.join(outside)})"
+                          if outside else ""))
+  ax.plot([low, high], [low, high], "k--", lw=0.8,
+          label="equal to single-task")
+  ax.set_xlim(low, high)
+  ax.set_ylim(low, high)
+  ax.set_xlabel(f"single-task model's test {metric}")
+  ax.set_ylabel(f"multi-task model's test {metric}"
+                + (" (clipped: outliers at the edge)" if clipped else ""))
+  ax.set_title(
       f"one point per task ({'above' if higher else 'below'} the diagonal "
       "= better than single-task)", fontsize=9)
-  ax_scatter.grid(alpha=0.3)
-  ax_scatter.legend(fontsize=7, loc="upper center",
-                    bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+            ncol=2, frameon=False)
+
+
+def _outcome_heatmap(fig, ax, result: dict) -> None:
+  """The relative change of every strategy on every task, in %."""
+  metric = result["metrics"][0]
+  sign = 1.0 if result["higher_is_better"][0] else -1.0
+  tasks = result["tasks"]
+  names = result["ranking"]
+  stl = _single_task_scores(result)
+  relative = np.array([sign * (_mean_scores(result, n) - stl)
+                       / np.abs(stl) * 100.0 for n in names])
   limit = np.nanpercentile(np.abs(relative), 95) if np.isfinite(
       relative).any() else 1.0
   limit = max(float(limit), 1e-3)
   from matplotlib import colors  # pylint: disable=import-outside-toplevel
   norm = colors.SymLogNorm(linthresh=max(limit / 20.0, 0.5), vmin=-limit,
                            vmax=limit)
-  image = ax_heat.imshow(np.clip(relative, -limit, limit), cmap="RdBu",
-                         norm=norm, aspect="auto", interpolation="nearest")
-  ax_heat.set_yticks(range(len(names)), names, fontsize=7)
+  image = ax.imshow(np.clip(relative, -limit, limit), cmap="RdBu",
+                    norm=norm, aspect="auto", interpolation="nearest")
+  ax.set_yticks(range(len(names)), names, fontsize=7)
   if len(tasks) <= 12:
-    ax_heat.set_xticks(range(len(tasks)), tasks, fontsize=7, rotation=30,
-                       ha="right")
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=7, rotation=30,
+                  ha="right")
     for row in range(len(names)):
       for col in range(len(tasks)):
         value = relative[row, col]
         if np.isfinite(value):
           dark = abs(float(norm(np.clip(value, -limit, limit))) - 0.5) > 0.3
-          ax_heat.text(col, row, f"{value:+.0f}", ha="center", va="center",
-                       fontsize=6, color="white" if dark else "black")
+          ax.text(col, row, f"{value:+.0f}", ha="center", va="center",
+                  fontsize=6, color="white" if dark else "black")
   else:
-    ax_heat.set_xticks(range(0, len(tasks), max(1, len(tasks) // 8)))
-  ax_heat.set_xlabel("task" if len(tasks) <= 12 else "task index")
-  ax_heat.set_ylabel("strategy (best Δm% first)")
-  ax_heat.set_title(f"relative change of {metric} against single-task (%)",
-                    fontsize=9)
-  colorbar = fig.colorbar(image, ax=ax_heat, fraction=0.04, pad=0.02,
+    ax.set_xticks(range(0, len(tasks), max(1, len(tasks) // 8)))
+  ax.set_xlabel("task" if len(tasks) <= 12 else "task index")
+  ax.set_ylabel("strategy (best Δm% first)")
+  ax.set_title(f"relative change of {metric} against single-task (%)",
+               fontsize=9)
+  colorbar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
                           format="%g")
   colorbar.set_label("% (blue: better than single-task, red: worse; "
                      f"symlog scale, clipped at ±{limit:.0f})", fontsize=7)
-  _suptitle(fig, f"{result['problem']}: per-task outcomes against the "
-            "single-task models (mean over seeds)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_weights(result: dict, path: str) -> None:
@@ -873,11 +936,9 @@ def plot_weights(result: dict, path: str) -> None:
   if handles:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8),
                fontsize=7, frameon=False)
-  _suptitle(fig, f"{result['problem']}: task weights over training (mean "
-            "over seeds; each point a mean over an evaluation interval)")
-  fig.tight_layout(rect=(0, 0.04, 1, 0.94))
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _save(fig, path, f"{result['problem']}: task weights over training (mean "
+        "over seeds; each point a mean over an evaluation interval)",
+        rect=(0, 0.04, 1, 0.94), dpi=90)
 
 
 def plot_toy(result: dict, path: str) -> None:
@@ -917,11 +978,9 @@ def plot_toy(result: dict, path: str) -> None:
     ax.set_xlabel("x1", fontsize=8)
   for ax in list(axes.flat)[len(names):]:
     ax.set_axis_off()
-  _suptitle(fig, "toy2d: trajectories over contours of f1+f2 (grey dots: "
-            "Pareto set; black dot: start; green *: reached, red x: not)")
-  fig.tight_layout(rect=(0, 0, 1, 0.95))
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _save(fig, path, "toy2d: trajectories over contours of f1+f2 (grey dots: "
+        "Pareto set; black dot: start; green *: reached, red x: not)",
+        rect=(0, 0, 1, 0.95), dpi=90)
 
 
 def plot_speed(speed: dict, path: str) -> None:
@@ -1025,9 +1084,7 @@ def _plot_speed_bars(models: dict[str, dict], path: str) -> None:
                  "blue: loss-only, orange: reads the per-task gradients",
                  fontsize=8)
     ax.grid(alpha=0.3, axis="x", which="both")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 # --------------------------------------------------------------------------

@@ -68,6 +68,7 @@ a training step that logs its losses does.
 from __future__ import annotations
 
 from concurrent import futures
+import functools
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -391,65 +392,19 @@ def run_speed(
   num_tasks = list(num_tasks or cfg["num_tasks"])
   cfg["num_tasks"] = num_tasks
   progress = progress or (lambda label: None)
-  lr, rounds, target = (cfg["learning_rate"], cfg["rounds"],
-                        cfg["target_seconds"])
   out: dict[str, Any] = {"model": model, "config": cfg,
                          "num_tasks": num_tasks, "baselines": {},
                          "strategies": {}, "options": {}}
   for t in num_tasks:
     params, loss_fn, batches, encoder_fn, head_loss_fn = make_model(t, cfg)
-
-    def plain_step(params, state, batch):
-      loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_fn(p, batch)))(
-          params)
-      return loss, grads, state
-
-    def by_hand_step(params, state, batch):
-      # Loss weighting written by hand (log_loss: w = 1/L, data-dependent):
-      # the cost any weights computed from this step's losses carry, with
-      # no optax_mtl code in the step.
-      task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-      grads = vjp_fn(1.0 / jax.lax.stop_gradient(task_losses))[0]
-      return task_losses, grads, state
-
-    def jacobian_step(params, state, batch):
-      task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-      jacobian = jax.vmap(vjp_fn)(jnp.eye(t, dtype=task_losses.dtype))[0]
-      # A dot with ones, not jnp.sum(j, axis=0): on XLA:CPU the reduction
-      # over the leading axis is about 2x slower than the dot (measured).
-      ones = jnp.ones((t,), task_losses.dtype)
-      return task_losses, jax.tree.map(
-          lambda j: jnp.tensordot(ones, j, axes=1), jacobian), state
-
-    def strategy_step(strategy, **engine_options):
-      if "encoder_fn" in engine_options:
-        value_and_grad = optax_mtl.value_and_grad(head_loss_fn, strategy,
-                                                  **engine_options)
-      else:
-        value_and_grad = optax_mtl.value_and_grad(loss_fn, strategy,
-                                                  **engine_options)
-
-      samples = optax_mtl.weighting_of(strategy).num_samples
-
-      def step(params, state, batch):
-        # MoDo, SDMGrad: the minibatch rolled by s rows, copied inside the
-        # timed step (a data loader would hand over three: a small
-        # overestimate of their step).
-        if samples > 1:
-          batch = jax.tree.map(
-              lambda b: jnp.stack([jnp.roll(b, s, axis=0)
-                                   for s in range(samples)]), batch)
-        (task_losses, grads), state = value_and_grad(params, state, batch)
-        return task_losses, grads, state
-
-      return step
-
+    step_of = functools.partial(_strategy_step, loss_fn, head_loss_fn)
     equal = strategies_lib.make("equal", t)
     # plain_again is plain compiled a second time: its ratio to plain is
     # this run's noise floor.
+    plain_step, by_hand_step, jacobian_step = _baseline_steps(t, loss_fn)
     loops = {"plain": (plain_step, ()), "plain_again": (plain_step, ()),
              "by_hand": (by_hand_step, ()), "jacobian": (jacobian_step, ()),
-             "equal": (strategy_step(equal), equal.init(params))}
+             "equal": (step_of(equal), equal.init(params))}
     baseline_keys = tuple(loops)
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -458,22 +413,14 @@ def run_speed(
       strategy = strategies_lib.make(name, t)
       gramian = strategies_lib.reads_task_gradients(strategy)
       entries[name] = {"kind": "gramian" if gramian else "losses"}
-      loops[name] = (strategy_step(strategy), strategy.init(params))
+      loops[name] = (step_of(strategy), strategy.init(params))
     option_labels = options() if OPTIONS_BASE in names else ()
     if option_labels:
-      base = strategies_lib.make(OPTIONS_BASE, t)
-      recompute = optax_mtl.recompute_every(base, RECOMPUTE_EVERY)
-      trunk_only = {"trunk": True, "heads": False}
-      variants = (
-          (strategy_step(base, gramian_mode="low_memory"), base),
-          (strategy_step(recompute), recompute),
-          (strategy_step(base, encoder_fn=encoder_fn), base),
-          (strategy_step(base, shared=trunk_only), base))
-      for label, (step, strategy) in zip(option_labels, variants):
-        loops[label] = (step, strategy.init(params))
-    timed = _prepare(loops, lr, params, batches, target)
+      loops.update(_option_loops(t, params, step_of, encoder_fn))
+    timed = _prepare(loops, cfg["learning_rate"], params, batches,
+                     cfg["target_seconds"])
 
-    times = _interleaved_rounds(timed, rounds)
+    times = _interleaved_rounds(timed, cfg["rounds"])
     baselines = {
         key: {"memory_bytes": memory_bytes(timed[key].compiled),
               "flops": flops(timed[key].compiled), **_timing(times, key)}
@@ -481,25 +428,7 @@ def run_speed(
     baselines["noise"] = _ratio(times, "plain_again", "plain")
     out["baselines"][str(t)] = baselines
     for name, entry in entries.items():
-      gramian = entry["kind"] == "gramian"
-      reference = "jacobian" if gramian else "plain"
-      compiled = timed[name].compiled
-      entry.update(_timing(times, name))
-      entry["ratio_plain"] = _ratio(times, name, "plain")
-      entry["ratio_median"] = _median_ratio(times, name, "plain")
-      entry["ratio_equal"] = _ratio(times, name, "equal")
-      if gramian:
-        entry["ratio_jacobian"] = _ratio(times, name, "jacobian")
-      else:
-        entry["ratio_by_hand"] = _ratio(times, name, "by_hand")
-      entry["memory_bytes"] = memory_bytes(compiled)
-      reference_flops = baselines[reference]["flops"]
-      step_flops = flops(compiled)
-      if reference_flops and step_flops:
-        entry["flops_ratio"] = step_flops / reference_flops
-      reference_memory = baselines[reference]["memory_bytes"]
-      if reference_memory and entry["memory_bytes"]:
-        entry["memory_ratio"] = entry["memory_bytes"] / reference_memory
+      _time_entry(entry, name, times, timed[name].compiled, baselines)
       out["strategies"].setdefault(name, {})[str(t)] = entry
       progress(f"speed {model} T={t}/{name}")
     for label in option_labels:
@@ -509,6 +438,103 @@ def run_speed(
           "ratio_base": _ratio(times, label, OPTIONS_BASE),
           "memory_bytes": memory_bytes(timed[label].compiled)}
   return out
+
+
+def _baseline_steps(num_tasks: int,
+                    loss_fn: Callable) -> tuple[Callable, ...]:
+  """The plain, by-hand and Jacobian-only training steps of a model."""
+
+  def plain_step(params, state, batch):
+    loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_fn(p, batch)))(
+        params)
+    return loss, grads, state
+
+  def by_hand_step(params, state, batch):
+    # Loss weighting written by hand (log_loss: w = 1/L, data-dependent):
+    # the cost any weights computed from this step's losses carry, with
+    # no optax_mtl code in the step.
+    task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
+    grads = vjp_fn(1.0 / jax.lax.stop_gradient(task_losses))[0]
+    return task_losses, grads, state
+
+  def jacobian_step(params, state, batch):
+    task_losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
+    jacobian = jax.vmap(vjp_fn)(jnp.eye(num_tasks,
+                                        dtype=task_losses.dtype))[0]
+    # A dot with ones, not jnp.sum(j, axis=0): on XLA:CPU the reduction
+    # over the leading axis is about 2x slower than the dot (measured).
+    ones = jnp.ones((num_tasks,), task_losses.dtype)
+    return task_losses, jax.tree.map(
+        lambda j: jnp.tensordot(ones, j, axes=1), jacobian), state
+
+  return plain_step, by_hand_step, jacobian_step
+
+
+def _strategy_step(loss_fn: Callable, head_loss_fn: Callable, strategy,
+                   **engine_options) -> Callable:
+  """A training step of ``strategy`` through ``optax_mtl.value_and_grad``
+  (of ``head_loss_fn`` when an ``encoder_fn`` is given)."""
+  if "encoder_fn" in engine_options:
+    value_and_grad = optax_mtl.value_and_grad(head_loss_fn, strategy,
+                                              **engine_options)
+  else:
+    value_and_grad = optax_mtl.value_and_grad(loss_fn, strategy,
+                                              **engine_options)
+
+  samples = optax_mtl.weighting_of(strategy).num_samples
+
+  def step(params, state, batch):
+    # MoDo, SDMGrad: the minibatch rolled by s rows, copied inside the
+    # timed step (a data loader would hand over three: a small
+    # overestimate of their step).
+    if samples > 1:
+      batch = jax.tree.map(
+          lambda b: jnp.stack([jnp.roll(b, s, axis=0)
+                               for s in range(samples)]), batch)
+    (task_losses, grads), state = value_and_grad(params, state, batch)
+    return task_losses, grads, state
+
+  return step
+
+
+def _option_loops(num_tasks: int, params, step_of: Callable,
+                  encoder_fn: Callable) -> dict[str, tuple]:
+  """The engine options of :data:`OPTIONS_BASE`, by label of ``options()``:
+  ``{label: (step, initial state)}``."""
+  base = strategies_lib.make(OPTIONS_BASE, num_tasks)
+  recompute = optax_mtl.recompute_every(base, RECOMPUTE_EVERY)
+  trunk_only = {"trunk": True, "heads": False}
+  variants = (
+      (step_of(base, gramian_mode="low_memory"), base),
+      (step_of(recompute), recompute),
+      (step_of(base, encoder_fn=encoder_fn), base),
+      (step_of(base, shared=trunk_only), base))
+  return {label: (step, strategy.init(params))
+          for label, (step, strategy) in zip(options(), variants)}
+
+
+def _time_entry(entry: dict[str, Any], name: str, times: _Rounds, compiled,
+                baselines: dict[str, Any]) -> None:
+  """Fills a strategy's entry: its times, ratios, operations and memory
+  against the plain step (loss-only) or the Jacobian-only one (Gramian)."""
+  gramian = entry["kind"] == "gramian"
+  reference = "jacobian" if gramian else "plain"
+  entry.update(_timing(times, name))
+  entry["ratio_plain"] = _ratio(times, name, "plain")
+  entry["ratio_median"] = _median_ratio(times, name, "plain")
+  entry["ratio_equal"] = _ratio(times, name, "equal")
+  if gramian:
+    entry["ratio_jacobian"] = _ratio(times, name, "jacobian")
+  else:
+    entry["ratio_by_hand"] = _ratio(times, name, "by_hand")
+  entry["memory_bytes"] = memory_bytes(compiled)
+  reference_flops = baselines[reference]["flops"]
+  step_flops = flops(compiled)
+  if reference_flops and step_flops:
+    entry["flops_ratio"] = step_flops / reference_flops
+  reference_memory = baselines[reference]["memory_bytes"]
+  if reference_memory and entry["memory_bytes"]:
+    entry["memory_ratio"] = entry["memory_bytes"] / reference_memory
 
 
 def run_speed_models(

@@ -19,6 +19,7 @@ scored once, with those parameters.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -151,6 +152,20 @@ def predict(forward_fn, params, inputs: np.ndarray,
   return np.concatenate(outputs, axis=-2)
 
 
+def per_task_scores(probs: np.ndarray, split: Split,
+                    metrics: dict[str, Callable]) -> dict[str, np.ndarray]:
+  """``{name: f64[T]}``: ``metric(labels, probs, keep)`` of every task on
+  its labelled rows (``keep``); NaN for a task without labels."""
+  num_tasks = probs.shape[1]
+  scores = {name: np.full(num_tasks, np.nan) for name in metrics}
+  for t in range(num_tasks):
+    keep = split.mask[:, t]
+    if keep.any():
+      for name, metric in metrics.items():
+        scores[name][t] = metric(split.labels[:, t], probs[:, t], keep)
+  return scores
+
+
 def nanmean(values) -> float:
   values = np.asarray(values, np.float64)
   if values.size == 0 or not np.any(np.isfinite(values)):
@@ -171,6 +186,24 @@ def _epoch_orders(num_rows: int, batch_size: int, epochs: int, seed: int):
   for _ in range(epochs):
     order = rng.permutation(num_rows)[:steps * batch_size]
     yield order.reshape(steps, batch_size)
+
+
+def _train_epoch(step: Callable, carry, train: Split, orders, desc: str,
+                 key):
+  """One epoch: ``carry, losses = step(carry, inputs, labels, mask, key)``
+  on every minibatch of ``orders``, a fresh subkey of ``key`` each.
+
+  Returns the last ``carry``, the key to go on with and the losses stacked
+  over the minibatches.
+  """
+  epoch_losses = []
+  for i in _batches(len(orders), desc):
+    rows = orders[i]
+    key, sub = jax.random.split(key)
+    carry, losses = step(carry, train.inputs[rows], train.labels[rows],
+                         train.mask[rows], sub)
+    epoch_losses.append(losses)
+  return carry, key, jnp.stack(epoch_losses)
 
 
 class Functions(NamedTuple):
@@ -235,26 +268,25 @@ def train_multitask(
     return (optax.apply_updates(params, updates), opt_state, strategy_state,
             losses)
 
-  forward_eval = fns.forward_eval
-  opt_state = optimizer.init(params)
-  strategy_state = strategy.init(params)
-  key = jax.random.key(seed)
   use_dropout = config.dropout > 0.0
+
+  def batch_step(carry, inputs, labels, mask, key):
+    *carry, losses = train_step(*carry, inputs, labels, mask,
+                                key if use_dropout else None)
+    return tuple(carry), losses
+
+  forward_eval = fns.forward_eval
+  carry = (params, optimizer.init(params), strategy.init(params))
+  key = jax.random.key(seed)
   best = dict(value=-math.inf, epoch=0, params=params)
   history = []
   start = time.perf_counter()
   for epoch, orders in enumerate(
       _epoch_orders(train.size, config.batch_size, config.epochs, seed), 1):
-    epoch_losses = []
-    for i in _batches(len(orders), f"{prefix} {epoch}"):
-      rows = orders[i]
-      key, sub = jax.random.split(key)
-      params, opt_state, strategy_state, losses = train_step(
-          params, opt_state, strategy_state, train.inputs[rows],
-          train.labels[rows], train.mask[rows],
-          sub if use_dropout else None)
-      epoch_losses.append(losses)
-    loss = float(jnp.mean(jnp.stack(epoch_losses)))
+    carry, key, epoch_losses = _train_epoch(batch_step, carry, train, orders,
+                                            f"{prefix} {epoch}", key)
+    params = carry[0]
+    loss = float(jnp.mean(epoch_losses))
     scores = score_fn(predict(forward_eval, params, val.inputs,
                               config.eval_batch_size), val)
     value = nanmean(scores[primary])
@@ -266,6 +298,7 @@ def train_multitask(
     comparable = value if math.isfinite(value) else -math.inf
     if comparable >= best["value"]:
       best = dict(value=comparable, epoch=epoch, params=params)
+  strategy_state = carry[2]
   weights = getattr(strategy_state, "weights", None)
   return dict(params=best["params"], forward_eval=forward_eval,
               history=history, best_epoch=best["epoch"],
@@ -315,14 +348,13 @@ def train_single_task(
     return jax.vmap(one_step, in_axes=(0, 0, 0, None, None, None, 0))(
         params, opt_state, task_ids, inputs, labels, mask, keys)
 
+  def batch_step(carry, inputs, labels, mask, key):
+    keys = jax.random.split(key, chunk) if use_dropout else None
+    params, opt_state, losses = train_step(*carry, inputs, labels, mask,
+                                           keys)
+    return (params, opt_state, carry[2]), losses
+
   forward_eval = fns.forward_eval_stacked
-
-  @jax.jit
-  def keep_best(best, params, improved):
-    def pick(b, p):
-      return jnp.where(improved.reshape((-1,) + (1,) * (p.ndim - 1)), p, b)
-    return jax.tree.map(pick, best, params)
-
   tasks = list(tasks)
   chunk = max(1, min(chunk, len(tasks)))
   test_probs = np.zeros((test.size, len(tasks)), np.float32)
@@ -338,27 +370,19 @@ def train_single_task(
     best_epoch = np.zeros(chunk, int)
     key = jax.random.key(seed)
     name = f"{prefix} {group[0]}-{group[-1]}"
+    carry = (params, opt_state, task_ids)
     for epoch, orders in enumerate(
         _epoch_orders(train.size, config.batch_size, config.epochs, seed), 1):
-      epoch_losses = []
-      for i in _batches(len(orders), f"{name} {epoch}"):
-        rows = orders[i]
-        key, sub = jax.random.split(key)
-        keys = jax.random.split(sub, chunk) if use_dropout else None
-        params, opt_state, losses = train_step(
-            params, opt_state, task_ids, train.inputs[rows],
-            train.labels[rows], train.mask[rows], keys)
-        epoch_losses.append(losses)
-      loss = float(jnp.mean(jnp.stack(epoch_losses)[:, :len(group)]))
-      probs = predict(forward_eval, params, val.inputs,
-                      config.eval_batch_size)           # [chunk, N, T]
-      own = np.stack([probs[i, :, t] for i, t in enumerate(padded)], 1)
-      scores = score_fn(own, val._replace(labels=val.labels[:, padded],
-                                         mask=val.mask[:, padded]))
+      carry, key, epoch_losses = _train_epoch(batch_step, carry, train,
+                                              orders, f"{name} {epoch}", key)
+      params = carry[0]
+      loss = float(jnp.mean(epoch_losses[:, :len(group)]))
+      scores = _own_task_scores(forward_eval, params, val, padded, score_fn,
+                                config.eval_batch_size)
       values = np.where(np.isfinite(scores[primary]), scores[primary],
                         -np.inf)
       improved = values >= best_value
-      best_params = keep_best(best_params, params, jnp.asarray(improved))
+      best_params = _keep_best(best_params, params, jnp.asarray(improved))
       best_value = np.where(improved, values, best_value)
       best_epoch = np.where(improved, epoch, best_epoch)
       seconds = time.perf_counter() - start
@@ -374,6 +398,24 @@ def train_single_task(
     best_epochs.extend(best_epoch[:len(group)].tolist())
   return dict(test_probs=test_probs, best_epochs=best_epochs,
               history=history, seconds=time.perf_counter() - start)
+
+
+@jax.jit
+def _keep_best(best, params, improved):
+  """Per stacked model, ``params`` where ``improved`` else ``best``."""
+  def pick(b, p):
+    return jnp.where(improved.reshape((-1,) + (1,) * (p.ndim - 1)), p, b)
+  return jax.tree.map(pick, best, params)
+
+
+def _own_task_scores(forward_eval, params, val: Split, padded: list[int],
+                     score_fn: Callable, eval_batch_size: int) -> dict:
+  """The validation scores of each stacked model on its own task."""
+  probs = predict(forward_eval, params, val.inputs,
+                  eval_batch_size)           # [chunk, N, T]
+  own = np.stack([probs[i, :, t] for i, t in enumerate(padded)], 1)
+  return score_fn(own, val._replace(labels=val.labels[:, padded],
+                                    mask=val.mask[:, padded]))
 
 
 # ---------------------------------------------------------------------------
@@ -477,6 +519,77 @@ def write_outputs(out_dir: str, stem: str, results: dict,
   with open(md_path, "w", encoding="utf-8") as f:
     f.write(report)
   return json_path, md_path
+
+
+def run_paper(args, *, stem: str, citation: str,
+              report: Callable[[dict], str], make_strategy: Callable,
+              data: dict, run_config: dict, log: Callable[[str], None],
+              **comparison) -> dict:
+  """A paper command: :func:`run_comparison` of the strategies, seeds and
+  single-task models named by ``args``, then its results and report written
+  to ``args.out`` and logged.
+
+  ``make_strategy(name)`` builds a strategy; ``comparison`` holds the other
+  arguments of :func:`run_comparison`; ``data`` and ``run_config`` are
+  recorded in the results beside the options. Returns the results with the
+  ``files`` written.
+  """
+  strategy_names = [s.strip() for s in args.strategies.split(",") if s]
+  results = run_comparison(
+      strategies={n: functools.partial(make_strategy, n)
+                  for n in strategy_names},
+      seeds=[int(s) for s in str(args.seeds).split(",")],
+      stl_tasks=parse_task_limit(args.stl_tasks,
+                                 len(comparison["task_names"])),
+      stl_chunk=args.stl_chunk, log=log, **comparison)
+  results.update(paper=stem, citation=citation, device=device_description(),
+                 data=data, config=dict(plain_args(args), **run_config))
+  text = report(results)
+  json_path, md_path = write_outputs(args.out, stem, results, text)
+  log("\n" + text)
+  log(f"wrote {json_path} and {md_path}")
+  results["files"] = [json_path, md_path]
+  return results
+
+
+def paper_report(results: dict, title: str, data_label: str, split: str,
+                 metrics: Sequence[str], citation: str, table: str) -> str:
+  """A paper command's report: this run's table, then the paper beside it."""
+  return "\n\n".join([
+      title,
+      f"Device: {results['device']}. {data_label}: {results['data']}.",
+      f"## This run ({split}, best validation epoch)",
+      results_table(results, metrics),
+      f"## Beside the paper\n\n{citation}.",
+      table, ""])
+
+
+def add_run_arguments(parser, defaults: dict, data_help: str) -> None:
+  """The options every paper command takes first: data, output, budget."""
+  parser.add_argument("--data-dir", required=True, help=data_help)
+  parser.add_argument("--out", default="bench_results/papers",
+                      help="output folder (default bench_results/papers, "
+                      "git-ignored)")
+  parser.add_argument("--epochs", type=int, default=defaults["epochs"])
+  parser.add_argument("--batch-size", type=int,
+                      default=defaults["batch_size"])
+  parser.add_argument("--eval-batch-size", type=int,
+                      default=defaults["eval_batch_size"])
+  parser.add_argument("--learning-rate", type=float,
+                      default=defaults["learning_rate"])
+
+
+def add_comparison_arguments(parser, defaults: dict, tasks: str) -> None:
+  """The strategies, single-task models and seeds to compare (``tasks``
+  names a paper's tasks, e.g. "attributes")."""
+  parser.add_argument("--strategies", default=defaults["strategies"])
+  parser.add_argument("--stl-tasks", default=defaults["stl_tasks"],
+                      help="single-task models: all, none, N (the first N "
+                      f"{tasks}) or indices 0,5,9")
+  parser.add_argument("--stl-chunk", type=int, default=defaults["stl_chunk"],
+                      help="single-task models trained at once (vmap)")
+  parser.add_argument("--seeds", default=defaults["seeds"],
+                      help="comma-separated seeds (default 0)")
 
 
 def plain_args(args) -> dict:

@@ -211,16 +211,10 @@ class CelebaCNN(nnx.Module):
 
 def score(probs: np.ndarray, split: _common.Split) -> dict:
   """Accuracy (threshold 0.5) and ROC-AUC of every attribute: ``f64[T]`` each."""
-  num_tasks = probs.shape[1]
-  accuracy = np.full(num_tasks, np.nan)
-  roc = np.full(num_tasks, np.nan)
-  for t in range(num_tasks):
-    keep = split.mask[:, t]
-    if keep.any():
-      accuracy[t] = np.mean((probs[keep, t] > 0.5) == (
-          split.labels[keep, t] > 0.5))
-      roc[t] = _auc.roc_auc(split.labels[:, t], probs[:, t], keep)
-  return {"accuracy": accuracy, "roc_auc": roc}
+  return _common.per_task_scores(probs, split, {
+      "accuracy": lambda labels, p, keep: np.mean(
+          (p[keep] > 0.5) == (labels[keep] > 0.5)),
+      "roc_auc": _auc.roc_auc})
 
 
 def paper_table(results: dict) -> str:
@@ -244,14 +238,10 @@ def paper_table(results: dict) -> str:
 
 
 def report(results: dict) -> str:
-  return "\n\n".join([
-      "# CelebA, 40 attributes: EMA loss weighting against equal and "
-      "single-task",
-      f"Device: {results['device']}. Images: {results['data']}.",
-      "## This run (test split, best validation epoch)",
-      _common.results_table(results, ("accuracy", "roc_auc")),
-      f"## Beside the paper\n\n{CITATION}.",
-      paper_table(results), ""])
+  return _common.paper_report(
+      results, "# CelebA, 40 attributes: EMA loss weighting against equal "
+      "and single-task", "Images", "test split", ("accuracy", "roc_auc"),
+      CITATION, paper_table(results))
 
 
 # ---------------------------------------------------------------------------
@@ -261,18 +251,9 @@ def report(results: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   d = DEFAULTS
-  parser.add_argument("--data-dir", required=True,
-                      help="folder with img_align_celeba/, "
-                      "list_attr_celeba.txt and list_eval_partition.txt")
-  parser.add_argument("--out", default="bench_results/papers",
-                      help="output folder (default bench_results/papers, "
-                      "git-ignored)")
-  parser.add_argument("--epochs", type=int, default=d["epochs"])
-  parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-  parser.add_argument("--eval-batch-size", type=int,
-                      default=d["eval_batch_size"])
-  parser.add_argument("--learning-rate", type=float,
-                      default=d["learning_rate"])
+  _common.add_run_arguments(
+      parser, d, "folder with img_align_celeba/, list_attr_celeba.txt and "
+      "list_eval_partition.txt")
   parser.add_argument("--subset", type=int, default=d["subset"],
                       help="use the first N training images (default all)")
   parser.add_argument("--eval-subset", type=int, default=d["eval_subset"],
@@ -283,14 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--hidden", type=int, default=d["hidden"])
   parser.add_argument("--beta", type=float, default=d["beta"],
                       help="β of ema, rema and dwema (default 0.2)")
-  parser.add_argument("--strategies", default=d["strategies"])
-  parser.add_argument("--stl-tasks", default=d["stl_tasks"],
-                      help="single-task models: all, none, N (the first N "
-                      "attributes) or indices 0,5,9")
-  parser.add_argument("--stl-chunk", type=int, default=d["stl_chunk"],
-                      help="single-task models trained at once (vmap)")
-  parser.add_argument("--seeds", default=d["seeds"],
-                      help="comma-separated seeds (default 0)")
+  _common.add_comparison_arguments(parser, d, "attributes")
   parser.add_argument("--workers", type=int, default=d["workers"],
                       help="threads decoding JPEGs")
 
@@ -306,7 +280,6 @@ def make_strategy(name: str, num_tasks: int, beta: float):
 
 def run(args: argparse.Namespace, log=print) -> dict:
   channels = tuple(int(c) for c in str(args.channels).split(","))
-  seeds = [int(s) for s in str(args.seeds).split(",")]
   log(f"celeba: device {_common.device_description()}")
   (train, val, test), names = load_celeba(
       args.data_dir, args.image_size, args.subset, args.eval_subset,
@@ -314,26 +287,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
   num_tasks = len(names)
   config = _common.TrainConfig(args.epochs, args.batch_size,
                                args.eval_batch_size)
-  strategy_names = [s.strip() for s in args.strategies.split(",") if s]
-  results = _common.run_comparison(
+  return _common.run_paper(
+      args, stem=STEM, citation=CITATION, report=report,
+      make_strategy=lambda n: make_strategy(n, num_tasks, args.beta),
+      data=dict(train=train.size, val=val.size, test=test.size,
+                image_size=args.image_size),
+      run_config=dict(channels=list(channels)), log=log,
       name="celeba",
       make_model=lambda seed: CelebaCNN(num_tasks, channels, args.hidden,
                                         rngs=nnx.Rngs(seed)),
       make_optimizer=lambda: optax.adam(args.learning_rate),
-      strategies={n: (lambda n=n: make_strategy(n, num_tasks, args.beta))
-                  for n in strategy_names},
       splits=(train, val, test), task_names=names, config=config,
-      score_fn=score, primary="accuracy", seeds=seeds,
-      stl_tasks=_common.parse_task_limit(args.stl_tasks, num_tasks),
-      stl_chunk=args.stl_chunk, log=log)
-  results.update(
-      paper=STEM, citation=CITATION, device=_common.device_description(),
-      data=dict(train=train.size, val=val.size, test=test.size,
-                image_size=args.image_size),
-      config=dict(_common.plain_args(args), channels=list(channels)))
-  text = report(results)
-  json_path, md_path = _common.write_outputs(args.out, STEM, results, text)
-  log("\n" + text)
-  log(f"wrote {json_path} and {md_path}")
-  results["files"] = [json_path, md_path]
-  return results
+      score_fn=score, primary="accuracy")

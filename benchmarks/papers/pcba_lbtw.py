@@ -231,15 +231,8 @@ class PcbaMLP(nnx.Module):
 
 def score(probs: np.ndarray, split: _common.Split) -> dict:
   """PR-AUC (average precision) and ROC-AUC per assay, labelled rows only."""
-  num_tasks = probs.shape[1]
-  pr = np.full(num_tasks, np.nan)
-  roc = np.full(num_tasks, np.nan)
-  for t in range(num_tasks):
-    keep = split.mask[:, t]
-    if keep.any():
-      pr[t] = _auc.average_precision(split.labels[:, t], probs[:, t], keep)
-      roc[t] = _auc.roc_auc(split.labels[:, t], probs[:, t], keep)
-  return {"pr_auc": pr, "roc_auc": roc}
+  return _common.per_task_scores(probs, split, {
+      "pr_auc": _auc.average_precision, "roc_auc": _auc.roc_auc})
 
 
 def paper_table(results: dict) -> str:
@@ -277,13 +270,10 @@ def paper_table(results: dict) -> str:
 
 
 def report(results: dict) -> str:
-  return "\n\n".join([
-      "# PCBA: LBTW against equal weighting and single-task models",
-      f"Device: {results['device']}. Data: {results['data']}.",
-      "## This run (test fold, best validation epoch)",
-      _common.results_table(results, ("pr_auc", "roc_auc")),
-      f"## Beside the paper\n\n{CITATION}.",
-      paper_table(results), ""])
+  return _common.paper_report(
+      results, "# PCBA: LBTW against equal weighting and single-task models",
+      "Data", "test fold", ("pr_auc", "roc_auc"), CITATION,
+      paper_table(results))
 
 
 # ---------------------------------------------------------------------------
@@ -293,17 +283,8 @@ def report(results: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   d = DEFAULTS
-  parser.add_argument("--data-dir", required=True,
-                      help="folder with pcba.csv or pcba.csv.gz")
-  parser.add_argument("--out", default="bench_results/papers",
-                      help="output folder (default bench_results/papers, "
-                      "git-ignored)")
-  parser.add_argument("--epochs", type=int, default=d["epochs"])
-  parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-  parser.add_argument("--eval-batch-size", type=int,
-                      default=d["eval_batch_size"])
-  parser.add_argument("--learning-rate", type=float,
-                      default=d["learning_rate"])
+  _common.add_run_arguments(parser, d,
+                            "folder with pcba.csv or pcba.csv.gz")
   parser.add_argument("--weight-decay", type=float, default=d["weight_decay"])
   parser.add_argument("--subset", type=int, default=d["subset"],
                       help="use N randomly chosen molecules (default all)")
@@ -316,14 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dropout", type=float, default=d["dropout"])
   parser.add_argument("--alpha", type=float, default=d["alpha"],
                       help="α of lbtw (default 0.5)")
-  parser.add_argument("--strategies", default=d["strategies"])
-  parser.add_argument("--stl-tasks", default=d["stl_tasks"],
-                      help="single-task models: all, none, N (the first N "
-                      "assays) or indices 0,5,9")
-  parser.add_argument("--stl-chunk", type=int, default=d["stl_chunk"],
-                      help="single-task models trained at once (vmap)")
-  parser.add_argument("--seeds", default=d["seeds"],
-                      help="comma-separated seeds (default 0)")
+  _common.add_comparison_arguments(parser, d, "assays")
 
 
 def make_strategy(name: str, num_tasks: int, alpha: float,
@@ -336,7 +310,6 @@ def make_strategy(name: str, num_tasks: int, alpha: float,
 
 def run(args: argparse.Namespace, log=print) -> dict:
   hidden = tuple(int(h) for h in str(args.hidden).split(","))
-  seeds = [int(s) for s in str(args.seeds).split(",")]
   log(f"pcba: device {_common.device_description()}")
   (train, val, test), tasks, kind = load_pcba(
       args.data_dir, args.features, args.fold, args.subset, log)
@@ -344,33 +317,22 @@ def run(args: argparse.Namespace, log=print) -> dict:
   config = _common.TrainConfig(args.epochs, args.batch_size,
                                args.eval_batch_size, args.dropout)
   steps_per_epoch = max(1, train.size // min(args.batch_size, train.size))
-  strategy_names = [s.strip() for s in args.strategies.split(",") if s]
 
   def make_optimizer():
     return optax.chain(optax.add_decayed_weights(args.weight_decay),
                        optax.adam(args.learning_rate))
 
-  results = _common.run_comparison(
+  return _common.run_paper(
+      args, stem=STEM, citation=CITATION, report=report,
+      make_strategy=lambda n: make_strategy(n, num_tasks, args.alpha,
+                                            steps_per_epoch),
+      data=dict(train=train.size, val=val.size, test=test.size,
+                features=kind, steps_per_epoch=steps_per_epoch),
+      run_config=dict(hidden=list(hidden)), log=log,
       name="pcba",
       make_model=lambda seed: PcbaMLP(
           train.inputs.shape[1], num_tasks, hidden,
           dropout_rate=args.dropout, rngs=nnx.Rngs(seed)),
       make_optimizer=make_optimizer,
-      strategies={n: (lambda n=n: make_strategy(n, num_tasks, args.alpha,
-                                                steps_per_epoch))
-                  for n in strategy_names},
       splits=(train, val, test), task_names=tasks, config=config,
-      score_fn=score, primary="pr_auc", seeds=seeds,
-      stl_tasks=_common.parse_task_limit(args.stl_tasks, num_tasks),
-      stl_chunk=args.stl_chunk, log=log)
-  results.update(
-      paper=STEM, citation=CITATION, device=_common.device_description(),
-      data=dict(train=train.size, val=val.size, test=test.size,
-                features=kind, steps_per_epoch=steps_per_epoch),
-      config=dict(_common.plain_args(args), hidden=list(hidden)))
-  text = report(results)
-  json_path, md_path = _common.write_outputs(args.out, STEM, results, text)
-  log("\n" + text)
-  log(f"wrote {json_path} and {md_path}")
-  results["files"] = [json_path, md_path]
-  return results
+      score_fn=score, primary="pr_auc")

@@ -76,6 +76,16 @@ class Problem:
     return len(self.task_names)
 
 
+def suite_configs(quick: dict, paper: dict, full: Optional[dict] = None,
+                  **full_changes) -> dict[str, dict]:
+  """A problem's settings per suite (``CONFIGS``): ``quick``; ``full``, by
+  default the quick settings with ``full_changes`` (a larger budget); and
+  ``paper``, the paper's sizes."""
+  return {"quick": quick,
+          "full": dict(quick, **full_changes) if full is None else full,
+          "paper": paper}
+
+
 def make(name: str, suite: str = "quick", data_dir: Optional[str] = None,
          **overrides) -> Problem:
   """Builds the problem ``name`` (a module of this package)."""

@@ -19,16 +19,15 @@ import numpy as np
 
 from benchmarks import data as data_lib
 from benchmarks.problems import Problem
+from benchmarks.problems import suite_configs
 from benchmarks.problems import _binary
 
-CONFIGS = {
-    "quick": dict(max_images=20000, side=16, hidden=256, depth=2,
-                  batch_size=256, num_steps=1000, learning_rate=1e-3),
-    "full": dict(max_images=None, side=32, hidden=512, depth=3,
-                 batch_size=512, num_steps=20000, learning_rate=1e-3),
-    "paper": dict(max_images=None, side=32, hidden=512, depth=3,
-                  batch_size=512, num_steps=20000, learning_rate=1e-3),
-}
+# The full suite runs the paper's sizes.
+_PAPER = dict(max_images=None, side=32, hidden=512, depth=3, batch_size=512,
+              num_steps=20000, learning_rate=1e-3)
+CONFIGS = suite_configs(
+    dict(max_images=20000, side=16, hidden=256, depth=2, batch_size=256,
+         num_steps=1000, learning_rate=1e-3), paper=_PAPER, full=_PAPER)
 
 
 def load_images(image_dir: str, filenames, side: int) -> np.ndarray:

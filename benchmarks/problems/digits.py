@@ -25,6 +25,7 @@ import numpy as np
 from sklearn import datasets
 
 from benchmarks.problems import Problem
+from benchmarks.problems import suite_configs
 from benchmarks.problems import _common
 
 # num_steps is the most steps (early stopping often ends sooner: equal
@@ -33,13 +34,11 @@ from benchmarks.problems import _common
 # trained. 1000 keeps the quick suite within 10 minutes.
 _QUICK = dict(num_train=4000, num_test=2000, hidden=96, depth=2,
               batch_size=64, num_steps=1000, learning_rate=1e-3)
-CONFIGS = {
-    "quick": _QUICK,
-    "full": dict(_QUICK, num_steps=2000),
+CONFIGS = suite_configs(
+    _QUICK, num_steps=2000,
     # Larger data and model (`--suite paper`): hours on 2 CPU cores.
-    "paper": dict(num_train=20000, num_test=5000, hidden=256, depth=3,
-                  batch_size=128, num_steps=4000, learning_rate=1e-3),
-}
+    paper=dict(num_train=20000, num_test=5000, hidden=256, depth=3,
+               batch_size=128, num_steps=4000, learning_rate=1e-3))
 TASKS = ("left_digit", "right_digit", "left_ink", "right_ink")
 IS_CLASSIFICATION = (True, True, False, False)
 

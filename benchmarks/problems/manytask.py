@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from benchmarks.problems import Problem
+from benchmarks.problems import suite_configs
 from benchmarks.problems import _binary
 
 # The quick suite uses 32 tasks: at T = 128 the Gramian strategies
@@ -29,14 +30,12 @@ from benchmarks.problems import _binary
 _QUICK = dict(num_tasks=32, num_factors=16, input_dim=64, hidden=32,
               depth=2, num_train=4000, num_test=4000, batch_size=64,
               num_steps=600, learning_rate=3e-3)
-CONFIGS = {
-    "quick": _QUICK,
-    "full": dict(_QUICK, num_steps=1200),
+CONFIGS = suite_configs(
+    _QUICK, num_steps=1200,
     # The LBTW study's 128 tasks (`--suite paper`): hours on 2 CPU cores.
-    "paper": dict(num_tasks=128, num_factors=32, input_dim=128, hidden=256,
-                  depth=3, num_train=40000, num_test=20000, batch_size=256,
-                  num_steps=5000, learning_rate=1e-3),
-}
+    paper=dict(num_tasks=128, num_factors=32, input_dim=128, hidden=256,
+               depth=3, num_train=40000, num_test=20000, batch_size=256,
+               num_steps=5000, learning_rate=1e-3))
 
 
 def generate(num_tasks, num_factors, input_dim, num_samples, seed=7):

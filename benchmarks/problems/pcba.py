@@ -16,16 +16,16 @@ import numpy as np
 
 from benchmarks import data as data_lib
 from benchmarks.problems import Problem
+from benchmarks.problems import suite_configs
 from benchmarks.problems import _binary
 
-CONFIGS = {
-    "quick": dict(max_molecules=50000, num_buckets=1024, hidden=256, depth=2,
-                  batch_size=256, num_steps=1000, learning_rate=1e-3),
-    "full": dict(max_molecules=None, num_buckets=2048, hidden=512, depth=3,
-                 batch_size=512, num_steps=20000, learning_rate=1e-3),
-    "paper": dict(max_molecules=None, num_buckets=2048, hidden=512, depth=3,
-                  batch_size=512, num_steps=20000, learning_rate=1e-3),
-}
+# The full suite runs the paper's sizes.
+_PAPER = dict(max_molecules=None, num_buckets=2048, hidden=512, depth=3,
+              batch_size=512, num_steps=20000, learning_rate=1e-3)
+CONFIGS = suite_configs(
+    dict(max_molecules=50000, num_buckets=1024, hidden=256, depth=2,
+         batch_size=256, num_steps=1000, learning_rate=1e-3),
+    paper=_PAPER, full=_PAPER)
 
 
 def make(suite: str = "quick", data_dir: Optional[str] = None,

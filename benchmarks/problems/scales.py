@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.problems import Problem
+from benchmarks.problems import suite_configs
 from benchmarks.problems import _common
 
 # Smaller than the paper (250 -> 100 outputs, 4 layers of 100) so that
@@ -33,17 +34,15 @@ from benchmarks.problems import _common
 _QUICK = dict(num_tasks=8, input_dim=64, output_dim=16, hidden=64,
               depth=3, num_train=1000, num_test=1000, batch_size=64,
               num_steps=1000, learning_rate=3e-3)
-CONFIGS = {
-    "quick": _QUICK,
+CONFIGS = suite_configs(
     # The full suite (`make bench-full`, the published run on this project's
     # 2-core machine): the quick problem with twice the budget (at 1000
     # steps many models were still improving) and five seeds.
-    "full": dict(_QUICK, num_steps=2000),
+    _QUICK, num_steps=2000,
     # The GradNorm paper's sizes (`--suite paper`): hours on 2 CPU cores.
-    "paper": dict(num_tasks=10, input_dim=250, output_dim=100, hidden=100,
-                  depth=4, num_train=5000, num_test=2000, batch_size=100,
-                  num_steps=4000, learning_rate=1e-3),
-}
+    paper=dict(num_tasks=10, input_dim=250, output_dim=100, hidden=100,
+               depth=4, num_train=5000, num_test=2000, batch_size=100,
+               num_steps=4000, learning_rate=1e-3))
 
 
 def make(suite: str = "quick", data_dir: Optional[str] = None,

@@ -47,17 +47,16 @@ import optax_mtl
 
 from benchmarks import strategies as strategies_lib
 from benchmarks.problems import Problem
+from benchmarks.problems import suite_configs
 
 LOWER = 5e-6
 STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 _QUICK = dict(num_steps=20000, learning_rate=1e-3, scale=0.1,
               grid_size=301)
-CONFIGS = {
-    "quick": _QUICK,
-    "full": dict(_QUICK, num_steps=40000, grid_size=401),
-    "paper": dict(num_steps=100000, learning_rate=1e-3, scale=0.1,
-                  grid_size=801),
-}
+CONFIGS = suite_configs(
+    _QUICK, num_steps=40000, grid_size=401,
+    paper=dict(num_steps=100000, learning_rate=1e-3, scale=0.1,
+               grid_size=801))
 MAX_TRAJECTORY_POINTS = 400
 # The training losses are the objectives shifted by this (× scale for f1),
 # so that they are positive on the whole plane (see the module docstring).
