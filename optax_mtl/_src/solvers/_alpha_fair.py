@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 import chex
-import jax
 import jax.numpy as jnp
 
 from optax_mtl._src.solvers import _common
 from optax_mtl._src.solvers import _newton
 
+# The default max_iters of solve_alpha_fair (and of fairgrad).
 DEFAULT_MAX_ITERS = 100
-_NUM_STEP_SIZES = 24
 
 
 def solve_alpha_fair(
@@ -43,7 +42,7 @@ def solve_alpha_fair(
   answer does not depend on the gradients' scale beyond that law.
 
   Stopping test: the relative residual ``max_i |(Gw)_i w_i^{1/α} − 1|``
-  (:func:`_common.relative_gap`), floored at the round-off of the products.
+  (the solvers' relative gap), floored at the round-off of the products.
   A zero-gradient task gets ``w_i = 0``; when some non-negative combination
   of the task gradients cancels (no solution: ``F`` is unbounded below),
   the solver stops before the weights overflow and reports
@@ -75,75 +74,66 @@ def solve_alpha_fair(
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_mtl._src import solvers
-    >>> result = solvers.solve_alpha_fair(jnp.array([[4.0, 0.0],
-    ...                                              [0.0, 1.0]]), alpha=2.0)
+    >>> import optax_mtl
+    >>> result = optax_mtl.solve_alpha_fair(jnp.array([[4.0, 0.0],
+    ...                                                [0.0, 1.0]]), alpha=2.0)
     >>> [round(w, 4) for w in result.weights.tolist()]  # w = G_ii^{-2/3}.
     [0.3969, 1.0]
+
+  References:
+    Ban & Ji, `Fair Resource Allocation in Multi-Task Learning
+    <https://arxiv.org/abs/2402.15638>`_, ICML 2024; Mo & Walrand, "Fair
+    end-to-end window-based congestion control", IEEE/ACM Transactions on
+    Networking 2000 (α-fairness).
   """
   prepared = _common.prepare_gramian(gramian)
-  matrix, num_tasks, dtype = (prepared.matrix, prepared.num_tasks,
-                              prepared.dtype)
+  num_tasks, dtype = prepared.num_tasks, prepared.dtype
   max_iters = _common.check_max_iters(max_iters)
   tol = _common.check_tolerance(tol, dtype)
   inverse_alpha = jnp.asarray(1.0 / alpha, dtype)
   eye = jnp.eye(num_tasks, dtype=dtype)
-  active = jnp.diagonal(matrix) > 0
+  active = jnp.diagonal(prepared.matrix) > 0
   both = active[:, None] & active[None, :]
-  matrix = jnp.where(both, matrix, eye)
+  matrix = jnp.where(both, prepared.matrix, eye)
   magnitudes = jnp.abs(matrix)
 
-  def power(weights, exponent):
-    return jnp.exp(exponent * jnp.log(weights))
-
-  def utility(weights):
-    if alpha == 1.0:
-      return jnp.log(weights)
-    return power(weights, 1 - inverse_alpha) / (1 - inverse_alpha)
-
   def objective(weights):
-    return (0.5 * jnp.dot(weights, _common.matvec(matrix, weights))
-            - jnp.sum(jnp.where(active, utility(weights), 0)))
+    utility = (jnp.log(weights) if alpha == 1.0 else
+               _power(weights, 1 - inverse_alpha) / (1 - inverse_alpha))
+    return (0.5 * _common.dot(weights, _common.matvec(matrix, weights))
+            - jnp.sum(jnp.where(active, utility, 0)))
 
   def residual_gap(weights):
     # Each task's relative residual against its own round-off, T ε
     # (|G|w)_k w_k^{1/α}: a task of large gradients must not excuse the
     # residual of a task of small ones.
-    ratio = _common.matvec(matrix, weights) * power(weights, inverse_alpha)
-    absolute = jnp.where(active, jnp.abs(ratio - 1), 0)
+    scale = _power(weights, inverse_alpha)
+    absolute = jnp.where(
+        active, jnp.abs(_common.matvec(matrix, weights) * scale - 1), 0)
     floor = _common.resolve_cutoff(
-        dtype, num_tasks,
-        _common.matvec(magnitudes, weights) * power(weights, inverse_alpha))
+        dtype, num_tasks, _common.matvec(magnitudes, weights) * scale)
     return jnp.max(_common.relative_gap(absolute, jnp.ones([], dtype),
                                         floor))
 
-  def cancels(weights):
-    weights = jnp.where(active, weights, 0)
-    value = jnp.dot(weights, _common.matvec(matrix, weights))
-    size = jnp.dot(weights, _common.matvec(magnitudes, weights))
-    return jnp.any(active) & (
+  def measure(weights):
+    """The gap, and whether Σ w_k g_k cancels (no solution)."""
+    masked = jnp.where(active, weights, 0)
+    value = _common.dot(masked, _common.matvec(matrix, masked))
+    size = _common.dot(masked, _common.matvec(magnitudes, masked))
+    return residual_gap(weights), jnp.any(active) & (
         value <= _common.resolve_cutoff(dtype, num_tasks, size))
 
   def newton_step(weights):
-    gradient_scaled = weights * _common.matvec(matrix, weights) - power(
-        weights, 1 - inverse_alpha)
-    gradient_scaled = jnp.where(active, gradient_scaled, 0)
-    system = (weights[:, None] * matrix * weights[None, :]
-              + jnp.diag(inverse_alpha * power(weights, 1 - inverse_alpha)))
-    system = jnp.where(both, system, eye)
+    gradient = jnp.where(active, weights * _common.matvec(matrix, weights)
+                         - _power(weights, 1 - inverse_alpha), 0)
+    system = jnp.where(both, weights[:, None] * matrix * weights[None, :]
+                       + jnp.diag(inverse_alpha
+                                  * _power(weights, 1 - inverse_alpha)), eye)
     solve = _common.cholesky_solver(system)
-    delta = solve(-gradient_scaled)
-    decrease = jnp.maximum(-jnp.dot(gradient_scaled, delta), 0)
-    most_negative = jnp.max(-delta)
-    largest = jnp.where(
-        most_negative > 0,
-        jnp.minimum(1, 0.99 / jnp.where(most_negative > 0, most_negative, 1)),
-        1)
-    sizes = largest * 0.5**jnp.arange(_NUM_STEP_SIZES, dtype=dtype)
-    current = objective(weights)
-    trial = jax.vmap(lambda t: objective(weights * (1 + t * delta)))(sizes)
-    armijo = trial <= current - 0.25 * sizes * decrease
-    size = jnp.where(jnp.any(armijo), sizes[jnp.argmax(armijo)], sizes[-1])
+    delta = solve(-gradient)
+    decrease = jnp.maximum(-_common.dot(gradient, delta), 0)
+    size, largest = _newton.feasible_step_size(objective, weights, delta,
+                                               decrease)
     # Near the solution round-off in F defeats the line search: take the
     # full (feasible) Newton step, which converges quadratically there.
     quadratic = (decrease <= 1e-2) & (largest == 1)
@@ -151,18 +141,9 @@ def solve_alpha_fair(
     stepped = jnp.where(active, weights * (1 + size * delta), 1)
     return _newton.chord_step(
         solve, lambda new: jnp.where(active, weights * (
-            _common.matvec(matrix, new) - power(new, -inverse_alpha)), 0),
+            _common.matvec(matrix, new) - _power(new, -inverse_alpha)), 0),
         residual_gap, objective, weights, stepped, delta, full=size == 1,
         quadratic=quadratic)
-
-  def cond(carry):
-    _, iteration, gap, no_solution = carry
-    return (iteration < max_iters) & (gap > tol) & ~no_solution
-
-  def body(carry):
-    weights, iteration, _, _ = carry
-    weights = newton_step(weights)
-    return weights, iteration + 1, residual_gap(weights), cancels(weights)
 
   # The guess u = w ⊙ diag(G)^{α/(α+1)} is w ⊙ diag(M)^{α/(α+1)} on M.
   start = _newton.positive_start(
@@ -170,20 +151,23 @@ def solve_alpha_fair(
       _common.check_vector("warm_start", warm_start, num_tasks, dtype)
       * jnp.power(jnp.diagonal(prepared.matrix), -alpha / (alpha + 1)),
       num_tasks, dtype)
-  start = jnp.where(active, start, 1)
-  weights, iterations, gap, no_solution = jax.lax.while_loop(
-      cond, body, (start, jnp.zeros([], jnp.int32), residual_gap(start),
-                   cancels(start)))
+  weights, iterations, gap, no_solution = _newton.iterate(
+      newton_step, measure, jnp.where(active, start, 1),
+      max_iters=max_iters, tol=tol)
   # A solution has (G w)_i = w_i^{-1/α} > 0 for every task: iterates that
   # drift along a cancelling combination without meeting the test above
   # (round-off keeps its value just above the cut-off) fail this instead.
-  products = _common.matvec(matrix, weights)
-  no_solution |= jnp.any(active & (products <= 0))
+  no_solution |= jnp.any(active & (_common.matvec(matrix, weights) <= 0))
   # Back to the input's scale: G = 2^e M gives w = 2^{-e α/(α+1)} w̃.
   scale = jnp.exp2(-prepared.exponent.astype(dtype) * alpha / (alpha + 1))
   weights = jnp.where(active & ~no_solution, weights * scale, 0)
   return _common.finish(weights, iterations, gap, tol,
                         finite=prepared.finite, no_solution=no_solution)
+
+
+def _power(values: chex.Array, exponent: chex.Array) -> chex.Array:
+  """``values ** exponent`` for positive values, as ``exp(e log v)``."""
+  return jnp.exp(exponent * jnp.log(values))
 
 
 def scale_free_solution(weights: chex.Array, gramian: chex.Array,

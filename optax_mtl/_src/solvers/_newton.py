@@ -10,11 +10,11 @@ import jax.numpy as jnp
 
 from optax_mtl._src.solvers import _common
 
-# The default max_iters of solve_nash. Damped Newton on a self-concordant
-# function: a few damped steps, then quadratic convergence; 4 to 12 steps on
-# the tests' problems (T up to 256, ill-conditioned and rank-deficient
-# included), about 10 to detect a problem without a solution.
-DEFAULT_MAX_ITERS = 100
+# The default max_iters of solve_nash (and of nash_mtl). Damped Newton on a
+# self-concordant function: a few damped steps, then quadratic convergence;
+# 4 to 12 steps on the tests' problems (T up to 256, ill-conditioned and
+# rank-deficient included), about 10 to detect a problem without a solution.
+DEFAULT_MAX_ITERS = 50
 
 # Step sizes tried by the line search: the largest feasible one, halved.
 _NUM_STEP_SIZES = 24
@@ -42,11 +42,16 @@ def solve_nash(
   do not change when ``G`` is multiplied by any ``c > 0``. In the variables
   ``β ⊙ (1 + δ)`` the Newton system is ``(BCB + I) δ = 1 − β ⊙ Cβ``
   (``B = diag(β)``), whose eigenvalues are at least one; a backtracking
-  (Armijo) line search keeps ``β > 0``, and within the quadratic region
-  (Newton decrement below ½) the full step is taken, followed by a second
-  correction with the same factorisation (:func:`chord_step`).
+  (Armijo) line search keeps ``β > 0`` (:func:`feasible_step_size`, shared
+  with :func:`optax_mtl.solve_alpha_fair`; when round-off defeats it, the
+  damped step ``1/(1 + λ)``, which decreases a self-concordant ``F``), and
+  within the quadratic region (Newton decrement below ½) the full step is
+  taken, followed by a second correction with the same factorisation
+  (:func:`chord_step`). ``solve_alpha_fair(G, 1.0)`` solves the same
+  problem (equal to round-off, not bit for bit: it works on ``G`` rather
+  than on ``C``, with another fallback and test for no solution).
 
-  Stopping test (:func:`_common.relative_gap`): the residual
+  Stopping test (the solvers' relative gap): the residual
   ``max_i |β_i (Cβ)_i − 1|`` (relative to the target 1, a backward error),
   with the floor ``T ε max_i β_i (|C|β)_i``, the round-off of the products.
 
@@ -80,9 +85,9 @@ def solve_nash(
   guess, within the quadratic region, the first full step is taken and one
   or two steps meet ``tol``.
 
-  Defaults: ``max_iters = 100`` (4 to 12 steps are typical, about 10 to
-  detect a problem without a solution), ``tol`` from
-  :func:`_common.default_tolerance`.
+  Defaults: ``max_iters = 50`` (4 to 12 steps are typical, about 10 to
+  detect a problem without a solution), ``tol``: 1e-6 in float32, 1e-12
+  in float64.
 
   Args:
     gramian: ``G``, shape [T, T], symmetric positive semi-definite; solved
@@ -99,16 +104,17 @@ def solve_nash(
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_mtl._src import solvers
-    >>> result = solvers.solve_nash(jnp.array([[4.0, 0.0], [0.0, 0.25]]))
+    >>> import optax_mtl
+    >>> result = optax_mtl.solve_nash(jnp.array([[4.0, 0.0], [0.0, 0.25]]))
     >>> [round(a, 4) for a in result.weights.tolist()], bool(result.converged)
     ([0.5, 2.0], True)
-    >>> opposite = solvers.solve_nash(jnp.array([[1.0, -1.0], [-1.0, 1.0]]))
+    >>> opposite = optax_mtl.solve_nash(jnp.array([[1.0, -1.0], [-1.0, 1.0]]))
     >>> opposite.weights.tolist(), int(opposite.outcome)
     ([0.0, 0.0], 3)
 
   References:
-    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022;
+    Navon et al., `Multi-Task Learning as a Bargaining Game
+    <https://arxiv.org/abs/2202.01017>`_, ICML 2022;
     Nesterov & Nemirovskii, "Interior-Point Polynomial Algorithms in Convex
     Programming", 1994 (self-concordant functions, the damped Newton step).
   """
@@ -118,9 +124,8 @@ def solve_nash(
   max_iters = _common.check_max_iters(max_iters)
   tol = _common.check_tolerance(tol, dtype)
   eye = jnp.eye(num_tasks, dtype=dtype)
-  norms = _common.gradient_norms(gramian)
-  active = norms > 0
-  inverse_norms = jnp.where(active, 1 / jnp.where(active, norms, 1), 0)
+  inverse_norms = _common.inverse_gradient_norms(gramian, 0.0)
+  active = inverse_norms > 0
   # Scaled entry by entry (the outer product of the norms could underflow).
   cosines = (gramian * inverse_norms[:, None]) * inverse_norms[None, :]
   cosines = jnp.where(active[:, None] & active[None, :], cosines, eye)
@@ -148,20 +153,11 @@ def solve_nash(
     solve = _common.cholesky_solver(system)
     delta = solve(-residual)
     decrement_squared = jnp.maximum(-_common.dot(residual, delta), 0)  # λ².
-    # The largest step keeping β (1 + t δ) > 0, then halvings of it.
-    most_negative = jnp.max(-delta)
-    largest = jnp.where(
-        most_negative > 0,
-        jnp.minimum(1, 0.99 / jnp.where(most_negative > 0, most_negative, 1)),
-        1)
-    sizes = largest * 0.5**jnp.arange(_NUM_STEP_SIZES, dtype=dtype)
-    current = objective(beta)
-    trial = jax.vmap(lambda t: objective(beta * (1 + t * delta)))(sizes)
-    armijo = trial <= current - 0.25 * sizes * decrement_squared
     # The damped step 1/(1 + λ) always decreases a self-concordant F and
     # keeps β > 0: the fallback when round-off defeats the line search.
-    damped = 1 / (1 + jnp.sqrt(decrement_squared))
-    size = jnp.where(jnp.any(armijo), sizes[jnp.argmax(armijo)], damped)
+    size, _ = feasible_step_size(
+        objective, beta, delta, decrement_squared,
+        fallback=1 / (1 + jnp.sqrt(decrement_squared)))
     size = jnp.where(decrement_squared <= 0.25, 1, size)
     stepped = jnp.where(active, beta * (1 + size * delta), 1)
     # In the quadratic region, a second correction with the same factor.
@@ -171,25 +167,82 @@ def solve_nash(
         lambda new: residual_gap(new)[0], objective, beta, stepped, delta,
         full=size == 1, quadratic=decrement_squared <= 0.25)
 
+  start = jnp.where(active, positive_start(warm_start, num_tasks, dtype), 1)
+  beta, iterations, gap, no_solution = iterate(
+      newton_step, residual_gap, start, max_iters=max_iters, tol=tol)
+  # α_i = β_i / ‖g_i‖ on the input's scale (2^e times the scaled one's).
+  input_norms = _common.gradient_norms(jnp.ldexp(gramian, prepared.exponent))
+  weights = _common.safe_divide(beta, jnp.where(active & ~no_solution,
+                                                input_norms, 0))
+  return _common.finish(weights, iterations, gap, tol,
+                        finite=prepared.finite, no_solution=no_solution,
+                        fallback=0)
+
+
+def feasible_step_size(objective: Callable[[chex.Array], chex.Array],
+                       point: chex.Array, delta: chex.Array,
+                       decrement_squared: chex.Array, *,
+                       fallback: Optional[chex.Array] = None
+                       ) -> tuple[chex.Array, chex.Array]:
+  r"""The backtracking (Armijo) step of a multiplicative Newton step.
+
+  The step from ``x`` (``point``) is ``x ⊙ (1 + t δ)``. The sizes tried are
+  the largest ``t ≤ 1`` that keeps every entry positive (0.99 of the way to
+  the boundary), then its halvings (24 in all), evaluated at once; the first
+  with ``F(x ⊙ (1 + tδ)) ≤ F(x) − ¼ t λ²`` (``λ² = decrement_squared``, the
+  squared Newton decrement) is taken. When round-off defeats every test,
+  ``fallback`` (None: the smallest size tried). The one line search of
+  :func:`solve_nash` and :func:`~optax_mtl.solve_alpha_fair`.
+
+  Args:
+    objective: ``x ↦ F(x)``.
+    point: ``x`` > 0.
+    delta: the Newton direction ``δ`` (in the multiplicative variables).
+    decrement_squared: ``λ² = −∇Fᵀδ ≥ 0``.
+    fallback: the size to take when no size passes.
+
+  Returns:
+    ``(t, t_max)``: the size, and the largest feasible one tried.
+
+  References:
+    Nocedal & Wright, "Numerical Optimization", 2nd ed., Springer 2006,
+    §3.1 (backtracking, the Armijo condition).
+  """
+  most_negative = jnp.max(-delta)
+  largest = jnp.minimum(1, _common.safe_divide(
+      0.99, jnp.where(most_negative > 0, most_negative, 0)))
+  largest = jnp.where(most_negative > 0, largest, 1)
+  sizes = largest * 0.5**jnp.arange(_NUM_STEP_SIZES, dtype=point.dtype)
+  trial = jax.vmap(lambda t: objective(point * (1 + t * delta)))(sizes)
+  armijo = trial <= objective(point) - 0.25 * sizes * decrement_squared
+  fallback = sizes[-1] if fallback is None else fallback
+  return (jnp.where(jnp.any(armijo), sizes[jnp.argmax(armijo)], fallback),
+          largest)
+
+
+def iterate(newton_step: Callable[[chex.Array], chex.Array],
+            measure: Callable[[chex.Array], tuple[chex.Array, chex.Array]],
+            start: chex.Array, *, max_iters: int, tol: chex.Array):
+  """Newton steps from ``start`` in a ``lax.while_loop``.
+
+  ``measure(x) -> (gap, no_solution)``; the loop stops once ``gap <= tol``,
+  ``no_solution`` or ``max_iters`` steps.
+
+  Returns:
+    ``(x, iterations, gap, no_solution)``.
+  """
+
   def cond(carry):
     _, iteration, gap, no_solution = carry
     return (iteration < max_iters) & (gap > tol) & ~no_solution
 
   def body(carry):
-    beta, iteration, _, _ = carry
-    beta = newton_step(beta)
-    return (beta, iteration + 1, *residual_gap(beta))
+    point, iteration, _, _ = carry
+    point = newton_step(point)
+    return (point, iteration + 1, *measure(point))
 
-  start = jnp.where(active, positive_start(warm_start, num_tasks, dtype), 1)
-  beta, iterations, gap, no_solution = jax.lax.while_loop(
-      cond, body, (start, jnp.zeros([], jnp.int32), *residual_gap(start)))
-  # α_i = β_i / ‖g_i‖ on the input's scale (2^e times the scaled one's).
-  input_norms = jnp.sqrt(jnp.ldexp(jnp.diagonal(gramian), prepared.exponent))
-  weights = jnp.where(active & ~no_solution,
-                      beta / jnp.where(active, input_norms, 1), 0)
-  return _common.finish(weights, iterations, gap, tol,
-                        finite=prepared.finite, no_solution=no_solution,
-                        fallback=0)
+  return jax.lax.while_loop(
+      cond, body, (start, jnp.zeros([], jnp.int32), *measure(start)))
 
 
 def positive_start(warm_start: Optional[chex.Array], num_tasks: int,
