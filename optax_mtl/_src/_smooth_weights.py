@@ -16,10 +16,10 @@ from optax_mtl._src import tree as tree_lib
 # The conventional fields the guard and the diagnostics read on a state
 # (optax_mtl._src.base), besides weights and num_skipped; the smoothed state
 # has those of the wrapped state.
-_OPTIONAL_FIELDS = ("gradient_cosines", "solver_iterations", "solver_gap",
-                    "solver_converged", "num_rejected_losses",
-                    "num_rejected_gradients")
-_SOLVER_FIELDS = ("solver_iterations", "solver_gap", "solver_converged")
+_SOLVER_FIELDS = ("solver_iterations", "solver_gap", "solver_converged",
+                  "solver_outcome")
+_OPTIONAL_FIELDS = ("gradient_cosines",) + _SOLVER_FIELDS + (
+    "num_rejected_losses", "num_rejected_gradients")
 
 
 class SmoothWeightsState(tuple):
