@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import optax_mtl
-from optax_mtl._src.weighting import _gradvac
+from optax_mtl._src.weighting._helpers import gradient_surgery
 
 
 def numpy_gradvac(jacobian, targets, orders, beta, fixed_target=None):
@@ -45,8 +45,8 @@ def test_coefficients_match_the_algorithm_on_vectors(num_tasks, seed,
   expected, expected_targets = numpy_gradvac(jacobian, targets, orders, 0.3,
                                              fixed_target)
   coefficients, new_targets = jax.jit(
-      lambda g, t, o: _gradvac.gradvac_coefficients(g, t, o, 0.3,
-                                                    fixed_target))(
+      lambda g, t, o: gradient_surgery.surgery_coefficients(
+          g, t, o, 0.3, fixed_target))(
           jnp.asarray(jacobian @ jacobian.T, jnp.float32),
           jnp.asarray(targets, jnp.float32), jnp.asarray(orders))
   np.testing.assert_allclose(np.sum(np.asarray(coefficients), 0) @ jacobian,
@@ -66,7 +66,7 @@ def test_strategy_runs_the_algorithm_with_its_random_orders():
   targets = np.zeros((3, 3))
   for jacobian in jacobians:
     _, key = optax_mtl._src.base.split_key(state.key)
-    orders = np.asarray(_gradvac._orders(key, 3))  # pylint: disable=protected-access
+    orders = np.asarray(gradient_surgery.random_orders(key, 3))
     assert all(sorted(row) == [0, 1, 2] for row in orders)
     expected, targets = numpy_gradvac(jacobian, targets, orders, 0.2)
     got, state = update(jnp.asarray(jacobian), state, task_losses=jnp.ones(3))
@@ -83,7 +83,7 @@ def test_per_leaf_groups_apply_gradvac_to_each_tensor():
   state = strategy.init(params)
   assert state.target_cosines.shape == (2, 3, 3)
   _, key = optax_mtl._src.base.split_key(state.key)
-  orders = np.asarray(_gradvac._orders(key, 3))  # pylint: disable=protected-access
+  orders = np.asarray(gradient_surgery.random_orders(key, 3))
   update, state = jax.jit(strategy.update)(
       jax.tree.map(jnp.asarray, task_grads), state, params,
       task_losses=jnp.ones(3))
@@ -92,6 +92,23 @@ def test_per_leaf_groups_apply_gradvac_to_each_tensor():
     expected, _ = numpy_gradvac(flat, np.zeros((3, 3)), orders, 0.5, 0.1)
     np.testing.assert_allclose(np.ravel(update[name]), expected, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_pcgrad_is_gradvac_with_target_zero():
+  # The same random orders and the same projections: equal updates, bit
+  # for bit, step after step.
+  rng = np.random.default_rng(6)
+  gradvac = optax_mtl.gradvac(4, target=0.0, seed=9)
+  pcgrad = optax_mtl.pcgrad(4, seed=9)
+  gradvac_state, pcgrad_state = gradvac.init(None), pcgrad.init(None)
+  for _ in range(3):
+    jacobian = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    expected, pcgrad_state = pcgrad.update(jacobian, pcgrad_state,
+                                           task_losses=jnp.ones(4))
+    got, gradvac_state = gradvac.update(jacobian, gradvac_state,
+                                        task_losses=jnp.ones(4))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(gradvac_state.weights, pcgrad_state.weights)
 
 
 def test_agreeing_gradients_are_summed_and_targets_move():

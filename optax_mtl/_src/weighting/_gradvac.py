@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
-from optax_mtl._src import solvers
 from optax_mtl._src import step
 from optax_mtl._src import tree as tree_lib
+from optax_mtl._src.weighting._helpers import gradient_surgery
 
 GROUPS = ("model", "leaf")
 
@@ -23,64 +23,6 @@ class GradvacState(NamedTuple):
   gradient_cosines: chex.Array  # f32[T, T], cosines of the task gradients.
   target_cosines: chex.Array  # f32[T, T] ("model") or f32[L, T, T] ("leaf").
   key: chex.Array  # u32[2], the raw key of the next step's random orders.
-
-
-def gradvac_coefficients(gramian: chex.Array, targets: chex.Array,
-                         orders: chex.Array, beta: float,
-                         fixed_target: Optional[float] = None):
-  """The GradVac coefficient matrix ``C`` (``g'_i = Σ_k C_ik g_k``).
-
-  Args:
-    gramian: [T, T].
-    targets: [T, T], the moving target cosines φ̂ before this step.
-    orders: int32[T, T], row i the order in which task i visits the others
-      (a permutation of 0..T-1; i itself is skipped).
-    beta: the moving average's weight of the newest cosine.
-    fixed_target: a constant target cosine instead of φ̂ (torchjd's
-      ``target``), or None.
-
-  Returns:
-    ``(coefficients [T, T], new_targets [T, T])``.
-  """
-  num_tasks = gramian.shape[0]
-  dtype = gramian.dtype
-  eye = jnp.eye(num_tasks, dtype=dtype)
-  other_norms = solvers.gradient_norms(gramian)
-
-  def for_task(i, carry):
-    coefficients, targets = carry
-
-    def for_other(position, inner):
-      row, targets = inner
-      j = orders[i, position]
-      row_norm = jnp.sqrt(jnp.maximum(row @ gramian @ row, 0))
-      cosine = solvers.safe_divide(row @ gramian[:, j],
-                                   row_norm * other_norms[j])
-      target = targets[i, j] if fixed_target is None else jnp.asarray(
-          fixed_target, dtype)
-      valid = (j != i) & (row_norm > 0) & (other_norms[j] > 0)
-      root = jnp.sqrt(jnp.maximum(1 - target**2, 0))
-      coefficient = solvers.safe_divide(
-          row_norm * (target * jnp.sqrt(jnp.maximum(1 - cosine**2, 0))
-                      - cosine * root), other_norms[j] * root)
-      row = row.at[j].add(jnp.where(valid & (cosine < target), coefficient,
-                                    0))
-      averaged = (1 - beta) * targets[i, j] + beta * cosine
-      targets = targets.at[i, j].set(jnp.where(valid, averaged,
-                                               targets[i, j]))
-      return row, targets
-
-    row, targets = jax.lax.fori_loop(0, num_tasks, for_other,
-                                     (eye[i], targets))
-    return coefficients.at[i].set(row), targets
-
-  return jax.lax.fori_loop(0, num_tasks, for_task,
-                           (jnp.zeros_like(eye), targets.astype(dtype)))
-
-
-def _orders(key: chex.Array, num_tasks: int) -> chex.Array:
-  keys = jax.random.split(key, num_tasks)
-  return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
 
 
 def gradvac(
@@ -106,7 +48,9 @@ def gradvac(
 
   and the update is :math:`\sum_i g'_i`. The targets start at 0 (so the
   first steps act as PCGrad) and follow the observed cosines; ``target``
-  fixes them instead (torchjd's option). Every :math:`g'_i` stays in the
+  fixes them instead (torchjd's option): ``target=0.0`` is
+  :func:`optax_mtl.pcgrad` exactly (the same loop, the same random orders
+  for the same ``seed``). Every :math:`g'_i` stays in the
   span of the task gradients, so the whole-model variant is a weight rule
   on the Gramian (coefficients tracked through the loop).
 
@@ -141,9 +85,9 @@ def gradvac(
     [0.5, 1.5]
 
   References:
-    Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and
-    Improving Multi-task Optimization in Massively Multilingual Models",
-    ICLR 2021 (Algorithm 1).
+    Wang, Tsvetkov, Firat & Cao, `Gradient Vaccine: Investigating and
+    Improving Multi-task Optimization in Massively Multilingual Models
+    <https://arxiv.org/abs/2010.05874>`_, ICLR 2021 (Algorithm 1).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   beta = base.check_in_range("beta", beta, 0.0, 1.0)
@@ -162,7 +106,7 @@ def gradvac(
 
   def next_orders(state):
     next_key, key = base.split_key(state.key)
-    return _orders(key, num_tasks), next_key
+    return gradient_surgery.random_orders(key, num_tasks), next_key
 
   if groups == "model":
 
@@ -172,7 +116,7 @@ def gradvac(
     def rule(task_losses, state, gramian):
       del task_losses
       orders, key = next_orders(state)
-      coefficients, targets = gradvac_coefficients(
+      coefficients, targets = gradient_surgery.surgery_coefficients(
           gramian, state.target_cosines, orders, beta, target)
       return jnp.sum(coefficients, axis=0), state._replace(
           target_cosines=targets.astype(jnp.float32), key=key)
@@ -204,7 +148,7 @@ def gradvac(
         updates.append(leaf[0])
         continue
       gramians.append(tree_lib.gramian(leaf))
-      coefficients, leaf_targets = gradvac_coefficients(
+      coefficients, leaf_targets = gradient_surgery.surgery_coefficients(
           gramians[-1], state.target_cosines[index], orders, beta, target)
       updates.append(tree_lib.combine(jnp.sum(coefficients, axis=0), leaf))
       targets.append(leaf_targets.astype(jnp.float32))

@@ -63,13 +63,18 @@ def pcgrad(
   (exactly): the weights do not depend on the common scale of the
   gradients, and the update scales with them.
 
+  This is :func:`optax_mtl.gradvac` with ``target=0.0``: the same loop on
+  the Gramian and, for the same ``seed``, the same orders.
+
   A step with a non-finite loss or Gramian is counted in ``num_skipped``;
   the previous weights are applied and the key is not advanced.
 
   Args:
     num_tasks: the number of tasks T.
     seed: the seed of the random visiting orders, an integer in
-      [-2**63, 2**64) (all 64 bits count).
+      [-2**63, 2**64) (all 64 bits count); keyword-only (optax_mtl 0.1
+      took it second, by position: still accepted, with a
+      ``DeprecationWarning``).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -87,7 +92,8 @@ def pcgrad(
     [2.0, 1.5]
 
   References:
-    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
+    Yu, Kumar, Gupta, Levine, Hausman & Finn, `Gradient Surgery for
+    Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   key_data = base.key_data_from_seed("seed", seed)
