@@ -151,7 +151,10 @@ def test_with_recompute_every_in_either_order():
     for index in (0, 1, 1):  # Steps 0 and 2 recompute, on GRADS 0 and 1.
       _, state = strategy.update(GRADS[index], state,
                                  task_losses=jnp.ones(NUM_TASKS))
-      weights.append(np.asarray(state.weights))
+      smoothed = (state.inner_state
+                  if isinstance(state, optax_mtl.RecomputeEveryState)
+                  else state)
+      weights.append(np.asarray(smoothed.weights))
     np.testing.assert_allclose(weights[0], raw[0], rtol=1e-5)
     np.testing.assert_allclose(weights[1], raw[0], rtol=1e-5)
     np.testing.assert_allclose(weights[2], 0.5 * raw[0] + 0.5 * raw[1],
@@ -188,11 +191,13 @@ def test_decay_can_be_injected_and_vmapped():
     np.testing.assert_allclose(weights, run(decay), rtol=1e-5)
 
 
-def test_state_reads_through_to_the_wrapped_state():
+def test_state_holds_the_wrapped_state_and_its_conventional_fields():
   strategy = optax_mtl.smooth_weights(optax_mtl.upgrad(NUM_TASKS), 0.5)
   state = strategy.init(None)
   assert isinstance(state, optax_mtl.SmoothWeightsState)
-  assert state.solutions.shape == (NUM_TASKS, NUM_TASKS)  # UPGrad's own.
+  assert state.inner_state.solution.shape == (NUM_TASKS, NUM_TASKS)
+  with pytest.warns(DeprecationWarning, match="state.inner_state.solution"):
+    assert state.solution is state.inner_state.solution  # 0.1 read through.
   assert "gradient_cosines" in state._fields
   assert "gradient_cosines" not in optax_mtl.smooth_weights(
       optax_mtl.loss_ema(NUM_TASKS)).init(None)._fields

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import step
 from optax_mtl._src import tree as tree_lib
 
@@ -37,8 +38,10 @@ class SmoothWeightsState(tuple):
     its own (unsmoothed) weights ``λ̂_k``. Its other conventional fields
     are not maintained (read them on this state).
 
-  Any other field of the wrapped state reads through this one
-  (``state.solutions``). The NamedTuple type depends on which conventional
+  Any other field of the wrapped state is read on ``state.inner_state``
+  (``state.inner_state.solution``), as on every wrapper's state; reading it
+  here, as optax_mtl 0.1 allowed, still works for one release, with a
+  ``DeprecationWarning``. The NamedTuple type depends on which conventional
   fields the wrapped state has: ``isinstance(state, SmoothWeightsState)``
   holds for every one.
   """
@@ -48,7 +51,10 @@ class SmoothWeightsState(tuple):
   def __getattr__(self, name):
     if name.startswith("__") or name == "inner_state":
       raise AttributeError(name)
-    return getattr(self.inner_state, name)
+    value = getattr(self.inner_state, name)
+    deprecation.warn(f"reading SmoothWeightsState.{name}",
+                     f"state.inner_state.{name}")
+    return value
 
 
 @functools.cache
