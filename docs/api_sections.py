@@ -63,10 +63,10 @@ SECTIONS = (
          "RecomputeEveryState", "SmoothWeightsState")),
     Section(
         "Writing your own strategy",
-        "The extension API: a weight rule and what it reads, turned into a "
-        "strategy that works on both faces. See the guide "
-        ":doc:`guides/custom_strategy`.",
-        ("MultiTaskStrategy", "Weighting", "Needs",
+        "The extension API: a weight rule and what it reads, or a rule on "
+        "the per-task gradients, turned into a strategy that works on both "
+        "faces. See the guide :doc:`guides/custom_strategy`.",
+        ("MultiTaskStrategy", "Weighting", "GradientRule", "Needs",
          "as_gradient_transformation", "weighting_of", "common_state_fields")),
     Section(
         "Writing the loss function",
