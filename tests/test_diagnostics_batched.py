@@ -62,8 +62,11 @@ def run_state(state, run):
 
 
 def strategy_state(state):
-  return state[0] if isinstance(state, tuple) and not hasattr(
+  """The strategy's own state: out of an optax chain's tuple, and out of a
+  recompute_every wrapper's ``inner_state``."""
+  state = state[0] if isinstance(state, tuple) and not hasattr(
       state, "_fields") else state
+  return getattr(state, "inner_state", state)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

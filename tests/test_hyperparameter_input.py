@@ -149,7 +149,7 @@ def test_numpy_integer_hyperparameter_is_the_python_number(
 def test_numpy_num_tasks_is_accepted(name):
   """num_tasks=np.int64(3), e.g. from np.sum(mask)."""
   strategy = strategies.build(name, num_tasks=np.int64(NUM_TASKS))
-  assert strategy.init(None).weights.shape == (NUM_TASKS,)
+  assert strategy.init(_PARAMS).weights.shape == (NUM_TASKS,)
 
 
 @pytest.mark.parametrize("name, parameter, default", FLAGS)

@@ -231,18 +231,23 @@ def test_recompute_every_counts_rejected_losses_per_task():
   for losses in ([1.0, 2.0], [1.0, -1.0], [0.0, 1.0], [jnp.nan, 0.0]):
     _, state = strategy.update(jnp.eye(2), state,
                                task_losses=jnp.array(losses))
-  np.testing.assert_array_equal(state.num_rejected_losses, [2, 2])
-  assert int(state.num_skipped) == 1  # The last step: no valid loss.
+  np.testing.assert_array_equal(state.inner_state.num_rejected_losses, [2, 2])
+  # The last step: no valid loss.
+  assert int(state.inner_state.num_skipped) == 1
   logs = optax_mtl.diagnostics(state)
   assert int(logs["mtl/num_rejected_losses/0"]) == 2
 
 
-def test_per_task_needs_weights():
+def test_a_per_task_rule_of_the_update_is_refused():
+  """Only a weighting can exclude one task (GradientRule has no per-task
+  form); the 0.1 spelling of a gradient rule, Weighting(needs=GRADIENTS),
+  with per_task=True is refused when the strategy is built."""
   def rule(task_losses, state, task_grads, valid):
     return task_grads, state
 
   weighting = optax_mtl.Weighting(
       num_tasks=2, needs=optax_mtl.Needs.GRADIENTS, init=lambda params: None,
       rule=rule, requires_positive_losses=False, per_task=True)
-  with pytest.raises(ValueError, match="per_task needs Needs.LOSSES"):
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="per_task needs Needs.LOSSES"):
     optax_mtl.as_gradient_transformation(weighting)
