@@ -19,8 +19,8 @@ import shutil
 from typing import Optional
 
 HERE = pathlib.Path(__file__).parent
-LOSS_TARGET = 1.05  # Issue: loss-only step within 5 % of jax.value_and_grad.
-GRAMIAN_TARGET = 1.10  # Issue: Gramian step ≤ 1.10 × the Jacobian-only step.
+LOSS_TARGET = 1.05  # Target: a loss-only step within 5 % of value_and_grad.
+GRAMIAN_TARGET = 1.10  # Target: a Gramian step ≤ 1.10 × the Jacobian-only.
 
 
 def _low(values) -> float:
