@@ -139,12 +139,12 @@ STRATEGIES: dict[str, Case] = {
     # Per-task gradients: the rule reads the Jacobian and returns the update.
     "graddrop": Case("gradients", stochastic=True, static_args=("num_tasks", "seed", "leak", "purity_fn", "batch_axis")),
     "trimmed_mean": Case("gradients", static_args=("num_tasks", "trim_number"), permutation_equivariant=True),
-    "moco": Case("gradients", static_args=("num_tasks", "projection", "gradient_normalization"), hyperparams=dict(beta=0.3, gamma=0.05), permutation_equivariant=True, rtol=1e-4),
+    "moco": Case("gradients", static_args=("num_tasks", "projection", "gradient_normalization"), hyperparams=dict(beta=0.3, learning_rate=0.05), permutation_equivariant=True, rtol=1e-4),
     # Wrappers over a strategy of the table (the entry's factory builds it).
     "smooth_weights(loss_ema)": Case("losses", factory=_smoothed("loss_ema"), per_task=True, positive_losses=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, scale_invariant_per_task=True),
     "smooth_weights(upgrad)": Case("gramian", factory=_smoothed("upgrad"), has_solver=True, hyperparams=dict(decay=0.5), permutation_equivariant=True, rtol=1e-4),
-    "db_mtl": Case("gradients", positive_losses=True, hyperparams=dict(beta=0.8), permutation_equivariant=True, scale_invariant_per_task=True, rtol=1e-3),
-    "excess_mtl": Case("gradients", hyperparams=dict(robust_step_size=0.05), permutation_equivariant=True, rtol=1e-4),
+    "db_mtl": Case("gradients", positive_losses=True, hyperparams=dict(decay=0.8), permutation_equivariant=True, scale_invariant_per_task=True, rtol=1e-3),
+    "excess_mtl": Case("gradients", hyperparams=dict(learning_rate=0.05), permutation_equivariant=True, rtol=1e-4),
 }
 # pylint: enable=line-too-long
 

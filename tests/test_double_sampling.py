@@ -2,6 +2,8 @@
 al. 2023): NumPy references of the papers' updates on explicit Jacobians of
 three minibatches, both faces, and the data contract of double sampling."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,12 +46,12 @@ def sdmgrad_reference(jacobians, lamda, steps, rate):
 
 
 CASES = {
-    "modo": (optax_mtl.modo, dict(gamma=0.05, rho=0.1),
+    "modo": (optax_mtl.modo, dict(learning_rate=0.05, rho=0.1),
              lambda j: modo_reference(j, 0.05, 0.1)),
-    "sdmgrad": (optax_mtl.sdmgrad, dict(lamda=0.3, num_inner_steps=5),
+    "sdmgrad": (optax_mtl.sdmgrad, dict(lam=0.3, num_inner_steps=5),
                 lambda j: sdmgrad_reference(j, 0.3, 5, 0.5)),
-    "sdmgrad_mgda": (optax_mtl.sdmgrad, dict(lamda=0.0, num_inner_steps=3,
-                                             inner_learning_rate=0.2),
+    "sdmgrad_mgda": (optax_mtl.sdmgrad, dict(lam=0.0, num_inner_steps=3,
+                                             learning_rate=0.2),
                      lambda j: sdmgrad_reference(j, 0.0, 3, 0.2)),
 }
 
@@ -80,7 +82,7 @@ def test_golden_values_in_both_faces(case):
 
 
 def test_task_specific_parameters_get_the_mean_own_gradient():
-  strategy = optax_mtl.modo(2, gamma=0.1)
+  strategy = optax_mtl.modo(2, learning_rate=0.1)
 
   def loss_fn(params, inputs):
     return jnp.stack([jnp.sum(params["trunk"] * inputs) + params["heads"][0],
@@ -133,13 +135,12 @@ def test_a_non_finite_gradient_excludes_its_task_only():
 
 
 @pytest.mark.parametrize("factory, kwargs, message", [
-    (optax_mtl.modo, dict(gamma=0.0), "gamma"),
+    (optax_mtl.modo, dict(learning_rate=0.0), "learning_rate"),
     (optax_mtl.modo, dict(rho=-1.0), "rho"),
     (optax_mtl.modo, dict(normalize_step="yes"), "normalize_step"),
-    (optax_mtl.sdmgrad, dict(lamda=-0.1), "lamda"),
+    (optax_mtl.sdmgrad, dict(lam=-0.1), "lam"),
     (optax_mtl.sdmgrad, dict(num_inner_steps=0), "num_inner_steps"),
-    (optax_mtl.sdmgrad, dict(inner_learning_rate=float("inf")),
-     "inner_learning_rate"),
+    (optax_mtl.sdmgrad, dict(learning_rate=float("inf")), "learning_rate"),
 ])
 def test_hyperparameter_errors(factory, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -171,3 +172,27 @@ def test_the_iterate_is_float64_under_x64(case, monkeypatch):
                                    task_losses=jnp.ones((3, NUM_TASKS)))
       assert state.weights.dtype == jnp.float64
       np.testing.assert_allclose(got, expected[t], rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("factory, old, new", [
+    (optax_mtl.modo, dict(gamma=0.05), dict(learning_rate=0.05)),
+    (optax_mtl.sdmgrad, dict(lamda=0.2, inner_learning_rate=0.3),
+     dict(lam=0.2, learning_rate=0.3)),
+])
+def test_optax_mtl_0_1_names_warn_and_give_the_same_strategy(factory, old,
+                                                             new):
+  with pytest.warns(DeprecationWarning) as records:
+    old_strategy = factory(NUM_TASKS, **old)
+  assert {str(r.message).split(": use ")[-1] for r in records} == {
+      f"{name}." for name in new}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # The new spelling does not warn.
+    new_strategy = factory(NUM_TASKS, **new)
+  old_state, new_state = old_strategy.init(None), new_strategy.init(None)
+  for jacobians in JACOBIANS[:2]:
+    old_update, old_state = old_strategy.update(
+        jnp.asarray(jacobians), old_state, task_losses=jnp.ones(NUM_TASKS))
+    new_update, new_state = new_strategy.update(
+        jnp.asarray(jacobians), new_state, task_losses=jnp.ones(NUM_TASKS))
+    np.testing.assert_array_equal(old_update, new_update)
+  np.testing.assert_array_equal(old_state.weights, new_state.weights)

@@ -169,3 +169,15 @@ def test_recompute_every_reuses_the_weights():
                              (dict(num_tasks=2, seed=1.5), "seed")))
 def test_hyperparameter_errors(kwargs, message):
   gramian_harness.check_rejects(optax_mtl.pcgrad, kwargs, message)
+
+
+def test_seed_by_position_warns_and_gives_the_same_strategy():
+  # optax_mtl 0.1 took the seed second, by position; it is keyword-only now.
+  with pytest.warns(DeprecationWarning, match="seed=5"):
+    old = optax_mtl.pcgrad(3, 5)
+  new = optax_mtl.pcgrad(3, seed=5)
+  np.testing.assert_array_equal(old.init(None).key, new.init(None).key)
+  jacobian = jnp.asarray(JACOBIANS["t3_mixed"], jnp.float32)
+  old_update, _ = old.update(jacobian, old.init(None), task_losses=jnp.ones(3))
+  new_update, _ = new.update(jacobian, new.init(None), task_losses=jnp.ones(3))
+  np.testing.assert_array_equal(old_update, new_update)

@@ -5,6 +5,8 @@ runs in float64 on flat gradients, and is compared over several steps with
 both faces.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,15 +79,15 @@ CASES = {
     "moco": (optax_mtl.moco, {}, moco_reference, {}),
     "moco_softmax_normalized": (
         optax_mtl.moco, dict(projection="softmax", gradient_normalization="loss",
-                             rho=0.1, gamma=0.5),
+                             rho=0.1, learning_rate=0.5),
         moco_reference, dict(projection="softmax", normalize=True, rho=0.1,
                              gamma=0.5)),
     "db_mtl": (optax_mtl.db_mtl, {}, db_mtl_reference, {}),
-    "db_mtl_options": (optax_mtl.db_mtl, dict(beta=0.5, beta_sigma=0.0,
+    "db_mtl_options": (optax_mtl.db_mtl, dict(decay=0.5, decay_sigma=0.0,
                                               eps=0.0),
                        db_mtl_reference, dict(beta=0.5, beta_sigma=0.0,
                                               eps=0.0)),
-    "excess_mtl": (optax_mtl.excess_mtl, dict(robust_step_size=0.5),
+    "excess_mtl": (optax_mtl.excess_mtl, dict(learning_rate=0.5),
                    excess_mtl_reference, dict(robust_step_size=0.5)),
 }
 
@@ -122,14 +124,20 @@ def test_golden_values_in_both_faces(case):
     np.testing.assert_allclose(grads, expected[t], rtol=2e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
-def test_rejected_steps_keep_the_state(name):
+def _after_one_step(name):
+  """``(jitted update, params, state)`` of ``name`` after the first step."""
   strategy = getattr(optax_mtl, name)(NUM_TASKS)
   params = jnp.zeros(5)
   update = jax.jit(strategy.update)
   _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32),
                     strategy.init(params), params,
                     task_losses=jnp.asarray(LOSSES[0], jnp.float32))
+  return update, params, state
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+def test_rejected_steps_keep_the_state(name):
+  update, params, state = _after_one_step(name)
   # No task with a finite gradient (one such task alone is excluded: see
   # test_a_non_finite_gradient_excludes_its_task_only).
   bad_grads = jnp.full((NUM_TASKS, 5), jnp.nan, jnp.float32)
@@ -151,12 +159,7 @@ def test_rejected_steps_keep_the_state(name):
 @pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
 def test_a_non_finite_gradient_excludes_its_task_only(name):
   """The step goes on for the other tasks; no NaN in the update or state."""
-  strategy = getattr(optax_mtl, name)(NUM_TASKS)
-  params = jnp.zeros(5)
-  update = jax.jit(strategy.update)
-  _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32),
-                    strategy.init(params), params,
-                    task_losses=jnp.asarray(LOSSES[0], jnp.float32))
+  update, params, state = _after_one_step(name)
   bad_grads = jnp.asarray(JACOBIANS[1], jnp.float32).at[0, 0].set(jnp.nan)
   out, new_state = update(bad_grads, state, params,
                           task_losses=jnp.asarray(LOSSES[1], jnp.float32))
@@ -182,8 +185,8 @@ def test_per_task_state_has_the_params_structure():
             "count": jnp.zeros([], jnp.int32)}
   strategy = optax_mtl.moco(NUM_TASKS)
   state = strategy.init(params)
-  assert state.tracked_gradients["w"].shape == (NUM_TASKS, 2, 3)
-  assert state.tracked_gradients["count"] is None
+  assert state.gradient_average["w"].shape == (NUM_TASKS, 2, 3)
+  assert state.gradient_average["count"] is None
   task_grads = {"w": jnp.ones((NUM_TASKS, 2, 3)), "b": jnp.ones((NUM_TASKS, 2)),
                 "count": np.zeros((NUM_TASKS,), jax.dtypes.float0)}
   update, _ = strategy.update(task_grads, state, params,
@@ -194,14 +197,14 @@ def test_per_task_state_has_the_params_structure():
 
 @pytest.mark.parametrize("factory, kwargs, message", [
     (optax_mtl.moco, dict(beta=0.0), "beta"),
-    (optax_mtl.moco, dict(gamma=float("inf")), "gamma"),
+    (optax_mtl.moco, dict(learning_rate=float("inf")), "learning_rate"),
     (optax_mtl.moco, dict(rho=-1.0), "rho"),
     (optax_mtl.moco, dict(projection="box"), "projection"),
     (optax_mtl.moco, dict(gradient_normalization="l2"),
      "gradient_normalization"),
-    (optax_mtl.db_mtl, dict(beta=1.5), "beta"),
+    (optax_mtl.db_mtl, dict(decay=1.5), "decay"),
     (optax_mtl.db_mtl, dict(eps=-1.0), "eps"),
-    (optax_mtl.excess_mtl, dict(robust_step_size=0.0), "robust_step_size"),
+    (optax_mtl.excess_mtl, dict(learning_rate=0.0), "learning_rate"),
     (optax_mtl.excess_mtl, dict(eps=float("nan")), "eps"),
 ])
 def test_hyperparameter_errors(factory, kwargs, message):
@@ -216,7 +219,7 @@ def test_excess_mtl_a_weight_that_fell_far_comes_back():
   # the weight on task 1, which must happen here too.
   steps = [np.array([[1.0], [1.0]]), np.array([[200.0], [1.0]]),
            np.array([[1.0], [400.0]])]
-  strategy = optax_mtl.excess_mtl(2, robust_step_size=1.0)
+  strategy = optax_mtl.excess_mtl(2, learning_rate=1.0)
   state = strategy.init(jnp.zeros(1))
   sums, log_weights, initial = np.zeros((2, 1)), np.zeros(2), None
   for grads in steps:
@@ -254,8 +257,9 @@ def test_moco_computes_in_float64_under_x64():
 
 
 def test_db_mtl_step_size_is_float64_under_x64():
-  # β_t = β / t^σ in float64: two steps of db_mtl(beta_sigma=0.5) match the
-  # NumPy recursion (LibMTL's DB_MTL with a decaying β) to float64 precision.
+  # δ_t = δ / t^σ in float64: two steps of db_mtl(decay_sigma=0.5) match
+  # the NumPy recursion (LibMTL's DB_MTL with a decaying β) to float64
+  # precision.
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
     jacobians = rng.normal(size=(3, 3, 4))
@@ -290,3 +294,38 @@ def test_the_iterates_are_float64_under_x64(case):
       assert state.weights.dtype == jnp.float64
       np.testing.assert_allclose(got, expected[t], rtol=1e-11,
                                  err_msg=f"{case} step {t}")
+
+
+@pytest.mark.parametrize("factory, old, new, old_field, new_field", [
+    (optax_mtl.moco, dict(gamma=0.5, gamma_sigma=0.2),
+     dict(learning_rate=0.5, learning_rate_sigma=0.2), "tracked_gradients",
+     "gradient_average"),
+    (optax_mtl.db_mtl, dict(beta=0.5, beta_sigma=0.2),
+     dict(decay=0.5, decay_sigma=0.2), "gradient_averages",
+     "gradient_average"),
+    (optax_mtl.excess_mtl, dict(robust_step_size=0.5),
+     dict(learning_rate=0.5), None, None),
+])
+def test_optax_mtl_0_1_names_warn_and_give_the_same_strategy(
+    factory, old, new, old_field, new_field):
+  with pytest.warns(DeprecationWarning, match=sorted(new)[0]):
+    old_strategy = factory(NUM_TASKS, **old)
+  new_strategy = factory(NUM_TASKS, **new)
+  params = jnp.zeros(5)
+  old_state, new_state = old_strategy.init(params), new_strategy.init(params)
+  for t in range(2):
+    grads = jnp.asarray(JACOBIANS[t], jnp.float32)
+    losses = jnp.asarray(LOSSES[t], jnp.float32)
+    old_update, old_state = old_strategy.update(grads, old_state,
+                                                task_losses=losses)
+    new_update, new_state = new_strategy.update(grads, new_state,
+                                                task_losses=losses)
+    np.testing.assert_array_equal(old_update, new_update)
+  if old_field is not None:
+    with pytest.warns(DeprecationWarning, match=new_field):
+      np.testing.assert_array_equal(getattr(new_state, old_field),
+                                    getattr(new_state, new_field))
+    assert old_field not in new_state._fields
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # The new spelling does not warn.
+    factory(NUM_TASKS, **new)

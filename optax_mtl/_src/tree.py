@@ -98,10 +98,18 @@ def gramian(task_grads: Any, mask: Any = None) -> chex.Array:
   total = jnp.zeros((num_tasks, num_tasks), dtype)
   for leaf in kept:
     flat = jnp.reshape(leaf, (num_tasks, -1))
-    total += jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=dtype,
-                        **_replicated_output(flat))
+    total += row_products(flat, flat, dtype)
   return total
+
+
+def row_products(first: chex.Array, second: chex.Array,
+                 dtype: Any) -> chex.Array:
+  """``first @ secondᵀ`` ([T, n] × [S, n] → [T, S]) in ``dtype``, at full
+  precision (no TF32/bf16 passes on GPU): the one product behind every
+  Gramian of the package (:func:`gramian`, the double-sampling
+  cross-Gramian)."""
+  return jnp.matmul(first, second.T, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=dtype, **_replicated_output(first))
 
 
 class ScaledGramian(NamedTuple):

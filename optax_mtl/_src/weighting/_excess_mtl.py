@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting._helpers import double_sampling as _double_sampling
+from optax_mtl._src.weighting._helpers import double_sampling
 from optax_mtl._src.weighting._helpers import task_gradient_tree as task_tree
 
 
@@ -31,10 +32,11 @@ class ExcessMtlState(NamedTuple):
 LOG_WEIGHT_RANGE = 80.0
 
 
+@deprecation.renamed_arguments({"robust_step_size": "learning_rate"})
 def excess_mtl(
     num_tasks: int,
+    learning_rate: float = 1e-2,
     *,
-    robust_step_size: float = 1e-2,
     eps: float = 1e-7,
 ) -> base.MultiTaskStrategy:
   r"""ExcessMTL: weights updated by the tasks' estimated excess risks.
@@ -69,13 +71,16 @@ def excess_mtl(
   A step with a non-finite loss or gradient returns a zero update and keeps
   the state (``num_skipped``); zero and negative losses are ordinary values.
 
+  Renamed in optax_mtl 0.2: ``robust_step_size`` → ``learning_rate`` (the
+  old name warns).
+
   Defaults: η = 1e-2 and ε = 1e-7 (the authors' code, in LibMTL); weights
   summing to T as LibMTL (the paper keeps them on the simplex, the same up
   to the learning rate).
 
   Args:
     num_tasks: the number of tasks T.
-    robust_step_size: η > 0.
+    learning_rate: η > 0, the exponentiated-gradient step on the weights.
     eps: ε >= 0 in the diagonal Hessian estimate.
 
   Returns:
@@ -84,7 +89,7 @@ def excess_mtl(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_mtl
-    >>> strategy = optax_mtl.excess_mtl(num_tasks=2, robust_step_size=1.0)
+    >>> strategy = optax_mtl.excess_mtl(num_tasks=2, learning_rate=1.0)
     >>> state = strategy.init(jnp.zeros(2))
     >>> update, state = strategy.update(
     ...     jnp.array([[1.0, 0.0], [0.0, 2.0]]), state, task_losses=jnp.ones(2))
@@ -96,23 +101,24 @@ def excess_mtl(
     [1.3395, 0.6605]
 
   References:
-    He, Wang & Lu, "Robust Multi-Task Learning with Excess Risks", ICML
+    He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, `Robust Multi-Task
+    Learning with Excess Risks <https://arxiv.org/abs/2402.02009>`_, ICML
     2024 (Algorithm 1).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  robust_step_size = base.check_in_range(
-      "robust_step_size", robust_step_size, 0.0, low_inclusive=False)
+  learning_rate = base.check_in_range(
+      "learning_rate", learning_rate, 0.0, low_inclusive=False)
   eps = base.check_in_range("eps", eps, 0.0)
 
   def init(params):
     fields = base.common_state_fields(num_tasks, gradients=True)
     fields["weights"] = fields["weights"].astype(
-        _double_sampling.iterate_dtype())
+        double_sampling.iterate_dtype())
     return ExcessMtlState(
         **fields,
         squared_gradient_sums=task_tree.zeros_per_task(params, num_tasks),
         initial_excess_risks=jnp.zeros((num_tasks,),
-                                       _double_sampling.iterate_dtype()),
+                                       double_sampling.iterate_dtype()),
         num_steps=jnp.zeros([], jnp.int32))
 
   def rule(task_losses, state, task_grads):
@@ -126,7 +132,7 @@ def excess_mtl(
     first = state.num_steps == 0
     initial = jnp.where(first, risks, state.initial_excess_risks)
     log_weights = jnp.log(state.weights) + jnp.where(
-        first, 0.0, robust_step_size * solvers.safe_divide(risks, initial))
+        first, 0.0, learning_rate * solvers.safe_divide(risks, initial))
     # At most LOG_WEIGHT_RANGE below the largest: every weight stays a
     # normal float32 (≥ e^-80), so log λ stays finite and a task whose
     # weight fell that far comes back when its excess risk does.

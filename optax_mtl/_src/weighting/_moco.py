@@ -1,40 +1,40 @@
 """MoCo: tracked task gradients and weights from a projected gradient step."""
 
-from typing import Any, NamedTuple
-
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting._helpers import double_sampling as _double_sampling
+from optax_mtl._src import tree as tree_lib
+from optax_mtl._src.weighting._helpers import double_sampling
 from optax_mtl._src.weighting._helpers import task_gradient_tree as task_tree
 
 PROJECTIONS = ("simplex", "softmax")
 GRADIENT_NORMALIZATIONS = ("none", "loss")
 
 
-class MocoState(NamedTuple):
-  """State of :func:`moco`."""
+class MocoState(task_tree.GradientAverageState):
+  """State of :func:`moco`: ``weights`` is λ (f32[T], f64 under x64), the
+  weights of the tracked gradients; ``gradient_average`` is Y, the tracked
+  gradients (params-shaped, leading task axis)."""
 
-  weights: chex.Array  # f32[T] (f64 under x64), λ: the tracked gradients'.
-  num_skipped: chex.Array  # i32[], rejected steps.
-  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
-  tracked_gradients: Any  # Y: params-shaped, leading task axis (≥ f32).
-  num_steps: chex.Array  # i32[], accepted steps t (saturates).
+  __slots__ = ()
+  tracked_gradients = deprecation.renamed_field("gradient_average")
 
 
+@deprecation.renamed_arguments(
+    {"gamma": "learning_rate", "gamma_sigma": "learning_rate_sigma"})
 def moco(
     num_tasks: int,
-    *,
     beta: float = 0.5,
     beta_sigma: float = 0.5,
-    gamma: float = 0.1,
-    gamma_sigma: float = 0.5,
+    learning_rate: float = 0.1,
+    learning_rate_sigma: float = 0.5,
     rho: float = 0.0,
+    *,
     projection: str = "simplex",
     gradient_normalization: str = "none",
 ) -> base.MultiTaskStrategy:
@@ -49,7 +49,8 @@ def moco(
     d = \sum_k \lambda_k y_k,
 
   with :math:`\beta_t = \beta / t^{\beta_\sigma}`, :math:`\gamma_t = \gamma /
-  t^{\gamma_\sigma}`, :math:`Y` the matrix of the tracked gradients
+  t^{\gamma_\sigma}` (γ is ``learning_rate``, :math:`\gamma_\sigma`
+  ``learning_rate_sigma``), :math:`Y` the matrix of the tracked gradients
   :math:`y_k` (zero at the start) and :math:`\Pi` the Euclidean projection
   onto the simplex (``"simplex"``, the paper's Algorithm 1) or a softmax
   (``"softmax"``, as LibMTL does). Tracking corrects the bias that MGDA's
@@ -70,12 +71,16 @@ def moco(
   Defaults: β = 0.5, β_σ = 0.5, γ = 0.1, γ_σ = 0.5, ρ = 0 (LibMTL's
   defaults); the projection of the paper.
 
+  Renamed in optax_mtl 0.2 (the old names warn): ``gamma`` →
+  ``learning_rate``, ``gamma_sigma`` → ``learning_rate_sigma``, the state
+  field ``tracked_gradients`` → ``gradient_average``.
+
   Args:
     num_tasks: the number of tasks T.
-    beta: β > 0, the tracking step.
+    beta: β > 0, the tracking step (the newest gradient's weight).
     beta_sigma: β_σ >= 0, its decay exponent.
-    gamma: γ > 0, the step of the weights.
-    gamma_sigma: γ_σ >= 0, its decay exponent.
+    learning_rate: γ > 0, the step of the weights.
+    learning_rate_sigma: γ_σ >= 0, its decay exponent.
     rho: ρ >= 0, the regularisation of the weights' objective.
     projection: ``"simplex"`` or ``"softmax"``.
     gradient_normalization: ``"none"`` or ``"loss"``.
@@ -94,15 +99,17 @@ def moco(
     ([0.25, 0.25], [0.5, 0.5])
 
   References:
-    Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient
-    Bias in Multi-objective Learning: A Provably Convergent Approach", ICLR
-    2023 (Algorithm 1).
+    Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, `Mitigating Gradient
+    Bias in Multi-objective Learning: A Provably Convergent Approach
+    <https://arxiv.org/abs/2210.12624>`_, ICLR 2023 (Algorithm 1).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   beta = base.check_in_range("beta", beta, 0.0, low_inclusive=False)
   beta_sigma = base.check_in_range("beta_sigma", beta_sigma, 0.0)
-  gamma = base.check_in_range("gamma", gamma, 0.0, low_inclusive=False)
-  gamma_sigma = base.check_in_range("gamma_sigma", gamma_sigma, 0.0)
+  learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
+                                      low_inclusive=False)
+  learning_rate_sigma = base.check_in_range("learning_rate_sigma",
+                                            learning_rate_sigma, 0.0)
   rho = base.check_in_range("rho", rho, 0.0)
   if projection not in PROJECTIONS:
     raise ValueError(
@@ -113,10 +120,8 @@ def moco(
         f"got {gradient_normalization!r}.")
 
   def init(params):
-    return MocoState(
-        **_double_sampling.iterate_fields(num_tasks),
-        tracked_gradients=task_tree.zeros_per_task(params, num_tasks),
-        num_steps=jnp.zeros([], jnp.int32))
+    return task_tree.init_gradient_average(
+        MocoState, params, num_tasks, double_sampling.iterate_fields(num_tasks))
 
   def rule(task_losses, state, task_grads):
     grads = task_tree.float_part(task_grads)
@@ -128,12 +133,13 @@ def moco(
     # The Gramian, λ and the step sizes in the gradients' dtype (at least
     # float32; float64 under x64).
     tracked_dtype = jnp.result_type(*jax.tree.leaves(grads), jnp.float32)
-    t = num_steps.astype(tracked_dtype)
-    beta_t = beta / t ** beta_sigma
+    beta_t = task_tree.decaying_step(beta, beta_sigma, num_steps,
+                                     tracked_dtype)
     tracked = jax.tree.map(lambda y, g: y - beta_t * (y - g),
-                           state.tracked_gradients, grads)
-    gramian = task_tree.gramian(tracked).astype(tracked_dtype)
-    gamma_t = gamma / t ** gamma_sigma
+                           state.gradient_average, grads)
+    gramian = tree_lib.gramian(tracked).astype(tracked_dtype)
+    gamma_t = task_tree.decaying_step(learning_rate, learning_rate_sigma,
+                                      num_steps, tracked_dtype)
     lambdas = state.weights.astype(tracked_dtype)
     moved = lambdas - gamma_t * ((gramian + rho * jnp.eye(num_tasks))
                                  @ lambdas)
@@ -144,7 +150,7 @@ def moco(
     update = task_tree.combine(lambdas, tracked, task_grads)
     return update, state._replace(
         weights=lambdas.astype(state.weights.dtype),
-        tracked_gradients=tracked,
+        gradient_average=tracked,
         num_steps=num_steps)
 
   return step.as_gradient_transformation(base.GradientRule(

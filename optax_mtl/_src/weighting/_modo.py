@@ -6,9 +6,10 @@ import chex
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting._helpers import double_sampling as _double_sampling
+from optax_mtl._src.weighting._helpers import double_sampling
 
 
 class ModoState(NamedTuple):
@@ -19,7 +20,8 @@ class ModoState(NamedTuple):
   num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
 
 
-def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
+@deprecation.renamed_arguments({"gamma": "learning_rate"})
+def modo(num_tasks: int, learning_rate: float = 1e-3, rho: float = 0.0,
          *, normalize_step: bool = False) -> base.MultiTaskStrategy:
   r"""MoDo: multi-objective gradient with double sampling.
 
@@ -31,7 +33,8 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
       (J_1 J_2^\top + \rho I)\,\lambda\bigr), \qquad
     d = J_3^\top \lambda,
 
-  where :math:`\Pi_\Delta` is the projection onto the simplex. The product
+  where :math:`\Pi_\Delta` is the projection onto the simplex and γ is
+  ``learning_rate``. The product
   of two independent estimates makes the step on λ unbiased for the
   expected Gramian (MGDA's weights from a single minibatch are biased).
   ``normalize_step=True`` divides γ by the largest entry of
@@ -50,8 +53,9 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
 
   Args:
     num_tasks: the number of tasks T.
-    gamma: γ > 0, the step on λ (the authors tune it per problem; 1e-3 is
-      this library's default).
+    learning_rate: γ > 0, the step on λ (the authors tune it per problem;
+      1e-3 is this library's default). Renamed from ``gamma`` in optax_mtl
+      0.2 (the old name warns).
     rho: ρ >= 0, the ℓ2 regularisation of λ (0 here; LibMTL's ``MoDo``
       uses ``MoDo_rho=0.1``: pass ``rho=0.1`` to reproduce it).
     normalize_step: divide γ by the scale of the cross-Gramian.
@@ -62,7 +66,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_mtl
-    >>> strategy = optax_mtl.modo(num_tasks=2, gamma=0.5)
+    >>> strategy = optax_mtl.modo(num_tasks=2, learning_rate=0.5)
     >>> jacobians = jnp.array([[[1.0, 0.0], [0.0, 2.0]]] * 3)  # 3 minibatches.
     >>> update, state = strategy.update(
     ...     jacobians, strategy.init(None), task_losses=jnp.ones(2))
@@ -70,28 +74,30 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.0,
     [0.875, 0.125]
 
   References:
-    Chen, Fu, Xu & Yang, "Three-Way Trade-Off in Multi-Objective Learning:
-    Optimization, Generalization and Conflict-Avoidance", NeurIPS 2023.
+    Chen, Fernando, Ying & Chen, `Three-Way Trade-Off in Multi-Objective
+    Learning: Optimization, Generalization and Conflict-Avoidance
+    <https://arxiv.org/abs/2305.20057>`_, NeurIPS 2023.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  gamma = base.check_in_range("gamma", gamma, 0.0, low_inclusive=False)
+  learning_rate = base.check_in_range("learning_rate", learning_rate, 0.0,
+                                      low_inclusive=False)
   rho = base.check_in_range("rho", rho, 0.0)
   normalize_step = base.check_bool("normalize_step", normalize_step)
 
   def init(params):
     del params
-    return ModoState(**_double_sampling.iterate_fields(num_tasks))
+    return ModoState(**double_sampling.iterate_fields(num_tasks))
 
   def rule(task_losses, state, task_grads):
     del task_losses
-    product = _double_sampling.cross_gramian(task_grads, 0, 1,
-                                             scaled=normalize_step)
-    step_size = gamma / (_double_sampling.scale_of(product)
-                         if normalize_step else 1)
+    product = double_sampling.cross_gramian(task_grads, 0, 1,
+                                            scaled=normalize_step)
+    step_size = learning_rate / (double_sampling.scale_of(product)
+                                 if normalize_step else 1)
     lambdas = state.weights.astype(product.dtype)
     lambdas = solvers.project_simplex(
         lambdas - step_size * (product @ lambdas + rho * lambdas))
-    update = _double_sampling.combine_sample(lambdas, task_grads, 2)
+    update = double_sampling.combine_sample(lambdas, task_grads, 2)
     return update, state._replace(weights=lambdas.astype(state.weights.dtype))
 
   return step.as_gradient_transformation(base.GradientRule(

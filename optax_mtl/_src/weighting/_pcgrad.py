@@ -37,7 +37,7 @@ def _pcgrad_weights(gramian: chex.Array, orders: chex.Array) -> chex.Array:
   return jnp.sum(coefficients, axis=0)
 
 
-@deprecation.renamed_arguments(old_positional=("seed",))
+@deprecation.renamed_arguments(old_positional=("num_tasks", "seed"))
 def pcgrad(
     num_tasks: int,
     *,

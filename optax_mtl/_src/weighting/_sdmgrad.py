@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import base
+from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting._helpers import double_sampling as _double_sampling
+from optax_mtl._src.weighting._helpers import double_sampling
 
 
 class SdmgradState(NamedTuple):
@@ -20,8 +21,10 @@ class SdmgradState(NamedTuple):
   num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
 
 
-def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
-            inner_learning_rate: float = 0.5) -> base.MultiTaskStrategy:
+@deprecation.renamed_arguments(
+    {"lamda": "lam", "inner_learning_rate": "learning_rate"})
+def sdmgrad(num_tasks: int, lam: float = 0.3, learning_rate: float = 0.5, *,
+            num_inner_steps: int = 20) -> base.MultiTaskStrategy:
   r"""SDMGrad: MGDA pulled towards the average gradient, double-sampled.
 
   With :math:`g_0 = \frac1T \sum_k g_k` the average gradient and three
@@ -35,7 +38,7 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
       (w + \tfrac{\lambda}{T} \mathbf 1)\bigr) \;(\text{repeated}), \qquad
     d = \frac{J_3^\top (w + \frac{\lambda}{T} \mathbf 1)}{1 + \lambda}.
 
-  The step β is ``inner_learning_rate`` divided by the largest entry of
+  The step β is ``learning_rate`` divided by the largest entry of
   :math:`|J_1 J_2^\top|`, so the weights do not depend on the gradients'
   scale. λ = 0 is stochastic MGDA; λ → ∞ the average gradient. w starts
   each step from the last step's w. LibMTL's and torchjd's ``SDMGrad``
@@ -51,13 +54,16 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
   A step with a non-finite loss or gradient returns a zero update and keeps
   w (``num_skipped``); zero and negative losses are ordinary values.
 
+  Renamed in optax_mtl 0.2 (the old names warn): ``lamda`` → ``lam``,
+  ``inner_learning_rate`` → ``learning_rate``.
+
   Args:
     num_tasks: the number of tasks T.
-    lamda: λ >= 0, the pull towards the average gradient (0.3, as LibMTL).
+    lam: λ >= 0, the pull towards the average gradient (0.3, as LibMTL).
+    learning_rate: the step on w, relative to the cross-Gramian's scale
+      (this library's normalisation).
     num_inner_steps: the projected gradient steps on w per step (20, as
       LibMTL).
-    inner_learning_rate: the step on w, relative to the cross-Gramian's
-      scale (this library's normalisation).
 
   Returns:
     A :class:`optax_mtl.MultiTaskStrategy`.
@@ -65,7 +71,7 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_mtl
-    >>> strategy = optax_mtl.sdmgrad(num_tasks=2, lamda=0.0,
+    >>> strategy = optax_mtl.sdmgrad(num_tasks=2, lam=0.0,
     ...                              num_inner_steps=200)
     >>> jacobians = jnp.array([[[1.0, 0.0], [0.0, 2.0]]] * 3)
     >>> _, state = strategy.update(
@@ -74,27 +80,28 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
     [0.8, 0.2]
 
   References:
-    Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and
-    Provable Stochastic Algorithms", NeurIPS 2023.
+    Xiao, Ban & Ji, `Direction-oriented Multi-objective Learning: Simple and
+    Provable Stochastic Algorithms <https://arxiv.org/abs/2305.18409>`_,
+    NeurIPS 2023.
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  lamda = base.check_in_range("lamda", lamda, 0.0)
+  lam = base.check_in_range("lam", lam, 0.0)
   num_inner_steps = base.check_positive_int("num_inner_steps",
                                             num_inner_steps)
-  inner_learning_rate = base.check_in_range(
-      "inner_learning_rate", inner_learning_rate, 0.0, low_inclusive=False)
+  learning_rate = base.check_in_range(
+      "learning_rate", learning_rate, 0.0, low_inclusive=False)
 
   def init(params):
     del params
-    return SdmgradState(**_double_sampling.iterate_fields(num_tasks))
+    return SdmgradState(**double_sampling.iterate_fields(num_tasks))
 
   def rule(task_losses, state, task_grads):
     del task_losses
     # Read up to a positive factor (β · product): scaled, so that tiny or
     # huge gradients give the same weights.
-    product = _double_sampling.cross_gramian(task_grads, 0, 1, scaled=True)
-    beta = inner_learning_rate / _double_sampling.scale_of(product)
-    pull = lamda / num_tasks
+    product = double_sampling.cross_gramian(task_grads, 0, 1, scaled=True)
+    beta = learning_rate / double_sampling.scale_of(product)
+    pull = lam / num_tasks
 
     def inner_step(_, weights):
       return solvers.project_simplex(
@@ -102,8 +109,8 @@ def sdmgrad(num_tasks: int, lamda: float = 0.3, *, num_inner_steps: int = 20,
 
     weights = jax.lax.fori_loop(0, num_inner_steps, inner_step,
                                 state.weights.astype(product.dtype))
-    combined = (weights + pull) / (1 + lamda)
-    update = _double_sampling.combine_sample(combined, task_grads, 2)
+    combined = (weights + pull) / (1 + lam)
+    update = double_sampling.combine_sample(combined, task_grads, 2)
     return update, state._replace(weights=weights.astype(state.weights.dtype))
 
   return step.as_gradient_transformation(base.GradientRule(

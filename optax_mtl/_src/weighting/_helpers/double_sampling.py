@@ -49,23 +49,15 @@ def cross_gramian(task_grads, first: int, second: int, *,
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     rows_a = jnp.reshape(leaf[first], (num_tasks, -1)).astype(dtype)
     rows_b = jnp.reshape(leaf[second], (num_tasks, -1)).astype(dtype)
-    product = jnp.matmul(rows_a, rows_b.T,
-                         precision=jax.lax.Precision.HIGHEST)
+    product = tree_lib.row_products(rows_a, rows_b, dtype)
     total = product if total is None else total + product
   return total
 
 
 def combine_sample(weights: chex.Array, task_grads, sample: int):
-  """``Σ_k w_k J_sample[k]`` leaf by leaf, in each leaf's dtype."""
-
-  def one(leaf):
-    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-      return leaf[sample, 0]
-    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-    return jnp.tensordot(weights.astype(dtype), leaf[sample].astype(dtype),
-                         axes=1).astype(leaf.dtype)
-
-  return jax.tree.map(one, task_grads)
+  """``Σ_k w_k J_sample[k]`` (:func:`optax_mtl._src.tree.combine`)."""
+  return tree_lib.combine(
+      weights, jax.tree.map(lambda leaf: leaf[sample], task_grads))
 
 
 def scale_of(gramian: chex.Array) -> chex.Array:

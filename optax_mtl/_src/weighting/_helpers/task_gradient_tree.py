@@ -4,13 +4,39 @@ Their state holds statistics shaped like the params with a leading task
 axis (``[T, *leaf.shape]``, float32 or the gradient's wider dtype).
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from optax_mtl._src import tree as tree_lib
+
+
+class GradientAverageState(NamedTuple):
+  """The state of a strategy that keeps a moving average of every task's
+  gradient (``moco``'s ``MocoState``, ``db_mtl``'s ``DbMtlState``)."""
+
+  weights: chex.Array  # f32[T] (f64 under x64 for moco), applied last.
+  num_skipped: chex.Array  # i32[], rejected steps.
+  num_rejected_gradients: chex.Array  # i32[T], non-finite gradients per task.
+  gradient_average: Any  # params-shaped, leading task axis (≥ f32).
+  num_steps: chex.Array  # i32[], accepted steps t (saturates).
+
+
+def init_gradient_average(state_type, params: Any, num_tasks: int,
+                          fields: dict[str, Any]) -> GradientAverageState:
+  """``state_type`` with zero averages shaped like ``params``, step 0 and
+  the common ``fields``."""
+  return state_type(
+      **fields, gradient_average=zeros_per_task(params, num_tasks),
+      num_steps=jnp.zeros([], jnp.int32))
+
+
+def decaying_step(step_size: float, sigma: float, num_steps: chex.Array,
+                  dtype: Any) -> chex.Array:
+  """``step_size / t^sigma`` at step ``t = num_steps``, in ``dtype``."""
+  return step_size / num_steps.astype(dtype) ** sigma
 
 
 def _is_float(leaf: Any) -> bool:
@@ -58,12 +84,6 @@ def per_task_norms(tree: Any) -> chex.Array:
       tree_lib.scale_by(tree, exponent))), exponent)
 
 
-def gramian(tree: Any) -> chex.Array:
-  """``Y Yᵀ`` of the per-task slices: shape [T, T]."""
-  flats = [jnp.reshape(leaf, (leaf.shape[0], -1)) for leaf in jax.tree.leaves(tree)]
-  return sum(f @ f.T for f in flats[1:]) + flats[0] @ flats[0].T
-
-
 def scale_per_task(scales: chex.Array, tree: Any) -> Any:
   """``scales[k] · x_k`` for every task slice."""
   return jax.tree.map(
@@ -72,14 +92,15 @@ def scale_per_task(scales: chex.Array, tree: Any) -> Any:
 
 
 def combine(weights: chex.Array, tree: Any, like: Any) -> Any:
-  """``Σ_k weights[k] · x_k`` in the dtype of ``like``'s leaves.
+  """``Σ_k weights[k] · x_k`` (:func:`optax_mtl._src.tree.combine`) in the
+  dtype of ``like``'s leaves.
 
   ``like`` is the per-task gradient tree: its non-float leaves (float0
-  gradients of integer parameters) pass through as ``like[0]``.
+  gradients of integer parameters, None in ``tree``) pass through as
+  ``like[0]``.
   """
-  def one(leaf, reference):
-    if leaf is None:
-      return reference[0]
-    summed = jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
-    return summed.astype(reference.dtype)
-  return jax.tree.map(one, tree, like, is_leaf=lambda x: x is None)
+  combined = tree_lib.combine(weights, tree)
+  return jax.tree.map(
+      lambda summed, reference: reference[0] if summed is None
+      else summed.astype(reference.dtype),
+      combined, like, is_leaf=lambda x: x is None)
