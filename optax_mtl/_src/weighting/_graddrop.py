@@ -22,10 +22,10 @@ class GraddropState(NamedTuple):
 
 def graddrop(
     num_tasks: int,
-    *,
     leak: Union[float, Sequence[float]] = 0.0,
-    purity_fn: Optional[Callable[[chex.Array], chex.Array]] = None,
+    *,
     batch_axis: Optional[int] = None,
+    purity_fn: Optional[Callable[[chex.Array], chex.Array]] = None,
     seed: int = 0,
 ) -> base.MultiTaskStrategy:
   r"""GradDrop: keeps, at each coordinate, the gradients of one sign only.
@@ -64,10 +64,10 @@ def graddrop(
     num_tasks: the number of tasks T.
     leak: ℓ, a number in [0, 1] or one per task (the paper's leak
       parameters; default 0 as in the paper's main experiments and LibMTL).
-    purity_fn: f, a monotone map of [0, 1] to itself applied to the purity
-      (torchjd's ``f``; None: identity).
     batch_axis: None (every coordinate on its own), or the axis of each
       gradient leaf (after the task axis) to sum over for the purity.
+    purity_fn: f, a monotone map of [0, 1] to itself applied to the purity
+      (torchjd's ``f``; None: identity).
     seed: the seed of the random uniforms, an integer.
 
   Returns:
@@ -86,9 +86,9 @@ def graddrop(
     True
 
   References:
-    Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a
-    Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
-    NeurIPS 2020.
+    Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, `Just Pick a
+    Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout
+    <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   leaks = _check_leak(leak, num_tasks)

@@ -56,9 +56,10 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1) -> base.MultiTaskStrategy
     [2.0, 0.0]
 
   References:
-    Yin, Chen, Ramchandran & Bartlett, "Byzantine-Robust Distributed
-    Learning: Towards Optimal Statistical Rates", ICML 2018 (the
-    coordinate-wise trimmed mean); torchjd's ``TrimmedMean``.
+    Yin, Chen, Ramchandran & Bartlett, `Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates
+    <https://arxiv.org/abs/1803.01498>`_, ICML 2018 (the coordinate-wise
+    trimmed mean); torchjd's ``TrimmedMean``.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   if (isinstance(trim_number, (bool, np.bool_))
