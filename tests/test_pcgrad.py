@@ -159,9 +159,9 @@ def test_recompute_every_reuses_the_weights():
   update = jax.jit(strategy.update)
   state = strategy.init(None)
   _, state = update(jacobian, state, task_losses=jnp.ones(3))
-  first = state.weights
+  first = state.inner_state.weights
   _, state = update(2.0 * jacobian[::-1], state, task_losses=jnp.ones(3))
-  np.testing.assert_array_equal(state.weights, first)
+  np.testing.assert_array_equal(state.inner_state.weights, first)
 
 
 @pytest.mark.parametrize("kwargs, message",
