@@ -211,7 +211,8 @@ def test_step_matches_flax_transforms(config):
     assert isinstance(grads, nnx.State)
     assert (jax.tree.structure(nnx.state(model, nnx.Param))
             == jax.tree.structure(grads))
-    weights = np.asarray(strategy_state.weights)
+    weights = np.asarray(
+        getattr(strategy_state, "inner_state", strategy_state).weights)
     if config not in ("loss_only", "loss_only_aux"):
       assert not np.allclose(weights, weights[0])  # A real balancing.
     expected = expected_grads(per_task_grads(before, images, targets), weights,
