@@ -566,3 +566,15 @@ def test_has_aux_by_position_warns_and_gives_the_same_step():
   expected = new(params, strategy.init(params), inputs)
   for have, want in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(have, want)
+
+
+def test_the_nnx_face_refuses_an_option_when_the_step_is_built():
+  pytest.importorskip("flax")
+  from optax_mtl import nnx as mtl_nnx  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"moco keeps .*encoder_fn"):
+    mtl_nnx.value_and_grad(lambda model, features: features,
+                           optax_mtl.moco(NUM_TASKS),
+                           encoder_fn=lambda model: model)
+  with pytest.raises(ValueError, match="gramian_mode must be one of"):
+    mtl_nnx.value_and_grad(lambda model: model, optax_mtl.mgda(NUM_TASKS),
+                           gramian_mode="exact")
