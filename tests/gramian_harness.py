@@ -97,6 +97,18 @@ def check_both_faces_agree(strategy, jacobian, loss_fn, params, *,
   return grads, state
 
 
+def check_faces_match_reference(strategy, jacobian, reference):
+  """Both faces agree (to 1e-6) on the linear loss of ``jacobian``, in
+  float32, and their step is ``reference(jacobian)`` (float64) to 1e-5."""
+  jacobian = np.asarray(jacobian)
+  grads, _ = check_both_faces_agree(
+      strategy, jacobian.astype(np.float32),
+      linear_loss(jacobian.astype(np.float32), np.ones(len(jacobian))),
+      jnp.zeros(jacobian.shape[1]), grads_tolerance=dict(atol=1e-6),
+      weights_tolerance=dict(atol=1e-6))
+  np.testing.assert_allclose(grads, reference(jacobian), atol=1e-5)
+
+
 def direction_fn(strategy, num_tasks):
   """The combined gradient of one jitted update from a fresh state."""
   update = jax.jit(strategy.update)
@@ -116,6 +128,88 @@ def check_positively_homogeneous(direction, jacobian, *, rtol,
     np.testing.assert_allclose(direction(factor * jacobian),
                                factor * direction(jacobian),
                                rtol=rtol, atol=atol_per_factor * factor)
+
+
+def check_permutation_invariance_and_homogeneity(
+    strategy, num_tasks, *, seed, permutation_atol, rtol, atol_per_factor):
+  """d(PJ) = d(J) for a random order P, and d(κJ) = κ d(J), on a random
+  Jacobian [T, 3]; returns ``(direction_fn, jacobian)`` for more checks."""
+  rng = np.random.default_rng(seed)
+  jacobian = rng.normal(size=(num_tasks, 3))
+  direction = direction_fn(strategy, num_tasks)
+  order = rng.permutation(num_tasks)
+  np.testing.assert_allclose(direction(jacobian[order]), direction(jacobian),
+                             atol=permutation_atol)
+  check_positively_homogeneous(direction, jacobian, rtol=rtol,
+                               atol_per_factor=atol_per_factor)
+  return direction, jacobian
+
+
+def check_weights_equivariant_and_homogeneous(weights_fn, jacobian, *,
+                                              scales, exponent):
+  """w(PJ) = P w(J) for a random order P, and w(cJ) = c^exponent w(J).
+
+  ``weights_fn(jacobian) -> (weights, combined, state)`` (as single_step).
+  Returns the combined gradients of the scaled Jacobians.
+  """
+  jacobian = np.asarray(jacobian)
+  order = np.random.default_rng(0).permutation(len(jacobian))
+  weights, _, _ = weights_fn(jacobian)
+  permuted, _, _ = weights_fn(jacobian[order])
+  np.testing.assert_allclose(permuted, weights[order], rtol=1e-4)
+  combined = []
+  for scale in scales:
+    scaled, direction, _ = weights_fn(jacobian * scale)
+    np.testing.assert_allclose(scaled, weights * scale**exponent, rtol=1e-4)
+    combined.append(direction)
+  return combined
+
+
+def check_weights_over_a_sequence(strategy, jacobians, reference, *,
+                                  rtol=2e-4, atol=2e-5):
+  """One state through ``jacobians``: at each step the weights are
+  ``reference(jacobian)`` (float64) and the update is ``Jᵀ w``."""
+  update = jax.jit(strategy.update)
+  state = strategy.init(None)
+  for jacobian in jacobians:
+    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
+                             task_losses=jnp.ones(len(jacobian)))
+    expected = reference(np.asarray(jacobian, np.float64))
+    np.testing.assert_allclose(state.weights, expected, rtol=rtol, atol=atol)
+    scale = np.max(np.linalg.norm(jacobian, axis=1))
+    np.testing.assert_allclose(combined, expected @ jacobian, rtol=rtol,
+                               atol=atol * scale)
+
+
+def fresh_steps(strategy, num_tasks, dimension, count, *, seed=0):
+  """``count`` jitted updates, each from a fresh state, on random Jacobians
+  [T, dimension]; yields ``(jacobian, direction, weights, state)`` with the
+  direction and the weights in float64."""
+  update = jax.jit(strategy.update)
+  rng = np.random.default_rng(seed)
+  for _ in range(count):
+    jacobian = rng.normal(size=(num_tasks, dimension))
+    combined, state = update(jnp.asarray(jacobian, jnp.float32),
+                             strategy.init(None),
+                             task_losses=jnp.ones(num_tasks))
+    yield (jacobian, np.asarray(combined, np.float64),
+           np.asarray(state.weights, np.float64), state)
+
+
+def parallel_gradient_steps(strategy, num_seeds, *, dtype=np.float32):
+  """One jitted update from a fresh state on ``J = [g, g, c g]`` (rank one;
+  ``g`` of 1000 normal entries, ``c`` uniform in [0.1, 1]) per seed, in
+  ``dtype`` (call under ``jax.enable_x64`` for float64); yields
+  ``(seed, c, J, combined, state)``."""
+  update = jax.jit(strategy.update)
+  for seed in range(num_seeds):
+    rng = np.random.default_rng(seed)
+    gradient = rng.standard_normal(1000)
+    factor = rng.uniform(0.1, 1.0)
+    jacobian = np.stack([gradient, gradient, factor * gradient]).astype(dtype)
+    combined, state = update(jnp.asarray(jacobian), strategy.init(None),
+                             task_losses=jnp.ones(3))
+    yield seed, factor, jacobian, combined, state
 
 
 def check_scripted_dual_cone_directions(strategy, reference):
@@ -204,6 +298,19 @@ def filtered_value_and_grad_step(strategy):
       loss_fn, strategy, shared={"shared": True, "head": False}))
   (_, grads), state = step(params, strategy.init(params))
   return grads, state
+
+
+def check_shared_parameters_step(strategy, reference):
+  """filtered_value_and_grad_step: the weights are ``reference(J_shared)``,
+  the shared gradient is ``J_sharedᵀ w`` and the head, task-specific,
+  receives the unweighted task gradients."""
+  grads, state = filtered_value_and_grad_step(strategy)
+  expected = reference(FILTER_SHARED_JACOBIAN)
+  np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
+  np.testing.assert_allclose(grads["shared"], expected @ FILTER_SHARED_JACOBIAN,
+                             rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(grads["head"], FILTER_HEAD_JACOBIAN.sum(axis=0),
+                             rtol=2e-4, atol=1e-5)
 
 
 # Hyperparameter errors shared by the solver strategies. (num_tasks is checked

@@ -98,14 +98,9 @@ def test_aligned_gradients_are_orthogonal_with_equal_norms(name):
 
 
 def test_permutation_equivariance_and_scale_invariance():
-  jacobian = np.asarray(JACOBIANS["t5_random"])
-  perm = np.random.default_rng(0).permutation(5)
-  weights, _, _ = aligned_weights(jacobian)
-  permuted, _, _ = aligned_weights(jacobian[perm])
-  np.testing.assert_allclose(permuted, weights[perm], rtol=1e-4)
-  for scale in (1e-10, 1e-3, 1e5, 1e10):
-    scaled, _, _ = aligned_weights(jacobian * scale)
-    np.testing.assert_allclose(scaled, weights, rtol=1e-4)
+  gramian_harness.check_weights_equivariant_and_homogeneous(
+      aligned_weights, JACOBIANS["t5_random"], scales=(1e-10, 1e-3, 1e5, 1e10),
+      exponent=0)
 
 
 def test_zero_and_duplicated_gradients_give_finite_weights():
@@ -119,15 +114,8 @@ def test_zero_and_duplicated_gradients_give_finite_weights():
 
 
 def test_value_and_grad_with_shared_parameters():
-  shared = gramian_harness.FILTER_SHARED_JACOBIAN
-  head = gramian_harness.FILTER_HEAD_JACOBIAN
-  grads, state = gramian_harness.filtered_value_and_grad_step(
-      optax_mtl.aligned_mtl(3))
-  expected = aligned_reference(shared)
-  np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
-  # The head is task-specific: it receives the unweighted task gradients.
-  np.testing.assert_allclose(grads["head"], head.sum(axis=0), rtol=2e-4,
-                             atol=1e-5)
+  gramian_harness.check_shared_parameters_step(optax_mtl.aligned_mtl(3),
+                                               aligned_reference)
 
 
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
@@ -186,17 +174,12 @@ def test_nearly_parallel_float32_gradients_keep_their_second_direction(seed):
 @pytest.mark.parametrize("dtype, x64", [(np.float32, False), (np.float32, True),
                                         (np.float64, True)])
 def test_parallel_gradients_have_rank_one(dtype, x64):
-  # The x64 repro: J = [g, g, c g]; B = V V^T over the one direction.
-  strategy = optax_mtl.aligned_mtl(3)
+  # J = [g, g, c g] has rank one, in float32 and float64, with or without
+  # x64: B = V Vᵀ over the one direction.
   with jax.enable_x64(x64):
-    update = jax.jit(strategy.update)
-    for seed in range(50):
-      rng = np.random.default_rng(seed)
-      gradient = rng.standard_normal(1000)
-      jacobian = np.stack([gradient, gradient,
-                           rng.uniform(0.1, 1) * gradient]).astype(dtype)
-      combined, state = update(jnp.asarray(jacobian), strategy.init(None),
-                               task_losses=jnp.ones(3))
+    for seed, _, jacobian, combined, state in (
+        gramian_harness.parallel_gradient_steps(
+            optax_mtl.aligned_mtl(3), 50, dtype=dtype)):
       assert int(state.rank) == 1, seed
       expected = aligned_reference(jacobian, rtol=1e-3) @ jacobian
       np.testing.assert_allclose(combined, expected, rtol=1e-4,

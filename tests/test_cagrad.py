@@ -7,6 +7,7 @@ import pytest
 
 import optax_mtl
 from tests import gramian_harness
+from tests import scipy_references
 
 # A scripted sequence of small Jacobians [T=3, 4]. (A zero task gradient
 # makes the update ambiguous, 0/0 in Algorithm 1; see test_special_cases.)
@@ -18,15 +19,8 @@ JACOBIANS = np.array([
 ])
 
 
-def golden_section(function, low, high, iterations=80):
-  ratio = (np.sqrt(5) - 1) / 2
-  for _ in range(iterations):
-    left, right = high - ratio * (high - low), low + ratio * (high - low)
-    if function(left) <= function(right):
-      high = right
-    else:
-      low = left
-  return (low + high) / 2
+def golden_section(function, low, high):
+  return scipy_references.golden_section(function, low, high, iterations=80)
 
 
 def numpy_cagrad(jacobian, c, rescale=0):
@@ -71,20 +65,13 @@ def test_golden_values_over_a_scripted_sequence(c, rescale):
 def test_primal_optimality_certificate():
   # d solves max_d min_i g_iᵀd s.t. ‖d - g_0‖ <= c‖g_0‖: feasible, and its
   # value min_i g_iᵀd meets the dual value at w (strong duality).
-  strategy = optax_mtl.cagrad(num_tasks=5, c=0.4, tol=1e-7, max_iters=2000)
-  update = jax.jit(strategy.update)
-  rng = np.random.default_rng(0)
-  for _ in range(6):
-    jacobian = rng.normal(size=(5, 8))
-    combined, state = update(jnp.asarray(jacobian, jnp.float32),
-                             strategy.init(None), task_losses=jnp.ones(5))
-    direction = np.asarray(combined, np.float64)
+  for jacobian, direction, weights, _ in gramian_harness.fresh_steps(
+      optax_mtl.cagrad(5, 0.4, tol=1e-7, max_iters=2000), 5, 8, 6):
     mean_gradient = jacobian.mean(axis=0)
     radius = 0.4 * np.linalg.norm(mean_gradient)
     assert np.linalg.norm(direction - mean_gradient) <= radius * (1 + 1e-4)
     # The dual point w is recovered from the weights 1/T + (√φ/‖g_w‖) w.
-    dual_weights = np.asarray(state.weights, np.float64) - 1 / 5
-    dual_weights /= dual_weights.sum()
+    dual_weights = (weights - 1 / 5) / np.sum(weights - 1 / 5)
     combined_w = dual_weights @ jacobian
     dual_value = combined_w @ mean_gradient + radius * np.linalg.norm(
         combined_w)
@@ -124,15 +111,9 @@ def test_special_cases():
 
 
 def test_permutation_invariance_and_scaling():
-  rng = np.random.default_rng(2)
-  jacobian = rng.normal(size=(4, 3))
-  direction = gramian_harness.direction_fn(optax_mtl.cagrad(num_tasks=4), 4)
-
-  order = rng.permutation(4)
-  np.testing.assert_allclose(direction(jacobian[order]), direction(jacobian),
-                             atol=1e-4)
-  gramian_harness.check_positively_homogeneous(  # d(κJ) = κ d(J).
-      direction, jacobian, rtol=1e-3, atol_per_factor=1e-4)
+  gramian_harness.check_permutation_invariance_and_homogeneity(
+      optax_mtl.cagrad(num_tasks=4), 4, seed=2, permutation_atol=1e-4,
+      rtol=1e-3, atol_per_factor=1e-4)
 
 
 def test_warm_start_from_the_solution_of_the_last_step():

@@ -52,50 +52,31 @@ def test_non_conflicting_and_mean_when_no_conflict():
 
 
 def test_permutation_invariance_and_scaling():
-  rng = np.random.default_rng(1)
-  jacobian = rng.normal(size=(4, 3))
-  direction = gramian_harness.direction_fn(optax_mtl.dualproj(num_tasks=4),
-                                          4)
-
-  order = rng.permutation(4)
-  np.testing.assert_allclose(direction(jacobian[order]), direction(jacobian),
-                             atol=1e-5)
-  gramian_harness.check_positively_homogeneous(  # d(κJ) = κ d(J).
-      direction, jacobian, rtol=1e-4, atol_per_factor=1e-6)
+  gramian_harness.check_permutation_invariance_and_homogeneity(
+      optax_mtl.dualproj(num_tasks=4), 4, seed=1, permutation_atol=1e-5,
+      rtol=1e-4, atol_per_factor=1e-6)
 
 
 def test_both_faces_agree():
-  jacobian = JACOBIANS[0].astype(np.float32)
-  grads, _ = gramian_harness.check_both_faces_agree(
-      optax_mtl.dualproj(num_tasks=3), jacobian,
-      gramian_harness.linear_loss(jacobian, np.ones(3)), jnp.zeros(4),
-      grads_tolerance=dict(atol=1e-6), weights_tolerance=dict(atol=1e-6))
-  np.testing.assert_allclose(grads, numpy_dualproj(JACOBIANS[0]), atol=1e-5)
+  gramian_harness.check_faces_match_reference(
+      optax_mtl.dualproj(num_tasks=3), JACOBIANS[0], numpy_dualproj)
 
 
-@pytest.mark.parametrize("preference", [None, (0.5, 0.3, 0.2),
-                                         (1.0, -0.5, 0.2)])
-@pytest.mark.parametrize("regularization", [0.0, 1e-4, 0.1])
+def torchjd_dualproj_weights(jacobian, pref_vector, reg_eps):
+  """torchjd's DualProj: argmin_{v >= p} vᵀ (G / tr(G) + reg_eps I) v."""
+  return test_upgrad.numpy_box_qp(test_upgrad.torchjd_normalize_regularize(
+      jacobian @ jacobian.T, reg_eps), pref_vector)
+
+
+@pytest.mark.parametrize("preference, regularization", itertools.product(
+    [None, (0.5, 0.3, 0.2), (1.0, -0.5, 0.2)], [0.0, 1e-4, 0.1]))
 def test_preference_and_regularization_reproduce_torchjd(
     preference, regularization):
-  # torchjd's DualProj: argmin_{v >= p} vᵀ (G / tr(G) + reg_eps I) v.
-  strategy = optax_mtl.dualproj(num_tasks=3, preference=preference,
-                                regularization=regularization)
-  pref_vector = np.full(3, 1 / 3) if preference is None else np.asarray(
-      preference)
-  update = jax.jit(strategy.update)
-  state = strategy.init(None)
-  for jacobian in JACOBIANS[:4]:
-    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
-                             task_losses=jnp.ones(3))
-    gramian = jacobian @ jacobian.T
-    matrix = gramian / np.trace(gramian) + regularization * np.eye(3)
-    expected = test_upgrad.numpy_box_qp(matrix, pref_vector)
-    np.testing.assert_allclose(state.weights, expected, rtol=2e-4,
-                               atol=2e-5)
-    scale = np.max(np.linalg.norm(jacobian, axis=1))
-    np.testing.assert_allclose(combined, expected @ jacobian, rtol=2e-4,
-                               atol=2e-5 * scale)
+  pref_vector = np.asarray((1 / 3,) * 3 if preference is None else preference)
+  gramian_harness.check_weights_over_a_sequence(
+      optax_mtl.dualproj(3, preference, regularization=regularization),
+      JACOBIANS[:4], lambda jacobian: torchjd_dualproj_weights(
+          jacobian, pref_vector, regularization))
 
 
 @pytest.mark.parametrize("kwargs, message",
@@ -113,21 +94,11 @@ def test_hyperparameter_errors(kwargs, message):
 
 
 def test_nearly_opposite_gradients_reach_the_optimum_float32():
-  # As test_upgrad's: the exact projection (float64, same float32 Gramian)
-  # puts ~99 on the nearly opposite pair; the solver stopped at ~57.
+  # The exact projection of the mean: SciPy/NumPy active-set enumeration.
   from tests import test_solvers  # pylint: disable=import-outside-toplevel
-  jacobian = test_upgrad.nearly_opposite_pair_jacobian()
-  strategy = optax_mtl.dualproj(5)
-  update, state = strategy.update(jnp.asarray(jacobian), strategy.init(None),
-                                  task_losses=jnp.ones(5))
-  gramian = np.asarray(optax_mtl.gramian(jnp.asarray(jacobian)), np.float64)
-  exact = test_solvers.exact_dual_cone(gramian, np.full(5, 0.2))
-  np.testing.assert_allclose(state.weights[2:4], exact[2:4], rtol=0.1)
-  rows = jacobian.astype(np.float64)
-  direction = np.asarray(update, np.float64)
-  cosines = rows @ direction / (np.linalg.norm(rows, axis=1)
-                                * np.linalg.norm(direction))
-  assert cosines.min() >= -3e-5, cosines
+  test_upgrad.check_nearly_opposite_pair_float32(
+      optax_mtl.dualproj(5),
+      lambda gramian: test_solvers.exact_dual_cone(gramian, np.full(5, 0.2)))
 
 
 def test_old_spelling_warns_and_gives_the_same_strategy():

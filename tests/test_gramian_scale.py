@@ -32,6 +32,7 @@ import pytest
 import scipy.optimize
 
 import optax_mtl
+from tests import scipy_references
 
 NUM_TASKS = 3
 
@@ -210,19 +211,7 @@ def reference_mgda_l2(jacobian):
   return reference_mgda(units)
 
 
-def project_onto_dual_cone(jacobian, vector):
-  """argmin_{Jy >= 0} ‖y − x‖ by enumerating the active rows."""
-  best, best_distance = None, np.inf
-  for size in range(len(jacobian) + 1):
-    for active in itertools.combinations(range(len(jacobian)), size):
-      rows = jacobian[list(active)]
-      point = vector - (np.linalg.pinv(rows) @ (rows @ vector) if size
-                        else 0.0)
-      if np.all(jacobian @ point >= -1e-10):
-        distance = np.linalg.norm(point - vector)
-        if distance < best_distance - 1e-14:
-          best, best_distance = point, distance
-  return best
+project_onto_dual_cone = scipy_references.project_onto_dual_cone
 
 
 def reference_upgrad(jacobian):
@@ -290,15 +279,7 @@ def reference_cagrad(jacobian, c=0.5):
     combined = weights @ jacobian
     return combined @ mean + radius * np.linalg.norm(combined)
 
-  def golden(function, low, high):
-    ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(100):
-      left, right = high - ratio * (high - low), low + ratio * (high - low)
-      if function(left) <= function(right):
-        high = right
-      else:
-        low = left
-    return (low + high) / 2
+  golden = scipy_references.golden_section
 
   def best_given_first(first):
     second = golden(lambda t: dual(np.array([first, t, 1 - first - t])), 0.0,

@@ -119,17 +119,8 @@ def test_single_task():
 
 
 def test_value_and_grad_with_shared_parameters():
-  shared = gramian_harness.FILTER_SHARED_JACOBIAN
-  head = gramian_harness.FILTER_HEAD_JACOBIAN
-  grads, state = gramian_harness.filtered_value_and_grad_step(
-      optax_mtl.imtl_g(3))
-  expected = imtl_g_reference(shared)
-  np.testing.assert_allclose(state.weights, expected, rtol=2e-4)
-  np.testing.assert_allclose(grads["shared"], expected @ shared, rtol=2e-4,
-                             atol=1e-5)
-  # The head is task-specific: it receives the unweighted task gradients.
-  np.testing.assert_allclose(grads["head"], head.sum(axis=0), rtol=2e-4,
-                             atol=1e-5)
+  gramian_harness.check_shared_parameters_step(optax_mtl.imtl_g(3),
+                                               imtl_g_reference)
 
 
 def torchjd_imtl_g(jacobian):
@@ -183,18 +174,11 @@ def test_unit_gradients_that_cancel_give_a_zero_update():
 @pytest.mark.parametrize("x64", [False, True])
 def test_parallel_float32_gradients(x64):
   # J = [g, g, c g] (rank 1): α = (1, 1, c) / (2 + c) exactly. Under x64 the
-  # float32 Gramian must keep float32's cut-off (a float64 one kept its
-  # rounding noise: weights of -4588).
-  strategy = optax_mtl.imtl_g(3)
+  # float32 Gramian keeps float32's cut-off (float64's would keep its
+  # rounding noise as a direction).
   with jax.enable_x64(x64):
-    update = jax.jit(strategy.update)
-    for seed in range(20):
-      rng = np.random.default_rng(seed)
-      gradient = rng.standard_normal(1000)
-      factor = rng.uniform(0.1, 1.0)
-      jacobian = np.stack([gradient, gradient, factor * gradient])
-      _, state = update(jnp.asarray(jacobian, jnp.float32),
-                        strategy.init(None), task_losses=jnp.ones(3))
+    for seed, factor, _, _, state in gramian_harness.parallel_gradient_steps(
+        optax_mtl.imtl_g(3), 20):
       assert state.weights.dtype == jnp.float32
       np.testing.assert_allclose(state.weights,
                                  np.array([1.0, 1.0, factor]) / (2 + factor),

@@ -76,17 +76,10 @@ def test_golden_values_over_a_scripted_sequence(normalization):
 
 def test_kkt_conditions_and_common_descent():
   # d = Σ w_k g_k on the simplex: g_kᵀd >= ‖d‖² for all k, = where w_k > 0.
-  strategy = optax_mtl.mgda(num_tasks=5, tol=1e-7, max_iters=2000)
-  update = jax.jit(strategy.update)
-  rng = np.random.default_rng(0)
-  for _ in range(8):
-    jacobian = rng.normal(size=(5, 7))
-    combined, state = update(jnp.asarray(jacobian, jnp.float32),
-                             strategy.init(None), task_losses=jnp.ones(5))
-    weights = np.asarray(state.weights, np.float64)
+  for jacobian, direction, weights, _ in gramian_harness.fresh_steps(
+      optax_mtl.mgda(num_tasks=5, tol=1e-7, max_iters=2000), 5, 7, 8):
     np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-6)
     assert weights.min() >= 0
-    direction = np.asarray(combined, np.float64)
     scale = np.max(np.sum(jacobian**2, axis=1))
     products = jacobian @ direction
     squared = direction @ direction

@@ -137,14 +137,10 @@ def test_orthogonal_gradients():
 
 
 def test_permutation_equivariance_and_scaling():
-  jacobian = np.asarray(FIXED_JACOBIANS["t5_random"])
-  perm = np.random.default_rng(0).permutation(5)
-  weights, _, _ = nash_step(jacobian)
-  permuted, _, _ = nash_step(jacobian[perm])
-  np.testing.assert_allclose(permuted, weights[perm], rtol=1e-4)
-  for scale in (1e-10, 1e-3, 1e4, 1e10):
-    scaled, combined, _ = nash_step(jacobian * scale)
-    np.testing.assert_allclose(scaled * scale, weights, rtol=1e-4)
+  # α for cJ is α/c, and ‖d‖² = T at every scale.
+  for combined in gramian_harness.check_weights_equivariant_and_homogeneous(
+      nash_step, FIXED_JACOBIANS["t5_random"], scales=(1e-10, 1e-3, 1e4, 1e10),
+      exponent=-1):
     np.testing.assert_allclose(combined @ combined, 5.0, rtol=1e-4)
 
 

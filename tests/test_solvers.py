@@ -10,6 +10,7 @@ own size, or by the round-off floor.
 """
 
 import functools
+import inspect
 import itertools
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
+import optax_mtl
 from optax_mtl._src import solvers
 
 KINDS = ("well", "ill", "rank", "zero", "duplicate", "opposite")
@@ -252,6 +254,17 @@ def assert_result_types(result, dtype):
       np.asarray(result.outcome) == solvers.Outcome.SUCCESS))
 
 
+def float64_solves(name, seed, sizes):
+  """Yields ``(context, kind, J, G, result)``: the solver ``name`` on each
+  float64 instance (x64 on while the caller checks it); the result's dtypes
+  are checked."""
+  with jax.enable_x64(True):
+    for num_tasks, kind, jacobian, gramian in instances(seed, sizes):
+      result = jitted(name)(jnp.asarray(gramian))
+      assert_result_types(result, jnp.float64)
+      yield f"T={num_tasks} {kind}", kind, jacobian, gramian, result
+
+
 # --------------------------------------------------------------------------
 # float64: every solver against its exact solution.
 # --------------------------------------------------------------------------
@@ -280,23 +293,18 @@ def check_min_norm(jacobian, result, context, rtol, floor):
 
 
 def test_min_norm_matches_exact_float64():
-  with jax.enable_x64(True):
-    for num_tasks, kind, jacobian, gramian in instances(
-        0, EXACT_SIZES + LARGE_SIZES):
-      context = f"T={num_tasks} {kind}"
-      result = jitted("solve_min_norm")(jnp.asarray(gramian))
-      assert_result_types(result, jnp.float64)
-      assert bool(result.converged), (context, result)
-      check_min_norm(jacobian, result, context, rtol=2 * TOL_64, floor=1e-13)
-      if kind == "zero":  # d = 0 exactly: all weight on the zero task.
-        np.testing.assert_array_equal(
-            np.asarray(result.weights) @ jacobian, 0.0, err_msg=context)
+  for context, kind, jacobian, _, result in float64_solves(
+      "solve_min_norm", 0, EXACT_SIZES + LARGE_SIZES):
+    assert bool(result.converged), (context, result)
+    check_min_norm(jacobian, result, context, rtol=2 * TOL_64, floor=1e-13)
+    if kind == "zero":  # d = 0 exactly: all weight on the zero task.
+      np.testing.assert_array_equal(
+          np.asarray(result.weights) @ jacobian, 0.0, err_msg=context)
 
 
 def test_min_norm_of_gradients_of_very_different_norms():
-  # The review's repro: norms 1 … 1e4 (the min-norm point is far below the
-  # largest norm). An absolute test stopped at d 6x too long; the relative
-  # one gives d within √tol.
+  # Norms 1 … 1e4: the min-norm point is far below the largest norm, and
+  # the relative stopping test still gives d within √tol of the optimum.
   with jax.enable_x64(True):
     for num_tasks in (3, 5, 8):
       for seed in range(10):
@@ -406,26 +414,22 @@ def test_cagrad_matches_exact_float64():
 
 
 def test_nash_matches_exact_float64():
-  with jax.enable_x64(True):
-    for num_tasks, kind, jacobian, gramian in instances(
-        4, EXACT_SIZES + LARGE_SIZES):
-      context = f"T={num_tasks} {kind}"
-      result = jitted("solve_nash")(jnp.asarray(gramian))
-      assert_result_types(result, jnp.float64)
-      if has_no_bargaining_solution(gramian):
-        assert int(result.outcome) == solvers.Outcome.NO_SOLUTION, context
-        np.testing.assert_array_equal(result.weights, 0.0)
-        continue
-      assert bool(result.converged), (context, result)
-      alpha = np.asarray(result.weights)
-      np.testing.assert_allclose(alpha, exact_nash(gramian), rtol=1e-8,
-                                 err_msg=context)
-      # The bargaining solution: every task's utility g_iᵀd = 1/α_i.
-      active = np.diag(gramian) > 0
-      utilities = (jacobian @ (alpha @ jacobian))[active]
-      np.testing.assert_allclose(utilities * alpha[active], 1.0, rtol=1e-9)
-      if kind == "zero":
-        np.testing.assert_array_equal(alpha[~active], 0.0)
+  for context, kind, jacobian, gramian, result in float64_solves(
+      "solve_nash", 4, EXACT_SIZES + LARGE_SIZES):
+    if has_no_bargaining_solution(gramian):
+      assert int(result.outcome) == solvers.Outcome.NO_SOLUTION, context
+      np.testing.assert_array_equal(result.weights, 0.0)
+      continue
+    assert bool(result.converged), (context, result)
+    alpha = np.asarray(result.weights)
+    np.testing.assert_allclose(alpha, exact_nash(gramian), rtol=1e-8,
+                               err_msg=context)
+    # The bargaining solution: every task's utility g_iᵀd = 1/α_i.
+    active = np.diag(gramian) > 0
+    utilities = (jacobian @ (alpha @ jacobian))[active]
+    np.testing.assert_allclose(utilities * alpha[active], 1.0, rtol=1e-9)
+    if kind == "zero":
+      np.testing.assert_array_equal(alpha[~active], 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -565,7 +569,7 @@ def test_dtypes_are_kept(dtype, expected):
     fields = solvers.state_fields(solvers.solve_nash(gramian))
     assert {k: v.dtype for k, v in fields.items()} == {
         "solver_iterations": jnp.int32, "solver_gap": jnp.float32,
-        "solver_converged": jnp.bool_}
+        "solver_converged": jnp.bool_, "solver_outcome": jnp.int32}
 
 
 def test_zero_gradient_tasks_get_exact_weights():
@@ -823,14 +827,29 @@ def test_state_fields_summarise_one_result_or_a_batch():
   single = solvers.solve_min_norm(gramian)
   fields = solvers.state_fields(single)
   assert set(fields) == {"solver_iterations", "solver_gap",
-                         "solver_converged"}
+                         "solver_converged", "solver_outcome"}
   assert int(fields["solver_iterations"]) == int(single.iterations)
+  assert int(fields["solver_outcome"]) == int(single.outcome)
   batch = solvers.solve_dual_cone_qp(gramian, jnp.eye(3), max_iters=1)
   fields = solvers.state_fields(batch)
   assert int(fields["solver_iterations"]) == int(jnp.max(batch.iterations))
   assert float(fields["solver_gap"]) == float(jnp.max(batch.gap))
   assert bool(fields["solver_converged"]) == bool(jnp.all(batch.converged))
   assert fields["solver_gap"].shape == ()
+  # A batch reports its most severe outcome: NONFINITE, NO_SOLUTION,
+  # STALLED, MAX_ITERS, SUCCESS, from the worst.
+  outcome = solvers.Outcome
+  for codes, worst in (
+      ([outcome.SUCCESS, outcome.MAX_ITERS], outcome.MAX_ITERS),
+      ([outcome.MAX_ITERS, outcome.STALLED], outcome.STALLED),
+      ([outcome.STALLED, outcome.NO_SOLUTION], outcome.NO_SOLUTION),
+      ([outcome.NO_SOLUTION, outcome.NONFINITE, outcome.SUCCESS],
+       outcome.NONFINITE)):
+    fake = batch._replace(outcome=jnp.asarray(codes, jnp.int32),
+                          gap=jnp.zeros(len(codes)),
+                          iterations=jnp.zeros(len(codes), jnp.int32),
+                          converged=jnp.ones(len(codes), bool))
+    assert int(solvers.state_fields(fake)["solver_outcome"]) == worst
 
 
 def test_relative_gap_is_the_one_rule():
@@ -946,3 +965,22 @@ def test_numpy_scalars_are_accepted():
                                  tol=np.float32(1e-4)),
       solvers.solve_nash(gramian, max_iters=np.int16(5), tol=np.float32(0))]
   assert all(bool(result.converged) for result in results)
+
+
+@pytest.mark.parametrize("factory, solver", [
+    (optax_mtl.upgrad, solvers.solve_dual_cone_qp),
+    (optax_mtl.dualproj, solvers.solve_dual_cone_qp),
+    (optax_mtl.mgda, solvers.solve_min_norm),
+    (optax_mtl.cagrad, solvers.solve_cagrad),
+    (optax_mtl.nash_mtl, solvers.solve_nash),
+    (optax_mtl.fairgrad, solvers.solve_alpha_fair),
+    (optax_mtl.pcd, solvers.solve_priority_qp)])
+def test_strategies_take_their_solvers_budget(factory, solver):
+  # The budget closes the signature, keyword-only, with the solver's own
+  # defaults (docs/guides/api_rules.md).
+  ours = inspect.signature(factory).parameters
+  theirs = inspect.signature(solver).parameters
+  assert list(ours)[-2:] == ["max_iters", "tol"]
+  for name in ("max_iters", "tol"):
+    assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY
+    assert ours[name].default == theirs[name].default, name

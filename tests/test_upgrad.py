@@ -9,28 +9,12 @@ import pytest
 
 import optax_mtl
 from tests import gramian_harness
+from tests import scipy_references
 
 JACOBIANS = gramian_harness.DUAL_CONE_JACOBIANS
 
 
-def numpy_project_onto_dual_cone(jacobian, vector):
-  """argmin_{Jy >= 0} ‖y - x‖, by enumerating the active constraints.
-
-  The projection onto a polyhedral cone is the projection onto the null
-  space of the rows active there: try every subset, keep the closest point
-  that satisfies ``J y >= 0``.
-  """
-  best, best_distance = None, np.inf
-  num_tasks = len(jacobian)
-  for size in range(num_tasks + 1):
-    for active in itertools.combinations(range(num_tasks), size):
-      rows = jacobian[list(active)]
-      point = vector - (np.linalg.pinv(rows) @ (rows @ vector) if size else 0)
-      if np.all(jacobian @ point >= -1e-10):
-        distance = np.linalg.norm(point - vector)
-        if distance < best_distance - 1e-14:
-          best, best_distance = point, distance
-  return best
+numpy_project_onto_dual_cone = scipy_references.project_onto_dual_cone
 
 
 def numpy_upgrad(jacobian):
@@ -55,13 +39,10 @@ def test_non_conflicting_and_mean_when_no_conflict():
 
 
 def test_permutation_invariance_and_linearity_under_scaling():
-  rng = np.random.default_rng(1)
-  jacobian = rng.normal(size=(4, 3))
-  direction = gramian_harness.direction_fn(optax_mtl.upgrad(num_tasks=4), 4)
-
-  order = rng.permutation(4)
-  np.testing.assert_allclose(direction(jacobian[order]), direction(jacobian),
-                             atol=1e-5)
+  direction, jacobian = (
+      gramian_harness.check_permutation_invariance_and_homogeneity(
+          optax_mtl.upgrad(num_tasks=4), 4, seed=1, permutation_atol=1e-5,
+          rtol=1e-4, atol_per_factor=1e-6))
   # Linear under scaling: d(diag(c) J) = (1/T) Σ c_i Π(g_i), linear in c.
   projections = np.array([numpy_project_onto_dual_cone(jacobian, row)
                           for row in jacobian])
@@ -82,12 +63,8 @@ def test_warm_start_from_the_solution_of_the_last_step():
 
 
 def test_both_faces_agree():
-  jacobian = JACOBIANS[0].astype(np.float32)
-  grads, _ = gramian_harness.check_both_faces_agree(
-      optax_mtl.upgrad(num_tasks=3), jacobian,
-      gramian_harness.linear_loss(jacobian, np.ones(3)), jnp.zeros(4),
-      grads_tolerance=dict(atol=1e-6), weights_tolerance=dict(atol=1e-6))
-  np.testing.assert_allclose(grads, numpy_upgrad(JACOBIANS[0]), atol=1e-5)
+  gramian_harness.check_faces_match_reference(
+      optax_mtl.upgrad(num_tasks=3), JACOBIANS[0], numpy_upgrad)
 
 
 def numpy_box_qp(matrix, lower):
@@ -126,25 +103,15 @@ def torchjd_upgrad_weights(jacobian, pref_vector, reg_eps, norm_eps=0.0):
 
 
 @pytest.mark.parametrize("preference", [None, (0.5, 0.3, 0.2),
-                                         (0.7, 0.0, 0.3)])
+                                        (0.7, 0.0, 0.3)])
 @pytest.mark.parametrize("regularization", [0.0, 1e-4, 0.1])
 def test_preference_and_regularization_reproduce_torchjd(
     preference, regularization):
-  strategy = optax_mtl.upgrad(num_tasks=3, preference=preference,
-                              regularization=regularization)
-  pref_vector = np.full(3, 1 / 3) if preference is None else np.asarray(
-      preference)
-  update = jax.jit(strategy.update)
-  state = strategy.init(None)
-  for jacobian in JACOBIANS[:4]:
-    combined, state = update(jnp.asarray(jacobian, jnp.float32), state,
-                             task_losses=jnp.ones(3))
-    expected = torchjd_upgrad_weights(jacobian, pref_vector, regularization)
-    np.testing.assert_allclose(state.weights, expected, rtol=2e-4,
-                               atol=2e-5)
-    scale = np.max(np.linalg.norm(jacobian, axis=1))
-    np.testing.assert_allclose(combined, expected @ jacobian, rtol=2e-4,
-                               atol=2e-5 * scale)
+  pref_vector = np.full(3, 1 / 3) if preference is None else preference
+  gramian_harness.check_weights_over_a_sequence(
+      optax_mtl.upgrad(3, preference, regularization=regularization),
+      JACOBIANS[:4], lambda jacobian: torchjd_upgrad_weights(
+          jacobian, np.asarray(pref_vector), regularization))
 
 
 def test_regularization_is_relative_to_the_gradients():
@@ -184,27 +151,32 @@ def nearly_opposite_pair_jacobian():
                    -rows[2] + 1e-3 * rows[3], rows[4]]).astype(np.float32)
 
 
-def test_nearly_opposite_gradients_reach_the_optimum_float32():
-  # The exact projections (SciPy/NumPy active-set enumeration, float64, on
-  # the same float32 Gramian) give weights ~99 on the pair; a floor that grew
-  # with the multipliers stopped at ~57 and reported convergence, with the
-  # update conflicting by 60× tol.
-  from tests import test_solvers  # pylint: disable=import-outside-toplevel
+def check_nearly_opposite_pair_float32(strategy, exact_weights):
+  """On nearly_opposite_pair_jacobian, in float32: the weights of the pair
+  (~96–99) are within 10 % of ``exact_weights(G)`` (float64, on the same
+  float32 Gramian), and the update conflicts with no gradient beyond
+  float32's floor (the exact weights, rounded to float32 and combined in
+  float32, conflict by about 7e-6)."""
   jacobian = nearly_opposite_pair_jacobian()
-  strategy = optax_mtl.upgrad(5)
   update, state = strategy.update(jnp.asarray(jacobian), strategy.init(None),
                                   task_losses=jnp.ones(5))
   gramian = np.asarray(optax_mtl.gramian(jnp.asarray(jacobian)), np.float64)
-  exact = np.mean([test_solvers.exact_dual_cone(gramian, np.eye(5)[i])
-                   for i in range(5)], axis=0)
-  np.testing.assert_allclose(state.weights[2:4], exact[2:4], rtol=0.1)
+  np.testing.assert_allclose(state.weights[2:4],
+                             exact_weights(gramian)[2:4], rtol=0.1)
   rows = jacobian.astype(np.float64)
   direction = np.asarray(update, np.float64)
   cosines = rows @ direction / (np.linalg.norm(rows, axis=1)
                                 * np.linalg.norm(direction))
-  # float32's own floor here: the exact weights, rounded to float32 and
-  # combined in float32, conflict by about 7e-6.
   assert cosines.min() >= -3e-5, cosines
+
+
+def test_nearly_opposite_gradients_reach_the_optimum_float32():
+  # The exact projections: SciPy/NumPy active-set enumeration.
+  from tests import test_solvers  # pylint: disable=import-outside-toplevel
+  check_nearly_opposite_pair_float32(
+      optax_mtl.upgrad(5), lambda gramian: np.mean(
+          [test_solvers.exact_dual_cone(gramian, row) for row in np.eye(5)],
+          axis=0))
 
 
 def test_old_spellings_warn_and_give_the_same_strategy():

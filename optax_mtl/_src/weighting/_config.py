@@ -34,12 +34,12 @@ def config_weights(gramian: chex.Array,
   gramian = 0.5 * (gramian + gramian.T)
   norms = solvers.gradient_norms(gramian)
   active = norms > solvers.resolve_cutoff(dtype, num_tasks, jnp.max(norms))
-  inverse_norms = jnp.where(active, 1 / jnp.where(active, norms, 1), 0)
+  inverse_norms = solvers.safe_divide(1.0, jnp.where(active, norms, 0))
   cosines = inverse_norms[:, None] * gramian * inverse_norms[None, :]
   eigenvalues, eigenvectors = jnp.linalg.eigh(cosines)
   kept = eigenvalues > solvers.resolve_cutoff(dtype, num_tasks,
                                               jnp.max(eigenvalues))
-  inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues, 1), 0)
+  inverse = solvers.safe_divide(1.0, jnp.where(kept, eigenvalues, 0))
   preference = jnp.where(active, preference.astype(dtype), 0)
   coefficients = eigenvectors @ (inverse * (eigenvectors.T @ preference))
   # v = Σ_k a_k g_k with a_k = coefficients_k / ‖g_k‖.
@@ -96,8 +96,9 @@ def config(num_tasks: int,
     [2.0, 2.0]
 
   References:
-    Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics
-    Informed Neural Networks", ICLR 2025; torchjd's ``ConFIG``.
+    Liu, Chu, Thuerey, `ConFIG: Towards Conflict-free Training of Physics
+    Informed Neural Networks <https://arxiv.org/abs/2408.11104>`_, ICLR 2025;
+    torchjd's ``ConFIG``.
   """
   num_tasks = base.check_num_tasks(num_tasks)
   if preference is None:

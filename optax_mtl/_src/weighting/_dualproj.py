@@ -27,14 +27,9 @@ class DualprojState(NamedTuple):
 
 
 @deprecation.renamed_arguments({"preferences": "preference"})
-def dualproj(
-    num_tasks: int,
-    preference: Optional[Sequence[float]] = None,
-    *,
-    regularization: float = 0.0,
-    max_iters: int = 200,
-    tol: Optional[float] = None,
-) -> base.MultiTaskStrategy:
+def dualproj(num_tasks: int, preference: Optional[Sequence[float]] = None, *,
+             regularization: float = 0.0, max_iters: int = 200,
+             tol: Optional[float] = None) -> base.MultiTaskStrategy:
   r"""DualProj: a combination of the gradients projected onto the dual cone.
 
   .. math::

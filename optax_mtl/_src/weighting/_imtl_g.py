@@ -116,9 +116,11 @@ def imtl_g(
     [0.6667, 0.6667]
 
   References:
-    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021;
-    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024
-    (the pseudo-inverse form, torchjd's ``IMTLG``).
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021; Quinton &
+    Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024 (the pseudo-inverse form,
+    torchjd's ``IMTLG``).
   """
   num_tasks = base.check_num_tasks(num_tasks)
   min_relative_norm = base.check_in_range(

@@ -67,12 +67,13 @@ def krum(num_tasks: int, num_byzantine: int = 0,
     num_selected: m in [1, T], the number of gradients averaged.
 
   Returns:
-    A :class:`optax_mtl.MultiTaskStrategy`.
+    A :class:`optax_mtl.MultiTaskStrategy`; its weights are ``1/m`` on the
+    selected tasks and 0 elsewhere.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_mtl
-    >>> strategy = optax_mtl.krum(num_tasks=4, num_byzantine=1, num_selected=2)
+    >>> strategy = optax_mtl.krum(4, 1, 2)  # f = 1 outlier, m = 2 averaged.
     >>> task_grads = jnp.array([[1.0, 0.0], [1.1, 0.0], [0.9, 0.1],
     ...                         [-50.0, 9.0]])
     >>> update, state = strategy.update(

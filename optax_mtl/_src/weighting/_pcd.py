@@ -135,7 +135,7 @@ def pcd(
   ``jax_enable_x64``, the way to match it to round-off); it treats a
   gradient as a combination of the active ones below a relative ``‖z‖²``
   of ``max(1e-9, 10 ε)``, this below ``√ε``
-  (:func:`~optax_mtl._src.solvers._priority.dependence_cutoff`); and on a
+  (the priority solver's dependence cut-off); and on a
   non-finite input it returns NaN, where this rejects the step.
 
   A step with a non-finite loss or Gramian is counted in ``num_skipped``:
