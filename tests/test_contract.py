@@ -216,6 +216,11 @@ NUM_STEPS = 4
 NAN_STEP = 2  # The step of the apply_if_finite stream with a NaN gradient.
 
 
+def _weights(state):
+  """The weights of a strategy state (inside a wrapper's inner_state)."""
+  return getattr(state, "inner_state", state).weights
+
+
 def _wrapper_runs(strategy, bare_update):
   """The bare strategy, and its three wrapped versions in one compiled scan.
 
@@ -245,7 +250,7 @@ def _wrapper_runs(strategy, bare_update):
     for index in range(NUM_STEPS):
       update, state = bare_update(_step(stream, index), state, losses[index])
       updates.append(update)
-      weights.append(state.weights)
+      weights.append(_weights(state))
     out[key] = (jax.tree.map(lambda *u: jnp.stack(u), *updates),
                 jnp.stack(weights))
 
@@ -259,7 +264,7 @@ def _wrapper_runs(strategy, bare_update):
         stream = nan_step_grads if key == "apply_if_finite" else grads
         update, new_states[key] = tx.update(stream, states[key], PARAMS,
                                             task_losses=step_losses)
-        out[key] = (update, new_states[key][0].weights)
+        out[key] = (update, _weights(new_states[key][0]))
       return new_states, out
 
     initial = {key: tx.init(PARAMS) for key, tx in wrapped.items()}
