@@ -34,6 +34,13 @@ def is_strategy_state(node: Any) -> bool:
   return "inner_state" in fields and is_strategy_state(node.inner_state)
 
 
+def _weights(state: Any) -> Any:
+  """The weights of a strategy state, or of the state a wrapper holds."""
+  while "weights" not in type(state)._fields:
+    state = state.inner_state
+  return state.weights
+
+
 def _unwrap(tree: Any) -> Any:
   """Replaces wrapped values (e.g. ``flax.nnx`` variables) by their arrays."""
   is_wrapper = lambda x: callable(getattr(x, "get_value", None))
@@ -66,7 +73,7 @@ def _task_labels(num_tasks: int, task_names: Optional[Sequence[str]]):
 def _state_statistics(state: Any, prefix: str,
                       task_names: Optional[Sequence[str]]) -> dict[str, chex.Array]:
   """Flattens one strategy state (and any strategy state nested in it)."""
-  weights_shape = jnp.shape(state.weights)
+  weights_shape = jnp.shape(_weights(state))
   if len(weights_shape) != 1:
     raise ValueError(
         "diagnostics expects the state of one run: its strategy state has "
@@ -214,7 +221,7 @@ def diagnostics(
     where = _path_name(path) if len(found) > 1 else ""
     key_prefix = f"{prefix}{where}/" if where else prefix
     out.update(_state_statistics(node, key_prefix, task_names))
-    if _optimizer_before_strategy(state, path, jnp.shape(node.weights)[0]):
+    if _optimizer_before_strategy(state, path, jnp.shape(_weights(node))[0]):
       warnings.warn(
           "the optimizer state holds, before the strategy's state, a "
           "transformation whose statistics all have a leading axis of size "
