@@ -39,18 +39,21 @@ def _slacks(problem: _Problem, multipliers: chex.Array) -> chex.Array:
   return _common.matvec(problem.secondary, multipliers) - problem.target
 
 
-def _gap(problem: _Problem, multipliers: chex.Array,
-         active: chex.Array) -> chex.Array:
+def _gap(problem: _Problem, multipliers: chex.Array, active: chex.Array, *,
+         held: bool = False) -> chex.Array:
   r"""The largest violation ``max(−slack_j, 0) / ‖g̃_j‖`` relative to ``‖d‖``.
 
   The cosine by which ``d`` misses a constraint that is not active (the
   active ones hold with equality, up to round-off), with the floor
   ``T ε max_j (|A||μ| + |b|)_j / ‖g̃_j‖`` (the round-off of the slacks).
+  ``held``: the largest ``|slack_j| / ‖g̃_j‖`` of the *active* constraints
+  instead, by how much they miss holding with equality.
   """
   num_tasks = multipliers.shape[0] + 1
   slacks = _slacks(problem, multipliers)
-  violation = jnp.where(active, 0, _common.safe_divide(
-      jnp.maximum(-slacks, 0), problem.norms))
+  missed = jnp.where(held, jnp.abs(slacks), jnp.maximum(-slacks, 0))
+  violation = jnp.where(active == held, _common.safe_divide(
+      missed, problem.norms), 0)
   direction_sq = (problem.primary + 2 * _common.dot(multipliers, problem.cross)
                   + _common.dot(multipliers, _common.matvec(
                       problem.secondary, multipliers)))
@@ -61,6 +64,48 @@ def _gap(problem: _Problem, multipliers: chex.Array,
                                  jnp.max(magnitudes))
   return _common.relative_gap(jnp.max(violation),
                               jnp.sqrt(jnp.maximum(direction_sq, 0)), floor)
+
+
+def _warm_start(problem: _Problem, guess: chex.Array,
+                tol) -> tuple[chex.Array, chex.Array]:
+  r"""``(μ, active)`` to start from, given a guess of ``μ`` [T−1].
+
+  The guessed active set ``A = {j : μ_j > T ε max|μ|}`` (the previous
+  step's, say) is held with equality: ``A_AA μ_A = b_A``, the minimum of
+  the QP with those constraints as equalities. Goldfarb and Idnani's loop
+  may start there where ``μ_A > 0``, the equalities hold to ``tol`` and
+  the active gradients are independent (each pivot of the unit-diagonal
+  block above :func:`dependence_cutoff`): the state its own iterations
+  keep; it then adds what is violated.
+  Else ``A`` less its negative multipliers, once; else the cold start
+  (``μ = 0``, nothing active).
+  """
+  size = guess.shape[0]
+  finite = jnp.isfinite(guess)
+  largest = jnp.max(jnp.where(finite, jnp.abs(guess), 0))
+  active = finite & (guess > _common.resolve_cutoff(guess.dtype, size + 1,
+                                                    largest))
+  scales = _common.safe_divide(1.0, problem.norms)
+  unit = (problem.secondary * scales[:, None]) * scales[None, :]
+  starts = []
+  for _ in range(2):
+    multipliers = _common.solve_on_support(problem.secondary, active,
+                                           problem.target)
+    # Independent active gradients, as the loop keeps them: every pivot of
+    # the unit-diagonal block above dependence_cutoff (else μ is noise).
+    pivots = jnp.diagonal(jax.lax.linalg.cholesky(
+        _common.masked_matrix(unit, active, 0.0), symmetrize_input=False))
+    usable = (jnp.all(jnp.where(active, (multipliers > 0) & (
+        pivots**2 > dependence_cutoff(jnp.ones_like(pivots))), True))
+              & jnp.all(jnp.isfinite(multipliers))
+              & (_gap(problem, multipliers, active, held=True) <= tol))
+    starts.append((usable, multipliers, active))
+    active = active & (multipliers > 0)
+  start = (jnp.zeros_like(guess), jnp.zeros_like(active))
+  for usable, multipliers, active in reversed(starts):
+    start = (jnp.where(usable, multipliers, start[0]),
+             jnp.where(usable, active, start[1]))
+  return start
 
 
 def dependence_cutoff(scale: chex.Array) -> chex.Array:
@@ -131,6 +176,7 @@ def solve_priority_qp(
     *,
     max_iters: int = DEFAULT_MAX_ITERS,
     tol: Optional[float] = None,
+    warm_start: Optional[chex.Array] = None,
 ) -> _common.SolverResult:
   r"""PCD's QP: follow ``g_1`` subject to progress on every other task.
 
@@ -175,6 +221,11 @@ def solve_priority_qp(
     max_iters: the most iterations (one adds or drops a constraint).
     tol: the relative violation to reach; None: 1e-6 in float32, 1e-12 in
       float64.
+    warm_start: None, or a guess of the weights ``(1, μ)`` [T] (the previous
+      step's, say): its active set ``{j : μ_j > 0}``, held with equality,
+      is where the iterations start when its multipliers are positive
+      (:func:`_warm_start`); else the cold start. It changes where the
+      search starts, never the test it has to pass.
 
   Returns:
     A :class:`SolverResult` with ``weights = (1, μ)``, or ``e_1`` when the
@@ -235,8 +286,14 @@ def solve_priority_qp(
     return jax.tree.map(lambda old, new: jnp.where(optimal, old, new),
                         carry._replace(done=jnp.asarray(True)), stepped)
 
+  if warm_start is None:
+    multipliers, active = jnp.zeros((size,), dtype), jnp.zeros((size,), bool)
+  else:
+    warm_start = _common.check_vector("warm_start", warm_start, num_tasks,
+                                      dtype)
+    multipliers, active = _warm_start(problem, warm_start[1:], tol)
   start = _Carry(
-      multipliers=jnp.zeros((size,), dtype), active=jnp.zeros((size,), bool),
+      multipliers=multipliers, active=active,
       adding=jnp.zeros([], jnp.int32), in_step=jnp.asarray(False),
       done=jnp.asarray(False), infeasible=jnp.asarray(False),
       iterations=jnp.zeros([], jnp.int32))

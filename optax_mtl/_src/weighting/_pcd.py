@@ -28,6 +28,8 @@ class PcdState(NamedTuple):
   # f32[T], the moving average of ‖g_k‖² (not bias-corrected).
   squared_norm_average: chex.Array
   num_steps: chex.Array  # i32[], accepted steps (for the bias correction).
+  solution: chex.Array  # f32[T], the QP's (1, μ) of the last step: its
+  #                       active set warm-starts the next solve.
 
 
 def _check_taus(tau: Any, num_tasks: int) -> Union[float, np.ndarray, Any]:
@@ -49,7 +51,7 @@ def _check_taus(tau: Any, num_tasks: int) -> Union[float, np.ndarray, Any]:
 
 def pcd_weights(gramian: chex.Array, squared_norm_average: chex.Array,
                 num_steps: chex.Array, tau: Any, decay: Any, eps: Any, *,
-                max_iters: int, tol: Any):
+                max_iters: int, tol: Any, warm_start: Any = None):
   """PCD's weights from the Gramian and the moving average (one step).
 
   Returns:
@@ -73,7 +75,7 @@ def pcd_weights(gramian: chex.Array, squared_norm_average: chex.Array,
   normalised = (gramian * scales[:, None]) * scales[None, :]
   taus = jnp.broadcast_to(jnp.asarray(tau, dtype), (num_tasks - 1,))
   result = solvers.solve_priority_qp(normalised, taus, max_iters=max_iters,
-                                     tol=tol)
+                                     tol=tol, warm_start=warm_start)
   combination = result.weights.astype(dtype)  # (1, μ) on the g̃_k.
   direction_sq = combination @ normalised @ combination  # ‖d̃‖².
   magnitude = (jnp.abs(combination) @ solvers.gradient_norms(normalised))**2
@@ -116,7 +118,9 @@ def pcd(
   through its dual on the Gramian (:func:`optax_mtl.solve_priority_qp`):
   ``d̃ = g̃_1
   + Σ_j μ_j g̃_j`` with the multipliers ``μ ≥ 0``, so the weights are
-  ``w = (1, μ) ∘ s · ‖g_1‖/‖d̃‖``. Special cases (Varam et al.; torchjd's
+  ``w = (1, μ) ∘ s · ‖g_1‖/‖d̃‖``. Each solve starts from the previous
+  step's active set (kept in ``solution``): in steady training it is
+  already optimal and the solver makes no iteration. Special cases (Varam et al.; torchjd's
   ``PCD``): ``g_1 = 0`` gives ``d = 0``; constraints that cannot hold
   together (e.g. two opposed secondary gradients, ``T ≥ 3``) are dropped,
   ``d = g_1`` (``solver_converged`` is then False and ``solver_gap`` the
@@ -183,16 +187,18 @@ def pcd(
         **base.common_state_fields(num_tasks, gramian=True, solver=True,
                                    gradients=True),
         squared_norm_average=jnp.zeros((num_tasks,), jnp.float32),
-        num_steps=jnp.zeros([], jnp.int32))
+        num_steps=jnp.zeros([], jnp.int32),
+        solution=jnp.zeros((num_tasks,), jnp.float32).at[0].set(1))
 
   def rule(task_losses, state, gramian):
     del task_losses
     num_steps = optax.safe_increment(state.num_steps)
     weights, average, result = pcd_weights(
         gramian, state.squared_norm_average, num_steps, tau, decay, eps,
-        max_iters=max_iters, tol=tol)
+        max_iters=max_iters, tol=tol, warm_start=state.solution)
     return weights, state._replace(
         squared_norm_average=average, num_steps=num_steps,
+        solution=result.weights.astype(jnp.float32),
         **solvers.state_fields(result))
 
   return step.as_gradient_transformation(base.Weighting(
