@@ -177,9 +177,13 @@ class _Counter:
   def _while(self, name: str, text: str, depth: int) -> int:
     record = dict(name=name, depth=depth)
     self.loops.append(record)
+    first_nested = len(self.loops)
     condition = self.count(_attribute(text, "condition"), depth + 1)[1]
     body = self.count(_attribute(text, "body"), depth + 1)[1]
     trips, source = self._loop_trips(name, text)
+    if trips == 0:  # The loops inside never ran: none was measured.
+      for nested in self.loops[first_nested:]:
+        nested.update(trips=0, trip_source="not run")
     # The condition runs once more than the body: the check that exits.
     loop_total = trips * (condition + body) + condition
     record.update(trips=trips, trip_source=source, per_trip=condition + body,

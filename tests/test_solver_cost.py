@@ -180,6 +180,23 @@ def test_nested_loops_multiply():
   assert ops["total"] == ops["outside_loops"] + outer["total"]
 
 
+def test_loops_inside_a_loop_that_runs_no_trip_are_not_run():
+  def f(x, n):
+    def body(carry):
+      inner = jax.lax.while_loop(lambda c: c[0] < n,
+                                 lambda c: (c[0] + 1, jnp.sin(c[1])),
+                                 (0, carry[1]))[1]
+      return False, inner
+    return jax.lax.while_loop(lambda c: c[0], body, (n > 5, x))[1]
+
+  ops = solver_cost.sequential_ops(f, jnp.ones(3), 3, trips="measured")
+  outer, inner = sorted(ops["loops"], key=lambda loop: loop["depth"])
+  assert (outer["trips"], outer["trip_source"]) == (0, "measured")
+  assert (inner["trips"], inner["trip_source"]) == (0, "not run")
+  assert ops["assumed_once"] == []
+  assert ops["total"] == ops["outside_loops"] + outer["condition"]
+
+
 def test_conditional_counts_its_larger_branch():
   def f(x, q):
     return jax.lax.cond(q, lambda y: -y,
