@@ -125,7 +125,8 @@ def test_periodic_state_reports_the_inner_statistics():
   assert isinstance(state, optax_mtl.RecomputeEveryState)
   logs = optax_mtl.diagnostics(state)
   assert logs["mtl/steps_since_update"] == 2
-  np.testing.assert_array_equal(logs["mtl/weights/1"], state.weights[1])
+  np.testing.assert_array_equal(logs["mtl/weights/1"],
+                                state.inner_state.weights[1])
   assert "mtl/gradient_cosines/0_2" in logs
 
 
