@@ -73,6 +73,9 @@ def main():
       # iteration counts may differ by one with the summation order).
       (want_losses, want_grads), want_state = expected
       (have_losses, have_grads), have_state = got
+      # A recompute_every state holds the strategy's in inner_state.
+      want_state = getattr(want_state, "inner_state", want_state)
+      have_state = getattr(have_state, "inner_state", have_state)
       for want, have in zip(
           jax.tree.leaves((want_losses, want_grads, want_state.weights)),
           jax.tree.leaves((have_losses, have_grads, have_state.weights))):
