@@ -88,10 +88,6 @@ class RecomputeEveryState(NamedTuple):
     return value
 
 
-# typing.NamedTuple does not call __set_name__ on the class attributes.
-RecomputeEveryState.__dict__["inner"].__set_name__(RecomputeEveryState,
-                                                   "inner")
-
 
 def unwrapped(state: Any) -> Any:
   """The strategy state inside a :class:`RecomputeEveryState` (or itself)."""
