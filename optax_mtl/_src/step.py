@@ -88,7 +88,6 @@ class RecomputeEveryState(NamedTuple):
     return value
 
 
-
 def unwrapped(state: Any) -> Any:
   """The strategy state inside a :class:`RecomputeEveryState` (or itself)."""
   return state.inner_state if isinstance(state, RecomputeEveryState) else state
