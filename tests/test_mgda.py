@@ -151,10 +151,10 @@ def test_state_and_periodic_recomputation():
   update = jax.jit(strategy.update)
   _, state = update(jnp.asarray(JACOBIANS[0], jnp.float32), state,
                     task_losses=jnp.ones(3))
-  first = np.asarray(state.weights)
+  first = np.asarray(state.inner_state.weights)
   _, state = update(jnp.asarray(JACOBIANS[1], jnp.float32), state,
                     task_losses=jnp.ones(3))
-  np.testing.assert_allclose(state.weights, first)  # Reused, not solved.
+  np.testing.assert_allclose(state.inner_state.weights, first)  # Reused.
   state = optax_mtl.mgda(num_tasks=3).init(None)
   assert isinstance(state, optax_mtl.MgdaState)
   assert state.solver_gap.dtype == jnp.float32

@@ -257,15 +257,16 @@ def test_recompute_every_and_both_faces():
   state = strategy.init(params)
   (_, grads), state = step(params, state, 1.0)
   expected, _ = nash_reference(jacobian)
-  np.testing.assert_allclose(state.weights, expected, rtol=1e-4)
+  np.testing.assert_allclose(state.inner_state.weights, expected, rtol=1e-4)
   np.testing.assert_allclose(grads, expected @ jacobian, rtol=1e-4, atol=1e-5)
   # The second step reuses the weights although the gradients doubled.
   (_, grads), state = step(params, state, 2.0)
-  np.testing.assert_allclose(state.weights, expected, rtol=1e-4)
+  np.testing.assert_allclose(state.inner_state.weights, expected, rtol=1e-4)
   np.testing.assert_allclose(grads, 2.0 * expected @ jacobian, rtol=1e-4,
                              atol=1e-5)
   (_, grads), state = step(params, state, 2.0)
-  np.testing.assert_allclose(state.weights, expected / 2.0, rtol=1e-4)
+  np.testing.assert_allclose(state.inner_state.weights, expected / 2.0,
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, message",
