@@ -7,7 +7,7 @@ J_z = diag(z) − z zᵀ and δ = log(L_before − b + ε) − log(L_after − b
 then one step of gradient descent (Algorithm 1) or of Adam (Kingma & Ba
 2015, bias-corrected; the authors' code).
 
-A bad loss excludes its task (R3): it keeps ξ_k, its Adam moments and step
+A bad loss excludes its task: it keeps ξ_k, its Adam moments and step
 count, and its weight; in c its last accepted loss stands in; in δ only the
 tasks with a pair of valid losses enter, FAMO's step on them alone (the
 softmax restricted to them: an excluded task's gradient is 0).

@@ -145,7 +145,8 @@ def least_squares_imtl_g(jacobian):
 @pytest.mark.parametrize("seed", range(5))
 def test_more_tasks_than_dimensions_give_the_pseudo_inverse_update(seed):
   # Three tasks in two dimensions: equal projections do not exist, and the
-  # paper's system is singular (the update used to collapse to about 0).
+  # paper's system is singular; the weights are torchjd's pseudo-inverse
+  # ones and the update the least-squares one (not a collapse to 0).
   jacobian = np.random.default_rng(seed).normal(size=(3, 2))
   weights, combined = imtl_weights(jacobian)
   np.testing.assert_allclose(weights, torchjd_imtl_g(jacobian), rtol=2e-4,

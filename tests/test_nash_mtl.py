@@ -168,7 +168,7 @@ def test_duplicated_gradients():
 @pytest.mark.parametrize("x64", [False, True])
 def test_no_bargaining_solution_is_reported_with_a_zero_update(tol, x64):
   # g1 = -g2: no direction helps both; 0 is in the hull of the unit
-  # gradients. Whatever tol (a tight one used to overflow the weights and
+  # gradients. Whatever tol (a tight one must not overflow the weights and
   # get the step rejected), the update is the documented fallback, zero.
   jacobian = np.array([[1.0, 2.0], [-1.0, -2.0], [0.5, -0.3]])
   with jax.enable_x64(x64):

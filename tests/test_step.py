@@ -30,7 +30,7 @@ def make_params():
 
 
 # --------------------------------------------------------------------------
-# The strategy carries its weighting (issue: the rule is part of the strategy).
+# The strategy carries its weighting: the rule is part of the strategy.
 # --------------------------------------------------------------------------
 
 
@@ -44,17 +44,24 @@ def test_rebuilt_strategy_still_runs_in_value_and_grad(rebuild):
     leaves, treedef = jax.tree.flatten(strategy)
     rebuilt = jax.tree.unflatten(treedef, leaves)
   else:
-    rebuilt = strategy
+    rebuilt = strategy._replace()  # An equal strategy, a distinct object.
+  assert rebuilt is not strategy
   assert optax_mtl.weighting_of(rebuilt) is optax_mtl.weighting_of(strategy)
   if rebuild == "static_jit":  # The strategy as a static argument of jit.
-    step = functools.partial(jax.jit(
-        lambda s, *args: optax_mtl.value_and_grad(loss_fn, s)(*args),
-        static_argnums=0), rebuilt)
+    seen = []
+
+    def static_step(s, *args):
+      seen.append(optax_mtl.weighting_of(s))  # At trace time.
+      return optax_mtl.value_and_grad(loss_fn, s)(*args)
+
+    step = functools.partial(jax.jit(static_step, static_argnums=0), rebuilt)
   else:
     step = jax.jit(optax_mtl.value_and_grad(loss_fn, rebuilt))
   expected = jax.jit(optax_mtl.value_and_grad(loss_fn, strategy))(
       params, strategy.init(params), inputs)
   got = step(params, rebuilt.init(params), inputs)
+  if rebuild == "static_jit":
+    assert seen and seen[0] is optax_mtl.weighting_of(strategy)
   for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_array_equal(have, want)
 

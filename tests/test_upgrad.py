@@ -145,7 +145,7 @@ def test_hyperparameter_errors(kwargs, message):
 
 def nearly_opposite_pair_jacobian():
   """Five float32 gradients: a near-duplicate pair and g₄ = −g₃ + 1e-3 g′
-  (the reliability review's instance); the optimum puts ~96–99 on g₃, g₄."""
+  (a hard, badly conditioned instance); the optimum puts ~96–99 on g₃, g₄."""
   rows = np.random.default_rng(3).normal(size=(5, 20))
   return np.stack([rows[0], rows[0] + 1e-6 * rows[1], rows[2],
                    -rows[2] + 1e-3 * rows[3], rows[4]]).astype(np.float32)
