@@ -67,9 +67,10 @@ def test_reports_every_convention_field(name):
   assert logs["mtl/num_skipped"] == state.num_skipped
   assert logs["mtl/num_skipped"].dtype == jnp.int32
   has_cosines = hasattr(state, "gradient_cosines") or hasattr(
-      getattr(state, "inner", None), "gradient_cosines")
+      getattr(state, "inner_state", None), "gradient_cosines")
   assert ("mtl/gradient_cosines/0_1" in logs) == has_cosines
-  for field in ("solver_iterations", "solver_gap", "solver_converged"):
+  for field in ("solver_iterations", "solver_gap", "solver_converged",
+                "solver_outcome"):
     assert (f"mtl/{field}" in logs) == hasattr(state, field), field
     if hasattr(state, field):
       assert logs[f"mtl/{field}"] == getattr(state, field)

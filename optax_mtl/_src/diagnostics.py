@@ -16,7 +16,8 @@ _REQUIRED_FIELDS = ("weights", "num_skipped")
 # counters of a statistic) are left out.
 _LOGGED_DISCRETE_FIELDS = ("num_skipped", "num_rejected_losses",
                            "num_rejected_gradients", "solver_iterations",
-                           "solver_converged", "steps_since_update")
+                           "solver_converged", "solver_outcome",
+                           "steps_since_update")
 
 
 def is_strategy_state(node: Any) -> bool:
@@ -160,8 +161,9 @@ def diagnostics(
   * ``gradient_cosines/<i>_<j>`` for ``i < j``, ``gradient_cosines/min`` and
     ``gradient_conflicts`` (the number of pairs with a negative cosine), for
     strategies that read the Gramian;
-  * ``solver_iterations`` (int32), ``solver_gap`` (float32) and
-    ``solver_converged`` (int32, 0 or 1) for strategies with a solver;
+  * ``solver_iterations`` (int32), ``solver_gap`` (float32),
+    ``solver_converged`` (int32, 0 or 1) and ``solver_outcome`` (int32, an
+    :class:`optax_mtl.Outcome` code) for strategies with a solver;
   * ``steps_since_update`` for strategies that recompute their weights every
     n steps;
   * every other float statistic of the state that is a scalar or has one
