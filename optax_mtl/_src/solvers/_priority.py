@@ -76,9 +76,11 @@ def _warm_start(problem: _Problem, guess: chex.Array,
   may start there where ``μ_A > 0``, the equalities hold to ``tol`` and
   the active gradients are independent (each pivot of the unit-diagonal
   block above :func:`dependence_cutoff`): the state its own iterations
-  keep; it then adds what is violated.
-  Else ``A`` less its negative multipliers, once; else the cold start
-  (``μ = 0``, nothing active).
+  keep; it then adds what is violated. Tried, the last that qualifies
+  kept: ``A`` less its negative multipliers, ``A`` itself, and ``A`` less
+  them plus the constraints violated there (a primal-dual active-set
+  round, all changes at once); none: the cold start (``μ = 0``, nothing
+  active).
   """
   size = guess.shape[0]
   finite = jnp.isfinite(guess)
@@ -87,8 +89,10 @@ def _warm_start(problem: _Problem, guess: chex.Array,
                                                     largest))
   scales = _common.safe_divide(1.0, problem.norms)
   unit = (problem.secondary * scales[:, None]) * scales[None, :]
-  starts = []
-  for _ in range(2):
+
+  def held(active):
+    """μ on ``active`` held with equality, and whether the loop may start
+    there."""
     multipliers = _common.solve_on_support(problem.secondary, active,
                                            problem.target)
     # Independent active gradients, as the loop keeps them: every pivot of
@@ -99,10 +103,15 @@ def _warm_start(problem: _Problem, guess: chex.Array,
         pivots**2 > dependence_cutoff(jnp.ones_like(pivots))), True))
               & jnp.all(jnp.isfinite(multipliers))
               & (_gap(problem, multipliers, active, held=True) <= tol))
-    starts.append((usable, multipliers, active))
-    active = active & (multipliers > 0)
+    return usable, multipliers, active
+
+  guessed = held(active)
+  kept = active & (guessed[1] > 0)  # Its negative multipliers dropped,
+  # and then also the violated constraints added (a primal-dual round).
+  candidates = (held(kept), guessed, held(jnp.where(
+      active, kept, _slacks(problem, guessed[1]) < 0)))
   start = (jnp.zeros_like(guess), jnp.zeros_like(active))
-  for usable, multipliers, active in reversed(starts):
+  for usable, multipliers, active in candidates:  # The last usable one.
     start = (jnp.where(usable, multipliers, start[0]),
              jnp.where(usable, active, start[1]))
   return start
