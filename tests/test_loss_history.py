@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 NUM_TASKS = 3
 
@@ -16,11 +16,11 @@ def run_history(losses, steps_per_period, temperature=2.0):
   @jax.jit
   def run(losses):
     def body(state, step_losses):
-      ratios, available = _loss_history.loss_ratios(state)
-      factors = _loss_history.dwa_coefficients(state, temperature)
-      state = _loss_history.record_losses(state, step_losses, steps_per_period)
+      ratios, available = loss_history.loss_ratios(state)
+      factors = loss_history.dwa_coefficients(state, temperature)
+      state = loss_history.record_losses(state, step_losses, steps_per_period)
       return state, (ratios, available, factors)
-    return jax.lax.scan(body, _loss_history.init_loss_ratios(NUM_TASKS),
+    return jax.lax.scan(body, loss_history.init_loss_ratios(NUM_TASKS),
                         losses)
 
   return run(jnp.asarray(losses, jnp.float32))
@@ -62,8 +62,8 @@ def test_long_period_mean_is_accurate_in_float32():
 def test_loss_average_starts_at_first_losses():
   losses = np.array([[2.0, 4.0, 8.0], [4.0, 2.0, 8.0], [1.0, 1.0, 1.0]])
   beta = 0.25
-  state = _loss_history.init_loss_average(NUM_TASKS)
-  update = jax.jit(_loss_history.update_loss_average, static_argnums=2)
+  state = loss_history.init_loss_average(NUM_TASKS)
+  update = jax.jit(loss_history.update_loss_average, static_argnums=2)
   expected = losses[0]
   for step, step_losses in enumerate(losses):
     state = update(state, jnp.asarray(step_losses, jnp.float32), beta)
@@ -78,18 +78,18 @@ def test_masked_updates_leave_excluded_tasks_alone():
   """valid=False keeps a task's statistics; it starts at its first loss."""
   valid = jnp.array([True, False, True])
   losses = jnp.array([2.0, -1.0, 4.0], jnp.float32)
-  average = _loss_history.update_loss_average(
-      _loss_history.init_loss_average(NUM_TASKS), losses, 0.5, valid)
+  average = loss_history.update_loss_average(
+      loss_history.init_loss_average(NUM_TASKS), losses, 0.5, valid)
   np.testing.assert_array_equal(average.average, [2.0, 0.0, 4.0])
   np.testing.assert_array_equal(average.num_steps, [1, 0, 1])
-  average = _loss_history.update_loss_average(
+  average = loss_history.update_loss_average(
       average, jnp.array([4.0, 6.0, 4.0]), 0.5, jnp.array([True] * 3))
   np.testing.assert_array_equal(average.average, [3.0, 6.0, 4.0])
-  ratios = _loss_history.init_loss_ratios(NUM_TASKS)
+  ratios = loss_history.init_loss_ratios(NUM_TASKS)
   for step_losses in ([1.0, 9.0, 1.0], [2.0, 9.0, 4.0]):
-    ratios = _loss_history.record_losses(
+    ratios = loss_history.record_losses(
         ratios, jnp.asarray(step_losses, jnp.float32), 1, valid)
-  r, available = _loss_history.loss_ratios(ratios)
+  r, available = loss_history.loss_ratios(ratios)
   np.testing.assert_array_equal(available, [True, False, True])
   np.testing.assert_allclose(r, [2.0, 1.0, 4.0])
   np.testing.assert_array_equal(ratios.num_periods, [2, 0, 2])
@@ -99,18 +99,18 @@ def test_masked_normalisation_keeps_the_sum_and_the_excluded_weight():
   log_weights = jnp.log(jnp.array([1.0, 100.0, 3.0]))
   previous = jnp.array([0.5, 1.5, 1.0])
   valid = jnp.array([True, False, True])
-  weights = _loss_history.normalized_weights(log_weights, valid, previous)
+  weights = loss_history.normalized_weights(log_weights, valid, previous)
   # Task 1 keeps 1.5; tasks 0 and 2 share 3 − 1.5 in the ratio 1 : 3.
   np.testing.assert_allclose(weights, [0.375, 1.5, 1.125], rtol=1e-6)
-  all_valid = _loss_history.normalized_weights(
+  all_valid = loss_history.normalized_weights(
       log_weights, jnp.array([True] * 3), previous)
   np.testing.assert_array_equal(all_valid,
-                                _loss_history.normalized_weights(log_weights))
+                                loss_history.normalized_weights(log_weights))
 
 
 def test_the_state_field_of_optax_mtl_0_1_warns_and_reads_the_same():
   """0.1 named ``LossRatioState.num_period_steps`` ``steps_in_period``."""
-  state = _loss_history.init_loss_ratios(3)
+  state = loss_history.init_loss_ratios(3)
   with pytest.warns(DeprecationWarning,
                     match="steps_in_period .*LossRatioState.num_period"):
     assert state.steps_in_period is state.num_period_steps

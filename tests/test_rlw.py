@@ -261,3 +261,10 @@ def test_many_tasks():
 ])
 def test_hyperparameter_errors(kwargs, message):
   harness.check_rejects(optax_mtl.rlw, kwargs, message)
+
+
+def test_the_spelling_of_optax_mtl_0_1_warns_and_runs_the_same():
+  """0.1 took ``seed`` by position."""
+  harness.check_old_spelling(lambda: optax_mtl.rlw(NUM_TASKS, 7),
+                             lambda: optax_mtl.rlw(NUM_TASKS, seed=7),
+                             match="seed=7")

@@ -7,7 +7,7 @@ import chex
 from optax_mtl._src import base
 from optax_mtl._src import deprecation
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class DwaState(NamedTuple):
@@ -16,7 +16,7 @@ class DwaState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
   num_skipped: chex.Array  # i32[], steps rejected as a whole.
   num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
-  loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
+  loss_ratios: loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
 
 @deprecation.renamed_arguments(
@@ -92,15 +92,15 @@ def dwa(
   def init():
     return DwaState(
         **base.common_state_fields(num_tasks, per_task=True),
-        loss_ratios=_loss_history.init_loss_ratios(num_tasks))
+        loss_ratios=loss_history.init_loss_ratios(num_tasks))
 
   def rule(task_losses, state, gramian, valid=None):
     del gramian
-    weights = _loss_history.dwa_coefficients(
+    weights = loss_history.dwa_coefficients(
         state.loss_ratios, temperature, valid,
         None if valid is None else state.weights)
     return weights, state._replace(
-        loss_ratios=_loss_history.record_losses(
+        loss_ratios=loss_history.record_losses(
             state.loss_ratios, task_losses, steps_per_period, valid))
 
   return step.as_gradient_transformation(base.Weighting(

@@ -4,7 +4,7 @@ import functools
 from typing import Optional
 
 from optax_mtl._src import base
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 from optax_mtl._src.weighting import _rema
 
 
@@ -88,9 +88,9 @@ def dwema(
   """
   temperature = base.check_in_range("temperature", temperature, 0.0,
                                     low_inclusive=False)
-  return _loss_history.average_weighting(
+  return loss_history.average_weighting(
       num_tasks, beta, normalize, max_weight, DwemaState,
-      functools.partial(_loss_history.dwa_coefficients,
+      functools.partial(loss_history.dwa_coefficients,
                         temperature=temperature),
-      functools.partial(_loss_history.log_dwa_coefficients,
+      functools.partial(loss_history.log_dwa_coefficients,
                         temperature=temperature))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from optax_mtl._src import base
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class GeometricMeanState(NamedTuple):
@@ -82,11 +82,11 @@ def geometric_mean(
   if gamma is None:
     gamma = float(num_tasks)
   gamma = base.check_in_range("gamma", gamma, 0.0, low_inclusive=False)
-  _, max_weight = _loss_history.check_weight_options(False, max_weight)
+  _, max_weight = loss_history.check_weight_options(False, max_weight)
 
   def init():
     return GeometricMeanState(**base.common_state_fields(
-        num_tasks, _loss_history.finish_weights(
+        num_tasks, loss_history.finish_weights(
             jnp.full((num_tasks,), 1.0 / jnp.asarray(gamma, jnp.float32)),
             None, False, max_weight), per_task=True))
 
@@ -97,8 +97,8 @@ def geometric_mean(
     log_losses = jnp.log(task_losses)
     log_weights = (jnp.sum(log_losses) / gamma
                    - jnp.log(jnp.asarray(gamma, jnp.float32)) - log_losses)
-    weights = jnp.exp(jnp.minimum(log_weights, _loss_history.LOG_MAX_WEIGHT))
-    return _loss_history.finish_weights(weights, None, False,
+    weights = jnp.exp(jnp.minimum(log_weights, loss_history.LOG_MAX_WEIGHT))
+    return loss_history.finish_weights(weights, None, False,
                                         max_weight), state
 
   return step.as_gradient_transformation(base.Weighting(

@@ -11,7 +11,7 @@ from optax_mtl._src import base
 from optax_mtl._src import deprecation
 from optax_mtl._src import solvers
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class GradnormState(NamedTuple):
@@ -44,8 +44,8 @@ def _gradnorm_step(loss_weights, task_losses, initial_losses, gramian, alpha,
   num_tasks = loss_weights.shape[0]
   norms = solvers.gradient_norms(gramian)  # ‖∇_W L_i‖.
   weighted_norms = loss_weights * norms  # G_W^{(i)}.
-  log_ratios = (_loss_history.log_positive(task_losses)
-                - _loss_history.log_positive(initial_losses))  # log L̃_i.
+  log_ratios = (loss_history.log_positive(task_losses)
+                - loss_history.log_positive(initial_losses))  # log L̃_i.
   # L̃_i / max_j L̃_j, in (0, 1] (exactly 1 for equal ratios).
   scaled_ratios = jnp.exp(log_ratios - jnp.max(log_ratios))
   relative_rates = scaled_ratios / jnp.mean(scaled_ratios)  # r_i, at most T.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from optax_mtl._src import base
 from optax_mtl._src import deprecation
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class InitialLossState(NamedTuple):
@@ -105,21 +105,21 @@ def initial_loss(
     ``L_k(t) / L_k(0)``, here used directly as the training objective).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  normalize, max_weight = _loss_history.check_weight_options(normalize,
+  normalize, max_weight = loss_history.check_weight_options(normalize,
                                                              max_weight)
   warmup_steps = base.check_positive_int("warmup_steps", warmup_steps)
   if prior_losses is not None:
     prior = base.check_task_vector("prior_losses", prior_losses, num_tasks,
-                                   _loss_history.TINY, allow_scalar=False)
+                                   loss_history.TINY, allow_scalar=False)
     if warmup_steps != 1:
       raise ValueError(
           "warmup_steps has no effect when prior_losses is given (nothing is "
           f"measured); leave it at 1, got {warmup_steps!r}.")
 
   def weights_of(reference_losses, valid=None, previous_weights=None):
-    return _loss_history.finish_weights(
-        _loss_history.bounded_ratio(1.0, reference_losses),
-        -_loss_history.log_positive(reference_losses), normalize, max_weight,
+    return loss_history.finish_weights(
+        loss_history.bounded_ratio(1.0, reference_losses),
+        -loss_history.log_positive(reference_losses), normalize, max_weight,
         valid, previous_weights)
 
   def init():

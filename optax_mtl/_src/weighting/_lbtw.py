@@ -9,7 +9,7 @@ import optax
 from optax_mtl._src import base
 from optax_mtl._src import deprecation
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class LbtwState(NamedTuple):
@@ -110,14 +110,14 @@ def lbtw(
       takes_reference &= valid
     reference = jnp.where(takes_reference, task_losses,
                           state.reference_losses)
-    log_weights = alpha * (_loss_history.log_positive(task_losses)
-                           - _loss_history.log_positive(reference))
+    log_weights = alpha * (loss_history.log_positive(task_losses)
+                           - loss_history.log_positive(reference))
     if normalize:
-      weights = _loss_history.normalized_weights(
+      weights = loss_history.normalized_weights(
           log_weights, valid, state.weights)
     else:
       weights = jnp.exp(jnp.minimum(log_weights,
-                                    _loss_history.LOG_MAX_WEIGHT))
+                                    loss_history.LOG_MAX_WEIGHT))
     if steps_per_epoch is None:
       steps = optax.safe_increment(state.num_epoch_steps)
     else:

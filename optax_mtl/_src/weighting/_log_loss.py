@@ -6,7 +6,7 @@ import chex
 
 from optax_mtl._src import base
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class LogLossState(NamedTuple):
@@ -76,7 +76,7 @@ def log_loss(
     transformation of the losses).
   """
   num_tasks = base.check_num_tasks(num_tasks)
-  normalize, max_weight = _loss_history.check_weight_options(normalize,
+  normalize, max_weight = loss_history.check_weight_options(normalize,
                                                              max_weight)
 
   def init():
@@ -84,9 +84,9 @@ def log_loss(
 
   def rule(task_losses, state, gramian, valid=None):
     del gramian
-    weights = _loss_history.finish_weights(
-        _loss_history.bounded_ratio(1.0, task_losses),
-        -_loss_history.log_positive(task_losses), normalize, max_weight,
+    weights = loss_history.finish_weights(
+        loss_history.bounded_ratio(1.0, task_losses),
+        -loss_history.log_positive(task_losses), normalize, max_weight,
         valid, state.weights)
     return weights, state
 

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 import chex
 
 from optax_mtl._src import base
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class LossEmaState(NamedTuple):
@@ -14,7 +14,7 @@ class LossEmaState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
   num_skipped: chex.Array  # i32[], steps rejected as a whole.
   num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
-  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[T]).
+  loss_average: loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[T]).
 
 
 def loss_ema(
@@ -98,5 +98,5 @@ def loss_ema(
     Strategies <https://arxiv.org/abs/2211.12999>`_, AAAI 2023 student
     abstract (Eq. 1).
   """
-  return _loss_history.average_weighting(num_tasks, beta, normalize,
+  return loss_history.average_weighting(num_tasks, beta, normalize,
                                          max_weight, LossEmaState)

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 import chex
 
 from optax_mtl._src import base
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 
 class RemaState(NamedTuple):
@@ -14,8 +14,8 @@ class RemaState(NamedTuple):
   weights: chex.Array  # f32[T], the weights applied last (ones at init).
   num_skipped: chex.Array  # i32[], steps rejected as a whole.
   num_rejected_losses: chex.Array  # i32[T], each task's rejected losses.
-  loss_average: _loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[T]).
-  loss_ratios: _loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
+  loss_average: loss_history.LossAverageState  # L̃ (f32[T]), steps (i32[T]).
+  loss_ratios: loss_history.LossRatioState  # L(t−1), L(t−2) (f32[T] each).
 
 
 def rema(
@@ -83,7 +83,7 @@ def rema(
     Strategies <https://arxiv.org/abs/2211.12999>`_, AAAI 2023 student
     abstract (Eq. 2).
   """
-  return _loss_history.average_weighting(
+  return loss_history.average_weighting(
       num_tasks, beta, normalize, max_weight, RemaState,
-      lambda ratios: _loss_history.loss_ratios(ratios)[0],
-      _loss_history.log_loss_ratios)
+      lambda ratios: loss_history.loss_ratios(ratios)[0],
+      loss_history.log_loss_ratios)

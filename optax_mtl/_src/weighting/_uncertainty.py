@@ -11,7 +11,7 @@ import optax
 from optax_mtl._src import base
 from optax_mtl._src import deprecation
 from optax_mtl._src import step
-from optax_mtl._src.weighting import _loss_history
+from optax_mtl._src.weighting._helpers import loss_history
 
 # Adam's constants for the log-variance updates (Kingma & Ba 2015 defaults).
 ADAM_B1 = 0.9
@@ -142,7 +142,7 @@ def uncertainty(
   log_coefficients = np.log(coefficients)
   initial_s = _check_initial_log_variances(initial_log_variances, num_tasks,
                                            coefficients)
-  normalize, max_weight = _loss_history.check_weight_options(normalize,
+  normalize, max_weight = loss_history.check_weight_options(normalize,
                                                              max_weight)
   adam = optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
 
@@ -152,8 +152,8 @@ def uncertainty(
         jnp.minimum(-log_variances, _MAX_EXPONENT))
 
   def applied_weights(log_variances):
-    return _loss_history.finish_weights(
-        jnp.minimum(raw_weights(log_variances), _loss_history.MAX_WEIGHT),
+    return loss_history.finish_weights(
+        jnp.minimum(raw_weights(log_variances), loss_history.MAX_WEIGHT),
         jnp.asarray(log_coefficients) - log_variances, normalize, max_weight)
 
   def init():

@@ -4,5 +4,7 @@
   ExcessMTL);
 * ``double_sampling``: the three-minibatch step of MoDo and SDMGrad;
 * ``gradient_surgery``: the projection loop of PCGrad and GradVac and their
-  random visiting orders.
+  random visiting orders;
+* ``loss_history``: the loss averages, ratios and weight finishing of the
+  loss weightings (EMA, REMA, DWEMA, DWA, LBTW, initial loss, ...).
 """
