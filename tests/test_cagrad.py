@@ -169,7 +169,7 @@ PARETO_STATIONARY = {
 @pytest.mark.parametrize("x64", [False, True])
 @pytest.mark.parametrize("name", sorted(PARETO_STATIONARY))
 def test_pareto_stationary_points_converge(name, x64):
-  # D15: 0 is in the hull and the dual optimum has g_w = 0; the solve must
+  # 0 is in the hull and the dual optimum has g_w = 0; the solve must
   # certify it at once instead of running max_iters, and the step is kept.
   jacobian = PARETO_STATIONARY[name]
   strategy = optax_mtl.cagrad(num_tasks=3)

@@ -707,7 +707,7 @@ def test_a_warm_start_at_the_exact_optimum_is_certified_float64():
 
 @pytest.mark.parametrize("x64", [False, True])
 def test_cagrad_certifies_pareto_stationary_optima(x64):
-  # D15: with 0 in the hull the optimum can have g_w = 0 (a kink of h); the
+  # With 0 in the hull the optimum can have g_w = 0 (a kink of h); the
   # solver must certify it in a few iterations instead of running
   # max_iters, and the value must be the exact one.
   rng = np.random.default_rng(11)
